@@ -1,0 +1,49 @@
+# `make test`  : create .venv, install deps, build drmm_kernels._C (CPU + CUDA sources when possible), run the suite.
+# `make demo`  : the main job (a short DRMM training run), sharing the same environment.
+# Every stage prints its wall time so the CI budget stays visible.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.deps-$(shell cksum < requirements-dev.txt | cut -d' ' -f1)
+PYTEST_ARGS ?=
+NVCC := $(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v nvcc 2>/dev/null))
+
+.PHONY: test demo build deps clean bench-cpu
+
+$(STAMP): requirements-dev.txt
+	@start=$$SECONDS; \
+	test -x $(PY) || $(PYTHON) -m venv $(VENV); \
+	$(PY) -m pip install -q --upgrade pip && \
+	$(PY) -m pip install -q -r requirements-dev.txt && touch $@ && \
+	echo "[stage] install deps: $$((SECONDS-start)) s"
+
+deps: $(STAMP)
+
+# The CUDA build of torch compiles csrc/cuda without a GPU when nvcc is present (CUDA_HOME + the pip
+# nvidia/cu13 headers on CPATH); otherwise only the C++ CPU kernels are built.
+build: $(STAMP)
+	@start=$$SECONDS; \
+	if [ -n "$(NVCC)" ] && [ -z "$$DRMM_SKIP_CUDA_BUILD" ]; then \
+	  export CUDA_HOME=$${CUDA_HOME:-$$(dirname $$(dirname $(NVCC)))}; \
+	  inc=$$($(PY) -c "import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'include'))" 2>/dev/null); \
+	  [ -d "$$inc" ] && export CPATH=$$inc$${CPATH:+:$$CPATH}; \
+	fi; \
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e . && \
+	echo "[stage] build drmm_kernels._C: $$((SECONDS-start)) s"
+
+test: build
+	@start=$$SECONDS; \
+	DRMM_REQUIRE_EXTENSION=1 $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	echo "[stage] tests: $$((SECONDS-start)) s"; exit $$rc
+
+demo: build
+	@start=$$SECONDS; \
+	$(VENV)/bin/drmm train --config configs/demo.yaml; rc=$$?; \
+	echo "[stage] demo: $$((SECONDS-start)) s"; exit $$rc
+
+bench-cpu: build
+	$(PY) bench/cpu_ops.py
+
+clean:
+	rm -rf build *.egg-info drmm_kernels/_C*.so

@@ -1,0 +1,21 @@
+"""drmm_kernels: fused conv + (BN) + ReLU + max-pool with switch recording, and the matching top-down render.
+
+>>> import torch, drmm_kernels as dk
+>>> x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+>>> y, switches = dk.conv_relu_pool(x, w, padding=1)
+>>> x_hat = dk.render(y, switches, w, padding=1, out_size=x.shape[-2:])
+>>> x_hat.shape
+torch.Size([2, 3, 8, 8])
+"""
+
+from .backends import BackendStatus, available_backends, backend, get_backend, set_backend
+from .layers import FusedConvBNReLUPool2d, FusedConvReLUPool2d, Render2d, fuse_conv_relu_pool
+from .ops import conv_bn_relu_pool, conv_relu_pool, render, switches_to_indices
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendStatus", "available_backends", "backend", "get_backend", "set_backend",
+    "conv_relu_pool", "conv_bn_relu_pool", "render", "switches_to_indices",
+    "FusedConvReLUPool2d", "FusedConvBNReLUPool2d", "Render2d", "fuse_conv_relu_pool",
+]

@@ -1,0 +1,236 @@
+"""Drop-in ``nn.Module``s built on the fused ops.
+
+``FusedConvReLUPool2d`` replaces ``nn.Sequential(nn.Conv2d, nn.ReLU, nn.MaxPool2d(2))`` and keeps
+``Conv2d``'s parameter names, so a ``Conv2d`` state_dict loads into it unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+_IntPair = Union[int, Tuple[int, int]]
+
+
+def _single(name: str, v: _IntPair, where: str) -> int:
+    if isinstance(v, (tuple, list)):
+        if len(set(v)) != 1:
+            raise ValueError(f"{where}: {name}={tuple(v)} is not square; the fused ops take one value for both axes")
+        v = v[0]
+    return int(v)
+
+
+class FusedConvReLUPool2d(nn.Module):
+    """``MaxPool2d(pool)(act(Conv2d(x)))`` in one op, optionally returning the switches.
+
+    Args mirror ``nn.Conv2d`` (square kernel/stride/padding, no groups or dilation) plus
+    ``pool`` (window = stride, 1 = no pooling), ``negative_slope`` (0 = ReLU) and
+    ``return_switches`` (default for ``forward``).
+
+    >>> layer = FusedConvReLUPool2d(3, 8, 3, padding=1)
+    >>> y, switches = layer(torch.randn(2, 3, 16, 16), return_switches=True)
+    >>> y.shape, switches.shape
+    (torch.Size([2, 8, 8, 8]), torch.Size([2, 8, 8, 8]))
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntPair, stride: _IntPair = 1,
+                 padding: _IntPair = 0, bias: bool = True, pool: int = 2, negative_slope: float = 0.0,
+                 return_switches: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        k = _single("kernel_size", kernel_size, type(self).__name__)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
+        self.stride = _single("stride", stride, type(self).__name__)
+        self.padding = _single("padding", padding, type(self).__name__)
+        self.pool, self.negative_slope, self.return_switches = pool, float(negative_slope), return_switches
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, k, k, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Same initialisation as nn.Conv2d, so swapping modules does not change a fresh model's statistics.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.weight[0].numel())
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, act: Optional[nn.Module], pool: Optional[nn.Module],
+                     where: str = "") -> "FusedConvReLUPool2d":
+        """Build a fused layer holding ``conv``'s parameters (shared, not copied)."""
+        where = where or "from_modules"
+        stride, padding, k = _conv_geometry(conv, where)
+        slope = _activation_slope(act, where)
+        p = _pool_size(pool, where)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_channels, layer.out_channels, layer.kernel_size = conv.in_channels, conv.out_channels, k
+        layer.stride, layer.padding, layer.pool = stride, padding, p
+        layer.negative_slope, layer.return_switches = slope, False
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        return layer
+
+    def forward(self, x: Tensor, return_switches: Optional[bool] = None):
+        y, switches = ops.conv_relu_pool(x, self.weight, None, self.bias, stride=self.stride, padding=self.padding,
+                                         pool=self.pool, negative_slope=self.negative_slope)
+        want = self.return_switches if return_switches is None else return_switches
+        return (y, switches) if want else y
+
+    def render(self, mu: Tensor, switches: Tensor, out_size) -> Tensor:
+        """Top-down pass through this layer's raw weight (no bias, no scale)."""
+        return ops.render(mu, switches, self.weight, stride=self.stride, padding=self.padding, pool=self.pool,
+                          out_size=out_size, negative_slope=self.negative_slope)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, bias={self.bias is not None}, pool={self.pool}, "
+                f"negative_slope={self.negative_slope}")
+
+
+class FusedConvBNReLUPool2d(nn.Module):
+    """``Conv2d(bias=False) → BatchNorm2d → act → MaxPool2d(pool)`` in one op, with switches.
+
+    Parameter and buffer names follow ``conv.weight`` / ``bn.*`` so the two source modules'
+    state_dicts map onto it directly.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 pool: int = 2, negative_slope: float = 0.0, momentum: float = 0.1, eps: float = 1e-5,
+                 return_switches: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False, **factory)
+        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **factory)
+        self.pool, self.negative_slope, self.return_switches = pool, float(negative_slope), return_switches
+
+    def forward(self, x: Tensor, return_switches: Optional[bool] = None):
+        bn = self.bn
+        training = bn.training or bn.running_mean is None
+        momentum = bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, as nn.BatchNorm2d does
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        y, switches = ops.conv_bn_relu_pool(
+            x, self.conv.weight, bn.weight, bn.bias, bn.running_mean if bn.track_running_stats else None,
+            bn.running_var if bn.track_running_stats else None, training=training, momentum=momentum, eps=bn.eps,
+            stride=self.conv.stride[0], padding=self.conv.padding[0], pool=self.pool,
+            negative_slope=self.negative_slope)
+        want = self.return_switches if return_switches is None else return_switches
+        return (y, switches) if want else y
+
+    def render(self, mu: Tensor, switches: Tensor, out_size) -> Tensor:
+        """Top-down pass through the raw conv weight (the BN is not inverted)."""
+        return ops.render(mu, switches, self.conv.weight, stride=self.conv.stride[0], padding=self.conv.padding[0],
+                          pool=self.pool, out_size=out_size, negative_slope=self.negative_slope)
+
+
+class Render2d(nn.Module):
+    """Renders top-down through a fused layer's weight (tied; the weight is not copied or registered twice).
+
+    >>> layer = FusedConvReLUPool2d(3, 8, 3, padding=1)
+    >>> x = torch.randn(2, 3, 16, 16)
+    >>> y, sw = layer(x, return_switches=True)
+    >>> Render2d(layer)(y, sw, out_size=x.shape[-2:]).shape
+    torch.Size([2, 3, 16, 16])
+    """
+
+    def __init__(self, layer: Union[FusedConvReLUPool2d, FusedConvBNReLUPool2d]) -> None:
+        super().__init__()
+        if not isinstance(layer, (FusedConvReLUPool2d, FusedConvBNReLUPool2d)):
+            raise TypeError(f"layer must be a FusedConvReLUPool2d or FusedConvBNReLUPool2d, got {type(layer).__name__}")
+        object.__setattr__(self, "layer", layer)  # not a submodule: its parameters belong to the bottom-up model
+
+    def forward(self, mu: Tensor, switches: Tensor, out_size) -> Tensor:
+        return self.layer.render(mu, switches, out_size)
+
+
+# --------------------------------------------------------------------------- model surgery
+
+
+def _conv_geometry(conv: nn.Conv2d, where: str) -> Tuple[int, int, int]:
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"{where}: expected nn.Conv2d, got {type(conv).__name__}")
+    if conv.groups != 1:
+        raise ValueError(f"{where}: grouped convolution (groups={conv.groups}) cannot be fused")
+    if tuple(conv.dilation) != (1, 1):
+        raise ValueError(f"{where}: dilated convolution (dilation={tuple(conv.dilation)}) cannot be fused")
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"{where}: padding_mode={conv.padding_mode!r} cannot be fused (only 'zeros')")
+    if isinstance(conv.padding, str):
+        raise ValueError(f"{where}: string padding {conv.padding!r} cannot be fused; use an int")
+    return (_single("stride", conv.stride, where), _single("padding", conv.padding, where),
+            _single("kernel_size", conv.kernel_size, where))
+
+
+def _activation_slope(act: Optional[nn.Module], where: str) -> float:
+    if isinstance(act, nn.ReLU):
+        return 0.0
+    if isinstance(act, nn.LeakyReLU):
+        if not 0.0 <= act.negative_slope < 1.0:
+            raise ValueError(f"{where}: LeakyReLU slope {act.negative_slope} is not in [0, 1)")
+        return float(act.negative_slope)
+    raise ValueError(f"{where}: activation {type(act).__name__} cannot be fused (ReLU or LeakyReLU only)")
+
+
+def _pool_size(pool: Optional[nn.Module], where: str) -> int:
+    if pool is None:
+        return 1
+    if not isinstance(pool, nn.MaxPool2d):
+        raise ValueError(f"{where}: pooling {type(pool).__name__} cannot be fused (MaxPool2d only)")
+    k = _single("kernel_size", pool.kernel_size, where)
+    s = _single("stride", pool.stride if pool.stride is not None else k, where)
+    pad = _single("padding", pool.padding, where)
+    dil = _single("dilation", pool.dilation, where)
+    if s != k:
+        raise ValueError(f"{where}: MaxPool2d(kernel_size={pool.kernel_size}, stride={pool.stride}) has overlapping "
+                         f"or gapped windows; only stride == kernel_size can be fused")
+    if pad != 0 or dil != 1 or pool.ceil_mode:
+        raise ValueError(f"{where}: MaxPool2d with padding={pool.padding}, dilation={pool.dilation}, "
+                         f"ceil_mode={pool.ceil_mode} cannot be fused (need 0, 1, False)")
+    if not 1 <= k <= 4:
+        raise ValueError(f"{where}: MaxPool2d kernel_size={k} cannot be fused (1..4)")
+    if pool.return_indices:
+        raise ValueError(f"{where}: MaxPool2d(return_indices=True) cannot be fused; the fused layer returns "
+                         f"switches instead (see switches_to_indices)")
+    return k
+
+
+def fuse_conv_relu_pool(model: nn.Module) -> List[str]:
+    """Replace every ``Conv2d → ReLU/LeakyReLU → MaxPool2d`` run inside ``nn.Sequential`` containers in place.
+
+    The fused layer takes the conv's slot (so state_dict keys are unchanged); the activation and the
+    pool become ``nn.Identity``. A triple whose conv or pooling the fused op cannot express raises
+    ``ValueError`` naming the module. Returns the names of the fused layers.
+
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+    >>> fuse_conv_relu_pool(net)
+    ['0']
+    """
+    fused: List[str] = []
+    for prefix, module in list(model.named_modules()):
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.named_children())
+        i = 0
+        while i + 2 < len(children):
+            (n0, conv), (_, act), (_, pool) = children[i:i + 3]
+            if (isinstance(conv, nn.Conv2d) and isinstance(act, (nn.ReLU, nn.LeakyReLU))
+                    and isinstance(pool, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.FractionalMaxPool2d,
+                                          nn.LPPool2d))):
+                where = f"{prefix}.{n0}" if prefix else n0
+                layer = FusedConvReLUPool2d.from_modules(conv, act, pool, where=where)
+                setattr(module, children[i][0], layer)
+                setattr(module, children[i + 1][0], nn.Identity())
+                setattr(module, children[i + 2][0], nn.Identity())
+                fused.append(where)
+                i += 3
+            else:
+                i += 1
+    return fused

@@ -1,0 +1,139 @@
+"""The reference backend: the op contract written as a composition of PyTorch ops.
+
+This module *defines* the semantics every other backend is tested against (see
+DESIGN.md, "The op contract"). It is written for clarity, not speed: it
+materializes the full-resolution pre-pool map and the dense unpooled map.
+
+Every function here takes already-validated arguments (``ops.py`` checks them)
+and returns plain tensors; autograd lives in ``ops.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ON_BIT = 0x80
+OFFSET_MASK = 0x0F
+
+
+def conv_size(in_size: Tuple[int, int], kernel: Tuple[int, int], stride: int, padding: int) -> Tuple[int, int]:
+    """Spatial size of ``conv2d`` output for the given input size."""
+    return tuple((s + 2 * padding - k) // stride + 1 for s, k in zip(in_size, kernel))  # type: ignore[return-value]
+
+
+def activation_factor(switches: Tensor, negative_slope: float, dtype: torch.dtype) -> Tensor:
+    """Derivative of the activation at each window maximum: 1 where the ``a`` bit is on, else the slope."""
+    on = (switches & ON_BIT) != 0
+    return torch.where(on, torch.ones((), dtype=dtype, device=switches.device),
+                       torch.full((), negative_slope, dtype=dtype, device=switches.device))
+
+
+def switches_to_indices(switches: Tensor, pool: int, conv_hw: Tuple[int, int]) -> Tensor:
+    """PyTorch's flat ``max_pool2d`` indices (int64, into the ``conv_hw`` plane) from switch bytes."""
+    hp, wp = switches.shape[-2], switches.shape[-1]
+    off = (switches & OFFSET_MASK).long()
+    dy = torch.div(off, pool, rounding_mode="floor")
+    dx = off - dy * pool
+    rows = torch.arange(hp, device=switches.device).view(hp, 1) * pool
+    cols = torch.arange(wp, device=switches.device).view(1, wp) * pool
+    return (rows + dy) * conv_hw[1] + (cols + dx)
+
+
+def pool_switches(v: Tensor, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
+    """Activation + max-pool + switch byte for a pre-activation map ``v`` (N, C, H, W)."""
+    v = v.contiguous()  # NCHW kernel: first maximum on ties, NaN propagates
+    pooled, idx = F.max_pool2d(v, pool, pool, return_indices=True)
+    wc = v.shape[-1]
+    h, w = torch.div(idx, wc, rounding_mode="floor"), idx % wc
+    offset = (h % pool) * pool + (w % pool)
+    switches = (offset | ((pooled > 0).long() << 7)).to(torch.uint8)
+    if negative_slope > 0:
+        y = F.leaky_relu(pooled, negative_slope)
+    else:
+        y = F.relu(pooled)
+    return y, switches
+
+
+def scale_shift(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor]) -> Tensor:
+    if scale is not None:
+        z = z * scale.view(1, -1, 1, 1)
+    if shift is not None:
+        z = z + shift.view(1, -1, 1, 1)
+    return z
+
+
+def conv_relu_pool(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                   stride: int, padding: int, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
+    z = F.conv2d(x, weight, None, stride, padding)
+    return pool_switches(scale_shift(z, scale, shift), pool, negative_slope)
+
+
+def unpool(values: Tensor, switches: Tensor, pool: int, conv_hw: Tuple[int, int]) -> Tensor:
+    """Place each pooled value at its recorded offset of a zero ``conv_hw`` map."""
+    n, c = values.shape[:2]
+    idx = switches_to_indices(switches, pool, conv_hw).reshape(n, c, -1)
+    flat = values.new_zeros(n, c, conv_hw[0] * conv_hw[1])
+    flat.scatter_(2, idx, values.reshape(n, c, -1))
+    return flat.view(n, c, *conv_hw)
+
+
+def masked_values(mu: Tensor, switches: Tensor, scale: Optional[Tensor], negative_slope: float) -> Tensor:
+    """``mu`` times the activation derivative at the window max, times ``scale[c]``: the pooled gradient."""
+    g = mu * activation_factor(switches, negative_slope, mu.dtype)
+    if scale is not None:
+        g = g * scale.view(1, -1, 1, 1).to(mu.dtype)
+    return g
+
+
+def render(mu: Tensor, switches: Tensor, weight: Tensor, scale: Optional[Tensor], stride: int, padding: int,
+           pool: int, out_hw: Tuple[int, int], negative_slope: float) -> Tensor:
+    kh, kw = weight.shape[-2:]
+    chw = conv_size(out_hw, (kh, kw), stride, padding)
+    g = unpool(masked_values(mu, switches, scale, negative_slope), switches, pool, chw)
+    out_pad = tuple(o - ((c - 1) * stride - 2 * padding + k) for o, c, k in zip(out_hw, chw, (kh, kw)))
+    return F.conv_transpose2d(g, weight, None, stride, padding, out_pad)
+
+
+def gather_conv(src: Tensor, weight: Tensor, switches: Tensor, stride: int, padding: int, pool: int) -> Tensor:
+    """``conv2d(src, weight)`` read at each window's recorded offset (pooled shape)."""
+    z = F.conv2d(src, weight, None, stride, padding)
+    n, c = switches.shape[:2]
+    idx = switches_to_indices(switches, pool, z.shape[-2:]).reshape(n, c, -1)
+    return z.reshape(n, c, -1).gather(2, idx).view(switches.shape)
+
+
+def render_wgrad(src: Tensor, mu: Tensor, switches: Tensor, scale: Optional[Tensor], stride: int, padding: int,
+                 pool: int, negative_slope: float, kernel_hw: Tuple[int, int]) -> Tensor:
+    """Weight gradient of ``conv2d(src, W)`` for the unpooled, masked, scaled gradient built from ``mu``."""
+    chw = conv_size(src.shape[-2:], kernel_hw, stride, padding)
+    g = unpool(masked_values(mu, switches, scale, negative_slope), switches, pool, chw)
+    w_shape = (mu.shape[1], src.shape[1], *kernel_hw)
+    return torch.nn.grad.conv2d_weight(src, w_shape, g, stride, padding)
+
+
+def bn_pool(z: Tensor, scale: Tensor, shift: Tensor, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
+    """Per-channel affine + activation + pool + switches on a precomputed conv output ``z``."""
+    return pool_switches(scale_shift(z, scale, shift), pool, negative_slope)
+
+
+def conv_bn_relu_pool(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                      running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float,
+                      stride: int, padding: int, pool: int,
+                      negative_slope: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(y, switches, mean, var)``: the statistics used (batch or running, biased variance).
+
+    Running statistics are *not* updated here; the public wrapper does that from ``mean``/``var``.
+    """
+    z = F.conv2d(x, weight, None, stride, padding)
+    if training:
+        v = F.batch_norm(z, None, None, bn_weight, bn_bias, True, 0.0, eps)
+        var, mean = torch.var_mean(z, dim=(0, 2, 3), unbiased=False)
+    else:
+        v = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, False, 0.0, eps)
+        mean, var = running_mean.clone(), running_var.clone()
+    y, switches = pool_switches(v, pool, negative_slope)
+    return y, switches, mean.to(x.dtype), var.to(x.dtype)
