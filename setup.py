@@ -44,13 +44,13 @@ def extensions():
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
 
     arch = os.environ.get("DRMM_CPU_ARCH", "native")
-    cxx = ["-O3", "-std=c++17", "-fopenmp", f"-march={arch}", "-DNDEBUG"]
+    cxx = ["-O3", "-fopenmp", f"-march={arch}", "-DNDEBUG"]
     define_macros = [("WITH_CUDA", None)] if with_cuda else []
     sources = ["csrc/bindings.cpp"] + cpu_sources
     kwargs = dict(name="drmm_kernels._C", sources=sources, include_dirs=[os.path.join(ROOT, "csrc")],
                   define_macros=define_macros, extra_link_args=["-fopenmp"])
     if with_cuda:
-        nvcc = ["-O3", "-std=c++17", "-DNDEBUG", "--threads", "4", "-Xptxas=-v", "-lineinfo",
+        nvcc = ["-O3", "-DNDEBUG", "--threads", "4", "-Xptxas=-v", "-lineinfo",
                 "--expt-relaxed-constexpr"]
         ext = cpp_extension.CUDAExtension(sources=sources + cuda_sources,
                                           extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
