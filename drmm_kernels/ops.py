@@ -145,6 +145,61 @@ def _(src, mu, switches, scale, stride, padding, pool, negative_slope, kernel_h,
     return src.new_empty((mu.shape[1], src.shape[1], kernel_h, kernel_w))
 
 
+def _all_on(switches: Tensor) -> Tensor:
+    """The same offsets with every ``a`` bit set, so an op applies no activation mask."""
+    return switches | 0x80
+
+
+def _gather_setup(ctx, inputs, output):
+    src, weight, switches, stride, padding, pool = inputs
+    ctx.conf = (stride, padding, pool, src.shape[-2], src.shape[-1])
+    ctx.save_for_backward(src, weight, switches)
+
+
+def _gather_backward(ctx, g):
+    # gather_conv is bilinear in (src, weight): its adjoints are the unmasked render and render_wgrad.
+    src, weight, switches = ctx.saved_tensors
+    stride, padding, pool, h, w = ctx.conf
+    on = _all_on(switches)
+    g = g.contiguous()
+    gsrc = gw = None
+    if ctx.needs_input_grad[0]:
+        gsrc = _render(g, on, weight, None, stride, padding, pool, h, w, 0.0)
+    if ctx.needs_input_grad[1]:
+        gw = _render_wgrad(src, g, on, None, stride, padding, pool, 0.0, weight.shape[-2], weight.shape[-1])
+    return gsrc, gw, None, None, None, None
+
+
+_gather_conv.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+def _wgrad_setup(ctx, inputs, output):
+    src, mu, switches, scale, stride, padding, pool, negative_slope, kernel_h, kernel_w = inputs
+    ctx.conf = (stride, padding, pool, negative_slope, src.shape[-2], src.shape[-1])
+    ctx.save_for_backward(src, mu, switches, scale)
+
+
+def _wgrad_backward(ctx, gw):
+    # render_wgrad is linear in src and in mu * a' * scale: d src renders mu through gw, d mu gathers.
+    src, mu, switches, scale = ctx.saved_tensors
+    stride, padding, pool, slope, h, w = ctx.conf
+    need_src, need_mu, _, need_scale = ctx.needs_input_grad[:4]
+    gw = gw.contiguous()
+    gsrc = gmu = gscale = None
+    if need_src:
+        gsrc = _render(mu, switches, gw, scale, stride, padding, pool, h, w, slope)
+    if need_mu or need_scale:
+        at = _gather_conv(src, gw, switches, stride, padding, pool) * _act_factor(switches, slope, mu.dtype)
+        if need_mu:
+            gmu = at if scale is None else at * scale.view(1, -1, 1, 1)
+        if need_scale and scale is not None:
+            gscale = _channel_sum(at * mu)
+    return gsrc, gmu, None, gscale, None, None, None, None, None, None
+
+
+_render_wgrad.register_autograd(_wgrad_backward, setup_context=_wgrad_setup)
+
+
 # --------------------------------------------------------------------------- conv_relu_pool
 
 
