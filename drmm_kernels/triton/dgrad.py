@@ -1,0 +1,132 @@
+"""Top-down render = dgrad of conv_relu_pool: masked unpool fused into the operand loader + transposed conv.
+
+Gather formulation (no atomics, no zero-filled unpooled map): one program owns BLOCK_M pixels of
+x_hat (flattened over N*H*W) x BLOCK_CI input channels. For each tap (kh, kw) a pixel (ih, iw) reads
+the conv-output position it feeds, oh = (ih + pad - kh) / stride (only when divisible), and for a
+block of output channels the A operand is built while loading: mu at the pooled position, kept only
+where the switch offset equals this position inside its window, times the activation factor (1 if
+bit 7 else negative_slope) and scale[c]. Positions in dropped trailing rows/columns (oh >= Hp*pool)
+get nothing, as in the contract. B is the weight tap W[c, ci, kh, kw].
+
+On GPU 3/4 of the A tile is zero (pool 2); the dense tensor-core dot is still the cheapest way
+to consume it, which bench/kernels.py checks against eager max_unpool2d + conv_transpose2d.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from ._common import KERNEL_DTYPES, device_guard, mma, pick_configs, upcast_dot, use_tf32
+
+_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_CI": 32, "BLOCK_K": 16}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_CI": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_CI": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_CI": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_CI": 16, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+]
+
+
+def _prune(configs, named_args, **kwargs):
+    c_in = named_args["C_in"]
+    keep = [c for c in configs if c.kwargs["BLOCK_CI"] <= max(16, triton.next_power_of_2(c_in))]
+    return keep or configs[:1]
+
+
+@triton.autotune(configs=pick_configs(_CONFIGS),
+                 key=["M", "C_in", "C_out", "H", "W", "KH", "KW", "STRIDE", "POOL"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _render_kernel(
+    mu_ptr, sw_ptr, w_ptr, scale_ptr, out_ptr,
+    M, C_in, C_out, H, W, Hp, Wp, pad, slope,
+    smn, smc, smh, smw, ssn, ssc, ssh, ssw, swo, swi, swh, sww,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, POOL: tl.constexpr,
+    HAS_SCALE: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ci = pid_c * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_ci = offs_ci < C_in
+    iw = offs_m % W
+    rest = offs_m // W
+    ih = rest % H
+    n = (rest // H).to(tl.int64)
+    mu_n = n * smn
+    sw_n = n * ssn
+    w_ci = offs_ci.to(tl.int64) * swi
+
+    acc = tl.zeros((BLOCK_M, BLOCK_CI), dtype=tl.float32)
+    for kh in range(KH):
+        # conv-output row this input row feeds through tap kh; clamp before // and % (signed division)
+        oh_s = ih + pad - kh
+        ok_h = mask_m & (oh_s >= 0)
+        oh_s = tl.where(ok_h, oh_s, 0)
+        if STRIDE > 1:
+            ok_h = ok_h & (oh_s % STRIDE == 0)
+        oh = oh_s // STRIDE
+        hp = oh // POOL
+        ok_h = ok_h & (hp < Hp)
+        dy = oh - hp * POOL
+        for kw in range(KW):
+            ow_s = iw + pad - kw
+            ok = ok_h & (ow_s >= 0)
+            ow_s = tl.where(ok, ow_s, 0)
+            if STRIDE > 1:
+                ok = ok & (ow_s % STRIDE == 0)
+            ow = ow_s // STRIDE
+            wp = ow // POOL
+            ok = ok & (wp < Wp)
+            want = dy * POOL + (ow - wp * POOL)  # offset this position has inside its window
+            mu_row = mu_n + hp * smh + wp * smw
+            sw_row = sw_n + hp * ssh + wp * ssw
+            w_tap = w_ci + kh * swh + kw * sww
+            for c0 in range(0, C_out, BLOCK_K):
+                co = c0 + offs_k
+                mask_k = co < C_out
+                lmask = ok[:, None] & mask_k[None, :]
+                code = tl.load(sw_ptr + sw_row[:, None] + co[None, :] * ssc, mask=lmask, other=0).to(tl.int32)
+                g = tl.load(mu_ptr + mu_row[:, None] + co[None, :] * smc, mask=lmask, other=0.0).to(tl.float32)
+                keep = lmask & ((code & 15) == want[:, None])
+                g = tl.where(keep, g * tl.where((code & 128) != 0, 1.0, slope), 0.0)
+                if HAS_SCALE:
+                    s = tl.load(scale_ptr + co, mask=mask_k, other=0.0).to(tl.float32)
+                    g = g * s[None, :]
+                b = tl.load(w_ptr + w_tap[None, :] + co.to(tl.int64)[:, None] * swo,
+                            mask=mask_k[:, None] & mask_ci[None, :], other=0.0)
+                acc = mma(g.to(b.dtype), b, acc, TF32, UPCAST)
+
+    out_offs = (n[:, None] * C_in + offs_ci[None, :]) * (H * W) + (ih * W + iw)[:, None]
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_ci[None, :])
+
+
+def render(mu: torch.Tensor, switches: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor],
+           stride: int, padding: int, pool: int, out_hw: Tuple[int, int], negative_slope: float) -> torch.Tensor:
+    if mu.dtype not in KERNEL_DTYPES:
+        return reference.render(mu, switches, weight, scale, stride, padding, pool, out_hw, negative_slope)
+    n, c_out, hp, wp = mu.shape
+    c_in, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3]
+    h, w = out_hw
+    out = torch.empty((n, c_in, h, w), dtype=mu.dtype, device=mu.device)
+    m = n * h * w
+    if m == 0 or c_in == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_CI"]))  # noqa: E731
+    with device_guard(mu):
+        _render_kernel[grid](
+            mu, switches, weight, scale if scale is not None else mu, out,
+            m, c_in, c_out, h, w, hp, wp, padding, float(negative_slope),
+            *mu.stride(), *switches.stride(), *weight.stride(),
+            KH=kh, KW=kw, STRIDE=stride, POOL=pool, HAS_SCALE=scale is not None,
+            TF32=use_tf32(mu.dtype), UPCAST=upcast_dot(mu.dtype),
+        )
+    return out
