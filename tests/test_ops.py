@@ -192,9 +192,9 @@ def test_conv_bn_relu_pool_matches_eager(backend, training, case):
 
 # --------------------------------------------------------------------------- gradcheck, opcheck, compile
 
-def _small(dtype=torch.float64, seed=0, cin=2, cout=3, h=7, w=6):
+def _small(dtype=torch.float64, seed=0, cin=2, cout=3, h=7, w=6, n=2):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, cin, h, w, generator=g, dtype=dtype, requires_grad=True)
+    x = torch.randn(n, cin, h, w, generator=g, dtype=dtype, requires_grad=True)
     wt = torch.randn(cout, cin, 3, 3, generator=g, dtype=dtype, requires_grad=True)
     scale = torch.randn(cout, generator=g, dtype=dtype, requires_grad=True)
     shift = torch.randn(cout, generator=g, dtype=dtype, requires_grad=True)
@@ -430,3 +430,16 @@ def test_environment_variable_selects_backend(tmp_path):
     env["DRMM_KERNELS_BACKEND"] = "bogus"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "DRMM_KERNELS_BACKEND='bogus'" in bad.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradgradcheck(backend):
+    x, w, scale, shift = _small(cin=1, cout=2, h=5, w=4, n=1)
+    with dk.backend(backend):
+        y, sw = dk.conv_relu_pool(x, w, scale, shift, padding=1, negative_slope=0.1)
+        assert torch.autograd.gradgradcheck(
+            lambda *a: dk.conv_relu_pool(*a, padding=1, negative_slope=0.1)[0], (x, w, scale, shift))
+        mu = torch.randn_like(y).requires_grad_(True)
+        assert torch.autograd.gradgradcheck(
+            lambda m, wt, s: dk.render(m, sw, wt, s, padding=1, out_size=x.shape[-2:], negative_slope=0.1),
+            (mu, w, scale))
