@@ -52,8 +52,8 @@ def extensions():
     if with_cuda:
         nvcc = ["-O3", "-DNDEBUG", "--threads", "4", "-Xptxas=-v", "-lineinfo",
                 "--expt-relaxed-constexpr"]
-        ext = cpp_extension.CUDAExtension(sources=sources + cuda_sources,
-                                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
+        kwargs["sources"] = sources + cuda_sources
+        ext = cpp_extension.CUDAExtension(extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
     else:
         ext = cpp_extension.CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
     print(f"drmm: building drmm_kernels._C ({'CPU + CUDA' if with_cuda else 'CPU only'}; torch {torch.__version__})")

@@ -1,12 +1,21 @@
-"""The ``cuda`` backend: CUDA C++ kernels in ``drmm_kernels._C`` (csrc/cuda)."""
+"""The ``cuda`` backend: CUDA C++ kernels in ``drmm_kernels._C`` (csrc/cuda).
+
+Each primitive has the signature of ``drmm_kernels/backends.py`` and calls the ``drmm_C::*`` op, whose
+CUDA kernel is registered in csrc/bindings.cpp. fp16/bf16 (and fp32 when
+``torch.backends.cudnn.allow_tf32`` is on, as for ``F.conv2d``) run on tensor cores through WMMA;
+fp64 and fp32 with TF32 off run exact CUDA-core kernels. Any other dtype falls back to ``reference``.
+"""
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
+from torch import Tensor
 
-from . import _extension
+from . import _extension, reference
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def status() -> Tuple[bool, str]:
@@ -21,3 +30,44 @@ def status() -> Tuple[bool, str]:
 
 def supports(device: torch.device) -> bool:
     return device.type == "cuda"
+
+
+def _native(t: Tensor) -> bool:
+    return t.dtype in _DTYPES and t.is_cuda
+
+
+def conv_relu_pool(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], stride: int,
+                   padding: int, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
+    if not _native(x):
+        return reference.conv_relu_pool(x, weight, scale, shift, stride, padding, pool, negative_slope)
+    y, sw = torch.ops.drmm_C.conv_relu_pool(x, weight, scale, shift, stride, padding, pool, float(negative_slope))
+    return y, sw
+
+
+def render(mu: Tensor, switches: Tensor, weight: Tensor, scale: Optional[Tensor], stride: int, padding: int,
+           pool: int, out_hw: Tuple[int, int], negative_slope: float) -> Tensor:
+    if not _native(mu):
+        return reference.render(mu, switches, weight, scale, stride, padding, pool, out_hw, negative_slope)
+    return torch.ops.drmm_C.render(mu, switches, weight, scale, stride, padding, pool, int(out_hw[0]),
+                                   int(out_hw[1]), float(negative_slope))
+
+
+def gather_conv(src: Tensor, weight: Tensor, switches: Tensor, stride: int, padding: int, pool: int) -> Tensor:
+    if not _native(src):
+        return reference.gather_conv(src, weight, switches, stride, padding, pool)
+    return torch.ops.drmm_C.gather_conv(src, weight, switches, stride, padding, pool)
+
+
+def render_wgrad(src: Tensor, mu: Tensor, switches: Tensor, scale: Optional[Tensor], stride: int, padding: int,
+                 pool: int, negative_slope: float, kernel_hw: Tuple[int, int]) -> Tensor:
+    if not _native(src):
+        return reference.render_wgrad(src, mu, switches, scale, stride, padding, pool, negative_slope, kernel_hw)
+    return torch.ops.drmm_C.render_wgrad(src, mu, switches, scale, stride, padding, pool, float(negative_slope),
+                                         int(kernel_hw[0]), int(kernel_hw[1]))
+
+
+def bn_pool(z: Tensor, scale: Tensor, shift: Tensor, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
+    if not _native(z):
+        return reference.bn_pool(z, scale, shift, pool, negative_slope)
+    y, sw = torch.ops.drmm_C.bn_pool(z, scale, shift, pool, float(negative_slope))
+    return y, sw

@@ -1,0 +1,68 @@
+// Torch-free interface of the CUDA kernels (csrc/cuda/*.cu). csrc/bindings.cpp turns tensors into the
+// raw pointers, sizes and element strides below and passes the current stream; every launcher returns
+// the cudaError_t of its launches (cudaSuccess when there was nothing to do).
+//
+// Conventions shared by every launcher (argument meanings are those of drmm_kernels/backends.py):
+// - 4-D tensors are described by a base pointer and element strides in NCHW index order, so NCHW,
+//   channels_last and other strided layouts are read in place without a copy.
+// - weight is contiguous [C_out, C_in, KH, KW]; outputs are contiguous NCHW (or [C_out, C_in, KH, KW]).
+// - scale / shift are contiguous per-output-channel vectors of the accumulation type (float for
+//   fp16/bf16/fp32, double for fp64), or nullptr when absent.
+// - Tensor cores are used for fp16/bf16 and, when `allow_tf32` is true, for fp32 (TF32); fp64 and
+//   fp32 with TF32 disallowed run on CUDA cores with exact fp32/fp64 accumulation.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace drmm {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+struct Strides4 {
+  int64_t n, c, h, w;
+};
+
+// Geometry of one conv layer followed by a pool: input [N, C_in, H, W], weight [C_out, C_in, KH, KW],
+// conv output [N, C_out, Hc, Wc], pooled [N, C_out, Hp, Wp] with Hp = Hc / pool (floor).
+struct ConvGeom {
+  int n, c_in, h, w;
+  int c_out, kh, kw;
+  int stride, padding, pool;
+  int hc, wc, hp, wp;
+};
+
+// forward: y[N, C_out, Hp, Wp] and switches (uint8, same shape), both contiguous.
+cudaError_t conv_relu_pool(DType dt, const void* x, Strides4 xs, const void* weight, const void* scale,
+                           const void* shift, const ConvGeom& g, double negative_slope, bool allow_tf32, void* y,
+                           uint8_t* switches, cudaStream_t stream);
+
+// gather_conv: out[n, co, ph, pw] = conv2d(src, weight)[n, co, ph*pool + dy, pw*pool + dx] at the recorded
+// offset (dy, dx) of the switch byte; out is contiguous, dtype of src.
+cudaError_t gather_conv(DType dt, const void* src, Strides4 ss, const void* weight, const uint8_t* switches,
+                        Strides4 sws, const ConvGeom& g, bool allow_tf32, void* out, cudaStream_t stream);
+
+// bn_pool: z [N, C, Hc, Wc] (strided) -> y, switches [N, C, Hc/pool, Wc/pool] contiguous.
+cudaError_t bn_pool(DType dt, const void* z, Strides4 zs, int n, int c, int hc, int wc, const void* scale,
+                    const void* shift, int pool, double negative_slope, void* y, uint8_t* switches,
+                    cudaStream_t stream);
+
+// render (dgrad): x_hat[N, C_in, H, W] contiguous = conv_transpose2d(masked unpool of mu, weight).
+// g.h / g.w are the requested output size; g.hc / g.wc the conv size it implies; g.hp / g.wp = mu's size.
+cudaError_t render(DType dt, const void* mu, Strides4 ms, const uint8_t* switches, Strides4 sws,
+                   const void* weight, const void* scale, const ConvGeom& g, double negative_slope,
+                   bool allow_tf32, void* x_hat, cudaStream_t stream);
+
+// render_wgrad: dW[C_out, C_in, KH, KW] contiguous. `workspace` must hold
+// render_wgrad_workspace_elems(...) elements of the accumulation type (float, or double for fp64);
+// partial sums of the K splits are written there and reduced in a fixed order (deterministic).
+int64_t render_wgrad_workspace_elems(DType dt, const ConvGeom& g, bool allow_tf32, int num_sms);
+cudaError_t render_wgrad(DType dt, const void* src, Strides4 ss, const void* mu, Strides4 ms,
+                         const uint8_t* switches, Strides4 sws, const void* scale, const ConvGeom& g,
+                         double negative_slope, bool allow_tf32, int num_sms, void* workspace, void* dw,
+                         cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace drmm
