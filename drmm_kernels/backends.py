@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import threading
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Dict, Iterator
@@ -53,7 +52,9 @@ def _env_backend() -> str:
     return name
 
 
-class _Selection(threading.local):
+class _Selection:
+    # Process-wide, not thread-local: autograd runs the backward of CUDA tensors on its own worker
+    # thread, which must see the backend that the forward was selected with.
     def __init__(self) -> None:
         self.name = _env_backend()
 
@@ -102,7 +103,7 @@ def get_backend() -> str:
 
 
 def set_backend(name: str) -> None:
-    """Choose the backend for subsequent calls in this thread: 'auto' or one of NAMES."""
+    """Choose the backend for subsequent calls (process-wide): 'auto' or one of NAMES."""
     name = name.strip().lower()
     if name != "auto":
         st = status(name)
