@@ -11,7 +11,6 @@ All tests carry the ``gpu`` marker (skipped without a CUDA device by conftest.py
 from __future__ import annotations
 
 import contextlib
-import types
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -88,19 +87,6 @@ def _tf32(on: bool):
         yield
     finally:
         torch.backends.cudnn.allow_tf32 = before
-
-
-@contextlib.contextmanager
-def _backend_all_threads(name: str):
-    """Select a backend for every thread. The selection is thread-local, and autograd runs the backward of
-    CUDA tensors on its own device thread, which `with dk.backend(...)` does not reach."""
-    dk.set_backend(name)  # validates availability
-    saved = dk.backends._selection
-    dk.backends._selection = types.SimpleNamespace(name=name)
-    try:
-        yield
-    finally:
-        dk.backends._selection = saved
 
 
 def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -216,7 +202,7 @@ def test_public_op_gradients(case: Case):
     def run(backend):
         x, w, scale, shift = _inputs(case)
         leaves = [t.requires_grad_() for t in (x, w, scale, shift) if t is not None]
-        with _tf32(False), _backend_all_threads(backend):
+        with _tf32(False), dk.backend(backend):
             y, sw = dk.conv_relu_pool(x, w, scale, shift, stride=case.stride, padding=case.pad, pool=case.pool,
                                       negative_slope=case.slope)
             gy = torch.randn(y.shape, dtype=y.dtype, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
@@ -298,7 +284,7 @@ def test_compiled_fullgraph():
         y, sw = dk.conv_relu_pool(x, w, scale, shift, padding=1)
         return dk.render(y, sw, w, padding=1, out_size=x.shape[-2:])
 
-    with _backend_all_threads("cuda"):
+    with dk.backend("cuda"):
         out = torch.compile(f, fullgraph=True)(x)
         out.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad.float()).all()
