@@ -392,6 +392,7 @@ def run(args) -> int:
                         row["speedup_vs_eager"] = eager_t[row["op"]] / row["median_us"]
                 del wl
                 torch.cuda.empty_cache()
+                write_results(args, env, rows, failures, quiet=True)  # partial results survive a timeout
 
     write_results(args, env, rows, failures)
     if failures:
@@ -407,10 +408,12 @@ def fmt_row(r) -> str:
             f"{r['tflops']:6.1f} TFLOP/s  {r['pct_roofline']:5.1f}% roof  vs eager {sp}")
 
 
-def write_results(args, env, rows, failures) -> None:
+def write_results(args, env, rows, failures, quiet: bool = False) -> None:
     os.makedirs(args.out, exist_ok=True)
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", env.get("gpu", "cpu")).strip("-")
-    stem = args.name or f"kernels-{gpu}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if not args.name:  # fixed once, so incremental writes go to the same files
+        args.name = f"kernels-{gpu}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    stem = args.name
     meta = dict(env=env, args={k: v for k, v in vars(args).items()}, failures=failures,
                 notes="median of triton.testing.do_bench (L2 flushed between runs); GB/s over algorithmic "
                       "minimum bytes; TFLOP/s over dense-equivalent FLOPs; % roofline = t_LB / t "
@@ -431,7 +434,8 @@ def write_results(args, env, rows, failures) -> None:
         lines += ["", "**Check failures:**", ""] + [f"- {f}" for f in failures]
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print(f"# wrote {os.path.join(args.out, stem)}.{{json,md}}", flush=True)
+    if not quiet:
+        print(f"# wrote {os.path.join(args.out, stem)}.{{json,md}}", flush=True)
 
 
 def _csv(kind, choices=None):

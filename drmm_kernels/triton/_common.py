@@ -7,6 +7,7 @@ because the GPU machine runs triton 3.6 while CI runs the interpreter of a newer
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import List
 
 import torch
@@ -20,8 +21,12 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def pick_configs(configs: List[triton.Config]) -> List[triton.Config]:
-    """Multi-config autotune needs a GPU benchmarker; the interpreter gets the first config only."""
-    return configs[:1] if is_interpreting() else configs
+    """Multi-config autotune needs a GPU benchmarker; the interpreter gets the first config only.
+
+    DRMM_TRITON_AUTOTUNE=0 does the same on a GPU (fast compiles for correctness runs of many shapes).
+    """
+    off = os.environ.get("DRMM_TRITON_AUTOTUNE", "1").strip().lower() in ("0", "false", "no", "off")
+    return configs[:1] if (is_interpreting() or off) else configs
 
 
 def use_tf32(dtype: torch.dtype) -> bool:

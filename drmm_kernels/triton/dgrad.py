@@ -66,44 +66,43 @@ def _render_kernel(
     w_ci = offs_ci.to(tl.int64) * swi
 
     acc = tl.zeros((BLOCK_M, BLOCK_CI), dtype=tl.float32)
-    for kh in range(KH):
-        # conv-output row this input row feeds through tap kh; clamp before // and % (signed division)
+    # (kh, kw, co-block) in one loop, so the software pipeliner sees the whole reduction
+    n_cb = tl.cdiv(C_out, BLOCK_K)
+    for it in range(KH * KW * n_cb):
+        tap = it // n_cb
+        c0 = (it - tap * n_cb) * BLOCK_K
+        kh = tap // KW
+        kw = tap - kh * KW
+        # conv-output position this input pixel feeds through tap (kh, kw); clamp before // and %
+        # (signed division), require divisibility by the stride, and stay inside whole windows
         oh_s = ih + pad - kh
-        ok_h = mask_m & (oh_s >= 0)
-        oh_s = tl.where(ok_h, oh_s, 0)
+        ow_s = iw + pad - kw
+        ok = mask_m & (oh_s >= 0) & (ow_s >= 0)
+        oh_s = tl.where(ok, oh_s, 0)
+        ow_s = tl.where(ok, ow_s, 0)
         if STRIDE > 1:
-            ok_h = ok_h & (oh_s % STRIDE == 0)
+            ok = ok & (oh_s % STRIDE == 0) & (ow_s % STRIDE == 0)
         oh = oh_s // STRIDE
+        ow = ow_s // STRIDE
         hp = oh // POOL
-        ok_h = ok_h & (hp < Hp)
-        dy = oh - hp * POOL
-        for kw in range(KW):
-            ow_s = iw + pad - kw
-            ok = ok_h & (ow_s >= 0)
-            ow_s = tl.where(ok, ow_s, 0)
-            if STRIDE > 1:
-                ok = ok & (ow_s % STRIDE == 0)
-            ow = ow_s // STRIDE
-            wp = ow // POOL
-            ok = ok & (wp < Wp)
-            want = dy * POOL + (ow - wp * POOL)  # offset this position has inside its window
-            mu_row = mu_n + hp * smh + wp * smw
-            sw_row = sw_n + hp * ssh + wp * ssw
-            w_tap = w_ci + kh * swh + kw * sww
-            for c0 in range(0, C_out, BLOCK_K):
-                co = c0 + offs_k
-                mask_k = co < C_out
-                lmask = ok[:, None] & mask_k[None, :]
-                code = tl.load(sw_ptr + sw_row[:, None] + co[None, :] * ssc, mask=lmask, other=0).to(tl.int32)
-                g = tl.load(mu_ptr + mu_row[:, None] + co[None, :] * smc, mask=lmask, other=0.0).to(tl.float32)
-                keep = lmask & ((code & 15) == want[:, None])
-                g = tl.where(keep, g * tl.where((code & 128) != 0, 1.0, slope), 0.0)
-                if HAS_SCALE:
-                    s = tl.load(scale_ptr + co, mask=mask_k, other=0.0).to(tl.float32)
-                    g = g * s[None, :]
-                b = tl.load(w_ptr + w_tap[None, :] + co.to(tl.int64)[:, None] * swo,
-                            mask=mask_k[:, None] & mask_ci[None, :], other=0.0)
-                acc = mma(g.to(b.dtype), b, acc, TF32, UPCAST)
+        wp = ow // POOL
+        ok = ok & (hp < Hp) & (wp < Wp)
+        want = (oh - hp * POOL) * POOL + (ow - wp * POOL)  # offset of this position inside its window
+        co = c0 + offs_k
+        mask_k = co < C_out
+        lmask = ok[:, None] & mask_k[None, :]
+        sw_offs = (sw_n + hp * ssh + wp * ssw)[:, None] + co[None, :] * ssc
+        mu_offs = (mu_n + hp * smh + wp * smw)[:, None] + co[None, :] * smc
+        code = tl.load(sw_ptr + sw_offs, mask=lmask, other=0).to(tl.int32)
+        g = tl.load(mu_ptr + mu_offs, mask=lmask, other=0.0).to(tl.float32)
+        keep = lmask & ((code & 15) == want[:, None])
+        g = tl.where(keep, g * tl.where((code & 128) != 0, 1.0, slope), 0.0)
+        if HAS_SCALE:
+            s = tl.load(scale_ptr + co, mask=mask_k, other=0.0).to(tl.float32)
+            g = g * s[None, :]
+        b = tl.load(w_ptr + (w_ci + kh * swh + kw * sww)[None, :] + co.to(tl.int64)[:, None] * swo,
+                    mask=mask_k[:, None] & mask_ci[None, :], other=0.0)
+        acc = mma(g.to(b.dtype), b, acc, TF32, UPCAST)
 
     out_offs = (n[:, None] * C_in + offs_ci[None, :]) * (H * W) + (ih * W + iw)[:, None]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_ci[None, :])

@@ -107,22 +107,25 @@ def _conv_pool_kernel(
                 b = tl.load(w_ptr + b_offs, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
                 acc = mma(a, b, acc, TF32, UPCAST)
         else:
-            for kh in range(KH):
+            # (kh, kw, ci-block) flattened into one loop so the software pipeliner sees all of K
+            # (with C_in = 32 and BLOCK_K = 32 an innermost ci loop would have a single iteration)
+            n_cb = tl.cdiv(C_in, BLOCK_K)
+            for it in range(KH * KW * n_cb):
+                tap = it // n_cb
+                c0 = (it - tap * n_cb) * BLOCK_K
+                kh = tap // KW
+                kw = tap - kh * KW
                 ih = ih0 + kh
-                mask_h = mask_p & (ih >= 0) & (ih < Hin)
-                for kw in range(KW):
-                    iw = iw0 + kw
-                    mask_a = mask_h & (iw >= 0) & (iw < Win)
-                    a_row = x_base + ih * sxh + iw * sxw
-                    w_tap = w_base + kh * swh + kw * sww
-                    for c0 in range(0, C_in, BLOCK_K):
-                        ci = c0 + offs_k
-                        mask_k = ci < C_in
-                        a = tl.load(x_ptr + a_row[:, None] + ci[None, :] * sxc,
-                                    mask=mask_a[:, None] & mask_k[None, :], other=0.0)
-                        b = tl.load(w_ptr + w_tap[None, :] + ci[:, None] * swi,
-                                    mask=mask_k[:, None] & mask_c[None, :], other=0.0)
-                        acc = mma(a, b, acc, TF32, UPCAST)
+                iw = iw0 + kw
+                mask_a = mask_p & (ih >= 0) & (ih < Hin) & (iw >= 0) & (iw < Win)
+                a_row = x_base + ih * sxh + iw * sxw
+                ci = c0 + offs_k
+                mask_k = ci < C_in
+                a = tl.load(x_ptr + a_row[:, None] + ci[None, :] * sxc,
+                            mask=mask_a[:, None] & mask_k[None, :], other=0.0)
+                b = tl.load(w_ptr + (w_base + kh * swh + kw * sww)[None, :] + ci[:, None] * swi,
+                            mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+                acc = mma(a, b, acc, TF32, UPCAST)
         if GATHER:
             res = tl.where(code == t, acc, res)
         else:

@@ -88,7 +88,8 @@ def _wgrad_kernel(
             g = g * scale[:, None]
         code = code & 15
         src_n = n * sxn
-        for t in range(POOL * POOL):
+        # unrolled, so the p-block loop is the innermost runtime loop and gets software-pipelined
+        for t in tl.static_range(POOL * POOL):
             ih = (hp * POOL + t // POOL) * STRIDE - pad + kh
             iw = (wp * POOL + t % POOL) * STRIDE - pad + kw
             ok = mask_p & (ih >= 0) & (ih < Hin) & (iw >= 0) & (iw < Win)
