@@ -1,0 +1,266 @@
+"""The Deep Rendering Mixture Model (NN-DRMM flavour): bottom-up inference with switches, top-down rendering.
+
+A DRMM is a stack of conv layers (template matching) whose ReLU is the max over the render/don't-render switch
+``a`` and whose max-pool is the max over the translational nuisance ``t`` (model-spec §1-2). The last layer's
+features are read out by a dense layer, ``logits = W^T h + b``; column ``c`` of ``W`` reshaped to the top feature
+map is the class template ``mu_c`` (model-spec §3.1). Rendering runs the same filters backwards (tied weights,
+``conv_transpose2d``) with the switches recorded bottom-up (model-spec §3.2).
+
+The fused ops of ``drmm_kernels`` do the work: ``conv_bn_relu_pool`` / ``conv_relu_pool`` bottom-up (``pool=1``
+for layers without max-pooling; a global mean pool is done here in torch) and ``render`` top-down through the
+*raw* conv weight (``scale=None``: the BN is not inverted, as in the authors' code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import drmm_kernels as dk
+
+PADDINGS = ("valid", "same", "full")
+POOLS = ("max", "mean", "none")
+NORMS = ("batch", "none")
+ACTIVATIONS = ("relu", "leaky")
+LEAKY_SLOPE = 0.1  # NRM's LeakyReLU(0.1): an "off" switch still passes 10 % top-down (model-spec §9 item 14)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One bottom-up layer: conv (no bias when normalised) -> norm -> activation (a-switch) -> pool (t-switch)."""
+
+    channels: int
+    kernel: int
+    padding: str = "valid"   # valid = 0, same = k//2 (Theano "half"), full = k-1
+    pool: str = "none"       # max = 2x2/stride 2 with switches, mean = global mean over the map, none
+    norm: str = "batch"
+    activation: str = "relu"
+
+    def __post_init__(self):
+        for name, value, allowed in (("padding", self.padding, PADDINGS), ("pool", self.pool, POOLS),
+                                     ("norm", self.norm, NORMS), ("activation", self.activation, ACTIVATIONS)):
+            if value not in allowed:
+                raise ValueError(f"LayerSpec.{name} must be one of {allowed}, got {value!r}")
+        if self.channels < 1 or self.kernel < 1:
+            raise ValueError(f"LayerSpec.channels and .kernel must be >= 1, got {self.channels}, {self.kernel}")
+
+    @property
+    def pad(self) -> int:
+        return {"valid": 0, "same": self.kernel // 2, "full": self.kernel - 1}[self.padding]
+
+    @property
+    def fused_pool(self) -> int:
+        """The window the fused op pools over: 2 for max-pooling, 1 otherwise (mean pooling is done in torch)."""
+        return 2 if self.pool == "max" else 1
+
+    @property
+    def negative_slope(self) -> float:
+        return LEAKY_SLOPE if self.activation == "leaky" else 0.0
+
+
+def _L(channels, kernel, padding="valid", pool="none"):
+    return LayerSpec(channels, kernel, padding, pool)
+
+
+# Presets. Map sizes are for 28x28 (MNIST) or 32x32 (CIFAR/SVHN) inputs; see model-spec §5.
+PRESETS = {
+    # STAND-IN (model-spec §5.1): the paper's RFM config is in its appendix I, which we have not seen.
+    # 1 conv layer 5x5 full (28->32), 64 ch, BN, ReLU, max-pool 2 (->16); templates over the 64x16x16 map.
+    "rfm": [_L(64, 5, "full", "max")],
+    # STAND-IN (model-spec §5.1): conv 5x5 full 32 ch, pool (->16) -> conv 3x3 full 64 ch (->18), pool (->9).
+    "drmm2": [_L(32, 5, "full", "max"), _L(64, 3, "full", "max")],
+    # The 5-layer MNIST DRMM = Ladder Conv-Small (model-spec §5.1): 28->32->16->14->16->8->6->1.
+    "conv_small": [_L(32, 5, "full", "max"), _L(64, 3, "valid"), _L(64, 3, "full", "max"), _L(128, 3, "valid"),
+                   _L(10, 1, "valid", "mean")],
+    # The 9-layer CIFAR-10 DRMM = Conv-Large with even maps (model-spec §5.1): 32->32->34->36/18->16->18->16/8->6->6->1.
+    "conv_large": [_L(96, 3, "same"), _L(96, 3, "full"), _L(96, 3, "full", "max"), _L(192, 3, "valid"),
+                   _L(192, 3, "full"), _L(192, 3, "valid", "max"), _L(192, 3, "valid"), _L(192, 1, "valid"),
+                   _L(10, 1, "valid", "mean")],
+    # NRM AllConv13 ([DGM] nrm.py, tail kernels 3x3 as in the code; model-spec §5.2): 32->16->8->6->1.
+    # The NRM's BiasAdder, dropout and 1x1-conv classifier are replaced by the DRMM pieces (BN beta, dense readout).
+    "allconv13": [_L(128, 3, "same"), _L(128, 3, "same"), _L(128, 3, "same", "max"), _L(256, 3, "same"),
+                  _L(256, 3, "same"), _L(256, 3, "same", "max"), _L(512, 3, "valid"), _L(256, 3, "same"),
+                  _L(128, 3, "same", "mean")],
+}
+
+
+def preset_layers(name: str, norm: Optional[str] = None, activation: Optional[str] = None) -> List[LayerSpec]:
+    """The layer list of preset ``name``; ``norm``/``activation`` override every layer when given."""
+    if name not in PRESETS:
+        raise ValueError(f"model preset must be one of {sorted(PRESETS)}, got {name!r}")
+    layers = []
+    for spec in PRESETS[name]:
+        d = asdict(spec)
+        if norm is not None:
+            d["norm"] = norm
+        if activation is not None:
+            d["activation"] = activation
+        layers.append(LayerSpec(**d))
+    return layers
+
+
+@dataclass
+class Latents:
+    """What the bottom-up pass hands to ``render``: per-layer switches and the sizes needed to invert each layer.
+
+    ``switches[i]`` is layer i's uint8 switch map (bits 0-3 argmax offset, bit 7 the ``a`` switch; for layers
+    without max-pooling the offset is 0 and only the ``a`` bit matters). ``input_sizes[i]`` is the (H, W) of layer
+    i's input, ``map_sizes[i]`` of the map before any mean pooling. Switches carry no gradient (E-step constants).
+    """
+
+    switches: List[Tensor]
+    input_sizes: List[Tuple[int, int]]
+    map_sizes: List[Tuple[int, int]]
+    features: Tensor  # the top feature map h (N, K, H, W) the readout sees
+
+
+class DRMM(nn.Module):
+    """Bottom-up ``forward(x) -> (logits, latents)`` and top-down ``render(latents, classes)``.
+
+    Args:
+        layers: the layer specs, bottom to top.
+        in_channels, image_size: the input (C, H, W) without the batch dimension.
+        num_classes: number of class templates.
+        mean_unpool_scale: inverse of a mean pool: ``none`` = repeat unscaled ([TF], default) or ``inv_area`` =
+            repeat times 1/area, the adjoint of averaging ([DGM]).
+        td_relu: ReLU on the top-down signal before each layer's masking and on the image (the paper's NN-DRMM,
+            [P16] §3.2); off by default, as in the authors' code, which uses a penalty instead.
+    """
+
+    def __init__(self, layers: Sequence[LayerSpec], in_channels: int, image_size: Tuple[int, int],
+                 num_classes: int = 10, mean_unpool_scale: str = "none", td_relu: bool = False):
+        super().__init__()
+        if not layers:
+            raise ValueError("layers must hold at least one LayerSpec")
+        if mean_unpool_scale not in ("none", "inv_area"):
+            raise ValueError(f"mean_unpool_scale must be 'none' or 'inv_area', got {mean_unpool_scale!r}")
+        self.specs = list(layers)
+        self.in_channels, self.image_size, self.num_classes = in_channels, tuple(image_size), num_classes
+        self.mean_unpool_scale, self.td_relu = mean_unpool_scale, td_relu
+        self.convs = nn.ModuleList()
+        self.map_sizes = []  # per layer, the conv output size (before pooling)
+        c, hw = in_channels, tuple(image_size)
+        for i, spec in enumerate(self.specs):
+            if spec.pool == "mean" and i != len(self.specs) - 1:
+                raise ValueError(f"layer {i}: a global mean pool is only allowed on the last layer")
+            if spec.norm == "batch":
+                layer = dk.FusedConvBNReLUPool2d(c, spec.channels, spec.kernel, padding=spec.pad,
+                                                 pool=spec.fused_pool, negative_slope=spec.negative_slope)
+            else:
+                layer = dk.FusedConvReLUPool2d(c, spec.channels, spec.kernel, padding=spec.pad, bias=True,
+                                               pool=spec.fused_pool, negative_slope=spec.negative_slope)
+            self.convs.append(layer)
+            conv_hw = tuple(s + 2 * spec.pad - spec.kernel + 1 for s in hw)
+            self.map_sizes.append(conv_hw)
+            hw = (1, 1) if spec.pool == "mean" else tuple(s // spec.fused_pool for s in conv_hw)
+            if min(hw) < 1:
+                raise ValueError(f"layer {i} ({spec}) maps input {image_size} to an empty feature map")
+            c = spec.channels
+        self.top_shape = (c, *hw)  # shape of the class templates mu_c
+        self.readout = nn.Linear(c * hw[0] * hw[1], num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Xavier conv weights and zero biases, as both codebases initialise (model-spec §5).
+        for layer in self.convs:
+            nn.init.xavier_uniform_(self.conv_weight(layer))
+            if isinstance(layer, dk.FusedConvReLUPool2d) and layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        nn.init.xavier_uniform_(self.readout.weight)
+        nn.init.zeros_(self.readout.bias)
+
+    @staticmethod
+    def conv_weight(layer: nn.Module) -> Tensor:
+        """The raw (tied) conv weight of a fused layer: used bottom-up and, transposed, top-down."""
+        return layer.conv.weight if isinstance(layer, dk.FusedConvBNReLUPool2d) else layer.weight
+
+    # ------------------------------------------------------------------ bottom-up (E-step inference)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Latents]:
+        if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, *self.image_size):
+            raise ValueError(f"x must have shape (N, {self.in_channels}, {self.image_size[0]}, "
+                             f"{self.image_size[1]}), got {tuple(x.shape)}")
+        switches, input_sizes, map_sizes = [], [], []
+        h = x
+        for spec, layer in zip(self.specs, self.convs):
+            input_sizes.append(tuple(h.shape[-2:]))
+            h, sw = layer(h, return_switches=True)
+            map_sizes.append(tuple(h.shape[-2:]))
+            switches.append(sw)
+            if spec.pool == "mean":
+                h = h.mean(dim=(2, 3), keepdim=True)
+        logits = self.readout(h.flatten(1))
+        return logits, Latents(switches, input_sizes, map_sizes, h)
+
+    # ------------------------------------------------------------------ top-down (rendering)
+
+    def class_templates(self, classes: Tensor) -> Tensor:
+        """mu_c for each entry of ``classes``: the readout weight column of class c, shaped like the top map."""
+        if classes.dtype != torch.long or classes.dim() != 1:
+            raise ValueError(f"classes must be a 1-D int64 tensor, got {classes.dtype} of shape {tuple(classes.shape)}")
+        return self.readout.weight[classes].view(len(classes), *self.top_shape)
+
+    def render(self, latents: Latents, classes: Tensor, return_levels: bool = False):
+        """Render class templates top-down through the switches: returns x_hat (and the levels on request).
+
+        ``levels[0]`` is the class template, ``levels[i]`` the signal rendered down to the input of layer L-i
+        (before that layer's own unpool/mask, and before the optional top-down ReLU), ``levels[-1]`` = x_hat.
+        The switches and ``classes`` are constants; gradients reach the conv weights and the templates.
+        """
+        if len(classes) != latents.switches[0].shape[0]:
+            raise ValueError(f"classes has {len(classes)} entries but the latents hold "
+                             f"{latents.switches[0].shape[0]} examples")
+        mu = self.class_templates(classes)
+        levels = [mu]
+        for i in reversed(range(len(self.specs))):
+            spec, layer = self.specs[i], self.convs[i]
+            if self.td_relu:
+                mu = F.relu(mu)
+            if spec.pool == "mean":
+                mu = self.mean_unpool(mu, latents.map_sizes[i])
+            mu = dk.render(mu, latents.switches[i], self.conv_weight(layer), None, padding=spec.pad,
+                           pool=spec.fused_pool, out_size=latents.input_sizes[i],
+                           negative_slope=spec.negative_slope)
+            levels.append(mu)
+        x_hat = F.relu(mu) if self.td_relu else mu
+        if return_levels:
+            levels[-1] = x_hat
+            return x_hat, levels
+        return x_hat
+
+    def mean_unpool(self, mu: Tensor, map_size: Tuple[int, int]) -> Tensor:
+        """Inverse of the global mean pool: repeat over the map, optionally times 1/area (option mean_unpool_scale)."""
+        mu = mu.expand(-1, -1, *map_size)
+        if self.mean_unpool_scale == "inv_area":
+            mu = mu / (map_size[0] * map_size[1])
+        return mu
+
+    def unpooled_signals(self, levels: Sequence[Tensor]) -> List[Tensor]:
+        """The unmasked, unpooled top-down signal entering each layer, top first (what the NN penalty acts on).
+
+        The unpooled signal is a nearest-neighbour repeat of the level (2x2 for max-pooled layers, the whole map for
+        the mean-pooled one), and a per-element mean over a repeat equals the mean over the level, so the level is
+        returned as is -- divided by the map area where ``mean_unpool_scale='inv_area'`` scales the repeat.
+        """
+        signals = []
+        for level, i in zip(levels, reversed(range(len(self.specs)))):
+            if self.specs[i].pool == "mean" and self.mean_unpool_scale == "inv_area":
+                h, w = self.map_sizes[i]
+                level = level / (h * w)
+            signals.append(level)
+        return signals
+
+    def extra_repr(self) -> str:
+        return f"top_shape={self.top_shape}, mean_unpool_scale={self.mean_unpool_scale}, td_relu={self.td_relu}"
+
+
+def build_model(name: str, in_channels: int, image_size: Tuple[int, int], num_classes: int = 10, *,
+                norm: Optional[str] = None, activation: Optional[str] = None, mean_unpool_scale: str = "none",
+                td_relu: bool = False) -> DRMM:
+    """A DRMM from preset ``name`` (see PRESETS)."""
+    return DRMM(preset_layers(name, norm, activation), in_channels, image_size, num_classes,
+                mean_unpool_scale=mean_unpool_scale, td_relu=td_relu)

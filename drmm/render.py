@@ -1,0 +1,64 @@
+"""PNG grids of what the model renders: input/reconstruction pairs and the rendered template at every level."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _to_display(img: Tensor):
+    """(C, H, W) -> (H, W) or (H, W, 3) in [0, 1], each image min-max scaled (renders have arbitrary scale)."""
+    img = img.detach().float().cpu()
+    if img.shape[0] not in (1, 3):
+        img = img.mean(0, keepdim=True)  # intermediate levels: mean over channels
+    lo, hi = img.min(), img.max()
+    img = (img - lo) / (hi - lo) if hi > lo else torch.zeros_like(img)
+    return (img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy()
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def save_reconstruction_grid(x: Tensor, x_hat: Tensor, path: Path, data=None) -> Path:
+    """Two rows: the inputs and their reconstructions (each image scaled to its own range)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = x.shape[0]
+    fig, axes = plt.subplots(2, n, figsize=(1.3 * n, 2.8), squeeze=False)
+    for i in range(n):
+        for row, (t, title) in enumerate(((x[i], "input"), (x_hat[i], "render"))):
+            ax = axes[row][i]
+            ax.imshow(_to_display(t), cmap="gray")
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_ylabel(title)
+    return _save(fig, Path(path))
+
+
+def save_level_grid(levels: Sequence[Tensor], path: Path, max_images: int = 8) -> Path:
+    """One row per example, one column per level (class template at the top ... image at the bottom)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(levels[0].shape[0], max_images)
+    fig, axes = plt.subplots(n, len(levels), figsize=(1.4 * len(levels), 1.4 * n), squeeze=False)
+    for i in range(n):
+        for j, level in enumerate(levels):
+            ax = axes[i][j]
+            ax.imshow(_to_display(level[i]), cmap="gray")
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title("template" if j == 0 else ("image" if j == len(levels) - 1 else f"level -{j}"),
+                             fontsize=8)
+    return _save(fig, Path(path))
