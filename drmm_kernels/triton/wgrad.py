@@ -25,7 +25,7 @@ from ._common import KERNEL_DTYPES, device_guard, is_interpreting, mma, num_sms,
 _CONFIGS = [
     triton.Config({"BLOCK_CO": 32, "BLOCK_CI": 32, "BLOCK_P": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64, "BLOCK_P": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64, "BLOCK_P": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64, "BLOCK_P": 64}, num_warps=4, num_stages=2),  # fp32: smem
     triton.Config({"BLOCK_CO": 128, "BLOCK_CI": 64, "BLOCK_P": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_CO": 32, "BLOCK_CI": 32, "BLOCK_P": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 16, "BLOCK_P": 64}, num_warps=4, num_stages=4),
