@@ -39,7 +39,11 @@ TORCH_LIBRARY(drmm_C, m) {
 
 // ---------------------------------------------------------------- CPU (csrc/cpu)
 TORCH_LIBRARY_IMPL(drmm_C, CPU, m) {
-  // registrations of csrc/cpu kernels go here
+  m.impl("conv_relu_pool", &drmm::cpu::conv_relu_pool);
+  m.impl("bn_pool", &drmm::cpu::bn_pool);
+  m.impl("render", &drmm::cpu::render);
+  m.impl("gather_conv", &drmm::cpu::gather_conv);
+  m.impl("render_wgrad", &drmm::cpu::render_wgrad);
 }
 
 // ---------------------------------------------------------------- CUDA (csrc/cuda)

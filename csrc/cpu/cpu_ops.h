@@ -1,3 +1,37 @@
 // Declarations of the C++ CPU kernels (csrc/cpu/*.cpp), registered in csrc/bindings.cpp.
+// Argument meanings are those of drmm_kernels/backends.py; outputs are contiguous NCHW.
 #pragma once
 #include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace drmm {
+namespace cpu {
+
+// conv2d (ATen / oneDNN) followed by one fused scale/shift + activation + pool + switch pass.
+std::tuple<at::Tensor, at::Tensor> conv_relu_pool(const at::Tensor& x, const at::Tensor& weight,
+                                                  const std::optional<at::Tensor>& scale,
+                                                  const std::optional<at::Tensor>& shift, int64_t stride,
+                                                  int64_t padding, int64_t pool, double negative_slope);
+
+// The same epilogue on a precomputed conv output z.
+std::tuple<at::Tensor, at::Tensor> bn_pool(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
+                                           int64_t pool, double negative_slope);
+
+// Masked unpool + conv_transpose2d, as a scatter over the recorded positions (pool > 1).
+at::Tensor render(const at::Tensor& mu, const at::Tensor& switches, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& scale, int64_t stride, int64_t padding, int64_t pool,
+                  int64_t out_h, int64_t out_w, double negative_slope);
+
+// conv2d(src, weight) evaluated only at each window's recorded position (pooled shape).
+at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& switches, int64_t stride,
+                       int64_t padding, int64_t pool);
+
+// Weight gradient of conv2d(src, W) for the sparse, masked, scaled map built from mu.
+at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::Tensor& switches,
+                        const std::optional<at::Tensor>& scale, int64_t stride, int64_t padding, int64_t pool,
+                        double negative_slope, int64_t kernel_h, int64_t kernel_w);
+
+}  // namespace cpu
+}  // namespace drmm

@@ -1,0 +1,237 @@
+"""CPU benchmark of the ``cpu`` backend against eager PyTorch on the 5-layer MNIST net (batch 256).
+
+For each layer it measures, with ``torch.set_num_threads(2)`` by default:
+
+- forward: ``drmm_kernels.conv_relu_pool`` (cpu backend) vs eager
+  ``max_pool2d(relu(conv2d(x, w, b)), pool, return_indices=True)`` (``relu(conv2d)`` without pooling);
+- forward + backward (gradients for x, w and b) of the same two;
+- render: ``drmm_kernels.render`` vs eager ``max_unpool2d`` + mask + ``conv_transpose2d``;
+- bytes saved for backward beyond the input and the parameters (unique storages seen by
+  ``torch.autograd.graph.saved_tensors_hooks``).
+
+Times are medians over ``--repeats`` runs after ``--warmup`` runs. Prints a markdown table and writes
+``bench/results/cpu_ops.json`` and ``bench/results/cpu_ops.md``.
+
+    .venv/bin/python bench/cpu_ops.py [--batch 256] [--threads 2] [--repeats 20] [--layers 1,3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+import drmm_kernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
+
+# (name, C_in, C_out, kernel, padding, input size, pool) of the 5-layer MNIST net ("conv_small").
+LAYERS = [
+    ("L1", 1, 32, 5, 4, 28, 2),
+    ("L2", 32, 64, 3, 0, 16, 1),
+    ("L3", 64, 64, 3, 2, 14, 2),
+    ("L4", 64, 128, 3, 0, 8, 1),
+    ("L5", 128, 10, 1, 0, 6, 1),
+]
+
+# Targets of the issue: pooled layers fwd+bwd >= 1.3x, render >= 1.5x, saved bytes <= 1/3 of eager;
+# layers without pooling no slower than eager (speedup >= 1.0).
+TARGETS = {"pooled": {"fwd_bwd": 1.3, "render": 1.5, "saved_ratio": 1 / 3}, "unpooled": {"fwd_bwd": 1.0,
+                                                                                        "render": 1.0}}
+
+
+def median_ms(fn: Callable[[], object], warmup: int, repeats: int) -> Dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = len(times) // 4
+    return {"median_ms": statistics.median(times), "q1_ms": times[q], "q3_ms": times[-1 - q]}
+
+
+def saved_bytes(fn: Callable[[], object], exclude: List[torch.Tensor]) -> int:
+    """Bytes of the unique storages autograd saves while running ``fn``, excluding those of ``exclude``."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def bench_layer(spec, batch: int, warmup: int, repeats: int, dtype: torch.dtype) -> Dict[str, object]:
+    name, cin, cout, k, pad, size, pool = spec
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cin, size, size, generator=g, dtype=dtype)
+    w = (torch.randn(cout, cin, k, k, generator=g, dtype=dtype) * (2.0 / (cin * k * k)) ** 0.5)
+    b = torch.randn(cout, generator=g, dtype=dtype) * 0.1
+    conv_hw = (size + 2 * pad - k + 1,) * 2
+    out_hw = (conv_hw[0] // pool, conv_hw[1] // pool)
+    gy = torch.randn(batch, cout, *out_hw, generator=g, dtype=dtype)
+
+    def eager_fwd(xx, ww, bb):
+        z = F.relu(F.conv2d(xx, ww, bb, 1, pad))
+        if pool == 1:
+            return z, None
+        return F.max_pool2d(z, pool, pool, return_indices=True)
+
+    def fused_fwd(xx, ww, bb):
+        with drmm_kernels.backend("cpu"):
+            return drmm_kernels.conv_relu_pool(xx, ww, None, bb, stride=1, padding=pad, pool=pool)
+
+    xg, wg, bg = (t.clone().requires_grad_(True) for t in (x, w, b))
+
+    def run_bwd(fwd):
+        def go():
+            for t in (xg, wg, bg):
+                t.grad = None
+            y, _ = fwd(xg, wg, bg)
+            y.backward(gy)
+        return go
+
+    # Correctness guard: the numbers below are only meaningful if both compute the same thing.
+    with torch.no_grad():
+        ye, idx = eager_fwd(x, w, b)
+        yf, sw = fused_fwd(x, w, b)
+    torch.testing.assert_close(yf, ye, rtol=1e-4, atol=1e-4)
+
+    res: Dict[str, object] = {"layer": name, "shape": f"{cin}->{cout} k{k} p{pad} {size}x{size} pool{pool}",
+                              "pool": pool}
+    with torch.no_grad():
+        res["fwd_eager"] = median_ms(lambda: eager_fwd(x, w, b), warmup, repeats)
+        res["fwd_cpu"] = median_ms(lambda: fused_fwd(x, w, b), warmup, repeats)
+    res["fwd_bwd_eager"] = median_ms(run_bwd(eager_fwd), warmup, repeats)
+    res["fwd_bwd_cpu"] = median_ms(run_bwd(fused_fwd), warmup, repeats)
+
+    # Render: the top-down pass from the forward's output and switches (the masked unpool + transposed
+    # conv), eager from the int64 indices and the a-mask it has to keep.
+    mu = torch.randn(batch, cout, *out_hw, generator=g, dtype=dtype)
+    mask = (ye > 0).to(dtype)
+
+    def eager_render():
+        m = mu * mask
+        up = m if pool == 1 else F.max_unpool2d(m, idx, pool, pool, output_size=conv_hw)
+        return F.conv_transpose2d(up, w, None, 1, pad)
+
+    def fused_render():
+        with drmm_kernels.backend("cpu"):
+            return drmm_kernels.render(mu, sw, w, stride=1, padding=pad, pool=pool, out_size=(size, size))
+
+    with torch.no_grad():
+        torch.testing.assert_close(fused_render(), eager_render(), rtol=1e-3, atol=1e-3)
+        res["render_eager"] = median_ms(eager_render, warmup, repeats)
+        res["render_cpu"] = median_ms(fused_render, warmup, repeats)
+
+    res["saved_eager"] = saved_bytes(lambda: eager_fwd(xg, wg, bg), [xg, wg, bg])
+    res["saved_cpu"] = saved_bytes(lambda: fused_fwd(xg, wg, bg), [xg, wg, bg])
+
+    for key in ("fwd", "fwd_bwd", "render"):
+        res[f"{key}_speedup"] = res[f"{key}_eager"]["median_ms"] / res[f"{key}_cpu"]["median_ms"]
+    res["saved_ratio"] = res["saved_cpu"] / res["saved_eager"] if res["saved_eager"] else float("nan")
+    tgt = TARGETS["pooled" if pool > 1 else "unpooled"]
+    met = {k: res[f"{k}_speedup"] >= v for k, v in tgt.items() if k != "saved_ratio"}
+    if "saved_ratio" in tgt:
+        met["saved_ratio"] = res["saved_ratio"] <= tgt["saved_ratio"]
+    res["targets"] = tgt
+    res["targets_met"] = met
+    return res
+
+
+def fmt_ms(r: Dict[str, float]) -> str:
+    return f"{r['median_ms']:.1f}"
+
+
+def table(results: List[Dict[str, object]]) -> str:
+    head = ("| layer | shape | fwd eager ms | fwd cpu ms | fwd x | fwd+bwd eager ms | fwd+bwd cpu ms | fwd+bwd x "
+            "| render eager ms | render cpu ms | render x | saved eager MiB | saved cpu MiB | saved ratio "
+            "| targets |")
+    sep = "|" + "---|" * (head.count("|") - 1)
+    rows = [head, sep]
+    for r in results:
+        met = r["targets_met"]
+        tg = ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met.items())
+        rows.append(
+            f"| {r['layer']} | {r['shape']} | {fmt_ms(r['fwd_eager'])} | {fmt_ms(r['fwd_cpu'])} | "
+            f"{r['fwd_speedup']:.2f} | {fmt_ms(r['fwd_bwd_eager'])} | {fmt_ms(r['fwd_bwd_cpu'])} | "
+            f"{r['fwd_bwd_speedup']:.2f} | {fmt_ms(r['render_eager'])} | {fmt_ms(r['render_cpu'])} | "
+            f"{r['render_speedup']:.2f} | {r['saved_eager'] / 2**20:.2f} | {r['saved_cpu'] / 2**20:.2f} | "
+            f"{r['saved_ratio']:.3f} | {tg} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--layers", default="", help="comma-separated subset, e.g. 1,3 (default: all)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    ap.add_argument("--no-save", action="store_true", help="print only; do not write bench/results")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    if not drmm_kernels.available_backends()["cpu"]:
+        print(f"cpu backend unavailable: {drmm_kernels.available_backends()['cpu'].reason}", file=sys.stderr)
+        return 1
+    dtype = getattr(torch, args.dtype)
+    chosen = {int(s) for s in args.layers.split(",") if s.strip()} or set(range(1, len(LAYERS) + 1))
+    load = os.getloadavg()
+    results = []
+    for i, spec in enumerate(LAYERS, 1):
+        if i in chosen:
+            results.append(bench_layer(spec, args.batch, args.warmup, args.repeats, dtype))
+            print(f"{spec[0]} done", file=sys.stderr)
+    load_after = os.getloadavg()
+    md = table(results)
+    cpu_name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    meta = {"batch": args.batch, "threads": args.threads, "dtype": args.dtype, "repeats": args.repeats,
+            "warmup": args.warmup, "torch": torch.__version__, "cpu": cpu_name, "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "loadavg_before": load, "loadavg_after": load_after,
+            "mkldnn": torch.backends.mkldnn.is_available(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    header = (f"CPU ops benchmark: batch {args.batch}, {args.threads} threads, {args.dtype}, median of "
+              f"{args.repeats} runs; {cpu_name}; torch {torch.__version__}; load average before "
+              f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, after {load_after[0]:.2f}. Speedup x = eager / cpu "
+              f"(> 1: cpu backend faster); saved ratio = cpu / eager bytes saved for backward beyond x and "
+              f"the parameters. Targets: pooled layers fwd+bwd >= 1.3x, render >= 1.5x, saved ratio <= 1/3; "
+              f"unpooled layers >= 1.0x.")
+    print(header)
+    print()
+    print(md)
+    if not args.no_save:
+        os.makedirs(RESULTS, exist_ok=True)
+        with open(os.path.join(RESULTS, "cpu_ops.json"), "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=2)
+        with open(os.path.join(RESULTS, "cpu_ops.md"), "w") as f:
+            f.write(f"{header}\n\nCommand: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`\n\n{md}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

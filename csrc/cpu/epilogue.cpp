@@ -1,0 +1,293 @@
+// Forward epilogue: one pass over the conv output z that applies scale/shift, pools, records the
+// switch byte and applies the activation. Only y and the switches are written.
+#include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+
+#include <limits>
+#include <vector>
+
+#include "cpu/cpu_ops.h"
+#include "cpu/simd.h"
+
+namespace drmm {
+namespace cpu {
+namespace {
+
+constexpr uint8_t kOnBit = 0x80;
+
+// Window argmax in the order of PyTorch's CPU max_pool2d, which scans row-major and updates when
+// `v > max || isnan(v)` from (-inf, offset 0): the result is the last NaN if there is one, else the
+// first maximum. As a total order on (value, offset) that reduction can run in any grouping:
+// `better(a, b)` says candidate a replaces the current best b.
+template <typename T, typename O>
+inline bool better(T av, O ao, T bv, O bo) {
+  const bool an = av != av, bn = bv != bv;
+  return an ? (!bn || ao > bo) : (!bn && (av > bv || (av == bv && ao < bo)));
+}
+
+template <typename V, typename I>
+inline I better_v(V av, I ao, V bv, I bo) {
+  const I an = av != av, bn = bv != bv;
+  return (an & (~bn | (ao > bo))) | (~an & ~bn & ((av > bv) | ((av == bv) & (ao < bo))));
+}
+
+#ifdef DRMM_HAVE_SHUFFLEVECTOR
+// Folds window columns DX.. into the running (max, offset) of W windows at once.
+template <typename T, int P, int DX>
+inline void fold_columns(const typename Simd<T>::V* cv, const typename Simd<T>::I* cy, typename Simd<T>::V& m,
+                         typename Simd<T>::I& o) {
+  if constexpr (DX < P) {
+    using V = typename Simd<T>::V;
+    using I = typename Simd<T>::I;
+    constexpr auto lanes = std::make_integer_sequence<int, Simd<T>::W>{};
+    const V v = deinterleave<V, I, P, DX>(cv, V{}, lanes);
+    const I ov = deinterleave<I, I, P, DX>(cy, I{}, lanes) * P + DX;
+    const I upd = better_v(v, ov, m, o);
+    m = upd ? v : m;
+    o = upd ? ov : o;
+    fold_columns<T, P, DX + 1>(cv, cy, m, o);
+  }
+}
+#endif
+
+// One (n, c) plane of an NCHW z in two vectorized steps: (1) down each column of every window row
+// (contiguous loads, the scan rule over dy), (2) across the P columns of each window, over the
+// windows of the whole plane indexed linearly (rows hold few windows; short loops would stay scalar
+// and mispredict on random data).
+template <typename T, int P>
+void pool_plane_nchw(const T* __restrict__ z, int64_t wc, T s, T b, T slope, bool leaky, T* __restrict__ y,
+                     uint8_t* __restrict__ sw, int64_t hp, int64_t wp, T* __restrict__ colv,
+                     typename Simd<T>::IS* __restrict__ coly) {
+  using V = typename Simd<T>::V;
+  using I = typename Simd<T>::I;
+  using IS = typename Simd<T>::IS;
+  constexpr int W = Simd<T>::W;
+  const V vs = vbroadcast(s), vb = vbroadcast(b), vslope = vbroadcast(slope);
+  const int64_t wu = wp * P;  // used columns (trailing ones dropped)
+  for (int64_t py = 0; py < hp; ++py) {
+    const T* __restrict__ r0 = z + py * P * wc;
+    T* __restrict__ cv = colv + py * wu;
+    IS* __restrict__ cy = coly + py * wu;
+    int64_t x = 0;
+    for (; x + W <= wu; x += W) {
+      V m = vload(r0 + x) * vs + vb;
+      I d = I{};
+      for (int dy = 1; dy < P; ++dy) {
+        const V v = vload(r0 + dy * wc + x) * vs + vb;
+        const I upd = (v > m) | (v != v);
+        m = upd ? v : m;
+        d = upd ? (I{} + dy) : d;
+      }
+      vstore(cv + x, m);
+      vstore(cy + x, d);
+    }
+    for (; x < wu; ++x) {
+      T m = r0[x] * s + b;
+      IS d = 0;
+      for (int dy = 1; dy < P; ++dy) {
+        const T v = r0[dy * wc + x] * s + b;
+        if (v > m || v != v) {
+          m = v;
+          d = dy;
+        }
+      }
+      cv[x] = m;
+      cy[x] = d;
+    }
+  }
+  const int64_t q_end = hp * wp;
+  int64_t q = 0;
+#ifdef DRMM_HAVE_SHUFFLEVECTOR
+  for (; q + W <= q_end; q += W) {
+    V cvv[P];
+    I cyv[P];
+    for (int k = 0; k < P; ++k) {
+      cvv[k] = vload(colv + q * P + k * W);
+      cyv[k] = vload_as<I>(coly + q * P + k * W);
+    }
+    constexpr auto lanes = std::make_integer_sequence<int, W>{};
+    V m = deinterleave<V, I, P, 0>(cvv, V{}, lanes);
+    I o = deinterleave<I, I, P, 0>(cyv, I{}, lanes) * P;
+    fold_columns<T, P, 1>(cvv, cyv, m, o);
+    const I pos = m > V{};
+    // act(max): NaN propagates (as in F.relu / F.leaky_relu); -inf maps to 0 under ReLU.
+    // slope is 0 under ReLU; -inf * 0 = NaN there becomes 0. (No `leaky ? vec : vec`: GCC 12 turns a
+    // scalar bool condition into a one-lane mask.)
+    V neg = m * vslope;
+    neg = (neg == neg) ? neg : V{};
+    vstore(y + q, (pos | (m != m)) ? m : neg);
+    const I code = o | (pos & 0x80);
+    for (int l = 0; l < W; ++l) sw[q + l] = static_cast<uint8_t>(code[l]);
+  }
+#endif
+  for (; q < q_end; ++q) {
+    T m = colv[q * P];
+    IS o = coly[q * P] * P;
+    for (int dx = 1; dx < P; ++dx) {
+      const T v = colv[q * P + dx];
+      const IS ov = coly[q * P + dx] * P + dx;
+      if (better(v, ov, m, o)) {
+        m = v;
+        o = ov;
+      }
+    }
+    y[q] = (m > T(0) || m != m) ? m : (leaky ? m * slope : T(0));
+    sw[q] = static_cast<uint8_t>(o | (m > T(0) ? kOnBit : 0));
+  }
+}
+
+template <typename T, int P>
+void epilogue_nchw(const T* z, const T* s, const T* b, int64_t n, int64_t c, int64_t hc, int64_t wc, T slope,
+                   bool leaky, T* y, uint8_t* sw) {
+  const int64_t hp = hc / P, wp = wc / P;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, hc * wc));
+  at::parallel_for(0, n * c, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> colv(hp * wp * P);
+    std::vector<typename Simd<T>::IS> coly(hp * wp * P);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t ch = i % c;
+      pool_plane_nchw<T, P>(z + i * hc * wc, wc, s[ch], b[ch], slope, leaky, y + i * hp * wp, sw + i * hp * wp,
+                            hp, wp, colv.data(), coly.data());
+    }
+  });
+}
+
+// One pooled row of a channels-last z: a window is P*P channel vectors, so the compare/select runs
+// over channels (vectorized); results go transposed into the NCHW y / switches (channel stride cs).
+// A separate function with by-value sizes: uint8 stores may alias anything, which would otherwise
+// force reloads of captured sizes and block vectorization.
+template <typename T, int P>
+void pool_row_nhwc(const T* __restrict__ zrow, int64_t wc, int64_t c, const T* __restrict__ s,
+                   const T* __restrict__ b, T slope, bool leaky, T* __restrict__ y, uint8_t* __restrict__ sw,
+                   int64_t wp, int64_t cs, T* __restrict__ m, uint8_t* __restrict__ d) {
+  for (int64_t px = 0; px < wp; ++px) {
+    for (int64_t ch = 0; ch < c; ++ch) {
+      m[ch] = -std::numeric_limits<T>::infinity();
+      d[ch] = 0;
+    }
+    for (int dy = 0; dy < P; ++dy) {
+      for (int dx = 0; dx < P; ++dx) {
+        const T* __restrict__ zp = zrow + (dy * wc + px * P + dx) * c;
+        const uint8_t o = static_cast<uint8_t>(dy * P + dx);
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const T v = zp[ch] * s[ch] + b[ch];
+          const bool upd = (v > m[ch]) | (v != v);
+          m[ch] = upd ? v : m[ch];
+          d[ch] = upd ? o : d[ch];
+        }
+      }
+    }
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const T mx = m[ch];
+      y[px + ch * cs] = (mx > T(0) || mx != mx) ? mx : (leaky ? mx * slope : T(0));
+      sw[px + ch * cs] = static_cast<uint8_t>(d[ch] | (mx > T(0) ? kOnBit : 0));
+    }
+  }
+}
+
+template <typename T, int P>
+void epilogue_nhwc(const T* z, const T* s, const T* b, int64_t n, int64_t c, int64_t hc, int64_t wc, T slope,
+                   bool leaky, T* y, uint8_t* sw) {
+  const int64_t hp = hc / P, wp = wc / P;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, c * wc));
+  at::parallel_for(0, n * hp, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> mx(c);
+    std::vector<uint8_t> id(c);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t in = i / hp, py = i % hp;
+      const int64_t base = in * c * hp * wp + py * wp;
+      pool_row_nhwc<T, P>(z + (in * hc + py * P) * wc * c, wc, c, s, b, slope, leaky, y + base, sw + base, wp,
+                          hp * wp, mx.data(), id.data());
+    }
+  });
+}
+
+template <typename T>
+void run_epilogue(const at::Tensor& z, const T* s, const T* b, int64_t pool, T slope, bool leaky, at::Tensor& y,
+                  at::Tensor& sw) {
+  const int64_t n = z.size(0), c = z.size(1), hc = z.size(2), wc = z.size(3);
+  T* yp = y.data_ptr<T>();
+  uint8_t* swp = sw.data_ptr<uint8_t>();
+  // A tensor with C == 1 or H*W == 1 is both; the NCHW kernel then handles it.
+  const bool nhwc = !z.is_contiguous() && z.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor zc = nhwc ? z : z.contiguous();
+  const T* zp = zc.data_ptr<T>();
+#define DRMM_EPI(P)                                                        \
+  if (nhwc)                                                                \
+    epilogue_nhwc<T, P>(zp, s, b, n, c, hc, wc, slope, leaky, yp, swp);    \
+  else                                                                     \
+    epilogue_nchw<T, P>(zp, s, b, n, c, hc, wc, slope, leaky, yp, swp);
+  switch (pool) {
+    case 1: DRMM_EPI(1) break;
+    case 2: DRMM_EPI(2) break;
+    case 3: DRMM_EPI(3) break;
+    case 4: DRMM_EPI(4) break;
+    default: TORCH_CHECK(false, "drmm_C: pool must be in [1, 4], got ", pool);
+  }
+#undef DRMM_EPI
+}
+
+void check_channel_vector(const char* name, const at::Tensor& t, int64_t c, const at::Tensor& ref) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == c, "drmm_C: ", name, " must have shape [", c, "], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "drmm_C: ", name, " has dtype ", t.scalar_type(),
+              " but expected ", ref.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), "drmm_C: ", name, " must be a CPU tensor");
+}
+
+// z -> (y, switches) with optional per-channel scale/shift (absent = 1 / 0, which is exact).
+std::tuple<at::Tensor, at::Tensor> epilogue(const at::Tensor& z, const std::optional<at::Tensor>& scale,
+                                            const std::optional<at::Tensor>& shift, int64_t pool,
+                                            double negative_slope) {
+  TORCH_CHECK(pool >= 1 && pool <= 4, "drmm_C: pool must be in [1, 4], got ", pool);
+  TORCH_CHECK(negative_slope >= 0.0 && negative_slope < 1.0, "drmm_C: negative_slope must be in [0, 1), got ",
+              negative_slope);
+  const int64_t n = z.size(0), c = z.size(1), hp = z.size(2) / pool, wp = z.size(3) / pool;
+  TORCH_CHECK(hp >= 1 && wp >= 1, "drmm_C: conv output ", z.sizes(), " is smaller than pool=", pool);
+  if (scale.has_value()) check_channel_vector("scale", *scale, c, z);
+  if (shift.has_value()) check_channel_vector("shift", *shift, c, z);
+  at::Tensor y = at::empty({n, c, hp, wp}, z.options());
+  at::Tensor sw = at::empty({n, c, hp, wp}, z.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "drmm_cpu_epilogue", [&] {
+    std::vector<scalar_t> s(c, scalar_t(1)), b(c, scalar_t(0));
+    if (scale.has_value()) {
+      const at::Tensor sc = scale->contiguous();
+      std::copy_n(sc.data_ptr<scalar_t>(), c, s.begin());
+    }
+    if (shift.has_value()) {
+      const at::Tensor sh = shift->contiguous();
+      std::copy_n(sh.data_ptr<scalar_t>(), c, b.begin());
+    }
+    run_epilogue<scalar_t>(z, s.data(), b.data(), pool, static_cast<scalar_t>(negative_slope),
+                           negative_slope > 0.0, y, sw);
+  });
+  return {y, sw};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> conv_relu_pool(const at::Tensor& x, const at::Tensor& weight,
+                                                  const std::optional<at::Tensor>& scale,
+                                                  const std::optional<at::Tensor>& shift, int64_t stride,
+                                                  int64_t padding, int64_t pool, double negative_slope) {
+  TORCH_CHECK(x.dim() == 4, "drmm_C.conv_relu_pool: x must be 4-D (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4, "drmm_C.conv_relu_pool: weight must be 4-D, got ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == x.size(1), "drmm_C.conv_relu_pool: weight expects ", weight.size(1),
+              " input channels but x has ", x.size(1));
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "drmm_C.conv_relu_pool: weight dtype ",
+              weight.scalar_type(), " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(stride >= 1 && padding >= 0, "drmm_C.conv_relu_pool: stride must be >= 1 and padding >= 0, got ",
+              stride, " and ", padding);
+  // oneDNN (or ATen's fallback) for the convolution; it may return channels_last, which the epilogue reads.
+  const at::Tensor z = at::convolution(x, weight, std::nullopt, {stride, stride}, {padding, padding}, {1, 1},
+                                       false, {0, 0}, 1);
+  return epilogue(z, scale, shift, pool, negative_slope);
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_pool(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
+                                           int64_t pool, double negative_slope) {
+  TORCH_CHECK(z.dim() == 4, "drmm_C.bn_pool: z must be 4-D (N, C, H, W), got ", z.sizes());
+  return epilogue(z, scale, shift, pool, negative_slope);
+}
+
+}  // namespace cpu
+}  // namespace drmm

@@ -1,0 +1,399 @@
+// Top-down / backward kernels that work only at the recorded switch positions: render (masked unpool +
+// transposed conv as a scatter), gather_conv (conv read at the recorded positions) and render_wgrad
+// (sparse weight gradient). With pool = P at most 1/P^2 of the conv-output positions carry a value, and
+// with ReLU only those whose `a` bit is on, so a scatter/gather over them beats oneDNN's dense
+// transposed / backward convolution. pool == 1 has no such sparsity and uses ATen's dense kernels.
+//
+// Layouts: the weight is transposed to Wt[co][kh][kw][ci], and images live in zero-padded NHWC
+// buffers, so for a fixed (co, kh) a kernel row is one contiguous run of KW*C_in values in both, and
+// all inner loops are unit-stride vector loops over (kw, ci).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "cpu/cpu_ops.h"
+#include "cpu/simd.h"
+
+namespace drmm {
+namespace cpu {
+namespace {
+
+constexpr uint8_t kOnBit = 0x80;
+constexpr uint8_t kOffsetMask = 0x0F;
+
+struct Geometry {
+  int64_t n, co, ci, kh, kw;  // batch, output / input channels, kernel size
+  int64_t h, w;               // bottom-up input size (render's output size)
+  int64_t hc, wc;             // conv output size
+  int64_t hp, wp;             // pooled size
+  int64_t stride, padding, pool;
+};
+
+Geometry make_geometry(const char* op, int64_t n, int64_t co, int64_t ci, int64_t kh, int64_t kw, int64_t h,
+                       int64_t w, int64_t stride, int64_t padding, int64_t pool, const at::Tensor& mu) {
+  TORCH_CHECK(stride >= 1, "drmm_C.", op, ": stride must be >= 1, got ", stride);
+  TORCH_CHECK(padding >= 0, "drmm_C.", op, ": padding must be >= 0, got ", padding);
+  TORCH_CHECK(pool >= 1 && pool <= 4, "drmm_C.", op, ": pool must be in [1, 4], got ", pool);
+  Geometry g{n, co, ci, kh, kw, h, w, 0, 0, 0, 0, stride, padding, pool};
+  g.hc = (h + 2 * padding - kh) / stride + 1;
+  g.wc = (w + 2 * padding - kw) / stride + 1;
+  TORCH_CHECK(h + 2 * padding >= kh && w + 2 * padding >= kw, "drmm_C.", op, ": input size (", h, ", ", w,
+              ") with padding ", padding, " is smaller than the kernel (", kh, ", ", kw, ")");
+  g.hp = g.hc / pool;
+  g.wp = g.wc / pool;
+  TORCH_CHECK(mu.size(0) == n && mu.size(1) == co && mu.size(2) == g.hp && mu.size(3) == g.wp, "drmm_C.", op,
+              ": mu/switches must have shape [", n, ", ", co, ", ", g.hp, ", ", g.wp, "] (conv output (", g.hc,
+              ", ", g.wc, ") pooled by ", pool, "), got ", mu.sizes());
+  return g;
+}
+
+void check_switches(const char* op, const at::Tensor& switches, const at::Tensor& mu) {
+  TORCH_CHECK(switches.scalar_type() == at::kByte, "drmm_C.", op, ": switches must be uint8, got ",
+              switches.scalar_type());
+  TORCH_CHECK(switches.sizes() == mu.sizes(), "drmm_C.", op, ": switches shape ", switches.sizes(),
+              " does not match mu shape ", mu.sizes());
+}
+
+void check_scale(const char* op, const std::optional<at::Tensor>& scale, int64_t co, const at::Tensor& ref) {
+  if (!scale.has_value()) return;
+  TORCH_CHECK(scale->dim() == 1 && scale->size(0) == co, "drmm_C.", op, ": scale must have shape [", co,
+              "], got ", scale->sizes());
+  TORCH_CHECK(scale->scalar_type() == ref.scalar_type(), "drmm_C.", op, ": scale dtype ", scale->scalar_type(),
+              " differs from ", ref.scalar_type());
+}
+
+void raise_bad_offset(const char* op, bool bad, int64_t pool) {
+  TORCH_CHECK(!bad, "drmm_C.", op, ": switches hold a window offset >= pool*pool = ", pool * pool,
+              " (bits 0-3 must be dy*pool+dx)");
+}
+
+// Per-channel factor that turns a pooled value into the value placed in the unpooled map:
+// (1 if the `a` bit is on else slope) * scale[c], computed as the reference does (mu * a) * scale.
+template <typename T>
+struct Masker {
+  const T* scale;  // nullptr: no scale
+  T slope;
+  bool leaky;
+  // false when the entry contributes nothing (ReLU and the `a` bit off).
+  inline bool value(T mu, uint8_t sw, int64_t c, T* out) const {
+    const bool on = (sw & kOnBit) != 0;
+    if (!on && !leaky) return false;
+    T g = on ? mu : mu * slope;
+    if (scale != nullptr) g = g * scale[c];
+    *out = g;
+    return true;
+  }
+};
+
+// Copy image n of src (any strides) into a zero-padded NHWC buffer of hs x ws x ci.
+template <typename T>
+void load_padded_nhwc(const at::Tensor& src, const T* base, int64_t n, int64_t padding, int64_t hs, int64_t ws,
+                      T* buf) {
+  const int64_t ci = src.size(1), h = src.size(2), w = src.size(3);
+  const int64_t sn = src.stride(0), sc = src.stride(1), sh = src.stride(2), sw = src.stride(3);
+  std::fill(buf, buf + hs * ws * ci, T(0));
+  const T* img = base + n * sn;
+  if (sc == 1) {  // channels_last: rows of channel vectors copy straight through
+    for (int64_t y = 0; y < h; ++y)
+      for (int64_t x = 0; x < w; ++x)
+        std::copy_n(img + y * sh + x * sw, ci, buf + ((y + padding) * ws + x + padding) * ci);
+    return;
+  }
+  for (int64_t c = 0; c < ci; ++c)
+    for (int64_t y = 0; y < h; ++y) {
+      const T* row = img + c * sc + y * sh;
+      T* dst = buf + ((y + padding) * ws + padding) * ci + c;
+      for (int64_t x = 0; x < w; ++x) dst[x * ci] = row[x * sw];
+    }
+}
+
+// Dense masked map for pool == 1: g = mu * a' * scale, NCHW.
+template <typename T>
+at::Tensor masked_map(const at::Tensor& mu, const at::Tensor& switches, const std::optional<at::Tensor>& scale,
+                      double slope) {
+  const at::Tensor m = mu.contiguous(), s = switches.contiguous();
+  at::Tensor g = at::empty(m.sizes(), m.options());
+  const int64_t c = m.size(1), plane = m.size(2) * m.size(3);
+  const T* mp = m.data_ptr<T>();
+  const uint8_t* sp = s.data_ptr<uint8_t>();
+  T* gp = g.data_ptr<T>();
+  const at::Tensor sc = scale.has_value() ? scale->contiguous() : at::Tensor();
+  const T* scp = scale.has_value() ? sc.data_ptr<T>() : nullptr;
+  const T ts = static_cast<T>(slope);
+  at::parallel_for(0, m.size(0) * c, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane)),
+                   [&](int64_t b, int64_t e) {
+                     for (int64_t i = b; i < e; ++i) {
+                       const T k = scp ? scp[i % c] : T(1);
+                       const T* a = mp + i * plane;
+                       const uint8_t* q = sp + i * plane;
+                       T* o = gp + i * plane;
+                       for (int64_t j = 0; j < plane; ++j) {
+                         const T v = (q[j] & kOnBit) ? a[j] : a[j] * ts;
+                         o[j] = scp ? v * k : v;
+                       }
+                     }
+                   });
+  return g;
+}
+
+// ------------------------------------------------------------------------------------------- render
+
+template <typename T>
+void render_sparse(const Geometry& g, const T* mu, const uint8_t* sw, const T* wt, const Masker<T>& mask, T* out,
+                   std::atomic<bool>& bad) {
+  const int64_t p2 = g.pool * g.pool, plane = g.hp * g.wp;
+  // Buffer rows/cols are conv-input coordinates shifted by +padding; sized to hold every tap so the
+  // scatter needs no bounds checks. Output rows beyond it (output_padding) stay zero.
+  const int64_t hb = (g.hc - 1) * g.stride + g.kh, wb = (g.wc - 1) * g.stride + g.kw;
+  const int64_t row_len = g.kw * g.ci;
+  at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(hb * wb * g.ci);
+    std::vector<T> coef(p2 * g.co);
+    std::vector<const T*> ptr(p2 * g.co);
+    int cnt[16];
+    for (int64_t n = begin; n < end; ++n) {
+      std::fill(buf.begin(), buf.end(), T(0));
+      const T* mun = mu + n * g.co * plane;
+      const uint8_t* swn = sw + n * g.co * plane;
+      for (int64_t py = 0; py < g.hp; ++py) {
+        for (int64_t px = 0; px < g.wp; ++px) {
+          // Bucket the channels by window offset: all channels with the same offset scatter into the
+          // same k x k x C_in block, so that block is accumulated in registers over the bucket.
+          std::fill(cnt, cnt + p2, 0);
+          const int64_t q = py * g.wp + px;
+          for (int64_t c = 0; c < g.co; ++c) {
+            const uint8_t s = swn[c * plane + q];
+            T v;
+            if (!mask.value(mun[c * plane + q], s, c, &v)) continue;
+            const int o = s & kOffsetMask;
+            if (o >= p2) {
+              bad = true;
+              continue;
+            }
+            coef[o * g.co + cnt[o]] = v;
+            ptr[o * g.co + cnt[o]] = wt + c * g.kh * row_len;
+            ++cnt[o];
+          }
+          for (int o = 0; o < p2; ++o) {
+            if (cnt[o] == 0) continue;
+            const int64_t r0 = (py * g.pool + o / g.pool) * g.stride;
+            const int64_t c0 = (px * g.pool + o % g.pool) * g.stride;
+            for (int64_t kh = 0; kh < g.kh; ++kh)
+              axpy_list(buf.data() + ((r0 + kh) * wb + c0) * g.ci, ptr.data() + o * g.co, kh * row_len,
+                        coef.data() + o * g.co, cnt[o], row_len);
+          }
+        }
+      }
+      // NHWC buffer -> NCHW output (cropping the padding).
+      T* on = out + n * g.ci * g.h * g.w;
+      for (int64_t y = 0; y < g.h; ++y) {
+        const int64_t r = y + g.padding;
+        for (int64_t x = 0; x < g.w; ++x) {
+          const int64_t cc = x + g.padding;
+          T* dst = on + y * g.w + x;
+          if (r < hb && cc < wb) {
+            const T* src = buf.data() + (r * wb + cc) * g.ci;
+            for (int64_t c = 0; c < g.ci; ++c) dst[c * g.h * g.w] = src[c];
+          } else {
+            for (int64_t c = 0; c < g.ci; ++c) dst[c * g.h * g.w] = T(0);
+          }
+        }
+      }
+    }
+  });
+}
+
+// -------------------------------------------------------------------------------------- gather_conv
+
+template <typename T>
+void gather_sparse(const Geometry& g, const at::Tensor& src, const T* srcp, const uint8_t* sw, const T* wt, T* out,
+                   std::atomic<bool>& bad) {
+  using V = typename Simd<T>::V;
+  const int64_t p2 = g.pool * g.pool, plane = g.hp * g.wp;
+  const int64_t hs = g.h + 2 * g.padding, ws = g.w + 2 * g.padding;
+  const int64_t row_len = g.kw * g.ci;
+  at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(hs * ws * g.ci);
+    for (int64_t n = begin; n < end; ++n) {
+      load_padded_nhwc(src, srcp, n, g.padding, hs, ws, buf.data());
+      for (int64_t c = 0; c < g.co; ++c) {
+        const uint8_t* swc = sw + (n * g.co + c) * plane;
+        T* oc = out + (n * g.co + c) * plane;
+        const T* wc = wt + c * g.kh * row_len;
+        for (int64_t py = 0; py < g.hp; ++py) {
+          for (int64_t px = 0; px < g.wp; ++px) {
+            const int o = swc[py * g.wp + px] & kOffsetMask;
+            if (o >= p2) {
+              bad = true;
+              oc[py * g.wp + px] = T(0);
+              continue;
+            }
+            const int64_t r0 = (py * g.pool + o / g.pool) * g.stride;
+            const int64_t c0 = (px * g.pool + o % g.pool) * g.stride;
+            V acc = vbroadcast<T>(0);
+            T tail = 0;
+            for (int64_t kh = 0; kh < g.kh; ++kh)
+              dot_accumulate(buf.data() + ((r0 + kh) * ws + c0) * g.ci, wc + kh * row_len, row_len, &acc, &tail);
+            oc[py * g.wp + px] = hsum<T>(acc) + tail;
+          }
+        }
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------- render_wgrad
+
+// dWt[co][kh][kw][ci] accumulated per chunk of samples in a private buffer (no atomics), summed after.
+template <typename T>
+void wgrad_sparse(const Geometry& g, const at::Tensor& src, const T* srcp, const T* mu, const uint8_t* sw,
+                  const Masker<T>& mask, T* partial, int64_t nchunks, std::atomic<bool>& bad) {
+  const int64_t p2 = g.pool * g.pool, plane = g.hp * g.wp;
+  const int64_t hs = g.h + 2 * g.padding, ws = g.w + 2 * g.padding;
+  const int64_t row_len = g.kw * g.ci, wsize = g.co * g.kh * row_len;
+  at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(hs * ws * g.ci);
+    std::vector<T> coef(plane);
+    std::vector<const T*> ptr(plane);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      T* dw = partial + chunk * wsize;
+      const int64_t n0 = chunk * g.n / nchunks, n1 = (chunk + 1) * g.n / nchunks;
+      for (int64_t n = n0; n < n1; ++n) {
+        load_padded_nhwc(src, srcp, n, g.padding, hs, ws, buf.data());
+        for (int64_t c = 0; c < g.co; ++c) {
+          const T* muc = mu + (n * g.co + c) * plane;
+          const uint8_t* swc = sw + (n * g.co + c) * plane;
+          int cnt = 0;
+          for (int64_t q = 0; q < plane; ++q) {
+            T v;
+            if (!mask.value(muc[q], swc[q], c, &v)) continue;
+            const int o = swc[q] & kOffsetMask;
+            if (o >= p2) {
+              bad = true;
+              continue;
+            }
+            const int64_t r0 = ((q / g.wp) * g.pool + o / g.pool) * g.stride;
+            const int64_t c0 = ((q % g.wp) * g.pool + o % g.pool) * g.stride;
+            coef[cnt] = v;
+            ptr[cnt] = buf.data() + (r0 * ws + c0) * g.ci;
+            ++cnt;
+          }
+          if (cnt == 0) continue;
+          // One kernel row of dW (KW*C_in values) stays in registers while the entries stream by.
+          for (int64_t kh = 0; kh < g.kh; ++kh)
+            axpy_list(dw + (c * g.kh + kh) * row_len, ptr.data(), kh * ws * g.ci, coef.data(), cnt, row_len);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor render(const at::Tensor& mu, const at::Tensor& switches, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& scale, int64_t stride, int64_t padding, int64_t pool,
+                  int64_t out_h, int64_t out_w, double negative_slope) {
+  TORCH_CHECK(mu.dim() == 4, "drmm_C.render: mu must be 4-D, got ", mu.sizes());
+  TORCH_CHECK(weight.dim() == 4, "drmm_C.render: weight must be 4-D, got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == mu.scalar_type(), "drmm_C.render: weight dtype ", weight.scalar_type(),
+              " differs from mu dtype ", mu.scalar_type());
+  check_switches("render", switches, mu);
+  check_scale("render", scale, weight.size(0), mu);
+  const Geometry g = make_geometry("render", mu.size(0), weight.size(0), weight.size(1), weight.size(2),
+                                   weight.size(3), out_h, out_w, stride, padding, pool, mu);
+  if (pool == 1) {
+    at::Tensor gm;
+    AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "drmm_cpu_render_dense",
+                               [&] { gm = masked_map<scalar_t>(mu, switches, scale, negative_slope); });
+    // The input gradient of conv2d is the transposed conv; ATen's backward kernel beats conv_transpose2d.
+    const at::Tensor shape_only = at::empty({g.n, g.ci, out_h, out_w}, mu.options());
+    auto grads = at::convolution_backward(gm, shape_only, weight.contiguous(), std::nullopt, {stride, stride},
+                                          {padding, padding}, {1, 1}, false, {0, 0}, 1, {true, false, false});
+    return std::get<0>(grads).contiguous();
+  }
+  at::Tensor out = at::empty({g.n, g.ci, out_h, out_w}, mu.options());
+  std::atomic<bool> bad{false};
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "drmm_cpu_render", [&] {
+    const at::Tensor m = mu.contiguous(), s = switches.contiguous();
+    const at::Tensor wt = weight.permute({0, 2, 3, 1}).contiguous();
+    const at::Tensor sc = scale.has_value() ? scale->contiguous() : at::Tensor();
+    const Masker<scalar_t> mask{scale.has_value() ? sc.data_ptr<scalar_t>() : nullptr,
+                                static_cast<scalar_t>(negative_slope), negative_slope > 0.0};
+    render_sparse<scalar_t>(g, m.data_ptr<scalar_t>(), s.data_ptr<uint8_t>(), wt.data_ptr<scalar_t>(), mask,
+                            out.data_ptr<scalar_t>(), bad);
+  });
+  raise_bad_offset("render", bad, pool);
+  return out;
+}
+
+at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& switches, int64_t stride,
+                       int64_t padding, int64_t pool) {
+  TORCH_CHECK(src.dim() == 4, "drmm_C.gather_conv: src must be 4-D, got ", src.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == src.size(1), "drmm_C.gather_conv: weight shape ",
+              weight.sizes(), " does not match src channels ", src.size(1));
+  TORCH_CHECK(weight.scalar_type() == src.scalar_type(), "drmm_C.gather_conv: weight dtype ",
+              weight.scalar_type(), " differs from src dtype ", src.scalar_type());
+  TORCH_CHECK(switches.dim() == 4 && switches.scalar_type() == at::kByte,
+              "drmm_C.gather_conv: switches must be a 4-D uint8 tensor, got ", switches.scalar_type(), " ",
+              switches.sizes());
+  const Geometry g = make_geometry("gather_conv", src.size(0), weight.size(0), weight.size(1), weight.size(2),
+                                   weight.size(3), src.size(2), src.size(3), stride, padding, pool, switches);
+  if (pool == 1) {  // every position is "recorded": this is the dense conv
+    return at::convolution(src, weight, std::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false,
+                           {0, 0}, 1)
+        .contiguous();
+  }
+  at::Tensor out = at::empty({g.n, g.co, g.hp, g.wp}, src.options());
+  std::atomic<bool> bad{false};
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "drmm_cpu_gather_conv", [&] {
+    const at::Tensor s = switches.contiguous();
+    const at::Tensor wt = weight.permute({0, 2, 3, 1}).contiguous();
+    gather_sparse<scalar_t>(g, src, src.data_ptr<scalar_t>(), s.data_ptr<uint8_t>(), wt.data_ptr<scalar_t>(),
+                            out.data_ptr<scalar_t>(), bad);
+  });
+  raise_bad_offset("gather_conv", bad, pool);
+  return out;
+}
+
+at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::Tensor& switches,
+                        const std::optional<at::Tensor>& scale, int64_t stride, int64_t padding, int64_t pool,
+                        double negative_slope, int64_t kernel_h, int64_t kernel_w) {
+  TORCH_CHECK(src.dim() == 4, "drmm_C.render_wgrad: src must be 4-D, got ", src.sizes());
+  TORCH_CHECK(mu.dim() == 4, "drmm_C.render_wgrad: mu must be 4-D, got ", mu.sizes());
+  TORCH_CHECK(mu.scalar_type() == src.scalar_type(), "drmm_C.render_wgrad: mu dtype ", mu.scalar_type(),
+              " differs from src dtype ", src.scalar_type());
+  TORCH_CHECK(kernel_h >= 1 && kernel_w >= 1, "drmm_C.render_wgrad: kernel size must be >= 1, got (", kernel_h,
+              ", ", kernel_w, ")");
+  check_switches("render_wgrad", switches, mu);
+  check_scale("render_wgrad", scale, mu.size(1), mu);
+  const Geometry g = make_geometry("render_wgrad", src.size(0), mu.size(1), src.size(1), kernel_h, kernel_w,
+                                   src.size(2), src.size(3), stride, padding, pool, mu);
+  if (pool == 1) {
+    at::Tensor gm;
+    AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "drmm_cpu_wgrad_dense",
+                               [&] { gm = masked_map<scalar_t>(mu, switches, scale, negative_slope); });
+    const at::Tensor shape_only = at::empty({g.co, g.ci, kernel_h, kernel_w}, src.options());
+    auto grads = at::convolution_backward(gm, src, shape_only, std::nullopt, {stride, stride}, {padding, padding},
+                                          {1, 1}, false, {0, 0}, 1, {false, true, false});
+    return std::get<1>(grads).contiguous();
+  }
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
+  at::Tensor partial = at::zeros({nchunks, g.co, kernel_h, kernel_w, g.ci}, src.options());
+  std::atomic<bool> bad{false};
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "drmm_cpu_render_wgrad", [&] {
+    const at::Tensor m = mu.contiguous(), s = switches.contiguous();
+    const at::Tensor sc = scale.has_value() ? scale->contiguous() : at::Tensor();
+    const Masker<scalar_t> mask{scale.has_value() ? sc.data_ptr<scalar_t>() : nullptr,
+                                static_cast<scalar_t>(negative_slope), negative_slope > 0.0};
+    wgrad_sparse<scalar_t>(g, src, src.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(), s.data_ptr<uint8_t>(), mask,
+                           partial.data_ptr<scalar_t>(), nchunks, bad);
+  });
+  raise_bad_offset("render_wgrad", bad, pool);
+  return partial.sum(0).permute({0, 3, 1, 2}).contiguous();
+}
+
+}  // namespace cpu
+}  // namespace drmm
