@@ -475,6 +475,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
         bar = _progress(cfg, len(batches), step_in_epoch, f"epoch {epoch + 1}/{cfg.epochs} [{phase(cfg, epoch)}]")
         while step_in_epoch < len(batches):
             lab_idx, unl_idx = batches[step_in_epoch]
+            if cfg.trainer == "backprop":  # the baseline sees the labeled half only (not even in its BN statistics)
+                unl_idx = unl_idx[:0]
             idx = torch.cat([lab_idx, unl_idx])
             x = data.normalize(data.train_images[idx])
             if cfg.augment:

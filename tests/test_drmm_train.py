@@ -148,3 +148,31 @@ def test_shipped_configs_load():
     assert any(c.name == "demo.yaml" for c in configs)
     for c in configs:
         T.load_config(str(c))
+
+
+@needs_mnist
+def test_killed_run_resumes_from_last_checkpoint_to_identical_weights(tmp_path, monkeypatch):
+    # The run dies during step 14, between checkpoints (every 4 steps and at each eval, every 5): last.pt holds
+    # step 12, and resuming from there to step 16 matches a run that never died.
+    cfg = tiny_config(model="drmm2", epochs=1, max_steps=16, ckpt_every_steps=4, eval_every_steps=5)
+    T.train(cfg, tmp_path / "straight")
+    real_step, calls = T.train_step, {"n": 0}
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 14:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(T, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg, tmp_path / "killed")
+    assert torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["step"] == 12
+    monkeypatch.setattr(T, "train_step", real_step)
+    T.train(cfg, tmp_path / "killed", resume=True)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 16
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    steps = [int(r.split(",")[1]) for r in (tmp_path / "killed" / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == [5, 10, 15, 16]
