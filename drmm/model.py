@@ -129,13 +129,18 @@ class DRMM(nn.Module):
             repeat times 1/area, the adjoint of averaging ([DGM]).
         td_relu: ReLU on the top-down signal before each layer's masking and on the image (the paper's NN-DRMM,
             [P16] §3.2); off by default, as in the authors' code, which uses a penalty instead.
+        bn_momentum: PyTorch-convention momentum of the BN running statistics (0.1; [TF] keeps an EMA with decay
+            0.99, i.e. 0.01 here). Must be a number: drmm_kernels' eval path rejects momentum=None.
     """
 
     def __init__(self, layers: Sequence[LayerSpec], in_channels: int, image_size: Tuple[int, int],
-                 num_classes: int = 10, mean_unpool_scale: str = "none", td_relu: bool = False):
+                 num_classes: int = 10, mean_unpool_scale: str = "none", td_relu: bool = False,
+                 bn_momentum: float = 0.1):
         super().__init__()
         if not layers:
             raise ValueError("layers must hold at least one LayerSpec")
+        if not isinstance(bn_momentum, (int, float)) or not 0.0 <= bn_momentum <= 1.0:
+            raise ValueError(f"bn_momentum must be a number in [0, 1], got {bn_momentum!r}")
         if mean_unpool_scale not in ("none", "inv_area"):
             raise ValueError(f"mean_unpool_scale must be 'none' or 'inv_area', got {mean_unpool_scale!r}")
         self.specs = list(layers)
@@ -149,7 +154,8 @@ class DRMM(nn.Module):
                 raise ValueError(f"layer {i}: a global mean pool is only allowed on the last layer")
             if spec.norm == "batch":
                 layer = dk.FusedConvBNReLUPool2d(c, spec.channels, spec.kernel, padding=spec.pad,
-                                                 pool=spec.fused_pool, negative_slope=spec.negative_slope)
+                                                 pool=spec.fused_pool, negative_slope=spec.negative_slope,
+                                                 momentum=bn_momentum)
             else:
                 layer = dk.FusedConvReLUPool2d(c, spec.channels, spec.kernel, padding=spec.pad, bias=True,
                                                pool=spec.fused_pool, negative_slope=spec.negative_slope)
@@ -260,7 +266,7 @@ class DRMM(nn.Module):
 
 def build_model(name: str, in_channels: int, image_size: Tuple[int, int], num_classes: int = 10, *,
                 norm: Optional[str] = None, activation: Optional[str] = None, mean_unpool_scale: str = "none",
-                td_relu: bool = False) -> DRMM:
+                td_relu: bool = False, bn_momentum: float = 0.1) -> DRMM:
     """A DRMM from preset ``name`` (see PRESETS)."""
     return DRMM(preset_layers(name, norm, activation), in_channels, image_size, num_classes,
-                mean_unpool_scale=mean_unpool_scale, td_relu=td_relu)
+                mean_unpool_scale=mean_unpool_scale, td_relu=td_relu, bn_momentum=bn_momentum)

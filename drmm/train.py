@@ -54,6 +54,7 @@ class TrainConfig:
     model: str = "conv_small"           # rfm | drmm2 | conv_small | conv_large | allconv13
     norm: Optional[str] = None          # override every layer: batch | none (None = preset: batch)
     activation: Optional[str] = None    # override: relu | leaky (None = preset: relu)
+    bn_momentum: float = 0.1            # BN running-stat momentum (PyTorch convention; [TF]: EMA 0.99 = 0.01 here)
     mean_unpool_scale: str = "none"     # none = [TF] unscaled repeat | inv_area = [DGM] 1/s^2
     template_class: str = "true_if_labeled"  # true_if_labeled ([DGM]/[UNV]) | predicted ([TF])
     # objective (see losses.ObjectiveConfig)
@@ -355,7 +356,7 @@ def model_from_config(cfg: TrainConfig, image_shape: Sequence[int], num_classes:
     objective = cfg.objective()
     return build_model(cfg.model, image_shape[0], tuple(image_shape[1:]), num_classes, norm=cfg.norm,
                        activation=cfg.activation, mean_unpool_scale=cfg.mean_unpool_scale,
-                       td_relu=objective.td_relu)
+                       td_relu=objective.td_relu, bn_momentum=cfg.bn_momentum)
 
 
 def load_data(cfg: TrainConfig, device: torch.device) -> data_lib.ImageData:

@@ -124,3 +124,10 @@ def test_bad_arguments_name_the_argument():
     _, lat = model(torch.rand(2, 1, 28, 28))
     with pytest.raises(ValueError, match="classes"):
         model.render(lat, torch.tensor([1, 2, 3]))
+
+
+def test_bn_momentum_reaches_the_batch_norms():
+    model = build_model("drmm2", 1, (28, 28), bn_momentum=0.01)
+    assert all(layer.bn.momentum == 0.01 for layer in model.convs)
+    with pytest.raises(ValueError, match="bn_momentum"):
+        build_model("drmm2", 1, (28, 28), bn_momentum=None)
