@@ -407,15 +407,15 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
     if not resume and ckpt_path.exists():
         raise FileExistsError(f"{run_dir} already holds a run (last.pt); pass --resume to continue it or choose "
                               f"another --run-dir")
+    device = resolve_device(cfg.device)
+    data = load_data(cfg, device)  # before touching the run dir: a missing data set leaves no empty run behind
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "config.yaml", "w") as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
 
-    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    data = load_data(cfg, device)
     plan = make_plan(cfg, data, run_dir)
     model = model_from_config(cfg, data.image_shape, data.num_classes).to(device)
     objective = cfg.objective()
