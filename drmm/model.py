@@ -80,11 +80,13 @@ PRESETS = {
     "conv_large": [_L(96, 3, "same"), _L(96, 3, "full"), _L(96, 3, "full", "max"), _L(192, 3, "valid"),
                    _L(192, 3, "full"), _L(192, 3, "valid", "max"), _L(192, 3, "valid"), _L(192, 1, "valid"),
                    _L(10, 1, "valid", "mean")],
-    # NRM AllConv13 ([DGM] nrm.py, tail kernels 3x3 as in the code; model-spec §5.2): 32->16->8->6->1.
-    # The NRM's BiasAdder, dropout and 1x1-conv classifier are replaced by the DRMM pieces (BN beta, dense readout).
-    "allconv13": [_L(128, 3, "same"), _L(128, 3, "same"), _L(128, 3, "same", "max"), _L(256, 3, "same"),
-                  _L(256, 3, "same"), _L(256, 3, "same", "max"), _L(512, 3, "valid"), _L(256, 3, "same"),
-                  _L(128, 3, "same", "mean")],
+    # NRM AllConv13 ([DGM] nrm.py, tail kernels 3x3 as in the code; model-spec §5.2): 32->16->8->6->1, with the
+    # NRM's LeakyReLU(0.1). Its BiasAdder, dropout and 1x1-conv classifier are replaced by the DRMM pieces
+    # (BN beta as the bias, no dropout, dense readout).
+    "allconv13": [LayerSpec(c, 3, p, pool, activation="leaky") for c, p, pool in (
+        (128, "same", "none"), (128, "same", "none"), (128, "same", "max"), (256, "same", "none"),
+        (256, "same", "none"), (256, "same", "max"), (512, "valid", "none"), (256, "same", "none"),
+        (128, "same", "mean"))],
 }
 
 
