@@ -92,37 +92,36 @@ def unsup_weights(labeled: Tensor, unsup_terms_on: str) -> Tensor:
     batch (supervised EG) the labeled ones carry the terms instead, else the generative part would vanish.
     ``labeled``: mean over labeled ones. ``both_avg``: 0.5*mean(labeled) + 0.5*mean(unlabeled) ([TF] 'both').
     ``both_sum``: mean(labeled) + mean(unlabeled) (the NRM notebooks apply the terms to both halves).
+    Written with torch.where, not Python branches on tensor values, so a GPU step never waits for the host.
     """
     lab = labeled.float()
     unl = 1.0 - lab
-    n_lab, n_unl = lab.sum().clamp(min=1), unl.sum().clamp(min=1)
-    has_lab, has_unl = bool(labeled.any()), bool((~labeled).any())
+    n_lab, n_unl = lab.sum(), unl.sum()
+    mean_lab, mean_unl = lab / n_lab.clamp(min=1), unl / n_unl.clamp(min=1)
     if unsup_terms_on == "unlabeled":
-        return unl / n_unl if has_unl else lab / n_lab
+        return torch.where(n_unl > 0, mean_unl, mean_lab)
     if unsup_terms_on == "labeled":
-        return lab / n_lab if has_lab else unl / n_unl
-    if not (has_lab and has_unl):  # only one stream present: both options reduce to its mean
-        return torch.ones_like(lab) / len(lab)
+        return torch.where(n_lab > 0, mean_lab, mean_unl)
     scale = 0.5 if unsup_terms_on == "both_avg" else 1.0
-    return scale * (lab / n_lab + unl / n_unl)
+    one_stream = (n_lab == 0) | (n_unl == 0)  # only one stream present: both options reduce to its mean
+    return torch.where(one_stream, torch.full_like(lab, 1.0 / len(lab)), scale * (mean_lab + mean_unl))
 
 
 # ---------------------------------------------------------------- the full objective
 
 
 def drmm_objective(cfg: ObjectiveConfig, logits: Tensor, labels: Tensor, labeled: Tensor, x: Tensor,
-                   x_hat: Optional[Tensor], signals: Optional[Sequence[Tensor]]) -> Tuple[Tensor, Dict[str, float]]:
-    """Total loss and its parts (floats for logging).
+                   x_hat: Optional[Tensor], signals: Optional[Sequence[Tensor]]) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Total loss and its parts (detached 0-d tensors; ``as_floats`` turns them into numbers for logging).
 
     ``labeled`` is a bool mask; ``labels`` is ignored where it is False. ``x_hat``/``signals`` may be None
     (a backprop baseline has no top-down pass); then RC and NN are absent.
     """
     parts: Dict[str, Tensor] = {}
     zero = logits.new_zeros(())
-    if labeled.any():
-        parts["ce"] = F.cross_entropy(logits[labeled], labels[labeled])
-    else:
-        parts["ce"] = zero
+    lab = labeled.float()
+    ce_each = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+    parts["ce"] = (ce_each * lab).sum() / lab.sum().clamp(min=1)   # mean over the labeled examples (0 if none)
     w = unsup_weights(labeled, cfg.unsup_terms_on)
     parts["rc"] = (w * reconstruction_per_example(x, x_hat, cfg.rc_reduction)).sum() if x_hat is not None else zero
     # kl_sign * KL(q||U): with -1 (code default) this is H(q) - log C, so minimising it sharpens predictions.
@@ -133,9 +132,14 @@ def drmm_objective(cfg: ObjectiveConfig, logits: Tensor, labels: Tensor, labeled
         parts["nn"] = zero
     total = (cfg.ce_weight * parts["ce"] + cfg.rc_weight * parts["rc"] + cfg.kl_weight * parts["kl"]
              + cfg.nn_weight * parts["nn"])
-    logs = {k: float(v.detach()) for k, v in parts.items()}
-    logs["loss"] = float(total.detach())
+    logs = {"loss": total.detach(), **{k: v.detach() for k, v in parts.items()}}
     return total, logs
+
+
+def as_floats(logs: Dict[str, Tensor]) -> Dict[str, float]:
+    """Detached loss parts -> Python floats with a single device sync."""
+    values = torch.stack([v.float() for v in logs.values()]).tolist()
+    return dict(zip(logs.keys(), values))
 
 
 def template_classes(logits: Tensor, labels: Tensor, labeled: Tensor, template_class: str = "true_if_labeled"
@@ -152,5 +156,5 @@ def template_classes(logits: Tensor, labels: Tensor, labeled: Tensor, template_c
     return torch.where(labeled, labels, predicted)
 
 
-__all__ = ["ObjectiveConfig", "drmm_objective", "template_classes", "reconstruction_per_example",
+__all__ = ["ObjectiveConfig", "drmm_objective", "as_floats", "template_classes", "reconstruction_per_example",
            "kl_to_uniform_per_example", "nonneg_penalty_per_example", "unsup_weights"]

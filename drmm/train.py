@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from . import data as data_lib
-from .losses import ObjectiveConfig, drmm_objective, template_classes
+from .losses import ObjectiveConfig, as_floats, drmm_objective, template_classes
 from .model import DRMM, build_model
 
 MODES = ("supervised", "semisupervised", "unsupervised", "pretrain_finetune")
@@ -223,12 +223,12 @@ def epoch_batches(cfg: TrainConfig, plan: DataPlan, epoch: int) -> List[Tuple[to
 
 
 def train_step(model: DRMM, cfg: TrainConfig, objective: ObjectiveConfig, x: torch.Tensor, y: torch.Tensor,
-               labeled: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float], torch.Tensor]:
-    """Loss of one batch (E-step inside); returns (loss, logs, logits)."""
+               labeled: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
+    """Loss of one batch (E-step inside); returns (loss, detached loss parts, logits)."""
     logits, latents = model(x)                           # bottom-up: switches are recorded, not differentiated
     if cfg.trainer == "backprop":                        # the baseline: CE only, no top-down pass
         loss = torch.nn.functional.cross_entropy(logits[labeled], y[labeled])
-        return loss, {"loss": float(loss.detach()), "ce": float(loss.detach())}, logits
+        return loss, {"loss": loss.detach(), "ce": loss.detach()}, logits
     classes = template_classes(logits, y, labeled, cfg.template_class)   # E-step: a constant class choice
     x_hat, levels = model.render(latents, classes, return_levels=True)   # top-down through the switches
     signals = model.unpooled_signals(levels[:-1])
@@ -490,6 +490,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
             loss.backward()
             optimizer.step()
             scheduler.step()
+            logs = as_floats(logs)  # the step's one host-device sync, after the update has been queued
             step_in_epoch += 1
             step += 1
             for k, v in logs.items():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from drmm.losses import (ObjectiveConfig, drmm_objective, kl_to_uniform_per_example, nonneg_penalty_per_example,
+from drmm.losses import (ObjectiveConfig, as_floats, drmm_objective, kl_to_uniform_per_example, nonneg_penalty_per_example,
                          reconstruction_per_example, template_classes, unsup_weights)
 
 
@@ -47,6 +47,7 @@ def test_kl_term_value_matches_code_formula():
     cfg = ObjectiveConfig(ce_weight=0, rc_weight=0, nn_weight=0, kl_weight=1.0)
     _, logs = drmm_objective(cfg, logits, torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.bool),
                              torch.zeros(5, 1), None, None)
+    logs = as_floats(logs)
     q = torch.softmax(logits, 1)
     code = -(q * torch.log(10 * q + 1e-8)).sum(1).mean()   # [TF] model.py / DGM notebooks
     assert logs["kl"] == pytest.approx(code.item(), rel=1e-5)
@@ -75,7 +76,9 @@ def test_unsup_weights_select_the_right_examples():
     assert unsup_weights(labeled, "both_sum").sum().item() == pytest.approx(2.0)
     # supervised EG (no unlabeled example): the labeled ones carry the generative terms
     all_lab = torch.ones(4, dtype=torch.bool)
-    assert torch.allclose(unsup_weights(all_lab, "unlabeled"), torch.full((4,), 0.25))
+    for mode in ("unlabeled", "labeled", "both_avg", "both_sum"):
+        assert torch.allclose(unsup_weights(all_lab, mode), torch.full((4,), 0.25)), mode
+        assert torch.allclose(unsup_weights(~all_lab, mode), torch.full((4,), 0.25)), mode
 
 
 def test_objective_combines_weighted_terms():
@@ -87,6 +90,7 @@ def test_objective_combines_weighted_terms():
     signals = [torch.randn(4, 2, 2, 2)]
     cfg = ObjectiveConfig(ce_weight=1.0, rc_weight=0.3, kl_weight=0.2, nn_weight=0.7)
     total, logs = drmm_objective(cfg, logits, labels, labeled, x, x_hat, signals)
+    logs = as_floats(logs)
     ce = torch.nn.functional.cross_entropy(logits[:2], labels[:2])
     rc = ((x - x_hat) ** 2).flatten(1).mean(1)[2:].mean()
     assert logs["ce"] == pytest.approx(ce.item(), rel=1e-5)
@@ -94,6 +98,14 @@ def test_objective_combines_weighted_terms():
     expected = logs["ce"] + 0.3 * logs["rc"] + 0.2 * logs["kl"] + 0.7 * logs["nn"]
     assert total.item() == pytest.approx(expected, rel=1e-5)
     assert logs["nn"] > 0
+
+
+def test_ce_without_labeled_examples_is_zero():
+    logits = torch.randn(3, 10, requires_grad=True)
+    total, logs = drmm_objective(ObjectiveConfig(rc_weight=0, kl_weight=0, nn_weight=0), logits,
+                                 torch.tensor([1, 2, 3]), torch.zeros(3, dtype=torch.bool), torch.zeros(3, 1),
+                                 None, None)
+    assert total.item() == 0.0 and as_floats(logs)["ce"] == 0.0
 
 
 def test_template_classes():

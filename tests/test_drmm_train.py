@@ -39,7 +39,7 @@ def test_one_eg_step_decreases_the_loss_on_a_fixed_batch():
     optimizer.step()
     loss1, logs1, _ = T.train_step(model, cfg, objective, x, y, labeled)
     assert loss1.item() < loss0.item() - 1e-4, (logs0, logs1)
-    assert logs0["rc"] > 0 and logs0["ce"] > 0
+    assert logs0["rc"].item() > 0 and logs0["ce"].item() > 0
 
 
 def test_backprop_trainer_uses_ce_only():
