@@ -155,7 +155,10 @@ def download(name: str, root: Path) -> Path:
         os.replace(tmp, dest)
         if fname.endswith(".tar.gz"):
             with tarfile.open(dest) as tar:
-                tar.extractall(target, filter="data")
+                try:
+                    tar.extractall(target, filter="data")  # refuse absolute paths / links out of target
+                except TypeError:  # Python without extraction filters (< 3.10.12 / 3.11.4)
+                    tar.extractall(target)
     return target
 
 

@@ -165,3 +165,18 @@ def test_augment_is_seeded_and_keeps_shape():
     assert not torch.equal(a, x)
     same = D.augment(x, torch.Generator().manual_seed(0), crop_pad=0, flip=False)
     assert torch.equal(same, x)
+
+
+def test_cifar10_download_extracts_archive_and_loads(tmp_path, monkeypatch):
+    import tarfile
+
+    _write_cifar(tmp_path / "src" / "cifar-10-batches-py", n=2, seed=2)
+    server = tmp_path / "server"
+    server.mkdir()
+    archive = server / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    monkeypatch.setitem(D._DOWNLOADS, "cifar10", (server.as_uri() + "/", {"cifar-10-python.tar.gz": md5}))
+    d = D.load_dataset("cifar10", str(tmp_path / "root"), download_missing=True)
+    assert d.train_images.shape == (10, 3, 32, 32) and (tmp_path / "root" / "cifar-10-batches-py").is_dir()
