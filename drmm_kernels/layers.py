@@ -112,10 +112,10 @@ class FusedConvBNReLUPool2d(nn.Module):
     def forward(self, x: Tensor, return_switches: Optional[bool] = None):
         bn = self.bn
         training = bn.training or bn.running_mean is None
-        momentum = bn.momentum
+        momentum = bn.momentum if bn.momentum is not None else 0.0  # unused unless running stats update
         if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
-            if momentum is None:  # cumulative moving average, as nn.BatchNorm2d does
+            if bn.momentum is None:  # cumulative moving average, as nn.BatchNorm2d does
                 momentum = 1.0 / float(bn.num_batches_tracked)
         y, switches = ops.conv_bn_relu_pool(
             x, self.conv.weight, bn.weight, bn.bias, bn.running_mean if bn.track_running_stats else None,

@@ -105,3 +105,18 @@ def test_bn_layer_matches_conv_bn_relu_pool_modules_in_train_and_eval():
 def test_render2d_rejects_other_modules():
     with pytest.raises(TypeError, match="FusedConvReLUPool2d"):
         Render2d(nn.Conv2d(1, 1, 1))
+
+
+def test_bn_layer_cumulative_average_momentum_none():
+    torch.manual_seed(2)
+    layer = FusedConvBNReLUPool2d(2, 3, 3, padding=1).double()
+    layer.bn.momentum = None
+    ref = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3, momentum=None), nn.ReLU(),
+                        nn.MaxPool2d(2)).double()
+    ref[0].load_state_dict(layer.conv.state_dict())
+    for seed in range(3):
+        x = torch.randn(4, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(layer(x), ref(x))
+    torch.testing.assert_close(layer.bn.running_var, ref[1].running_var)
+    layer.eval(), ref.eval()
+    torch.testing.assert_close(layer(x), ref(x))
