@@ -132,7 +132,7 @@ class DRMM(nn.Module):
         td_relu: ReLU on the top-down signal before each layer's masking and on the image (the paper's NN-DRMM,
             [P16] §3.2); off by default, as in the authors' code, which uses a penalty instead.
         bn_momentum: PyTorch-convention momentum of the BN running statistics (0.1; [TF] keeps an EMA with decay
-            0.99, i.e. 0.01 here). Must be a number: drmm_kernels' eval path rejects momentum=None.
+            0.99, i.e. 0.01 here). A number: this package does not use the cumulative average (momentum=None).
     """
 
     def __init__(self, layers: Sequence[LayerSpec], in_channels: int, image_size: Tuple[int, int],
