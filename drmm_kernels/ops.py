@@ -373,8 +373,11 @@ def _bn_forward_generic(x, weight, bn_weight, bn_bias, running_mean, running_var
     """Materialized conv output, batch statistics, then the fused normalize-act-pool-switch epilogue."""
     z = F.conv2d(x, weight, None, stride, padding)
     if training:
-        var, mean = torch.var_mean(z.float() if z.dtype in (torch.float16, torch.bfloat16) else z,
-                                   dim=(0, 2, 3), unbiased=False)
+        if z.dtype in (torch.float32, torch.float64):
+            # ATen's one-pass per-channel statistics (biased variance); ~5x faster than var_mean on CPU.
+            mean, var = torch.batch_norm_update_stats(z, None, None, 0.0)
+        else:
+            var, mean = torch.var_mean(z.float(), dim=(0, 2, 3), unbiased=False)
     else:
         acc = torch.promote_types(z.dtype, torch.float32)
         mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
@@ -385,14 +388,14 @@ def _bn_forward_generic(x, weight, bn_weight, bn_bias, running_mean, running_var
     if bn_bias is not None:
         shift = shift + bn_bias
     y, sw = bn_pool(z, scale.to(z.dtype), shift.to(z.dtype), pool, slope)
-    return y, sw, mean.to(x.dtype), var.to(x.dtype)
+    return y, sw, mean.to(x.dtype), var.to(x.dtype), z.contiguous() if training else z.new_empty(0)
 
 
 @torch.library.custom_op("drmm::conv_bn_relu_pool", mutates_args=())
 def _conv_bn_relu_pool(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                        running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float,
                        stride: int, padding: int, pool: int,
-                       negative_slope: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                       negative_slope: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     name = backends.resolve(x.device)
     if name == "reference":
         return reference.conv_bn_relu_pool(x, weight, bn_weight, bn_bias, running_mean, running_var, training,
@@ -408,19 +411,21 @@ def _(x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, s
     chw = reference.conv_size(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), stride, padding)
     shape = (x.shape[0], weight.shape[0], chw[0] // pool, chw[1] // pool)
     c = weight.shape[0]
-    return (x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8), x.new_empty((c,)), x.new_empty((c,)))
+    z_shape = (x.shape[0], c, *chw) if training else (0,)
+    return (x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8), x.new_empty((c,)), x.new_empty((c,)),
+            x.new_empty(z_shape))
 
 
 def _bn_setup(ctx, inputs, output):
     x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, stride, padding, pool, slope = inputs
     ctx.conf = (training, eps, stride, padding, pool, slope)
     ctx.has_bias = bn_bias is not None
-    ctx.save_for_backward(x, weight, bn_weight, output[1], output[2], output[3])
-    ctx.mark_non_differentiable(output[1], output[2], output[3])
+    ctx.save_for_backward(x, weight, bn_weight, output[1], output[2], output[3], output[4])
+    ctx.mark_non_differentiable(output[1], output[2], output[3], output[4])
 
 
-def _bn_backward(ctx, gy, _gsw, _gmean, _gvar):
-    x, weight, bn_weight, switches, mean, var = ctx.saved_tensors
+def _bn_backward(ctx, gy, _gsw, _gmean, _gvar, _gz):
+    x, weight, bn_weight, switches, mean, var, z = ctx.saved_tensors
     training, eps, stride, padding, pool, slope = ctx.conf
     need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
     gy = gy.contiguous()
@@ -431,20 +436,18 @@ def _bn_backward(ctx, gy, _gsw, _gmean, _gvar):
     s1 = _channel_sum(gact)                                          # = d beta
     gx = gw = ggamma = gbeta = None
     if training:
-        # The batch statistics couple every position, so this backward is dense: recompute z = conv(x, W)
-        # (cheaper in memory than saving it), form dL/dz, and let ATen's convolution_backward finish.
-        z = F.conv2d(x, weight, None, stride, padding)
-        xhat = (z.to(acc) - mean.to(acc).view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
-        idx = reference.switches_to_indices(switches, pool, z.shape[-2:]).flatten(2)
-        xhat_at = xhat.flatten(2).gather(2, idx).view_as(gact)
-        s2 = _channel_sum(gact * xhat_at)                            # = d gamma
-        m = z.numel() // z.shape[1]
-        k = (gamma * invstd).view(1, -1, 1, 1)
-        dz = reference.unpool(gact, switches, pool, z.shape[-2:])
-        dz = k * (dz - (s1 / m).view(1, -1, 1, 1) - xhat * (s2 / m).view(1, -1, 1, 1))
+        # The batch statistics couple every position, so this backward is dense: scatter dL/dv to the recorded
+        # offsets and let ATen's fused batch-norm and convolution backward kernels finish. z is saved by the
+        # forward (training only): recomputing it cost a whole convolution, ~25% of the layer's training step on
+        # a 2-core CPU (measured, conv_small layer 2, batch 64), and saving it still keeps less than half of eager's
+        # saved activations (eager keeps z, the ReLU output and int64 indices).
+        dv = reference.unpool(gact.to(z.dtype), switches, pool, z.shape[-2:])
+        dz, ggamma_, gbeta_ = torch.ops.aten.native_batch_norm_backward(
+            dv, z, bn_weight, None, None, mean.to(acc), invstd, True, eps, [need_x or need_w, True, True])
+        s2 = ggamma_  # = sum of dL/dv * xhat per channel
         if need_x or need_w:
             gx, gw, _ = torch.ops.aten.convolution_backward(
-                dz.to(x.dtype), x, weight, None, [stride, stride], [padding, padding], [1, 1], False, [0, 0], 1,
+                dz, x, weight, None, [stride, stride], [padding, padding], [1, 1], False, [0, 0], 1,
                 [need_x, need_w, False])
     else:
         scale = (gamma * invstd).to(x.dtype)
@@ -493,7 +496,7 @@ def conv_bn_relu_pool(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn
     if training and x.shape[0] * chw[0] * chw[1] < 2:
         raise ValueError(f"training-mode batch norm needs more than one value per channel, got x of shape "
                          f"({_shape(x)}) with conv output {chw}")
-    y, sw, mean, var = _conv_bn_relu_pool(x, weight, bn_weight, bn_bias, running_mean, running_var, training,
+    y, sw, mean, var, _ = _conv_bn_relu_pool(x, weight, bn_weight, bn_bias, running_mean, running_var, training,
                                           float(eps), stride, padding, pool, negative_slope)
     if training and running_mean is not None and running_var is not None:
         m = x.shape[0] * chw[0] * chw[1]

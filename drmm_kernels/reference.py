@@ -123,8 +123,9 @@ def bn_pool(z: Tensor, scale: Tensor, shift: Tensor, pool: int, negative_slope: 
 def conv_bn_relu_pool(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                       running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float,
                       stride: int, padding: int, pool: int,
-                      negative_slope: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(y, switches, mean, var)``: the statistics used (batch or running, biased variance).
+                      negative_slope: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(y, switches, mean, var, z)``: the statistics used (batch or running, biased variance) and,
+    in training mode, the conv output z the backward needs (empty in eval mode).
 
     Running statistics are *not* updated here; the public wrapper does that from ``mean``/``var``.
     """
@@ -136,4 +137,4 @@ def conv_bn_relu_pool(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn
         v = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, False, 0.0, eps)
         mean, var = running_mean.clone(), running_var.clone()
     y, switches = pool_switches(v, pool, negative_slope)
-    return y, switches, mean.to(x.dtype), var.to(x.dtype)
+    return y, switches, mean.to(x.dtype), var.to(x.dtype), z.contiguous() if training else z.new_empty(0)
