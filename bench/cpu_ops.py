@@ -9,7 +9,8 @@ For each layer it measures, with ``torch.set_num_threads(2)`` by default:
 - bytes saved for backward beyond the input and the parameters (unique storages seen by
   ``torch.autograd.graph.saved_tensors_hooks``).
 
-Times are medians over ``--repeats`` runs after ``--warmup`` runs. Prints a markdown table and writes
+Times are medians over ``--repeats`` runs after ``--warmup`` runs; eager and cpu runs alternate so that a
+change of machine load (other processes) affects both alike. Prints a markdown table and writes
 ``bench/results/cpu_ops.json`` and ``bench/results/cpu_ops.md``.
 
     .venv/bin/python bench/cpu_ops.py [--batch 256] [--threads 2] [--repeats 20] [--layers 1,3]
@@ -24,7 +25,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -49,17 +50,25 @@ TARGETS = {"pooled": {"fwd_bwd": 1.3, "render": 1.5, "saved_ratio": 1 / 3}, "unp
                                                                                         "render": 1.0}}
 
 
-def median_ms(fn: Callable[[], object], warmup: int, repeats: int) -> Dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
+def _summary(times: List[float]) -> Dict[str, float]:
+    times = sorted(times)
     q = len(times) // 4
-    return {"median_ms": statistics.median(times), "q1_ms": times[q], "q3_ms": times[-1 - q]}
+    return {"median_ms": statistics.median(times), "q1_ms": times[q], "q3_ms": times[-1 - q], "min_ms": times[0]}
+
+
+def paired_ms(eager: Callable[[], object], fused: Callable[[], object], warmup: int,
+              repeats: int) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Times both, alternating run by run, so a change of machine load hits both alike."""
+    for _ in range(warmup):
+        eager()
+        fused()
+    te, tf = [], []
+    for _ in range(repeats):
+        for fn, acc in ((eager, te), (fused, tf)):
+            t0 = time.perf_counter()
+            fn()
+            acc.append((time.perf_counter() - t0) * 1e3)
+    return _summary(te), _summary(tf)
 
 
 def saved_bytes(fn: Callable[[], object], exclude: List[torch.Tensor]) -> int:
@@ -118,10 +127,9 @@ def bench_layer(spec, batch: int, warmup: int, repeats: int, dtype: torch.dtype)
     res: Dict[str, object] = {"layer": name, "shape": f"{cin}->{cout} k{k} p{pad} {size}x{size} pool{pool}",
                               "pool": pool}
     with torch.no_grad():
-        res["fwd_eager"] = median_ms(lambda: eager_fwd(x, w, b), warmup, repeats)
-        res["fwd_cpu"] = median_ms(lambda: fused_fwd(x, w, b), warmup, repeats)
-    res["fwd_bwd_eager"] = median_ms(run_bwd(eager_fwd), warmup, repeats)
-    res["fwd_bwd_cpu"] = median_ms(run_bwd(fused_fwd), warmup, repeats)
+        res["fwd_eager"], res["fwd_cpu"] = paired_ms(lambda: eager_fwd(x, w, b), lambda: fused_fwd(x, w, b),
+                                                     warmup, repeats)
+    res["fwd_bwd_eager"], res["fwd_bwd_cpu"] = paired_ms(run_bwd(eager_fwd), run_bwd(fused_fwd), warmup, repeats)
 
     # Render: the top-down pass from the forward's output and switches (the masked unpool + transposed
     # conv), eager from the int64 indices and the a-mask it has to keep.
@@ -139,8 +147,7 @@ def bench_layer(spec, batch: int, warmup: int, repeats: int, dtype: torch.dtype)
 
     with torch.no_grad():
         torch.testing.assert_close(fused_render(), eager_render(), rtol=1e-3, atol=1e-3)
-        res["render_eager"] = median_ms(eager_render, warmup, repeats)
-        res["render_cpu"] = median_ms(fused_render, warmup, repeats)
+        res["render_eager"], res["render_cpu"] = paired_ms(eager_render, fused_render, warmup, repeats)
 
     res["saved_eager"] = saved_bytes(lambda: eager_fwd(xg, wg, bg), [xg, wg, bg])
     res["saved_cpu"] = saved_bytes(lambda: fused_fwd(xg, wg, bg), [xg, wg, bg])

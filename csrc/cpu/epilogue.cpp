@@ -63,6 +63,26 @@ void pool_plane_nchw(const T* __restrict__ z, int64_t wc, T s, T b, T slope, boo
   using IS = typename Simd<T>::IS;
   constexpr int W = Simd<T>::W;
   const V vs = vbroadcast(s), vb = vbroadcast(b), vslope = vbroadcast(slope);
+  if constexpr (P == 1) {
+    // No window: one elementwise pass (offset 0 everywhere).
+    const int64_t len = hp * wp;
+    int64_t q = 0;
+    for (; q + W <= len; q += W) {
+      const V m = vload(z + q) * vs + vb;
+      const I pos = m > V{};
+      V neg = m * vslope;
+      neg = (neg == neg) ? neg : V{};
+      vstore(y + q, (pos | (m != m)) ? m : neg);
+      const I code = pos & 0x80;
+      for (int l = 0; l < W; ++l) sw[q + l] = static_cast<uint8_t>(code[l]);
+    }
+    for (; q < len; ++q) {
+      const T m = z[q] * s + b;
+      y[q] = (m > T(0) || m != m) ? m : (leaky ? m * slope : T(0));
+      sw[q] = m > T(0) ? kOnBit : 0;
+    }
+    return;
+  }
   const int64_t wu = wp * P;  // used columns (trailing ones dropped)
   for (int64_t py = 0; py < hp; ++py) {
     const T* __restrict__ r0 = z + py * P * wc;

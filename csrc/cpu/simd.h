@@ -5,6 +5,10 @@
 #include <cstring>
 #include <utility>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 namespace drmm {
 namespace cpu {
 
@@ -75,26 +79,85 @@ inline void axpy_list_block(T* dst, const T* const* src, const T* coef, int cnt,
   for (int v = 0; v < NV; ++v) vstore(dst + v * W, acc[v]);
 }
 
+// The last len < W elements of an axpy_list / dot. With AVX-512 one masked vector op per entry
+// (k * C_in is often short: 5 for a 5x5 kernel on one channel); masked lanes are never read or written.
+inline void axpy_list_tail(float* dst, const float* const* src, int64_t off, const float* coef, int cnt,
+                           int64_t len) {
+#ifdef __AVX512F__
+  const __mmask16 m = static_cast<__mmask16>((1u << len) - 1);
+  __m512 acc = _mm512_maskz_loadu_ps(m, dst);
+  for (int i = 0; i < cnt; ++i)
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(coef[i]), _mm512_maskz_loadu_ps(m, src[i] + off), acc);
+  _mm512_mask_storeu_ps(dst, m, acc);
+#else
+  for (int64_t j = 0; j < len; ++j) {
+    float a = dst[j];
+    for (int i = 0; i < cnt; ++i) a += coef[i] * src[i][off + j];
+    dst[j] = a;
+  }
+#endif
+}
+inline void axpy_list_tail(double* dst, const double* const* src, int64_t off, const double* coef, int cnt,
+                           int64_t len) {
+#ifdef __AVX512F__
+  const __mmask8 m = static_cast<__mmask8>((1u << len) - 1);
+  __m512d acc = _mm512_maskz_loadu_pd(m, dst);
+  for (int i = 0; i < cnt; ++i)
+    acc = _mm512_fmadd_pd(_mm512_set1_pd(coef[i]), _mm512_maskz_loadu_pd(m, src[i] + off), acc);
+  _mm512_mask_storeu_pd(dst, m, acc);
+#else
+  for (int64_t j = 0; j < len; ++j) {
+    double a = dst[j];
+    for (int i = 0; i < cnt; ++i) a += coef[i] * src[i][off + j];
+    dst[j] = a;
+  }
+#endif
+}
+
+// a[0..len) . b[0..len) for len < W, added lane-wise into acc (lanes >= len add zero).
+inline void dot_tail(const float* a, const float* b, int64_t len, Simd<float>::V* acc) {
+#ifdef __AVX512F__
+  const __mmask16 m = static_cast<__mmask16>((1u << len) - 1);
+  Simd<float>::V p;
+  const __m512 r = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, a), _mm512_maskz_loadu_ps(m, b));
+  std::memcpy(&p, &r, sizeof(p));
+  *acc += p;
+#else
+  for (int64_t j = 0; j < len; ++j) (*acc)[j] += a[j] * b[j];
+#endif
+}
+inline void dot_tail(const double* a, const double* b, int64_t len, Simd<double>::V* acc) {
+#ifdef __AVX512F__
+  const __mmask8 m = static_cast<__mmask8>((1u << len) - 1);
+  Simd<double>::V p;
+  const __m512d r = _mm512_mul_pd(_mm512_maskz_loadu_pd(m, a), _mm512_maskz_loadu_pd(m, b));
+  std::memcpy(&p, &r, sizeof(p));
+  *acc += p;
+#else
+  for (int64_t j = 0; j < len; ++j) (*acc)[j] += a[j] * b[j];
+#endif
+}
+
 // dst[0 .. len) += sum_{i < cnt} coef[i] * src[i][off .. off + len).
 template <typename T>
 inline void axpy_list(T* dst, const T* const* src, int64_t off, const T* coef, int cnt, int64_t len) {
   constexpr int W = Simd<T>::W;
   int64_t j = 0;
+  // Blocks of up to 16 accumulators (32 zmm registers); 12 covers a 3x3 row of 64 float channels in
+  // one pass over the list.
   for (; j + 16 * W <= len; j += 16 * W) axpy_list_block<T, 16>(dst + j, src, coef, cnt, off + j);
+  if (j + 12 * W <= len) { axpy_list_block<T, 12>(dst + j, src, coef, cnt, off + j); j += 12 * W; }
   if (j + 8 * W <= len) { axpy_list_block<T, 8>(dst + j, src, coef, cnt, off + j); j += 8 * W; }
+  if (j + 6 * W <= len) { axpy_list_block<T, 6>(dst + j, src, coef, cnt, off + j); j += 6 * W; }
   if (j + 4 * W <= len) { axpy_list_block<T, 4>(dst + j, src, coef, cnt, off + j); j += 4 * W; }
   if (j + 2 * W <= len) { axpy_list_block<T, 2>(dst + j, src, coef, cnt, off + j); j += 2 * W; }
   if (j + W <= len) { axpy_list_block<T, 1>(dst + j, src, coef, cnt, off + j); j += W; }
-  for (; j < len; ++j) {
-    T a = dst[j];
-    for (int i = 0; i < cnt; ++i) a += coef[i] * src[i][off + j];
-    dst[j] = a;
-  }
+  if (j < len) axpy_list_tail(dst + j, src, off + j, coef, cnt, len - j);
 }
 
-// sum_j a[j] * b[j] over len elements, added to a running vector accumulator `acc` and a scalar tail.
+// sum_j a[j] * b[j] over len elements, added lane-wise to the running vector accumulator `acc`.
 template <typename T>
-inline void dot_accumulate(const T* a, const T* b, int64_t len, typename Simd<T>::V* acc, T* tail) {
+inline void dot_accumulate(const T* a, const T* b, int64_t len, typename Simd<T>::V* acc) {
   constexpr int W = Simd<T>::W;
   int64_t j = 0;
   // Two independent chains hide FMA latency for the usual lengths (k * C_in >= 64).
@@ -105,9 +168,7 @@ inline void dot_accumulate(const T* a, const T* b, int64_t len, typename Simd<T>
   }
   if (j + W <= len) { *acc += vload(a + j) * vload(b + j); j += W; }
   *acc += acc1;
-  T t = 0;
-  for (; j < len; ++j) t += a[j] * b[j];
-  *tail += t;
+  if (j < len) dot_tail(a + j, b + j, len - j, acc);
 }
 
 template <typename T>

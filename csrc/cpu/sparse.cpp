@@ -110,13 +110,35 @@ void load_padded_nhwc(const at::Tensor& src, const T* base, int64_t n, int64_t p
     }
 }
 
-// Dense masked map for pool == 1: g = mu * a' * scale, NCHW. Written into the first elements of a
-// buffer of `min_numel` (>= mu.numel()) elements so the caller can reuse its storage.
+// o = (a * (bit 7 ? 1 : slope)) * k: the reference's mu * factor (* scale), branch-free so it vectorizes.
+template <typename T>
+void mask_plane(const T* __restrict__ a, const uint8_t* __restrict__ q, T slope, T k, bool scaled,
+                T* __restrict__ o, int64_t len) {
+  if (scaled) {
+    for (int64_t j = 0; j < len; ++j) o[j] = (a[j] * ((q[j] & kOnBit) ? T(1) : slope)) * k;
+  } else {
+    for (int64_t j = 0; j < len; ++j) o[j] = a[j] * ((q[j] & kOnBit) ? T(1) : slope);
+  }
+}
+
+// A per-thread scratch buffer of at least `numel` elements that lives across calls. The dense
+// (pool == 1) path needs a full-size temporary per call; a fresh allocation of that size is
+// mmap'ed and page-faulted on every call (a third of the time of these kernels here), so it is
+// kept. Grow-only; one buffer per dtype and thread.
+at::Tensor scratch(int64_t numel, const at::TensorOptions& opts) {
+  thread_local at::Tensor buf[2];
+  at::Tensor& b = buf[opts.dtype() == at::kDouble ? 1 : 0];
+  if (!b.defined() || b.numel() < numel || b.storage().use_count() > 1) b = at::empty({numel}, opts);
+  return b.narrow(0, 0, numel);
+}
+
+// Dense masked map for pool == 1: g = (mu * a') * scale, NCHW, in the scratch buffer (which holds at
+// least `min_numel` elements, so the caller can view the same storage with another shape).
 template <typename T>
 at::Tensor masked_map(const at::Tensor& mu, const at::Tensor& switches, const std::optional<at::Tensor>& scale,
                       double slope, int64_t min_numel = 0) {
   const at::Tensor m = mu.contiguous(), s = switches.contiguous();
-  at::Tensor g = at::empty({std::max(min_numel, m.numel())}, m.options()).narrow(0, 0, m.numel()).view(m.sizes());
+  at::Tensor g = scratch(std::max(min_numel, m.numel()), m.options()).narrow(0, 0, m.numel()).view(m.sizes());
   const int64_t c = m.size(1), plane = m.size(2) * m.size(3);
   const T* mp = m.data_ptr<T>();
   const uint8_t* sp = s.data_ptr<uint8_t>();
@@ -126,16 +148,9 @@ at::Tensor masked_map(const at::Tensor& mu, const at::Tensor& switches, const st
   const T ts = static_cast<T>(slope);
   at::parallel_for(0, m.size(0) * c, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane)),
                    [&](int64_t b, int64_t e) {
-                     for (int64_t i = b; i < e; ++i) {
-                       const T k = scp ? scp[i % c] : T(1);
-                       const T* a = mp + i * plane;
-                       const uint8_t* q = sp + i * plane;
-                       T* o = gp + i * plane;
-                       for (int64_t j = 0; j < plane; ++j) {
-                         const T v = (q[j] & kOnBit) ? a[j] : a[j] * ts;
-                         o[j] = scp ? v * k : v;
-                       }
-                     }
+                     for (int64_t i = b; i < e; ++i)
+                       mask_plane(mp + i * plane, sp + i * plane, ts, scp ? scp[i % c] : T(1), scp != nullptr,
+                                  gp + i * plane, plane);
                    });
   return g;
 }
@@ -150,57 +165,84 @@ void render_sparse(const Geometry& g, const T* mu, const uint8_t* sw, const T* w
   // scatter needs no bounds checks. Output rows beyond it (output_padding) stay zero.
   const int64_t hb = (g.hc - 1) * g.stride + g.kh, wb = (g.wc - 1) * g.stride + g.kw;
   const int64_t row_len = g.kw * g.ci;
+  // Kernel rows are split into column chunks whose weights for all C_out fit in L1 (~24 KiB): each
+  // chunk is scattered for every position before the next one, so the weights are read from L1, not
+  // L2, and every bucket pass still keeps its destination in registers.
+  // Chunks are 16, 12, 8, 6 or 4 vectors (one register block, one pass over each bucket).
+  constexpr int W = Simd<T>::W;
+  const int64_t fit = 32768 / static_cast<int64_t>(sizeof(T) * W * std::max<int64_t>(1, g.co));
+  int64_t chunk = W * (fit >= 16 ? 16 : fit >= 12 ? 12 : fit >= 8 ? 8 : fit >= 6 ? 6 : 4);
+  if (chunk >= row_len) chunk = row_len;
   at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(hb * wb * g.ci);
-    std::vector<T> coef(p2 * g.co);
-    std::vector<const T*> ptr(p2 * g.co);
-    int cnt[16];
+    // All (position, offset) buckets of one sample, stored compactly: bucket b holds entries
+    // [start[b], start[b] + count[b]) of coef / ptr.
+    std::vector<T> coef(plane * g.co), tmp_coef(p2 * g.co);
+    std::vector<const T*> ptr(plane * g.co), tmp_ptr(p2 * g.co);
+    std::vector<int> start(plane * p2), count(plane * p2);
     for (int64_t n = begin; n < end; ++n) {
       std::fill(buf.begin(), buf.end(), T(0));
       const T* mun = mu + n * g.co * plane;
       const uint8_t* swn = sw + n * g.co * plane;
-      for (int64_t py = 0; py < g.hp; ++py) {
-        for (int64_t px = 0; px < g.wp; ++px) {
-          // Bucket the channels by window offset: all channels with the same offset scatter into the
-          // same k x k x C_in block, so that block is accumulated in registers over the bucket.
-          std::fill(cnt, cnt + p2, 0);
-          const int64_t q = py * g.wp + px;
-          for (int64_t c = 0; c < g.co; ++c) {
-            const uint8_t s = swn[c * plane + q];
-            T v;
-            if (!mask.value(mun[c * plane + q], s, c, &v)) continue;
-            const int o = s & kOffsetMask;
-            if (o >= p2) {
-              bad = true;
-              continue;
-            }
-            coef[o * g.co + cnt[o]] = v;
-            ptr[o * g.co + cnt[o]] = wt + c * g.kh * row_len;
-            ++cnt[o];
+      int used = 0;
+      for (int64_t q = 0; q < plane; ++q) {
+        // Bucket the channels by window offset: all channels with the same offset scatter into the
+        // same k x k x C_in block, so that block is accumulated in registers over the bucket.
+        int* cnt = count.data() + q * p2;
+        std::fill(cnt, cnt + p2, 0);
+        for (int64_t c = 0; c < g.co; ++c) {
+          const uint8_t s = swn[c * plane + q];
+          T v;
+          if (!mask.value(mun[c * plane + q], s, c, &v)) continue;
+          const int o = s & kOffsetMask;
+          if (o >= p2) {
+            bad = true;
+            continue;
           }
-          for (int o = 0; o < p2; ++o) {
-            if (cnt[o] == 0) continue;
-            const int64_t r0 = (py * g.pool + o / g.pool) * g.stride;
-            const int64_t c0 = (px * g.pool + o % g.pool) * g.stride;
-            for (int64_t kh = 0; kh < g.kh; ++kh)
-              axpy_list(buf.data() + ((r0 + kh) * wb + c0) * g.ci, ptr.data() + o * g.co, kh * row_len,
-                        coef.data() + o * g.co, cnt[o], row_len);
+          tmp_coef[o * g.co + cnt[o]] = v;
+          tmp_ptr[o * g.co + cnt[o]] = wt + c * g.kh * row_len;
+          ++cnt[o];
+        }
+        for (int o = 0; o < p2; ++o) {
+          start[q * p2 + o] = used;
+          std::copy_n(tmp_coef.data() + o * g.co, cnt[o], coef.data() + used);
+          std::copy_n(tmp_ptr.data() + o * g.co, cnt[o], ptr.data() + used);
+          used += cnt[o];
+        }
+      }
+      for (int64_t kh = 0; kh < g.kh; ++kh) {
+        for (int64_t j0 = 0; j0 < row_len; j0 += chunk) {
+          const int64_t len = std::min(chunk, row_len - j0);
+          for (int64_t q = 0; q < plane; ++q) {
+            const int64_t py = q / g.wp, px = q % g.wp;
+            for (int o = 0; o < p2; ++o) {
+              const int cnt = count[q * p2 + o];
+              if (cnt == 0) continue;
+              const int64_t r0 = (py * g.pool + o / g.pool) * g.stride;
+              const int64_t c0 = (px * g.pool + o % g.pool) * g.stride;
+              const int st = start[q * p2 + o];
+              axpy_list(buf.data() + ((r0 + kh) * wb + c0) * g.ci + j0, ptr.data() + st, kh * row_len + j0,
+                        coef.data() + st, cnt, len);
+            }
           }
         }
       }
-      // NHWC buffer -> NCHW output (cropping the padding).
+      // NHWC buffer -> NCHW output (cropping the padding), channel by channel so the writes are
+      // sequential; a block of 16 channels shares the buffer lines it reads.
       T* on = out + n * g.ci * g.h * g.w;
-      for (int64_t y = 0; y < g.h; ++y) {
-        const int64_t r = y + g.padding;
-        for (int64_t x = 0; x < g.w; ++x) {
-          const int64_t cc = x + g.padding;
-          T* dst = on + y * g.w + x;
-          if (r < hb && cc < wb) {
-            const T* src = buf.data() + (r * wb + cc) * g.ci;
-            for (int64_t c = 0; c < g.ci; ++c) dst[c * g.h * g.w] = src[c];
-          } else {
-            for (int64_t c = 0; c < g.ci; ++c) dst[c * g.h * g.w] = T(0);
+      const int64_t hv = std::max<int64_t>(0, std::min(g.h, hb - g.padding));
+      const int64_t wv = std::max<int64_t>(0, std::min(g.w, wb - g.padding));
+      for (int64_t c = 0; c < g.ci; ++c) {
+        T* oc = on + c * g.h * g.w;
+        for (int64_t y = 0; y < g.h; ++y) {
+          T* orow = oc + y * g.w;
+          if (y >= hv) {
+            std::fill(orow, orow + g.w, T(0));
+            continue;
           }
+          const T* brow = buf.data() + ((y + g.padding) * wb + g.padding) * g.ci + c;
+          for (int64_t x = 0; x < wv; ++x) orow[x] = brow[x * g.ci];
+          std::fill(orow + wv, orow + g.w, T(0));
         }
       }
     }
@@ -235,10 +277,9 @@ void gather_sparse(const Geometry& g, const at::Tensor& src, const T* srcp, cons
             const int64_t r0 = (py * g.pool + o / g.pool) * g.stride;
             const int64_t c0 = (px * g.pool + o % g.pool) * g.stride;
             V acc = vbroadcast<T>(0);
-            T tail = 0;
             for (int64_t kh = 0; kh < g.kh; ++kh)
-              dot_accumulate(buf.data() + ((r0 + kh) * ws + c0) * g.ci, wc + kh * row_len, row_len, &acc, &tail);
-            oc[py * g.wp + px] = hsum<T>(acc) + tail;
+              dot_accumulate(buf.data() + ((r0 + kh) * ws + c0) * g.ci, wc + kh * row_len, row_len, &acc);
+            oc[py * g.wp + px] = hsum<T>(acc);
           }
         }
       }
