@@ -212,17 +212,23 @@ class DRMM(nn.Module):
             raise ValueError(f"classes must be a 1-D int64 tensor, got {classes.dtype} of shape {tuple(classes.shape)}")
         return self.readout.weight[classes].view(len(classes), *self.top_shape)
 
-    def render(self, latents: Latents, classes: Tensor, return_levels: bool = False):
+    def top_templates(self, latents: Latents, classes: Tensor) -> Tensor:
+        """The signal rendered from the top for each example: mu_c here; a factor model adds its factors."""
+        return self.class_templates(classes)
+
+    def render(self, latents: Latents, classes: Tensor, return_levels: bool = False,
+               templates: Optional[Tensor] = None):
         """Render class templates top-down through the switches: returns x_hat (and the levels on request).
 
         ``levels[0]`` is the class template, ``levels[i]`` the signal rendered down to the input of layer L-i
         (before that layer's own unpool/mask, and before the optional top-down ReLU), ``levels[-1]`` = x_hat.
         The switches and ``classes`` are constants; gradients reach the conv weights and the templates.
+        ``templates`` (N, *top_shape) replaces the top signal (sampling, class appearance models).
         """
         if len(classes) != latents.switches[0].shape[0]:
             raise ValueError(f"classes has {len(classes)} entries but the latents hold "
                              f"{latents.switches[0].shape[0]} examples")
-        mu = self.class_templates(classes)
+        mu = self.top_templates(latents, classes) if templates is None else templates
         levels = [mu]
         for i in reversed(range(len(self.specs))):
             spec, layer = self.specs[i], self.convs[i]

@@ -30,11 +30,16 @@ import torch
 import yaml
 
 from . import data as data_lib
+from . import distributed as dist_lib
 from .losses import ObjectiveConfig, as_floats, drmm_objective, template_classes
+from .drfm import build_drfm
+from .hard_em import HardEM, HardEMConfig
 from .model import DRMM, build_model
+from .priors import attach_switch_priors, load_model_state
 
 MODES = ("supervised", "semisupervised", "unsupervised", "pretrain_finetune")
-TRAINERS = ("eg", "backprop")
+TRAINERS = ("eg", "backprop", "hard_em")
+TOP_MODELS = ("class", "factor")
 
 
 @dataclass
@@ -57,6 +62,10 @@ class TrainConfig:
     bn_momentum: float = 0.1            # BN running-stat momentum (PyTorch convention; [TF]: EMA 0.99 = 0.01 here)
     mean_unpool_scale: str = "none"     # none = [TF] unscaled repeat | inv_area = [DGM] 1/s^2
     template_class: str = "true_if_labeled"  # true_if_labeled ([DGM]/[UNV]) | predicted ([TF])
+    top_model: str = "class"            # class = DRMM templates mu_c | factor = DRFM mu_c + Lambda_c z (drfm.py)
+    factor_dim: int = 8                 # DRFM: dimension of the Gaussian top latent z
+    factor_noise_var: float = 1.0       # DRFM: noise variance s2 of the top factor analyser
+    switch_prior_momentum: float = 0.01  # EMA of the switch frequencies kept for sampling ([TF]: decay 0.99)
     # objective (see losses.ObjectiveConfig)
     ce_weight: float = 1.0
     rc_weight: float = 0.5
@@ -69,7 +78,10 @@ class TrainConfig:
     nonneg_term: str = "penalty"
     rpn_weight: float = 0.0
     # training
-    trainer: str = "eg"                 # eg | backprop
+    trainer: str = "eg"                 # eg | backprop | hard_em (closed-form M-step, hard_em.py)
+    em_ridge: float = 1e-4              # hard_em: relative ridge of every M-step regression
+    em_window: int = 10                 # hard_em: batches of statistics per M-step
+    em_row_fraction: float = 1.0        # hard_em: fraction of input positions each layer regresses on
     mode: str = "semisupervised"
     pretrain_epochs: int = 0            # pretrain_finetune: unsupervised epochs before fine-tuning
     epochs: int = 10
@@ -96,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.trainer not in TRAINERS:
             raise ValueError(f"trainer must be one of {TRAINERS}, got {self.trainer!r}")
+        if self.top_model not in TOP_MODELS:
+            raise ValueError(f"top_model must be one of {TOP_MODELS}, got {self.top_model!r}")
         if self.template_class not in ("true_if_labeled", "predicted"):
             raise ValueError(f"template_class must be 'true_if_labeled' or 'predicted', got {self.template_class!r}")
         if self.mode == "semisupervised" and self.batch_size < 2:
@@ -223,9 +237,12 @@ def epoch_batches(cfg: TrainConfig, plan: DataPlan, epoch: int) -> List[Tuple[to
 
 
 def train_step(model: DRMM, cfg: TrainConfig, objective: ObjectiveConfig, x: torch.Tensor, y: torch.Tensor,
-               labeled: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
-    """Loss of one batch (E-step inside); returns (loss, detached loss parts, logits)."""
-    logits, latents = model(x)                           # bottom-up: switches are recorded, not differentiated
+               labeled: torch.Tensor, forward=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
+    """Loss of one batch (E-step inside); returns (loss, detached loss parts, logits).
+
+    ``forward`` is what runs the bottom-up pass (a DistributedDataParallel wrapper of ``model``); default ``model``.
+    """
+    logits, latents = (forward or model)(x)              # bottom-up: switches are recorded, not differentiated
     if cfg.trainer == "backprop":                        # the baseline: CE only, no top-down pass
         loss = torch.nn.functional.cross_entropy(logits[labeled], y[labeled])
         return loss, {"loss": loss.detach(), "ce": loss.detach()}, logits
@@ -354,9 +371,14 @@ def resolve_device(name: str) -> torch.device:
 
 def model_from_config(cfg: TrainConfig, image_shape: Sequence[int], num_classes: int) -> DRMM:
     objective = cfg.objective()
-    return build_model(cfg.model, image_shape[0], tuple(image_shape[1:]), num_classes, norm=cfg.norm,
-                       activation=cfg.activation, mean_unpool_scale=cfg.mean_unpool_scale,
-                       td_relu=objective.td_relu, bn_momentum=cfg.bn_momentum)
+    kwargs = dict(norm=cfg.norm, activation=cfg.activation, mean_unpool_scale=cfg.mean_unpool_scale,
+                  td_relu=objective.td_relu, bn_momentum=cfg.bn_momentum)
+    if cfg.top_model == "factor":
+        model = build_drfm(cfg.model, image_shape[0], tuple(image_shape[1:]), num_classes,
+                           factor_dim=cfg.factor_dim, noise_var=cfg.factor_noise_var, **kwargs)
+    else:
+        model = build_model(cfg.model, image_shape[0], tuple(image_shape[1:]), num_classes, **kwargs)
+    return attach_switch_priors(model, cfg.switch_prior_momentum)
 
 
 def load_data(cfg: TrainConfig, device: torch.device) -> data_lib.ImageData:
@@ -407,17 +429,32 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
     if not resume and ckpt_path.exists():
         raise FileExistsError(f"{run_dir} already holds a run (last.pt); pass --resume to continue it or choose "
                               f"another --run-dir")
-    device = resolve_device(cfg.device)
+    device, joined_group = dist_lib.setup(cfg.device)  # torchrun: join the process group (after the checks)
+    rank, world, _ = dist_lib.rank_and_world()
     data = load_data(cfg, device)  # before touching the run dir: a missing data set leaves no empty run behind
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "config.yaml", "w") as f:
-        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    if rank == 0:                  # data parallel: rank 0 alone writes to the run dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "config.yaml", "w") as f:
+            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    plan = make_plan(cfg, data, run_dir)
+    if rank == 0:
+        plan = make_plan(cfg, data, run_dir)
+    if world > 1:
+        torch.distributed.barrier()  # the other ranks read the labeled subset rank 0 saved
+    if rank != 0:
+        plan = make_plan(cfg, data, run_dir)
     model = model_from_config(cfg, data.image_shape, data.num_classes).to(device)
+    forward = None  # what runs the bottom-up pass: the model, or its DistributedDataParallel wrapper
+    if world > 1:
+        dist_lib.convert_sync_fused_bn(model)
+        if cfg.trainer != "hard_em":
+            forward = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+    em = HardEM(model, HardEMConfig(cfg.em_ridge, cfg.em_window, cfg.template_class, cfg.em_row_fraction),
+                seed=cfg.seed) if cfg.trainer == "hard_em" else None
     objective = cfg.objective()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr_init, weight_decay=cfg.weight_decay)
     total_steps = sum(steps_in_epoch(cfg, plan, e) for e in range(cfg.epochs))
@@ -428,17 +465,21 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
     epoch, step_in_epoch, step, best_error, elapsed = 0, 0, 0, float("inf"), 0.0
     if resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
+        load_model_state(model, ckpt["model"])
+        if em is not None and ckpt.get("hard_em") is not None:
+            em.load_state_dict(ckpt["hard_em"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         epoch, step_in_epoch, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
         best_error, elapsed = ckpt["best_error"], ckpt["elapsed_s"]
         set_rng_state(ckpt["rng"])
         print(f"[drmm] resumed {run_dir} at epoch {epoch}, step {step}")
-    log = MetricsLog(run_dir, step if resume else None, cfg.tensorboard)
+    log = MetricsLog(run_dir, step if resume else None, cfg.tensorboard) if rank == 0 else _NullLog()
 
     def checkpoint(test_error: Optional[float]) -> None:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        if rank != 0:
+            return
+        state = {"hard_em": em.state_dict() if em is not None else None, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
                  "step": step, "best_error": best_error, "elapsed_s": elapsed + time.time() - t_start,
                  "rng": rng_state(), "config": dataclasses.asdict(cfg), "test_error": test_error}
@@ -448,9 +489,29 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
 
     sums: Dict[str, float] = {}
     counts = {"n": 0, "correct": 0, "labeled": 0}
+    pending: Dict[str, torch.Tensor] = {}  # loss parts and labeled hits summed on the device since the last fetch
+    pending_steps = 0
+
+    def fetch_pending() -> Dict[str, float]:
+        """Add the device-side sums to the host-side ones (one host sync); returns their per-step means."""
+        nonlocal pending_steps
+        if not pending_steps:
+            return {}
+        values = as_floats(pending)
+        counts["correct"] += int(values.pop("correct", 0))
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        means = {k: v / pending_steps for k, v in values.items()}
+        pending.clear()
+        pending_steps = 0
+        if not math.isfinite(means["loss"]):
+            raise FloatingPointError(f"loss became {means['loss']} in the steps up to {step} ({means}); lower "
+                                     f"lr_init or the loss weights")
+        return means
 
     def eval_and_log() -> float:
         nonlocal best_error
+        fetch_pending()
         test_error = evaluate(model, data, cfg.eval_samples, cfg.eval_batch_size)
         best_error = min(best_error, test_error)
         n = max(1, counts["n"])
@@ -461,7 +522,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
                "test_error": f"{test_error:.4f}", "best_error": f"{best_error:.4f}",
                "elapsed_s": f"{elapsed + time.time() - t_start:.1f}"}
         log.append(row)
-        plot_learning_curve(log.rows, run_dir / "learning_curve.png")
+        if rank == 0:
+            plot_learning_curve(log.rows, run_dir / "learning_curve.png")
         sums.clear()
         counts.update(n=0, correct=0, labeled=0)
         return test_error
@@ -476,6 +538,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
         bar = _progress(cfg, len(batches), step_in_epoch, f"epoch {epoch + 1}/{cfg.epochs} [{phase(cfg, epoch)}]")
         while step_in_epoch < len(batches):
             lab_idx, unl_idx = batches[step_in_epoch]
+            if world > 1:
+                lab_idx = dist_lib.shard(lab_idx, rank, world, "the labeled part of a batch")
+                unl_idx = dist_lib.shard(unl_idx, rank, world, "the unlabeled part of a batch")
             if cfg.trainer == "backprop":  # the baseline sees the labeled half only (not even in its BN statistics)
                 unl_idx = unl_idx[:0]
             idx = torch.cat([lab_idx, unl_idx])
@@ -485,29 +550,34 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
             y = data.train_labels[idx]
             labeled = torch.zeros(len(idx), dtype=torch.bool, device=idx.device)
             labeled[:len(lab_idx)] = True
-            loss, logs, logits = train_step(model, cfg, objective, x, y, labeled)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            logs = as_floats(logs)  # the step's one host-device sync, after the update has been queued
+            if em is not None:  # hard EM: E-step statistics, closed-form M-step every em_window batches
+                logs, logits = em.step(x, y, labeled)
+            else:
+                loss, logs, logits = train_step(model, cfg, objective, x, y, labeled, forward)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
             step_in_epoch += 1
             step += 1
+            # No per-step host sync: the loss parts and the labeled hits are summed on the device and fetched once
+            # per log interval (and before each evaluation), so the host keeps queueing steps while the device runs.
             for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-            counts["n"] += 1
+                pending[k] = pending[k] + v.detach().float() if k in pending else v.detach().float()
             if len(lab_idx):
-                counts["correct"] += int((logits[:len(lab_idx)].argmax(1) == y[:len(lab_idx)]).sum())
+                hits = (logits[:len(lab_idx)].argmax(1) == y[:len(lab_idx)]).sum()
+                pending["correct"] = pending["correct"] + hits if "correct" in pending else hits
                 counts["labeled"] += len(lab_idx)
+            pending_steps += 1
+            counts["n"] += 1
             if step % cfg.log_every_steps == 0:
-                log.scalars(step, {**logs, "lr": optimizer.param_groups[0]["lr"]}, "train")
+                means = fetch_pending()  # the interval's one host sync; raises if the loss is not finite
+                log.scalars(step, {**means, "lr": optimizer.param_groups[0]["lr"]}, "train")
+                if bar is not None:
+                    acc = 100.0 * counts["correct"] / counts["labeled"] if counts["labeled"] else float("nan")
+                    bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{acc:.1f}")
             if bar is not None:
-                acc = 100.0 * counts["correct"] / counts["labeled"] if counts["labeled"] else float("nan")
-                bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{acc:.1f}")
                 bar.update(1)
-            if not math.isfinite(logs["loss"]):
-                raise FloatingPointError(f"loss became {logs['loss']} at step {step} ({logs}); lower lr_init or "
-                                         f"the loss weights")
             stop = bool(cfg.max_steps) and step >= cfg.max_steps
             end_of_epoch = step_in_epoch == len(batches)
             if end_of_epoch:
@@ -520,7 +590,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
             if do_eval:
                 test_error = eval_and_log()
                 if bar is not None:
-                    bar.set_postfix(loss=f"{logs['loss']:.4f}", test_err=f"{test_error:.2f}")
+                    bar.set_postfix(test_err=f"{test_error:.2f}")
                 checkpoint(test_error)
             elif end_of_epoch or (cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0):
                 checkpoint(None)
@@ -534,9 +604,27 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
     summary = {"test_error": test_error, "best_error": best_error, "steps": step, "epochs_done": epoch,
                "eval_images": cfg.eval_samples or len(data.test_labels),
                "train_seconds": elapsed + time.time() - t_start}
-    with open(run_dir / "summary.yaml", "w") as f:
-        yaml.safe_dump(summary, f, sort_keys=False)
+    if rank == 0:
+        with open(run_dir / "summary.yaml", "w") as f:
+            yaml.safe_dump(summary, f, sort_keys=False)
+    if joined_group:
+        torch.distributed.destroy_process_group()
     return summary
+
+
+class _NullLog:
+    """The metrics log of ranks other than 0: they write nothing."""
+
+    rows: List[Dict[str, Any]] = []
+
+    def scalars(self, *args) -> None:
+        pass
+
+    def append(self, row) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _progress(cfg: TrainConfig, total: int, initial: int, desc: str):
