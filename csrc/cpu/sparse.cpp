@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_ops.h"
@@ -333,6 +334,75 @@ void wgrad_sparse(const Geometry& g, const at::Tensor& src, const T* srcp, const
   });
 }
 
+// Channel-chunked variant for square 1x1 / 3x3 / 5x5 kernels and C_in >= W/2: the padded image is
+// stored as [C_in / W][H][W][W lanes], so one chunk (~20 KiB for 16x16 images) stays in L1, and all
+// K*K taps of a chunk are accumulated in registers while one output channel's entries stream by
+// (K*K loads from L1 per entry instead of K rows of K*C_in values from L2).
+template <typename T, int K>
+void wgrad_sparse_chunked(const Geometry& g, const at::Tensor& src, const T* srcp, const T* mu, const uint8_t* sw,
+                          const Masker<T>& mask, T* partial, int64_t nthr, std::atomic<bool>& bad) {
+  using V = typename Simd<T>::V;
+  constexpr int W = Simd<T>::W;
+  const int64_t p2 = g.pool * g.pool, plane = g.hp * g.wp;
+  const int64_t hs = g.h + 2 * g.padding, ws = g.w + 2 * g.padding;
+  const int64_t cch = (g.ci + W - 1) / W, cbuf = hs * ws * W;
+  const int64_t wsize = g.co * cch * K * K * W;
+  const int64_t sn = src.stride(0), sc = src.stride(1), sh = src.stride(2), sx = src.stride(3);
+  at::parallel_for(0, nthr, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(cch * cbuf);
+    std::vector<T> coef(plane);
+    std::vector<int64_t> base(plane);
+    for (int64_t t = begin; t < end; ++t) {
+      T* dw = partial + t * wsize;
+      const int64_t n0 = t * g.n / nthr, n1 = (t + 1) * g.n / nthr;
+      for (int64_t n = n0; n < n1; ++n) {
+        std::fill(buf.begin(), buf.end(), T(0));
+        const T* img = srcp + n * sn;
+        for (int64_t c = 0; c < g.ci; ++c) {
+          T* dst = buf.data() + (c / W) * cbuf + (c % W);
+          for (int64_t y = 0; y < g.h; ++y)
+            for (int64_t x = 0; x < g.w; ++x)
+              dst[((y + g.padding) * ws + x + g.padding) * W] = img[c * sc + y * sh + x * sx];
+        }
+        for (int64_t c = 0; c < g.co; ++c) {
+          const T* muc = mu + (n * g.co + c) * plane;
+          const uint8_t* swc = sw + (n * g.co + c) * plane;
+          int cnt = 0;
+          for (int64_t q = 0; q < plane; ++q) {
+            T v;
+            if (!mask.value(muc[q], swc[q], c, &v)) continue;
+            const int o = swc[q] & kOffsetMask;
+            if (o >= p2) {
+              bad = true;
+              continue;
+            }
+            const int64_t r0 = ((q / g.wp) * g.pool + o / g.pool) * g.stride;
+            const int64_t c0 = ((q % g.wp) * g.pool + o % g.pool) * g.stride;
+            coef[cnt] = v;
+            base[cnt] = (r0 * ws + c0) * W;
+            ++cnt;
+          }
+          if (cnt == 0) continue;
+          for (int64_t ch = 0; ch < cch; ++ch) {
+            const T* cb = buf.data() + ch * cbuf;
+            V acc[K * K];
+            for (int i = 0; i < K * K; ++i) acc[i] = V{};
+            for (int e = 0; e < cnt; ++e) {
+              const T* p = cb + base[e];
+              asm("" : "+r"(p));  // keep tap offsets as displacements of p (see axpy_list_block)
+              const V cv = vbroadcast(coef[e]);
+              for (int kh = 0; kh < K; ++kh)
+                for (int kw = 0; kw < K; ++kw) acc[kh * K + kw] += cv * vload(p + (kh * ws + kw) * W);
+            }
+            T* d = dw + (c * cch + ch) * K * K * W;
+            for (int i = 0; i < K * K; ++i) vstore(d + i * W, vload(d + i * W) + acc[i]);
+          }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 at::Tensor render(const at::Tensor& mu, const at::Tensor& switches, const at::Tensor& weight,
@@ -427,8 +497,36 @@ at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::T
     return std::get<1>(grads).contiguous();
   }
   const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
-  at::Tensor partial = at::zeros({nchunks, g.co, kernel_h, kernel_w, g.ci}, src.options());
+  const int64_t lanes = src.scalar_type() == at::kDouble ? Simd<double>::W : Simd<float>::W;
+  const bool chunked = kernel_h == kernel_w && (kernel_h == 1 || kernel_h == 3 || kernel_h == 5) &&
+                       2 * g.ci >= lanes && (src.scalar_type() == at::kFloat || src.scalar_type() == at::kDouble);
   std::atomic<bool> bad{false};
+  if (chunked) {
+    const int64_t cch = (g.ci + lanes - 1) / lanes;
+    at::Tensor partial = at::zeros({nchunks, g.co, cch, kernel_h, kernel_w, lanes}, src.options());
+    AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "drmm_cpu_render_wgrad_chunked", [&] {
+      const at::Tensor m = mu.contiguous(), s = switches.contiguous();
+      const at::Tensor sc = scale.has_value() ? scale->contiguous() : at::Tensor();
+      const Masker<scalar_t> mask{scale.has_value() ? sc.data_ptr<scalar_t>() : nullptr,
+                                  static_cast<scalar_t>(negative_slope), negative_slope > 0.0};
+      auto run = [&](auto k_const) {
+        wgrad_sparse_chunked<scalar_t, decltype(k_const)::value>(g, src, src.data_ptr<scalar_t>(),
+                                                                 m.data_ptr<scalar_t>(), s.data_ptr<uint8_t>(),
+                                                                 mask, partial.data_ptr<scalar_t>(), nchunks, bad);
+      };
+      if (kernel_h == 1) run(std::integral_constant<int, 1>{});
+      else if (kernel_h == 3) run(std::integral_constant<int, 3>{});
+      else run(std::integral_constant<int, 5>{});
+    });
+    raise_bad_offset("render_wgrad", bad, pool);
+    // [co][chunk][kh][kw][lane] -> [co][ci][kh][kw]
+    return partial.sum(0)
+        .permute({0, 1, 4, 2, 3})
+        .reshape({g.co, cch * lanes, kernel_h, kernel_w})
+        .narrow(1, 0, g.ci)
+        .contiguous();
+  }
+  at::Tensor partial = at::zeros({nchunks, g.co, kernel_h, kernel_w, g.ci}, src.options());
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "drmm_cpu_render_wgrad", [&] {
     const at::Tensor m = mu.contiguous(), s = switches.contiguous();
     const at::Tensor sc = scale.has_value() ? scale->contiguous() : at::Tensor();
