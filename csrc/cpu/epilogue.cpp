@@ -8,6 +8,7 @@
 
 #include "cpu/cpu_ops.h"
 #include "cpu/simd.h"
+#include "cpu/work_queue.h"
 
 namespace drmm {
 namespace cpu {
@@ -161,9 +162,11 @@ void epilogue_nchw(const T* z, const T* s, const T* b, int64_t n, int64_t c, int
                    bool leaky, T* y, uint8_t* sw) {
   const int64_t hp = hc / P, wp = wc / P;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, hc * wc));
-  at::parallel_for(0, n * c, grain, [&](int64_t begin, int64_t end) {
+  WorkQueue queue(n * c, grain);
+  queue.run([&](int64_t, WorkQueue& wq) {
     std::vector<T> colv(hp * wp * P);
     std::vector<typename Simd<T>::IS> coly(hp * wp * P);
+    for (int64_t begin, end; wq.take(&begin, &end);)
     for (int64_t i = begin; i < end; ++i) {
       const int64_t ch = i % c;
       pool_plane_nchw<T, P>(z + i * hc * wc, wc, s[ch], b[ch], slope, leaky, y + i * hp * wp, sw + i * hp * wp,
@@ -210,9 +213,11 @@ void epilogue_nhwc(const T* z, const T* s, const T* b, int64_t n, int64_t c, int
                    bool leaky, T* y, uint8_t* sw) {
   const int64_t hp = hc / P, wp = wc / P;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, c * wc));
-  at::parallel_for(0, n * hp, grain, [&](int64_t begin, int64_t end) {
+  WorkQueue queue(n * hp, grain);
+  queue.run([&](int64_t, WorkQueue& wq) {
     std::vector<T> mx(c);
     std::vector<uint8_t> id(c);
+    for (int64_t begin, end; wq.take(&begin, &end);)
     for (int64_t i = begin; i < end; ++i) {
       const int64_t in = i / hp, py = i % hp;
       const int64_t base = in * c * hp * wp + py * wp;

@@ -17,6 +17,7 @@
 
 #include "cpu/cpu_ops.h"
 #include "cpu/simd.h"
+#include "cpu/work_queue.h"
 
 namespace drmm {
 namespace cpu {
@@ -147,12 +148,13 @@ at::Tensor masked_map(const at::Tensor& mu, const at::Tensor& switches, const st
   const at::Tensor sc = scale.has_value() ? scale->contiguous() : at::Tensor();
   const T* scp = scale.has_value() ? sc.data_ptr<T>() : nullptr;
   const T ts = static_cast<T>(slope);
-  at::parallel_for(0, m.size(0) * c, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane)),
-                   [&](int64_t b, int64_t e) {
-                     for (int64_t i = b; i < e; ++i)
-                       mask_plane(mp + i * plane, sp + i * plane, ts, scp ? scp[i % c] : T(1), scp != nullptr,
-                                  gp + i * plane, plane);
-                   });
+  WorkQueue queue(m.size(0) * c, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane)));
+  queue.run([&](int64_t, WorkQueue& q) {
+    for (int64_t b, e; q.take(&b, &e);)
+      for (int64_t i = b; i < e; ++i)
+        mask_plane(mp + i * plane, sp + i * plane, ts, scp ? scp[i % c] : T(1), scp != nullptr, gp + i * plane,
+                   plane);
+  });
   return g;
 }
 
@@ -174,14 +176,15 @@ void render_sparse(const Geometry& g, const T* mu, const uint8_t* sw, const T* w
   const int64_t fit = 32768 / static_cast<int64_t>(sizeof(T) * W * std::max<int64_t>(1, g.co));
   int64_t chunk = W * (fit >= 16 ? 16 : fit >= 12 ? 12 : fit >= 8 ? 8 : fit >= 6 ? 6 : 4);
   if (chunk >= row_len) chunk = row_len;
-  at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
+  WorkQueue queue(g.n, 1);
+  queue.run([&](int64_t, WorkQueue& wq) {
     std::vector<T> buf(hb * wb * g.ci);
     // All (position, offset) buckets of one sample, stored compactly: bucket b holds entries
     // [start[b], start[b] + count[b]) of coef / ptr.
     std::vector<T> coef(plane * g.co), tmp_coef(p2 * g.co);
     std::vector<const T*> ptr(plane * g.co), tmp_ptr(p2 * g.co);
     std::vector<int> start(plane * p2), count(plane * p2);
-    for (int64_t n = begin; n < end; ++n) {
+    for (int64_t n, n_end; wq.take(&n, &n_end);) {
       std::fill(buf.begin(), buf.end(), T(0));
       const T* mun = mu + n * g.co * plane;
       const uint8_t* swn = sw + n * g.co * plane;
@@ -259,9 +262,10 @@ void gather_sparse(const Geometry& g, const at::Tensor& src, const T* srcp, cons
   const int64_t p2 = g.pool * g.pool, plane = g.hp * g.wp;
   const int64_t hs = g.h + 2 * g.padding, ws = g.w + 2 * g.padding;
   const int64_t row_len = g.kw * g.ci;
-  at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
+  WorkQueue queue(g.n, 1);
+  queue.run([&](int64_t, WorkQueue& wq) {
     std::vector<T> buf(hs * ws * g.ci);
-    for (int64_t n = begin; n < end; ++n) {
+    for (int64_t n, n_end; wq.take(&n, &n_end);) {
       load_padded_nhwc(src, srcp, n, g.padding, hs, ws, buf.data());
       for (int64_t c = 0; c < g.co; ++c) {
         const uint8_t* swc = sw + (n * g.co + c) * plane;
@@ -297,14 +301,15 @@ void wgrad_sparse(const Geometry& g, const at::Tensor& src, const T* srcp, const
   const int64_t p2 = g.pool * g.pool, plane = g.hp * g.wp;
   const int64_t hs = g.h + 2 * g.padding, ws = g.w + 2 * g.padding;
   const int64_t row_len = g.kw * g.ci, wsize = g.co * g.kh * row_len;
-  at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+  WorkQueue queue(g.n, 1);
+  TORCH_CHECK(queue.workers() <= nchunks, "drmm_C.render_wgrad: more workers than partial buffers");
+  queue.run([&](int64_t worker, WorkQueue& wq) {
     std::vector<T> buf(hs * ws * g.ci);
     std::vector<T> coef(plane);
     std::vector<const T*> ptr(plane);
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      T* dw = partial + chunk * wsize;
-      const int64_t n0 = chunk * g.n / nchunks, n1 = (chunk + 1) * g.n / nchunks;
-      for (int64_t n = n0; n < n1; ++n) {
+    T* dw = partial + worker * wsize;
+    {
+      for (int64_t n, n_end; wq.take(&n, &n_end);) {
         load_padded_nhwc(src, srcp, n, g.padding, hs, ws, buf.data());
         for (int64_t c = 0; c < g.co; ++c) {
           const T* muc = mu + (n * g.co + c) * plane;
@@ -348,14 +353,15 @@ void wgrad_sparse_chunked(const Geometry& g, const at::Tensor& src, const T* src
   const int64_t cch = (g.ci + W - 1) / W, cbuf = hs * ws * W;
   const int64_t wsize = g.co * cch * K * K * W;
   const int64_t sn = src.stride(0), sc = src.stride(1), sh = src.stride(2), sx = src.stride(3);
-  at::parallel_for(0, nthr, 1, [&](int64_t begin, int64_t end) {
+  WorkQueue queue(g.n, 1);
+  TORCH_CHECK(queue.workers() <= nthr, "drmm_C.render_wgrad: more workers than partial buffers");
+  queue.run([&](int64_t worker, WorkQueue& wq) {
     std::vector<T> buf(cch * cbuf);
     std::vector<T> coef(plane);
     std::vector<int64_t> base(plane);
-    for (int64_t t = begin; t < end; ++t) {
-      T* dw = partial + t * wsize;
-      const int64_t n0 = t * g.n / nthr, n1 = (t + 1) * g.n / nthr;
-      for (int64_t n = n0; n < n1; ++n) {
+    T* dw = partial + worker * wsize;
+    {
+      for (int64_t n, n_end; wq.take(&n, &n_end);) {
         std::fill(buf.begin(), buf.end(), T(0));
         const T* img = srcp + n * sn;
         for (int64_t c = 0; c < g.ci; ++c) {
