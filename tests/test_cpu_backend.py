@@ -293,3 +293,39 @@ def test_backend_is_used_by_public_ops():
     yr, swr = R.conv_relu_pool(x, wt, None, None, 1, 1, 2, 0.0)
     torch.testing.assert_close(y, yr)
     torch.testing.assert_close(xh, R.render(y, sw, wt, None, 1, 1, 2, (9, 9), 0.0))
+
+
+@pytest.mark.parametrize("kernel", [(1, 3), (3, 5), (2, 2)])
+def test_non_square_and_even_kernels(kernel):
+    gen = torch.Generator().manual_seed(kernel[0] * 10 + kernel[1])
+    x = torch.randn(2, 9, 10, 11, generator=gen, dtype=torch.float64)
+    wt = torch.randn(5, 9, *kernel, generator=gen, dtype=torch.float64)
+    y, sw = cb.conv_relu_pool(x, wt, None, None, 1, 1, 2, 0.1)
+    yr, swr = R.conv_relu_pool(x, wt, None, None, 1, 1, 2, 0.1)
+    torch.testing.assert_close(y, yr)
+    mu = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(cb.render(mu, sw, wt, None, 1, 1, 2, (10, 11), 0.1),
+                               R.render(mu, sw, wt, None, 1, 1, 2, (10, 11), 0.1))
+    torch.testing.assert_close(cb.render_wgrad(x, mu, sw, None, 1, 1, 2, 0.1, kernel),
+                               R.render_wgrad(x, mu, sw, None, 1, 1, 2, 0.1, kernel))
+    torch.testing.assert_close(cb.gather_conv(x, wt, sw, 1, 1, 2), R.gather_conv(x, wt, sw, 1, 1, 2))
+
+
+def test_single_thread_matches_two_threads():
+    # The work queue hands samples to whichever worker is free; results must not depend on it.
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 16, 9, 9, generator=gen, dtype=torch.float64)
+    wt = torch.randn(8, 16, 3, 3, generator=gen, dtype=torch.float64)
+    y, sw = cb.conv_relu_pool(x, wt, None, None, 1, 1, 2, 0.0)
+    mu = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append((cb.render(mu, sw, wt, None, 1, 1, 2, (9, 9), 0.0),
+                          cb.render_wgrad(x, mu, sw, None, 1, 1, 2, 0.0, (3, 3))))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(outs[0][1], outs[1][1])
