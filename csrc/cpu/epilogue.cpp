@@ -75,7 +75,7 @@ void pool_plane_nchw(const T* __restrict__ z, int64_t wc, T s, T b, T slope, boo
       neg = (neg == neg) ? neg : V{};
       vstore(y + q, (pos | (m != m)) ? m : neg);
       const I code = pos & 0x80;
-      for (int l = 0; l < W; ++l) sw[q + l] = static_cast<uint8_t>(code[l]);
+      store_bytes<T>(sw + q, code);
     }
     for (; q < len; ++q) {
       const T m = z[q] * s + b;
@@ -138,7 +138,7 @@ void pool_plane_nchw(const T* __restrict__ z, int64_t wc, T s, T b, T slope, boo
     neg = (neg == neg) ? neg : V{};
     vstore(y + q, (pos | (m != m)) ? m : neg);
     const I code = o | (pos & 0x80);
-    for (int l = 0; l < W; ++l) sw[q + l] = static_cast<uint8_t>(code[l]);
+    store_bytes<T>(sw + q, code);
   }
 #endif
   for (; q < q_end; ++q) {

@@ -171,6 +171,14 @@ inline void dot_accumulate(const T* a, const T* b, int64_t len, typename Simd<T>
   if (j < len) dot_tail(a + j, b + j, len - j, acc);
 }
 
+// Narrows the W lanes of an integer vector (values 0..255) to W bytes at dst (one vpmovdb / vpmovqb).
+template <typename T>
+inline void store_bytes(uint8_t* dst, typename Simd<T>::I v) {
+  typedef uint8_t B __attribute__((vector_size(Simd<T>::W)));
+  const B b = __builtin_convertvector(v, B);
+  std::memcpy(dst, &b, sizeof(b));
+}
+
 template <typename T>
 inline T hsum(typename Simd<T>::V v) {
   T s = 0;
