@@ -302,12 +302,13 @@ void wgrad_sparse(const Geometry& g, const at::Tensor& src, const T* srcp, const
   const int64_t hs = g.h + 2 * g.padding, ws = g.w + 2 * g.padding;
   const int64_t row_len = g.kw * g.ci, wsize = g.co * g.kh * row_len;
   WorkQueue queue(g.n, 1);
-  TORCH_CHECK(queue.workers() <= nchunks, "drmm_C.render_wgrad: more workers than partial buffers");
+  TORCH_CHECK(queue.workers() == nchunks, "drmm_C.render_wgrad: one partial buffer per worker expected");
   queue.run([&](int64_t worker, WorkQueue& wq) {
     std::vector<T> buf(hs * ws * g.ci);
     std::vector<T> coef(plane);
     std::vector<const T*> ptr(plane);
     T* dw = partial + worker * wsize;
+    std::fill(dw, dw + wsize, T(0));  // this worker's private accumulator
     {
       for (int64_t n, n_end; wq.take(&n, &n_end);) {
         load_padded_nhwc(src, srcp, n, g.padding, hs, ws, buf.data());
@@ -354,12 +355,13 @@ void wgrad_sparse_chunked(const Geometry& g, const at::Tensor& src, const T* src
   const int64_t wsize = g.co * cch * K * K * W;
   const int64_t sn = src.stride(0), sc = src.stride(1), sh = src.stride(2), sx = src.stride(3);
   WorkQueue queue(g.n, 1);
-  TORCH_CHECK(queue.workers() <= nthr, "drmm_C.render_wgrad: more workers than partial buffers");
+  TORCH_CHECK(queue.workers() == nthr, "drmm_C.render_wgrad: one partial buffer per worker expected");
   queue.run([&](int64_t worker, WorkQueue& wq) {
     std::vector<T> buf(cch * cbuf);
     std::vector<T> coef(plane);
     std::vector<int64_t> base(plane);
     T* dw = partial + worker * wsize;
+    std::fill(dw, dw + wsize, T(0));  // this worker's private accumulator
     {
       for (int64_t n, n_end; wq.take(&n, &n_end);) {
         std::fill(buf.begin(), buf.end(), T(0));
@@ -509,7 +511,8 @@ at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::T
   std::atomic<bool> bad{false};
   if (chunked) {
     const int64_t cch = (g.ci + lanes - 1) / lanes;
-    at::Tensor partial = at::zeros({nchunks, g.co, cch, kernel_h, kernel_w, lanes}, src.options());
+    at::Tensor partial = at::empty({nchunks, g.co, cch, kernel_h, kernel_w, lanes}, src.options());
+    at::Tensor out = at::empty({g.co, g.ci, kernel_h, kernel_w}, src.options());
     AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "drmm_cpu_render_wgrad_chunked", [&] {
       const at::Tensor m = mu.contiguous(), s = switches.contiguous();
       const at::Tensor sc = scale.has_value() ? scale->contiguous() : at::Tensor();
@@ -523,16 +526,25 @@ at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::T
       if (kernel_h == 1) run(std::integral_constant<int, 1>{});
       else if (kernel_h == 3) run(std::integral_constant<int, 3>{});
       else run(std::integral_constant<int, 5>{});
+      // Sum the per-worker partials, [co][ci / lanes][kh][kw][ci % lanes] -> [co][ci][kh][kw]. Small
+      // (one weight per worker); serial, so it adds no parallel region to the call.
+      const scalar_t* pp = partial.data_ptr<scalar_t>();
+      scalar_t* op = out.data_ptr<scalar_t>();
+      const int64_t kk = kernel_h * kernel_w, wsize = g.co * cch * kk * lanes;
+      for (int64_t co = 0; co < g.co; ++co)
+        for (int64_t ci = 0; ci < g.ci; ++ci)
+          for (int64_t t = 0; t < kk; ++t) {
+            const int64_t idx = ((co * cch + ci / lanes) * kk + t) * lanes + ci % lanes;
+            scalar_t acc = 0;
+            for (int64_t w = 0; w < nchunks; ++w) acc += pp[w * wsize + idx];
+            op[(co * g.ci + ci) * kk + t] = acc;
+          }
     });
     raise_bad_offset("render_wgrad", bad, pool);
-    // [co][chunk][kh][kw][lane] -> [co][ci][kh][kw]
-    return partial.sum(0)
-        .permute({0, 1, 4, 2, 3})
-        .reshape({g.co, cch * lanes, kernel_h, kernel_w})
-        .narrow(1, 0, g.ci)
-        .contiguous();
+    return out;
   }
-  at::Tensor partial = at::zeros({nchunks, g.co, kernel_h, kernel_w, g.ci}, src.options());
+  at::Tensor partial = at::empty({nchunks, g.co, kernel_h, kernel_w, g.ci}, src.options());
+  at::Tensor out = at::empty({g.co, g.ci, kernel_h, kernel_w}, src.options());
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "drmm_cpu_render_wgrad", [&] {
     const at::Tensor m = mu.contiguous(), s = switches.contiguous();
     const at::Tensor sc = scale.has_value() ? scale->contiguous() : at::Tensor();
@@ -540,9 +552,21 @@ at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::T
                                 static_cast<scalar_t>(negative_slope), negative_slope > 0.0};
     wgrad_sparse<scalar_t>(g, src, src.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(), s.data_ptr<uint8_t>(), mask,
                            partial.data_ptr<scalar_t>(), nchunks, bad);
+    // [worker][co][kh][kw][ci] -> sum over workers, [co][ci][kh][kw].
+    const scalar_t* pp = partial.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t kk = kernel_h * kernel_w, wsize = g.co * kk * g.ci;
+    for (int64_t co = 0; co < g.co; ++co)
+      for (int64_t ci = 0; ci < g.ci; ++ci)
+        for (int64_t t = 0; t < kk; ++t) {
+          const int64_t idx = (co * kk + t) * g.ci + ci;
+          scalar_t acc = 0;
+          for (int64_t w = 0; w < nchunks; ++w) acc += pp[w * wsize + idx];
+          op[(co * g.ci + ci) * kk + t] = acc;
+        }
   });
   raise_bad_offset("render_wgrad", bad, pool);
-  return partial.sum(0).permute({0, 3, 1, 2}).contiguous();
+  return out;
 }
 
 }  // namespace cpu
