@@ -18,7 +18,7 @@ _extension.load()
 def status() -> Tuple[bool, str]:
     if not _extension.load():
         return False, _extension.error()
-    return True, "C++ kernels (drmm_kernels._C, at::parallel_for); float32/float64, other dtypes via reference"
+    return True, "C++ kernels (drmm_kernels._C); float32/float64, other dtypes via reference"
 
 
 def supports(device: torch.device) -> bool:

@@ -294,7 +294,8 @@ void gather_sparse(const Geometry& g, const at::Tensor& src, const T* srcp, cons
 
 // ------------------------------------------------------------------------------------- render_wgrad
 
-// dWt[co][kh][kw][ci] accumulated per chunk of samples in a private buffer (no atomics), summed after.
+// dWt[co][kh][kw][ci] accumulated per worker (over the samples it takes) in a private buffer (no atomics),
+// summed by the caller.
 template <typename T>
 void wgrad_sparse(const Geometry& g, const at::Tensor& src, const T* srcp, const T* mu, const uint8_t* sw,
                   const Masker<T>& mask, T* partial, int64_t nchunks, std::atomic<bool>& bad) {
