@@ -3,6 +3,7 @@
     drmm train --config configs/demo.yaml [--set key=value ...] [--resume] [--run-dir DIR] [--data-dir DIR]
     drmm eval RUN_DIR [--checkpoint best|last]
     drmm render RUN_DIR [--num 8] [--checkpoint best|last]
+    drmm sample RUN_DIR [--class c] [--num N]                    (drmm/sample.py)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import yaml
 
 def _load_run(run_dir: Path, checkpoint: str, data_dir: Optional[str], device: str):
     from . import train as T
+    from .priors import load_model_state
 
     run_dir = Path(run_dir)
     cfg_path, ckpt_path = run_dir / "config.yaml", run_dir / f"{checkpoint}.pt"
@@ -33,7 +35,7 @@ def _load_run(run_dir: Path, checkpoint: str, data_dir: Optional[str], device: s
     data = T.load_data(cfg, dev)
     model = T.model_from_config(cfg, data.image_shape, data.num_classes).to(dev)
     ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
-    model.load_state_dict(ckpt["model"])
+    load_model_state(model, ckpt["model"])   # tolerates checkpoints from before the switch priors
     model.eval()
     return cfg, data, model, ckpt
 
@@ -68,6 +70,10 @@ def cmd_eval(args) -> int:
     err = T.evaluate(model, data, 0, cfg.eval_batch_size)
     print(f"[drmm] {args.run_dir} ({args.checkpoint}.pt, step {ckpt['step']}): test error {err:.2f} % "
           f"on {len(data.test_labels)} test images")
+    from .metrics import clustering_report, predict_test   # the predicted class read as a cluster id
+    report = clustering_report(data.test_labels.cpu().numpy(), predict_test(model, data, cfg.eval_batch_size))
+    print(f"[drmm] clustering: accuracy {100 * report['cluster_acc']:.2f} % (Hungarian-matched), "
+          f"NMI {report['nmi']:.4f}, ARI {report['ari']:.4f}")
     return 0
 
 
@@ -114,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="render the predicted class's template or the true label's")
             p.add_argument("--out-dir", help="where the PNGs go (default: the run dir)")
         p.set_defaults(func=func)
+    from .sample import add_sample_parser  # `drmm sample RUN_DIR --class c`: draws from the switch priors
+    add_sample_parser(sub)
     return parser
 
 

@@ -16,6 +16,7 @@ statistics are updated from the global statistics with the global count, as one 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Tuple
 
 import torch
@@ -73,8 +74,9 @@ class SyncFusedConvBNReLUPool2d(dk.FusedConvBNReLUPool2d):
         bn = self.bn
         if not (bn.training and is_distributed()):
             return super().forward(x, return_switches)
-        import torch.distributed.nn.functional as dist_nn
+        import torch.distributed.nn.functional as dist_nn   # the differentiable all_reduce (backward = all_reduce)
 
+        warnings.filterwarnings("ignore", message=".*all_reduce is deprecated", category=FutureWarning)
         z = F.conv2d(x, self.conv.weight, None, self.conv.stride, self.conv.padding)
         count = dist_nn.all_reduce(z.new_tensor([float(z.numel() // z.shape[1])]))
         mean = dist_nn.all_reduce(z.sum((0, 2, 3))) / count

@@ -1,0 +1,152 @@
+"""Drawing images top-down from a trained DRMM/DRFM, and class appearance models (model-spec §8).
+
+Sampler (the derived sampler of model-spec §8; the authors' code keeps the priors but has no sampler): choose the
+class c; start from the template mu_c (DRFM: mu_c + Lambda_c z with z ~ N(0, I)); for each layer from the top:
+draw each pooling window's offset t ~ Cat(pi_t) and its render switch a ~ Bern(pi_a) from the layer's switch priors
+(drmm/priors.py), unpool at t, mask by a, transposed conv with the layer's filters, and ReLU between layers
+(NN-DRMM: rendered templates are nonnegative, [P16] §3.2).
+
+Class appearance model ([P16] §3.4): mu_c rendered with the most probable switch configuration (the argmax offset
+of pi_t and a = [pi_a > 0.5] at every window), i.e. the template under the prior's most likely rendering path.
+
+    drmm sample RUN_DIR [--class c] [--num N] [--checkpoint last|best]   -> samples_class<c>.png, class_appearance.png
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import drmm_kernels as dk
+
+from .drfm import DRFM
+from .model import DRMM
+from .priors import ON_BIT, pooled_sizes, prior_buffers
+
+
+def input_sizes(model: DRMM) -> List[tuple]:
+    sizes, hw = [], tuple(model.image_size)
+    for spec, pooled in zip(model.specs, pooled_sizes(model)):
+        sizes.append(hw)
+        hw = pooled
+    return sizes
+
+
+@torch.no_grad()
+def draw_switches(model: DRMM, num: int, generator: Optional[torch.Generator] = None,
+                  most_probable: bool = False) -> List[Tensor]:
+    """Per layer, (num, C, H, W) uint8 switch maps drawn from the priors (or their mode)."""
+    switches = []
+    for i, spec in enumerate(model.specs):
+        pi_t, pi_a = prior_buffers(model, i)
+        if most_probable:
+            offsets = pi_t.argmax(-1).expand(num, *pi_a.shape)
+            on = (pi_a > 0.5).expand(num, *pi_a.shape)
+        else:
+            flat = pi_t.reshape(-1, pi_t.shape[-1]).float().cpu()
+            offsets = torch.multinomial(flat, num, replacement=True, generator=generator)   # (C*H*W, num)
+            offsets = offsets.t().reshape(num, *pi_a.shape)
+            on = torch.rand(num, *pi_a.shape, generator=generator) < pi_a.float().cpu()
+        sw = offsets.to(torch.uint8) | (on.to(torch.uint8) * ON_BIT)
+        switches.append(sw.to(pi_t.device))
+    return switches
+
+
+@torch.no_grad()
+def render_with_switches(model: DRMM, templates: Tensor, switches: Sequence[Tensor], relu_between: bool = True
+                         ) -> Tensor:
+    """Render top signals (N, *top_shape) through the given switches, ReLU between layers (NN-DRMM)."""
+    mu, sizes = templates, input_sizes(model)
+    for i in reversed(range(len(model.specs))):
+        spec, layer = model.specs[i], model.convs[i]
+        if relu_between:
+            mu = F.relu(mu)
+        if spec.pool == "mean":
+            mu = model.mean_unpool(mu, model.map_sizes[i])
+        mu = dk.render(mu, switches[i], model.conv_weight(layer), None, padding=spec.pad, pool=spec.fused_pool,
+                       out_size=sizes[i], negative_slope=spec.negative_slope)
+    return mu
+
+
+@torch.no_grad()
+def sample_images(model: DRMM, classes: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Images drawn top-down from the switch priors for each entry of ``classes`` (N,)."""
+    if isinstance(model, DRFM):
+        templates = model.sample_templates(classes.cpu(), generator).to(model.readout.weight)
+    else:
+        templates = model.class_templates(classes)
+    return render_with_switches(model, templates, draw_switches(model, len(classes), generator))
+
+
+@torch.no_grad()
+def class_appearance(model: DRMM) -> Tensor:
+    """mu_c of every class rendered with the prior's most probable switches, (C, *image)."""
+    classes = torch.arange(model.num_classes, device=model.readout.weight.device)
+    switches = draw_switches(model, len(classes), most_probable=True)
+    return render_with_switches(model, model.class_templates(classes), switches)
+
+
+def save_image_grid(images: Tensor, path: Path, titles: Optional[Sequence[str]] = None, ncols: int = 8) -> Path:
+    """A grid of images, each scaled to its own range (renders have arbitrary scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .render import _save, _to_display
+
+    n = len(images)
+    ncols = min(ncols, n)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.3 * ncols, 1.4 * nrows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.set_xticks([]), ax.set_yticks([])
+        if k < n:
+            ax.imshow(_to_display(images[k]), cmap="gray")
+            if titles is not None:
+                ax.set_title(titles[k], fontsize=8)
+        else:
+            ax.axis("off")
+    return _save(fig, Path(path))
+
+
+def cmd_sample(args) -> int:
+    from .cli import _load_run
+
+    cfg, data, model, ckpt = _load_run(Path(args.run_dir), args.checkpoint, args.data_dir, args.device)
+    if args.num < 1:
+        raise SystemExit(f"error: --num must be >= 1, got {args.num}")
+    if args.class_ is not None and not 0 <= args.class_ < model.num_classes:
+        raise SystemExit(f"error: --class must be in 0..{model.num_classes - 1}, got {args.class_}")
+    out_dir = Path(args.out_dir or args.run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(args.seed)
+    dev = model.readout.weight.device
+    if args.class_ is None:   # a class per sample, uniform (the readout bias is a relaxed, not a fitted, prior)
+        classes = torch.randint(0, model.num_classes, (args.num,), generator=g).to(dev)
+        name = "samples.png"
+    else:
+        classes = torch.full((args.num,), args.class_, dtype=torch.long, device=dev)
+        name = f"samples_class{args.class_}.png"
+    images = sample_images(model, classes, g)
+    p1 = save_image_grid(images, out_dir / name, [f"c={int(c)}" for c in classes])
+    p2 = save_image_grid(class_appearance(model), out_dir / "class_appearance.png",
+                         [f"class {c}" for c in range(model.num_classes)], ncols=model.num_classes)
+    print(f"[drmm] wrote {p1} ({args.num} samples from the switch priors) and {p2} (class appearance models)")
+    return 0
+
+
+def add_sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="draw images top-down from the switch priors; class appearance models")
+    p.add_argument("run_dir")
+    p.add_argument("--class", dest="class_", type=int, default=None, help="class to sample (default: uniform)")
+    p.add_argument("--num", type=int, default=16, help="number of samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", choices=("best", "last"), default="last")
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default="config", help="device (default: the run's config)")
+    p.add_argument("--out-dir", help="where the PNGs go (default: the run dir)")
+    p.set_defaults(func=cmd_sample)
