@@ -112,8 +112,16 @@ def _impl(device: torch.device, op: str):
     return backends.primitive(backends.resolve(device), device, op)
 
 
-def _act_factor(switches: Tensor, negative_slope: float, dtype: torch.dtype) -> Tensor:
-    return reference.activation_factor(switches, negative_slope, dtype)
+def _act(g: Tensor, switches: Tensor, negative_slope: float) -> Tensor:
+    """``g`` times the activation derivative at each window max (1 where the a bit is on, else the slope).
+
+    Written as a masked fill rather than a multiply by a factor tensor: at full resolution (pool=1) this
+    glue is on the backward's critical path, and the fill is one pass over a uint8 mask.
+    """
+    off = switches < 0x80
+    if negative_slope == 0.0:
+        return g.masked_fill(off, 0)
+    return torch.where(off, g * negative_slope, g)
 
 
 def _channel_sum(t: Tensor) -> Tensor:
@@ -189,7 +197,7 @@ def _wgrad_backward(ctx, gw):
     if need_src:
         gsrc = _render(mu, switches, gw, scale, stride, padding, pool, h, w, slope)
     if need_mu or need_scale:
-        at = _gather_conv(src, gw, switches, stride, padding, pool) * _act_factor(switches, slope, mu.dtype)
+        at = _act(_gather_conv(src, gw, switches, stride, padding, pool), switches, slope)
         if need_mu:
             gmu = at if scale is None else at * scale.view(1, -1, 1, 1)
         if need_scale and scale is not None:
@@ -235,7 +243,7 @@ def _crp_backward(ctx, gy, _gsw):
     if need_w:
         gw = _render_wgrad(x, gy, switches, scale, stride, padding, pool, slope, weight.shape[-2], weight.shape[-1])
     if need_scale or need_shift:
-        gact = gy * _act_factor(switches, slope, gy.dtype)
+        gact = _act(gy, switches, slope)
         if need_shift and ctx.has_shift:
             gshift = _channel_sum(gact)
         if need_scale and scale is not None:
@@ -295,8 +303,7 @@ def _render_backward(ctx, gout):
     gmu = gw = gscale = None
     gout = gout.contiguous()
     if need_mu or need_scale:
-        fac = _act_factor(switches, slope, gout.dtype)
-        at = _gather_conv(gout, weight, switches, stride, padding, pool) * fac
+        at = _act(_gather_conv(gout, weight, switches, stride, padding, pool), switches, slope)
         if need_mu:
             gmu = at if scale is None else at * scale.view(1, -1, 1, 1)
         if need_scale and scale is not None:
@@ -432,7 +439,7 @@ def _bn_backward(ctx, gy, _gsw, _gmean, _gvar, _gz):
     acc = torch.promote_types(x.dtype, torch.float32)
     invstd = torch.rsqrt(var.to(acc) + eps)
     gamma = bn_weight.to(acc) if bn_weight is not None else torch.ones_like(invstd)
-    gact = gy.to(acc) * _act_factor(switches, slope, acc)          # dL/dv at each window max
+    gact = _act(gy.to(acc), switches, slope)                         # dL/dv at each window max
     s1 = _channel_sum(gact)                                          # = d beta
     gx = gw = ggamma = gbeta = None
     if training:

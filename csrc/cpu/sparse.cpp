@@ -294,24 +294,25 @@ void gather_sparse(const Geometry& g, const at::Tensor& src, const T* srcp, cons
 
 // ------------------------------------------------------------------------------------- render_wgrad
 
-// dWt[co][kh][kw][ci] accumulated per worker (over the samples it takes) in a private buffer (no atomics),
-// summed by the caller.
+// dWt[co][kh][kw][ci] accumulated per chunk of samples in a private buffer (no atomics), summed by the
+// caller in chunk order. The chunks are fixed by the batch size alone, so the result is bitwise the same
+// whatever the thread count or scheduling (exact training resume depends on it).
 template <typename T>
 void wgrad_sparse(const Geometry& g, const at::Tensor& src, const T* srcp, const T* mu, const uint8_t* sw,
                   const Masker<T>& mask, T* partial, int64_t nchunks, std::atomic<bool>& bad) {
   const int64_t p2 = g.pool * g.pool, plane = g.hp * g.wp;
   const int64_t hs = g.h + 2 * g.padding, ws = g.w + 2 * g.padding;
   const int64_t row_len = g.kw * g.ci, wsize = g.co * g.kh * row_len;
-  WorkQueue queue(g.n, 1);
-  TORCH_CHECK(queue.workers() == nchunks, "drmm_C.render_wgrad: one partial buffer per worker expected");
+  WorkQueue queue(nchunks, 1);  // workers take whole sample chunks, so the sums do not depend on scheduling
   queue.run([&](int64_t worker, WorkQueue& wq) {
     std::vector<T> buf(hs * ws * g.ci);
     std::vector<T> coef(plane);
     std::vector<const T*> ptr(plane);
-    T* dw = partial + worker * wsize;
-    std::fill(dw, dw + wsize, T(0));  // this worker's private accumulator
-    {
-      for (int64_t n, n_end; wq.take(&n, &n_end);) {
+    (void)worker;
+    for (int64_t chunk, chunk_end; wq.take(&chunk, &chunk_end);) {
+      T* dw = partial + chunk * wsize;
+      std::fill(dw, dw + wsize, T(0));  // this sample chunk's private accumulator
+      for (int64_t n = chunk * g.n / nchunks, n_end = (chunk + 1) * g.n / nchunks; n < n_end; ++n) {
         load_padded_nhwc(src, srcp, n, g.padding, hs, ws, buf.data());
         for (int64_t c = 0; c < g.co; ++c) {
           const T* muc = mu + (n * g.co + c) * plane;
@@ -347,7 +348,7 @@ void wgrad_sparse(const Geometry& g, const at::Tensor& src, const T* srcp, const
 // (K*K loads from L1 per entry instead of K rows of K*C_in values from L2).
 template <typename T, int K>
 void wgrad_sparse_chunked(const Geometry& g, const at::Tensor& src, const T* srcp, const T* mu, const uint8_t* sw,
-                          const Masker<T>& mask, T* partial, int64_t nthr, std::atomic<bool>& bad) {
+                          const Masker<T>& mask, T* partial, int64_t nchunks, std::atomic<bool>& bad) {
   using V = typename Simd<T>::V;
   constexpr int W = Simd<T>::W;
   const int64_t p2 = g.pool * g.pool, plane = g.hp * g.wp;
@@ -355,16 +356,16 @@ void wgrad_sparse_chunked(const Geometry& g, const at::Tensor& src, const T* src
   const int64_t cch = (g.ci + W - 1) / W, cbuf = hs * ws * W;
   const int64_t wsize = g.co * cch * K * K * W;
   const int64_t sn = src.stride(0), sc = src.stride(1), sh = src.stride(2), sx = src.stride(3);
-  WorkQueue queue(g.n, 1);
-  TORCH_CHECK(queue.workers() == nthr, "drmm_C.render_wgrad: one partial buffer per worker expected");
+  WorkQueue queue(nchunks, 1);
   queue.run([&](int64_t worker, WorkQueue& wq) {
     std::vector<T> buf(cch * cbuf);
     std::vector<T> coef(plane);
     std::vector<int64_t> base(plane);
-    T* dw = partial + worker * wsize;
-    std::fill(dw, dw + wsize, T(0));  // this worker's private accumulator
-    {
-      for (int64_t n, n_end; wq.take(&n, &n_end);) {
+    (void)worker;
+    for (int64_t chunk, chunk_end; wq.take(&chunk, &chunk_end);) {
+      T* dw = partial + chunk * wsize;
+      std::fill(dw, dw + wsize, T(0));  // this sample chunk's private accumulator
+      for (int64_t n = chunk * g.n / nchunks, n_end = (chunk + 1) * g.n / nchunks; n < n_end; ++n) {
         std::fill(buf.begin(), buf.end(), T(0));
         const T* img = srcp + n * sn;
         for (int64_t c = 0; c < g.ci; ++c) {
@@ -505,7 +506,10 @@ at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::T
                                           {1, 1}, false, {0, 0}, 1, {false, true, false});
     return std::get<1>(grads).contiguous();
   }
-  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
+  // Fixed, thread-count independent: enough chunks to balance 2-8 threads dynamically, few enough that the
+  // per-chunk weight buffers stay small.
+  constexpr int64_t kWgradChunks = 8;
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(g.n, kWgradChunks));
   const int64_t lanes = src.scalar_type() == at::kDouble ? Simd<double>::W : Simd<float>::W;
   const bool chunked = kernel_h == kernel_w && (kernel_h == 1 || kernel_h == 3 || kernel_h == 5) &&
                        2 * g.ci >= lanes && (src.scalar_type() == at::kFloat || src.scalar_type() == at::kDouble);
@@ -527,7 +531,7 @@ at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::T
       if (kernel_h == 1) run(std::integral_constant<int, 1>{});
       else if (kernel_h == 3) run(std::integral_constant<int, 3>{});
       else run(std::integral_constant<int, 5>{});
-      // Sum the per-worker partials, [co][ci / lanes][kh][kw][ci % lanes] -> [co][ci][kh][kw]. Small
+      // Sum the per-chunk partials, [co][ci / lanes][kh][kw][ci % lanes] -> [co][ci][kh][kw]. Small
       // (one weight per worker); serial, so it adds no parallel region to the call.
       const scalar_t* pp = partial.data_ptr<scalar_t>();
       scalar_t* op = out.data_ptr<scalar_t>();
@@ -553,7 +557,7 @@ at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::T
                                 static_cast<scalar_t>(negative_slope), negative_slope > 0.0};
     wgrad_sparse<scalar_t>(g, src, src.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(), s.data_ptr<uint8_t>(), mask,
                            partial.data_ptr<scalar_t>(), nchunks, bad);
-    // [worker][co][kh][kw][ci] -> sum over workers, [co][ci][kh][kw].
+    // [chunk][co][kh][kw][ci] -> sum over chunks, [co][ci][kh][kw].
     const scalar_t* pp = partial.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t kk = kernel_h * kernel_w, wsize = g.co * kk * g.ci;
