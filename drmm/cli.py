@@ -4,6 +4,7 @@
     drmm eval RUN_DIR [--checkpoint best|last]
     drmm render RUN_DIR [--num 8] [--checkpoint best|last]
     drmm sample RUN_DIR [--class c] [--num N]                    (drmm/sample.py)
+    drmm experiment {table1,report,convergence,throughput} ...   (drmm/experiments.py)
 """
 
 from __future__ import annotations
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="render the predicted class's template or the true label's")
             p.add_argument("--out-dir", help="where the PNGs go (default: the run dir)")
         p.set_defaults(func=func)
+
+    from .experiments import add_experiment_parser  # `drmm experiment ...`: the paper's MNIST rows
+    add_experiment_parser(sub)
     from .sample import add_sample_parser  # `drmm sample RUN_DIR --class c`: draws from the switch priors
     add_sample_parser(sub)
     return parser

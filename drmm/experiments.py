@@ -1,0 +1,623 @@
+"""Reproducing the paper's MNIST numbers ([P16] Table 1 and §4), one command per row.
+
+    drmm experiment table1 --row drmm5-nn-kl --labels 100 --seeds 0,1,2 [--schedule cpu|full] [--out results/]
+    drmm experiment report [--out results/]
+    drmm experiment convergence --model rfm [--schedule cpu|full] [--threshold 1.5]
+    drmm experiment throughput [--model conv_small] [--batch 128]
+
+Every row is a shipped config (configs/*.yaml) plus a few overrides; ``drmm.train.train`` does the training, the
+final weights are evaluated on the test set (all 10 000 images unless told otherwise) and one line per seed is
+appended to ``<out>/table1.csv``. ``report`` turns that CSV into ``table1.md`` (the paper's number beside the mean
+± std over seeds) and ``table1_curves.png``. Rows that were not run say "not run": no number is ever filled in.
+
+Two schedules. ``full`` is the paper's protocol as the configs hold it (model-spec §5.1: Adam 1e-3 decaying to 1e-6,
+100 labeled + 100 unlabeled per batch, hundreds of epochs); ``--epochs N`` shortens it, keeping everything else,
+and is labelled ``full-Nep``. ``cpu`` is a few hundred steps on a 10 000-image prefix of the training set, sized for
+a 2-core CPU; it is the default where no GPU is visible, and its numbers are NOT comparable to the paper's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import train as T
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO / "configs"
+ALL_LABELS = "all"  # the supervised rows train on every training label
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    description: str
+    config: str                       # file in configs/; "{labels}" is replaced by N_L
+    paper: Dict[str, float]           # N_L (as a string, or "all") -> the paper's test error in %
+    overrides: Tuple[str, ...] = ()   # key=value on top of the config
+    supervised: bool = False          # trains on all 60K labels; --labels is "all"
+
+
+# The paper's plain DRMM/RFM rows have no KL and no non-negativity term; "NN+KL" is the row that adds them
+# ([P16] Table 1). The shipped semi-supervised configs carry both at 0.5, so the plain rows switch them off.
+WITHOUT_NN_KL = ("kl_weight=0", "nn_weight=0")
+
+ROWS: Dict[str, Row] = {r.name: r for r in [
+    Row("drmm5", "5-layer DRMM (Conv-Small), EG, semi-supervised, CE + RC",
+        "mnist-ssl-{labels}.yaml", {"100": 3.50, "600": 1.56, "1000": 1.67, "3000": 0.91}, WITHOUT_NN_KL),
+    Row("drmm5-nn-kl", "5-layer DRMM, EG, semi-supervised, CE + RC + KL + NN (the headline row)",
+        "mnist-ssl-{labels}.yaml", {"100": 0.57}),
+    Row("drmm2", "2-layer DRMM (stand-in architecture), EG, semi-supervised, CE + RC",
+        "mnist-drmm2-ssl-{labels}.yaml", {"100": 11.81, "600": 3.73, "1000": 2.88, "3000": 1.72}, WITHOUT_NN_KL),
+    Row("rfm", "RFM (1 layer, stand-in architecture), EG, semi-supervised, CE + RC",
+        "mnist-rfm-ssl-{labels}.yaml", {"100": 14.47, "600": 5.61, "1000": 4.67, "3000": 2.96}, WITHOUT_NN_KL),
+    Row("drmm5-unsup-pretr", "5-layer DRMM, unsupervised EG on all images, then supervised EG on the N_L labels",
+        "mnist-unsup-pretr-{labels}.yaml", {"100": 12.03, "600": 3.61, "1000": 2.73, "3000": 1.68}),
+    Row("rfm-sup", "RFM, EG, supervised (all labels)", "mnist-sup-rfm.yaml", {ALL_LABELS: 1.21}, supervised=True),
+    Row("rfm-convnet", "RFM architecture as a convnet, backprop on CE, supervised",
+        "mnist-sup-rfm-backprop.yaml", {ALL_LABELS: 1.30}, supervised=True),
+    Row("drmm5-sup", "5-layer DRMM, EG, supervised (all labels)", "mnist-sup-conv_small.yaml", {ALL_LABELS: 0.89},
+        supervised=True),
+    Row("drmm5-convnet", "Conv-Small convnet (DCN), backprop on CE, supervised",
+        "mnist-sup-conv_small-backprop.yaml", {ALL_LABELS: 0.81}, supervised=True),
+]}
+SSL_LABELS = ("100", "600", "1000", "3000")
+
+# The CPU-shortened schedule: CPU_STEPS steps on the first CPU_TRAIN_IMAGES training images, batch 64 (32 + 32 in
+# semi-supervised mode), a faster lr decay (3e-3 -> 3e-4, as configs/demo.yaml) because there are so few steps,
+# evaluations on the first 2000 test images during the run; the final weights are scored on the full test set.
+CPU_STEPS = 300
+CPU_TRAIN_IMAGES = 10_000
+CPU_OVERRIDES = {"max_train_samples": CPU_TRAIN_IMAGES, "batch_size": 64, "lr_init": 3e-3, "lr_final": 3e-4,
+                 "eval_samples": 2000, "eval_every_steps": 50, "max_steps": CPU_STEPS}
+
+CSV_FIELDS = ["row", "labels", "seed", "test_error", "best_error", "test_images", "epochs", "steps", "wall_s",
+              "device", "schedule", "git_commit", "config_hash", "run_dir", "finished_at"]
+
+
+# ---------------------------------------------------------------- schedules and configs
+
+
+def default_schedule() -> str:
+    return "full" if torch.cuda.is_available() else "cpu"
+
+
+def _steps_per_epoch(cfg: T.TrainConfig, num_train: int, epoch: int) -> int:
+    """Steps of ``epoch`` for a training set of ``num_train`` images, without loading the data."""
+    num_labeled = cfg.num_labeled or num_train
+    unlabeled = num_train if cfg.include_labeled_in_unlabeled or not cfg.num_labeled else num_train - num_labeled
+    plan = T.DataPlan(torch.arange(num_labeled), torch.arange(unlabeled), torch.arange(num_train))
+    return T.steps_in_epoch(cfg, plan, epoch)
+
+
+def epochs_run(cfg: T.TrainConfig, steps: int) -> float:
+    """Epochs (fractional) that ``steps`` training steps of ``cfg`` cover, on MNIST's 60K training images."""
+    num_train = min(cfg.max_train_samples or 60_000, 60_000)
+    epochs, epoch = 0.0, 0
+    while steps > 0 and epoch < cfg.epochs:
+        in_epoch = _steps_per_epoch(cfg, num_train, epoch)
+        epochs += min(steps, in_epoch) / in_epoch
+        steps -= in_epoch
+        epoch += 1
+    return epochs
+
+
+def schedule_overrides(cfg: T.TrainConfig, schedule: str, epochs: Optional[int] = None) -> Dict[str, Any]:
+    """Config changes that turn ``cfg`` (a shipped config) into the ``schedule`` version of the row."""
+    if schedule == "full":
+        if epochs is None:
+            return {}
+        changes: Dict[str, Any] = {"epochs": epochs}
+        if cfg.mode == "pretrain_finetune":  # keep the config's share of pre-training epochs
+            changes["pretrain_epochs"] = max(1, min(epochs - 1, round(epochs * cfg.pretrain_epochs / cfg.epochs)))
+        return changes
+    if schedule != "cpu":
+        raise ValueError(f"schedule must be 'cpu' or 'full', got {schedule!r}")
+    changes = dict(CPU_OVERRIDES)
+    short = dataclasses.replace(cfg, **changes)
+    # Enough epochs that the lr decay spans (about) the CPU_STEPS steps the run takes: the lr schedule is set by
+    # the epoch count, max_steps only cuts the run.
+    if cfg.mode == "pretrain_finetune":
+        short.pretrain_epochs = changes["pretrain_epochs"] = 1   # one unsupervised pass over the subset
+        pretrain_steps = _steps_per_epoch(short, CPU_TRAIN_IMAGES, 0)
+        finetune_steps = _steps_per_epoch(short, CPU_TRAIN_IMAGES, 1)
+        changes["epochs"] = 1 + max(1, math.ceil((CPU_STEPS - pretrain_steps) / finetune_steps))
+    else:
+        changes["epochs"] = max(1, math.ceil(CPU_STEPS / _steps_per_epoch(short, CPU_TRAIN_IMAGES, 0)))
+    return changes
+
+
+def schedule_label(schedule: str, cfg: T.TrainConfig, epochs: Optional[int], extra: Sequence[str]) -> str:
+    if schedule == "cpu":
+        label = f"cpu-{cfg.max_steps}steps-{cfg.max_train_samples // 1000}k"
+    else:
+        label = "full" if epochs is None else f"full-{epochs}ep"
+    return label + ("+" + ",".join(extra) if extra else "")
+
+
+def row_config(row: Row, labels: str, seed: int, schedule: str, epochs: Optional[int] = None,
+               extra: Sequence[str] = (), data_dir: Optional[str] = None, progress: bool = False) -> T.TrainConfig:
+    """The TrainConfig of one (row, N_L, seed, schedule) run."""
+    path = CONFIG_DIR / row.config.format(labels=labels)
+    if not path.is_file():
+        raise ValueError(f"row {row.name}: no config {path.name} for --labels {labels}")
+    base = [*row.overrides, f"seed={seed}", f"labeled_seed={seed}", "tensorboard=false", f"progress={progress}"]
+    cfg = T.load_config(str(path), base)
+    changes = schedule_overrides(cfg, schedule, epochs)
+    cfg = T.load_config(str(path), base + [f"{k}={v}" for k, v in changes.items()] + list(extra))
+    cfg.name = f"{row.name}-{labels}"
+    if data_dir is not None:
+        cfg.data_dir = data_dir
+    return cfg
+
+
+def config_hash(cfg: T.TrainConfig) -> str:
+    """Hash of everything that changes what is trained (not where data lives or how progress is shown)."""
+    d = dataclasses.asdict(cfg)
+    for key in ("name", "data_dir", "download", "device", "progress", "tensorboard", "ckpt_every_steps",
+                "log_every_steps", "eval_batch_size"):
+        d.pop(key, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- provenance
+
+
+def git_commit() -> str:
+    """HEAD's short hash, with "-dirty" when tracked files differ from it (the run may not be reproducible).
+
+    $DRMM_GIT_COMMIT wins: a copy of the tree that is not a git checkout (a lent GPU machine) is told its commit.
+    """
+    if os.environ.get("DRMM_GIT_COMMIT"):
+        return os.environ["DRMM_GIT_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("-dirty" if dirty else "")
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{os.cpu_count()} cores,{torch.get_num_threads()} threads"
+
+
+def load_average() -> str:
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+# ---------------------------------------------------------------- table 1: running a row
+
+
+def final_test_error(cfg: T.TrainConfig, run_dir: Path, test_images: int) -> float:
+    """Test error (%) of the run's final weights (last.pt) on the first ``test_images`` test images (0 = all)."""
+    device = T.resolve_device(cfg.device)
+    data = T.load_data(dataclasses.replace(cfg, max_train_samples=1), device)  # only the test set is used
+    model = T.model_from_config(cfg, data.image_shape, data.num_classes).to(device)
+    ckpt = torch.load(run_dir / "last.pt", map_location=device, weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    return T.evaluate(model, data, test_images, cfg.eval_batch_size)
+
+
+def append_csv(path: Path, record: Dict[str, Any]) -> None:
+    new = not path.exists() or path.stat().st_size == 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow({k: record.get(k, "") for k in CSV_FIELDS})
+
+
+def run_row(row: Row, labels: str, seed: int, schedule: str, out_dir: Path, epochs: Optional[int] = None,
+            extra: Sequence[str] = (), data_dir: Optional[str] = None, test_images: int = 10_000,
+            progress: bool = False) -> Dict[str, Any]:
+    """Train one seed of one row, score it on the test set, append the result to ``out_dir/table1.csv``."""
+    cfg = row_config(row, labels, seed, schedule, epochs, extra, data_dir, progress)
+    label = schedule_label(schedule, cfg, epochs, extra)
+    run_dir = out_dir / "runs" / f"{row.name}-L{labels}-s{seed}-{label.split('+')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"[experiment] {row.name} N_L={labels} seed={seed} schedule={label} -> {run_dir}", flush=True)
+    commit = git_commit()  # the code the run starts with (HEAD may move while it trains)
+    t0 = time.time()
+    summary = T.train(cfg, run_dir)
+    error = final_test_error(cfg, run_dir, test_images)
+    wall = time.time() - t0
+    record = {"row": row.name, "labels": labels, "seed": seed, "test_error": f"{error:.2f}",
+              "best_error": f"{summary['best_error']:.2f}", "test_images": test_images or 10_000,
+              "epochs": f"{epochs_run(cfg, summary['steps']):.2f}", "steps": summary["steps"], "wall_s": f"{wall:.0f}",
+              "device": device_description(T.resolve_device(cfg.device)), "schedule": label,
+              "git_commit": commit, "config_hash": config_hash(cfg),
+              "run_dir": os.path.relpath(run_dir, out_dir), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    append_csv(out_dir / "table1.csv", record)
+    print(f"[experiment] {row.name} N_L={labels} seed={seed}: test error {error:.2f} % on "
+          f"{record['test_images']} test images (paper: {row.paper.get(labels, '–')}), {summary['steps']} steps, "
+          f"{wall:.0f} s, schedule {label}", flush=True)
+    return record
+
+
+# ---------------------------------------------------------------- table 1: the report
+
+
+def read_csv(path: Path) -> List[Dict[str, str]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1 seed)"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} ({len(values)} seeds)"
+
+
+def table1_lines(records: Sequence[Dict[str, str]]) -> List[str]:
+    """Markdown table: every paper number and every measured (row, N_L, schedule), side by side."""
+    lines = ["| row | N_L | paper error % | ours: test error % (mean ± std) | epochs | steps | wall time per seed | "
+             "device | schedule |", "|---|---|---|---|---|---|---|---|---|"]
+    keys = [(r.name, lab) for r in ROWS.values() for lab in (r.paper if r.supervised else SSL_LABELS)]
+    keys += sorted({(rec["row"], rec["labels"]) for rec in records} - set(keys))
+    for name, labels in keys:
+        row = ROWS.get(name)
+        paper = row.paper.get(labels) if row else None
+        paper_text = f"{paper:.2f}" if paper is not None else "–"
+        mine = [rec for rec in records if rec["row"] == name and rec["labels"] == labels]
+        if not mine:
+            if paper is not None:  # a paper number we have not tried to reproduce yet
+                lines.append(f"| {name} | {labels} | {paper_text} | not run | | | | | |")
+            continue
+        for schedule in sorted({rec["schedule"] for rec in mine}):
+            group = [rec for rec in mine if rec["schedule"] == schedule]
+            errors = [float(rec["test_error"]) for rec in group]
+            images = {rec["test_images"] for rec in group}
+            note = "" if images == {"10000"} else f" on {'/'.join(sorted(images))} test images"
+            walls = sorted(float(rec["wall_s"]) for rec in group)  # a range: shared machines vary a lot
+            wall = f"{walls[0]:.0f} s" if walls[0] == walls[-1] else f"{walls[0]:.0f}–{walls[-1]:.0f} s"
+            lines.append(f"| {name} | {labels} | {paper_text} | {_mean_std(errors)}{note} | "
+                         f"{'/'.join(sorted({rec['epochs'] for rec in group}))} | "
+                         f"{'/'.join(sorted({rec['steps'] for rec in group}))} | "
+                         f"{wall} | {'; '.join(sorted({rec['device'] for rec in group}))} | "
+                         f"{schedule} |")
+    return lines
+
+
+def plot_curves(records: Sequence[Dict[str, str]], out_dir: Path, path: Path) -> int:
+    """Test error against steps for every run whose metrics.csv is present; returns the number of curves."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    curves = 0
+    for rec in records:
+        metrics = read_csv(out_dir / rec["run_dir"] / "metrics.csv")
+        if not metrics:
+            continue
+        ax.plot([int(m["step"]) for m in metrics], [float(m["test_error"]) for m in metrics], marker=".",
+                label=f"{rec['row']} N_L={rec['labels']} s{rec['seed']} [{rec['schedule']}]")
+        curves += 1
+    if curves:
+        ax.set_xlabel("training step"), ax.set_ylabel("test error (%)"), ax.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")  # 20, not 2x10^1
+        ax.yaxis.set_major_formatter(plain), ax.yaxis.set_minor_formatter(plain)
+        ax.set_title("test error during training (cpu schedule: first 2000 test images; full: all 10 000)")
+        ax.grid(alpha=0.3, which="both"), ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return curves
+
+
+def render_report(out_dir: Path) -> Path:
+    """``out_dir/table1.md`` (+ ``table1_curves.png``) from table1.csv, convergence-*.json and throughput.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = read_csv(out_dir / "table1.csv")
+    curves = plot_curves(records, out_dir, out_dir / "table1_curves.png")
+    lines = ["# MNIST: the paper's numbers beside ours", "",
+             "Generated by `drmm experiment report` from `table1.csv`; do not edit by hand. Paper: [P16] Table 1 "
+             "(semi-supervised, N_L labels, N_U = 60K) and §4 (supervised, N_L = all). Ours: test error of the "
+             "final weights on the 10 000 MNIST test images, mean ± std over seeds (seed = labeled-subset seed = "
+             "init/data-order seed). \"not run\" = no measurement yet.", "",
+             "**Schedules.** `full` = the paper's protocol as in `configs/` (Adam 1e-3 → 1e-6, 100 labeled + "
+             "100 unlabeled per batch, hundreds of epochs); `full-Nep` = the same, shortened to N epochs; "
+             f"`cpu-…` = {CPU_STEPS} steps on a {CPU_TRAIN_IMAGES}-image prefix of the training set, batch 64, lr "
+             "3e-3 → 3e-4: a CPU smoke-scale run whose numbers are **not comparable** to the paper's.", ""]
+    lines += table1_lines(records)
+    if curves:
+        lines += ["", f"![test error curves](table1_curves.png) ({curves} runs)"]
+    for conv in sorted(out_dir.glob("convergence-*.json")):
+        lines += ["", *convergence_lines(json.loads(conv.read_text()))]
+    throughput = out_dir / "throughput.json"
+    if throughput.exists():
+        lines += ["", *throughput_lines(json.loads(throughput.read_text()))]
+    path = out_dir / "table1.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------- supervised convergence: EG vs backprop
+
+
+def first_crossing(metrics: Sequence[Dict[str, str]], threshold: float, steps_per_epoch: int
+                   ) -> Optional[Dict[str, float]]:
+    """The first evaluation at or under ``threshold`` % test error: its step, epochs (fractional) and seconds."""
+    for m in metrics:
+        if float(m["test_error"]) <= threshold:
+            step = int(m["step"])
+            return {"step": step, "epochs": step / steps_per_epoch, "elapsed_s": float(m["elapsed_s"])}
+    return None
+
+
+def run_convergence(model: str, schedule: str, out_dir: Path, seed: int = 0, epochs: Optional[int] = None,
+                    threshold: float = 1.5, data_dir: Optional[str] = None, extra: Sequence[str] = (),
+                    progress: bool = False) -> Dict[str, Any]:
+    """[P16] §4: epochs (and seconds) to reach ``threshold`` % test error, EG vs a backprop convnet.
+
+    Same architecture, same seed (so the same init and the same data order), same schedule; only the trainer
+    differs. Evaluated several times per epoch so that the crossing is located to a fraction of an epoch.
+    """
+    result: Dict[str, Any] = {"model": model, "threshold": threshold, "seed": seed, "trainers": {}}
+    for trainer, suffix in (("eg", ""), ("backprop", "-backprop")):
+        path = CONFIG_DIR / f"mnist-sup-{model}{suffix}.yaml"
+        if not path.is_file():
+            raise ValueError(f"no supervised configs for model {model!r} ({path.name})")
+        base = [f"seed={seed}", f"labeled_seed={seed}", "tensorboard=false", f"progress={progress}"]
+        cfg = T.load_config(str(path), base)
+        changes = schedule_overrides(cfg, schedule, epochs)
+        if schedule == "cpu":
+            changes["eval_every_steps"] = CPU_STEPS // 6
+        cfg = T.load_config(str(path), base + [f"{k}={v}" for k, v in changes.items()] + list(extra))
+        if schedule == "full":  # four evaluations per epoch on the full test set
+            cfg.eval_every_steps = max(1, _steps_per_epoch(cfg, 60_000, 0) // 4)
+        if data_dir is not None:
+            cfg.data_dir = data_dir
+        label = schedule_label(schedule, cfg, epochs, extra)
+        run_dir = out_dir / "runs" / f"convergence-{model}-{trainer}-s{seed}-{label.split('+')[0]}-" \
+                                     f"{time.strftime('%Y%m%d-%H%M%S')}"
+        print(f"[experiment] convergence {model} {trainer} schedule={label} -> {run_dir}", flush=True)
+        t0 = time.time()
+        summary = T.train(cfg, run_dir)
+        wall = time.time() - t0
+        num_train = min(cfg.max_train_samples or 60_000, 60_000)
+        crossing = first_crossing(read_csv(run_dir / "metrics.csv"), threshold, _steps_per_epoch(cfg, num_train, 0))
+        result["trainers"][trainer] = {
+            "reached": crossing, "epochs_run": epochs_run(cfg, summary["steps"]),
+            "steps": summary["steps"], "final_error": summary["test_error"], "best_error": summary["best_error"],
+            "eval_images": summary["eval_images"], "wall_s": round(wall, 1),
+            "run_dir": os.path.relpath(run_dir, out_dir)}
+        result.update(schedule=label, device=device_description(T.resolve_device(cfg.device)),
+                      git_commit=git_commit(), load_average=load_average())
+    path = out_dir / f"convergence-{model}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def convergence_lines(result: Dict[str, Any]) -> List[str]:
+    lines = [f"## Supervised convergence: EG vs backprop ({result['model']}, threshold {result['threshold']} %)", "",
+             "Paper ([P16] §4, Fig. 2): the RFM trained by EG reaches 1.5 % test error in 18 epochs, the same-config "
+             "convnet trained by backprop in 40.", "",
+             "| trainer | reaches the threshold at | wall time to it | epochs run | wall time of the run | "
+             "final error % | eval images |", "|---|---|---|---|---|---|---|"]
+    for trainer, t in result["trainers"].items():
+        r = t["reached"]
+        when = (f"epoch {r['epochs']:.2f} (step {r['step']})" if r
+                else f"not reached within {t['epochs_run']:.2f} epochs")
+        seconds = f"{r['elapsed_s']:.0f} s" if r else "–"
+        lines.append(f"| {trainer} | {when} | {seconds} | {t['epochs_run']:.2f} | {t.get('wall_s', 0):.0f} s | "
+                     f"{t['final_error']:.2f} | {t['eval_images']} |")
+    lines += ["", f"Schedule `{result['schedule']}`, device {result['device']}, commit {result['git_commit']}, "
+                  f"load average at the end {result['load_average']}."]
+    return lines
+
+
+# ---------------------------------------------------------------- throughput of one training step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_step(model_name: str, trainer: str, batch: int, device: torch.device, warmup: int, repeats: int,
+                 data_dir: Optional[str] = None) -> Dict[str, Any]:
+    """Images/s of one training step (forward, [render,] backward, Adam), median over ``repeats`` timed steps.
+
+    The batch is half labeled, half unlabeled, as in semi-supervised training (backprop uses the labeled half only,
+    as the trainer does). MNIST images when available, else uniform noise (the speed does not depend on them).
+    """
+    cfg = T.config_from_dict({"model": model_name, "trainer": trainer, "batch_size": batch, "data_dir": data_dir,
+                              "download": False})
+    try:
+        data = T.load_data(dataclasses.replace(cfg, max_train_samples=batch), device)
+        x, y = data.normalize(data.train_images[:batch]), data.train_labels[:batch]
+        image_shape, source = data.image_shape, "mnist"
+    except FileNotFoundError:
+        image_shape, source = (1, 28, 28), "noise"
+        x, y = torch.rand(batch, *image_shape, device=device), torch.randint(0, 10, (batch,), device=device)
+    torch.manual_seed(0)
+    model = T.model_from_config(cfg, image_shape, 10).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    labeled = torch.arange(batch, device=device) < batch // 2
+    if trainer == "backprop":  # the trainer drops the unlabeled half before the forward pass
+        x, y, labeled = x[labeled], y[labeled], labeled[labeled]
+    objective = cfg.objective()
+
+    def step() -> None:
+        loss, _, _ = T.train_step(model, cfg, objective, x, y, labeled)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    seconds = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        seconds.append(time.perf_counter() - t0)
+    median = statistics.median(seconds)
+    return {"model": model_name, "trainer": trainer, "batch": batch, "images_per_step": len(x),
+            "median_step_s": median, "images_per_s": batch / median, "min_step_s": min(seconds),
+            "max_step_s": max(seconds), "warmup": warmup, "repeats": repeats, "data": source}
+
+
+def run_throughput(model_name: str, batch: int, out_dir: Path, warmup: int = 3, repeats: int = 10,
+                   device_name: str = "auto", data_dir: Optional[str] = None) -> Dict[str, Any]:
+    device = T.resolve_device(device_name)
+    load_before = load_average()
+    steps = [measure_step(model_name, trainer, batch, device, warmup, repeats, data_dir)
+             for trainer in ("eg", "backprop")]
+    measurement = {"device": device_description(device), "torch": torch.__version__, "host": platform.node(),
+                   "cpu_count": os.cpu_count(), "load_average_before": load_before,
+                   "load_average_after": load_average(), "git_commit": git_commit(),
+                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": steps}
+    path = out_dir / "throughput.json"
+    history = json.loads(path.read_text()) if path.exists() else {"measurements": []}
+    history["measurements"].append(measurement)  # keep the other devices' figures
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(history, indent=2) + "\n")
+    return measurement
+
+
+def throughput_lines(history: Dict[str, Any]) -> List[str]:
+    lines = ["## Training-step throughput", "",
+             "One training step on a semi-supervised batch (half labeled, half unlabeled), median over the timed "
+             "repeats (`drmm experiment throughput`). Images/s counts the whole batch for both trainers, as both "
+             "consume one batch per step; the EG step runs all of it bottom-up and top-down, the backprop step "
+             "only its labeled half, bottom-up.", "",
+             "| device | model | batch | EG: images/s (median step) | backprop: images/s (median step) | "
+             "load average before (1, 5, 15 min) | when |", "|---|---|---|---|---|---|---|"]
+    for m in history["measurements"]:
+        by = {s["trainer"]: s for s in m["steps"]}
+        eg, bp = by["eg"], by["backprop"]
+        lines.append(f"| {m['device']} | {eg['model']} | {eg['batch']} | {eg['images_per_s']:.0f} "
+                     f"({1000 * eg['median_step_s']:.0f} ms) | {bp['images_per_s']:.0f} "
+                     f"({1000 * bp['median_step_s']:.0f} ms) | {m['load_average_before']} | {m['measured_at']} |")
+    return lines
+
+
+# ---------------------------------------------------------------- CLI (`drmm experiment ...`)
+
+
+def _parse_labels(row: Row, labels: Optional[str]) -> str:
+    if row.supervised:
+        if labels not in (None, ALL_LABELS):
+            raise ValueError(f"row {row.name} is supervised (all labels); leave --labels out or pass 'all'")
+        return ALL_LABELS
+    labels = labels or "100"
+    if labels not in SSL_LABELS:
+        raise ValueError(f"--labels must be one of {', '.join(SSL_LABELS)} for row {row.name}, got {labels}")
+    return labels
+
+
+def cmd_table1(args) -> int:
+    row = ROWS[args.row]
+    try:
+        labels = _parse_labels(row, args.labels)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    schedule = args.schedule or default_schedule()
+    if args.epochs is not None and schedule != "full":
+        raise SystemExit("error: --epochs shortens the full schedule; it needs --schedule full")
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        run_row(row, labels, seed, schedule, Path(args.out), args.epochs, args.set or [], args.data_dir,
+                args.test_images, args.progress)
+    if not args.no_report:
+        print(f"[experiment] wrote {render_report(Path(args.out))}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    path = render_report(Path(args.out))
+    print(f"[experiment] wrote {path}")
+    return 0
+
+
+def cmd_convergence(args) -> int:
+    result = run_convergence(args.model, args.schedule or default_schedule(), Path(args.out), args.seed,
+                             args.epochs, args.threshold, args.data_dir, args.set or [], args.progress)
+    print("\n".join(convergence_lines(result)))
+    render_report(Path(args.out))
+    return 0
+
+
+def cmd_throughput(args) -> int:
+    m = run_throughput(args.model, args.batch, Path(args.out), args.warmup, args.repeats, args.device, args.data_dir)
+    for s in m["steps"]:
+        print(f"[experiment] {m['device']} {s['model']} {s['trainer']:8s} batch {s['batch']}: "
+              f"{s['images_per_s']:.0f} images/s (median step {1000 * s['median_step_s']:.1f} ms)")
+    print(f"[experiment] load average before {m['load_average_before']}, after {m['load_average_after']}")
+    return 0
+
+
+def add_experiment_parser(sub) -> None:
+    """``drmm experiment {table1,report,convergence,throughput}``; called by drmm.cli.build_parser."""
+    parser = sub.add_parser("experiment", help="reproduce the paper's MNIST numbers (Table 1, §4)")
+    exp = parser.add_subparsers(dest="experiment", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", default="results", help="results folder (default results/)")
+        p.add_argument("--data-dir", help="data root (default: $DRMM_DATA_DIR, ./data)")
+
+    def training(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--schedule", choices=("cpu", "full"),
+                       help="cpu = a few hundred steps on a subset; full = the paper's protocol "
+                            "(default: full with a GPU, cpu without)")
+        p.add_argument("--epochs", type=int, help="shorten the full schedule to this many epochs")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="extra config override (recorded in the schedule label)")
+        p.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
+
+    p = exp.add_parser("table1", help="train one row of Table 1 for some seeds; append to <out>/table1.csv")
+    p.add_argument("--row", required=True, choices=sorted(ROWS))
+    p.add_argument("--labels", help="N_L: 100, 600, 1000 or 3000 (semi-supervised rows; default 100)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--test-images", type=int, default=10_000, help="score on the first N test images (0 = all)")
+    p.add_argument("--no-report", action="store_true", help="do not re-render table1.md afterwards")
+    common(p), training(p)
+    p.set_defaults(func=cmd_table1)
+
+    p = exp.add_parser("report", help="render <out>/table1.md and table1_curves.png from the CSV")
+    common(p)
+    p.set_defaults(func=cmd_report)
+
+    p = exp.add_parser("convergence", help="epochs to reach 1.5 %% test error, EG vs backprop (supervised)")
+    p.add_argument("--model", default="rfm", choices=("rfm", "conv_small"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threshold", type=float, default=1.5, help="test error in %% (default 1.5)")
+    common(p), training(p)
+    p.set_defaults(func=cmd_convergence)
+
+    p = exp.add_parser("throughput", help="images/s of the EG and the backprop training step")
+    p.add_argument("--model", default="conv_small")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--device", default="auto")
+    common(p)
+    p.set_defaults(func=cmd_throughput)

@@ -1,0 +1,134 @@
+"""`drmm experiment`: a Table 1 row end to end on a tiny schedule, the report (paper numbers beside ours, "not run"
+for the rest), the convergence helper, the schedules, the throughput measurement."""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from drmm import experiments as E
+from drmm.cli import main
+
+DATA_DIR = os.environ.get("DRMM_DATA_DIR")
+needs_mnist = pytest.mark.skipif(not DATA_DIR or not (Path(DATA_DIR) / "mnist").is_dir(),
+                                 reason="DRMM_DATA_DIR with mnist/ not set")
+TINY = ["--set", "max_steps=3", "--set", "max_train_samples=300", "--set", "eval_samples=100",
+        "--set", "eval_every_steps=2"]
+
+
+@needs_mnist
+def test_table1_row_appends_a_well_formed_csv_row(tmp_path, capsys):
+    out = tmp_path / "results"
+    argv = ["experiment", "table1", "--row", "drmm2", "--labels", "100", "--seeds", "0,1", "--schedule", "cpu",
+            "--test-images", "200", "--out", str(out), "--data-dir", DATA_DIR, *TINY]
+    assert main(argv) == 0
+    with open(out / "table1.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["seed"] for r in rows] == ["0", "1"] and list(rows[0]) == E.CSV_FIELDS
+    for r in rows:
+        assert r["row"] == "drmm2" and r["labels"] == "100" and r["steps"] == "3" and r["test_images"] == "200"
+        assert 0 <= float(r["test_error"]) <= 100 and float(r["wall_s"]) >= 0
+        assert r["schedule"].startswith("cpu-3steps") and "max_steps=3" in r["schedule"]
+        assert r["device"].startswith("cpu") and len(r["config_hash"]) == 12 and r["git_commit"]
+        assert (out / r["run_dir"] / "metrics.csv").exists()
+    assert rows[0]["config_hash"] != rows[1]["config_hash"]  # the seed is part of the config
+    # the report was rendered after the row: our number beside the paper's, with its schedule
+    report = (out / "table1.md").read_text()
+    assert "| drmm2 | 100 | 11.81 |" in report and "(2 seeds) on 200 test images" in report
+    assert (out / "table1_curves.png").stat().st_size > 1000
+    assert "paper: 11.81" in capsys.readouterr().out
+
+
+def test_table1_rejects_labels_without_a_config(tmp_path):
+    with pytest.raises(SystemExit, match="--labels"):
+        main(["experiment", "table1", "--row", "drmm5", "--labels", "250", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="supervised"):
+        main(["experiment", "table1", "--row", "rfm-sup", "--labels", "100", "--out", str(tmp_path)])
+
+
+def _fake_record(row, labels, seed, error, schedule="cpu-300steps-10k", run_dir="runs/x"):
+    return {"row": row, "labels": labels, "seed": seed, "test_error": error, "best_error": error,
+            "test_images": 10000, "epochs": 1, "steps": 300, "wall_s": 100, "device": "cpu:2 cores,2 threads",
+            "schedule": schedule, "git_commit": "abc1234", "config_hash": "0" * 12, "run_dir": run_dir}
+
+
+def test_report_puts_paper_numbers_beside_ours_and_never_invents_one(tmp_path):
+    for seed, err in ((0, "10.00"), (1, "12.00"), (2, "14.00")):
+        record = _fake_record("drmm5-nn-kl", "100", seed, err, run_dir=f"runs/s{seed}")
+        E.append_csv(tmp_path / "table1.csv", {**record, "wall_s": 100 + 20 * seed})
+    E.append_csv(tmp_path / "table1.csv", _fake_record("rfm-sup", "all", 0, "3.00", schedule="full-2ep"))
+    (tmp_path / "runs" / "s0").mkdir(parents=True)
+    (tmp_path / "runs" / "s0" / "metrics.csv").write_text("step,test_error\n50,40.0\n100,20.0\n")
+    main(["experiment", "report", "--out", str(tmp_path)])
+    lines = (tmp_path / "table1.md").read_text().splitlines()
+    row = next(line for line in lines if line.startswith("| drmm5-nn-kl | 100 |"))
+    assert "| 0.57 | 12.00 ± 2.00 (3 seeds) |" in row and "cpu-300steps-10k" in row and "| 100–140 s |" in row
+    assert next(line for line in lines if line.startswith("| rfm-sup | all |")).count("3.00 (1 seed)") == 1
+    # every paper number we did not measure is listed as "not run", with no measured value
+    for name, labels, paper in (("drmm5", "100", "3.50"), ("drmm2", "3000", "1.72"), ("drmm5-convnet", "all", "0.81"),
+                                ("drmm5-unsup-pretr", "600", "3.61")):
+        line = next(line for line in lines if line.startswith(f"| {name} | {labels} |"))
+        assert f"| {paper} | not run |" in line
+    table = [line for line in lines if line.startswith("| ")]
+    assert sum("not run" in line for line in table) == sum(len(r.paper) for r in E.ROWS.values()) - 2
+    assert (tmp_path / "table1_curves.png").exists()  # the one run with a metrics.csv
+
+
+def test_first_crossing_finds_the_first_evaluation_under_the_threshold(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,step,test_error,elapsed_s\n0,300,4.0,10\n1,600,1.6,20\n1,900,1.5,30\n2,1200,1.2,40\n"
+                    "3,1800,1.7,60\n")
+    rows = E.read_csv(path)
+    assert E.first_crossing(rows, 1.5, steps_per_epoch=600) == {"step": 900, "epochs": 1.5, "elapsed_s": 30.0}
+    assert E.first_crossing(rows, 1.3, steps_per_epoch=600)["step"] == 1200
+    assert E.first_crossing(rows, 1.0, steps_per_epoch=600) is None
+    lines = E.convergence_lines({"model": "rfm", "threshold": 1.5, "schedule": "cpu", "device": "cpu",
+                                 "git_commit": "x", "load_average": "1.0", "trainers": {
+                                     "eg": {"reached": {"step": 900, "epochs": 1.5, "elapsed_s": 30.0},
+                                            "epochs_run": 3.0, "final_error": 1.7, "eval_images": 10000},
+                                     "backprop": {"reached": None, "epochs_run": 3.0, "final_error": 2.0,
+                                                  "eval_images": 10000}}})
+    assert any("epoch 1.50 (step 900) | 30 s" in line for line in lines)
+    assert any("not reached within 3.00 epochs" in line for line in lines)
+
+
+def test_cpu_schedule_spans_its_steps_and_full_keeps_the_protocol():
+    for name in ("drmm5-nn-kl", "rfm-sup", "drmm5-unsup-pretr"):
+        cfg = E.row_config(E.ROWS[name], "all" if E.ROWS[name].supervised else "100", 0, "cpu")
+        assert cfg.max_steps == E.CPU_STEPS and cfg.max_train_samples == E.CPU_TRAIN_IMAGES
+        steps = sum(E._steps_per_epoch(cfg, E.CPU_TRAIN_IMAGES, e) for e in range(cfg.epochs))
+        assert E.CPU_STEPS <= steps < E.CPU_STEPS + 160, (name, steps)  # the lr decay spans the short run
+    headline = E.row_config(E.ROWS["drmm5-nn-kl"], "100", 0, "cpu")
+    assert E.epochs_run(headline, 300) == pytest.approx(300 / 309)  # (10000 - 100) // 32 steps per epoch
+    plain = E.row_config(E.ROWS["drmm5"], "100", 0, "cpu")
+    assert plain.kl_weight == plain.nn_weight == 0 and plain.rc_weight > 0
+    full = E.row_config(E.ROWS["drmm5-nn-kl"], "100", 2, "full")
+    assert (full.epochs, full.batch_size, full.lr_init, full.lr_final, full.max_steps) == (500, 200, 1e-3, 1e-6, 0)
+    assert full.seed == full.labeled_seed == 2 and full.kl_weight == full.nn_weight == 0.5
+    short = E.row_config(E.ROWS["drmm5-unsup-pretr"], "100", 0, "full", epochs=31)
+    assert short.epochs == 31 and short.pretrain_epochs == 1
+    assert E.schedule_label("full", short, 31, []) == "full-31ep"
+    assert E.config_hash(full) != E.config_hash(E.row_config(E.ROWS["drmm5-nn-kl"], "100", 0, "full"))
+
+
+def test_throughput_writes_images_per_second(tmp_path):
+    m = E.run_throughput("rfm", 8, tmp_path, warmup=1, repeats=2, data_dir=str(tmp_path / "nodata"))
+    assert {s["trainer"] for s in m["steps"]} == {"eg", "backprop"}
+    assert all(s["images_per_s"] > 0 and s["data"] == "noise" for s in m["steps"])
+    E.run_throughput("rfm", 8, tmp_path, warmup=0, repeats=1, data_dir=str(tmp_path / "nodata"))
+    history = json.loads((tmp_path / "throughput.json").read_text())
+    assert len(history["measurements"]) == 2  # appended, not overwritten
+    assert any(line.startswith("| cpu") for line in E.throughput_lines(history))
+
+
+@needs_mnist
+def test_convergence_runs_eg_and_backprop_on_the_same_schedule(tmp_path):
+    result = E.run_convergence("rfm", "cpu", tmp_path, threshold=99.0, data_dir=DATA_DIR,
+                               extra=["max_steps=2", "max_train_samples=200", "eval_samples=100",
+                                      "eval_every_steps=1"])
+    assert set(result["trainers"]) == {"eg", "backprop"}
+    for t in result["trainers"].values():
+        assert t["steps"] == 2 and t["reached"] is not None and t["reached"]["step"] == 1
+    assert json.loads((tmp_path / "convergence-rfm.json").read_text())["model"] == "rfm"
