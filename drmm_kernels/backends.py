@@ -8,6 +8,7 @@ already validated, outputs contiguous NCHW):
 - ``gather_conv(src, weight, switches, stride, padding, pool) -> conv2d(src, weight) at the recorded offsets``
 - ``render_wgrad(src, mu, switches, scale, stride, padding, pool, negative_slope, kernel_hw) -> dW``
 - ``bn_pool(z, scale, shift, pool, negative_slope) -> (y, switches)`` (epilogue on a precomputed conv output)
+- ``masked_values(mu, switches, scale, negative_slope) -> mu * a'(switches) * scale`` (dense; pool=1 backward)
 
 plus ``status() -> (usable, reason)`` and ``supports(device) -> bool``. A primitive a
 backend does not provide is computed by ``reference``; ``primitive_source`` says which.
@@ -27,7 +28,7 @@ import torch
 from . import reference
 
 NAMES = ("reference", "cpu", "cuda", "triton")
-PRIMITIVES = ("conv_relu_pool", "render", "gather_conv", "render_wgrad", "bn_pool")
+PRIMITIVES = ("conv_relu_pool", "render", "gather_conv", "render_wgrad", "bn_pool", "masked_values")
 
 _MODULES = {
     "cpu": "drmm_kernels.cpu_backend",

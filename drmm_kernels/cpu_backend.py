@@ -63,3 +63,9 @@ def render_wgrad(src: Tensor, mu: Tensor, switches: Tensor, scale: Optional[Tens
         return reference.render_wgrad(src, mu, switches, scale, stride, padding, pool, negative_slope, kernel_hw)
     return torch.ops.drmm_C.render_wgrad(src, mu, switches, scale, stride, padding, pool, negative_slope,
                                          int(kernel_hw[0]), int(kernel_hw[1]))
+
+
+def masked_values(mu: Tensor, switches: Tensor, scale: Optional[Tensor], negative_slope: float) -> Tensor:
+    if not _native(mu, mu, scale):
+        return reference.masked_values(mu, switches, scale, negative_slope)
+    return torch.ops.drmm_C.masked_values(mu, switches, scale, negative_slope)

@@ -208,6 +208,35 @@ def _wgrad_backward(ctx, gw):
 _render_wgrad.register_autograd(_wgrad_backward, setup_context=_wgrad_setup)
 
 
+@torch.library.custom_op("drmm::masked_values", mutates_args=())
+def _masked_values(mu: Tensor, switches: Tensor, scale: Optional[Tensor], negative_slope: float) -> Tensor:
+    return _impl(mu.device, "masked_values")(mu, switches, scale, negative_slope)
+
+
+@_masked_values.register_fake
+def _(mu, switches, scale, negative_slope):
+    return torch.empty_like(mu, memory_format=torch.contiguous_format)
+
+
+def _masked_values_setup(ctx, inputs, output):
+    mu, switches, scale, negative_slope = inputs
+    ctx.slope = negative_slope
+    ctx.save_for_backward(mu, switches, scale)
+
+
+def _masked_values_backward(ctx, g):
+    mu, switches, scale = ctx.saved_tensors
+    g = g.contiguous()
+    gmu = _masked_values(g, switches, scale, ctx.slope) if ctx.needs_input_grad[0] else None
+    gscale = None
+    if ctx.needs_input_grad[2] and scale is not None:
+        gscale = _channel_sum(g * _masked_values(mu, switches, None, ctx.slope))
+    return gmu, None, gscale, None
+
+
+_masked_values.register_autograd(_masked_values_backward, setup_context=_masked_values_setup)
+
+
 # --------------------------------------------------------------------------- conv_relu_pool
 
 
@@ -238,12 +267,28 @@ def _crp_backward(ctx, gy, _gsw):
     need_x, need_w, need_scale, need_shift = ctx.needs_input_grad[:4]
     gx = gw = gscale = gshift = None
     gy = gy.contiguous()
-    if need_x:
-        gx = _render(gy, switches, weight, scale, stride, padding, pool, x.shape[-2], x.shape[-1], slope)
-    if need_w:
-        gw = _render_wgrad(x, gy, switches, scale, stride, padding, pool, slope, weight.shape[-2], weight.shape[-1])
+    gact = None
+    if pool == 1 and (need_x or need_w):
+        # No pooling, no sparsity to exploit: mask once (one pass over the uint8 switches), then one dense
+        # convolution backward for dx, dW and -- without a scale -- the shift gradient, which is its bias
+        # gradient: the same work eager autograd does after its ReLU backward.
+        gact = _masked_values(gy, switches, None, slope)
+        gz = gact if scale is None else gact * scale.view(1, -1, 1, 1)
+        bias_grad = bool(need_shift and ctx.has_shift and scale is None)
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            gz, x, weight, [weight.shape[0]] if bias_grad else None, [stride, stride], [padding, padding],
+            [1, 1], False, [0, 0], 1, [need_x, need_w, bias_grad])
+        if bias_grad:
+            gshift, need_shift = gb, False
+    else:
+        if need_x:
+            gx = _render(gy, switches, weight, scale, stride, padding, pool, x.shape[-2], x.shape[-1], slope)
+        if need_w:
+            gw = _render_wgrad(x, gy, switches, scale, stride, padding, pool, slope, weight.shape[-2],
+                               weight.shape[-1])
     if need_scale or need_shift:
-        gact = _act(gy, switches, slope)
+        if gact is None:
+            gact = _act(gy, switches, slope)
         if need_shift and ctx.has_shift:
             gshift = _channel_sum(gact)
         if need_scale and scale is not None:

@@ -245,6 +245,8 @@ def _opcheck_samples():
         (ops.render.default, (mu, sw, w, None, 1, 1, 2, 7, 6, 0.0)),
         (ops.gather_conv.default, (x, w, sw, 1, 1, 2)),
         (ops.render_wgrad.default, (x, mu, sw, scale, 1, 1, 2, 0.0, 3, 3)),
+        (ops.masked_values.default, (mu, sw, scale, 0.1)),
+        (ops.masked_values.default, (mu, sw, None, 0.0)),
         (ops.conv_bn_relu_pool.default, (x, w, scale, shift, None, None, True, 1e-5, 1, 1, 2, 0.0)),
         (ops.conv_bn_relu_pool.default, (x, w, scale, shift, torch.zeros(3), torch.ones(3), False, 1e-5, 1, 1, 2,
                                          0.0)),

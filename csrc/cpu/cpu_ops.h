@@ -33,5 +33,9 @@ at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::T
                         const std::optional<at::Tensor>& scale, int64_t stride, int64_t padding, int64_t pool,
                         double negative_slope, int64_t kernel_h, int64_t kernel_w);
 
+// mu * (1 where the a bit is on, else negative_slope) * scale[c], dense (any pool).
+at::Tensor masked_values(const at::Tensor& mu, const at::Tensor& switches, const std::optional<at::Tensor>& scale,
+                         double negative_slope);
+
 }  // namespace cpu
 }  // namespace drmm

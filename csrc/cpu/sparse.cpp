@@ -574,5 +574,35 @@ at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::T
   return out;
 }
 
+// mu * a'(switches) * scale[c] as a fresh NCHW tensor: the pool == 1 backward's activation gradient in one
+// pass over the uint8 switches (a bool mask + masked_fill costs three).
+at::Tensor masked_values(const at::Tensor& mu, const at::Tensor& switches, const std::optional<at::Tensor>& scale,
+                         double negative_slope) {
+  TORCH_CHECK(mu.dim() == 4 && switches.sizes() == mu.sizes() && switches.scalar_type() == at::kByte,
+              "drmm_C::masked_values: switches ", switches.sizes(), " (", switches.scalar_type(),
+              ") must be uint8 with the shape of mu ", mu.sizes());
+  TORCH_CHECK(!scale.has_value() || (scale->dim() == 1 && scale->size(0) == mu.size(1)),
+              "drmm_C::masked_values: scale must have ", mu.size(1), " elements");
+  const at::Tensor m = mu.contiguous(), s = switches.contiguous();
+  at::Tensor out = at::empty(m.sizes(), m.options());
+  const int64_t c = m.size(1), plane = m.size(2) * m.size(3);
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "drmm_cpu_masked_values", [&] {
+    const scalar_t* mp = m.data_ptr<scalar_t>();
+    const uint8_t* sp = s.data_ptr<uint8_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const at::Tensor sc = scale.has_value() ? scale->contiguous() : at::Tensor();
+    const scalar_t* scp = scale.has_value() ? sc.data_ptr<scalar_t>() : nullptr;
+    const scalar_t ts = static_cast<scalar_t>(negative_slope);
+    WorkQueue queue(m.size(0) * c, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane)));
+    queue.run([&](int64_t, WorkQueue& q) {
+      for (int64_t b, e; q.take(&b, &e);)
+        for (int64_t i = b; i < e; ++i)
+          mask_plane(mp + i * plane, sp + i * plane, ts, scp ? scp[i % c] : scalar_t(1), scp != nullptr,
+                     op + i * plane, plane);
+    });
+  });
+  return out;
+}
+
 }  // namespace cpu
 }  // namespace drmm
