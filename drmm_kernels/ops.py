@@ -181,6 +181,18 @@ def _gather_backward(ctx, g):
 _gather_conv.register_autograd(_gather_backward, setup_context=_gather_setup)
 
 
+def _mu_scale_grads(src, weight, mu, switches, scale, stride, padding, pool, slope, need_mu, need_scale):
+    """Gradients of <conv2d(src, weight), render-map of mu> in mu and scale: the conv read at the recorded
+    offsets (gather_conv), times the activation derivative, times scale for mu / mu for scale."""
+    at = _act(_gather_conv(src, weight, switches, stride, padding, pool), switches, slope)
+    gmu = gscale = None
+    if need_mu:
+        gmu = at if scale is None else at * scale.view(1, -1, 1, 1)
+    if need_scale and scale is not None:
+        gscale = _channel_sum(at * mu)
+    return gmu, gscale
+
+
 def _wgrad_setup(ctx, inputs, output):
     src, mu, switches, scale, stride, padding, pool, negative_slope, kernel_h, kernel_w = inputs
     ctx.conf = (stride, padding, pool, negative_slope, src.shape[-2], src.shape[-1])
@@ -197,11 +209,8 @@ def _wgrad_backward(ctx, gw):
     if need_src:
         gsrc = _render(mu, switches, gw, scale, stride, padding, pool, h, w, slope)
     if need_mu or need_scale:
-        at = _act(_gather_conv(src, gw, switches, stride, padding, pool), switches, slope)
-        if need_mu:
-            gmu = at if scale is None else at * scale.view(1, -1, 1, 1)
-        if need_scale and scale is not None:
-            gscale = _channel_sum(at * mu)
+        gmu, gscale = _mu_scale_grads(src, gw, mu, switches, scale, stride, padding, pool, slope, need_mu,
+                                      need_scale)
     return gsrc, gmu, None, gscale, None, None, None, None, None, None
 
 
@@ -348,11 +357,8 @@ def _render_backward(ctx, gout):
     gmu = gw = gscale = None
     gout = gout.contiguous()
     if need_mu or need_scale:
-        at = _act(_gather_conv(gout, weight, switches, stride, padding, pool), switches, slope)
-        if need_mu:
-            gmu = at if scale is None else at * scale.view(1, -1, 1, 1)
-        if need_scale and scale is not None:
-            gscale = _channel_sum(at * mu)
+        gmu, gscale = _mu_scale_grads(gout, weight, mu, switches, scale, stride, padding, pool, slope, need_mu,
+                                      need_scale)
     if need_w:
         gw = _render_wgrad(gout, mu, switches, scale, stride, padding, pool, slope, weight.shape[-2],
                            weight.shape[-1])
