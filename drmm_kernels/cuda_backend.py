@@ -71,3 +71,8 @@ def bn_pool(z: Tensor, scale: Tensor, shift: Tensor, pool: int, negative_slope: 
         return reference.bn_pool(z, scale, shift, pool, negative_slope)
     y, sw = torch.ops.drmm_C.bn_pool(z, scale, shift, pool, float(negative_slope))
     return y, sw
+
+
+def masked_values(mu: Tensor, switches: Tensor, scale: Optional[Tensor], negative_slope: float) -> Tensor:
+    # A dense elementwise pass (pool=1 backward): PyTorch's own CUDA kernels are already bandwidth-bound here.
+    return reference.masked_values(mu, switches, scale, negative_slope)

@@ -262,7 +262,7 @@ void check_channel_vector(const char* name, const at::Tensor& t, int64_t c, cons
 // z -> (y, switches) with optional per-channel scale/shift (absent = 1 / 0, which is exact).
 std::tuple<at::Tensor, at::Tensor> epilogue(const at::Tensor& z, const std::optional<at::Tensor>& scale,
                                             const std::optional<at::Tensor>& shift, int64_t pool,
-                                            double negative_slope) {
+                                            double negative_slope, bool z_is_scratch = false) {
   TORCH_CHECK(pool >= 1 && pool <= 4, "drmm_C: pool must be in [1, 4], got ", pool);
   TORCH_CHECK(negative_slope >= 0.0 && negative_slope < 1.0, "drmm_C: negative_slope must be in [0, 1), got ",
               negative_slope);
@@ -270,7 +270,11 @@ std::tuple<at::Tensor, at::Tensor> epilogue(const at::Tensor& z, const std::opti
   TORCH_CHECK(hp >= 1 && wp >= 1, "drmm_C: conv output ", z.sizes(), " is smaller than pool=", pool);
   if (scale.has_value()) check_channel_vector("scale", *scale, c, z);
   if (shift.has_value()) check_channel_vector("shift", *shift, c, z);
-  at::Tensor y = at::empty({n, c, hp, wp}, z.options());
+  // Without pooling, y has z's shape: when z is our own temporary (conv_relu_pool), write y over it instead of
+  // allocating (first-touch page faults of a fresh full-size buffer cost as much as the pass itself). Each
+  // element is read before the same element is written, so the overlap of z and y is harmless.
+  const bool in_place = z_is_scratch && pool == 1 && z.is_contiguous();
+  at::Tensor y = in_place ? z : at::empty({n, c, hp, wp}, z.options());
   at::Tensor sw = at::empty({n, c, hp, wp}, z.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "drmm_cpu_epilogue", [&] {
     std::vector<scalar_t> s(c, scalar_t(1)), b(c, scalar_t(0));
@@ -305,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool(const at::Tensor& x, const at:
   // oneDNN (or ATen's fallback) for the convolution; it may return channels_last, which the epilogue reads.
   const at::Tensor z = at::convolution(x, weight, std::nullopt, {stride, stride}, {padding, padding}, {1, 1},
                                        false, {0, 0}, 1);
-  return epilogue(z, scale, shift, pool, negative_slope);
+  return epilogue(z, scale, shift, pool, negative_slope, /*z_is_scratch=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_pool(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
