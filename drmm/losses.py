@@ -8,7 +8,7 @@ Every disagreement between the paper and the authors' code is an option here, de
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,9 @@ class ObjectiveConfig:
     td_nonneg: str = "penalty"    # penalty ([TF]) | relu ([P16] §3.2) | both | none
     rc_reduction: str = "mean_all"        # mean_all ([TF]) | half_mean_per_sample ([DGM] L2Loss)
     unsup_terms_on: str = "unlabeled"     # unlabeled ([TF] 'unsup') | labeled | both_avg | both_sum ([DGM])
-    nonneg_term: str = "penalty"  # penalty | moment_matching (NRM with BN; not implemented)
-    rpn_weight: float = 0.0       # NRM's rendering-path normalisation; not implemented (must stay 0)
+    nonneg_term: str = "penalty"  # penalty | moment_matching (NRM with BN, spec §4.1 MM; replaces the NN penalty)
+    rpn_weight: float = 0.0       # a_PN of NRM's rendering-path normalisation (spec §4.1 RPN); 0 = off
+    rpn_class_prior: bool = False  # RPN: add |ln pi_c - ln pi_c_pn| (ln pi = readout bias), as lenet_ld_opt.py
 
     def __post_init__(self):
         choices = {"td_nonneg": ("penalty", "relu", "both", "none"),
@@ -38,15 +39,18 @@ class ObjectiveConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.kl_sign not in (-1, 1):
             raise ValueError(f"kl_sign must be -1 or +1, got {self.kl_sign!r}")
-        if self.nonneg_term == "moment_matching":
-            raise NotImplementedError("nonneg_term='moment_matching' (NRM's KL between BN moments, spec §4.1) is "
-                                      "not implemented; use nonneg_term='penalty'")
-        if self.rpn_weight != 0:
-            raise NotImplementedError("rpn_weight != 0: the rendering-path normalisation (NRM, spec §4.1) is not "
-                                      "implemented; set rpn_weight: 0")
+        if not self.rpn_weight >= 0:
+            raise ValueError(f"rpn_weight must be >= 0, got {self.rpn_weight!r}")
+        if self.rpn_class_prior and not self.rpn_weight:
+            raise ValueError("rpn_class_prior: true needs rpn_weight > 0")
+
+    @property
+    def moment_matching(self) -> bool:
+        return self.nonneg_term == "moment_matching"
 
     @property
     def nn_penalty_on(self) -> bool:
+        """Whether the NN slot carries a term: the penalty (td_nonneg penalty/both) or, when selected, MM."""
         return self.td_nonneg in ("penalty", "both")
 
     @property
@@ -77,6 +81,68 @@ def nonneg_penalty_per_example(signals: Sequence[Tensor]) -> Tensor:
     total = 0.0
     for z in signals:
         total = total + F.relu(-z).pow(2).flatten(1).mean(1)
+    return total
+
+
+def moment_matching_per_example(pairs: Sequence[Tuple[Tensor, Tensor]], eps: float = 1e-8) -> Tensor:
+    """NRM's moment matching (spec §4.1 MM): sum over (top-down, forward) pairs of the per-sample Gaussian KL.
+
+    Each pair holds a top-down signal and the forward pre-BN conv output it is compared with; only per-sample
+    scalar moments (mean and biased variance over all of C, H, W) are used, so the two need not share a shape.
+    Per pair: 0.5 * [(m_td - m_fw)^2 / v_fw + v_td / v_fw - log(v_td / v_fw) - 1], with +eps guards on both
+    variances ([NRMpub] compute_kl_gaussian); zero iff the moments agree.
+    """
+    total = 0.0
+    for td, fw in pairs:
+        td, fw = td.flatten(1), fw.flatten(1)
+        m_td, v_td = td.mean(1), td.var(1, unbiased=False) + eps
+        m_fw, v_fw = fw.mean(1), fw.var(1, unbiased=False) + eps
+        ratio = v_td / v_fw
+        total = total + 0.5 * ((m_td - m_fw).pow(2) / v_fw + ratio - torch.log(ratio) - 1.0)
+    return total
+
+
+def moment_pairs(levels: Sequence[Tensor], forward_convs: Sequence[Tensor]) -> List[Tuple[Tensor, Tensor]]:
+    """The MM pairing (spec §4.1, reversed-list): ``levels[j]`` (top first, image excluded) with the forward conv
+    output of layer L-1-j, i.e. the top template with the last conv, the signal rendered into layer l's input with
+    layer l-1's conv. A pair whose signals hold fewer than 2 values per example (no variance) is skipped."""
+    n_layers = len(forward_convs)
+    pairs = []
+    for j, td in enumerate(levels[:n_layers]):
+        fw = forward_convs[n_layers - 1 - j]
+        if td[0].numel() >= 2 and fw[0].numel() >= 2:
+            pairs.append((td, fw))
+    return pairs
+
+
+def rpn_per_example(model, latents, levels: Sequence[Tensor], pn_latents, pn_levels: Sequence[Tensor],
+                    classes: Optional[Tensor] = None) -> Tensor:
+    """Rendering-path normalisation (spec §4.1 RPN): sum_l mean_{C,H,W} |b_l * (mu_l * a_l - mu_pn_l * a_pn_l)|.
+
+    ``levels``/``pn_levels`` are ``model.render(..., return_levels=True)`` levels of the inferred and the prior path
+    (top first): ``levels[L-1-l]`` is the signal in layer l's (pooled) output space, where b_l (BN beta or conv
+    bias) is added bottom-up. a_l is the layer's a-mask (1 on, the activation slope off) from the switches. Both
+    paths share the t-switches, so the mean over the unpooled map is the pooled-space sum over the conv-map size.
+    With ``classes`` given, adds |ln pi_c - ln pi_c_pn| with ln pi = the readout bias and c_pn = its argmax (the
+    prior's most probable class). Layers without a bias contribute nothing.
+    """
+    n_layers = len(model.specs)
+    total = 0.0
+    for l in range(n_layers):
+        b = model.layer_bias(l)
+        if b is None:
+            continue
+        mu, mu_pn = levels[n_layers - 1 - l], pn_levels[n_layers - 1 - l]
+        if model.specs[l].pool == "mean":
+            mu, mu_pn = model.mean_unpool(mu, latents.map_sizes[l]), model.mean_unpool(mu_pn, latents.map_sizes[l])
+        a = model.switch_mask(l, latents.switches[l], mu.dtype)
+        a_pn = model.switch_mask(l, pn_latents.switches[l], mu.dtype)
+        diff = (b.view(1, -1, 1, 1) * (mu * a - mu_pn * a_pn)).abs().flatten(1)
+        h, w = latents.map_sizes[l]
+        total = total + diff.sum(1) / (diff.shape[1] // (mu.shape[-2] * mu.shape[-1]) * h * w)
+    if classes is not None:
+        log_pi = model.readout.bias
+        total = total + (log_pi[classes] - log_pi.max()).abs()
     return total
 
 
@@ -111,11 +177,15 @@ def unsup_weights(labeled: Tensor, unsup_terms_on: str) -> Tensor:
 
 
 def drmm_objective(cfg: ObjectiveConfig, logits: Tensor, labels: Tensor, labeled: Tensor, x: Tensor,
-                   x_hat: Optional[Tensor], signals: Optional[Sequence[Tensor]]) -> Tuple[Tensor, Dict[str, Tensor]]:
+                   x_hat: Optional[Tensor], signals: Optional[Sequence[Tensor]],
+                   moments: Optional[Sequence[Tuple[Tensor, Tensor]]] = None,
+                   rpn: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Total loss and its parts (detached 0-d tensors; ``as_floats`` turns them into numbers for logging).
 
     ``labeled`` is a bool mask; ``labels`` is ignored where it is False. ``x_hat``/``signals`` may be None
-    (a backprop baseline has no top-down pass); then RC and NN are absent.
+    (a backprop baseline has no top-down pass); then RC and NN are absent. With ``nonneg_term='moment_matching'``
+    the NN slot (logged as ``nn``, weighted by ``nn_weight``) holds MM over ``moments`` (``moment_pairs``) instead
+    of the penalty. ``rpn`` is the per-example RPN (``rpn_per_example``), logged as ``rpn`` when rpn_weight > 0.
     """
     parts: Dict[str, Tensor] = {}
     zero = logits.new_zeros(())
@@ -126,12 +196,17 @@ def drmm_objective(cfg: ObjectiveConfig, logits: Tensor, labels: Tensor, labeled
     parts["rc"] = (w * reconstruction_per_example(x, x_hat, cfg.rc_reduction)).sum() if x_hat is not None else zero
     # kl_sign * KL(q||U): with -1 (code default) this is H(q) - log C, so minimising it sharpens predictions.
     parts["kl"] = cfg.kl_sign * (w * kl_to_uniform_per_example(logits)).sum() if cfg.kl_weight else zero
-    if signals is not None and cfg.nn_penalty_on and cfg.nn_weight:
+    if cfg.moment_matching:
+        parts["nn"] = (w * moment_matching_per_example(moments)).sum() if moments and cfg.nn_weight else zero
+    elif signals is not None and cfg.nn_penalty_on and cfg.nn_weight:
         parts["nn"] = (w * nonneg_penalty_per_example(signals)).sum()
     else:
         parts["nn"] = zero
     total = (cfg.ce_weight * parts["ce"] + cfg.rc_weight * parts["rc"] + cfg.kl_weight * parts["kl"]
              + cfg.nn_weight * parts["nn"])
+    if cfg.rpn_weight:
+        parts["rpn"] = (w * rpn).sum() if rpn is not None else zero
+        total = total + cfg.rpn_weight * parts["rpn"]
     logs = {"loss": total.detach(), **{k: v.detach() for k, v in parts.items()}}
     return total, logs
 
@@ -157,4 +232,5 @@ def template_classes(logits: Tensor, labels: Tensor, labeled: Tensor, template_c
 
 
 __all__ = ["ObjectiveConfig", "drmm_objective", "as_floats", "template_classes", "reconstruction_per_example",
-           "kl_to_uniform_per_example", "nonneg_penalty_per_example", "unsup_weights"]
+           "kl_to_uniform_per_example", "nonneg_penalty_per_example", "unsup_weights", "moment_matching_per_example",
+           "moment_pairs", "rpn_per_example"]

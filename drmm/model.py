@@ -118,6 +118,9 @@ class Latents:
     input_sizes: List[Tuple[int, int]]
     map_sizes: List[Tuple[int, int]]
     features: Tensor  # the top feature map h (N, K, H, W) the readout sees
+    # Each layer's input (with its autograd history), recorded only when ``DRMM.record_layer_inputs`` is True
+    # (the moment-matching objective recomputes the pre-BN conv outputs from them); None otherwise.
+    layer_inputs: Optional[List[Tensor]] = None
 
 
 class DRMM(nn.Module):
@@ -169,6 +172,9 @@ class DRMM(nn.Module):
                 raise ValueError(f"layer {i} ({spec}) maps input {image_size} to an empty feature map")
             c = spec.channels
         self.top_shape = (c, *hw)  # shape of the class templates mu_c
+        # Set by the trainer when nonneg_term='moment_matching': forward then keeps each layer's input in the
+        # latents (references only; autograd keeps these tensors alive for the backward pass anyway).
+        self.record_layer_inputs = False
         self.readout = nn.Linear(c * hw[0] * hw[1], num_classes)
         self.reset_parameters()
 
@@ -193,16 +199,92 @@ class DRMM(nn.Module):
             raise ValueError(f"x must have shape (N, {self.in_channels}, {self.image_size[0]}, "
                              f"{self.image_size[1]}), got {tuple(x.shape)}")
         switches, input_sizes, map_sizes = [], [], []
+        inputs: Optional[List[Tensor]] = [] if self.record_layer_inputs else None
         h = x
         for spec, layer in zip(self.specs, self.convs):
             input_sizes.append(tuple(h.shape[-2:]))
+            if inputs is not None:
+                inputs.append(h)
             h, sw = layer(h, return_switches=True)
             map_sizes.append(tuple(h.shape[-2:]))
             switches.append(sw)
             if spec.pool == "mean":
                 h = h.mean(dim=(2, 3), keepdim=True)
         logits = self.readout(h.flatten(1))
-        return logits, Latents(switches, input_sizes, map_sizes, h)
+        return logits, Latents(switches, input_sizes, map_sizes, h, inputs)
+
+    # ------------------------------------------------------------------ NRM objective helpers (spec §4.1 MM, RPN)
+
+    def layer_bias(self, i: int) -> Optional[Tensor]:
+        """The bias b of layer i: the BN beta for BN layers, the conv bias otherwise (None if the layer has none)."""
+        layer = self.convs[i]
+        return layer.bn.bias if isinstance(layer, dk.FusedConvBNReLUPool2d) else layer.bias
+
+    def preactivation_conv(self, i: int, h: Tensor) -> Tensor:
+        """Layer i's conv output for input h: pre-BN (no bias) for BN layers, conv + bias otherwise."""
+        layer, spec = self.convs[i], self.specs[i]
+        bias = None if isinstance(layer, dk.FusedConvBNReLUPool2d) else layer.bias
+        return F.conv2d(h, self.conv_weight(layer), bias, padding=spec.pad)
+
+    def forward_conv_outputs(self, latents: Latents) -> List[Tensor]:
+        """Recompute each layer's pre-BN conv output from the recorded inputs (one extra conv per layer).
+
+        The fused ops do not expose the pre-BN conv output, so it is recomputed with ``F.conv2d``; it keeps its
+        autograd history (gradients reach the conv weights and, through the recorded inputs, the layers below), as
+        the NRM code differentiates the moment-matching term through the forward activations too.
+        """
+        if latents.layer_inputs is None:
+            raise ValueError("the latents hold no layer inputs: set model.record_layer_inputs = True before forward")
+        return [self.preactivation_conv(i, h) for i, h in enumerate(latents.layer_inputs)]
+
+    @torch.no_grad()
+    def prior_path_latents(self, latents: Latents) -> Latents:
+        """Switches of the RPN prior path: a-switches of an all-zero image, t-switches of the real input.
+
+        The zero image's bottom-up pass normalises with the BN *running* statistics (eval-mode BN). The NRM code
+        uses InstanceNorm there; instance (or batch) statistics of a constant zero image are degenerate (the first
+        conv output is identically 0), so eval-mode BN is used instead, which is what the zero image means to the
+        trained network. The zero image is passed as one example (every example's zero pass is identical); its
+        own max-pools propagate it upwards, and each layer's ``a`` is read at the real input's argmax offset, so the
+        prior path shares the real input's t-switches. Constants (no gradient), like every switch.
+        """
+        n = latents.switches[0].shape[0]
+        ref = latents.switches[0].device
+        w0 = self.conv_weight(self.convs[0])
+        h = torch.zeros(1, self.in_channels, *self.image_size, device=ref, dtype=w0.dtype)
+        out = []
+        for i, (spec, layer) in enumerate(zip(self.specs, self.convs)):
+            v = self.preactivation_conv(i, h)
+            if isinstance(layer, dk.FusedConvBNReLUPool2d):
+                bn = layer.bn
+                v = F.batch_norm(v, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
+            on = (v > 0).to(torch.uint8)                       # (1, C, H, W) a-switch of the zero image
+            sw = latents.switches[i]
+            p = spec.fused_pool
+            if p > 1:
+                off = (sw & 0x0F).long()
+                dy, dx = torch.div(off, p, rounding_mode="floor"), off % p
+                hp, wp = sw.shape[-2:]
+                rows = torch.arange(hp, device=ref).view(hp, 1) * p + dy
+                cols = torch.arange(wp, device=ref).view(1, wp) * p + dx
+                idx = rows * v.shape[-1] + cols                    # flat index into the conv map, (N, C, hp, wp)
+                a = on.flatten(2).expand(n, -1, -1).gather(2, idx.flatten(2)).view_as(sw)
+            else:
+                a = on.expand_as(sw)
+            out.append((sw & 0x0F) | (a << 7))
+            act = F.leaky_relu(v, spec.negative_slope) if spec.negative_slope > 0 else F.relu(v)
+            h = F.max_pool2d(act, p, p) if p > 1 else act
+        return Latents(out, latents.input_sizes, latents.map_sizes, latents.features)
+
+    def prior_template(self) -> Tensor:
+        """The RPN prior path's top signal: the all-ones class vector through the readout = the sum of templates."""
+        return self.readout.weight.sum(0).view(1, *self.top_shape)
+
+    def switch_mask(self, i: int, switches: Tensor, dtype: torch.dtype) -> Tensor:
+        """The a-mask of layer i from its switch bytes: 1 where on, the activation's slope (0 or 0.1) where off."""
+        on = (switches & 0x80) != 0
+        return torch.where(on, torch.ones((), dtype=dtype, device=switches.device),
+                           torch.full((), self.specs[i].negative_slope, dtype=dtype, device=switches.device))
 
     # ------------------------------------------------------------------ top-down (rendering)
 

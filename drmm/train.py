@@ -31,7 +31,8 @@ import yaml
 
 from . import data as data_lib
 from . import distributed as dist_lib
-from .losses import ObjectiveConfig, as_floats, drmm_objective, template_classes
+from .losses import (ObjectiveConfig, as_floats, drmm_objective, moment_pairs, rpn_per_example,
+                     template_classes)
 from .drfm import build_drfm
 from .hard_em import HardEM, HardEMConfig
 from .model import DRMM, build_model
@@ -77,6 +78,7 @@ class TrainConfig:
     unsup_terms_on: str = "unlabeled"
     nonneg_term: str = "penalty"
     rpn_weight: float = 0.0
+    rpn_class_prior: bool = False
     # training
     trainer: str = "eg"                 # eg | backprop | hard_em (closed-form M-step, hard_em.py)
     em_ridge: float = 1e-4              # hard_em: relative ridge of every M-step regression
@@ -242,6 +244,9 @@ def train_step(model: DRMM, cfg: TrainConfig, objective: ObjectiveConfig, x: tor
 
     ``forward`` is what runs the bottom-up pass (a DistributedDataParallel wrapper of ``model``); default ``model``.
     """
+    mm = objective.moment_matching and cfg.trainer != "backprop"
+    if mm or getattr(model, "record_layer_inputs", False):
+        model.record_layer_inputs = mm                   # MM recomputes the pre-BN convs from the layer inputs
     logits, latents = (forward or model)(x)              # bottom-up: switches are recorded, not differentiated
     if cfg.trainer == "backprop":                        # the baseline: CE only, no top-down pass
         loss = torch.nn.functional.cross_entropy(logits[labeled], y[labeled])
@@ -249,7 +254,15 @@ def train_step(model: DRMM, cfg: TrainConfig, objective: ObjectiveConfig, x: tor
     classes = template_classes(logits, y, labeled, cfg.template_class)   # E-step: a constant class choice
     x_hat, levels = model.render(latents, classes, return_levels=True)   # top-down through the switches
     signals = model.unpooled_signals(levels[:-1])
-    loss, logs = drmm_objective(objective, logits, y, labeled, x, x_hat, signals)
+    moments = moment_pairs(levels[:-1], model.forward_conv_outputs(latents)) if mm else None   # one conv per layer
+    rpn = None
+    if objective.rpn_weight:                             # second (prior) top-down path, spec §4.1 RPN
+        pn_latents = model.prior_path_latents(latents)
+        pn_templates = model.prior_template().expand(len(classes), *model.top_shape)
+        _, pn_levels = model.render(pn_latents, classes, return_levels=True, templates=pn_templates)
+        rpn = rpn_per_example(model, latents, levels, pn_latents, pn_levels,
+                              classes if objective.rpn_class_prior else None)
+    loss, logs = drmm_objective(objective, logits, y, labeled, x, x_hat, signals, moments, rpn)
     return loss, logs, logits
 
 

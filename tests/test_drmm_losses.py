@@ -121,9 +121,12 @@ def test_config_errors():
         ObjectiveConfig(kl_sign=0)
     with pytest.raises(ValueError, match="td_nonneg"):
         ObjectiveConfig(td_nonneg="clip")
-    with pytest.raises(NotImplementedError, match="moment_matching"):
-        ObjectiveConfig(nonneg_term="moment_matching")
-    with pytest.raises(NotImplementedError, match="rpn_weight"):
-        ObjectiveConfig(rpn_weight=1.0)
+    with pytest.raises(ValueError, match="nonneg_term"):
+        ObjectiveConfig(nonneg_term="kl")
+    with pytest.raises(ValueError, match="rpn_weight"):
+        ObjectiveConfig(rpn_weight=-1.0)
+    with pytest.raises(ValueError, match="rpn_class_prior"):
+        ObjectiveConfig(rpn_class_prior=True)
+    assert ObjectiveConfig(nonneg_term="moment_matching", rpn_weight=1.0).moment_matching
     assert ObjectiveConfig(td_nonneg="both").td_relu and ObjectiveConfig(td_nonneg="both").nn_penalty_on
     assert not ObjectiveConfig(td_nonneg="relu").nn_penalty_on
