@@ -300,13 +300,34 @@ void gather_sparse(const Geometry& g, const at::Tensor& src, const T* srcp, cons
 
 // ------------------------------------------------------------------------------------- render_wgrad
 
+// The entries of one (n, c) plane that carry a value: emit(i, value, row, col) for each, with (row, col)
+// the recorded conv position times the stride (the top-left input tap); an offset outside the window sets
+// `bad`. Returns the count.
+template <typename T, typename Emit>
+int collect_entries(const Geometry& g, const Masker<T>& mask, const T* muc, const uint8_t* swc, int64_t c,
+                    std::atomic<bool>& bad, const Emit& emit) {
+  const int64_t p2 = g.pool * g.pool, plane = g.hp * g.wp;
+  int cnt = 0;
+  for (int64_t q = 0; q < plane; ++q) {
+    T v;
+    if (!mask.value(muc[q], swc[q], c, &v)) continue;
+    const int o = swc[q] & kOffsetMask;
+    if (o >= p2) {
+      bad = true;
+      continue;
+    }
+    emit(cnt++, v, ((q / g.wp) * g.pool + o / g.pool) * g.stride, ((q % g.wp) * g.pool + o % g.pool) * g.stride);
+  }
+  return cnt;
+}
+
 // dWt[co][kh][kw][ci] accumulated per chunk of samples in a private buffer (no atomics), summed by the
 // caller in chunk order. The chunks are fixed by the batch size alone, so the result is bitwise the same
 // whatever the thread count or scheduling (exact training resume depends on it).
 template <typename T>
 void wgrad_sparse(const Geometry& g, const at::Tensor& src, const T* srcp, const T* mu, const uint8_t* sw,
                   const Masker<T>& mask, T* partial, int64_t nchunks, std::atomic<bool>& bad) {
-  const int64_t p2 = g.pool * g.pool, plane = g.hp * g.wp;
+  const int64_t plane = g.hp * g.wp;
   const int64_t hs = g.h + 2 * g.padding, ws = g.w + 2 * g.padding;
   const int64_t row_len = g.kw * g.ci, wsize = g.co * g.kh * row_len;
   WorkQueue queue(nchunks, 1);  // workers take whole sample chunks, so the sums do not depend on scheduling
@@ -323,21 +344,10 @@ void wgrad_sparse(const Geometry& g, const at::Tensor& src, const T* srcp, const
         for (int64_t c = 0; c < g.co; ++c) {
           const T* muc = mu + (n * g.co + c) * plane;
           const uint8_t* swc = sw + (n * g.co + c) * plane;
-          int cnt = 0;
-          for (int64_t q = 0; q < plane; ++q) {
-            T v;
-            if (!mask.value(muc[q], swc[q], c, &v)) continue;
-            const int o = swc[q] & kOffsetMask;
-            if (o >= p2) {
-              bad = true;
-              continue;
-            }
-            const int64_t r0 = ((q / g.wp) * g.pool + o / g.pool) * g.stride;
-            const int64_t c0 = ((q % g.wp) * g.pool + o % g.pool) * g.stride;
-            coef[cnt] = v;
-            ptr[cnt] = buf.data() + (r0 * ws + c0) * g.ci;
-            ++cnt;
-          }
+          const int cnt = collect_entries(g, mask, muc, swc, c, bad, [&](int i, T v, int64_t r0, int64_t c0) {
+            coef[i] = v;
+            ptr[i] = buf.data() + (r0 * ws + c0) * g.ci;
+          });
           if (cnt == 0) continue;
           // One kernel row of dW (KW*C_in values) stays in registers while the entries stream by.
           for (int64_t kh = 0; kh < g.kh; ++kh)
@@ -357,7 +367,7 @@ void wgrad_sparse_chunked(const Geometry& g, const at::Tensor& src, const T* src
                           const Masker<T>& mask, T* partial, int64_t nchunks, std::atomic<bool>& bad) {
   using V = typename Simd<T>::V;
   constexpr int W = Simd<T>::W;
-  const int64_t p2 = g.pool * g.pool, plane = g.hp * g.wp;
+  const int64_t plane = g.hp * g.wp;
   const int64_t hs = g.h + 2 * g.padding, ws = g.w + 2 * g.padding;
   const int64_t cch = (g.ci + W - 1) / W, cbuf = hs * ws * W;
   const int64_t wsize = g.co * cch * K * K * W;
@@ -383,21 +393,10 @@ void wgrad_sparse_chunked(const Geometry& g, const at::Tensor& src, const T* src
         for (int64_t c = 0; c < g.co; ++c) {
           const T* muc = mu + (n * g.co + c) * plane;
           const uint8_t* swc = sw + (n * g.co + c) * plane;
-          int cnt = 0;
-          for (int64_t q = 0; q < plane; ++q) {
-            T v;
-            if (!mask.value(muc[q], swc[q], c, &v)) continue;
-            const int o = swc[q] & kOffsetMask;
-            if (o >= p2) {
-              bad = true;
-              continue;
-            }
-            const int64_t r0 = ((q / g.wp) * g.pool + o / g.pool) * g.stride;
-            const int64_t c0 = ((q % g.wp) * g.pool + o % g.pool) * g.stride;
-            coef[cnt] = v;
-            base[cnt] = (r0 * ws + c0) * W;
-            ++cnt;
-          }
+          const int cnt = collect_entries(g, mask, muc, swc, c, bad, [&](int i, T v, int64_t r0, int64_t c0) {
+            coef[i] = v;
+            base[i] = (r0 * ws + c0) * W;
+          });
           if (cnt == 0) continue;
           for (int64_t ch = 0; ch < cch; ++ch) {
             const T* cb = buf.data() + ch * cbuf;
