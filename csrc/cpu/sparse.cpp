@@ -134,6 +134,32 @@ at::Tensor scratch(int64_t numel, const at::TensorOptions& opts) {
   return b.narrow(0, 0, numel);
 }
 
+// out = (mu * a') * scale over contiguous NCHW m / s. Without a per-channel factor the run is flat, in large
+// blocks: per-plane calls cost ~10 ns each, which dominated on small maps.
+template <typename T>
+void fill_masked(const at::Tensor& m, const at::Tensor& s, const std::optional<at::Tensor>& scale, double slope,
+                 T* out) {
+  const int64_t c = m.size(1), plane = m.size(2) * m.size(3);
+  const T* mp = m.data_ptr<T>();
+  const uint8_t* sp = s.data_ptr<uint8_t>();
+  const at::Tensor sc = scale.has_value() ? scale->contiguous() : at::Tensor();
+  const T* scp = scale.has_value() ? sc.data_ptr<T>() : nullptr;
+  const T ts = static_cast<T>(slope);
+  if (scp == nullptr) {
+    WorkQueue queue(m.numel(), 32768);
+    queue.run([&](int64_t, WorkQueue& q) {
+      for (int64_t b, e; q.take(&b, &e);) mask_plane(mp + b, sp + b, ts, T(1), false, out + b, e - b);
+    });
+    return;
+  }
+  WorkQueue queue(m.size(0) * c, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane)));
+  queue.run([&](int64_t, WorkQueue& q) {
+    for (int64_t b, e; q.take(&b, &e);)
+      for (int64_t i = b; i < e; ++i)
+        mask_plane(mp + i * plane, sp + i * plane, ts, scp[i % c], true, out + i * plane, plane);
+  });
+}
+
 // Dense masked map for pool == 1: g = (mu * a') * scale, NCHW, in the scratch buffer (which holds at
 // least `min_numel` elements, so the caller can view the same storage with another shape).
 template <typename T>
@@ -141,26 +167,7 @@ at::Tensor masked_map(const at::Tensor& mu, const at::Tensor& switches, const st
                       double slope, int64_t min_numel = 0) {
   const at::Tensor m = mu.contiguous(), s = switches.contiguous();
   at::Tensor g = scratch(std::max(min_numel, m.numel()), m.options()).narrow(0, 0, m.numel()).view(m.sizes());
-  const int64_t c = m.size(1), plane = m.size(2) * m.size(3);
-  const T* mp = m.data_ptr<T>();
-  const uint8_t* sp = s.data_ptr<uint8_t>();
-  T* gp = g.data_ptr<T>();
-  const at::Tensor sc = scale.has_value() ? scale->contiguous() : at::Tensor();
-  const T* scp = scale.has_value() ? sc.data_ptr<T>() : nullptr;
-  const T ts = static_cast<T>(slope);
-  if (scp == nullptr) {  // no per-channel factor: flat blocks, no per-plane calls (see masked_values)
-    WorkQueue queue(m.numel(), 32768);
-    queue.run([&](int64_t, WorkQueue& q) {
-      for (int64_t b, e; q.take(&b, &e);) mask_plane(mp + b, sp + b, ts, T(1), false, gp + b, e - b);
-    });
-    return g;
-  }
-  WorkQueue queue(m.size(0) * c, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane)));
-  queue.run([&](int64_t, WorkQueue& q) {
-    for (int64_t b, e; q.take(&b, &e);)
-      for (int64_t i = b; i < e; ++i)
-        mask_plane(mp + i * plane, sp + i * plane, ts, scp[i % c], true, gp + i * plane, plane);
-  });
+  fill_masked<T>(m, s, scale, slope, g.data_ptr<T>());
   return g;
 }
 
@@ -590,30 +597,8 @@ at::Tensor masked_values(const at::Tensor& mu, const at::Tensor& switches, const
               "drmm_C::masked_values: scale must have ", mu.size(1), " elements");
   const at::Tensor m = mu.contiguous(), s = switches.contiguous();
   at::Tensor out = at::empty(m.sizes(), m.options());
-  const int64_t c = m.size(1), plane = m.size(2) * m.size(3);
-  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "drmm_cpu_masked_values", [&] {
-    const scalar_t* mp = m.data_ptr<scalar_t>();
-    const uint8_t* sp = s.data_ptr<uint8_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    const at::Tensor sc = scale.has_value() ? scale->contiguous() : at::Tensor();
-    const scalar_t* scp = scale.has_value() ? sc.data_ptr<scalar_t>() : nullptr;
-    const scalar_t ts = static_cast<scalar_t>(negative_slope);
-    if (scp == nullptr) {
-      // No per-channel factor: one flat elementwise run in large blocks (per-plane calls cost ~10 ns each,
-      // which dominated on small maps).
-      WorkQueue queue(m.numel(), 32768);
-      queue.run([&](int64_t, WorkQueue& q) {
-        for (int64_t b, e; q.take(&b, &e);) mask_plane(mp + b, sp + b, ts, scalar_t(1), false, op + b, e - b);
-      });
-      return;
-    }
-    WorkQueue queue(m.size(0) * c, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane)));
-    queue.run([&](int64_t, WorkQueue& q) {
-      for (int64_t b, e; q.take(&b, &e);)
-        for (int64_t i = b; i < e; ++i)
-          mask_plane(mp + i * plane, sp + i * plane, ts, scp[i % c], true, op + i * plane, plane);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "drmm_cpu_masked_values",
+                             [&] { fill_masked<scalar_t>(m, s, scale, negative_slope, out.data_ptr<scalar_t>()); });
   return out;
 }
 
