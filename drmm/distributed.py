@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -70,10 +70,10 @@ def shard(indices: Tensor, rank: int, world: int, what: str) -> Tensor:
 class SyncFusedConvBNReLUPool2d(dk.FusedConvBNReLUPool2d):
     """FusedConvBNReLUPool2d whose training-mode batch statistics are those of the global batch (all ranks)."""
 
-    def forward(self, x: Tensor, return_switches=None):
+    def forward(self, x: Tensor, return_switches=None, shift: Optional[Tensor] = None):
         bn = self.bn
         if not (bn.training and is_distributed()):
-            return super().forward(x, return_switches)
+            return super().forward(x, return_switches, shift)
         import torch.distributed.nn.functional as dist_nn   # the differentiable all_reduce (backward = all_reduce)
 
         warnings.filterwarnings("ignore", message=".*all_reduce is deprecated", category=FutureWarning)
@@ -84,6 +84,8 @@ class SyncFusedConvBNReLUPool2d(dk.FusedConvBNReLUPool2d):
         var = dist_nn.all_reduce(centered.pow(2).sum((0, 2, 3))) / count     # biased, two-pass like var_mean
         v = centered * torch.rsqrt(var + bn.eps).view(1, -1, 1, 1)
         v = v * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+        if shift is not None:   # an extra bias after the BN (BiasAdder)
+            v = v + shift.view(1, -1, 1, 1)
         y, switches = kref.pool_switches(v, self.pool, self.negative_slope)
         if bn.track_running_stats and bn.running_mean is not None:
             bn.num_batches_tracked.add_(1)

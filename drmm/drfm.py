@@ -93,7 +93,7 @@ class DRFM(DRMM):
 
 def build_drfm(name: str, in_channels: int, image_size: Tuple[int, int], num_classes: int = 10, *,
                factor_dim: int = 8, noise_var: float = 1.0, norm: Optional[str] = None,
-               activation: Optional[str] = None, **drmm_kwargs) -> DRFM:
+               activation: Optional[str] = None, tail_kernel: Optional[int] = None, **drmm_kwargs) -> DRFM:
     """A DRFM from DRMM preset ``name`` (``rfm`` + factor top = the paper's RFM)."""
-    return DRFM(preset_layers(name, norm, activation), in_channels, image_size, num_classes,
+    return DRFM(preset_layers(name, norm, activation, tail_kernel), in_channels, image_size, num_classes,
                 factor_dim=factor_dim, noise_var=noise_var, **drmm_kwargs)

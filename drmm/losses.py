@@ -69,8 +69,12 @@ def reconstruction_per_example(x: Tensor, x_hat: Tensor, reduction: str = "mean_
 
 def kl_to_uniform_per_example(logits: Tensor, eps: float = 1e-8) -> Tensor:
     """KL(q || uniform) = sum_c q_c log(C q_c) = log C - H(q), with the code's 1e-8 inside the log."""
-    q = F.softmax(logits, dim=1)
-    return (q * torch.log(logits.shape[1] * q + eps)).sum(1)
+    return kl_of_probs_per_example(F.softmax(logits, dim=1), eps)
+
+
+def kl_of_probs_per_example(q: Tensor, eps: float = 1e-8) -> Tensor:
+    """``kl_to_uniform_per_example`` for given class probabilities (Max-Min: the average of two softmaxes)."""
+    return (q * torch.log(q.shape[1] * q + eps)).sum(1)
 
 
 def nonneg_penalty_per_example(signals: Sequence[Tensor]) -> Tensor:
@@ -146,6 +150,20 @@ def rpn_per_example(model, latents, levels: Sequence[Tensor], pn_latents, pn_lev
     return total
 
 
+@dataclass
+class MinBranch:
+    """What the Max-Min model's min branch contributes (spec §4.1 Max-Min CE): its logits and its own rendering.
+
+    ``drmm_objective`` then weighs each branch 0.5: CE = 0.5 CE(z_max) + 0.5 CE(z_min), RC and the NN/MM term
+    averaged over the two reconstructions, the KL taken on the average of the two softmaxes ([DGM] nrm_maxmin.py).
+    """
+
+    logits: Tensor
+    x_hat: Optional[Tensor] = None
+    signals: Optional[Sequence[Tensor]] = None
+    moments: Optional[Sequence[Tuple[Tensor, Tensor]]] = None
+
+
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     n = mask.sum()
     return (values * mask).sum() / n.clamp(min=1)
@@ -179,29 +197,40 @@ def unsup_weights(labeled: Tensor, unsup_terms_on: str) -> Tensor:
 def drmm_objective(cfg: ObjectiveConfig, logits: Tensor, labels: Tensor, labeled: Tensor, x: Tensor,
                    x_hat: Optional[Tensor], signals: Optional[Sequence[Tensor]],
                    moments: Optional[Sequence[Tuple[Tensor, Tensor]]] = None,
-                   rpn: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+                   rpn: Optional[Tensor] = None, min_branch: Optional[MinBranch] = None
+                   ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Total loss and its parts (detached 0-d tensors; ``as_floats`` turns them into numbers for logging).
 
     ``labeled`` is a bool mask; ``labels`` is ignored where it is False. ``x_hat``/``signals`` may be None
     (a backprop baseline has no top-down pass); then RC and NN are absent. With ``nonneg_term='moment_matching'``
     the NN slot (logged as ``nn``, weighted by ``nn_weight``) holds MM over ``moments`` (``moment_pairs``) instead
     of the penalty. ``rpn`` is the per-example RPN (``rpn_per_example``), logged as ``rpn`` when rpn_weight > 0.
+    With ``min_branch`` (Max-Min model) ``logits``/``x_hat``/``signals``/``moments`` are the max branch's and every
+    term is the 0.5/0.5 average of the two branches (see ``MinBranch``); the RPN stays the max branch's.
     """
     parts: Dict[str, Tensor] = {}
     zero = logits.new_zeros(())
     lab = labeled.float()
-    ce_each = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
-    parts["ce"] = (ce_each * lab).sum() / lab.sum().clamp(min=1)   # mean over the labeled examples (0 if none)
+    branches = [MinBranch(logits, x_hat, signals, moments)] + ([min_branch] if min_branch is not None else [])
+    share = 1.0 / len(branches)
     w = unsup_weights(labeled, cfg.unsup_terms_on)
-    parts["rc"] = (w * reconstruction_per_example(x, x_hat, cfg.rc_reduction)).sum() if x_hat is not None else zero
+    parts.update(ce=zero, rc=zero, kl=zero, nn=zero)
+    for b in branches:
+        ce_each = F.cross_entropy(b.logits, labels.clamp(min=0), reduction="none")
+        parts["ce"] = parts["ce"] + share * (ce_each * lab).sum() / lab.sum().clamp(min=1)  # mean over labeled
+        if b.x_hat is not None:
+            parts["rc"] = parts["rc"] + share * (w * reconstruction_per_example(x, b.x_hat, cfg.rc_reduction)).sum()
+        if cfg.moment_matching:
+            if b.moments and cfg.nn_weight:
+                parts["nn"] = parts["nn"] + share * (w * moment_matching_per_example(b.moments)).sum()
+        elif b.signals is not None and cfg.nn_penalty_on and cfg.nn_weight:
+            parts["nn"] = parts["nn"] + share * (w * nonneg_penalty_per_example(b.signals)).sum()
     # kl_sign * KL(q||U): with -1 (code default) this is H(q) - log C, so minimising it sharpens predictions.
-    parts["kl"] = cfg.kl_sign * (w * kl_to_uniform_per_example(logits)).sum() if cfg.kl_weight else zero
-    if cfg.moment_matching:
-        parts["nn"] = (w * moment_matching_per_example(moments)).sum() if moments and cfg.nn_weight else zero
-    elif signals is not None and cfg.nn_penalty_on and cfg.nn_weight:
-        parts["nn"] = (w * nonneg_penalty_per_example(signals)).sum()
+    if cfg.kl_weight:
+        q = sum(share * F.softmax(b.logits, dim=1) for b in branches)
+        parts["kl"] = cfg.kl_sign * (w * kl_of_probs_per_example(q)).sum()
     else:
-        parts["nn"] = zero
+        parts["kl"] = zero
     total = (cfg.ce_weight * parts["ce"] + cfg.rc_weight * parts["rc"] + cfg.kl_weight * parts["kl"]
              + cfg.nn_weight * parts["nn"])
     if cfg.rpn_weight:
@@ -233,4 +262,4 @@ def template_classes(logits: Tensor, labels: Tensor, labeled: Tensor, template_c
 
 __all__ = ["ObjectiveConfig", "drmm_objective", "as_floats", "template_classes", "reconstruction_per_example",
            "kl_to_uniform_per_example", "nonneg_penalty_per_example", "unsup_weights", "moment_matching_per_example",
-           "moment_pairs", "rpn_per_example"]
+           "moment_pairs", "rpn_per_example", "MinBranch", "kl_of_probs_per_example"]

@@ -81,8 +81,9 @@ PRESETS = {
                    _L(192, 3, "full"), _L(192, 3, "valid", "max"), _L(192, 3, "valid"), _L(192, 1, "valid"),
                    _L(10, 1, "valid", "mean")],
     # NRM AllConv13 ([DGM] nrm.py, tail kernels 3x3 as in the code; model-spec §5.2): 32->16->8->6->1, with the
-    # NRM's LeakyReLU(0.1). Its BiasAdder, dropout and 1x1-conv classifier are replaced by the DRMM pieces
-    # (BN beta as the bias, no dropout, dense readout).
+    # NRM's LeakyReLU(0.1). The NRM's BiasAdder, dropout and top-down BN are the model options bias_adder,
+    # dropout/td_dropout and td_batchnorm (off by default); its 1x1-conv classifier on the 1x1 pooled map is the
+    # dense readout. ``tail_kernel=1`` gives the standard conv-large's 1x1 convs for the 256/128 layers.
     "allconv13": [LayerSpec(c, 3, p, pool, activation="leaky") for c, p, pool in (
         (128, "same", "none"), (128, "same", "none"), (128, "same", "max"), (256, "same", "none"),
         (256, "same", "none"), (256, "same", "max"), (512, "valid", "none"), (256, "same", "none"),
@@ -90,13 +91,29 @@ PRESETS = {
 }
 
 
-def preset_layers(name: str, norm: Optional[str] = None, activation: Optional[str] = None) -> List[LayerSpec]:
-    """The layer list of preset ``name``; ``norm``/``activation`` override every layer when given."""
+# The AllConv13 layers after the 512 valid conv: 3x3 pad 1 in [DGM]'s code, 1x1 in the standard conv-large.
+ALLCONV13_TAIL = (7, 8)
+
+
+def preset_layers(name: str, norm: Optional[str] = None, activation: Optional[str] = None,
+                  tail_kernel: Optional[int] = None) -> List[LayerSpec]:
+    """The layer list of preset ``name``; ``norm``/``activation`` override every layer when given.
+
+    ``tail_kernel`` (allconv13 only): kernel of the two layers after the 512 conv, 3 ([DGM] code, the preset) or 1
+    (the standard 13-layer conv-large); model-spec §5.2 / §10 ``allconv13_tail_kernel``.
+    """
     if name not in PRESETS:
         raise ValueError(f"model preset must be one of {sorted(PRESETS)}, got {name!r}")
+    if tail_kernel is not None:
+        if name != "allconv13":
+            raise ValueError(f"tail_kernel applies to the allconv13 preset only, got model {name!r}")
+        if tail_kernel not in (1, 3):
+            raise ValueError(f"tail_kernel must be 1 or 3, got {tail_kernel!r}")
     layers = []
-    for spec in PRESETS[name]:
+    for j, spec in enumerate(PRESETS[name]):
         d = asdict(spec)
+        if tail_kernel is not None and j in ALLCONV13_TAIL:
+            d["kernel"] = tail_kernel
         if norm is not None:
             d["norm"] = norm
         if activation is not None:
@@ -121,6 +138,10 @@ class Latents:
     # Each layer's input (with its autograd history), recorded only when ``DRMM.record_layer_inputs`` is True
     # (the moment-matching objective recomputes the pre-BN conv outputs from them); None otherwise.
     layer_inputs: Optional[List[Tensor]] = None
+    branch: str = "max"  # which bottom-up branch recorded these ("min" = the Max-Min model's min branch)
+    # Max-Min models only: the min branch's latents and the two branches' logits (max, min).
+    min_branch: Optional["Latents"] = None
+    branch_logits: Optional[Tuple[Tensor, Tensor]] = None
 
 
 class DRMM(nn.Module):
@@ -136,11 +157,26 @@ class DRMM(nn.Module):
             [P16] §3.2); off by default, as in the authors' code, which uses a penalty instead.
         bn_momentum: PyTorch-convention momentum of the BN running statistics (0.1; [TF] keeps an EMA with decay
             0.99, i.e. 0.01 here). A number: this package does not use the cumulative average (momentum=None).
+        td_batchnorm: NRM top-down BatchNorm ([DGM], spec §3.3): an untied, learned ``BatchNorm2d`` (own running
+            statistics) after the class template and after every layer's transposed conv, the image included.
+            Off by default ([TF] has none).
+        bias_adder: NRM's BiasAdder: an extra learned per-channel bias after each BN, before the activation; it is
+            the ``b`` of the RPN term. Off by default (the BN beta is the bias). BN layers only.
+        dropout: bottom-up dropout probability after each max-pooling stage (NRM CIFAR/SVHN: 0.5); 0 = off.
+        td_dropout: top-down dropout probability before each max-pooled layer's unpooling, independent of the
+            bottom-up masks (NRM: 0.5); 0 = off.
+        maxmin: NRM's Max-Min model ([DGM] nrm_maxmin.py, spec §4.1): a second bottom-up "min" branch sharing the
+            conv weights, BiasAdder and readout, with its own BNs (and top-down BNs), activation
+            ``min(v, 0) + slope * max(v, 0)`` and min-pooling; ``forward`` returns the average of the two
+            branches' logits and keeps both branches' latents. The min branch runs on the negated signal, where it
+            is exactly a max branch (see ``_layer_forward``), so the fused kernels serve it unchanged; its switch
+            offsets are the window argmin (the [DGM] code takes the argmax there, a quirk not copied).
     """
 
     def __init__(self, layers: Sequence[LayerSpec], in_channels: int, image_size: Tuple[int, int],
                  num_classes: int = 10, mean_unpool_scale: str = "none", td_relu: bool = False,
-                 bn_momentum: float = 0.1):
+                 bn_momentum: float = 0.1, td_batchnorm: bool = False, bias_adder: bool = False,
+                 dropout: float = 0.0, td_dropout: float = 0.0, maxmin: bool = False):
         super().__init__()
         if not layers:
             raise ValueError("layers must hold at least one LayerSpec")
@@ -148,6 +184,9 @@ class DRMM(nn.Module):
             raise ValueError(f"bn_momentum must be a number in [0, 1], got {bn_momentum!r}")
         if mean_unpool_scale not in ("none", "inv_area"):
             raise ValueError(f"mean_unpool_scale must be 'none' or 'inv_area', got {mean_unpool_scale!r}")
+        for name, p in (("dropout", dropout), ("td_dropout", td_dropout)):
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}")
         self.specs = list(layers)
         self.in_channels, self.image_size, self.num_classes = in_channels, tuple(image_size), num_classes
         self.mean_unpool_scale, self.td_relu = mean_unpool_scale, td_relu
@@ -176,7 +215,33 @@ class DRMM(nn.Module):
         # latents (references only; autograd keeps these tensors alive for the backward pass anyway).
         self.record_layer_inputs = False
         self.readout = nn.Linear(c * hw[0] * hw[1], num_classes)
+        self.dropout, self.td_dropout, self.td_batchnorm, self.maxmin = float(dropout), float(td_dropout), \
+            bool(td_batchnorm), bool(maxmin)
+        bn_layers = [str(i) for i, layer in enumerate(self.convs) if isinstance(layer, dk.FusedConvBNReLUPool2d)]
+        if bias_adder and not bn_layers:
+            raise ValueError("bias_adder needs BatchNorm layers (norm='batch'); layers without normalisation "
+                             "already have a conv bias")
+        self.bias_adders = nn.ParameterDict(
+            {i: nn.Parameter(torch.zeros(self.specs[int(i)].channels)) for i in bn_layers}) if bias_adder else None
+        self.td_norms = self._top_down_norms(bn_momentum) if td_batchnorm else None
+        self.min_convs = self.min_td_norms = None
+        if maxmin:
+            self.min_convs = nn.ModuleDict()   # the min branch's own BNs around the shared (tied) conv modules
+            for i in bn_layers:
+                layer = self.convs[int(i)]
+                twin = dk.FusedConvBNReLUPool2d(layer.conv.in_channels, layer.conv.out_channels, 1,
+                                                pool=layer.pool, negative_slope=layer.negative_slope,
+                                                momentum=bn_momentum, eps=layer.bn.eps)
+                twin.conv = layer.conv  # the same module: weights tied, geometry taken from it
+                self.min_convs[i] = twin
+            self.min_td_norms = self._top_down_norms(bn_momentum) if td_batchnorm else None
         self.reset_parameters()
+
+    def _top_down_norms(self, momentum: float) -> nn.ModuleList:
+        """One BatchNorm2d per rendered level: the template, then the input of layers L-1 .. 0 (the image)."""
+        chans = [self.top_shape[0]] + [self.in_channels if i == 0 else self.specs[i - 1].channels
+                                       for i in reversed(range(len(self.specs)))]
+        return nn.ModuleList(nn.BatchNorm2d(c, momentum=momentum) for c in chans)
 
     def reset_parameters(self):
         # Xavier conv weights and zero biases, as both codebases initialise (model-spec §5).
@@ -198,26 +263,63 @@ class DRMM(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, *self.image_size):
             raise ValueError(f"x must have shape (N, {self.in_channels}, {self.image_size[0]}, "
                              f"{self.image_size[1]}), got {tuple(x.shape)}")
+        logits, latents = self._bottom_up(x, "max")
+        if self.maxmin:
+            # Prediction = the average of the two branches' logits ([DGM] nrm_maxmin.py); each keeps its own latents.
+            logits_min, latents.min_branch = self._bottom_up(x, "min")
+            latents.branch_logits = (logits, logits_min)
+            logits = 0.5 * (logits + logits_min)
+        return logits, latents
+
+    def _bottom_up(self, x: Tensor, branch: str) -> Tuple[Tensor, Latents]:
         switches, input_sizes, map_sizes = [], [], []
         inputs: Optional[List[Tensor]] = [] if self.record_layer_inputs else None
-        h = x
-        for spec, layer in zip(self.specs, self.convs):
+        negated = branch == "min"
+        h = -x if negated else x  # the min branch runs on the negated signal (see _layer_forward)
+        for i, spec in enumerate(self.specs):
             input_sizes.append(tuple(h.shape[-2:]))
             if inputs is not None:
-                inputs.append(h)
-            h, sw = layer(h, return_switches=True)
+                inputs.append(-h if negated else h)
+            h, sw = self._layer_forward(i, h, negated)
             map_sizes.append(tuple(h.shape[-2:]))
             switches.append(sw)
             if spec.pool == "mean":
                 h = h.mean(dim=(2, 3), keepdim=True)
+            elif spec.pool == "max" and self.dropout:
+                h = F.dropout(h, self.dropout, self.training)
+        if negated:
+            h = -h
         logits = self.readout(h.flatten(1))
-        return logits, Latents(switches, input_sizes, map_sizes, h, inputs)
+        return logits, Latents(switches, input_sizes, map_sizes, h, inputs, branch=branch)
+
+    def _layer_forward(self, i: int, h: Tensor, negated: bool) -> Tuple[Tensor, Tensor]:
+        """Layer i's fused op: (output, switches). ``negated``: the min branch, fed and returning ``-signal``.
+
+        With u = -v (v = the min branch's pre-activation), ``min(v,0) + s*max(v,0) = -act(u)`` and min-pooling it
+        is ``-maxpool(act(u))``. For an input ``-h``, ``u = conv(h)*scale + (-beta' - b)`` for a BN layer with its
+        own parameters (beta' = -beta reparametrised, so its init is still 0) and ``conv(h) - c`` without BN. So the
+        min branch is the ordinary fused op on the negated signal with negated shifts: its on-bit is ``v < 0``
+        and its offset the window argmin of ``v``, exactly the min branch's a- and t-switches.
+        """
+        layer = self.convs[i]
+        if isinstance(layer, dk.FusedConvBNReLUPool2d):
+            b = self.bias_adders[str(i)] if self.bias_adders is not None else None
+            if negated:
+                return self.min_convs[str(i)](h, return_switches=True, shift=None if b is None else -b)
+            return layer(h, return_switches=True, shift=b)
+        if negated:
+            return dk.conv_relu_pool(h, layer.weight, None, None if layer.bias is None else -layer.bias,
+                                     stride=layer.stride, padding=layer.padding, pool=layer.pool,
+                                     negative_slope=layer.negative_slope)
+        return layer(h, return_switches=True)
 
     # ------------------------------------------------------------------ NRM objective helpers (spec §4.1 MM, RPN)
 
     def layer_bias(self, i: int) -> Optional[Tensor]:
-        """The bias b of layer i: the BN beta for BN layers, the conv bias otherwise (None if the layer has none)."""
+        """The bias b of layer i: the BiasAdder when on, else the BN beta for BN layers, the conv bias otherwise."""
         layer = self.convs[i]
+        if self.bias_adders is not None and str(i) in self.bias_adders:
+            return self.bias_adders[str(i)]
         return layer.bn.bias if isinstance(layer, dk.FusedConvBNReLUPool2d) else layer.bias
 
     def preactivation_conv(self, i: int, h: Tensor) -> Tensor:
@@ -258,6 +360,8 @@ class DRMM(nn.Module):
             if isinstance(layer, dk.FusedConvBNReLUPool2d):
                 bn = layer.bn
                 v = F.batch_norm(v, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
+                if self.bias_adders is not None:
+                    v = v + self.bias_adders[str(i)].view(1, -1, 1, 1)
             on = (v > 0).to(torch.uint8)                       # (1, C, H, W) a-switch of the zero image
             sw = latents.switches[i]
             p = spec.fused_pool
@@ -299,28 +403,45 @@ class DRMM(nn.Module):
         return self.class_templates(classes)
 
     def render(self, latents: Latents, classes: Tensor, return_levels: bool = False,
-               templates: Optional[Tensor] = None):
+               templates: Optional[Tensor] = None, frozen_norms: bool = False):
         """Render class templates top-down through the switches: returns x_hat (and the levels on request).
 
         ``levels[0]`` is the class template, ``levels[i]`` the signal rendered down to the input of layer L-i
         (before that layer's own unpool/mask, and before the optional top-down ReLU), ``levels[-1]`` = x_hat.
         The switches and ``classes`` are constants; gradients reach the conv weights and the templates.
         ``templates`` (N, *top_shape) replaces the top signal (sampling, class appearance models).
+        With ``td_batchnorm`` every level is taken after its top-down BN (the min branch's latents use the min
+        branch's own top-down BNs); ``td_dropout`` acts before each max-pooled layer's unpooling, after the level
+        is recorded. ``frozen_norms``: the top-down BNs normalise with their running statistics and leave them
+        untouched (the RPN prior path, which must not feed its statistics into the BNs of the real path).
         """
         if len(classes) != latents.switches[0].shape[0]:
             raise ValueError(f"classes has {len(classes)} entries but the latents hold "
                              f"{latents.switches[0].shape[0]} examples")
-        mu = self.top_templates(latents, classes) if templates is None else templates
+        norms = self.min_td_norms if latents.branch == "min" else self.td_norms
+
+        def normalise(j: int, t: Tensor) -> Tensor:
+            if norms is None:
+                return t
+            bn = norms[j]
+            if frozen_norms:
+                return F.batch_norm(t, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+            return bn(t)
+
+        mu = normalise(0, self.top_templates(latents, classes) if templates is None else templates)
         levels = [mu]
-        for i in reversed(range(len(self.specs))):
+        for j, i in enumerate(reversed(range(len(self.specs))), start=1):
             spec, layer = self.specs[i], self.convs[i]
             if self.td_relu:
                 mu = F.relu(mu)
             if spec.pool == "mean":
                 mu = self.mean_unpool(mu, latents.map_sizes[i])
+            elif spec.pool == "max" and self.td_dropout:
+                mu = F.dropout(mu, self.td_dropout, self.training)
             mu = dk.render(mu, latents.switches[i], self.conv_weight(layer), None, padding=spec.pad,
                            pool=spec.fused_pool, out_size=latents.input_sizes[i],
                            negative_slope=spec.negative_slope)
+            mu = normalise(j, mu)
             levels.append(mu)
         x_hat = F.relu(mu) if self.td_relu else mu
         if return_levels:
@@ -351,12 +472,16 @@ class DRMM(nn.Module):
         return signals
 
     def extra_repr(self) -> str:
-        return f"top_shape={self.top_shape}, mean_unpool_scale={self.mean_unpool_scale}, td_relu={self.td_relu}"
+        extra = [f"{k}={v}" for k, v in (("td_batchnorm", self.td_batchnorm), ("bias_adder", self.bias_adders is not None),
+                                         ("dropout", self.dropout), ("td_dropout", self.td_dropout),
+                                         ("maxmin", self.maxmin)) if v]
+        return ", ".join([f"top_shape={self.top_shape}, mean_unpool_scale={self.mean_unpool_scale}, "
+                          f"td_relu={self.td_relu}"] + extra)
 
 
 def build_model(name: str, in_channels: int, image_size: Tuple[int, int], num_classes: int = 10, *,
-                norm: Optional[str] = None, activation: Optional[str] = None, mean_unpool_scale: str = "none",
-                td_relu: bool = False, bn_momentum: float = 0.1) -> DRMM:
-    """A DRMM from preset ``name`` (see PRESETS)."""
-    return DRMM(preset_layers(name, norm, activation), in_channels, image_size, num_classes,
-                mean_unpool_scale=mean_unpool_scale, td_relu=td_relu, bn_momentum=bn_momentum)
+                norm: Optional[str] = None, activation: Optional[str] = None, tail_kernel: Optional[int] = None,
+                **model_kwargs) -> DRMM:
+    """A DRMM from preset ``name`` (see PRESETS); ``model_kwargs`` go to ``DRMM`` (mean_unpool_scale, td_relu, ...)."""
+    return DRMM(preset_layers(name, norm, activation, tail_kernel), in_channels, image_size, num_classes,
+                **model_kwargs)

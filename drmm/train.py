@@ -31,7 +31,7 @@ import yaml
 
 from . import data as data_lib
 from . import distributed as dist_lib
-from .losses import (ObjectiveConfig, as_floats, drmm_objective, moment_pairs, rpn_per_example,
+from .losses import (MinBranch, ObjectiveConfig, as_floats, drmm_objective, moment_pairs, rpn_per_example,
                      template_classes)
 from .drfm import build_drfm
 from .hard_em import HardEM, HardEMConfig
@@ -62,6 +62,13 @@ class TrainConfig:
     activation: Optional[str] = None    # override: relu | leaky (None = preset: relu)
     bn_momentum: float = 0.1            # BN running-stat momentum (PyTorch convention; [TF]: EMA 0.99 = 0.01 here)
     mean_unpool_scale: str = "none"     # none = [TF] unscaled repeat | inv_area = [DGM] 1/s^2
+    # NRM options (model-spec §3.3, §4.1, §10; all off = the DRMM code's behaviour). See DRMM's docstring.
+    td_batchnorm: bool = False          # untied BN after the template and after every top-down conv ([DGM])
+    bias_adder: bool = False            # extra learned bias after each BN ([DGM] BiasAdder; the RPN's b)
+    dropout: float = 0.0                # bottom-up dropout after each max-pool ([DGM] CIFAR/SVHN: 0.5)
+    td_dropout: float = 0.0             # top-down dropout before each max-unpool ([DGM]: 0.5)
+    maxmin: bool = False                # Max-Min model: a min branch, CE/RC/KL averaged 0.5/0.5 ([DGM] nrm_maxmin)
+    allconv13_tail_kernel: int = 3      # allconv13: kernel of the 256/128 layers, 3 ([DGM] code) | 1 (conv-large)
     template_class: str = "true_if_labeled"  # true_if_labeled ([DGM]/[UNV]) | predicted ([TF])
     top_model: str = "class"            # class = DRMM templates mu_c | factor = DRFM mu_c + Lambda_c z (drfm.py)
     factor_dim: int = 8                 # DRFM: dimension of the Gaussian top latent z
@@ -119,6 +126,20 @@ class TrainConfig:
         if self.mode == "pretrain_finetune" and not 0 < self.pretrain_epochs < self.epochs:
             raise ValueError(f"pretrain_finetune needs 0 < pretrain_epochs < epochs, got pretrain_epochs="
                              f"{self.pretrain_epochs}, epochs={self.epochs}")
+        if self.allconv13_tail_kernel not in (1, 3):
+            raise ValueError(f"allconv13_tail_kernel must be 1 or 3, got {self.allconv13_tail_kernel!r}")
+        if self.allconv13_tail_kernel != 3 and self.model != "allconv13":
+            raise ValueError(f"allconv13_tail_kernel applies to model allconv13 only, got model {self.model!r}")
+        for name in ("dropout", "td_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1), got {getattr(self, name)!r}")
+        if self.trainer == "hard_em":
+            for name in ("td_batchnorm", "td_dropout", "maxmin"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} is not supported by trainer hard_em (its closed-form M-step assumes "
+                                     f"the plain linear rendering of one branch); use trainer eg")
+        if self.maxmin and self.top_model != "class":
+            raise ValueError("maxmin needs top_model 'class' (the factor top reads out one branch only)")
         if self.mode == "unsupervised" and self.trainer == "backprop":
             raise ValueError("trainer=backprop trains on CE only and needs labels; mode=unsupervised has none")
         if self.epochs < 1 or self.batch_size < 1:
@@ -248,8 +269,11 @@ def train_step(model: DRMM, cfg: TrainConfig, objective: ObjectiveConfig, x: tor
     if mm or getattr(model, "record_layer_inputs", False):
         model.record_layer_inputs = mm                   # MM recomputes the pre-BN convs from the layer inputs
     logits, latents = (forward or model)(x)              # bottom-up: switches are recorded, not differentiated
+    # Max-Min: the objective sees each branch's logits; ``logits`` (their average) is the prediction.
+    branch_logits = latents.branch_logits or (logits,)
     if cfg.trainer == "backprop":                        # the baseline: CE only, no top-down pass
-        loss = torch.nn.functional.cross_entropy(logits[labeled], y[labeled])
+        loss = sum(torch.nn.functional.cross_entropy(z[labeled], y[labeled]) for z in branch_logits) \
+            / len(branch_logits)
         return loss, {"loss": loss.detach(), "ce": loss.detach()}, logits
     classes = template_classes(logits, y, labeled, cfg.template_class)   # E-step: a constant class choice
     x_hat, levels = model.render(latents, classes, return_levels=True)   # top-down through the switches
@@ -259,10 +283,18 @@ def train_step(model: DRMM, cfg: TrainConfig, objective: ObjectiveConfig, x: tor
     if objective.rpn_weight:                             # second (prior) top-down path, spec §4.1 RPN
         pn_latents = model.prior_path_latents(latents)
         pn_templates = model.prior_template().expand(len(classes), *model.top_shape)
-        _, pn_levels = model.render(pn_latents, classes, return_levels=True, templates=pn_templates)
+        _, pn_levels = model.render(pn_latents, classes, return_levels=True, templates=pn_templates,
+                                    frozen_norms=True)
         rpn = rpn_per_example(model, latents, levels, pn_latents, pn_levels,
                               classes if objective.rpn_class_prior else None)
-    loss, logs = drmm_objective(objective, logits, y, labeled, x, x_hat, signals, moments, rpn)
+    min_branch = None
+    if latents.min_branch is not None:                   # Max-Min: the min branch renders through its own switches
+        m_latents = latents.min_branch
+        m_x_hat, m_levels = model.render(m_latents, classes, return_levels=True)
+        m_moments = moment_pairs(m_levels[:-1], model.forward_conv_outputs(m_latents)) if mm else None
+        min_branch = MinBranch(branch_logits[1], m_x_hat, model.unpooled_signals(m_levels[:-1]), m_moments)
+    loss, logs = drmm_objective(objective, branch_logits[0], y, labeled, x, x_hat, signals, moments, rpn,
+                                min_branch)
     return loss, logs, logits
 
 
@@ -385,7 +417,9 @@ def resolve_device(name: str) -> torch.device:
 def model_from_config(cfg: TrainConfig, image_shape: Sequence[int], num_classes: int) -> DRMM:
     objective = cfg.objective()
     kwargs = dict(norm=cfg.norm, activation=cfg.activation, mean_unpool_scale=cfg.mean_unpool_scale,
-                  td_relu=objective.td_relu, bn_momentum=cfg.bn_momentum)
+                  td_relu=objective.td_relu, bn_momentum=cfg.bn_momentum, td_batchnorm=cfg.td_batchnorm,
+                  bias_adder=cfg.bias_adder, dropout=cfg.dropout, td_dropout=cfg.td_dropout, maxmin=cfg.maxmin,
+                  tail_kernel=cfg.allconv13_tail_kernel if cfg.model == "allconv13" else None)
     if cfg.top_model == "factor":
         model = build_drfm(cfg.model, image_shape[0], tuple(image_shape[1:]), num_classes,
                            factor_dim=cfg.factor_dim, noise_var=cfg.factor_noise_var, **kwargs)

@@ -109,8 +109,15 @@ class FusedConvBNReLUPool2d(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **factory)
         self.pool, self.negative_slope, self.return_switches = pool, float(negative_slope), return_switches
 
-    def forward(self, x: Tensor, return_switches: Optional[bool] = None):
+    def forward(self, x: Tensor, return_switches: Optional[bool] = None, shift: Optional[Tensor] = None):
+        """``shift`` (per channel, optional) is added after the normalisation, on top of the BN bias: an extra
+        learned bias such as NRM's BiasAdder; gradients reach it like the BN bias."""
         bn = self.bn
+        bias = bn.bias
+        if shift is not None:
+            if shift.dim() != 1 or shift.shape[0] != bn.num_features:
+                raise ValueError(f"shift must have shape ({bn.num_features},), got {tuple(shift.shape)}")
+            bias = shift if bias is None else bias + shift
         training = bn.training or bn.running_mean is None
         momentum = bn.momentum if bn.momentum is not None else 0.0  # unused unless running stats update
         if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -118,7 +125,7 @@ class FusedConvBNReLUPool2d(nn.Module):
             if bn.momentum is None:  # cumulative moving average, as nn.BatchNorm2d does
                 momentum = 1.0 / float(bn.num_batches_tracked)
         y, switches = ops.conv_bn_relu_pool(
-            x, self.conv.weight, bn.weight, bn.bias, bn.running_mean if bn.track_running_stats else None,
+            x, self.conv.weight, bn.weight, bias, bn.running_mean if bn.track_running_stats else None,
             bn.running_var if bn.track_running_stats else None, training=training, momentum=momentum, eps=bn.eps,
             stride=self.conv.stride[0], padding=self.conv.padding[0], pool=self.pool,
             negative_slope=self.negative_slope)

@@ -16,6 +16,9 @@ pytestmark = pytest.mark.skipif(not DATA_DIR or not (Path(DATA_DIR) / "mnist").i
 
 RUNS = {  # semi-supervised EG (DDP gradients + synchronised BN) and hard EM (all-reduced normal equations)
     "eg": dict(trainer="eg", mode="semisupervised", num_labeled=20, model="drmm2"),
+    # NRM options: the BiasAdder rides on the synchronised BN; the Max-Min min branch has its own synchronised BNs
+    "eg_maxmin": dict(trainer="eg", mode="semisupervised", num_labeled=20, model="drmm2", bias_adder=True,
+                      maxmin=True),
     # one M-step over all 4 batches: a second E-step would start from weights that differ by float rounding, and
     # hard switches can flip on such differences (hard EM is not continuous in its inputs)
     "hard_em": dict(trainer="hard_em", mode="supervised", num_labeled=0, model="drmm2", em_window=4, em_ridge=1e-3),
@@ -57,9 +60,15 @@ def test_two_processes_match_one_process(tmp_path):
         assert one["step"] == two["step"] == 4
         # float32 sums in another order: EG agrees to ~1e-5; the M-step's ridge solve (condition number up to
         # 1/em_ridge) amplifies that. A rank that solved its own half of the data alone would be off by O(1).
-        tol = 2e-4 if kind == "eg" else 2e-3
+        tol = 2e-3 if kind == "hard_em" else 2e-4
         for k, v in one["model"].items():
             if v.is_floating_point():
+                if k.startswith("switch_prior") and kind != "hard_em":
+                    # switch frequencies are counts: float rounding that flips one near-tied switch moves an
+                    # entry by momentum/batch = 0.025, so they get a count-sized tolerance
+                    assert (two["model"][k] - v).abs().max() <= 0.03, (kind, k)
+                    assert (two["model"][k] - v).abs().mean() <= 1e-3, (kind, k)
+                    continue
                 diff = (two["model"][k].double() - v.double()).norm()
                 assert diff <= tol * v.double().norm() + 1e-7, (kind, k, float(diff), float(v.double().norm()))
         # the parameters did move: the comparison is not of two untouched initialisations
