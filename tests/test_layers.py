@@ -120,3 +120,22 @@ def test_bn_layer_cumulative_average_momentum_none():
     torch.testing.assert_close(layer.bn.running_var, ref[1].running_var)
     layer.eval(), ref.eval()
     torch.testing.assert_close(layer(x), ref(x))
+
+
+def test_bn_layer_shift_is_an_extra_bias_after_the_norm():
+    torch.manual_seed(7)
+    layer = FusedConvBNReLUPool2d(3, 4, 3, padding=1, negative_slope=0.1)
+    twin = FusedConvBNReLUPool2d(3, 4, 3, padding=1, negative_slope=0.1)
+    twin.load_state_dict(layer.state_dict())
+    shift = torch.randn(4, requires_grad=True)
+    with torch.no_grad():
+        twin.bn.bias += shift
+    x = torch.randn(2, 3, 8, 8)
+    y, sw = layer(x, return_switches=True, shift=shift)
+    y2, sw2 = twin(x, return_switches=True)
+    torch.testing.assert_close(y, y2)
+    assert torch.equal(sw, sw2)
+    y.sum().backward()
+    assert shift.grad is not None and shift.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="shift must have shape"):
+        layer(x, shift=torch.zeros(3))
