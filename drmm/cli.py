@@ -58,9 +58,13 @@ def cmd_train(args) -> int:
     print(f"[drmm] run dir: {run_dir}  (model {cfg.model}, trainer {cfg.trainer}, mode {cfg.mode}, "
           f"dataset {cfg.dataset}, N_L={cfg.num_labeled or 'all'})", flush=True)
     summary = T.train(cfg, run_dir, resume=args.resume)
+    if summary["best_on"] == "validation":
+        best = (f"best.pt: validation error {summary['best_error']:.2f} %, test error there "
+                f"{summary['test_error_at_best']:.2f} %")
+    else:
+        best = f"best {summary['best_error']:.2f} %, best-on-test"
     print(f"[drmm] final test error: {summary['test_error']:.2f} % on {summary['eval_images']} test images "
-          f"(best {summary['best_error']:.2f} %, best-on-test) after {summary['steps']} steps, "
-          f"{summary['train_seconds']:.0f} s", flush=True)
+          f"({best}) after {summary['steps']} steps, {summary['train_seconds']:.0f} s", flush=True)
     return 0
 
 

@@ -69,14 +69,27 @@ class ImageData:
     test_images: Tensor
     test_labels: Tensor
     num_classes: int = 10
+    # A validation split held out of the training set (``hold_out_validation``); None when there is none.
+    val_images: Optional[Tensor] = None
+    val_labels: Optional[Tensor] = None
 
     @property
     def image_shape(self) -> Tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])
 
     def to(self, device) -> "ImageData":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return ImageData(self.name, self.train_images.to(device), self.train_labels.to(device),
-                         self.test_images.to(device), self.test_labels.to(device), self.num_classes)
+                         self.test_images.to(device), self.test_labels.to(device), self.num_classes,
+                         move(self.val_images), move(self.val_labels))
+
+    def hold_out_validation(self, num: int) -> None:
+        """Move the last ``num`` training images into the validation split (model selection without the test set)."""
+        n = len(self.train_labels)
+        if not 0 < num < n:
+            raise ValueError(f"val_samples must be in [1, {n - 1}] for {n} training images, got {num}")
+        self.val_images, self.val_labels = self.train_images[n - num:], self.train_labels[n - num:]
+        self.train_images, self.train_labels = self.train_images[:n - num], self.train_labels[:n - num]
 
     def normalize(self, images: Tensor) -> Tensor:
         mean, std = _NORMALISATION[self.name]

@@ -55,6 +55,8 @@ class TrainConfig:
     include_labeled_in_unlabeled: bool = False  # False = DRMM code (spec §11); True = USB
     max_train_samples: int = 0          # 0 = all; else a prefix of the training set (short CPU runs)
     eval_samples: int = 0               # 0 = the whole test set; else its first eval_samples images
+    val_samples: int = 0                # > 0: hold out the last N training images; best.pt is chosen on them
+                                        # (0: best.pt is chosen on the test error and labelled best-on-test)
     augment: bool = False               # random crop (4 px) + flip (CIFAR) / crop only (SVHN)
     # model
     model: str = "conv_small"           # rfm | drmm2 | conv_small | conv_large | allconv13
@@ -142,6 +144,8 @@ class TrainConfig:
             raise ValueError("maxmin needs top_model 'class' (the factor top reads out one branch only)")
         if self.mode == "unsupervised" and self.trainer == "backprop":
             raise ValueError("trainer=backprop trains on CE only and needs labels; mode=unsupervised has none")
+        if self.val_samples < 0:
+            raise ValueError(f"val_samples must be >= 0, got {self.val_samples}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
         if not 0 < self.lr_final <= self.lr_init:
@@ -299,18 +303,21 @@ def train_step(model: DRMM, cfg: TrainConfig, objective: ObjectiveConfig, x: tor
 
 
 @torch.no_grad()
-def evaluate(model: DRMM, data: data_lib.ImageData, num: int = 0, batch_size: int = 1000) -> float:
-    """Test error in percent over the first ``num`` test images (0 = all)."""
+def evaluate(model: DRMM, data: data_lib.ImageData, num: int = 0, batch_size: int = 1000,
+             split: str = "test") -> float:
+    """Error in percent over the first ``num`` images (0 = all) of the ``test`` or ``val`` split."""
+    images, labels = (data.test_images, data.test_labels) if split == "test" else (data.val_images, data.val_labels)
+    if images is None:
+        raise ValueError(f"the data has no {split!r} split (set val_samples > 0 for a validation split)")
     was_training = model.training
     model.eval()
-    n = len(data.test_labels) if num <= 0 else min(num, len(data.test_labels))
-    wrong = 0
+    n = len(labels) if num <= 0 else min(num, len(labels))
+    wrong = torch.zeros((), dtype=torch.long, device=labels.device)
     for i in range(0, n, batch_size):
-        x = data.normalize(data.test_images[i:min(i + batch_size, n)])
-        logits, _ = model(x)
-        wrong += int((logits.argmax(1) != data.test_labels[i:min(i + batch_size, n)]).sum())
+        logits, _ = model(data.normalize(images[i:min(i + batch_size, n)]))
+        wrong += (logits.argmax(1) != labels[i:min(i + batch_size, n)]).sum()
     model.train(was_training)
-    return 100.0 * wrong / n
+    return 100.0 * int(wrong) / n
 
 
 # ---------------------------------------------------------------- run directory: checkpoints, metrics, plots
@@ -338,8 +345,8 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-METRIC_FIELDS = ["epoch", "step", "phase", "lr", "loss", "ce", "rc", "kl", "nn", "train_acc", "test_error",
-                 "best_error", "elapsed_s"]
+METRIC_FIELDS = ["epoch", "step", "phase", "lr", "loss", "ce", "rc", "kl", "nn", "train_acc", "val_error",
+                 "test_error", "best_error", "elapsed_s"]
 
 
 class MetricsLog:
@@ -374,7 +381,7 @@ class MetricsLog:
         self.rows.append(row)
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=METRIC_FIELDS).writerow(row)
-        self.scalars(int(row["step"]), {k: float(row[k]) for k in ("test_error", "train_acc", "loss", "lr")
+        self.scalars(int(row["step"]), {k: float(row[k]) for k in ("val_error", "test_error", "train_acc", "loss", "lr")
                                         if row[k] != ""}, "eval")
 
     def close(self) -> None:
@@ -433,6 +440,8 @@ def load_data(cfg: TrainConfig, device: torch.device) -> data_lib.ImageData:
     if cfg.max_train_samples and cfg.max_train_samples < len(data.train_labels):
         data.train_images = data.train_images[:cfg.max_train_samples]
         data.train_labels = data.train_labels[:cfg.max_train_samples]
+    if cfg.val_samples:
+        data.hold_out_validation(cfg.val_samples)
     return data.to(device)
 
 
@@ -510,6 +519,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(cfg, total_steps, pretrain_steps))
 
     epoch, step_in_epoch, step, best_error, elapsed = 0, 0, 0, float("inf"), 0.0
+    best_on = "validation" if cfg.val_samples else "test"   # what best.pt is selected on
+    test_at_best = float("nan")
     if resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         load_model_state(model, ckpt["model"])
@@ -519,19 +530,22 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
         scheduler.load_state_dict(ckpt["scheduler"])
         epoch, step_in_epoch, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
         best_error, elapsed = ckpt["best_error"], ckpt["elapsed_s"]
+        test_at_best = ckpt.get("test_at_best", float("nan"))
         set_rng_state(ckpt["rng"])
         print(f"[drmm] resumed {run_dir} at epoch {epoch}, step {step}")
     log = MetricsLog(run_dir, step if resume else None, cfg.tensorboard) if rank == 0 else _NullLog()
 
-    def checkpoint(test_error: Optional[float]) -> None:
+    def checkpoint(test_error: Optional[float], score: Optional[float] = None) -> None:
+        """last.pt always; best.pt too when ``score`` (the selection error) is the best so far."""
         if rank != 0:
             return
         state = {"hard_em": em.state_dict() if em is not None else None, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-                 "step": step, "best_error": best_error, "elapsed_s": elapsed + time.time() - t_start,
+                 "step": step, "best_error": best_error, "test_at_best": test_at_best,
+                 "elapsed_s": elapsed + time.time() - t_start,
                  "rng": rng_state(), "config": dataclasses.asdict(cfg), "test_error": test_error}
         atomic_save(state, ckpt_path)
-        if test_error is not None and test_error <= best_error:
+        if score is not None and score <= best_error:
             atomic_save(state, run_dir / "best.pt")
 
     sums: Dict[str, float] = {}
@@ -556,16 +570,21 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
                                      f"lr_init or the loss weights")
         return means
 
-    def eval_and_log() -> float:
-        nonlocal best_error
+    def eval_and_log() -> Tuple[float, float]:
+        """(test error, selection error): the latter is the validation error when there is a split."""
+        nonlocal best_error, test_at_best
         fetch_pending()
         test_error = evaluate(model, data, cfg.eval_samples, cfg.eval_batch_size)
-        best_error = min(best_error, test_error)
+        val_error = evaluate(model, data, 0, cfg.eval_batch_size, "val") if cfg.val_samples else None
+        score = test_error if val_error is None else val_error
+        if score <= best_error:
+            best_error, test_at_best = score, test_error
         n = max(1, counts["n"])
         row = {"epoch": epoch, "step": step, "phase": trained_phase,
                "lr": optimizer.param_groups[0]["lr"],
                **{k: f"{v / n:.6g}" for k, v in sums.items()},
                "train_acc": f"{100.0 * counts['correct'] / max(1, counts['labeled']):.3f}" if counts["labeled"] else "",
+               "val_error": "" if val_error is None else f"{val_error:.4f}",
                "test_error": f"{test_error:.4f}", "best_error": f"{best_error:.4f}",
                "elapsed_s": f"{elapsed + time.time() - t_start:.1f}"}
         log.append(row)
@@ -573,7 +592,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
             plot_learning_curve(log.rows, run_dir / "learning_curve.png")
         sums.clear()
         counts.update(n=0, correct=0, labeled=0)
-        return test_error
+        return test_error, score
 
     t_start = time.time()
     test_error, trained_phase = None, phase(cfg, min(epoch, cfg.epochs - 1))
@@ -635,10 +654,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
             else:
                 do_eval = last_step or end_of_epoch
             if do_eval:
-                test_error = eval_and_log()
+                test_error, score = eval_and_log()
                 if bar is not None:
                     bar.set_postfix(test_err=f"{test_error:.2f}")
-                checkpoint(test_error)
+                checkpoint(test_error, score)
             elif end_of_epoch or (cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0):
                 checkpoint(None)
             if stop or end_of_epoch:
@@ -648,7 +667,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
     if test_error is None:  # nothing left to train (resumed a finished run): still report
         test_error = evaluate(model, data, cfg.eval_samples, cfg.eval_batch_size)
     log.close()
-    summary = {"test_error": test_error, "best_error": best_error, "steps": step, "epochs_done": epoch,
+    summary = {"test_error": test_error, "best_error": best_error, "best_on": best_on,
+               "test_error_at_best": test_at_best, "steps": step, "epochs_done": epoch,
                "eval_images": cfg.eval_samples or len(data.test_labels),
                "train_seconds": elapsed + time.time() - t_start}
     if rank == 0:

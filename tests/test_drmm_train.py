@@ -1,5 +1,6 @@
 """EG trainer: one step lowers the loss, every mode runs, checkpoints are atomic, resume is exact; config loading."""
 
+import csv
 import os
 from pathlib import Path
 
@@ -118,6 +119,28 @@ def test_checkpoint_resume_is_exact(tmp_path):
     assert steps == sorted(steps) and steps[-1] == 24
     assert np.array_equal(np.load(tmp_path / "split" / "labeled_indices.npy"),
                           np.load(tmp_path / "straight" / "labeled_indices.npy"))
+
+
+@needs_mnist
+def test_validation_split_selects_best_checkpoint_without_the_test_set(tmp_path):
+    cfg = tiny_config(epochs=1, max_steps=6, eval_every_steps=2, val_samples=40)
+    summary = T.train(cfg, tmp_path / "run")
+    assert summary["best_on"] == "validation"
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    val = [float(r["val_error"]) for r in rows]
+    test = [float(r["test_error"]) for r in rows]
+    assert len(rows) == 3 and all(0 <= v <= 100 for v in val)
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    k = max(i for i, v in enumerate(val) if v == min(val))   # ties: the later checkpoint wins (<=)
+    assert best["best_error"] == min(val) and best["step"] == int(rows[k]["step"])
+    assert summary["test_error_at_best"] == pytest.approx(test[k], abs=1e-3)
+    # the held-out images are neither labeled nor unlabeled training data
+    labeled = np.load(tmp_path / "run" / "labeled_indices.npy")
+    assert labeled.max() < 200 - 40
+    data = T.load_data(cfg, torch.device("cpu"))
+    assert len(data.train_labels) == 160 and len(data.val_labels) == 40
+    with pytest.raises(ValueError, match="val_samples"):
+        T.load_data(tiny_config(val_samples=200), torch.device("cpu"))
 
 
 def test_atomic_save_replaces_in_place(tmp_path):
