@@ -38,8 +38,10 @@ test: build
 	echo "[stage] tests: $$((SECONDS-start)) s"; exit $$rc
 
 demo: build
-	@start=$$SECONDS; \
-	$(VENV)/bin/drmm train --config configs/demo.yaml; rc=$$?; \
+	@start=$$SECONDS; run=runs/demo-$$(date +%Y%m%d-%H%M%S); \
+	$(VENV)/bin/drmm train --config configs/demo.yaml --run-dir $$run && \
+	$(VENV)/bin/drmm render $$run && \
+	echo "[drmm] figures: $$run/learning_curve.png, $$run/reconstructions.png, $$run/rendered_levels.png"; rc=$$?; \
 	echo "[stage] demo: $$((SECONDS-start)) s"; exit $$rc
 
 bench-cpu: build

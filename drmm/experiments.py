@@ -78,7 +78,7 @@ ROWS: Dict[str, Row] = {r.name: r for r in [
 SSL_LABELS = ("100", "600", "1000", "3000")
 
 # The CPU-shortened schedule: CPU_STEPS steps on the first CPU_TRAIN_IMAGES training images, batch 64 (32 + 32 in
-# semi-supervised mode), a faster lr decay (3e-3 -> 3e-4, as configs/demo.yaml) because there are so few steps,
+# semi-supervised mode), a faster lr decay (3e-3 -> 3e-4) because there are so few steps,
 # evaluations on the first 2000 test images during the run; the final weights are scored on the full test set.
 CPU_STEPS = 300
 CPU_TRAIN_IMAGES = 10_000
