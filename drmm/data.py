@@ -324,6 +324,10 @@ def labeled_subset(labels: Sequence[int], num_labeled: int, num_classes: int, se
         if len(idx) != num_labeled:
             raise ValueError(f"{path} holds {len(idx)} labeled indices but num_labeled={num_labeled}; "
                              f"delete it or use another run dir")
+        if len(idx) and not 0 <= int(idx.min()) <= int(idx.max()) < len(labels):
+            raise ValueError(f"{path} holds labeled indices up to {int(idx.max())}, outside the {len(labels)} "
+                             f"training images (max_train_samples / val_samples changed?); delete it or use "
+                             f"another run dir")
         return idx.astype(np.int64)
     idx = balanced_labeled_indices(labels, num_labeled, num_classes, seed)
     if path is not None:

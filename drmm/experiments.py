@@ -213,7 +213,7 @@ def load_average() -> str:
 def final_test_error(cfg: T.TrainConfig, run_dir: Path, test_images: int) -> float:
     """Test error (%) of the run's final weights (last.pt) on the first ``test_images`` test images (0 = all)."""
     device = T.resolve_device(cfg.device)
-    data = T.load_data(dataclasses.replace(cfg, max_train_samples=1), device)  # only the test set is used
+    data = T.load_data(dataclasses.replace(cfg, max_train_samples=2, val_samples=0), device)  # test set only
     model = T.model_from_config(cfg, data.image_shape, data.num_classes).to(device)
     ckpt = torch.load(run_dir / "last.pt", map_location=device, weights_only=False)
     model.load_state_dict(ckpt["model"])
@@ -400,7 +400,7 @@ def run_convergence(model: str, schedule: str, out_dir: Path, seed: int = 0, epo
         t0 = time.time()
         summary = T.train(cfg, run_dir)
         wall = time.time() - t0
-        num_train = min(cfg.max_train_samples or 60_000, 60_000)
+        num_train = min(cfg.max_train_samples or 60_000, 60_000) - cfg.val_samples
         crossing = first_crossing(read_csv(run_dir / "metrics.csv"), threshold, _steps_per_epoch(cfg, num_train, 0))
         result["trainers"][trainer] = {
             "reached": crossing, "epochs_run": epochs_run(cfg, summary["steps"]),

@@ -59,9 +59,22 @@ def draw_switches(model: DRMM, num: int, generator: Optional[torch.Generator] = 
 @torch.no_grad()
 def render_with_switches(model: DRMM, templates: Tensor, switches: Sequence[Tensor], relu_between: bool = True
                          ) -> Tensor:
-    """Render top signals (N, *top_shape) through the given switches, ReLU between layers (NN-DRMM)."""
+    """Render top signals (N, *top_shape) through the given switches, ReLU between layers (NN-DRMM).
+
+    A model with top-down BNs (``td_batchnorm``) renders through them with their running statistics. Max-Min
+    models are sampled through their max branch (the priors count its switches).
+    """
     mu, sizes = templates, input_sizes(model)
-    for i in reversed(range(len(model.specs))):
+    norms = getattr(model, "td_norms", None)
+
+    def normalise(j: int, t: Tensor) -> Tensor:
+        if norms is None:
+            return t
+        bn = norms[j]
+        return F.batch_norm(t, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+    mu = normalise(0, mu)
+    for j, i in enumerate(reversed(range(len(model.specs))), start=1):
         spec, layer = model.specs[i], model.convs[i]
         if relu_between:
             mu = F.relu(mu)
@@ -69,6 +82,7 @@ def render_with_switches(model: DRMM, templates: Tensor, switches: Sequence[Tens
             mu = model.mean_unpool(mu, model.map_sizes[i])
         mu = dk.render(mu, switches[i], model.conv_weight(layer), None, padding=spec.pad, pool=spec.fused_pool,
                        out_size=sizes[i], negative_slope=spec.negative_slope)
+        mu = normalise(j, mu)
     return mu
 
 

@@ -135,8 +135,12 @@ class TrainConfig:
         for name in ("dropout", "td_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1), got {getattr(self, name)!r}")
+        if self.trainer == "backprop":
+            for name in ("td_batchnorm", "td_dropout"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} acts on the top-down pass, which trainer backprop does not run")
         if self.trainer == "hard_em":
-            for name in ("td_batchnorm", "td_dropout", "maxmin"):
+            for name in ("td_batchnorm", "td_dropout", "maxmin", "dropout"):
                 if getattr(self, name):
                     raise ValueError(f"{name} is not supported by trainer hard_em (its closed-form M-step assumes "
                                      f"the plain linear rendering of one branch); use trainer eg")
@@ -506,6 +510,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
     forward = None  # what runs the bottom-up pass: the model, or its DistributedDataParallel wrapper
     if world > 1:
         dist_lib.convert_sync_fused_bn(model)
+        if cfg.td_batchnorm:   # the top-down BNs are plain BatchNorm2d: synchronise them too (CUDA only)
+            if device.type != "cuda":
+                raise ValueError("td_batchnorm with data parallelism needs CUDA devices (torch's SyncBatchNorm)")
+            for name in ("td_norms", "min_td_norms"):
+                if getattr(model, name, None) is not None:
+                    setattr(model, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(model, name)))
         if cfg.trainer != "hard_em":
             forward = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -523,6 +533,11 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
     test_at_best = float("nan")
     if resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        saved = ckpt.get("config", {})
+        for key in ("dataset", "max_train_samples", "val_samples", "num_labeled", "labeled_seed", "model"):
+            if key in saved and saved[key] != getattr(cfg, key):
+                raise ValueError(f"--resume: config key {key!r} is {getattr(cfg, key)!r} but the checkpoint was "
+                                 f"trained with {saved[key]!r}; resume with the run's own config")
         load_model_state(model, ckpt["model"])
         if em is not None and ckpt.get("hard_em") is not None:
             em.load_state_dict(ckpt["hard_em"])

@@ -74,6 +74,21 @@ def test_td_batchnorm_follows_the_template_and_every_transposed_conv():
     torch.testing.assert_close(x_hat, expected[-1])
 
 
+def test_sampling_renders_through_the_top_down_bns():
+    from drmm.sample import render_with_switches
+    torch.manual_seed(13)
+    model = _small(td_batchnorm=True)
+    for bn in model.td_norms:
+        torch.nn.init.normal_(bn.bias, 0.0, 0.5)
+    model.eval()
+    x = torch.rand(3, 1, 10, 10)
+    _, latents = model(x)
+    classes = torch.tensor([1, 2, 3])
+    templates = model.class_templates(classes)
+    got = render_with_switches(model, templates, latents.switches, relu_between=False)
+    torch.testing.assert_close(got, model.render(latents, classes))
+
+
 def test_td_batchnorm_trains_its_own_statistics_and_parameters():
     torch.manual_seed(2)
     model = _small(td_batchnorm=True).train()
@@ -234,8 +249,32 @@ def test_maxmin_state_dict_round_trip_keeps_weights_tied():
     x = torch.rand(3, 1, 10, 10)
     torch.testing.assert_close(a.eval()(x)[0], b.eval()(x)[0])
     assert b.min_convs["1"].conv.weight is b.convs[1].conv.weight
-    n_unique = len({id(p) for p in b.parameters()})
-    assert n_unique == len(list(b.parameters()))   # parameters() lists the shared conv weights once
+    # the state_dict names each shared conv weight twice, the optimizer steps it once
+    listed = [p for _, p in b.named_parameters(remove_duplicate=False)]
+    assert len(listed) == len(list(b.parameters())) + len(b.min_convs)
+    opt = torch.optim.SGD(b.parameters(), lr=0.1)
+    assert sum(p is b.convs[1].conv.weight for p in opt.param_groups[0]["params"]) == 1
+
+
+def test_maxmin_min_branch_in_eval_mode_uses_its_own_running_statistics():
+    # The min BN runs on the negated signal, so its running_mean holds -mean of the min branch's conv output
+    # and its bias -beta_min: eager eval = BN with mean -running_mean, same variance, bias -bias.
+    torch.manual_seed(12)
+    model = _small(maxmin=True).double()
+    x = torch.rand(6, 1, 10, 10, dtype=torch.float64)
+    for _ in range(3):
+        model(x)                      # training-mode passes fill the running statistics
+    model.eval()
+    _, latents = model(x)
+    h = x
+    for i, spec in enumerate(model.specs):
+        twin = model.min_convs[str(i)]
+        z = F.conv2d(h, model.convs[i].conv.weight, padding=spec.pad)
+        v = F.batch_norm(z, -twin.bn.running_mean, twin.bn.running_var, twin.bn.weight, -twin.bn.bias,
+                         training=False, eps=twin.bn.eps)
+        act = torch.minimum(v, torch.zeros(())) + spec.negative_slope * torch.clamp(v, min=0)
+        h = -F.max_pool2d(-act, 2) if spec.pool == "max" else act
+    torch.testing.assert_close(latents.branch_logits[1], model.readout(h.mean(dim=(2, 3)).flatten(1)))
 
 
 def test_maxmin_objective_averages_the_two_branches():
@@ -298,6 +337,8 @@ def test_allconv13_tail_kernel():
     ({"trainer": "hard_em", "maxmin": True}, "maxmin"),
     ({"trainer": "hard_em", "td_batchnorm": True}, "td_batchnorm"),
     ({"top_model": "factor", "maxmin": True}, "maxmin"),
+    ({"trainer": "hard_em", "dropout": 0.5}, "dropout"),
+    ({"trainer": "backprop", "td_batchnorm": True}, "td_batchnorm"),
     ({"td_batchnorm": "yes"}, "td_batchnorm"),
 ])
 def test_nrm_option_values_are_checked(bad, match):

@@ -141,6 +141,15 @@ def test_validation_split_selects_best_checkpoint_without_the_test_set(tmp_path)
     assert len(data.train_labels) == 160 and len(data.val_labels) == 40
     with pytest.raises(ValueError, match="val_samples"):
         T.load_data(tiny_config(val_samples=200), torch.device("cpu"))
+    # resuming with another split would mix validation- and test-selected checkpoints: refused, naming the key
+    with pytest.raises(ValueError, match="val_samples"):
+        T.train(tiny_config(epochs=1, max_steps=8, eval_every_steps=2, val_samples=20), tmp_path / "run",
+                resume=True)
+    # a saved labeled subset that reaches into images no longer in the training set is refused too
+    np.save(tmp_path / "far.npy", np.arange(150, 170))
+    from drmm.data import labeled_subset
+    with pytest.raises(ValueError, match="outside the 160 training images"):
+        labeled_subset(np.zeros(160, dtype=np.int64), 20, 10, 0, tmp_path / "far.npy")
 
 
 def test_atomic_save_replaces_in_place(tmp_path):
