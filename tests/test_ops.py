@@ -445,3 +445,33 @@ def test_gradgradcheck(backend):
         assert torch.autograd.gradgradcheck(
             lambda m, wt, s: dk.render(m, sw, wt, s, padding=1, out_size=x.shape[-2:], negative_slope=0.1),
             (mu, w, scale))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_eager_fast_path_matches_the_custom_op(backend):
+    """Plain eager calls skip the torch.library round trip (ops._CustomOp); the custom op (what compile, fake
+    tensors and opcheck use) must give bitwise the same values, switches and gradients, first and second order."""
+    if not dk.available_backends()[backend].available:
+        pytest.skip(f"{backend} backend not available")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64)
+    results = []
+    with dk.backend(backend):
+        for via_op in (False, True):
+            xx, ww, bb = (t.clone().requires_grad_() for t in (x, w, b))
+            if via_op:
+                y, sw = torch.ops.drmm.conv_relu_pool(xx, ww, None, bb, 1, 1, 2, 0.1)
+                assert "function" not in type(y.grad_fn).__name__
+            else:
+                y, sw = dk.conv_relu_pool(xx, ww, None, bb, padding=1, pool=2, negative_slope=0.1)
+                assert type(y.grad_fn).__name__.startswith("conv_relu_pool_function")
+            gx, gw = torch.autograd.grad((y * y).sum(), (xx, ww), create_graph=True)
+            ggw, = torch.autograd.grad(gx.pow(2).sum(), ww)
+            with torch.no_grad():
+                r = dk.render(y, sw, ww, padding=1, pool=2, out_size=(9, 9), negative_slope=0.1) if not via_op \
+                    else torch.ops.drmm.render(y, sw, ww, None, 1, 1, 2, 9, 9, 0.1)
+            results.append((y, sw, gx, gw, ggw, r))
+    for a, b_ in zip(*results):
+        assert torch.equal(a, b_)
