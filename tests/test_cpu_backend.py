@@ -331,3 +331,28 @@ def test_results_are_bitwise_independent_of_threads_and_scheduling():
             torch.set_num_threads(before)
         for other in outs[1:]:
             assert torch.equal(outs[0][0], other[0]) and torch.equal(outs[0][1], other[1]), (dtype, kernel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("use_scale", [False, True])
+@pytest.mark.parametrize("pool", [1, 2])
+def test_pointwise_conv_path(dtype, use_scale, pool):
+    # 1x1, stride 1, no padding, NCHW: the cpu backend computes the conv (and for pool=1 the render and the
+    # gather) as batched matrix products instead of oneDNN; every primitive against the reference.
+    g = torch.Generator().manual_seed(5)
+    n, ci, co, h, w = 3, 37, 11, 6, 8
+    x = torch.randn(n, ci, h, w, generator=g, dtype=dtype)
+    wt = torch.randn(co, ci, 1, 1, generator=g, dtype=dtype)
+    scale = torch.randn(co, generator=g, dtype=dtype) if use_scale else None
+    shift = torch.randn(co, generator=g, dtype=dtype)
+    y, sw = cb.conv_relu_pool(x, wt, scale, shift, 1, 0, pool, 0.1)
+    y_ref, sw_ref = R.conv_relu_pool(x, wt, scale, shift, 1, 0, pool, 0.1)
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    assert torch.equal(sw, sw_ref)
+    mu = torch.randn(y.shape, generator=g, dtype=dtype)
+    torch.testing.assert_close(cb.render(mu, sw, wt, scale, 1, 0, pool, (h, w), 0.1),
+                               R.render(mu, sw, wt, scale, 1, 0, pool, (h, w), 0.1), **TOL[dtype])
+    torch.testing.assert_close(cb.gather_conv(x, wt, sw, 1, 0, pool), R.gather_conv(x, wt, sw, 1, 0, pool),
+                               **TOL[dtype])
+    torch.testing.assert_close(cb.render_wgrad(x, mu, sw, scale, 1, 0, pool, 0.1, (1, 1)),
+                               R.render_wgrad(x, mu, sw, scale, 1, 0, pool, 0.1, (1, 1)), **TOL[dtype])

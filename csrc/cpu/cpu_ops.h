@@ -9,6 +9,15 @@
 namespace drmm {
 namespace cpu {
 
+// A 1x1, stride-1, unpadded convolution of a contiguous NCHW x is a batched matrix product W (Co x Ci) times
+// x[n] (Ci x HW). oneDNN first reorders NCHW into its blocked layout; the product skips that (measured 2.8x
+// faster for the 5-layer MNIST net's last layer, 128->10 on 6x6 at batch 256, 2 threads).
+bool is_pointwise(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding);
+// conv2d(x, weight) for is_pointwise inputs, contiguous NCHW.
+at::Tensor pointwise_conv(const at::Tensor& x, const at::Tensor& weight);
+// conv_transpose2d(g, weight) (= conv2d's input gradient) for a 1x1 weight: W^T (Ci x Co) times g[n].
+at::Tensor pointwise_conv_transpose(const at::Tensor& g, const at::Tensor& weight);
+
 // conv2d (ATen / oneDNN) followed by one fused scale/shift + activation + pool + switch pass.
 std::tuple<at::Tensor, at::Tensor> conv_relu_pool(const at::Tensor& x, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& scale,

@@ -344,6 +344,20 @@ std::tuple<at::Tensor, at::Tensor> epilogue(const at::Tensor& z, const std::opti
 
 }  // namespace
 
+bool is_pointwise(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding) {
+  return weight.size(2) == 1 && weight.size(3) == 1 && stride == 1 && padding == 0 && x.is_contiguous();
+}
+
+at::Tensor pointwise_conv(const at::Tensor& x, const at::Tensor& weight) {
+  const int64_t n = x.size(0), ci = x.size(1), h = x.size(2), w = x.size(3), co = weight.size(0);
+  return at::matmul(weight.reshape({co, ci}), x.reshape({n, ci, h * w})).view({n, co, h, w});
+}
+
+at::Tensor pointwise_conv_transpose(const at::Tensor& g, const at::Tensor& weight) {
+  const int64_t n = g.size(0), co = g.size(1), h = g.size(2), w = g.size(3), ci = weight.size(1);
+  return at::matmul(weight.reshape({co, ci}).t(), g.reshape({n, co, h * w})).view({n, ci, h, w});
+}
+
 std::tuple<at::Tensor, at::Tensor> conv_relu_pool(const at::Tensor& x, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& scale,
                                                   const std::optional<at::Tensor>& shift, int64_t stride,
@@ -356,9 +370,13 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool(const at::Tensor& x, const at:
               weight.scalar_type(), " differs from x dtype ", x.scalar_type());
   TORCH_CHECK(stride >= 1 && padding >= 0, "drmm_C.conv_relu_pool: stride must be >= 1 and padding >= 0, got ",
               stride, " and ", padding);
-  // oneDNN (or ATen's fallback) for the convolution; it may return channels_last, which the epilogue reads.
-  const at::Tensor z = at::convolution(x, weight, std::nullopt, {stride, stride}, {padding, padding}, {1, 1},
-                                       false, {0, 0}, 1);
+  at::Tensor z;
+  if (is_pointwise(x, weight, stride, padding)) {
+    z = pointwise_conv(x, weight);
+  } else {
+    // oneDNN (or ATen's fallback) for the convolution; it may return channels_last, which the epilogue reads.
+    z = at::convolution(x, weight, std::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false, {0, 0}, 1);
+  }
   return epilogue(z, scale, shift, pool, negative_slope, /*z_is_scratch=*/true);
 }
 
