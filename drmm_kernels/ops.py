@@ -295,6 +295,33 @@ def _conv_relu_pool_fake(x, weight, scale, shift, stride, padding, pool, negativ
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8)
 
 
+def _is_pointwise(x: Tensor, weight: Tensor, stride: int, padding: int) -> bool:
+    return tuple(weight.shape[-2:]) == (1, 1) and stride == 1 and padding == 0 and x.is_contiguous()
+
+
+def _pointwise_conv_backward(gz: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_w: bool, need_b: bool):
+    """``convolution_backward`` of a 1x1, stride-1, unpadded conv of NCHW ``x`` as batched matrix products.
+
+    oneDNN's conv backward reorders NCHW into its blocked layout first; the products skip that, like the cpu
+    backend's forward (csrc/cpu/cpu_ops.h, is_pointwise). The weight gradient sums per-sample products when
+    their (N, C_out, C_in) stack is no larger than x, else contracts over (N, H*W) in one einsum.
+    """
+    n, co, h, w = gz.shape
+    ci = x.shape[1]
+    g3, x3 = gz.reshape(n, co, h * w), x.reshape(n, ci, h * w)
+    w2 = weight.reshape(co, ci)
+    gx = torch.bmm(w2.t().expand(n, ci, co), g3).view(n, ci, h, w) if need_x else None
+    gw = None
+    if need_w:
+        if n * co * ci <= x.numel():
+            gw = torch.bmm(g3, x3.transpose(1, 2)).sum(0)
+        else:
+            gw = torch.einsum("nkp,ncp->kc", g3, x3)
+        gw = gw.view(co, ci, 1, 1)
+    gb = g3.sum((0, 2)) if need_b else None
+    return gx, gw, gb
+
+
 def _crp_setup(ctx, inputs, output):
     x, weight, scale, shift, stride, padding, pool, negative_slope = inputs
     ctx.conf = (stride, padding, pool, negative_slope)
@@ -317,9 +344,12 @@ def _crp_backward(ctx, gy, _gsw):
         gact = _masked_values(gy, switches, None, slope)
         gz = gact if scale is None else gact * scale.view(1, -1, 1, 1)
         bias_grad = bool(need_shift and ctx.has_shift and scale is None)
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            gz, x, weight, [weight.shape[0]] if bias_grad else None, [stride, stride], [padding, padding],
-            [1, 1], False, [0, 0], 1, [need_x, need_w, bias_grad])
+        if _is_pointwise(x, weight, stride, padding):
+            gx, gw, gb = _pointwise_conv_backward(gz, x, weight, need_x, need_w, bias_grad)
+        else:
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                gz, x, weight, [weight.shape[0]] if bias_grad else None, [stride, stride], [padding, padding],
+                [1, 1], False, [0, 0], 1, [need_x, need_w, bias_grad])
         if bias_grad:
             gshift, need_shift = gb, False
     else:

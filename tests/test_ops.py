@@ -211,6 +211,27 @@ def test_gradcheck_conv_relu_pool(backend, slope):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("use_scale", [False, True])
+def test_gradcheck_pointwise_unpooled(backend, use_scale):
+    # 1x1 / stride 1 / no padding / pool 1: the backward is written as batched matrix products there
+    torch.manual_seed(3)
+    x = torch.randn(3, 5, 4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, 1, 1, dtype=torch.float64, requires_grad=True)
+    scale = torch.randn(4, dtype=torch.float64, requires_grad=True) if use_scale else None
+    shift = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    args = (x, w, scale, shift) if use_scale else (x, w, shift)
+
+    def f(*a):
+        if not use_scale:
+            a = (a[0], a[1], None, a[2])
+        return dk.conv_relu_pool(*a, pool=1, negative_slope=0.1)[0]
+
+    with dk.backend(backend):
+        assert torch.autograd.gradcheck(f, args)
+        assert torch.autograd.gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_gradcheck_render(backend, stride):
     x, w, scale, shift = _small()

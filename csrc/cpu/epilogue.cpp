@@ -350,12 +350,13 @@ bool is_pointwise(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
 
 at::Tensor pointwise_conv(const at::Tensor& x, const at::Tensor& weight) {
   const int64_t n = x.size(0), ci = x.size(1), h = x.size(2), w = x.size(3), co = weight.size(0);
-  return at::matmul(weight.reshape({co, ci}), x.reshape({n, ci, h * w})).view({n, co, h, w});
+  // bmm over a stride-0 expanded weight: at::matmul would instead transpose x into one (N*HW x Ci) copy.
+  return at::bmm(weight.reshape({co, ci}).expand({n, co, ci}), x.reshape({n, ci, h * w})).view({n, co, h, w});
 }
 
 at::Tensor pointwise_conv_transpose(const at::Tensor& g, const at::Tensor& weight) {
   const int64_t n = g.size(0), co = g.size(1), h = g.size(2), w = g.size(3), ci = weight.size(1);
-  return at::matmul(weight.reshape({co, ci}).t(), g.reshape({n, co, h * w})).view({n, ci, h, w});
+  return at::bmm(weight.reshape({co, ci}).t().expand({n, ci, co}), g.reshape({n, co, h * w})).view({n, ci, h, w});
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_relu_pool(const at::Tensor& x, const at::Tensor& weight,
