@@ -418,15 +418,8 @@ class DRMM(nn.Module):
         if len(classes) != latents.switches[0].shape[0]:
             raise ValueError(f"classes has {len(classes)} entries but the latents hold "
                              f"{latents.switches[0].shape[0]} examples")
-        norms = self.min_td_norms if latents.branch == "min" else self.td_norms
-
         def normalise(j: int, t: Tensor) -> Tensor:
-            if norms is None:
-                return t
-            bn = norms[j]
-            if frozen_norms:
-                return F.batch_norm(t, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-            return bn(t)
+            return self.top_down_norm(j, t, latents.branch, frozen_norms)
 
         mu = normalise(0, self.top_templates(latents, classes) if templates is None else templates)
         levels = [mu]
@@ -448,6 +441,17 @@ class DRMM(nn.Module):
             levels[-1] = x_hat
             return x_hat, levels
         return x_hat
+
+    def top_down_norm(self, j: int, t: Tensor, branch: str = "max", frozen: bool = False) -> Tensor:
+        """Rendered level j through its top-down BN (``td_batchnorm``; identity without). ``frozen``: normalise
+        with the running statistics and leave them untouched."""
+        norms = self.min_td_norms if branch == "min" else self.td_norms
+        if norms is None:
+            return t
+        bn = norms[j]
+        if frozen:
+            return F.batch_norm(t, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        return bn(t)
 
     def mean_unpool(self, mu: Tensor, map_size: Tuple[int, int]) -> Tensor:
         """Inverse of the global mean pool: repeat over the map, optionally times 1/area (option mean_unpool_scale)."""

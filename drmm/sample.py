@@ -64,16 +64,8 @@ def render_with_switches(model: DRMM, templates: Tensor, switches: Sequence[Tens
     A model with top-down BNs (``td_batchnorm``) renders through them with their running statistics. Max-Min
     models are sampled through their max branch (the priors count its switches).
     """
-    mu, sizes = templates, input_sizes(model)
-    norms = getattr(model, "td_norms", None)
-
-    def normalise(j: int, t: Tensor) -> Tensor:
-        if norms is None:
-            return t
-        bn = norms[j]
-        return F.batch_norm(t, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-
-    mu = normalise(0, mu)
+    sizes = input_sizes(model)
+    mu = model.top_down_norm(0, templates, frozen=True)
     for j, i in enumerate(reversed(range(len(model.specs))), start=1):
         spec, layer = model.specs[i], model.convs[i]
         if relu_between:
@@ -82,7 +74,7 @@ def render_with_switches(model: DRMM, templates: Tensor, switches: Sequence[Tens
             mu = model.mean_unpool(mu, model.map_sizes[i])
         mu = dk.render(mu, switches[i], model.conv_weight(layer), None, padding=spec.pad, pool=spec.fused_pool,
                        out_size=sizes[i], negative_slope=spec.negative_slope)
-        mu = normalise(j, mu)
+        mu = model.top_down_norm(j, mu, frozen=True)
     return mu
 
 

@@ -284,9 +284,14 @@ def train_step(model: DRMM, cfg: TrainConfig, objective: ObjectiveConfig, x: tor
             / len(branch_logits)
         return loss, {"loss": loss.detach(), "ce": loss.detach()}, logits
     classes = template_classes(logits, y, labeled, cfg.template_class)   # E-step: a constant class choice
-    x_hat, levels = model.render(latents, classes, return_levels=True)   # top-down through the switches
-    signals = model.unpooled_signals(levels[:-1])
-    moments = moment_pairs(levels[:-1], model.forward_conv_outputs(latents)) if mm else None   # one conv per layer
+
+    def rendered_terms(branch_latents):
+        """Top-down through one branch's switches: x_hat, levels, NN signals, MM pairs (one conv per layer)."""
+        x_hat_, levels_ = model.render(branch_latents, classes, return_levels=True)
+        moments_ = moment_pairs(levels_[:-1], model.forward_conv_outputs(branch_latents)) if mm else None
+        return x_hat_, levels_, model.unpooled_signals(levels_[:-1]), moments_
+
+    x_hat, levels, signals, moments = rendered_terms(latents)
     rpn = None
     if objective.rpn_weight:                             # second (prior) top-down path, spec §4.1 RPN
         pn_latents = model.prior_path_latents(latents)
@@ -297,10 +302,8 @@ def train_step(model: DRMM, cfg: TrainConfig, objective: ObjectiveConfig, x: tor
                               classes if objective.rpn_class_prior else None)
     min_branch = None
     if latents.min_branch is not None:                   # Max-Min: the min branch renders through its own switches
-        m_latents = latents.min_branch
-        m_x_hat, m_levels = model.render(m_latents, classes, return_levels=True)
-        m_moments = moment_pairs(m_levels[:-1], model.forward_conv_outputs(m_latents)) if mm else None
-        min_branch = MinBranch(branch_logits[1], m_x_hat, model.unpooled_signals(m_levels[:-1]), m_moments)
+        m_x_hat, _, m_signals, m_moments = rendered_terms(latents.min_branch)
+        min_branch = MinBranch(branch_logits[1], m_x_hat, m_signals, m_moments)
     loss, logs = drmm_objective(objective, branch_logits[0], y, labeled, x, x_hat, signals, moments, rpn,
                                 min_branch)
     return loss, logs, logits

@@ -446,9 +446,7 @@ at::Tensor render(const at::Tensor& mu, const at::Tensor& switches, const at::Te
     at::Tensor gm;
     AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "drmm_cpu_render_dense",
                                [&] { gm = masked_map<scalar_t>(mu, switches, scale, negative_slope, in_numel); });
-    if (stride == 1 && padding == 0 && weight.size(2) == 1 && weight.size(3) == 1 && out_h == mu.size(2) &&
-        out_w == mu.size(3))
-      return pointwise_conv_transpose(gm, weight);
+    if (is_pointwise(gm, weight, stride, padding)) return pointwise_conv_transpose(gm, weight);
     const at::Tensor shape_only =
         gm.as_strided({g.n, g.ci, out_h, out_w}, {g.ci * out_h * out_w, out_h * out_w, out_w, 1}, 0);
     auto grads = at::convolution_backward(gm, shape_only, weight.contiguous(), std::nullopt, {stride, stride},
