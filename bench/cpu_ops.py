@@ -11,9 +11,14 @@ For each layer it measures, with ``torch.set_num_threads(2)`` by default:
 
 Times are medians over ``--repeats`` runs after ``--warmup`` runs; eager and cpu runs alternate so that a
 change of machine load (other processes) affects both alike. Prints a markdown table and writes
-``bench/results/cpu_ops.json`` and ``bench/results/cpu_ops.md``.
+``bench/results/<out>.json`` and ``bench/results/<out>.md`` (``--out``, default ``cpu_ops``).
+
+Large temporaries are page-faulted in anew on many calls under glibc's default malloc settings, which adds up
+to half of a layer's time here, to eager and fused alike but not equally (see RETAIN_TUNABLES). The table
+gives the page faults per forward+backward; ``--allocator retain`` times both sides without them.
 
     .venv/bin/python bench/cpu_ops.py [--batch 256] [--threads 2] [--repeats 20] [--layers 1,3]
+                                      [--allocator system|retain] [--out cpu_ops]
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -56,19 +62,33 @@ def _summary(times: List[float]) -> Dict[str, float]:
     return {"median_ms": statistics.median(times), "q1_ms": times[q], "q3_ms": times[-1 - q], "min_ms": times[0]}
 
 
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def paired_ms(eager: Callable[[], object], fused: Callable[[], object], warmup: int,
-              repeats: int) -> Tuple[Dict[str, float], Dict[str, float]]:
-    """Times both, alternating run by run, so a change of machine load hits both alike."""
+              repeats: int) -> Tuple[Dict[str, float], Dict[str, float], Dict[str, float]]:
+    """Times both, alternating run by run, so a change of machine load hits both alike.
+
+    Returns the two time summaries (each with the minor page faults per run) and the quartiles of the
+    per-pair speedup eager_i / fused_i, whose spread says how far a ratio near 1 can be trusted.
+    """
     for _ in range(warmup):
         eager()
         fused()
     te, tf = [], []
+    faults = [0, 0]
     for _ in range(repeats):
-        for fn, acc in ((eager, te), (fused, tf)):
+        for k, (fn, acc) in enumerate(((eager, te), (fused, tf))):
+            f0 = _minor_faults()
             t0 = time.perf_counter()
             fn()
             acc.append((time.perf_counter() - t0) * 1e3)
-    return _summary(te), _summary(tf)
+            faults[k] += _minor_faults() - f0
+    se, sf = _summary(te), _summary(tf)
+    se["faults"], sf["faults"] = faults[0] / repeats, faults[1] / repeats
+    ratio = _summary([a / b for a, b in zip(te, tf)])
+    return se, sf, {"median": ratio["median_ms"], "q1": ratio["q1_ms"], "q3": ratio["q3_ms"]}
 
 
 def saved_bytes(fn: Callable[[], object], exclude: List[torch.Tensor]) -> int:
@@ -127,9 +147,10 @@ def bench_layer(spec, batch: int, warmup: int, repeats: int, dtype: torch.dtype)
     res: Dict[str, object] = {"layer": name, "shape": f"{cin}->{cout} k{k} p{pad} {size}x{size} pool{pool}",
                               "pool": pool}
     with torch.no_grad():
-        res["fwd_eager"], res["fwd_cpu"] = paired_ms(lambda: eager_fwd(x, w, b), lambda: fused_fwd(x, w, b),
-                                                     warmup, repeats)
-    res["fwd_bwd_eager"], res["fwd_bwd_cpu"] = paired_ms(run_bwd(eager_fwd), run_bwd(fused_fwd), warmup, repeats)
+        res["fwd_eager"], res["fwd_cpu"], res["fwd_pair_x"] = paired_ms(
+            lambda: eager_fwd(x, w, b), lambda: fused_fwd(x, w, b), warmup, repeats)
+    res["fwd_bwd_eager"], res["fwd_bwd_cpu"], res["fwd_bwd_pair_x"] = paired_ms(
+        run_bwd(eager_fwd), run_bwd(fused_fwd), warmup, repeats)
 
     # Render: the top-down pass from the forward's output and switches (the masked unpool + transposed
     # conv), eager from the int64 indices and the a-mask it has to keep.
@@ -147,7 +168,8 @@ def bench_layer(spec, batch: int, warmup: int, repeats: int, dtype: torch.dtype)
 
     with torch.no_grad():
         torch.testing.assert_close(fused_render(), eager_render(), rtol=1e-3, atol=1e-3)
-        res["render_eager"], res["render_cpu"] = paired_ms(eager_render, fused_render, warmup, repeats)
+        res["render_eager"], res["render_cpu"], res["render_pair_x"] = paired_ms(eager_render, fused_render,
+                                                                                 warmup, repeats)
 
     res["saved_eager"] = saved_bytes(lambda: eager_fwd(xg, wg, bg), [xg, wg, bg])
     res["saved_cpu"] = saved_bytes(lambda: fused_fwd(xg, wg, bg), [xg, wg, bg])
@@ -168,22 +190,46 @@ def fmt_ms(r: Dict[str, float]) -> str:
     return f"{r['median_ms']:.1f}"
 
 
+def _x(r: Dict[str, object], key: str) -> str:
+    q = r[f"{key}_pair_x"]
+    return f"{r[f'{key}_speedup']:.2f} ({q['q1']:.2f}-{q['q3']:.2f})"
+
+
 def table(results: List[Dict[str, object]]) -> str:
-    head = ("| layer | shape | fwd eager ms | fwd cpu ms | fwd x | fwd+bwd eager ms | fwd+bwd cpu ms | fwd+bwd x "
-            "| render eager ms | render cpu ms | render x | saved eager MiB | saved cpu MiB | saved ratio "
-            "| targets |")
+    head = ("| layer | shape | fwd eager / cpu ms | fwd x (IQR) | fwd+bwd eager / cpu ms | fwd+bwd x (IQR) "
+            "| render eager / cpu ms | render x (IQR) | page faults per fwd+bwd eager / cpu | saved eager / cpu MiB "
+            "(ratio) | targets |")
     sep = "|" + "---|" * (head.count("|") - 1)
     rows = [head, sep]
     for r in results:
         met = r["targets_met"]
         tg = ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met.items())
         rows.append(
-            f"| {r['layer']} | {r['shape']} | {fmt_ms(r['fwd_eager'])} | {fmt_ms(r['fwd_cpu'])} | "
-            f"{r['fwd_speedup']:.2f} | {fmt_ms(r['fwd_bwd_eager'])} | {fmt_ms(r['fwd_bwd_cpu'])} | "
-            f"{r['fwd_bwd_speedup']:.2f} | {fmt_ms(r['render_eager'])} | {fmt_ms(r['render_cpu'])} | "
-            f"{r['render_speedup']:.2f} | {r['saved_eager'] / 2**20:.2f} | {r['saved_cpu'] / 2**20:.2f} | "
-            f"{r['saved_ratio']:.3f} | {tg} |")
+            f"| {r['layer']} | {r['shape']} | {fmt_ms(r['fwd_eager'])} / {fmt_ms(r['fwd_cpu'])} | {_x(r, 'fwd')} | "
+            f"{fmt_ms(r['fwd_bwd_eager'])} / {fmt_ms(r['fwd_bwd_cpu'])} | {_x(r, 'fwd_bwd')} | "
+            f"{fmt_ms(r['render_eager'])} / {fmt_ms(r['render_cpu'])} | {_x(r, 'render')} | "
+            f"{r['fwd_bwd_eager']['faults']:.0f} / {r['fwd_bwd_cpu']['faults']:.0f} | "
+            f"{r['saved_eager'] / 2**20:.2f} / {r['saved_cpu'] / 2**20:.2f} ({r['saved_ratio']:.3f}) | {tg} |")
     return "\n".join(rows)
+
+
+# glibc returns freed blocks above its (adaptive, at most 32 MiB) mmap threshold to the kernel, so every call
+# that allocates such a temporary -- oneDNN's NCHW convolutions do -- page-faults it in again: ~1 us per 4 KiB
+# page on this VM, up to half of a layer's time, and the count depends on the allocator's history. "retain"
+# re-runs the benchmark with glibc told to keep freed memory (as jemalloc/tcmalloc do), so that both sides are
+# timed without those faults.
+RETAIN_TUNABLES = "glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295"
+
+
+def _reexec_with_retained_memory() -> None:
+    if RETAIN_TUNABLES in os.environ.get("GLIBC_TUNABLES", ""):
+        return
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        raise SystemExit("--allocator retain needs Linux with glibc (it sets GLIBC_TUNABLES)")
+    env = dict(os.environ)
+    env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES", ""), RETAIN_TUNABLES) if t)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
 def main(argv=None) -> int:
@@ -195,7 +241,13 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", default="", help="comma-separated subset, e.g. 1,3 (default: all)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     ap.add_argument("--no-save", action="store_true", help="print only; do not write bench/results")
+    ap.add_argument("--allocator", default="system", choices=("system", "retain"),
+                    help="system: glibc as configured; retain: re-run with glibc keeping freed memory, so that no "
+                         "side pays page faults for re-allocated temporaries (see RETAIN_TUNABLES)")
+    ap.add_argument("--out", default="cpu_ops", help="result file stem under bench/results (default: cpu_ops)")
     args = ap.parse_args(argv)
+    if args.allocator == "retain":
+        _reexec_with_retained_memory()
 
     torch.set_num_threads(args.threads)
     if not drmm_kernels.available_backends()["cpu"]:
@@ -220,12 +272,13 @@ def main(argv=None) -> int:
     meta = {"batch": args.batch, "threads": args.threads, "dtype": args.dtype, "repeats": args.repeats,
             "warmup": args.warmup, "torch": torch.__version__, "cpu": cpu_name, "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "loadavg_before": load, "loadavg_after": load_after,
-            "mkldnn": torch.backends.mkldnn.is_available(),
+            "mkldnn": torch.backends.mkldnn.is_available(), "allocator": args.allocator,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     header = (f"CPU ops benchmark: batch {args.batch}, {args.threads} threads, {args.dtype}, median of "
-              f"{args.repeats} runs; {cpu_name}; torch {torch.__version__}; load average before "
+              f"{args.repeats} runs; allocator {args.allocator}; {cpu_name}; torch {torch.__version__}; load average before "
               f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, after {load_after[0]:.2f}. Speedup x = eager / cpu "
-              f"(> 1: cpu backend faster); saved ratio = cpu / eager bytes saved for backward beyond x and "
+              f"(> 1: cpu backend faster; in brackets the quartiles of the per-pair ratio eager_i / cpu_i); saved ratio = cpu / eager bytes saved for backward beyond x and "
               f"the parameters. Targets: pooled layers fwd+bwd >= 1.3x, render >= 1.5x, saved ratio <= 1/3; "
               f"unpooled layers >= 1.0x.")
     print(header)
@@ -233,9 +286,9 @@ def main(argv=None) -> int:
     print(md)
     if not args.no_save:
         os.makedirs(RESULTS, exist_ok=True)
-        with open(os.path.join(RESULTS, "cpu_ops.json"), "w") as f:
+        with open(os.path.join(RESULTS, f"{args.out}.json"), "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
-        with open(os.path.join(RESULTS, "cpu_ops.md"), "w") as f:
+        with open(os.path.join(RESULTS, f"{args.out}.md"), "w") as f:
             f.write(f"{header}\n\nCommand: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`\n\n{md}\n")
     return 0
 

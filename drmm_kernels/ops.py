@@ -157,8 +157,16 @@ class _CustomOp:
         self.op = torch.library.custom_op(f"drmm::{name}", impl, mutates_args=())
         self.op.register_fake(fake)
         self.op.register_autograd(backward, setup_context=setup)
+
+        # Old-style forward(ctx, *args): with a separate setup_context, every apply() binds the arguments through
+        # inspect.signature, ~50 us per call.
+        def forward(ctx, *args):
+            output = impl(*args)
+            setup(ctx, args, output)
+            return output
+
         self.function = type(f"{name}_function", (torch.autograd.Function,), {
-            "forward": staticmethod(impl), "setup_context": staticmethod(setup), "backward": staticmethod(backward)})
+            "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args):
         tensors = [a for a in args if isinstance(a, Tensor)]
@@ -328,9 +336,13 @@ def _crp_setup(ctx, inputs, output):
     ctx.has_shift = shift is not None
     ctx.save_for_backward(x, weight, scale, output[1])
     ctx.mark_non_differentiable(output[1])
+    # The switches' gradient is ignored: autograd need not build a zero tensor for it on every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _crp_backward(ctx, gy, _gsw):
+    if gy is None:
+        return None, None, None, None, None, None, None, None
     x, weight, scale, switches = ctx.saved_tensors
     stride, padding, pool, slope = ctx.conf
     need_x, need_w, need_scale, need_shift = ctx.needs_input_grad[:4]
@@ -539,9 +551,13 @@ def _bn_setup(ctx, inputs, output):
     ctx.has_bias = bn_bias is not None
     ctx.save_for_backward(x, weight, bn_weight, output[1], output[2], output[3], output[4])
     ctx.mark_non_differentiable(output[1], output[2], output[3], output[4])
+    # Only y's gradient is used; materializing the others would fill a zero z (full conv size) per backward.
+    ctx.set_materialize_grads(False)
 
 
 def _bn_backward(ctx, gy, _gsw, _gmean, _gvar, _gz):
+    if gy is None:
+        return (None,) * 12
     x, weight, bn_weight, switches, mean, var, z = ctx.saved_tensors
     training, eps, stride, padding, pool, slope = ctx.conf
     need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
