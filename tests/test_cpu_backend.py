@@ -356,3 +356,35 @@ def test_pointwise_conv_path(dtype, use_scale, pool):
                                **TOL[dtype])
     torch.testing.assert_close(cb.render_wgrad(x, mu, sw, scale, 1, 0, pool, 0.1, (1, 1)),
                                R.render_wgrad(x, mu, sw, scale, 1, 0, pool, 0.1, (1, 1)), **TOL[dtype])
+
+
+def test_dense_render_when_fresh_temporaries_page_fault():
+    """pool=1 render under an allocator that maps every large block anew (so each fresh temporary faults in):
+    the kernel then keeps its temporary across calls, and successive calls with new data must still agree with
+    the reference -- and must not hand out the kept buffer."""
+    import subprocess
+    import sys
+
+    script = r"""
+import torch
+import drmm_kernels as dk
+from drmm_kernels import reference as R
+torch.manual_seed(0)
+outs = []
+for it in range(4):
+    n, co, ci, h = 8, 32, 16, 18                 # temporary of 8*32*16*16 floats = 512 KiB (128 pages) ...
+    n = 64                                       # ... times 8: 1024 pages, past the 256-page floor
+    mu = torch.randn(n, co, h - 2, h - 2)
+    sw = (torch.rand(n, co, h - 2, h - 2) < 0.5).to(torch.uint8) * 0x80
+    w = torch.randn(co, ci, 3, 3)
+    got = torch.ops.drmm_C.render(mu, sw, w, None, 1, 0, 1, h, h, 0.0)
+    want = R.render(mu, sw, w, None, 1, 0, 1, (h, h), 0.0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    outs.append(got)
+assert len({o.untyped_storage().data_ptr() for o in outs}) == len(outs)
+print("ok")
+"""
+    env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=65536")
+    res = subprocess.run([sys.executable, "-c", "import drmm_kernels.cpu_backend\n" + script], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
