@@ -9,6 +9,8 @@ already validated, outputs contiguous NCHW):
 - ``render_wgrad(src, mu, switches, scale, stride, padding, pool, negative_slope, kernel_hw) -> dW``
 - ``bn_pool(z, scale, shift, pool, negative_slope) -> (y, switches)`` (epilogue on a precomputed conv output)
 - ``masked_values(mu, switches, scale, negative_slope) -> mu * a'(switches) * scale`` (dense; pool=1 backward)
+- ``unpool(values, switches, pool, conv_hw) -> values at their recorded offsets of a zero conv_hw map``
+  (the training-mode batch-norm backward)
 
 plus ``status() -> (usable, reason)`` and ``supports(device) -> bool``. A primitive a
 backend does not provide is computed by ``reference``; ``primitive_source`` says which.
@@ -28,7 +30,7 @@ import torch
 from . import reference
 
 NAMES = ("reference", "cpu", "cuda", "triton")
-PRIMITIVES = ("conv_relu_pool", "render", "gather_conv", "render_wgrad", "bn_pool", "masked_values")
+PRIMITIVES = ("conv_relu_pool", "render", "gather_conv", "render_wgrad", "bn_pool", "masked_values", "unpool")
 
 _MODULES = {
     "cpu": "drmm_kernels.cpu_backend",

@@ -69,3 +69,9 @@ def masked_values(mu: Tensor, switches: Tensor, scale: Optional[Tensor], negativ
     if not _native(mu, mu, scale):
         return reference.masked_values(mu, switches, scale, negative_slope)
     return torch.ops.drmm_C.masked_values(mu, switches, scale, negative_slope)
+
+
+def unpool(values: Tensor, switches: Tensor, pool: int, conv_hw: Tuple[int, int]) -> Tensor:
+    if not _native(values):
+        return reference.unpool(values, switches, pool, conv_hw)
+    return torch.ops.drmm_C.unpool(values, switches, pool, int(conv_hw[0]), int(conv_hw[1]))

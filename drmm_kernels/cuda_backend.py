@@ -76,3 +76,8 @@ def bn_pool(z: Tensor, scale: Tensor, shift: Tensor, pool: int, negative_slope: 
 def masked_values(mu: Tensor, switches: Tensor, scale: Optional[Tensor], negative_slope: float) -> Tensor:
     # A dense elementwise pass (pool=1 backward): PyTorch's own CUDA kernels are already bandwidth-bound here.
     return reference.masked_values(mu, switches, scale, negative_slope)
+
+
+def unpool(values: Tensor, switches: Tensor, pool: int, conv_hw: Tuple[int, int]) -> Tensor:
+    # One zero fill and one scatter: PyTorch's CUDA kernels are bandwidth-bound here too.
+    return reference.unpool(values, switches, pool, conv_hw)

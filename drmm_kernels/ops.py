@@ -289,6 +289,30 @@ def _masked_values_backward(ctx, g):
 _masked_values = _CustomOp("masked_values", _masked_values_impl, _masked_values_fake, _masked_values_setup, _masked_values_backward)
 
 
+def _unpool_impl(values: Tensor, switches: Tensor, pool: int, out_h: int, out_w: int) -> Tensor:
+    return _impl(values.device, "unpool")(values, switches, pool, (out_h, out_w))
+
+
+def _unpool_fake(values, switches, pool, out_h, out_w):
+    return values.new_empty((values.shape[0], values.shape[1], out_h, out_w))
+
+
+def _unpool_setup(ctx, inputs, output):
+    ctx.pool = inputs[2]
+    ctx.save_for_backward(inputs[1])
+
+
+def _unpool_backward(ctx, g):
+    # The adjoint of placing each value at its recorded offset is reading the map there.
+    (switches,) = ctx.saved_tensors
+    n, c = switches.shape[:2]
+    idx = reference.switches_to_indices(switches, ctx.pool, tuple(g.shape[-2:])).reshape(n, c, -1)
+    return g.reshape(n, c, -1).gather(2, idx).view(switches.shape), None, None, None, None
+
+
+_unpool = _CustomOp("unpool", _unpool_impl, _unpool_fake, _unpool_setup, _unpool_backward)
+
+
 # --------------------------------------------------------------------------- conv_relu_pool
 
 
@@ -565,8 +589,7 @@ def _bn_backward(ctx, gy, _gsw, _gmean, _gvar, _gz):
     acc = torch.promote_types(x.dtype, torch.float32)
     invstd = torch.rsqrt(var.to(acc) + eps)
     gamma = bn_weight.to(acc) if bn_weight is not None else torch.ones_like(invstd)
-    gact = _act(gy.to(acc), switches, slope)                         # dL/dv at each window max
-    s1 = _channel_sum(gact)                                          # = d beta
+    gact = _masked_values(gy.to(acc), switches, None, slope)         # dL/dv at each window max
     gx = gw = ggamma = gbeta = None
     if training:
         # The batch statistics couple every position, so this backward is dense: scatter dL/dv to the recorded
@@ -574,15 +597,22 @@ def _bn_backward(ctx, gy, _gsw, _gmean, _gvar, _gz):
         # forward (training only): recomputing it cost a whole convolution, ~25% of the layer's training step on
         # a 2-core CPU (measured, conv_small layer 2, batch 64), and saving it still keeps less than half of eager's
         # saved activations (eager keeps z, the ReLU output and int64 indices).
-        dv = reference.unpool(gact.to(z.dtype), switches, pool, z.shape[-2:])
+        if torch.is_grad_enabled():
+            # A double backward: the saved z is detached, so recompute it from x and the weight for the graph to
+            # reach them (batch norm's own double backward treats the statistics as functions of z).
+            z = F.conv2d(x, weight, None, stride, padding)
+        dv = gact.to(z.dtype)
+        if pool > 1:  # (without pooling every position is a window max: nothing to scatter)
+            dv = _unpool(dv, switches, pool, z.shape[-2], z.shape[-1])
         dz, ggamma_, gbeta_ = torch.ops.aten.native_batch_norm_backward(
             dv, z, bn_weight, None, None, mean.to(acc), invstd, True, eps, [need_x or need_w, True, True])
-        s2 = ggamma_  # = sum of dL/dv * xhat per channel
+        s1, s2 = gbeta_, ggamma_  # = sum of dL/dv, and of dL/dv * xhat, per channel
         if need_x or need_w:
             gx, gw, _ = torch.ops.aten.convolution_backward(
                 dz, x, weight, None, [stride, stride], [padding, padding], [1, 1], False, [0, 0], 1,
                 [need_x, need_w, False])
     else:
+        s1 = _channel_sum(gact)                                      # = d beta
         scale = (gamma * invstd).to(x.dtype)
         if need_x:
             gx = _render(gy, switches, weight, scale, stride, padding, pool, x.shape[-2], x.shape[-1], slope)

@@ -388,3 +388,29 @@ print("ok")
     res = subprocess.run([sys.executable, "-c", "import drmm_kernels.cpu_backend\n" + script], env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pool,conv_hw", [(1, (5, 4)), (2, (7, 6)), (3, (9, 11)), (4, (8, 9))])
+def test_unpool_matches_reference(dtype, pool, conv_hw):
+    torch.manual_seed(pool)
+    hp, wp = conv_hw[0] // pool, conv_hw[1] // pool
+    values = torch.randn(3, 5, hp, wp, dtype=dtype)
+    offsets = torch.randint(0, pool * pool, (3, 5, hp, wp), dtype=torch.uint8)
+    switches = offsets | ((torch.rand(3, 5, hp, wp) < 0.5).to(torch.uint8) << 7)  # the a bit does not matter
+    got = cb.unpool(values, switches, pool, conv_hw)
+    want = R.unpool(values, switches, pool, conv_hw)
+    assert got.shape == (3, 5, *conv_hw) and got.is_contiguous()
+    assert torch.equal(got, want)  # a pure relocation: exact, rows / columns past the last window stay zero
+    # non-contiguous inputs are read correctly
+    assert torch.equal(cb.unpool(values.transpose(2, 3).contiguous().transpose(2, 3), switches, pool, conv_hw), want)
+
+
+def test_unpool_errors_name_the_problem():
+    v = torch.randn(1, 2, 3, 3)
+    with pytest.raises(RuntimeError, match="window offset"):
+        cb.unpool(v, torch.full((1, 2, 3, 3), 4, dtype=torch.uint8), 2, (6, 6))
+    with pytest.raises(RuntimeError, match="output size"):
+        cb.unpool(v, torch.zeros(1, 2, 3, 3, dtype=torch.uint8), 2, (8, 6))
+    with pytest.raises(RuntimeError, match="switches shape"):
+        cb.unpool(v, torch.zeros(1, 2, 3, 2, dtype=torch.uint8), 2, (6, 6))

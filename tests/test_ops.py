@@ -468,6 +468,17 @@ def test_gradgradcheck(backend):
             (mu, w, scale))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pool", [1, 2])
+def test_gradgradcheck_conv_bn_relu_pool_training(backend, pool):
+    # The training backward unpools through the internal unpool op (its own backward gathers); pool=1 skips it.
+    x, w, gamma, beta = _small(cin=1, cout=2, h=5, w=4, n=2)
+    with dk.backend(backend):
+        assert torch.autograd.gradgradcheck(
+            lambda *a: dk.conv_bn_relu_pool(*a, None, None, training=True, padding=1, pool=pool,
+                                            negative_slope=0.1)[0], (x, w, gamma, beta))
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_eager_fast_path_matches_the_custom_op(backend):
     """Plain eager calls skip the torch.library round trip (ops._CustomOp); the custom op (what compile, fake

@@ -42,6 +42,10 @@ at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::T
                         const std::optional<at::Tensor>& scale, int64_t stride, int64_t padding, int64_t pool,
                         double negative_slope, int64_t kernel_h, int64_t kernel_w);
 
+// Pooled values at their recorded offsets of a zero (N, C, out_h, out_w) map.
+at::Tensor unpool(const at::Tensor& values, const at::Tensor& switches, int64_t pool, int64_t out_h,
+                  int64_t out_w);
+
 // mu * (1 where the a bit is on, else negative_slope) * scale[c], dense (any pool).
 at::Tensor masked_values(const at::Tensor& mu, const at::Tensor& switches, const std::optional<at::Tensor>& scale,
                          double negative_slope);

@@ -620,6 +620,49 @@ at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::T
   return out;
 }
 
+// Each pooled value at its window's recorded offset of a zero (N, C, out_h, out_w) map: the training-mode
+// batch-norm backward's max-pool gradient. One plane at a time, so the zero fill and the scattered writes meet in
+// cache.
+at::Tensor unpool(const at::Tensor& values, const at::Tensor& switches, int64_t pool, int64_t out_h,
+                  int64_t out_w) {
+  TORCH_CHECK(values.dim() == 4, "drmm_C.unpool: values must be 4-D, got ", values.sizes());
+  check_switches("unpool", switches, values);
+  TORCH_CHECK(pool >= 1 && pool <= 4, "drmm_C.unpool: pool must be in [1, 4], got ", pool);
+  const int64_t n = values.size(0), c = values.size(1), hp = values.size(2), wp = values.size(3);
+  TORCH_CHECK(out_h / pool == hp && out_w / pool == wp, "drmm_C.unpool: output size (", out_h, ", ", out_w,
+              ") pooled by ", pool, " is not the values' size (", hp, ", ", wp, ")");
+  const at::Tensor v = values.contiguous(), s = switches.contiguous();
+  at::Tensor out = at::empty({n, c, out_h, out_w}, values.options());
+  std::atomic<bool> bad{false};
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "drmm_cpu_unpool", [&] {
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    const uint8_t* sp = s.data_ptr<uint8_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t plane = hp * wp, oplane = out_h * out_w, p2 = pool * pool;
+    WorkQueue queue(n * c, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, oplane)));
+    queue.run([&](int64_t, WorkQueue& wq) {
+      for (int64_t b, e; wq.take(&b, &e);)
+        for (int64_t i = b; i < e; ++i) {
+          scalar_t* o = op + i * oplane;
+          std::fill(o, o + oplane, scalar_t(0));
+          const scalar_t* vi = vp + i * plane;
+          const uint8_t* si = sp + i * plane;
+          for (int64_t py = 0; py < hp; ++py)
+            for (int64_t px = 0; px < wp; ++px) {
+              const int off = si[py * wp + px] & kOffsetMask;
+              if (off >= p2) {
+                bad.store(true, std::memory_order_relaxed);
+                continue;
+              }
+              o[(py * pool + off / pool) * out_w + px * pool + off % pool] = vi[py * wp + px];
+            }
+        }
+    });
+  });
+  raise_bad_offset("unpool", bad, pool);
+  return out;
+}
+
 // mu * a'(switches) * scale[c] as a fresh NCHW tensor: the pool == 1 backward's activation gradient in one
 // pass over the uint8 switches (a bool mask + masked_fill costs three).
 at::Tensor masked_values(const at::Tensor& mu, const at::Tensor& switches, const std::optional<at::Tensor>& scale,
