@@ -195,6 +195,58 @@ def fmt_ms(r: Dict[str, float]) -> str:
     return f"{r['median_ms']:.1f}"
 
 
+def bench_bn_layer(spec, batch: int, warmup: int, repeats: int, dtype: torch.dtype) -> Dict[str, object]:
+    """Training-mode ``conv_bn_relu_pool`` (batch statistics, gradients through them) forward + backward against
+    eager ``max_pool2d(relu(batch_norm(conv2d(x, w))), return_indices=True)``."""
+    name, cin, cout, k, pad, size, pool = spec
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, cin, size, size, generator=g, dtype=dtype, requires_grad=True)
+    w = (torch.randn(cout, cin, k, k, generator=g, dtype=dtype) * (2.0 / (cin * k * k)) ** 0.5).requires_grad_(True)
+    gamma = (torch.rand(cout, generator=g, dtype=dtype) + 0.5).requires_grad_(True)
+    beta = (torch.randn(cout, generator=g, dtype=dtype) * 0.1).requires_grad_(True)
+    stats = {side: (torch.zeros(cout, dtype=dtype), torch.ones(cout, dtype=dtype)) for side in ("eager", "cpu")}
+    conv_hw = size + 2 * pad - k + 1
+    gy = torch.randn(batch, cout, conv_hw // pool, conv_hw // pool, generator=g, dtype=dtype)
+
+    def eager_fwd():
+        rm, rv = stats["eager"]
+        v = F.relu(F.batch_norm(F.conv2d(x, w, None, 1, pad), rm, rv, gamma, beta, True, 0.1, 1e-5))
+        return v if pool == 1 else F.max_pool2d(v, pool, pool, return_indices=True)[0]
+
+    def fused_fwd():
+        rm, rv = stats["cpu"]
+        with drmm_kernels.backend("cpu"):
+            return drmm_kernels.conv_bn_relu_pool(x, w, gamma, beta, rm, rv, training=True, momentum=0.1,
+                                                  eps=1e-5, padding=pad, pool=pool)[0]
+
+    def step(fwd):
+        def go():
+            for t in (x, w, gamma, beta):
+                t.grad = None
+            fwd().backward(gy)
+        return go
+
+    torch.testing.assert_close(fused_fwd(), eager_fwd(), rtol=1e-4, atol=1e-4)
+    res: Dict[str, object] = {"layer": name, "shape": f"{cin}->{cout} k{k} p{pad} {size}x{size} pool{pool}"}
+    res["bn_fwd_bwd_eager"], res["bn_fwd_bwd_cpu"], res["bn_fwd_bwd_pair_x"] = paired_ms(
+        step(eager_fwd), step(fused_fwd), warmup, repeats)
+    res["bn_fwd_bwd_speedup"] = res["bn_fwd_bwd_pair_x"]["median"]
+    res["bn_saved_eager"] = saved_bytes(eager_fwd, [x, w, gamma, beta])
+    res["bn_saved_cpu"] = saved_bytes(fused_fwd, [x, w, gamma, beta])
+    return res
+
+
+def bn_table(results: List[Dict[str, object]]) -> str:
+    rows = ["| layer | shape | BN fwd+bwd eager / cpu ms | x (IQR) | page faults per run eager / cpu | "
+            "saved eager / cpu MiB |", "|---|---|---|---|---|---|"]
+    for r in results:
+        rows.append(f"| {r['layer']} | {r['shape']} | {fmt_ms(r['bn_fwd_bwd_eager'])} / {fmt_ms(r['bn_fwd_bwd_cpu'])} "
+                    f"| {_x(r, 'bn_fwd_bwd')} | {r['bn_fwd_bwd_eager']['faults']:.0f} / "
+                    f"{r['bn_fwd_bwd_cpu']['faults']:.0f} | {r['bn_saved_eager'] / 2**20:.2f} / "
+                    f"{r['bn_saved_cpu'] / 2**20:.2f} |")
+    return "\n".join(rows)
+
+
 def _x(r: Dict[str, object], key: str) -> str:
     q = r[f"{key}_pair_x"]
     return f"{r[f'{key}_speedup']:.2f} ({q['q1']:.2f}-{q['q3']:.2f})"
@@ -249,6 +301,7 @@ def main(argv=None) -> int:
     ap.add_argument("--allocator", default="system", choices=("system", "retain"),
                     help="system: glibc as configured; retain: re-run with glibc keeping freed memory, so that no "
                          "side pays page faults for re-allocated temporaries (see RETAIN_TUNABLES)")
+    ap.add_argument("--no-bn", action="store_true", help="skip the training-mode conv_bn_relu_pool rows")
     ap.add_argument("--out", default="cpu_ops", help="result file stem under bench/results (default: cpu_ops)")
     args = ap.parse_args(argv)
     if args.allocator == "retain":
@@ -261,13 +314,18 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     chosen = {int(s) for s in args.layers.split(",") if s.strip()} or set(range(1, len(LAYERS) + 1))
     load = os.getloadavg()
-    results = []
+    results, bn_results = [], []
     for i, spec in enumerate(LAYERS, 1):
         if i in chosen:
             results.append(bench_layer(spec, args.batch, args.warmup, args.repeats, dtype))
+            if not args.no_bn:
+                bn_results.append(bench_bn_layer(spec, args.batch, args.warmup, args.repeats, dtype))
             print(f"{spec[0]} done", file=sys.stderr)
     load_after = os.getloadavg()
     md = table(results)
+    if bn_results:
+        md += ("\n\nTraining-mode batch norm, `conv_bn_relu_pool(..., training=True)` forward + backward (gradients "
+               "for x, w, gamma, beta) vs eager `max_pool2d(relu(batch_norm(conv2d(x, w))))`:\n\n" + bn_table(bn_results))
     cpu_name = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -292,7 +350,7 @@ def main(argv=None) -> int:
     if not args.no_save:
         os.makedirs(RESULTS, exist_ok=True)
         with open(os.path.join(RESULTS, f"{args.out}.json"), "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+            json.dump({"meta": meta, "results": results, "bn_results": bn_results}, f, indent=2)
         with open(os.path.join(RESULTS, f"{args.out}.md"), "w") as f:
             f.write(f"{header}\n\nCommand: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`\n\n{md}\n")
     return 0

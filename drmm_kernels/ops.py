@@ -134,12 +134,13 @@ def _channel_sum(t: Tensor) -> Tensor:
 
 def _plain_eager(tensors: Sequence[Tensor]) -> bool:
     """Whether a call may skip the torch.library dispatcher: not tracing or compiling, no torch function or
-    dispatch mode active (fake tensors, ``with torch.device(...)``, ...), only plain dense tensors."""
+    dispatch mode active (fake tensors, ``with torch.device(...)``, ...), only plain dense tensors (``nn.Parameter``
+    included: it disables ``__torch_function__``, so it is a plain tensor to every op)."""
     if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled() or \
             _python_dispatch.is_in_torch_dispatch_mode():
         return False
-    return all(type(t) is Tensor and not t.is_meta and not torch._C._functorch.is_functorch_wrapped_tensor(t)
-               for t in tensors)
+    return all((type(t) is Tensor or type(t) is torch.nn.Parameter) and not t.is_meta
+               and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 class _CustomOp:
@@ -354,6 +355,15 @@ def _pointwise_conv_backward(gz: Tensor, x: Tensor, weight: Tensor, need_x: bool
     return gx, gw, gb
 
 
+def _bn_conv(x: Tensor, weight: Tensor, stride: int, padding: int) -> Tensor:
+    """The batch-norm op's materialized conv output; a batched matrix product for 1x1 convs on CPU (as above)."""
+    if x.device.type == "cpu" and _is_pointwise(x, weight, stride, padding):
+        n, ci, h, w = x.shape
+        co = weight.shape[0]
+        return torch.bmm(weight.reshape(co, ci).expand(n, co, ci), x.reshape(n, ci, h * w)).view(n, co, h, w)
+    return F.conv2d(x, weight, None, stride, padding)
+
+
 def _crp_setup(ctx, inputs, output):
     x, weight, scale, shift, stride, padding, pool, negative_slope = inputs
     ctx.conf = (stride, padding, pool, negative_slope)
@@ -526,7 +536,7 @@ def render(mu: Tensor, switches: Tensor, weight: Tensor, scale: Optional[Tensor]
 def _bn_forward_generic(x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, stride, padding,
                         pool, slope, bn_pool):
     """Materialized conv output, batch statistics, then the fused normalize-act-pool-switch epilogue."""
-    z = F.conv2d(x, weight, None, stride, padding)
+    z = _bn_conv(x, weight, stride, padding)
     if training:
         if z.dtype in (torch.float32, torch.float64):
             # ATen's one-pass per-channel statistics (biased variance); ~5x faster than var_mean on CPU.
@@ -600,14 +610,16 @@ def _bn_backward(ctx, gy, _gsw, _gmean, _gvar, _gz):
         if torch.is_grad_enabled():
             # A double backward: the saved z is detached, so recompute it from x and the weight for the graph to
             # reach them (batch norm's own double backward treats the statistics as functions of z).
-            z = F.conv2d(x, weight, None, stride, padding)
+            z = _bn_conv(x, weight, stride, padding)
         dv = gact.to(z.dtype)
         if pool > 1:  # (without pooling every position is a window max: nothing to scatter)
             dv = _unpool(dv, switches, pool, z.shape[-2], z.shape[-1])
         dz, ggamma_, gbeta_ = torch.ops.aten.native_batch_norm_backward(
             dv, z, bn_weight, None, None, mean.to(acc), invstd, True, eps, [need_x or need_w, True, True])
         s1, s2 = gbeta_, ggamma_  # = sum of dL/dv, and of dL/dv * xhat, per channel
-        if need_x or need_w:
+        if (need_x or need_w) and x.device.type == "cpu" and _is_pointwise(x, weight, stride, padding):
+            gx, gw, _ = _pointwise_conv_backward(dz, x, weight, need_x, need_w, False)
+        elif need_x or need_w:
             gx, gw, _ = torch.ops.aten.convolution_backward(
                 dz, x, weight, None, [stride, stride], [padding, padding], [1, 1], False, [0, 0], 1,
                 [need_x, need_w, False])

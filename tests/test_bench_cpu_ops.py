@@ -39,4 +39,9 @@ def test_cpu_ops_benchmark_runs_and_reports(tmp_path, monkeypatch, capsys):
             assert 0 < q["q1"] <= q["median"] <= q["q3"]
             assert r[f"{key}_eager"]["faults"] >= 0 and r[f"{key}_cpu"]["faults"] >= 0
         assert 0 < r["saved_ratio"] < 1  # the fused op keeps uint8 switches, eager a float map
-    assert (tmp_path / "smoke.md").read_text().count("| L") == 2
+    assert [r["layer"] for r in data["bn_results"]] == ["L2", "L5"]
+    for r in data["bn_results"]:
+        q = r["bn_fwd_bwd_pair_x"]
+        assert 0 < q["q1"] <= q["median"] <= q["q3"]
+        assert 0 < r["bn_saved_cpu"] < r["bn_saved_eager"]
+    assert (tmp_path / "smoke.md").read_text().count("| L") == 4  # both tables

@@ -479,6 +479,23 @@ def test_gradgradcheck_conv_bn_relu_pool_training(backend, pool):
                                             negative_slope=0.1)[0], (x, w, gamma, beta))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_conv_bn_relu_pool_pointwise(backend):
+    # 1x1 / stride 1 / no padding: on CPU the conv and its backward are batched matrix products
+    torch.manual_seed(5)
+    x = torch.randn(3, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, 1, 1, dtype=torch.float64, requires_grad=True)
+    gamma = (torch.rand(5, dtype=torch.float64) + 0.5).requires_grad_(True)
+    beta = torch.randn(5, dtype=torch.float64, requires_grad=True)
+
+    def f(*a):
+        return dk.conv_bn_relu_pool(*a, None, None, training=True, pool=1, negative_slope=0.1)[0]
+
+    with dk.backend(backend):
+        assert torch.autograd.gradcheck(f, (x, w, gamma, beta))
+        assert torch.autograd.gradgradcheck(f, (x, w, gamma, beta))
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_eager_fast_path_matches_the_custom_op(backend):
     """Plain eager calls skip the torch.library round trip (ops._CustomOp); the custom op (what compile, fake
@@ -492,7 +509,8 @@ def test_eager_fast_path_matches_the_custom_op(backend):
     results = []
     with dk.backend(backend):
         for via_op in (False, True):
-            xx, ww, bb = (t.clone().requires_grad_() for t in (x, w, b))
+            xx = x.clone().requires_grad_()
+            ww, bb = torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())  # as in a model: fast path too
             if via_op:
                 y, sw = torch.ops.drmm.conv_relu_pool(xx, ww, None, bb, 1, 1, 2, 0.1)
                 assert "function" not in type(y.grad_fn).__name__
