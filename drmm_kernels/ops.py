@@ -113,18 +113,6 @@ def _impl(device: torch.device, op: str):
     return backends.primitive(backends.resolve(device), device, op)
 
 
-def _act(g: Tensor, switches: Tensor, negative_slope: float) -> Tensor:
-    """``g`` times the activation derivative at each window max (1 where the a bit is on, else the slope).
-
-    Written as a masked fill rather than a multiply by a factor tensor: at full resolution (pool=1) this
-    glue is on the backward's critical path, and the fill is one pass over a uint8 mask.
-    """
-    off = switches < 0x80
-    if negative_slope == 0.0:
-        return g.masked_fill(off, 0)
-    return torch.where(off, g * negative_slope, g)
-
-
 def _channel_sum(t: Tensor) -> Tensor:
     return t.sum(dim=(0, 2, 3))
 
@@ -230,7 +218,7 @@ _gather_conv = _CustomOp("gather_conv", _gather_conv_impl, _gather_conv_fake, _g
 def _mu_scale_grads(src, weight, mu, switches, scale, stride, padding, pool, slope, need_mu, need_scale):
     """Gradients of <conv2d(src, weight), render-map of mu> in mu and scale: the conv read at the recorded
     offsets (gather_conv), times the activation derivative, times scale for mu / mu for scale."""
-    at = _act(_gather_conv(src, weight, switches, stride, padding, pool), switches, slope)
+    at = _masked_values(_gather_conv(src, weight, switches, stride, padding, pool), switches, None, slope)
     gmu = gscale = None
     if need_mu:
         gmu = at if scale is None else at * scale.view(1, -1, 1, 1)
@@ -406,7 +394,7 @@ def _crp_backward(ctx, gy, _gsw):
                                weight.shape[-1])
     if need_scale or need_shift:
         if gact is None:
-            gact = _act(gy, switches, slope)
+            gact = _masked_values(gy, switches, None, slope)
         if need_shift and ctx.has_shift:
             gshift = _channel_sum(gact)
         if need_scale and scale is not None:

@@ -82,8 +82,13 @@ def unpool(values: Tensor, switches: Tensor, pool: int, conv_hw: Tuple[int, int]
 
 
 def masked_values(mu: Tensor, switches: Tensor, scale: Optional[Tensor], negative_slope: float) -> Tensor:
-    """``mu`` times the activation derivative at the window max, times ``scale[c]``: the pooled gradient."""
-    g = mu * activation_factor(switches, negative_slope, mu.dtype)
+    """``mu`` times the activation derivative at the window max, times ``scale[c]``: the pooled gradient.
+
+    A select, as ReLU's backward is: where the ``a`` bit is off under ReLU the result is 0 even for an infinite or
+    NaN ``mu`` (a multiply by 0 would give NaN).
+    """
+    on = (switches & ON_BIT) != 0
+    g = torch.where(on, mu, mu * negative_slope) if negative_slope != 0.0 else mu.masked_fill(~on, 0)
     if scale is not None:
         g = g * scale.view(1, -1, 1, 1).to(mu.dtype)
     return g

@@ -414,3 +414,21 @@ def test_unpool_errors_name_the_problem():
         cb.unpool(v, torch.zeros(1, 2, 3, 3, dtype=torch.uint8), 2, (8, 6))
     with pytest.raises(RuntimeError, match="switches shape"):
         cb.unpool(v, torch.zeros(1, 2, 3, 2, dtype=torch.uint8), 2, (6, 6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("slope", [0.0, 0.1])
+def test_masked_values_selects_like_relu_backward(dtype, slope):
+    # Where the a bit is off under ReLU the gradient is 0 even for an infinite or NaN upstream value (ReLU's
+    # backward selects; a multiply by 0 would make NaN). Long enough for the vector loop, with a scalar tail.
+    n = 1000
+    mu = torch.randn(1, 1, 1, n, dtype=dtype)
+    mu[..., ::7] = float("inf")
+    mu[..., 3::11] = float("nan")
+    on = torch.rand(1, 1, 1, n) < 0.5
+    sw = on.to(torch.uint8) << 7
+    want = torch.where(on, mu, mu * slope) if slope else torch.where(on, mu, torch.zeros((), dtype=dtype))
+    for got in (cb.masked_values(mu, sw, None, slope), R.masked_values(mu, sw, None, slope)):
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+    scale = torch.full((1,), 2.0, dtype=dtype)
+    torch.testing.assert_close(cb.masked_values(mu, sw, scale, slope), want * 2, equal_nan=True, rtol=0, atol=0)

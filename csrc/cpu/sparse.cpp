@@ -116,14 +116,21 @@ void load_padded_nhwc(const at::Tensor& src, const T* base, int64_t n, int64_t p
     }
 }
 
-// o = (a * (bit 7 ? 1 : slope)) * k: the reference's mu * factor (* scale), branch-free so it vectorizes.
+// o = (bit 7 ? a : a * slope) * k, and exactly 0 where the bit is off under ReLU (slope 0), whatever a is: a select,
+// as ReLU's backward does, not a multiply (inf * 0 would be NaN). Branch-free so it vectorizes.
 template <typename T>
 void mask_plane(const T* __restrict__ a, const uint8_t* __restrict__ q, T slope, T k, bool scaled,
                 T* __restrict__ o, int64_t len) {
-  if (scaled) {
-    for (int64_t j = 0; j < len; ++j) o[j] = (a[j] * ((q[j] & kOnBit) ? T(1) : slope)) * k;
+  if (slope == T(0)) {
+    if (scaled) {
+      for (int64_t j = 0; j < len; ++j) o[j] = (q[j] & kOnBit) ? a[j] * k : T(0);
+    } else {
+      for (int64_t j = 0; j < len; ++j) o[j] = (q[j] & kOnBit) ? a[j] : T(0);
+    }
+  } else if (scaled) {
+    for (int64_t j = 0; j < len; ++j) o[j] = ((q[j] & kOnBit) ? a[j] : a[j] * slope) * k;
   } else {
-    for (int64_t j = 0; j < len; ++j) o[j] = a[j] * ((q[j] & kOnBit) ? T(1) : slope);
+    for (int64_t j = 0; j < len; ++j) o[j] = (q[j] & kOnBit) ? a[j] : a[j] * slope;
   }
 }
 
