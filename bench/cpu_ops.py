@@ -274,11 +274,12 @@ def table(results: List[Dict[str, object]]) -> str:
 # that allocates such a temporary -- oneDNN's NCHW convolutions do -- page-faults it in again: ~1 us per 4 KiB
 # page on this VM, up to half of a layer's time, and the count depends on the allocator's history. "retain"
 # re-runs the benchmark with glibc told to keep freed memory (as jemalloc/tcmalloc do), so that both sides are
-# timed without those faults.
+# timed without most of those faults (blocks over 64 MiB from other threads' arenas are still mapped anew).
 RETAIN_TUNABLES = "glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295"
 
 
-def _reexec_with_retained_memory() -> None:
+def _reexec_with_retained_memory(argv: List[str]) -> None:
+    """Runs this script again, with ``argv``, in a process whose glibc keeps freed memory; returns if this is it."""
     if RETAIN_TUNABLES in os.environ.get("GLIBC_TUNABLES", ""):
         return
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
@@ -286,7 +287,7 @@ def _reexec_with_retained_memory() -> None:
     env = dict(os.environ)
     env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES", ""), RETAIN_TUNABLES) if t)
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + list(argv), env)
 
 
 def main(argv=None) -> int:
@@ -305,7 +306,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="cpu_ops", help="result file stem under bench/results (default: cpu_ops)")
     args = ap.parse_args(argv)
     if args.allocator == "retain":
-        _reexec_with_retained_memory()
+        _reexec_with_retained_memory(sys.argv[1:] if argv is None else argv)
 
     torch.set_num_threads(args.threads)
     if not drmm_kernels.available_backends()["cpu"]:

@@ -121,11 +121,11 @@ def _channel_sum(t: Tensor) -> Tensor:
 
 
 def _plain_eager(tensors: Sequence[Tensor]) -> bool:
-    """Whether a call may skip the torch.library dispatcher: not tracing or compiling, no torch function or
-    dispatch mode active (fake tensors, ``with torch.device(...)``, ...), only plain dense tensors (``nn.Parameter``
+    """Whether a call may skip the torch.library dispatcher: not tracing or compiling, no functorch transform
+    (``torch.func.grad``, ``vmap``, ...), no torch function or dispatch mode active (fake tensors, ``with torch.device(...)``, ...), only plain dense tensors (``nn.Parameter``
     included: it disables ``__torch_function__``, so it is a plain tensor to every op)."""
     if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled() or \
-            _python_dispatch.is_in_torch_dispatch_mode():
+            _python_dispatch.is_in_torch_dispatch_mode() or torch._C._are_functorch_transforms_active():
         return False
     return all((type(t) is Tensor or type(t) is torch.nn.Parameter) and not t.is_meta
                and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
@@ -602,8 +602,10 @@ def _bn_backward(ctx, gy, _gsw, _gmean, _gvar, _gz):
         dv = gact.to(z.dtype)
         if pool > 1:  # (without pooling every position is a window max: nothing to scatter)
             dv = _unpool(dv, switches, pool, z.shape[-2], z.shape[-1])
+        # The weight in the statistics' dtype: ATen's mixed-precision path (half z, float statistics) needs them alike.
         dz, ggamma_, gbeta_ = torch.ops.aten.native_batch_norm_backward(
-            dv, z, bn_weight, None, None, mean.to(acc), invstd, True, eps, [need_x or need_w, True, True])
+            dv, z, bn_weight.to(acc) if bn_weight is not None else None, None, None, mean.to(acc), invstd, True, eps,
+            [need_x or need_w, True, True])
         s1, s2 = gbeta_, ggamma_  # = sum of dL/dv, and of dL/dv * xhat, per channel
         if (need_x or need_w) and x.device.type == "cpu" and _is_pointwise(x, weight, stride, padding):
             gx, gw, _ = _pointwise_conv_backward(dz, x, weight, need_x, need_w, False)

@@ -525,3 +525,38 @@ def test_eager_fast_path_matches_the_custom_op(backend):
             results.append((y, sw, gx, gw, ggw, r))
     for a, b_ in zip(*results):
         assert torch.equal(a, b_)
+
+
+def test_fast_path_steps_aside_under_functorch_transforms():
+    # Inside torch.func transforms even plain tensors and Parameters must go through the custom op: the eager
+    # fast path's autograd.Function has no setup_context, which functorch requires.
+    w = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
+    x = torch.randn(2, 3, 8, 8)
+    y_ref = dk.conv_relu_pool(x, w, padding=1)[0].sum()
+
+    def f(s):
+        return dk.conv_relu_pool(x, w, padding=1)[0].sum() * s
+
+    torch.testing.assert_close(torch.func.grad(f)(torch.tensor(2.0)), y_ref.detach())
+    torch.testing.assert_close(torch.func.vmap(f)(torch.tensor([1.0, 2.0])).detach(),
+                               torch.stack([y_ref, 2 * y_ref]).detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pool", [1, 2])
+def test_conv_bn_relu_pool_training_backward_half(dtype, pool):
+    # Half-precision z with float32 statistics: ATen's batch-norm backward needs the weight in the statistics' dtype.
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, dtype=dtype, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=dtype, requires_grad=True)
+    gamma = (torch.rand(4) + 0.5).to(dtype).requires_grad_(True)
+    beta = torch.zeros(4, dtype=dtype, requires_grad=True)
+    y, _ = dk.conv_bn_relu_pool(x, w, gamma, beta, None, None, training=True, padding=1, pool=pool)
+    grads = torch.autograd.grad(y.float().sum(), (x, w, gamma, beta))
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in (x, w, gamma, beta)]
+    y_ref, _ = dk.conv_bn_relu_pool(*ref_leaves, None, None, training=True, padding=1, pool=pool)
+    refs = torch.autograd.grad(y_ref.sum(), ref_leaves)
+    for g, r in zip(grads, refs):
+        assert g.dtype == dtype
+        scale = r.abs().max().item() + 1e-3
+        assert (g.double() - r).abs().max().item() <= 0.1 * scale
