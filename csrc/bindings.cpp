@@ -35,6 +35,7 @@ TORCH_LIBRARY(drmm_C, m) {
   m.def("gather_conv(Tensor src, Tensor weight, Tensor switches, int stride, int padding, int pool) -> Tensor");
   m.def("masked_values(Tensor mu, Tensor switches, Tensor? scale, float negative_slope) -> Tensor");
   m.def("unpool(Tensor values, Tensor switches, int pool, int out_h, int out_w) -> Tensor");
+  m.def("batch_stats(Tensor z) -> (Tensor, Tensor)");
   m.def("render_wgrad(Tensor src, Tensor mu, Tensor switches, Tensor? scale, int stride, int padding, int pool, "
         "float negative_slope, int kernel_h, int kernel_w) -> Tensor");
 }
@@ -48,6 +49,7 @@ TORCH_LIBRARY_IMPL(drmm_C, CPU, m) {
   m.impl("render_wgrad", &drmm::cpu::render_wgrad);
   m.impl("masked_values", &drmm::cpu::masked_values);
   m.impl("unpool", &drmm::cpu::unpool);
+  m.impl("batch_stats", &drmm::cpu::batch_stats);
 }
 
 // ---------------------------------------------------------------- CUDA (csrc/cuda)

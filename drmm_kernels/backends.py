@@ -11,6 +11,7 @@ already validated, outputs contiguous NCHW):
 - ``masked_values(mu, switches, scale, negative_slope) -> mu * a'(switches) * scale`` (dense; pool=1 backward)
 - ``unpool(values, switches, pool, conv_hw) -> values at their recorded offsets of a zero conv_hw map``
   (the training-mode batch-norm backward)
+- ``batch_stats(z) -> (mean, biased var)`` per channel (the training-mode batch-norm forward)
 
 plus ``status() -> (usable, reason)`` and ``supports(device) -> bool``. A primitive a
 backend does not provide is computed by ``reference``; ``primitive_source`` says which.
@@ -30,7 +31,8 @@ import torch
 from . import reference
 
 NAMES = ("reference", "cpu", "cuda", "triton")
-PRIMITIVES = ("conv_relu_pool", "render", "gather_conv", "render_wgrad", "bn_pool", "masked_values", "unpool")
+PRIMITIVES = ("conv_relu_pool", "render", "gather_conv", "render_wgrad", "bn_pool", "masked_values", "unpool",
+              "batch_stats")
 
 _MODULES = {
     "cpu": "drmm_kernels.cpu_backend",

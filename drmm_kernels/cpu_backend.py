@@ -75,3 +75,10 @@ def unpool(values: Tensor, switches: Tensor, pool: int, conv_hw: Tuple[int, int]
     if not _native(values):
         return reference.unpool(values, switches, pool, conv_hw)
     return torch.ops.drmm_C.unpool(values, switches, pool, int(conv_hw[0]), int(conv_hw[1]))
+
+
+def batch_stats(z: Tensor) -> Tuple[Tensor, Tensor]:
+    # One pass, shifted sums in double per channel (ATen's Welford update was ~4x slower here); NCHW only.
+    if not _native(z) or not z.is_contiguous():
+        return reference.batch_stats(z)
+    return torch.ops.drmm_C.batch_stats(z)

@@ -81,3 +81,8 @@ def masked_values(mu: Tensor, switches: Tensor, scale: Optional[Tensor], negativ
 def unpool(values: Tensor, switches: Tensor, pool: int, conv_hw: Tuple[int, int]) -> Tensor:
     # One zero fill and one scatter: PyTorch's CUDA kernels are bandwidth-bound here too.
     return reference.unpool(values, switches, pool, conv_hw)
+
+
+def batch_stats(z: Tensor) -> Tuple[Tensor, Tensor]:
+    # ATen's CUDA batch-norm statistics kernel.
+    return reference.batch_stats(z)

@@ -432,3 +432,29 @@ def test_masked_values_selects_like_relu_backward(dtype, slope):
         torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
     scale = torch.full((1,), 2.0, dtype=dtype)
     torch.testing.assert_close(cb.masked_values(mu, sw, scale, slope), want * 2, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,offset", [((5, 3, 7, 9), 0.0), ((17, 4, 6, 5), 1000.0), ((2, 40, 33, 31), -3.0)])
+def test_batch_stats_matches_float64(dtype, shape, offset):
+    # A large common offset (|mean| >> std) is where one-pass sums of squares lose everything without the shift.
+    torch.manual_seed(0)
+    z = (torch.randn(*shape, dtype=torch.float64) * 0.5 + offset + torch.arange(shape[1]).view(1, -1, 1, 1))
+    var_ref, mean_ref = torch.var_mean(z, dim=(0, 2, 3), unbiased=False)
+    z = z.to(dtype)
+    mean, var = cb.batch_stats(z)
+    assert mean.dtype == dtype and var.dtype == dtype and mean.shape == (shape[1],)
+    rel = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=rel, atol=rel)
+    torch.testing.assert_close(var.double(), var_ref, rtol=rel * (1 + abs(offset)), atol=rel)
+    # independent of the thread count (fixed chunks summed in order)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cb.batch_stats(z)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], mean) and torch.equal(one[1], var)
+    # channels_last input goes to the reference (ATen) path with the same result
+    cl = cb.batch_stats(z.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(cl[1].double(), var_ref, rtol=rel * (1 + abs(offset)), atol=rel)

@@ -9,7 +9,7 @@ import drmm_kernels as dk
 from drmm_kernels import _extension, backends
 
 REQUIRED = os.environ.get("DRMM_REQUIRE_EXTENSION") == "1"
-CPU_OPS = ("conv_relu_pool", "bn_pool", "render", "gather_conv", "render_wgrad", "masked_values", "unpool")
+CPU_OPS = ("conv_relu_pool", "bn_pool", "render", "gather_conv", "render_wgrad", "masked_values", "unpool", "batch_stats")
 
 
 def test_extension_state_is_reported():

@@ -24,6 +24,9 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool(const at::Tensor& x, const at:
                                                   const std::optional<at::Tensor>& shift, int64_t stride,
                                                   int64_t padding, int64_t pool, double negative_slope);
 
+// Per-channel mean and biased variance of a contiguous NCHW z (training-mode batch norm), in z's dtype.
+std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& z);
+
 // The same epilogue on a precomputed conv output z.
 std::tuple<at::Tensor, at::Tensor> bn_pool(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
                                            int64_t pool, double negative_slope);
