@@ -257,6 +257,25 @@ def test_nan_propagates_like_max_pool(dtype):
     assert torch.equal(sw[nan], sw_ref[nan])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_render_and_wgrad_select_like_relu_backward(dtype):
+    """An infinite pooled gradient where the a bit is off (ReLU) contributes 0, not inf * 0 = NaN."""
+    from drmm_kernels import cuda_backend as cb
+    case = Case(dtype=dtype, scale=False, shift=False)
+    x, w, _, _ = _inputs(case)
+    with _tf32(False):
+        y, sw = cb.conv_relu_pool(x, w, None, None, 1, 1, 2, 0.0)
+        mu = torch.randn_like(y)
+        off = (sw & 0x80) == 0
+        assert off.any() and (~off).any()
+        mu[off] = float("inf")
+        got_r = cb.render(mu, sw, w, None, 1, 1, 2, tuple(x.shape[-2:]), 0.0)
+        got_w = cb.render_wgrad(x, mu, sw, None, 1, 1, 2, 0.0, tuple(w.shape[-2:]))
+    assert torch.isfinite(got_r).all() and torch.isfinite(got_w).all()
+    exp_r = reference.render(mu, sw, w, None, 1, 1, 2, tuple(x.shape[-2:]), 0.0)
+    torch.testing.assert_close(got_r, exp_r, rtol=1e-4, atol=1e-4)
+
+
 def test_all_negative_and_tied_windows():
     """Exact ties (all-zero input): first window position, a-bit off, as max_pool2d on all-equal windows."""
     x = torch.zeros(2, 3, 8, 8, device="cuda", dtype=torch.float32)

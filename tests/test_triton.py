@@ -233,6 +233,27 @@ def test_all_negative_windows_and_nan():
     assert clear.any() and torch.equal(sw.cpu()[clear], sw_ref[clear])
 
 
+@pytest.mark.parametrize("slope", [0.0, 0.1])
+def test_render_and_wgrad_select_like_relu_backward(slope):
+    # Where the a bit is off under ReLU the pooled gradient contributes 0 even when it is infinite (a multiply by
+    # 0 would make NaN): render and render_wgrad must stay finite; with a leaky slope the inf passes on.
+    case = Case(1, 2, 3, 6, 6, 3, 1)
+    x, w, _, _ = _inputs(case)
+    y, sw = triton_backend.conv_relu_pool(x, w, None, None, 1, 1, 2, slope)
+    mu = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(y)
+    off = (sw & 0x80) == 0
+    assert off.any() and (~off).any()
+    mu[off] = float("inf")
+    got_r = triton_backend.render(mu, sw, w, None, 1, 1, 2, (6, 6), slope)
+    got_w = triton_backend.render_wgrad(x, mu, sw, None, 1, 1, 2, slope, (3, 3))
+    exp_r = reference.render(_d(mu), sw.cpu(), _d(w), None, 1, 1, 2, (6, 6), slope)
+    if slope == 0.0:
+        assert torch.isfinite(got_r).all() and torch.isfinite(got_w).all()
+        _close(got_r, exp_r, case.dtype, "render")
+    else:
+        assert torch.isinf(got_r).any() or torch.isnan(got_r).any()
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("slope", [0.0, 0.1])
 def test_bn_pool_and_conv_bn_relu_pool(channels_last, slope):

@@ -132,13 +132,20 @@ __device__ __forceinline__ bool takes_max(A v, A best) {
   return v > best || v != v;
 }
 
+// mu * a'(switch), as a select like ReLU's backward: exactly 0 where the a bit is off under ReLU (slope 0), even
+// for an infinite or NaN mu (a multiply by 0 would give NaN).
+template <typename A>
+__device__ __forceinline__ A activation_grad(A mu, uint8_t sw, A slope) {
+  if (sw & kOnBit) return mu;
+  return slope == A(0) ? A(0) : mu * slope;
+}
+
 // The unpooled, masked, scaled gradient at one conv-output position: mu * a'(switch) * scale[c] when the
 // window's recorded offset is `offset`, else 0.
 template <typename A>
 __device__ __forceinline__ A masked_value(A mu, uint8_t sw, int offset, A slope, A scale_c) {
   if ((sw & kOffsetMask) != offset) return A(0);
-  const A fac = (sw & kOnBit) ? A(1) : slope;
-  return mu * fac * scale_c;
+  return activation_grad(mu, sw, slope) * scale_c;
 }
 
 __host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }

@@ -95,9 +95,8 @@ __global__ void __launch_bounds__(kThreads, 2) render_tc_kernel(const RenderArgs
           const int offset = (oh - ph * g.pool) * g.pool + (ow - pw * g.pool);
           const uint8_t s = swb[co * ssc + ph * ssh + pw * ssw];
           if ((s & kOffsetMask) == offset) {
-            const float fac = (s & kOnBit) ? 1.0f : p.slope;
             const float sc = p.scale ? p.scale[co] : 1.0f;
-            v = from_f<T>(to_f<T>(mub[co * msc + ph * msh + pw * msw]) * fac * sc);
+            v = from_f<T>(activation_grad(to_f<T>(mub[co * msc + ph * msh + pw * msw]), s, p.slope) * sc);
           }
         }
       }

@@ -112,9 +112,8 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_tc_kernel(const WgradArgs<T
       if (k_ok && co < g.c_out) {
         const uint8_t s = swb[co * ssc];
         if ((s & kOffsetMask) == offset) {
-          const float fac = (s & kOnBit) ? 1.0f : p.slope;
           const float sc = p.scale ? p.scale[co] : 1.0f;
-          v = from_f<T>(to_f<T>(mub[co * msc]) * fac * sc);
+          v = from_f<T>(activation_grad(to_f<T>(mub[co * msc]), s, p.slope) * sc);
         }
       }
       ra[i] = v;

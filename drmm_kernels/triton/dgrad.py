@@ -96,7 +96,8 @@ def _render_kernel(
         code = tl.load(sw_ptr + sw_offs, mask=lmask, other=0).to(tl.int32)
         g = tl.load(mu_ptr + mu_offs, mask=lmask, other=0.0).to(tl.float32)
         keep = lmask & ((code & 15) == want[:, None])
-        g = tl.where(keep, g * tl.where((code & 128) != 0, 1.0, slope), 0.0)
+        # a select, like ReLU's backward: 0 where the a bit is off under ReLU even for an inf / NaN g
+        g = tl.where(keep & ((code & 128) != 0), g, tl.where(keep & (slope != 0.0), g * slope, 0.0))
         if HAS_SCALE:
             s = tl.load(scale_ptr + co, mask=mask_k, other=0.0).to(tl.float32)
             g = g * s[None, :]

@@ -83,7 +83,7 @@ def _wgrad_kernel(
         sw_offs = (n * ssn + hp * ssh + wp * ssw)[None, :] + offs_co.to(tl.int64)[:, None] * ssc
         g = tl.load(mu_ptr + mu_offs, mask=gmask, other=0.0).to(tl.float32)
         code = tl.load(sw_ptr + sw_offs, mask=gmask, other=0).to(tl.int32)
-        g = g * tl.where((code & 128) != 0, 1.0, slope)
+        g = tl.where((code & 128) != 0, g, tl.where(slope != 0.0, g * slope, 0.0))  # a select, as in dgrad
         if HAS_SCALE:
             g = g * scale[:, None]
         code = code & 15
