@@ -136,8 +136,8 @@ __device__ __forceinline__ bool takes_max(A v, A best) {
 // for an infinite or NaN mu (a multiply by 0 would give NaN).
 template <typename A>
 __device__ __forceinline__ A activation_grad(A mu, uint8_t sw, A slope) {
-  if (sw & kOnBit) return mu;
-  return slope == A(0) ? A(0) : mu * slope;
+  const A fac = (sw & kOnBit) ? A(1) : slope;
+  return fac == A(0) ? A(0) : mu * fac;  // (one select more than mu * fac; a branch made render spill)
 }
 
 // The unpooled, masked, scaled gradient at one conv-output position: mu * a'(switch) * scale[c] when the
