@@ -56,6 +56,11 @@ TARGETS = {"pooled": {"fwd_bwd": 1.3, "render": 1.5, "saved_ratio": 1 / 3}, "unp
                                                                                         "render": 1.0}}
 
 
+def _shape_label(spec) -> str:
+    name, cin, cout, k, pad, size, pool = spec
+    return f"{cin}->{cout} k{k} p{pad} {size}x{size} pool{pool}"
+
+
 def _summary(times: List[float]) -> Dict[str, float]:
     times = sorted(times)
     q = len(times) // 4
@@ -147,8 +152,7 @@ def bench_layer(spec, batch: int, warmup: int, repeats: int, dtype: torch.dtype)
         yf, sw = fused_fwd(x, w, b)
     torch.testing.assert_close(yf, ye, rtol=1e-4, atol=1e-4)
 
-    res: Dict[str, object] = {"layer": name, "shape": f"{cin}->{cout} k{k} p{pad} {size}x{size} pool{pool}",
-                              "pool": pool}
+    res: Dict[str, object] = {"layer": name, "shape": _shape_label(spec), "pool": pool}
     with torch.no_grad():
         res["fwd_eager"], res["fwd_cpu"], res["fwd_pair_x"] = paired_ms(
             lambda: eager_fwd(x, w, b), lambda: fused_fwd(x, w, b), warmup, repeats)
@@ -227,7 +231,7 @@ def bench_bn_layer(spec, batch: int, warmup: int, repeats: int, dtype: torch.dty
         return go
 
     torch.testing.assert_close(fused_fwd(), eager_fwd(), rtol=1e-4, atol=1e-4)
-    res: Dict[str, object] = {"layer": name, "shape": f"{cin}->{cout} k{k} p{pad} {size}x{size} pool{pool}"}
+    res: Dict[str, object] = {"layer": name, "shape": _shape_label(spec)}
     res["bn_fwd_bwd_eager"], res["bn_fwd_bwd_cpu"], res["bn_fwd_bwd_pair_x"] = paired_ms(
         step(eager_fwd), step(fused_fwd), warmup, repeats)
     res["bn_fwd_bwd_speedup"] = res["bn_fwd_bwd_pair_x"]["median"]
@@ -326,7 +330,8 @@ def main(argv=None) -> int:
     md = table(results)
     if bn_results:
         md += ("\n\nTraining-mode batch norm, `conv_bn_relu_pool(..., training=True)` forward + backward (gradients "
-               "for x, w, gamma, beta) vs eager `max_pool2d(relu(batch_norm(conv2d(x, w))))`:\n\n" + bn_table(bn_results))
+               "for x, w, gamma, beta) vs eager `max_pool2d(relu(batch_norm(conv2d(x, w))))`:\n\n"
+               + bn_table(bn_results))
     cpu_name = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -340,11 +345,11 @@ def main(argv=None) -> int:
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     header = (f"CPU ops benchmark: batch {args.batch}, {args.threads} threads, {args.dtype}, median of "
-              f"{args.repeats} runs; allocator {args.allocator}; {cpu_name}; torch {torch.__version__}; load average before "
-              f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, after {load_after[0]:.2f}. Speedup x = median over the "
-              f"back-to-back pairs of eager_i / cpu_i (> 1: cpu backend faster), in brackets its quartiles; saved ratio = cpu / eager bytes saved for backward beyond x and "
-              f"the parameters. Targets: pooled layers fwd+bwd >= 1.3x, render >= 1.5x, saved ratio <= 1/3; "
-              f"unpooled layers >= 1.0x.")
+              f"{args.repeats} runs; allocator {args.allocator}; {cpu_name}; torch {torch.__version__}; load "
+              f"average before {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, after {load_after[0]:.2f}. Speedup x = "
+              f"median over the back-to-back pairs of eager_i / cpu_i (> 1: cpu backend faster), in brackets its "
+              f"quartiles; saved ratio = cpu / eager bytes saved for backward beyond x and the parameters. "
+              f"Targets: pooled layers fwd+bwd >= 1.3x, render >= 1.5x, saved ratio <= 1/3; unpooled layers >= 1.0x.")
     print(header)
     print()
     print(md)

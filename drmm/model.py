@@ -386,9 +386,7 @@ class DRMM(nn.Module):
 
     def switch_mask(self, i: int, switches: Tensor, dtype: torch.dtype) -> Tensor:
         """The a-mask of layer i from its switch bytes: 1 where on, the activation's slope (0 or 0.1) where off."""
-        on = (switches & 0x80) != 0
-        return torch.where(on, torch.ones((), dtype=dtype, device=switches.device),
-                           torch.full((), self.specs[i].negative_slope, dtype=dtype, device=switches.device))
+        return dk.reference.activation_factor(switches, self.specs[i].negative_slope, dtype)
 
     # ------------------------------------------------------------------ top-down (rendering)
 

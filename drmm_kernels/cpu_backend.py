@@ -78,7 +78,7 @@ def unpool(values: Tensor, switches: Tensor, pool: int, conv_hw: Tuple[int, int]
 
 
 def batch_stats(z: Tensor) -> Tuple[Tensor, Tensor]:
-    # One pass, shifted sums in double per channel (ATen's Welford update was ~4x slower here); NCHW only.
+    # One pass, shifted sums in double per channel (ATen's Welford update was 2-6x slower here); NCHW only.
     if not _native(z) or not z.is_contiguous():
         return reference.batch_stats(z)
     return torch.ops.drmm_C.batch_stats(z)

@@ -122,8 +122,9 @@ def _channel_sum(t: Tensor) -> Tensor:
 
 def _plain_eager(tensors: Sequence[Tensor]) -> bool:
     """Whether a call may skip the torch.library dispatcher: not tracing or compiling, no functorch transform
-    (``torch.func.grad``, ``vmap``, ...), no torch function or dispatch mode active (fake tensors, ``with torch.device(...)``, ...), only plain dense tensors (``nn.Parameter``
-    included: it disables ``__torch_function__``, so it is a plain tensor to every op)."""
+    (``torch.func.grad``, ``vmap``, ...), no torch function or dispatch mode active (fake tensors,
+    ``with torch.device(...)``, ...), only plain dense tensors (``nn.Parameter`` included: it disables
+    ``__torch_function__``, so it is a plain tensor to every op)."""
     if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled() or \
             _python_dispatch.is_in_torch_dispatch_mode() or torch._C._are_functorch_transforms_active():
         return False
@@ -275,7 +276,8 @@ def _masked_values_backward(ctx, g):
     return gmu, None, gscale, None
 
 
-_masked_values = _CustomOp("masked_values", _masked_values_impl, _masked_values_fake, _masked_values_setup, _masked_values_backward)
+_masked_values = _CustomOp("masked_values", _masked_values_impl, _masked_values_fake, _masked_values_setup,
+                           _masked_values_backward)
 
 
 def _unpool_impl(values: Tensor, switches: Tensor, pool: int, out_h: int, out_w: int) -> Tensor:
@@ -343,9 +345,14 @@ def _pointwise_conv_backward(gz: Tensor, x: Tensor, weight: Tensor, need_x: bool
     return gx, gw, gb
 
 
+def _bn_pointwise(x: Tensor, weight: Tensor, stride: int, padding: int) -> bool:
+    """Whether the batch-norm op runs its conv and the conv's backward as batched matrix products (1x1 on CPU)."""
+    return x.device.type == "cpu" and _is_pointwise(x, weight, stride, padding)
+
+
 def _bn_conv(x: Tensor, weight: Tensor, stride: int, padding: int) -> Tensor:
-    """The batch-norm op's materialized conv output; a batched matrix product for 1x1 convs on CPU (as above)."""
-    if x.device.type == "cpu" and _is_pointwise(x, weight, stride, padding):
+    """The batch-norm op's materialized conv output (see _bn_pointwise)."""
+    if _bn_pointwise(x, weight, stride, padding):
         n, ci, h, w = x.shape
         co = weight.shape[0]
         return torch.bmm(weight.reshape(co, ci).expand(n, co, ci), x.reshape(n, ci, h * w)).view(n, co, h, w)
@@ -553,8 +560,8 @@ def _conv_bn_relu_pool_impl(x: Tensor, weight: Tensor, bn_weight: Optional[Tenso
                                backends.primitive(name, x.device, "batch_stats"))
 
 
-def _conv_bn_relu_pool_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, stride, padding, pool,
-      negative_slope):
+def _conv_bn_relu_pool_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, stride, padding,
+                            pool, negative_slope):
     chw = reference.conv_size(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), stride, padding)
     shape = (x.shape[0], weight.shape[0], chw[0] // pool, chw[1] // pool)
     c = weight.shape[0]
@@ -603,7 +610,7 @@ def _bn_backward(ctx, gy, _gsw, _gmean, _gvar, _gz):
             dv, z, bn_weight.to(acc) if bn_weight is not None else None, None, None, mean.to(acc), invstd, True, eps,
             [need_x or need_w, True, True])
         s1, s2 = gbeta_, ggamma_  # = sum of dL/dv, and of dL/dv * xhat, per channel
-        if (need_x or need_w) and x.device.type == "cpu" and _is_pointwise(x, weight, stride, padding):
+        if (need_x or need_w) and _bn_pointwise(x, weight, stride, padding):
             gx, gw, _ = _pointwise_conv_backward(dz, x, weight, need_x, need_w, False)
         elif need_x or need_w:
             gx, gw, _ = torch.ops.aten.convolution_backward(
@@ -627,7 +634,8 @@ def _bn_backward(ctx, gy, _gsw, _gmean, _gvar, _gz):
     return gx, gw, ggamma, gbeta, None, None, None, None, None, None, None, None
 
 
-_conv_bn_relu_pool = _CustomOp("conv_bn_relu_pool", _conv_bn_relu_pool_impl, _conv_bn_relu_pool_fake, _bn_setup, _bn_backward)
+_conv_bn_relu_pool = _CustomOp("conv_bn_relu_pool", _conv_bn_relu_pool_impl, _conv_bn_relu_pool_fake, _bn_setup,
+                               _bn_backward)
 
 
 def conv_bn_relu_pool(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
