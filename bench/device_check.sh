@@ -227,14 +227,19 @@ json.dump(env, open(sys.argv[1], "w"), indent=1)
 print(" | ".join(f"{k} {v}" for k, v in env.items()))
 EOF
 if [[ $("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null) == 1 ]]; then GPU_OK=1; fi
-if command -v nvcc >/dev/null; then NVCC=$(command -v nvcc); elif [[ -x /usr/local/cuda/bin/nvcc ]]; then NVCC=/usr/local/cuda/bin/nvcc; else NVCC=""; fi
+# CUDA_HOME: as given, else the toolkit in /usr/local/cuda, else from nvcc on PATH (which may be a
+# wrapper script or a link elsewhere, so the toolkit folder is preferred)
+if [[ -n ${CUDA_HOME:-} && -x $CUDA_HOME/bin/nvcc ]]; then NVCC=$CUDA_HOME/bin/nvcc
+elif [[ -x /usr/local/cuda/bin/nvcc ]]; then NVCC=/usr/local/cuda/bin/nvcc
+elif command -v nvcc >/dev/null; then NVCC=$(readlink -f "$(command -v nvcc)")
+else NVCC=""; fi
 [[ -n $NVCC ]] && echo "nvcc: $NVCC ($("$NVCC" --version | grep -o 'release [0-9.]*'))" || echo "nvcc: not found (the CUDA kernels cannot be built)"
 export CUDA_HOME=${CUDA_HOME:-$([[ -n $NVCC ]] && dirname "$(dirname "$NVCC")")}
 command -v ninja >/dev/null && echo "ninja $(ninja --version)" || echo "ninja: not on PATH (the build falls back to slow serial compiles)"
 SAN=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 [[ -x $SAN ]] && echo "compute-sanitizer: $SAN" || { echo "compute-sanitizer: not found"; SAN=""; }
-PREFLIGHT_NOTE=""
-"$PY" -c "import pytest" 2>/dev/null || PREFLIGHT_NOTE+="pytest is not importable; "
+PREFLIGHT_NOTE="" PREFLIGHT_WARN=""
+"$PY" -c "import pytest" 2>/dev/null || PREFLIGHT_NOTE+="pytest is not importable ($("$PY" -c "import pytest" 2>&1 | tail -n 1)); "
 
 # The WMMA kernels need sm_80 or newer: an inherited TORCH_CUDA_ARCH_LIST with an older arch breaks
 # the build, so the list is set from the visible GPU (9.0a for an H100/H200), or 9.0a without one.
@@ -255,7 +260,7 @@ export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 PYTEST_ENV_ARGS=()
 if ! "$PY" -c "import hypothesis" 2>/dev/null; then
   echo "!!! hypothesis is not installed: @given property tests are SKIPPED (stub in $WORK/stub)"
-  PREFLIGHT_NOTE+="hypothesis missing: property tests skipped; "
+  PREFLIGHT_WARN+="hypothesis missing: property tests skipped; "
   mkdir -p "$WORK/stub/hypothesis"
   cp "$REPO/bench/device/hypothesis_stub.py" "$WORK/stub/hypothesis/__init__.py"
   printf 'import sys\nfrom hypothesis import strategies as _s\nsys.modules[__name__] = _s\n' > "$WORK/stub/hypothesis/strategies.py"
@@ -280,7 +285,7 @@ if [[ $NEED_BUILD == 1 ]]; then
   rm -f "$BUILD_DIR/rc"
   echo "build started in the background (pid $BUILD_PID, MAX_JOBS=$JOBS): $OUT/build.log"
 fi
-if [[ -n $PREFLIGHT_NOTE ]]; then finish failed 1 "$PREFLIGHT_NOTE"; else finish passed 0; fi
+if [[ -n $PREFLIGHT_NOTE ]]; then finish failed 1 "$PREFLIGHT_NOTE$PREFLIGHT_WARN"; else finish passed 0 "$PREFLIGHT_WARN"; fi
 
 # ---------------------------------------------------------------------------------------- triton
 if selected triton; then
