@@ -27,6 +27,8 @@ from torch import Tensor, nn
 import drmm_kernels as dk
 from drmm_kernels import reference as kref
 
+from .config import resolve_device
+
 
 def rank_and_world() -> Tuple[int, int, int]:
     """(rank, world size, local rank) from the torchrun environment; (0, 1, 0) without it."""
@@ -43,8 +45,6 @@ def setup(device_name: str) -> Tuple[torch.device, bool]:
 
     NCCL with one GPU per rank (``cuda:LOCAL_RANK``) when CUDA is used, gloo on CPU.
     """
-    from .train import resolve_device
-
     _, world, local_rank = rank_and_world()
     device = resolve_device(device_name)
     if world <= 1:

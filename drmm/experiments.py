@@ -35,7 +35,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import train as T
+from .config import TrainConfig, config_from_dict, load_config, resolve_device
+from .plan import DataPlan, load_data, steps_in_epoch
+from .train import evaluate, model_from_config, train, train_step
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "configs"
@@ -96,15 +98,15 @@ def default_schedule() -> str:
     return "full" if torch.cuda.is_available() else "cpu"
 
 
-def _steps_per_epoch(cfg: T.TrainConfig, num_train: int, epoch: int) -> int:
+def _steps_per_epoch(cfg: TrainConfig, num_train: int, epoch: int) -> int:
     """Steps of ``epoch`` for a training set of ``num_train`` images, without loading the data."""
     num_labeled = cfg.num_labeled or num_train
     unlabeled = num_train if cfg.include_labeled_in_unlabeled or not cfg.num_labeled else num_train - num_labeled
-    plan = T.DataPlan(torch.arange(num_labeled), torch.arange(unlabeled), torch.arange(num_train))
-    return T.steps_in_epoch(cfg, plan, epoch)
+    plan = DataPlan(torch.arange(num_labeled), torch.arange(unlabeled), torch.arange(num_train))
+    return steps_in_epoch(cfg, plan, epoch)
 
 
-def epochs_run(cfg: T.TrainConfig, steps: int) -> float:
+def epochs_run(cfg: TrainConfig, steps: int) -> float:
     """Epochs (fractional) that ``steps`` training steps of ``cfg`` cover, on MNIST's 60K training images."""
     num_train = min(cfg.max_train_samples or 60_000, 60_000)
     epochs, epoch = 0.0, 0
@@ -116,7 +118,7 @@ def epochs_run(cfg: T.TrainConfig, steps: int) -> float:
     return epochs
 
 
-def schedule_overrides(cfg: T.TrainConfig, schedule: str, epochs: Optional[int] = None) -> Dict[str, Any]:
+def schedule_overrides(cfg: TrainConfig, schedule: str, epochs: Optional[int] = None) -> Dict[str, Any]:
     """Config changes that turn ``cfg`` (a shipped config) into the ``schedule`` version of the row."""
     if schedule == "full":
         if epochs is None:
@@ -141,7 +143,7 @@ def schedule_overrides(cfg: T.TrainConfig, schedule: str, epochs: Optional[int] 
     return changes
 
 
-def schedule_label(schedule: str, cfg: T.TrainConfig, epochs: Optional[int], extra: Sequence[str]) -> str:
+def schedule_label(schedule: str, cfg: TrainConfig, epochs: Optional[int], extra: Sequence[str]) -> str:
     if schedule == "cpu":
         label = f"cpu-{cfg.max_steps}steps-{cfg.max_train_samples // 1000}k"
     else:
@@ -150,22 +152,22 @@ def schedule_label(schedule: str, cfg: T.TrainConfig, epochs: Optional[int], ext
 
 
 def row_config(row: Row, labels: str, seed: int, schedule: str, epochs: Optional[int] = None,
-               extra: Sequence[str] = (), data_dir: Optional[str] = None, progress: bool = False) -> T.TrainConfig:
+               extra: Sequence[str] = (), data_dir: Optional[str] = None, progress: bool = False) -> TrainConfig:
     """The TrainConfig of one (row, N_L, seed, schedule) run."""
     path = CONFIG_DIR / row.config.format(labels=labels)
     if not path.is_file():
         raise ValueError(f"row {row.name}: no config {path.name} for --labels {labels}")
     base = [*row.overrides, f"seed={seed}", f"labeled_seed={seed}", "tensorboard=false", f"progress={progress}"]
-    cfg = T.load_config(str(path), base)
+    cfg = load_config(str(path), base)
     changes = schedule_overrides(cfg, schedule, epochs)
-    cfg = T.load_config(str(path), base + [f"{k}={v}" for k, v in changes.items()] + list(extra))
+    cfg = load_config(str(path), base + [f"{k}={v}" for k, v in changes.items()] + list(extra))
     cfg.name = f"{row.name}-{labels}"
     if data_dir is not None:
         cfg.data_dir = data_dir
     return cfg
 
 
-def config_hash(cfg: T.TrainConfig) -> str:
+def config_hash(cfg: TrainConfig) -> str:
     """Hash of everything that changes what is trained (not where data lives or how progress is shown)."""
     d = dataclasses.asdict(cfg)
     for key in ("name", "data_dir", "download", "device", "progress", "tensorboard", "ckpt_every_steps",
@@ -210,14 +212,14 @@ def load_average() -> str:
 # ---------------------------------------------------------------- table 1: running a row
 
 
-def final_test_error(cfg: T.TrainConfig, run_dir: Path, test_images: int) -> float:
+def final_test_error(cfg: TrainConfig, run_dir: Path, test_images: int) -> float:
     """Test error (%) of the run's final weights (last.pt) on the first ``test_images`` test images (0 = all)."""
-    device = T.resolve_device(cfg.device)
-    data = T.load_data(dataclasses.replace(cfg, max_train_samples=2, val_samples=0), device)  # test set only
-    model = T.model_from_config(cfg, data.image_shape, data.num_classes).to(device)
+    device = resolve_device(cfg.device)
+    data = load_data(dataclasses.replace(cfg, max_train_samples=2, val_samples=0), device)  # test set only
+    model = model_from_config(cfg, data.image_shape, data.num_classes).to(device)
     ckpt = torch.load(run_dir / "last.pt", map_location=device, weights_only=False)
     model.load_state_dict(ckpt["model"])
-    return T.evaluate(model, data, test_images, cfg.eval_batch_size)
+    return evaluate(model, data, test_images, cfg.eval_batch_size)
 
 
 def append_csv(path: Path, record: Dict[str, Any]) -> None:
@@ -240,13 +242,13 @@ def run_row(row: Row, labels: str, seed: int, schedule: str, out_dir: Path, epoc
     print(f"[experiment] {row.name} N_L={labels} seed={seed} schedule={label} -> {run_dir}", flush=True)
     commit = git_commit()  # the code the run starts with (HEAD may move while it trains)
     t0 = time.time()
-    summary = T.train(cfg, run_dir)
+    summary = train(cfg, run_dir)
     error = final_test_error(cfg, run_dir, test_images)
     wall = time.time() - t0
     record = {"row": row.name, "labels": labels, "seed": seed, "test_error": f"{error:.2f}",
               "best_error": f"{summary['best_error']:.2f}", "test_images": test_images or 10_000,
               "epochs": f"{epochs_run(cfg, summary['steps']):.2f}", "steps": summary["steps"], "wall_s": f"{wall:.0f}",
-              "device": device_description(T.resolve_device(cfg.device)), "schedule": label,
+              "device": device_description(resolve_device(cfg.device)), "schedule": label,
               "git_commit": commit, "config_hash": config_hash(cfg),
               "run_dir": os.path.relpath(run_dir, out_dir), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     append_csv(out_dir / "table1.csv", record)
@@ -384,11 +386,11 @@ def run_convergence(model: str, schedule: str, out_dir: Path, seed: int = 0, epo
         if not path.is_file():
             raise ValueError(f"no supervised configs for model {model!r} ({path.name})")
         base = [f"seed={seed}", f"labeled_seed={seed}", "tensorboard=false", f"progress={progress}"]
-        cfg = T.load_config(str(path), base)
+        cfg = load_config(str(path), base)
         changes = schedule_overrides(cfg, schedule, epochs)
         if schedule == "cpu":
             changes["eval_every_steps"] = CPU_STEPS // 6
-        cfg = T.load_config(str(path), base + [f"{k}={v}" for k, v in changes.items()] + list(extra))
+        cfg = load_config(str(path), base + [f"{k}={v}" for k, v in changes.items()] + list(extra))
         if schedule == "full":  # four evaluations per epoch on the full test set
             cfg.eval_every_steps = max(1, _steps_per_epoch(cfg, 60_000, 0) // 4)
         if data_dir is not None:
@@ -398,7 +400,7 @@ def run_convergence(model: str, schedule: str, out_dir: Path, seed: int = 0, epo
                                      f"{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"[experiment] convergence {model} {trainer} schedule={label} -> {run_dir}", flush=True)
         t0 = time.time()
-        summary = T.train(cfg, run_dir)
+        summary = train(cfg, run_dir)
         wall = time.time() - t0
         num_train = min(cfg.max_train_samples or 60_000, 60_000) - cfg.val_samples
         crossing = first_crossing(read_csv(run_dir / "metrics.csv"), threshold, _steps_per_epoch(cfg, num_train, 0))
@@ -407,7 +409,7 @@ def run_convergence(model: str, schedule: str, out_dir: Path, seed: int = 0, epo
             "steps": summary["steps"], "final_error": summary["test_error"], "best_error": summary["best_error"],
             "eval_images": summary["eval_images"], "wall_s": round(wall, 1),
             "run_dir": os.path.relpath(run_dir, out_dir)}
-        result.update(schedule=label, device=device_description(T.resolve_device(cfg.device)),
+        result.update(schedule=label, device=device_description(resolve_device(cfg.device)),
                       git_commit=git_commit(), load_average=load_average())
     path = out_dir / f"convergence-{model}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -448,17 +450,17 @@ def measure_step(model_name: str, trainer: str, batch: int, device: torch.device
     The batch is half labeled, half unlabeled, as in semi-supervised training (backprop uses the labeled half only,
     as the trainer does). MNIST images when available, else uniform noise (the speed does not depend on them).
     """
-    cfg = T.config_from_dict({"model": model_name, "trainer": trainer, "batch_size": batch, "data_dir": data_dir,
+    cfg = config_from_dict({"model": model_name, "trainer": trainer, "batch_size": batch, "data_dir": data_dir,
                               "download": False})
     try:
-        data = T.load_data(dataclasses.replace(cfg, max_train_samples=batch), device)
+        data = load_data(dataclasses.replace(cfg, max_train_samples=batch), device)
         x, y = data.normalize(data.train_images[:batch]), data.train_labels[:batch]
         image_shape, source = data.image_shape, "mnist"
     except FileNotFoundError:
         image_shape, source = (1, 28, 28), "noise"
         x, y = torch.rand(batch, *image_shape, device=device), torch.randint(0, 10, (batch,), device=device)
     torch.manual_seed(0)
-    model = T.model_from_config(cfg, image_shape, 10).to(device).train()
+    model = model_from_config(cfg, image_shape, 10).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     labeled = torch.arange(batch, device=device) < batch // 2
     if trainer == "backprop":  # the trainer drops the unlabeled half before the forward pass
@@ -466,7 +468,7 @@ def measure_step(model_name: str, trainer: str, batch: int, device: torch.device
     objective = cfg.objective()
 
     def step() -> None:
-        loss, _, _ = T.train_step(model, cfg, objective, x, y, labeled)
+        loss, _, _ = train_step(model, cfg, objective, x, y, labeled)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -488,7 +490,7 @@ def measure_step(model_name: str, trainer: str, batch: int, device: torch.device
 
 def run_throughput(model_name: str, batch: int, out_dir: Path, warmup: int = 3, repeats: int = 10,
                    device_name: str = "auto", data_dir: Optional[str] = None) -> Dict[str, Any]:
-    device = T.resolve_device(device_name)
+    device = resolve_device(device_name)
     load_before = load_average()
     steps = [measure_step(model_name, trainer, batch, device, warmup, repeats, data_dir)
              for trainer in ("eg", "backprop")]

@@ -10,11 +10,12 @@ Class appearance model ([P16] §3.4): mu_c rendered with the most probable switc
 of pi_t and a = [pi_a > 0.5] at every window), i.e. the template under the prior's most likely rendering path.
 
     drmm sample RUN_DIR [--class c] [--num N] [--checkpoint last|best]   -> samples_class<c>.png, class_appearance.png
+
+(the command is in cli.py, the PNG grids in figures.py).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
@@ -24,6 +25,7 @@ from torch import Tensor
 import drmm_kernels as dk
 
 from .drfm import DRFM
+from .figures import save_image_grid  # noqa: F401  (drmm.sample.save_image_grid, as before)
 from .model import DRMM
 from .priors import ON_BIT, pooled_sizes, prior_buffers
 
@@ -94,65 +96,3 @@ def class_appearance(model: DRMM) -> Tensor:
     classes = torch.arange(model.num_classes, device=model.readout.weight.device)
     switches = draw_switches(model, len(classes), most_probable=True)
     return render_with_switches(model, model.class_templates(classes), switches)
-
-
-def save_image_grid(images: Tensor, path: Path, titles: Optional[Sequence[str]] = None, ncols: int = 8) -> Path:
-    """A grid of images, each scaled to its own range (renders have arbitrary scale)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .render import _save, _to_display
-
-    n = len(images)
-    ncols = min(ncols, n)
-    nrows = (n + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.3 * ncols, 1.4 * nrows), squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.set_xticks([]), ax.set_yticks([])
-        if k < n:
-            ax.imshow(_to_display(images[k]), cmap="gray")
-            if titles is not None:
-                ax.set_title(titles[k], fontsize=8)
-        else:
-            ax.axis("off")
-    return _save(fig, Path(path))
-
-
-def cmd_sample(args) -> int:
-    from .cli import _load_run
-
-    cfg, data, model, ckpt = _load_run(Path(args.run_dir), args.checkpoint, args.data_dir, args.device)
-    if args.num < 1:
-        raise SystemExit(f"error: --num must be >= 1, got {args.num}")
-    if args.class_ is not None and not 0 <= args.class_ < model.num_classes:
-        raise SystemExit(f"error: --class must be in 0..{model.num_classes - 1}, got {args.class_}")
-    out_dir = Path(args.out_dir or args.run_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(args.seed)
-    dev = model.readout.weight.device
-    if args.class_ is None:   # a class per sample, uniform (the readout bias is a relaxed, not a fitted, prior)
-        classes = torch.randint(0, model.num_classes, (args.num,), generator=g).to(dev)
-        name = "samples.png"
-    else:
-        classes = torch.full((args.num,), args.class_, dtype=torch.long, device=dev)
-        name = f"samples_class{args.class_}.png"
-    images = sample_images(model, classes, g)
-    p1 = save_image_grid(images, out_dir / name, [f"c={int(c)}" for c in classes])
-    p2 = save_image_grid(class_appearance(model), out_dir / "class_appearance.png",
-                         [f"class {c}" for c in range(model.num_classes)], ncols=model.num_classes)
-    print(f"[drmm] wrote {p1} ({args.num} samples from the switch priors) and {p2} (class appearance models)")
-    return 0
-
-
-def add_sample_parser(sub) -> None:
-    p = sub.add_parser("sample", help="draw images top-down from the switch priors; class appearance models")
-    p.add_argument("run_dir")
-    p.add_argument("--class", dest="class_", type=int, default=None, help="class to sample (default: uniform)")
-    p.add_argument("--num", type=int, default=16, help="number of samples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", choices=("best", "last"), default="last")
-    p.add_argument("--data-dir")
-    p.add_argument("--device", default="config", help="device (default: the run's config)")
-    p.add_argument("--out-dir", help="where the PNGs go (default: the run dir)")
-    p.set_defaults(func=cmd_sample)

@@ -1,9 +1,12 @@
-"""PNG grids of what the model renders: input/reconstruction pairs and the rendered template at every level."""
+"""The PNG figures: what the model renders (input/reconstruction pairs, the rendered template at every level,
+sampled images) and a run's learning curve. Plotting only; the render op itself is ``drmm_kernels.render``.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -62,3 +65,48 @@ def save_level_grid(levels: Sequence[Tensor], path: Path, max_images: int = 8) -
                 ax.set_title("template" if j == 0 else ("image" if j == len(levels) - 1 else f"level -{j}"),
                              fontsize=8)
     return _save(fig, Path(path))
+
+
+def save_image_grid(images: Tensor, path: Path, titles: Optional[Sequence[str]] = None, ncols: int = 8) -> Path:
+    """A grid of images, each scaled to its own range (renders have arbitrary scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    ncols = min(ncols, n)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.3 * ncols, 1.4 * nrows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.set_xticks([]), ax.set_yticks([])
+        if k < n:
+            ax.imshow(_to_display(images[k]), cmap="gray")
+            if titles is not None:
+                ax.set_title(titles[k], fontsize=8)
+        else:
+            ax.axis("off")
+    return _save(fig, Path(path))
+
+
+def plot_learning_curve(rows: Sequence[Dict[str, Any]], path: Path) -> None:
+    """Test error and the training loss parts against the step, from metrics.csv rows (written atomically)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    steps = [int(r["step"]) for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot(steps, [float(r["test_error"]) for r in rows], marker="o")
+    ax1.set_xlabel("step"), ax1.set_ylabel("test error (%)"), ax1.set_title("test error")
+    ax1.grid(alpha=0.3)
+    for key in ("loss", "ce", "rc", "kl", "nn"):
+        vals = [float(r[key]) if r[key] not in ("", None) else float("nan") for r in rows]
+        ax2.plot(steps, vals, label=key)
+    ax2.set_xlabel("step"), ax2.set_title("training loss (mean since last eval)"), ax2.legend(), ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,166 @@
+"""The run folder: everything a training run reads from and writes to disk.
+
+    config.yaml           the run's TrainConfig (written at the start; ``drmm eval/render/sample`` read it)
+    labeled_indices.npy   the labeled subset (plan.make_plan)
+    last.pt, best.pt      checkpoints: model, optimizer, scheduler, RNG states, counters (written atomically)
+    metrics.csv           one row per evaluation (truncated to the checkpoint's step on resume)
+    learning_curve.png    test error and loss parts against the step, redrawn at every evaluation
+    tensorboard/          the same scalars, when TensorBoard is installed and the config asks for it
+    summary.yaml          final and best errors, steps, time (written at the end)
+
+With data parallelism rank 0 alone writes; the other ranks get a ``NullLog``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from .config import TrainConfig
+from .figures import plot_learning_curve
+
+CONFIG, METRICS, SUMMARY, LEARNING_CURVE = "config.yaml", "metrics.csv", "summary.yaml", "learning_curve.png"
+LAST, BEST = "last.pt", "best.pt"
+# Keys a resumed run must share with its checkpoint: they decide which images are trained on and the model.
+RESUME_KEYS = ("dataset", "max_train_samples", "val_samples", "num_labeled", "labeled_seed", "model")
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """A new run needs a folder without a run in it; ``resume`` needs one with a last.pt."""
+    ckpt_path = run_dir / LAST
+    if resume and not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint {ckpt_path} to resume from")
+    if not resume and ckpt_path.exists():
+        raise FileExistsError(f"{run_dir} already holds a run (last.pt); pass --resume to continue it or choose "
+                              f"another --run-dir")
+
+
+def write_config(run_dir: Path, cfg: TrainConfig) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / CONFIG, "w") as f:
+        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+
+
+def write_summary(run_dir: Path, summary: Dict[str, Any]) -> None:
+    with open(run_dir / SUMMARY, "w") as f:
+        yaml.safe_dump(summary, f, sort_keys=False)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temp file in the same directory, then os.replace: a kill never leaves a torn file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_checkpoint(run_dir: Path, state: Dict[str, Any], best: bool) -> None:
+    """last.pt always; best.pt too when ``best``."""
+    atomic_save(state, run_dir / LAST)
+    if best:
+        atomic_save(state, run_dir / BEST)
+
+
+def read_checkpoint(run_dir: Path, cfg: TrainConfig, device: torch.device) -> Dict[str, Any]:
+    """last.pt of ``run_dir``, refused when it was trained on other data or another model than ``cfg`` says."""
+    ckpt = torch.load(run_dir / LAST, map_location=device, weights_only=False)
+    saved = ckpt.get("config", {})
+    for key in RESUME_KEYS:
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise ValueError(f"--resume: config key {key!r} is {getattr(cfg, key)!r} but the checkpoint was "
+                             f"trained with {saved[key]!r}; resume with the run's own config")
+    return ckpt
+
+
+# ---------------------------------------------------------------- metrics
+
+
+METRIC_FIELDS = ["epoch", "step", "phase", "lr", "loss", "ce", "rc", "kl", "nn", "train_acc", "val_error",
+                 "test_error", "best_error", "elapsed_s"]
+
+
+class MetricsLog:
+    """metrics.csv (+ TensorBoard when installed), truncated to the checkpoint's step on resume."""
+
+    def __init__(self, run_dir: Path, resume_step: Optional[int], tensorboard: bool):
+        self.path = run_dir / METRICS
+        rows = []
+        if resume_step is not None and self.path.exists():
+            with open(self.path) as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        self.rows = rows
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+            except Exception as e:  # tensorboard not installed: CSV only
+                print(f"[drmm] TensorBoard disabled ({e.__class__.__name__}: {e})", file=sys.stderr)
+
+    def scalars(self, step: int, values: Dict[str, float], prefix: str) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def append(self, row: Dict[str, Any]) -> None:
+        row = {k: row.get(k, "") for k in METRIC_FIELDS}
+        self.rows.append(row)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=METRIC_FIELDS).writerow(row)
+        self.scalars(int(row["step"]), {k: float(row[k]) for k in ("val_error", "test_error", "train_acc", "loss", "lr")
+                                        if row[k] != ""}, "eval")
+        plot_learning_curve(self.rows, self.path.with_name(LEARNING_CURVE))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class NullLog:
+    """The metrics log of ranks other than 0: they write nothing."""
+
+    rows: List[Dict[str, Any]] = []
+
+    def scalars(self, *args) -> None:
+        pass
+
+    def append(self, row) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+__all__ = ["CONFIG", "METRICS", "SUMMARY", "LEARNING_CURVE", "LAST", "BEST", "RESUME_KEYS", "METRIC_FIELDS",
+           "check_run_dir", "write_config", "write_summary", "atomic_save", "rng_state", "set_rng_state",
+           "write_checkpoint", "read_checkpoint", "MetricsLog", "NullLog"]
