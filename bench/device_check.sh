@@ -267,6 +267,16 @@ if ! "$PY" -c "import hypothesis" 2>/dev/null; then
   export PYTHONPATH=$WORK/stub:$PYTHONPATH
 fi
 
+# Triton < 3.7's interpreter converts 1-element arrays with int(), which NumPy >= 2.4 refuses: every
+# kernel with a runtime loop bound then fails under TRITON_INTERPRET=1 (compiled runs are unaffected).
+if [[ $DRY == 1 ]] && ! "$PY" -c "
+import sys, numpy, triton
+old_triton = tuple(int(v) for v in triton.__version__.split('.')[:2]) < (3, 7)
+new_numpy = tuple(int(v) for v in numpy.__version__.split('.')[:2]) >= (2, 4)
+sys.exit(1 if old_triton and new_numpy else 0)" 2>/dev/null; then
+  PREFLIGHT_NOTE+="triton $("$PY" -c 'import triton; print(triton.__version__)')'s interpreter needs numpy < 2.4 (pip install 'numpy<2.4'); "
+fi
+
 NEED_BUILD=0
 for s in cuda memcheck bench; do selected "$s" && NEED_BUILD=1; done
 if [[ $NEED_BUILD == 1 ]]; then
