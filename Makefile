@@ -9,7 +9,7 @@ STAMP := $(VENV)/.deps-$(shell cksum < requirements-dev.txt | cut -d' ' -f1)
 PYTEST_ARGS ?=
 NVCC := $(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v nvcc 2>/dev/null))
 
-.PHONY: test demo build deps clean bench-cpu
+.PHONY: test demo build deps clean bench-cpu device-dry-run
 
 $(STAMP): requirements-dev.txt
 	@start=$$SECONDS; \
@@ -35,7 +35,15 @@ build: $(STAMP)
 test: build
 	@start=$$SECONDS; \
 	DRMM_REQUIRE_EXTENSION=1 $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
-	echo "[stage] tests: $$((SECONDS-start)) s"; exit $$rc
+	echo "[stage] tests: $$((SECONDS-start)) s"; [ $$rc = 0 ] || exit $$rc; \
+	$(MAKE) --no-print-directory device-dry-run
+
+# The GPU check's stages that need no GPU (pre-flight, the build, the Triton tests in the interpreter),
+# so the script cannot rot between GPU runs.
+device-dry-run: build
+	@start=$$SECONDS; \
+	PATH=$(abspath $(VENV))/bin:$$PATH OUT=build/device-check-dry-run bash bench/device_check.sh --dry-run; rc=$$?; \
+	echo "[stage] device check dry run: $$((SECONDS-start)) s"; exit $$rc
 
 demo: build
 	@start=$$SECONDS; run=runs/demo-$$(date +%Y%m%d-%H%M%S); \
