@@ -28,7 +28,7 @@ class TrainConfig:
     download: bool = True               # download missing files from the standard URLs (md5-checked)
     num_labeled: int = 100              # N_L, class-balanced; 0 = every training label
     labeled_seed: int = 0               # seed of the labeled subset (saved as labeled_indices.npy in the run dir)
-    include_labeled_in_unlabeled: bool = False  # False = DRMM code (spec §11); True = USB
+    include_labeled_in_unlabeled: bool = False  # False = DRMM code (docs/model.md#evaluation-protocol); True = USB
     max_train_samples: int = 0          # 0 = all; else a prefix of the training set (short CPU runs)
     eval_samples: int = 0               # 0 = the whole test set; else its first eval_samples images
     val_samples: int = 0                # > 0: hold out the last N training images; best.pt is chosen on them
@@ -40,7 +40,7 @@ class TrainConfig:
     activation: Optional[str] = None    # override: relu | leaky (None = preset: relu)
     bn_momentum: float = 0.1            # BN running-stat momentum (PyTorch convention; [TF]: EMA 0.99 = 0.01 here)
     mean_unpool_scale: str = "none"     # none = [TF] unscaled repeat | inv_area = [DGM] 1/s^2
-    # NRM options (model-spec §3.3, §4.1, §10; all off = the DRMM code's behaviour). See DRMM's docstring.
+    # NRM options (docs/model.md#nrm-flavour; all off = the DRMM code's behaviour). See DRMM's docstring.
     td_batchnorm: bool = False          # untied BN after the template and after every top-down conv ([DGM])
     bias_adder: bool = False            # extra learned bias after each BN ([DGM] BiasAdder; the RPN's b)
     dropout: float = 0.0                # bottom-up dropout after each max-pool ([DGM] CIFAR/SVHN: 0.5)

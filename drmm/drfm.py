@@ -1,4 +1,5 @@
-"""The Deep Rendering Factor Model (DRFM, model-spec §7): a Gaussian top latent instead of a bare class template.
+"""The Deep Rendering Factor Model (DRFM, docs/model.md#variants): a Gaussian top latent instead of a bare class
+template.
 
 Generative model: class ``c ~ Cat(pi)``, factor ``z ~ N(0, I_d)``, top rendered template
 ``z^(L) = mu_c + Lambda_c z``, then the same rendering through the switches as the DRMM. With ``factor_dim = 0`` it
@@ -8,7 +9,7 @@ the top features.
 
 Bottom-up is unchanged. At the top, the MAP factor of class c is the ridge projection
 ``z_c = (Lambda_c^T Lambda_c + s2 I)^-1 Lambda_c^T (h - mu_c)`` (``s2`` = ``noise_var``, the pixel-noise variance
-of the factor analyser), and the class is read out as model-spec §7 suggests (the paper defers it to its
+of the factor analyser), and the class is read out as docs/model.md#variants suggests (the paper defers it to its
 appendix): the class with the highest joint log posterior at its MAP factor,
 ``logit_c = -(|h - mu_c - Lambda_c z_c|^2 + s2 |z_c|^2) / (2 s2) + b_c``, with ``b_c`` the readout bias
 (``ln pi_c`` relaxed to a free parameter, as the DRMM's).

@@ -10,10 +10,11 @@ final weights are evaluated on the test set (all 10 000 images unless told other
 appended to ``<out>/table1.csv``. ``report`` turns that CSV into ``table1.md`` (the paper's number beside the mean
 ± std over seeds) and ``table1_curves.png``. Rows that were not run say "not run": no number is ever filled in.
 
-Two schedules. ``full`` is the paper's protocol as the configs hold it (model-spec §5.1: Adam 1e-3 decaying to 1e-6,
-100 labeled + 100 unlabeled per batch, hundreds of epochs); ``--epochs N`` shortens it, keeping everything else,
-and is labelled ``full-Nep``. ``cpu`` is a few hundred steps on a 10 000-image prefix of the training set, sized for
-a 2-core CPU; it is the default where no GPU is visible, and its numbers are NOT comparable to the paper's.
+Two schedules. ``full`` is the paper's protocol as the configs hold it (docs/model.md#architectures-and-protocol:
+Adam 1e-3 decaying to 1e-6, 100 labeled + 100 unlabeled per batch, hundreds of epochs); ``--epochs N`` shortens it,
+keeping everything else, and is labelled ``full-Nep``. ``cpu`` is a few hundred steps on a 10 000-image prefix of
+the training set, sized for a 2-core CPU; it is the default where no GPU is visible, and its numbers are NOT
+comparable to the paper's.
 """
 
 from __future__ import annotations

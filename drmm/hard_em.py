@@ -1,11 +1,11 @@
 """Hard EM with a closed-form M-step: the DRMM paper's Algorithm 1, a derivative-free alternative to backprop.
 
-E-step (as in EG, model-spec §4): the bottom-up pass records the switches, the class is chosen (true label if
-labeled, argmax otherwise), and the class template is rendered top-down through the switches.
+E-step (as in EG, docs/model.md#eg-training): the bottom-up pass records the switches, the class is chosen (true
+label if labeled, argmax otherwise), and the class template is rendered top-down through the switches.
 
-M-step, per layer l (model-spec §3.2): with the switches and the top-down signal ``mu`` entering layer l fixed,
-the layer's rendering ``x_hat = conv_transpose2d(unpool(mu) * a, W)`` is linear in W, and it is regressed onto the
-layer's actual (bottom-up) input ``x``:
+M-step, per layer l (docs/model.md#top-down-rendering): with the switches and the top-down signal ``mu`` entering
+layer l fixed, the layer's rendering ``x_hat = conv_transpose2d(unpool(mu) * a, W)`` is linear in W, and it is
+regressed onto the layer's actual (bottom-up) input ``x``:
 
     min_W  sum_data |x - x_hat(W)|^2 + lam |W|^2,   lam = ridge * mean(diag(G))   (ridge relative to the data)
 
@@ -17,9 +17,9 @@ solves ``(G + lam I) W = R`` by Cholesky (lstsq if that fails).
 
 Class templates (the top of the rendering): ``mu_c`` = ridge mean of the top features of the examples assigned to
 c; class priors ``pi_c`` = assignment frequencies; the readout becomes ``logit_c = mu_c^T h - |mu_c|^2 / 2 +
-s2 ln pi_c`` (the DRMM's max-sum readout, model-spec §1, times the top noise variance s2, which leaves the argmax
-unchanged and keeps ``mu_c`` the readout weight). For a DRFM the top regression is per class onto ``[1, z]``:
-``h ~ mu_c + Lambda_c z``, with z the E-step's MAP factor.
+s2 ln pi_c`` (the DRMM's max-sum readout, docs/model.md#the-generative-model, times the top noise variance s2, which
+leaves the argmax unchanged and keeps ``mu_c`` the readout weight). For a DRFM the top regression is per class onto
+``[1, z]``: ``h ~ mu_c + Lambda_c z``, with z the E-step's MAP factor.
 
 All statistics of one M-step come from the same parameters (those of the E-steps since the last M-step);
 ``window`` batches are accumulated per M-step. BatchNorm parameters are not touched (the batch statistics still

@@ -1,8 +1,9 @@
-"""The EG objective of the DRMM (model-spec §4): CE + a_RC*RC + a_KL*KL + a_NN*NN.
+"""The EG objective of the DRMM (docs/model.md#loss-terms): CE + a_RC*RC + a_KL*KL + a_NN*NN.
 
 All terms are computed per example and then averaged over the examples they apply to, so which half of a
 semi-supervised batch carries the unsupervised terms (``unsup_terms_on``) is a mask, not a second code path.
-Every disagreement between the paper and the authors' code is an option here, default = the code (spec §10).
+Every disagreement between the paper and the authors' code is an option here, default = the code
+(docs/model.md#paper-vs-code).
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ from torch import Tensor
 @dataclass
 class ObjectiveConfig:
     ce_weight: float = 1.0
-    rc_weight: float = 0.5        # a_RC; [TF] leaves it unset (0.0), NRM notebooks use 0.2-1.0 (spec §4.3)
+    rc_weight: float = 0.5        # a_RC; [TF] leaves it unset (0.0), NRM notebooks 0.2-1.0 (docs/model.md#loss-weights)
     kl_weight: float = 0.5        # a_KL; [TF] main.py --kl 0.5
     nn_weight: float = 0.5        # a_NN; [TF] main.py --cw 0.5
     kl_sign: int = -1             # -1 = code: minimise -KL(q||U) = entropy minimisation; +1 = paper's KL to uniform
     td_nonneg: str = "penalty"    # penalty ([TF]) | relu ([P16] §3.2) | both | none
     rc_reduction: str = "mean_all"        # mean_all ([TF]) | half_mean_per_sample ([DGM] L2Loss)
     unsup_terms_on: str = "unlabeled"     # unlabeled ([TF] 'unsup') | labeled | both_avg | both_sum ([DGM])
-    nonneg_term: str = "penalty"  # penalty | moment_matching (NRM with BN, spec §4.1 MM; replaces the NN penalty)
-    rpn_weight: float = 0.0       # a_PN of NRM's rendering-path normalisation (spec §4.1 RPN); 0 = off
+    nonneg_term: str = "penalty"  # penalty | moment_matching (NRM with BN, replaces NN; docs/model.md#loss-terms)
+    rpn_weight: float = 0.0       # a_PN of NRM's rendering-path normalisation (docs/model.md#loss-terms); 0 = off
     rpn_class_prior: bool = False  # RPN: add |ln pi_c - ln pi_c_pn| (ln pi = readout bias), as lenet_ld_opt.py
 
     def __post_init__(self):
@@ -80,7 +81,8 @@ def kl_of_probs_per_example(q: Tensor, eps: float = 1e-8) -> Tensor:
 def nonneg_penalty_per_example(signals: Sequence[Tensor]) -> Tensor:
     """Squared hinge on negative top-down values, mean over each signal's elements, summed over layers.
 
-    Zero exactly when every rendered signal is nonnegative (the NN-DRMM constraint z >= 0, spec §3.2, §9.9).
+    Zero exactly when every rendered signal is nonnegative (the NN-DRMM constraint z >= 0,
+    docs/model.md#top-down-rendering and #implementation-pitfalls).
     """
     total = 0.0
     for z in signals:
@@ -89,7 +91,8 @@ def nonneg_penalty_per_example(signals: Sequence[Tensor]) -> Tensor:
 
 
 def moment_matching_per_example(pairs: Sequence[Tuple[Tensor, Tensor]], eps: float = 1e-8) -> Tensor:
-    """NRM's moment matching (spec §4.1 MM): sum over (top-down, forward) pairs of the per-sample Gaussian KL.
+    """NRM's moment matching (docs/model.md#loss-terms): sum over (top-down, forward) pairs of the per-sample
+    Gaussian KL.
 
     Each pair holds a top-down signal and the forward pre-BN conv output it is compared with; only per-sample
     scalar moments (mean and biased variance over all of C, H, W) are used, so the two need not share a shape.
@@ -107,9 +110,9 @@ def moment_matching_per_example(pairs: Sequence[Tuple[Tensor, Tensor]], eps: flo
 
 
 def moment_pairs(levels: Sequence[Tensor], forward_convs: Sequence[Tensor]) -> List[Tuple[Tensor, Tensor]]:
-    """The MM pairing (spec §4.1, reversed-list): ``levels[j]`` (top first, image excluded) with the forward conv
-    output of layer L-1-j, i.e. the top template with the last conv, the signal rendered into layer l's input with
-    layer l-1's conv. A pair whose signals hold fewer than 2 values per example (no variance) is skipped."""
+    """The MM pairing (docs/model.md#loss-terms, reversed-list): ``levels[j]`` (top first, image excluded) with the
+    forward conv output of layer L-1-j, i.e. the top template with the last conv, the signal rendered into layer l's
+    input with layer l-1's conv. A pair whose signals hold fewer than 2 values per example (no variance) is skipped."""
     n_layers = len(forward_convs)
     pairs = []
     for j, td in enumerate(levels[:n_layers]):
@@ -121,7 +124,8 @@ def moment_pairs(levels: Sequence[Tensor], forward_convs: Sequence[Tensor]) -> L
 
 def rpn_per_example(model, latents, levels: Sequence[Tensor], pn_latents, pn_levels: Sequence[Tensor],
                     classes: Optional[Tensor] = None) -> Tensor:
-    """Rendering-path normalisation (spec §4.1 RPN): sum_l mean_{C,H,W} |b_l * (mu_l * a_l - mu_pn_l * a_pn_l)|.
+    """Rendering-path normalisation (docs/model.md#loss-terms):
+    sum_l mean_{C,H,W} |b_l * (mu_l * a_l - mu_pn_l * a_pn_l)|.
 
     ``levels``/``pn_levels`` are ``model.render(..., return_levels=True)`` levels of the inferred and the prior path
     (top first): ``levels[L-1-l]`` is the signal in layer l's (pooled) output space, where b_l (BN beta or conv
@@ -152,7 +156,8 @@ def rpn_per_example(model, latents, levels: Sequence[Tensor], pn_latents, pn_lev
 
 @dataclass
 class MinBranch:
-    """What the Max-Min model's min branch contributes (spec §4.1 Max-Min CE): its logits and its own rendering.
+    """What the Max-Min model's min branch contributes (docs/model.md#loss-terms, Max-Min CE): its logits and its
+    own rendering.
 
     ``drmm_objective`` then weighs each branch 0.5: CE = 0.5 CE(z_max) + 0.5 CE(z_min), RC and the NN/MM term
     averaged over the two reconstructions, the KL taken on the average of the two softmaxes ([DGM] nrm_maxmin.py).
@@ -250,7 +255,7 @@ def template_classes(logits: Tensor, labels: Tensor, labeled: Tensor, template_c
                      ) -> Tensor:
     """The class whose template is rendered (E-step, a constant): true label where labeled, else the argmax.
 
-    ``template_class='predicted'`` uses the argmax everywhere, as the TF port does (spec §3.1).
+    ``template_class='predicted'`` uses the argmax everywhere, as the TF port does (docs/model.md#class-templates).
     """
     predicted = logits.detach().argmax(1)
     if template_class == "predicted":

@@ -1,10 +1,11 @@
 """The Deep Rendering Mixture Model (NN-DRMM flavour): bottom-up inference with switches, top-down rendering.
 
 A DRMM is a stack of conv layers (template matching) whose ReLU is the max over the render/don't-render switch
-``a`` and whose max-pool is the max over the translational nuisance ``t`` (model-spec §1-2). The last layer's
-features are read out by a dense layer, ``logits = W^T h + b``; column ``c`` of ``W`` reshaped to the top feature
-map is the class template ``mu_c`` (model-spec §3.1). Rendering runs the same filters backwards (tied weights,
-``conv_transpose2d``) with the switches recorded bottom-up (model-spec §3.2).
+``a`` and whose max-pool is the max over the translational nuisance ``t`` (docs/model.md#the-generative-model and
+#bottom-up-inference). The last layer's features are read out by a dense layer, ``logits = W^T h + b``; column
+``c`` of ``W`` reshaped to the top feature map is the class template ``mu_c`` (docs/model.md#class-templates).
+Rendering runs the same filters backwards (tied weights, ``conv_transpose2d``) with the switches recorded bottom-up
+(docs/model.md#top-down-rendering).
 
 The fused ops of ``drmm_kernels`` do the work: ``conv_bn_relu_pool`` / ``conv_relu_pool`` bottom-up (``pool=1``
 for layers without max-pooling; a global mean pool is done here in torch) and ``render`` top-down through the
@@ -26,7 +27,8 @@ PADDINGS = ("valid", "same", "full")
 POOLS = ("max", "mean", "none")
 NORMS = ("batch", "none")
 ACTIVATIONS = ("relu", "leaky")
-LEAKY_SLOPE = 0.1  # NRM's LeakyReLU(0.1): an "off" switch still passes 10 % top-down (model-spec §9 item 14)
+# NRM's LeakyReLU(0.1): an "off" switch still passes 10 % top-down (docs/model.md#implementation-pitfalls)
+LEAKY_SLOPE = 0.1
 
 
 @dataclass(frozen=True)
@@ -66,24 +68,29 @@ def _L(channels, kernel, padding="valid", pool="none"):
     return LayerSpec(channels, kernel, padding, pool)
 
 
-# Presets. Map sizes are for 28x28 (MNIST) or 32x32 (CIFAR/SVHN) inputs; see model-spec §5.
+# Presets. Map sizes are for 28x28 (MNIST) or 32x32 (CIFAR/SVHN) inputs; see docs/model.md#architectures-and-protocol.
 PRESETS = {
-    # STAND-IN (model-spec §5.1): the paper's RFM config is in its appendix I, which we have not seen.
+    # STAND-IN (docs/model.md#architectures-and-protocol): the paper's RFM config is in its appendix I, which we
+    # have not seen.
     # 1 conv layer 5x5 full (28->32), 64 ch, BN, ReLU, max-pool 2 (->16); templates over the 64x16x16 map.
     "rfm": [_L(64, 5, "full", "max")],
-    # STAND-IN (model-spec §5.1): conv 5x5 full 32 ch, pool (->16) -> conv 3x3 full 64 ch (->18), pool (->9).
+    # STAND-IN (docs/model.md#architectures-and-protocol): conv 5x5 full 32 ch, pool (->16) -> conv 3x3 full 64 ch
+    # (->18), pool (->9).
     "drmm2": [_L(32, 5, "full", "max"), _L(64, 3, "full", "max")],
-    # The 5-layer MNIST DRMM = Ladder Conv-Small (model-spec §5.1): 28->32->16->14->16->8->6->1.
+    # The 5-layer MNIST DRMM = Ladder Conv-Small (docs/model.md#architectures-and-protocol):
+    # 28->32->16->14->16->8->6->1.
     "conv_small": [_L(32, 5, "full", "max"), _L(64, 3, "valid"), _L(64, 3, "full", "max"), _L(128, 3, "valid"),
                    _L(10, 1, "valid", "mean")],
-    # The 9-layer CIFAR-10 DRMM = Conv-Large with even maps (model-spec §5.1): 32->32->34->36/18->16->18->16/8->6->6->1.
+    # The 9-layer CIFAR-10 DRMM = Conv-Large with even maps (docs/model.md#architectures-and-protocol):
+    # 32->32->34->36/18->16->18->16/8->6->6->1.
     "conv_large": [_L(96, 3, "same"), _L(96, 3, "full"), _L(96, 3, "full", "max"), _L(192, 3, "valid"),
                    _L(192, 3, "full"), _L(192, 3, "valid", "max"), _L(192, 3, "valid"), _L(192, 1, "valid"),
                    _L(10, 1, "valid", "mean")],
-    # NRM AllConv13 ([DGM] nrm.py, tail kernels 3x3 as in the code; model-spec §5.2): 32->16->8->6->1, with the
-    # NRM's LeakyReLU(0.1). The NRM's BiasAdder, dropout and top-down BN are the model options bias_adder,
-    # dropout/td_dropout and td_batchnorm (off by default); its 1x1-conv classifier on the 1x1 pooled map is the
-    # dense readout. ``tail_kernel=1`` gives the standard conv-large's 1x1 convs for the 256/128 layers.
+    # NRM AllConv13 ([DGM] nrm.py, tail kernels 3x3 as in the code; docs/model.md#nrm-architectures):
+    # 32->16->8->6->1, with the NRM's LeakyReLU(0.1). The NRM's BiasAdder, dropout and top-down BN are the model
+    # options bias_adder, dropout/td_dropout and td_batchnorm (off by default); its 1x1-conv classifier on the 1x1
+    # pooled map is the dense readout. ``tail_kernel=1`` gives the standard conv-large's 1x1 convs for the 256/128
+    # layers.
     "allconv13": [LayerSpec(c, 3, p, pool, activation="leaky") for c, p, pool in (
         (128, "same", "none"), (128, "same", "none"), (128, "same", "max"), (256, "same", "none"),
         (256, "same", "none"), (256, "same", "max"), (512, "valid", "none"), (256, "same", "none"),
@@ -100,7 +107,7 @@ def preset_layers(name: str, norm: Optional[str] = None, activation: Optional[st
     """The layer list of preset ``name``; ``norm``/``activation`` override every layer when given.
 
     ``tail_kernel`` (allconv13 only): kernel of the two layers after the 512 conv, 3 ([DGM] code, the preset) or 1
-    (the standard 13-layer conv-large); model-spec §5.2 / §10 ``allconv13_tail_kernel``.
+    (the standard 13-layer conv-large); docs/model.md#nrm-architectures, #paper-vs-code ``allconv13_tail_kernel``.
     """
     if name not in PRESETS:
         raise ValueError(f"model preset must be one of {sorted(PRESETS)}, got {name!r}")
@@ -157,16 +164,17 @@ class DRMM(nn.Module):
             [P16] §3.2); off by default, as in the authors' code, which uses a penalty instead.
         bn_momentum: PyTorch-convention momentum of the BN running statistics (0.1; [TF] keeps an EMA with decay
             0.99, i.e. 0.01 here). A number: this package does not use the cumulative average (momentum=None).
-        td_batchnorm: NRM top-down BatchNorm ([DGM], spec §3.3): an untied, learned ``BatchNorm2d`` (own running
-            statistics) after the class template and after every layer's transposed conv, the image included.
+        td_batchnorm: NRM top-down BatchNorm ([DGM], docs/model.md#nrm-flavour): an untied, learned ``BatchNorm2d``
+            (own running statistics) after the class template and after every layer's transposed conv, the image
+            included.
             Off by default ([TF] has none).
         bias_adder: NRM's BiasAdder: an extra learned per-channel bias after each BN, before the activation; it is
             the ``b`` of the RPN term. Off by default (the BN beta is the bias). BN layers only.
         dropout: bottom-up dropout probability after each max-pooling stage (NRM CIFAR/SVHN: 0.5); 0 = off.
         td_dropout: top-down dropout probability before each max-pooled layer's unpooling, independent of the
             bottom-up masks (NRM: 0.5); 0 = off.
-        maxmin: NRM's Max-Min model ([DGM] nrm_maxmin.py, spec §4.1): a second bottom-up "min" branch sharing the
-            conv weights, BiasAdder and readout, with its own BNs (and top-down BNs), activation
+        maxmin: NRM's Max-Min model ([DGM] nrm_maxmin.py, docs/model.md#loss-terms): a second bottom-up "min"
+            branch sharing the conv weights, BiasAdder and readout, with its own BNs (and top-down BNs), activation
             ``min(v, 0) + slope * max(v, 0)`` and min-pooling; ``forward`` returns the average of the two
             branches' logits and keeps both branches' latents. The min branch runs on the negated signal, where it
             is exactly a max branch (see ``_layer_forward``), so the fused kernels serve it unchanged; its switch
@@ -244,7 +252,7 @@ class DRMM(nn.Module):
         return nn.ModuleList(nn.BatchNorm2d(c, momentum=momentum) for c in chans)
 
     def reset_parameters(self):
-        # Xavier conv weights and zero biases, as both codebases initialise (model-spec §5).
+        # Xavier conv weights and zero biases, as both codebases initialise (docs/model.md#architectures-and-protocol).
         for layer in self.convs:
             nn.init.xavier_uniform_(self.conv_weight(layer))
             if isinstance(layer, dk.FusedConvReLUPool2d) and layer.bias is not None:
@@ -313,7 +321,8 @@ class DRMM(nn.Module):
                                      negative_slope=layer.negative_slope)
         return layer(h, return_switches=True)
 
-    # ------------------------------------------------------------------ NRM objective helpers (spec §4.1 MM, RPN)
+    # ------------------------------------------------------------------ NRM objective helpers (MM, RPN)
+    # docs/model.md#loss-terms
 
     def layer_bias(self, i: int) -> Optional[Tensor]:
         """The bias b of layer i: the BiasAdder when on, else the BN beta for BN layers, the conv bias otherwise."""

@@ -1,4 +1,5 @@
-"""Per-layer priors of the switches, tracked during training for sampling (model-spec §2.2, §8).
+"""Per-layer priors of the switches, tracked during training for sampling (docs/model.md#switches and
+#sampling-and-generation).
 
 For every layer and every (channel, pooled position): ``pi_t`` = the frequency of each argmax offset inside the
 pooling window (4 for 2x2 max-pooling, 1 otherwise) and ``pi_a`` = the frequency of the render switch ``a = 1``.
@@ -17,8 +18,8 @@ from torch import Tensor
 
 from .model import DRMM, Latents
 
-ON_BIT = 0x80       # bit 7 of a switch byte: the a switch (DESIGN.md)
-OFFSET_MASK = 0x0F  # bits 0-3: row-major argmax offset inside the pooling window
+ON_BIT = 0x80       # bit 7 of a switch byte: the a switch (docs/ops.md)
+OFFSET_MASK = 0x0F  # bits 0-3: row-major argmax offset inside the pooling window (docs/ops.md)
 PRIOR_PREFIX = "switch_prior_"
 
 
@@ -35,8 +36,9 @@ def prior_buffers(model: DRMM, i: int) -> Tuple[Tensor, Tensor]:
 def switch_frequencies(switches: Tensor, pool: int) -> Tuple[Tensor, Tensor]:
     """Batch frequencies of the offsets (C, H, W, pool*pool) and of a = 1 (C, H, W) in a uint8 switch map.
 
-    Counted one offset at a time on the uint8 map: a one-hot of int64 offsets cost a (N, C, H, W, pool*pool)
-    int64 tensor (52 MB for conv_small's first layer at batch 200) and ~10 % of an EG training step.
+    Counted one offset at a time on the uint8 map: a one-hot of int64 offsets would allocate a (N, C, H, W,
+    pool*pool) int64 tensor, 32x the switch map's bytes for 2x2 pooling (52 MB for conv_small's first layer at
+    batch 200), on every training forward.
     """
     n = switches.shape[0]
     offsets = switches & OFFSET_MASK

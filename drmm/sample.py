@@ -1,10 +1,11 @@
-"""Drawing images top-down from a trained DRMM/DRFM, and class appearance models (model-spec §8).
+"""Drawing images top-down from a trained DRMM/DRFM, and class appearance models
+(docs/model.md#sampling-and-generation).
 
-Sampler (the derived sampler of model-spec §8; the authors' code keeps the priors but has no sampler): choose the
-class c; start from the template mu_c (DRFM: mu_c + Lambda_c z with z ~ N(0, I)); for each layer from the top:
-draw each pooling window's offset t ~ Cat(pi_t) and its render switch a ~ Bern(pi_a) from the layer's switch priors
-(drmm/priors.py), unpool at t, mask by a, transposed conv with the layer's filters, and ReLU between layers
-(NN-DRMM: rendered templates are nonnegative, [P16] §3.2).
+Sampler (the derived sampler of docs/model.md#sampling-and-generation; the authors' code keeps the priors but has no
+sampler): choose the class c; start from the template mu_c (DRFM: mu_c + Lambda_c z with z ~ N(0, I)); for each
+layer from the top: draw each pooling window's offset t ~ Cat(pi_t) and its render switch a ~ Bern(pi_a) from the
+layer's switch priors (drmm/priors.py), unpool at t, mask by a, transposed conv with the layer's filters, and ReLU
+between layers (NN-DRMM: rendered templates are nonnegative, [P16] §3.2).
 
 Class appearance model ([P16] §3.4): mu_c rendered with the most probable switch configuration (the argmax offset
 of pi_t and a = [pi_a > 0.5] at every window), i.e. the template under the prior's most likely rendering path.

@@ -58,7 +58,7 @@ def test_render_equals_drmm_kernels_composition(name):
 
 def test_render_matches_plain_torch_unpool_and_transposed_conv():
     # Independent of drmm_kernels.render: unpool at the recorded argmax, mask by the a-switch, conv_transpose2d
-    # with the same weight (model-spec §3.2), for a one-layer model without BN.
+    # with the same weight (docs/model.md#top-down-rendering), for a one-layer model without BN.
     torch.manual_seed(2)
     model = DRMM([LayerSpec(6, 3, "same", "max", norm="none")], 1, (8, 8), num_classes=4)
     x = torch.randn(2, 1, 8, 8)

@@ -1,4 +1,4 @@
-"""NRM-flavour model options (model-spec §3.3, §4.1, §10): top-down BN, BiasAdder, dropout, Max-Min, AllConv13 tail;
+"""NRM-flavour model options (docs/model.md#nrm-flavour): top-down BN, BiasAdder, dropout, Max-Min, AllConv13 tail;
 and the whole-network consistency of rendering with inference (render = gradient of the class logit)."""
 
 import pytest
