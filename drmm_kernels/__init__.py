@@ -11,11 +11,12 @@ torch.Size([2, 3, 8, 8])
 from .backends import BackendStatus, available_backends, backend, get_backend, set_backend
 from .layers import FusedConvBNReLUPool2d, FusedConvReLUPool2d, Render2d, fuse_conv_relu_pool
 from .ops import conv_bn_relu_pool, conv_relu_pool, render, switches_to_indices
+from .fuse import fuse
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus", "available_backends", "backend", "get_backend", "set_backend",
     "conv_relu_pool", "conv_bn_relu_pool", "render", "switches_to_indices",
-    "FusedConvReLUPool2d", "FusedConvBNReLUPool2d", "Render2d", "fuse_conv_relu_pool",
+    "FusedConvReLUPool2d", "FusedConvBNReLUPool2d", "Render2d", "fuse_conv_relu_pool", "fuse",
 ]

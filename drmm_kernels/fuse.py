@@ -1,0 +1,781 @@
+"""``fuse(model)``: put the fused ops into any model, wherever they compute exactly what the model did.
+
+A chain ``conv2d → [batch_norm] → relu / leaky_relu → [max_pool2d]`` (or with the pool before the
+activation: for a monotone activation ``act(max(v)) == max(act(v))``, so both orders are one function)
+becomes one fused module. The model is traced with ``torch.fx``, so chains written as functional calls in
+``forward`` (``F.relu(F.max_pool2d(self.conv1(x), 2))``) are found as well as ``nn.Sequential`` ones; a
+model fx cannot trace (data-dependent control flow) falls back to the chains inside ``nn.Sequential``
+containers.
+
+Names are kept: the fused module takes the conv's path and holds the conv's ``weight``/``bias``; a
+fused BatchNorm2d stays registered at its own path (the fused module reads its parameters and running
+statistics from there, so ``train()``/``eval()``, ``.to()`` and ``load_state_dict`` reach it as before).
+The fused model's ``state_dict`` therefore has the original model's keys, and either loads into the other.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import drmm_kernels as _dk  # the public ops are looked up at call time (the package is still importing here)
+from .layers import FusedConvBNReLUPool2d, FusedConvReLUPool2d
+
+__all__ = ["fuse", "FuseReport", "FusedBlock", "RefusedBlock", "FusedConvActPool2d", "FusedConvBNActPool2d"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class FusedBlock:
+    """One fused module: its path, the chain it replaced, and how many call sites use it."""
+    name: str
+    chain: str
+    module: str
+    sites: int = 1
+
+    def __str__(self) -> str:
+        sites = f"  ({self.sites} call sites)" if self.sites > 1 else ""
+        return f"fused    {self.name}: {self.chain}  ->  {self.module}{sites}"
+
+
+@dataclass
+class RefusedBlock:
+    """A conv (or the pool after it) left unfused, and why."""
+    name: str
+    chain: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"refused  {self.name}: {self.chain}  --  {self.reason}"
+
+
+@dataclass
+class FuseReport:
+    """What ``fuse`` did: ``mode`` is ``"fx"`` (traced) or ``"modules"`` (nn.Sequential fallback)."""
+    model: str
+    mode: str
+    fused: List[FusedBlock] = field(default_factory=list)
+    refused: List[RefusedBlock] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        how = "torch.fx trace" if self.mode == "fx" else "nn.Sequential chains only"
+        lines = [f"fuse({self.model}) [{how}]: {len(self.fused)} fused, {len(self.refused)} refused"]
+        lines += [f"  {b}" for b in self.fused] + [f"  {b}" for b in self.refused]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- fused modules
+
+
+def _act_name(slope: float) -> str:
+    return "relu" if slope == 0.0 else f"leaky_relu({slope:g})"
+
+
+class FusedConvActPool2d(FusedConvReLUPool2d):
+    """A ``FusedConvReLUPool2d`` built by ``fuse`` around a model's ``Conv2d`` parameters (shared, not copied).
+
+    ``order`` records where the original model applied the activation (``"act-pool"`` or ``"pool-act"``);
+    both give the same values and gradients.
+    """
+
+    @classmethod
+    def _build(cls, conv: nn.Conv2d, padding: int, slope: float, pool: int, order: str) -> "FusedConvActPool2d":
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        kh, kw = conv.kernel_size
+        layer.in_channels, layer.out_channels = conv.in_channels, conv.out_channels
+        layer.kernel_size = kh if kh == kw else (kh, kw)
+        layer.stride, layer.padding, layer.pool = conv.stride[0], padding, pool
+        layer.negative_slope, layer.return_switches, layer.order = float(slope), False, order
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        return layer
+
+    def forward(self, x: Tensor, return_switches: Optional[bool] = None):
+        y, switches = _dk.conv_relu_pool(x, self.weight, None, self.bias, stride=self.stride, padding=self.padding,
+                                         pool=self.pool, negative_slope=self.negative_slope)
+        want = self.return_switches if return_switches is None else return_switches
+        return (y, switches) if want else y
+
+    def render(self, mu: Tensor, switches: Tensor, out_size) -> Tensor:
+        return _dk.render(mu, switches, self.weight, stride=self.stride, padding=self.padding, pool=self.pool,
+                          out_size=out_size, negative_slope=self.negative_slope)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, bias={self.bias is not None}, pool={self.pool}, "
+                f"act={_act_name(self.negative_slope)}, order={self.order}")
+
+
+class FusedConvBNActPool2d(FusedConvBNReLUPool2d):
+    """A ``FusedConvBNReLUPool2d`` built by ``fuse``: holds the conv's ``weight``/``bias`` under the conv's
+    path and reads the model's ``BatchNorm2d`` (which stays registered at its own path, not as a child
+    of this module) at every call, following its ``training`` flag as the original did.
+
+    Training mode (or a BN without running statistics) runs ``conv_bn_relu_pool`` with the batch
+    statistics and updates ``running_mean``/``running_var``/``num_batches_tracked`` as ``BatchNorm2d``
+    does; eval mode folds the running statistics. A conv bias cancels in training-mode BN except in
+    ``running_mean``, which gets it added back (times the momentum), and its gradient is zero as in the
+    original; in eval mode it joins the BN shift.
+    """
+
+    @classmethod
+    def _build(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, bn_path: str, padding: int, slope: float, pool: int,
+               order: str) -> "FusedConvBNActPool2d":
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        kh, kw = conv.kernel_size
+        layer.in_channels, layer.out_channels = conv.in_channels, conv.out_channels
+        layer.kernel_size = kh if kh == kw else (kh, kw)
+        layer.stride, layer.padding, layer.pool = conv.stride[0], padding, pool
+        layer.negative_slope, layer.return_switches, layer.order = float(slope), False, order
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        layer.bn_path = bn_path
+        object.__setattr__(layer, "_bn_module", bn)  # not a child: its state_dict keys stay at bn_path
+        return layer
+
+    @property
+    def bn(self) -> nn.BatchNorm2d:  # the parent class's attribute, here the model's own module
+        return self.__dict__["_bn_module"]
+
+    def forward(self, x: Tensor, return_switches: Optional[bool] = None):
+        bn, b = self.bn, self.bias
+        # BatchNorm2d.forward's bookkeeping, step for step.
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+        keep = not bn.training or bn.track_running_stats
+        mean, var = (bn.running_mean, bn.running_var) if keep else (None, None)
+        shift = bn.bias
+        if b is not None:
+            if batch_stats:
+                extra = b * 0.0  # cancels in the normalisation; keeps b in the graph, so b.grad is 0 as in eager
+            else:
+                extra = b * torch.rsqrt(var + bn.eps)
+                extra = extra if bn.weight is None else extra * bn.weight
+            shift = extra if shift is None else shift + extra
+        y, switches = _dk.conv_bn_relu_pool(x, self.weight, bn.weight, shift, mean, var, training=bool(batch_stats),
+                                            momentum=float(momentum), eps=bn.eps, stride=self.stride,
+                                            padding=self.padding, pool=self.pool, negative_slope=self.negative_slope)
+        if b is not None and batch_stats and mean is not None:
+            with torch.no_grad():  # the op averaged the conv output without the bias
+                mean.add_(b.detach().to(mean.dtype), alpha=float(momentum))
+        want = self.return_switches if return_switches is None else return_switches
+        return (y, switches) if want else y
+
+    def render(self, mu: Tensor, switches: Tensor, out_size) -> Tensor:
+        """Top-down pass through the raw conv weight (the BN is not inverted)."""
+        return _dk.render(mu, switches, self.weight, stride=self.stride, padding=self.padding, pool=self.pool,
+                          out_size=out_size, negative_slope=self.negative_slope)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, bias={self.bias is not None}, bn={self.bn_path}, pool={self.pool}, "
+                f"act={_act_name(self.negative_slope)}, order={self.order}")
+
+
+class FusedAwayBatchNorm2d(nn.BatchNorm2d):
+    """Placeholder left in an ``nn.Sequential`` slot whose BatchNorm2d was fused into the conv before it:
+    holds the same parameters and buffers under the same names (so state_dicts keep their keys) and
+    passes its input through."""
+
+    fused_into: str = ""
+
+    @classmethod
+    def _from(cls, bn: nn.BatchNorm2d, fused_into: str) -> "FusedAwayBatchNorm2d":
+        slot = cls.__new__(cls)
+        nn.Module.__init__(slot)
+        for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+            setattr(slot, attr, getattr(bn, attr))
+        for name, p in bn._parameters.items():
+            slot.register_parameter(name, p)
+        for name, t in bn._buffers.items():
+            slot.register_buffer(name, t, persistent=name not in bn._non_persistent_buffers_set)
+        slot.training, slot.fused_into = bn.training, fused_into
+        return slot
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fused into {self.fused_into}"
+
+
+_FUSED_TYPES = (FusedConvReLUPool2d, FusedConvBNReLUPool2d, FusedAwayBatchNorm2d)
+
+
+# --------------------------------------------------------------------------- what can be fused
+
+
+def _pair(v) -> Tuple[Any, Any]:
+    if isinstance(v, (tuple, list)):
+        if len(v) == 1:
+            return (v[0], v[0])
+        return tuple(v)
+    return (v, v)
+
+
+def _conv_problem(conv: nn.Module) -> Tuple[Optional[str], int]:
+    """(reason it cannot be fused or None, the padding as one int)."""
+    if type(conv).forward is not nn.Conv2d.forward or type(conv)._conv_forward is not nn.Conv2d._conv_forward:
+        return f"{type(conv).__name__} overrides Conv2d's forward", 0
+    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
+        return "lazy conv not initialised yet (run one forward first)", 0
+    if conv.groups != 1:
+        return f"grouped convolution (groups={conv.groups}) is outside the op contract", 0
+    if tuple(conv.dilation) != (1, 1):
+        return f"dilated convolution (dilation={tuple(conv.dilation)}) is outside the op contract", 0
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (the fused ops pad with zeros only)", 0
+    sh, sw = conv.stride
+    if sh != sw:
+        return f"non-square conv stride {tuple(conv.stride)}", 0
+    pad = conv.padding
+    if pad == "valid":
+        pad = (0, 0)
+    elif pad == "same":
+        kh, kw = conv.kernel_size
+        if kh % 2 == 0 or kw % 2 == 0:
+            return f"padding='same' with an even kernel {tuple(conv.kernel_size)} pads asymmetrically", 0
+        pad = ((kh - 1) // 2, (kw - 1) // 2)
+    ph, pw = pad
+    if ph != pw:
+        return f"non-square conv padding {tuple(pad)}", 0
+    return None, int(ph)
+
+
+def _bn_problem(bn: nn.Module, conv: nn.Module) -> Optional[str]:
+    if type(bn).forward is not nn.BatchNorm2d.forward:
+        return f"{type(bn).__name__} overrides BatchNorm2d's forward"
+    if bn.num_features != conv.out_channels:
+        return f"BatchNorm2d({bn.num_features}) after a conv with {conv.out_channels} channels"
+    if bn.momentum is not None and not 0.0 <= bn.momentum <= 1.0:
+        return f"BatchNorm2d momentum {bn.momentum} outside [0, 1]"
+    return None
+
+
+def _is_bn(gm: Optional[fx.GraphModule], n) -> bool:
+    if gm is None:
+        return isinstance(n, nn.BatchNorm2d) and not isinstance(n, FusedAwayBatchNorm2d)
+    return n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.BatchNorm2d)
+
+
+_RELU_FUNCS = (F.relu, torch.relu, torch.relu_, F.relu_)
+_LEAKY_FUNCS = (F.leaky_relu, F.leaky_relu_)
+_POOL_FUNCS = {F.max_pool2d: False, F.max_pool2d_with_indices: True, torch.max_pool2d: None}
+_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+
+
+def _act_info(gm: Optional[fx.GraphModule], n) -> Optional[Tuple[Optional[float], str, Optional[str]]]:
+    """None if ``n`` is no activation, else (negative slope, description, reason it cannot be fused)."""
+    if gm is None or n.op == "call_module":
+        m = n if gm is None else gm.get_submodule(n.target)
+        desc = "" if gm is None else n.target
+        if type(m) is nn.ReLU:
+            return 0.0, desc or "ReLU", None
+        if type(m) is nn.LeakyReLU:
+            slope = m.negative_slope
+            desc = desc or f"LeakyReLU({slope:g})"
+        else:
+            return None
+    elif n.op == "call_function" and n.target in _RELU_FUNCS:
+        return 0.0, "relu", None
+    elif n.op == "call_method" and n.target in ("relu", "relu_"):
+        return 0.0, "relu", None
+    elif n.op == "call_function" and n.target in _LEAKY_FUNCS:
+        slope = n.args[1] if len(n.args) > 1 else n.kwargs.get("negative_slope", 0.01)
+        desc = "leaky_relu"
+        if not isinstance(slope, (int, float)) or isinstance(slope, bool):
+            return None, desc, "negative_slope computed at run time"
+    else:
+        return None
+    slope = float(slope)
+    if not 0.0 <= slope < 1.0:
+        return None, desc, f"leaky_relu negative_slope={slope:g} outside [0, 1) (the fused ops' range)"
+    return slope, desc, None
+
+
+def _pool_info(gm: Optional[fx.GraphModule], n) -> Optional[Tuple[Optional[int], str, Optional[str]]]:
+    """None if ``n`` is no max-pool, else (window, description, reason it cannot be fused)."""
+    if gm is None or n.op == "call_module":
+        m = n if gm is None else gm.get_submodule(n.target)
+        if not isinstance(m, nn.MaxPool2d):
+            return None
+        if type(m).forward is not nn.MaxPool2d.forward:
+            return None, type(m).__name__, f"{type(m).__name__} overrides MaxPool2d's forward"
+        a = {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding, "dilation": m.dilation,
+             "ceil_mode": m.ceil_mode, "return_indices": m.return_indices}
+        desc = n.target if gm is not None else f"MaxPool2d({m.kernel_size})"
+    elif n.op == "call_function" and n.target in _POOL_FUNCS:
+        a = dict(zip(_POOL_ARGS, n.args))
+        a.update(n.kwargs)
+        a.setdefault("stride", None)
+        a.setdefault("padding", 0)
+        a.setdefault("dilation", 1)
+        a.setdefault("ceil_mode", False)
+        ri = _POOL_FUNCS[n.target]
+        a["return_indices"] = a.get("return_indices", False) if ri is None or ri is False else True
+        desc = f"max_pool2d({a.get('kernel_size')})"
+        if any(isinstance(v, fx.Node) for k, v in a.items() if k != "input"):
+            return None, desc, "max_pool2d arguments computed at run time"
+    else:
+        return None
+    if a["return_indices"]:
+        return None, desc, "return_indices=True: the indices would be lost (the fused ops record switches instead)"
+    kh, kw = _pair(a["kernel_size"])
+    stride = a["stride"]
+    sh, sw = (kh, kw) if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else _pair(stride)
+    if kh != kw:
+        return None, desc, f"non-square pool window {(kh, kw)}"
+    if (sh, sw) != (kh, kw):
+        return None, desc, f"pool stride {(sh, sw)} != kernel {(kh, kw)} (overlapping or gapped windows)"
+    if _pair(a["padding"]) != (0, 0):
+        return None, desc, f"pool padding {a['padding']} (padded windows)"
+    if _pair(a["dilation"]) != (1, 1):
+        return None, desc, f"pool dilation {a['dilation']}"
+    if a["ceil_mode"]:
+        return None, desc, "ceil_mode=True (partial windows at the border)"
+    if not 1 <= kh <= 4:
+        return None, desc, f"pool kernel {kh} > 4 (the fused ops pool 1..4)"
+    return int(kh), desc, None
+
+
+# --------------------------------------------------------------------------- torch.fx path
+
+
+@dataclass
+class _Chain:
+    conv: fx.Node
+    bn: Optional[fx.Node]
+    act: fx.Node
+    pool: Optional[fx.Node]
+    slope: float
+    pool_size: int
+    order: str
+    desc: str
+    padding: int
+
+    def key(self):
+        return (self.bn.target if self.bn is not None else None, self.slope, self.pool_size, self.order)
+
+    def nodes(self) -> List[fx.Node]:
+        rest = [self.act, self.pool] if self.order == "act-pool" else [self.pool, self.act]
+        return [n for n in [self.conv, self.bn] + rest if n is not None]
+
+
+class _Tracer(fx.Tracer):
+    # already-fused modules are leaves (their ops take no proxies)
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _FUSED_TYPES) or super().is_leaf_module(m, qualname)
+
+
+def _names(nodes) -> str:
+    return ", ".join(n.name if n.op != "output" else "the model's output" for n in nodes)
+
+
+def _analyze(gm: fx.GraphModule, c: fx.Node, refused: List[RefusedBlock],
+             ranks: Dict[fx.Node, Tuple[int, torch.dtype]]) -> Optional[_Chain]:
+    conv = gm.get_submodule(c.target)
+
+    def nxt(n):
+        return _is_bn(gm, n) or _act_info(gm, n) is not None or _pool_info(gm, n) is not None
+
+    def refuse(chain_nodes, reason):
+        refused.append(RefusedBlock(c.target, " -> ".join(_desc(gm, n) for n in chain_nodes), reason))
+        return None
+
+    users = list(c.users)
+    if not users or not any(nxt(u) for u in users):
+        after = f"its output goes to {_names(users)}" if users else "its output is unused"
+        return refuse([c], f"no batch_norm/activation/max_pool2d follows ({after})")
+    if len(users) > 1:
+        return refuse([c], f"the conv output is also used by {_names(u for u in users if not nxt(u)) or _names(users)}")
+    chain = [c]
+    u, bn = users[0], None
+    if _is_bn(gm, u):
+        bn = u
+        chain.append(bn)
+        busers = list(bn.users)
+        if not busers or not any(_act_info(gm, w) is not None or _pool_info(gm, w) is not None for w in busers):
+            return refuse(chain, f"no activation follows the batch_norm (its output goes to {_names(busers)})")
+        if len(busers) > 1:
+            return refuse(chain + busers[:1], f"the batch_norm output is also used by {_names(busers[1:])}")
+        u = busers[0]
+    act = _act_info(gm, u)
+    pool_node, pool_size, order = None, 1, "act-pool"
+    if act is not None:
+        act_node = u
+        chain.append(act_node)
+    else:
+        pool_node, order = u, "pool-act"
+        chain.append(pool_node)
+        pusers = list(pool_node.users)
+        if not pusers or not any(_act_info(gm, w) is not None for w in pusers):
+            return refuse(chain, f"no activation follows the max_pool2d (its output goes to {_names(pusers)})")
+        if len(pusers) > 1:
+            return refuse(chain + pusers[:1], f"the max_pool2d output (before the activation) is also used by "
+                                              f"{_names(pusers[1:])}")
+        act_node = pusers[0]
+        act = _act_info(gm, act_node)
+        chain.append(act_node)
+    reason, padding = _conv_problem(conv)
+    if reason is None and bn is not None:
+        reason = _bn_problem(gm.get_submodule(bn.target), conv)
+    if reason is None and act[2] is not None:
+        reason = act[2]
+    if reason is None and c in ranks:
+        rank, dtype = ranks[c]
+        if rank != 4:
+            reason = f"the conv input is {rank}-D in example_inputs (the fused ops take NCHW batches)"
+        elif dtype not in _FLOAT_DTYPES:
+            reason = f"the conv input is {dtype} in example_inputs"
+    if reason is None and pool_node is not None:
+        info = _pool_info(gm, pool_node)
+        reason = info[2]
+        pool_size = info[0]
+    if reason is not None:
+        return refuse(chain, reason)
+    if pool_node is None:  # act-pool order: take the pool along if it can come
+        ausers = list(act_node.users)
+        pools = [w for w in ausers if _pool_info(gm, w) is not None]
+        if pools:
+            info = _pool_info(gm, pools[0])
+            why = info[2]
+            if why is None and len(ausers) > 1:
+                why = f"the activation output is also used by {_names(w for w in ausers if w is not pools[0])}"
+            if why is None:
+                pool_node, pool_size = pools[0], info[0]
+                chain.append(pool_node)
+            else:
+                refused.append(RefusedBlock(pools[0].target if pools[0].op == "call_module" else pools[0].name, " -> ".join(_desc(gm, n) for n in chain + pools[:1]),
+                                            f"{why}; the conv -> activation before it is fused with pool=1"))
+    return _Chain(c, bn, act_node, pool_node, act[0], pool_size, order,
+                  " -> ".join(_desc(gm, n) for n in chain), padding)
+
+
+def _desc(gm: fx.GraphModule, n: fx.Node) -> str:
+    if n.op == "call_module":
+        return n.target
+    if n.op == "call_method":
+        return f".{n.target}()"
+    pool = _pool_info(gm, n)
+    if pool is not None:
+        return pool[1]
+    act = _act_info(gm, n)
+    if act is not None:
+        return act[1]
+    return n.name
+
+
+def _example_ranks(gm: fx.GraphModule, example_inputs, notes: List[str]) -> Dict[fx.Node, Tuple[int, torch.dtype]]:
+    """Rank and dtype of each conv's input, from a run on fake tensors (no compute, no state changes)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    if isinstance(example_inputs, Tensor):
+        example_inputs = (example_inputs,)
+    try:
+        ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
+    except Exception as e:  # shapes are a check, not a requirement
+        notes.append(f"example_inputs: shape propagation failed ({type(e).__name__}: {_first_line(e)}); "
+                     f"conv input ranks not checked")
+        return {}
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and isinstance(n.args[0] if n.args else None, fx.Node):
+            meta = n.args[0].meta.get("tensor_meta")
+            if meta is not None and hasattr(meta, "shape"):
+                out[n] = (len(meta.shape), meta.dtype)
+    notes.append("example_inputs: conv input ranks and dtypes checked")
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def _fuse_fx(model: nn.Module, gm: fx.GraphModule, report: FuseReport, example_inputs) -> fx.GraphModule:
+    ranks = _example_ranks(gm, example_inputs, report.notes) if example_inputs is not None else {}
+    graph = gm.graph
+    convs = [n for n in graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d)
+             and not isinstance(gm.get_submodule(n.target), _FUSED_TYPES)]
+    chains: Dict[fx.Node, _Chain] = {}
+    for c in convs:
+        ch = _analyze(gm, c, report.refused, ranks)
+        if ch is not None:
+            chains[c] = ch
+
+    def sites(target):
+        return [n for n in graph.nodes if n.op == "call_module" and n.target == target]
+
+    # Shared modules: fuse a conv only if every call of it is an identical chain, and a BN only if every
+    # call of it sits in a fused chain; refusing one chain can break another's condition, so repeat.
+    changed = True
+    while changed:
+        changed = False
+        for target in {ch.conv.target for ch in chains.values()}:
+            group = [chains[n] for n in sites(target) if n in chains]
+            calls = sites(target)
+            why = None
+            if len(group) < len(calls):
+                others = [n for n in calls if n not in chains]
+                why = f"module {target} is also called unfused ({_names(others)})"
+            elif len({ch.key() for ch in group}) > 1:
+                why = f"module {target} is called in {len(group)} different chains"
+            if why:
+                for ch in group:
+                    report.refused.append(RefusedBlock(target, ch.desc, why))
+                    del chains[ch.conv]
+                changed = True
+        for target in {ch.bn.target for ch in chains.values() if ch.bn is not None}:
+            calls = sites(target)
+            inside = [ch for ch in chains.values() if ch.bn is not None and ch.bn.target == target]
+            if len(inside) < len(calls):
+                others = [n for n in calls if not any(ch.bn is n for ch in inside)]
+                for ch in inside:
+                    report.refused.append(RefusedBlock(ch.conv.target, ch.desc, f"batch norm module {target} is also "
+                                                                             f"called unfused ({_names(others)})"))
+                    del chains[ch.conv]
+                changed = True
+
+    gone = set()
+    done: Dict[str, FusedBlock] = {}
+    for ch in chains.values():
+        target = ch.conv.target
+        if target not in done:
+            conv = gm.get_submodule(target)
+            if ch.bn is None:
+                fused = FusedConvActPool2d._build(conv, ch.padding, ch.slope, ch.pool_size, ch.order)
+            else:
+                fused = FusedConvBNActPool2d._build(conv, gm.get_submodule(ch.bn.target), ch.bn.target, ch.padding,
+                                                    ch.slope, ch.pool_size, ch.order)
+            _set_submodule(gm, target, fused)
+            done[target] = FusedBlock(target, ch.desc, type(fused).__name__)
+        else:
+            done[target].sites += 1
+        last = ch.act if ch.order == "pool-act" or ch.pool is None else ch.pool
+        last.replace_all_uses_with(ch.conv)
+        for n in reversed(ch.nodes()[1:]):
+            if n.op == "call_module" and n is not ch.bn:
+                gone.add(n.target)
+            graph.erase_node(n)
+    report.fused.extend(done.values())
+    # Drop the now-unused ReLU/MaxPool modules (they hold no state); BatchNorms stay for their state.
+    used = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
+    for target in gone:
+        if not any(u == target or u.startswith(target + ".") for u in used):
+            gm.delete_submodule(target)
+    graph.lint()
+    gm.recompile()
+    _restore_unused_state(model, gm, report)
+    return gm
+
+
+def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _restore_unused_state(model: nn.Module, gm: fx.GraphModule, report: FuseReport) -> None:
+    """fx copies only the modules the trace touched; put back any others that hold state, so the
+    state_dict keys stay those of ``model``."""
+    have = set(gm.state_dict().keys())
+    missing = [k for k in model.state_dict().keys() if k not in have]
+    if not missing:
+        return
+    added = []
+    for name, mod in model.named_modules():
+        if not name or not any(k.startswith(name + ".") for k in missing):
+            continue
+        try:
+            gm.get_submodule(name)
+        except AttributeError:
+            if not any(name.startswith(a + ".") for a in added):
+                gm.add_submodule(name, mod)
+                added.append(name)
+    have = set(gm.state_dict().keys())
+    for k in [k for k in missing if k not in have]:
+        path, _, attr = k.rpartition(".")
+        src, dst = model.get_submodule(path), gm.get_submodule(path)
+        if attr in src._parameters:
+            dst.register_parameter(attr, src._parameters[attr])
+        elif attr in src._buffers:
+            dst.register_buffer(attr, src._buffers[attr])
+    if added:
+        report.notes.append(f"modules not called by forward kept for the state_dict: {', '.join(added)}")
+
+
+# --------------------------------------------------------------------------- nn.Sequential fallback
+
+
+def _fuse_sequential(model: nn.Module, report: FuseReport) -> nn.Module:
+    paths: Dict[int, List[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(name)
+    for prefix, seq in list(model.named_modules()):
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
+            continue
+        kids = list(seq.named_children())
+        i = 0
+        while i < len(kids):
+            name, conv = kids[i]
+            where = f"{prefix}.{name}" if prefix else name
+            if not isinstance(conv, nn.Conv2d) or isinstance(conv, _FUSED_TYPES):
+                i += 1
+                continue
+            mods = [kids[i][1]]
+            j, bn = i + 1, None
+            if j < len(kids) and _is_bn(None, kids[j][1]):
+                bn = kids[j][1]
+                mods.append(bn)
+                j += 1
+            act = _act_info(None, kids[j][1]) if j < len(kids) else None
+            pool = None
+            order = "act-pool"
+            if act is None and j < len(kids) and _pool_info(None, kids[j][1]) is not None \
+                    and j + 1 < len(kids) and _act_info(None, kids[j + 1][1]) is not None:
+                pool, act, order = _pool_info(None, kids[j][1]), _act_info(None, kids[j + 1][1]), "pool-act"
+                mods += [kids[j][1], kids[j + 1][1]]
+                j += 2
+            elif act is not None:
+                mods.append(kids[j][1])
+                j += 1
+            else:
+                report.refused.append(RefusedBlock(where, _seq_desc(prefix, kids[i:j + 1]),
+                                                   "no activation follows the conv"
+                                                   + (" and batch_norm" if bn is not None else "")))
+                i += 1
+                continue
+            desc = _seq_desc(prefix, kids[i:j])
+            reason, padding = _conv_problem(conv)
+            if reason is None and bn is not None:
+                reason = _bn_problem(bn, conv)
+            reason = reason or act[2] or (pool[2] if pool is not None else None)
+            if reason is None:
+                shared = [p for m in mods if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for p in paths[id(m)][1:]]
+                if shared:
+                    reason = f"module also registered at {', '.join(shared)} (its other uses cannot be seen)"
+            if reason is not None:
+                report.refused.append(RefusedBlock(where, desc, reason))
+                i += 1
+                continue
+            pool_size = pool[0] if pool is not None else 1
+            if order == "act-pool" and j < len(kids) and _pool_info(None, kids[j][1]) is not None:
+                info = _pool_info(None, kids[j][1])
+                if info[2] is None:
+                    pool_size = info[0]
+                    j += 1
+                    desc = _seq_desc(prefix, kids[i:j])
+                else:
+                    report.refused.append(RefusedBlock(_seq_desc(prefix, kids[j:j + 1]), _seq_desc(prefix, kids[i:j + 1]),
+                                                       f"{info[2]}; the conv -> activation before it is fused with pool=1"))
+            if bn is None:
+                fused = FusedConvActPool2d._build(conv, padding, act[0], pool_size, order)
+            else:
+                bn_where = f"{prefix}.{kids[i + 1][0]}" if prefix else kids[i + 1][0]
+                slot = FusedAwayBatchNorm2d._from(bn, where)
+                setattr(seq, kids[i + 1][0], slot)
+                fused = FusedConvBNActPool2d._build(conv, slot, bn_where, padding, act[0], pool_size, order)
+            setattr(seq, name, fused)
+            for k in range(i + (2 if bn is not None else 1), j):
+                setattr(seq, kids[k][0], nn.Identity())
+            report.fused.append(FusedBlock(where, desc, type(fused).__name__))
+            i = j
+    return model
+
+
+def _seq_desc(prefix: str, kids) -> str:
+    return " -> ".join(f"{prefix}.{n}" if prefix else n for n, _ in kids)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def fuse(model: nn.Module, example_inputs: Union[Tensor, Sequence[Any], None] = None) -> nn.Module:
+    """Replace every ``conv2d → [batch_norm] → relu/leaky_relu → [max_pool2d]`` chain of ``model`` that the
+    fused ops compute exactly; returns the fused model, with ``fused.fuse_report`` saying what was
+    fused and what was refused, and why.
+
+    The model is traced with ``torch.fx`` (chains in ``nn.Sequential`` or written as calls in
+    ``forward``, activation before or after the pool); the result is then a ``torch.fx.GraphModule``
+    that shares ``model``'s parameters and buffers. If fx cannot trace ``model``, the chains inside
+    ``nn.Sequential`` containers are fused in ``model`` itself, which is returned. Use the returned model.
+
+    Each fused chain is one ``FusedConvActPool2d`` (a ``FusedConvReLUPool2d``) or, with a BatchNorm2d,
+    one ``FusedConvBNActPool2d`` (a ``FusedConvBNReLUPool2d``), registered at the conv's path with the
+    conv's parameters; the BatchNorm2d keeps its path, so the original ``state_dict`` loads unchanged.
+    A BN in training mode runs ``conv_bn_relu_pool`` on the batch statistics and updates the running
+    statistics like ``BatchNorm2d``; in eval mode its running statistics are folded.
+
+    Chains are refused (and reported) where fusing would change the result or lose a value, or the op
+    contract does not cover them: pool stride != kernel, pool padding or dilation, pool > 4,
+    ``ceil_mode=True``, ``return_indices=True``, conv dilation or groups, a padding mode other than
+    zeros, non-square stride or padding, an intermediate used elsewhere, a conv or BN module also called
+    outside a fusable chain. A conv → activation whose pool is refused is fused with ``pool=1``.
+
+    ``example_inputs`` (a tensor or a tuple of the forward's arguments) lets ``fuse`` check each conv's
+    input rank and dtype on fake tensors (nothing is computed and no statistics change).
+
+    >>> import torch.nn.functional as F
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.conv1, self.conv2 = nn.Conv2d(1, 4, 5), nn.Conv2d(4, 8, 5)
+    ...         self.fc = nn.Linear(8 * 4 * 4, 10)
+    ...     def forward(self, x):
+    ...         x = F.relu(F.max_pool2d(self.conv1(x), 2))
+    ...         x = F.max_pool2d(F.relu(self.conv2(x)), 2, stride=1)
+    ...         return self.fc(x[..., :4, :4].flatten(1))
+    >>> net = Net()
+    >>> fused = fuse(net)
+    >>> type(fused.conv1).__name__, fused.conv1.pool, fused.conv2.pool
+    ('FusedConvActPool2d', 2, 1)
+    >>> print(fused.fuse_report)  # doctest: +NORMALIZE_WHITESPACE
+    fuse(Net) [torch.fx trace]: 2 fused, 1 refused
+      fused    conv1: conv1 -> max_pool2d(2) -> relu  ->  FusedConvActPool2d
+      fused    conv2: conv2 -> relu  ->  FusedConvActPool2d
+      refused  max_pool2d_1: conv2 -> relu -> max_pool2d(2) -- pool stride (1, 1) != kernel (2, 2) (overlapping
+               or gapped windows); the conv -> activation before it is fused with pool=1
+    >>> x = torch.randn(2, 1, 28, 28)
+    >>> torch.allclose(fused(x), net(x), atol=1e-5)
+    True
+    >>> sorted(fused.state_dict()) == sorted(net.state_dict())
+    True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"drmm_kernels.fuse: model must be an nn.Module, got {type(model).__name__}")
+    name = type(model).__name__
+    try:
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph, name)
+    except Exception as e:  # data-dependent control flow, untraceable calls, ...
+        report = FuseReport(name, "modules")
+        report.notes.append(f"torch.fx could not trace {name} ({type(e).__name__}: {_first_line(e)}); "
+                            f"fused the chains inside nn.Sequential containers only, assuming nothing else "
+                            f"calls their modules")
+        if example_inputs is not None:
+            report.notes.append("example_inputs not used (no trace)")
+        fused = _fuse_sequential(model, report)
+    else:
+        report = FuseReport(name, "fx")
+        fused = _fuse_fx(model, gm, report, example_inputs)
+    fused.fuse_report = report
+    return fused

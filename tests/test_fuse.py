@@ -1,0 +1,375 @@
+"""drmm_kernels.fuse: chains found by torch.fx or in nn.Sequential, refusals with their reasons, and the
+fused model against the original (outputs, parameter gradients, BN running statistics, state_dict keys)."""
+
+import copy
+import doctest
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import drmm_kernels as dk
+from drmm_kernels import FusedConvBNReLUPool2d, FusedConvReLUPool2d
+
+torchvision = pytest.importorskip("torchvision")
+fuse_module = importlib.import_module("drmm_kernels.fuse")
+
+
+def _vgg11(bn: bool) -> nn.Module:
+    """torchvision's VGG11(-BN) with random features and a small head (the 25088x4096 classifier would take
+    seconds to initialise and has nothing to fuse)."""
+    with torch.device("meta"):
+        model = (torchvision.models.vgg11_bn if bn else torchvision.models.vgg11)()
+    model.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 16), nn.ReLU(inplace=True), nn.Dropout(), nn.Linear(16, 10))
+    model.features.to_empty(device="cpu")
+    for m in model.features:
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        if isinstance(m, nn.BatchNorm2d):
+            _randomize_bn(m)
+    return model
+
+
+def _randomize_bn(m: nn.BatchNorm2d) -> None:
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.normal_()
+        m.running_mean.normal_()
+        m.running_var.uniform_(0.5, 2.0)
+
+
+def _run(model, x, seed=0):
+    torch.manual_seed(seed)  # same dropout masks for both models
+    y = model(x)
+    y = y[0] if isinstance(y, tuple) else y
+    y.square().sum().backward()
+    return y.detach()
+
+
+def _assert_same(ref: nn.Module, fused: nn.Module, x: torch.Tensor, steps: int = 1) -> None:
+    """Outputs, parameter gradients (by name) and the whole state_dict agree after ``steps`` forward/backward."""
+    for step in range(steps):
+        ref.zero_grad(), fused.zero_grad()
+        torch.testing.assert_close(_run(fused, x, step), _run(ref, x, step), atol=1e-5, rtol=1e-4)
+    g_ref, g_fused = dict(ref.named_parameters()), dict(fused.named_parameters())
+    assert g_fused.keys() == g_ref.keys()
+    # float32 roundoff relative to the largest gradient: a conv bias before a training-mode BN has an exact
+    # gradient of 0, which the fused op gives and eager misses by roundoff of the BN's sums
+    scale = max(p.grad.abs().max().item() for p in g_ref.values() if p.grad is not None)
+    for k, p in g_ref.items():
+        assert (p.grad is None) == (g_fused[k].grad is None), k
+        if p.grad is not None:
+            torch.testing.assert_close(g_fused[k].grad, p.grad, atol=1e-5 * scale, rtol=1e-4,
+                                       msg=lambda m, k=k: f"{k}: {m}")
+    s_ref, s_fused = ref.state_dict(), fused.state_dict()
+    assert list(s_fused.keys()) == list(s_ref.keys()) or sorted(s_fused) == sorted(s_ref)
+    for k in s_ref:
+        torch.testing.assert_close(s_fused[k], s_ref[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def _fused(model, example_inputs=None):
+    """(original, fused) with separate parameters and statistics."""
+    return model, dk.fuse(copy.deepcopy(model), example_inputs)
+
+
+def _reasons(report):
+    return [(r.name, r.reason) for r in report.refused]
+
+
+# --------------------------------------------------------------------------- torchvision VGG11 / VGG11-BN
+
+
+VGG11_FUSED = [("features.0", 2), ("features.3", 2), ("features.6", 1), ("features.8", 2), ("features.11", 1),
+               ("features.13", 2), ("features.16", 1), ("features.18", 2)]
+VGG11_BN_FUSED = [("features.0", 2), ("features.4", 2), ("features.8", 1), ("features.11", 2), ("features.15", 1),
+                  ("features.18", 2), ("features.22", 1), ("features.25", 2)]
+
+
+def test_vgg11():
+    ref, fused = _fused(_vgg11(False).eval())
+    report = fused.fuse_report
+    assert isinstance(fused, nn.Module) and report.mode == "fx" and not report.refused
+    assert [(b.name, fused.get_submodule(b.name).pool) for b in report.fused] == VGG11_FUSED
+    assert all(type(fused.get_submodule(n)) is fuse_module.FusedConvActPool2d for n, _ in VGG11_FUSED)
+    assert isinstance(fused.get_submodule("features.0"), FusedConvReLUPool2d)
+    assert "features.0: features.0 -> features.1 -> features.2" in str(report)
+    _assert_same(ref, fused, torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_vgg11_bn(mode):
+    ref, fused = _fused(getattr(_vgg11(True), mode)())
+    report = fused.fuse_report
+    assert report.mode == "fx" and not report.refused
+    assert [(b.name, fused.get_submodule(b.name).pool) for b in report.fused] == VGG11_BN_FUSED
+    assert all(isinstance(fused.get_submodule(n), FusedConvBNReLUPool2d) for n, _ in VGG11_BN_FUSED)
+    assert fused.get_submodule("features.0").bn is fused.get_submodule("features.1")  # the BN stays at its own path
+    _assert_same(ref, fused, torch.randn(2, 3, 32, 32), steps=2)  # running stats, num_batches_tracked included
+    if mode == "train":
+        assert int(fused.get_submodule("features.1").num_batches_tracked) == 2
+        ref.eval(), fused.eval()  # the fused module follows the BN's mode switch
+        with torch.no_grad():
+            x = torch.randn(2, 3, 32, 32)
+            torch.testing.assert_close(fused(x), ref(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_vgg11_state_dict_loads_both_ways(bn):
+    original = _vgg11(bn).eval()
+    fused = dk.fuse(_vgg11(bn)).eval()  # different random weights
+    fused.load_state_dict(original.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), original(x), atol=1e-5, rtol=1e-4)
+    other = _vgg11(bn).eval()
+    other.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), original(x), atol=1e-5, rtol=1e-4)
+
+
+def test_fused_model_converts_and_copies():
+    ref, fused = _fused(_vgg11(True).train())
+    fused, ref = fused.double(), ref.double()  # the BN's new buffers are the ones the fused module reads
+    _assert_same(ref, fused, torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    twin = copy.deepcopy(fused)
+    assert twin.get_submodule("features.0").bn is twin.get_submodule("features.1") and twin.get_submodule("features.1") is not fused.get_submodule("features.1")
+    before = fused.get_submodule("features.1").running_mean.clone()
+    twin(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    torch.testing.assert_close(fused.get_submodule("features.1").running_mean, before, atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------- functional-style MNIST nets
+
+
+class LeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 6, 5, padding=2), nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2 = nn.Linear(16 * 5 * 5, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.max_pool2d(F.relu(self.conv2(x)), kernel_size=2, stride=2)
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+class ExampleNet(nn.Module):
+    """The PyTorch MNIST example's layout: conv1 → relu → conv2 → relu → max_pool2d → dropout → fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 8, 3, 1), nn.Conv2d(8, 16, 3, 1)
+        self.dropout = nn.Dropout(0.25)
+        self.fc = nn.Linear(16 * 12 * 12, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = self.conv2(x)
+        x = F.relu(x)
+        x = F.max_pool2d(x, 2)
+        return F.log_softmax(self.fc(torch.flatten(self.dropout(x), 1)), dim=1)
+
+
+def test_functional_lenet():
+    ref, fused = _fused(LeNet())
+    report = fused.fuse_report
+    assert [(b.name, b.chain) for b in report.fused] == [
+        ("conv1", "conv1 -> max_pool2d(2) -> relu"), ("conv2", "conv2 -> relu -> max_pool2d(2)")]
+    assert fused.conv1.order == "pool-act" and fused.conv2.order == "act-pool" and not report.refused
+    _assert_same(ref, fused, torch.randn(3, 1, 28, 28))
+
+
+def test_functional_example_net():
+    ref, fused = _fused(ExampleNet().train())
+    assert [(b.name, fused.get_submodule(b.name).pool) for b in fused.fuse_report.fused] == [("conv1", 1), ("conv2", 2)]
+    _assert_same(ref, fused, torch.randn(2, 1, 28, 28))
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+class Chain(nn.Module):
+    """conv → [bn] → act → pool (or pool → act) in forward, with pieces replaceable per case."""
+
+    def __init__(self, conv=None, act=None, pool=None, bn=False, order="act-pool"):
+        super().__init__()
+        self.conv = conv or nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(self.conv.out_channels) if bn else None
+        self.act = act or nn.ReLU()
+        self.pool = pool or nn.MaxPool2d(2)
+        self.order = order
+
+    def forward(self, x):
+        z = self.conv(x)
+        if self.bn is not None:
+            z = self.bn(z)
+        if self.order == "act-pool":
+            return self.pool(self.act(z))
+        return self.act(self.pool(z))
+
+
+class Functional(nn.Module):
+    def __init__(self, body, bn=False):
+        super().__init__()
+        self.conv, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4) if bn else None
+        self.body = body
+
+    def forward(self, x):
+        return self.body(self, x)
+
+
+# name: (model, refused block name, reason fragment, blocks still fused)
+REFUSALS = {
+    "pool stride": (lambda: Chain(pool=nn.MaxPool2d(2, stride=1)), "pool", "stride (1, 1) != kernel (2, 2)", 1),
+    "pool padding": (lambda: Chain(pool=nn.MaxPool2d(2, padding=1)), "pool", "pool padding", 1),
+    "pool > 4": (lambda: Chain(pool=nn.MaxPool2d(5)), "pool", "pool kernel 5 > 4", 1),
+    "ceil_mode": (lambda: Chain(pool=nn.MaxPool2d(2, ceil_mode=True)), "pool", "ceil_mode=True", 1),
+    "pool dilation": (lambda: Chain(pool=nn.MaxPool2d(2, dilation=2)), "pool", "pool dilation", 1),
+    "return_indices module": (lambda: Chain(pool=nn.MaxPool2d(2, return_indices=True)), "pool", "return_indices", 1),
+    "return_indices functional": (
+        lambda: Functional(lambda s, x: F.max_pool2d(F.relu(s.conv(x)), 2, return_indices=True)),
+        "max_pool2d_with_indices", "return_indices", 1),
+    "pool stride, pool first": (lambda: Chain(pool=nn.MaxPool2d(2, stride=1), order="pool-act"), "conv",
+                                "stride (1, 1) != kernel (2, 2)", 0),
+    "dilation": (lambda: Chain(nn.Conv2d(3, 4, 3, dilation=2)), "conv", "dilated convolution", 0),
+    "groups": (lambda: Chain(nn.Conv2d(4, 4, 3, groups=2)), "conv", "grouped convolution", 0),
+    "padding mode": (lambda: Chain(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")), "conv",
+                     "padding_mode='reflect'", 0),
+    "non-square stride": (lambda: Chain(nn.Conv2d(3, 4, 3, stride=(1, 2))), "conv", "non-square conv stride", 0),
+    "non-square padding": (lambda: Chain(nn.Conv2d(3, 4, 3, padding=(1, 0))), "conv", "non-square conv padding", 0),
+    "leaky slope": (lambda: Chain(act=nn.LeakyReLU(-0.1)), "conv", "outside [0, 1)", 0),
+    "conv output used": (lambda: Functional(lambda s, x: (lambda z: (F.max_pool2d(F.relu(z), 2), z.mean()))(
+        s.conv(x))), "conv", "conv output is also used by mean", 0),
+    "bn output used": (lambda: Functional(lambda s, x: (lambda v: (F.max_pool2d(F.relu(v), 2), v.sum()))(
+        s.bn(s.conv(x))), bn=True), "conv", "batch_norm output is also used by sum", 0),
+    "relu output used": (lambda: Functional(lambda s, x: (lambda r: F.max_pool2d(r, 2).sum() + r.mean())(
+        F.relu(s.conv(x)))), "max_pool2d", "activation output is also used by mean", 1),
+    "pool output used": (lambda: Functional(lambda s, x: (lambda p: (F.relu(p), p))(F.max_pool2d(s.conv(x), 2))),
+                         "conv", "max_pool2d output (before the activation) is also used", 0),
+    "conv shared with unfused use": (lambda: Functional(lambda s, x: (F.max_pool2d(F.relu(s.conv(x)), 2),
+                                                                      s.conv(x))), "conv", "also called unfused", 0),
+    "conv in two different chains": (lambda: Functional(lambda s, x: (F.max_pool2d(F.relu(s.conv(x)), 2),
+                                                                      F.relu(s.conv(x)))),
+                                     "conv", "called in 2 different chains", 0),
+    "bn shared with unfused use": (lambda: Functional(lambda s, x: (F.max_pool2d(F.relu(s.bn(s.conv(x))), 2),
+                                                                    s.bn(s.conv2(x))), bn=True),
+                                   "conv", "batch norm module bn is also called unfused", 0),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusals(case):
+    make, name, reason, n_fused = REFUSALS[case]
+    torch.manual_seed(0)
+    ref, fused = _fused(make().eval())
+    report = fused.fuse_report
+    hits = [r for r in report.refused if r.name == name and reason in r.reason]
+    assert hits, f"{case}: expected {name!r}: ...{reason}... in\n{report}"
+    assert len(report.fused) == n_fused, str(report)
+    assert reason in str(report)
+    in_ch = 4 if case == "groups" else 3
+    _assert_same(ref, fused, torch.randn(2, in_ch, 8, 8))
+
+
+def test_shared_conv_fused_at_two_sites():
+    ref, fused = _fused(Functional(lambda s, x: F.max_pool2d(F.relu(s.conv(x)), 2)
+                                   + F.max_pool2d(F.relu(s.conv(2 * x)), 2)))
+    (block,) = fused.fuse_report.fused
+    assert block.name == "conv" and block.sites == 2 and not fused.fuse_report.refused
+    _assert_same(ref, fused, torch.randn(2, 3, 8, 8))
+
+
+def test_conv_without_activation_is_listed():
+    ref, fused = _fused(Functional(lambda s, x: s.conv(x) + 1))
+    assert _reasons(fused.fuse_report) == [("conv", "no batch_norm/activation/max_pool2d follows (its output goes "
+                                                    "to add)")]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Chain(act=nn.LeakyReLU(0.2), order="pool-act"),
+    lambda: Chain(nn.Conv2d(3, 4, (3, 1), padding=1)),  # non-square kernel, square padding
+    lambda: Chain(nn.Conv2d(3, 4, 3, padding="same"), pool=nn.MaxPool2d(4)),
+    lambda: Functional(lambda s, x: F.leaky_relu(F.max_pool2d(s.conv(x), 2), 0.1)),
+    lambda: Functional(lambda s, x: torch.max_pool2d(s.conv(x).relu(), 2)),
+])
+def test_more_chains_fuse(make):
+    torch.manual_seed(0)
+    ref, fused = _fused(make())
+    assert len(fused.fuse_report.fused) == 1 and not fused.fuse_report.refused, str(fused.fuse_report)
+    _assert_same(ref, fused, torch.randn(2, 3, 8, 8))
+
+
+def test_bn_momentum_none_and_conv_bias():
+    model = Chain(nn.Conv2d(3, 4, 3, padding=1, bias=True), bn=True).train()
+    model.bn.momentum = None  # cumulative average: 1 / num_batches_tracked
+    _randomize_bn(model.bn)
+    with torch.no_grad():
+        model.conv.bias.normal_(0, 3)  # a large bias shows in running_mean if it is dropped
+    ref, fused = _fused(model)
+    assert type(fused.conv).__name__ == "FusedConvBNActPool2d"
+    _assert_same(ref, fused, torch.randn(4, 3, 8, 8), steps=3)
+    assert int(fused.bn.num_batches_tracked) == 3
+
+
+# --------------------------------------------------------------------------- fallback, example_inputs, misc
+
+
+class Untraceable(nn.Module):
+    def __init__(self, bn: bool):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), *([nn.BatchNorm2d(4)] if bn else []),
+                                      nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                                      nn.MaxPool2d(3, stride=1))
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace this
+            x = -x
+        return self.features(x)
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_untraceable_falls_back_to_sequential(bn):
+    model = Untraceable(bn).train()
+    if bn:
+        _randomize_bn(model.get_submodule("features.1"))
+    ref = copy.deepcopy(model)
+    fused = dk.fuse(model)
+    report = fused.fuse_report
+    assert fused is model and report.mode == "modules"
+    assert "torch.fx could not trace Untraceable" in report.notes[0]
+    conv2 = "features.4" if bn else "features.3"
+    assert [b.name for b in report.fused] == ["features.0", conv2]
+    assert _reasons(report) == [(f"features.{6 if bn else 5}", "pool stride (1, 1) != kernel (3, 3) (overlapping or "
+                                 "gapped windows); the conv -> activation before it is fused with pool=1")]
+    assert (fused.get_submodule("features.0").pool, fused.get_submodule(conv2).pool) == (2, 1)
+    _assert_same(ref, fused, torch.randn(2, 3, 8, 8), steps=2)
+    assert "nn.Sequential chains only" in str(report)
+
+
+def test_example_inputs_check_conv_input_rank():
+    model = Chain()
+    fused = dk.fuse(copy.deepcopy(model), example_inputs=(torch.randn(3, 8, 8),))  # unbatched
+    assert _reasons(fused.fuse_report) == [("conv", "the conv input is 3-D in example_inputs (the fused ops take "
+                                                    "NCHW batches)")]
+    fused = dk.fuse(copy.deepcopy(model), example_inputs=torch.randn(1, 3, 8, 8))
+    assert len(fused.fuse_report.fused) == 1 and "checked" in fused.fuse_report.notes[0]
+
+
+def test_fuse_twice_is_a_no_op():
+    ref, fused = _fused(_vgg11(True).eval())
+    again = dk.fuse(fused)
+    assert not again.fuse_report.fused and not [r for r in again.fuse_report.refused if "features" in r.name]
+    _assert_same(ref, again, torch.randn(1, 3, 32, 32))
+
+
+def test_bad_argument():
+    with pytest.raises(TypeError, match="drmm_kernels.fuse: model must be an nn.Module"):
+        dk.fuse(lambda x: x)
+
+
+def test_docstring_examples():
+    result = doctest.testmod(fuse_module, extraglobs={"torch": torch, "nn": nn})
+    assert result.attempted > 0 and result.failed == 0
