@@ -26,8 +26,7 @@ import torch
 
 from . import data as data_lib
 from . import distributed as dist_lib
-from . import run_dir as rd
-from .config import TrainConfig, config_from_dict, load_config, resolve_device
+from .config import MODES, TOP_MODELS, TRAINERS, TrainConfig, config_from_dict, load_config, resolve_device
 from .drfm import build_drfm
 from .hard_em import HardEM, HardEMConfig
 from .losses import (MinBranch, ObjectiveConfig, as_floats, drmm_objective, moment_pairs, rpn_per_example,
@@ -35,12 +34,16 @@ from .losses import (MinBranch, ObjectiveConfig, as_floats, drmm_objective, mome
 from .model import DRMM, Latents, build_model
 from .plan import DataPlan, epoch_batches, epoch_generator, load_data, make_plan, phase, steps_in_epoch
 from .priors import attach_switch_priors, load_model_state
-from .run_dir import atomic_save
+from .figures import plot_learning_curve
+from .run_dir import (METRIC_FIELDS, MetricsLog, NullLog, atomic_save, check_run_dir, read_checkpoint, rng_state,
+                      set_rng_state, write_checkpoint, write_config, write_summary)
 
-# The trainer's public names (drmm.train.X) include the config and data-plan helpers it is built from.
-__all__ = ["TrainConfig", "config_from_dict", "load_config", "resolve_device", "DataPlan", "load_data", "make_plan",
-           "phase", "steps_in_epoch", "epoch_batches", "atomic_save", "model_from_config", "train_step",
-           "evaluate", "lr_lambda_for", "TrainState", "train"]
+# drmm.train.X still names what this module defined before the config, the data plan, the run folder and the
+# figures moved to their own modules.
+__all__ = ["MODES", "TRAINERS", "TOP_MODELS", "TrainConfig", "config_from_dict", "load_config", "resolve_device",
+           "DataPlan", "load_data", "make_plan", "phase", "steps_in_epoch", "epoch_generator", "epoch_batches",
+           "METRIC_FIELDS", "MetricsLog", "atomic_save", "rng_state", "set_rng_state", "plot_learning_curve",
+           "model_from_config", "train_step", "evaluate", "lr_lambda_for", "TrainState", "train"]
 
 
 # ---------------------------------------------------------------- the model, one step, evaluation
@@ -184,12 +187,12 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> TrainState:
     """Everything ``train`` needs: process group, data, plan, model, optimizer, and the checkpoint on resume."""
     cfg.validate()
     run_dir = Path(run_dir)
-    rd.check_run_dir(run_dir, resume)
+    check_run_dir(run_dir, resume)
     device, joined_group = dist_lib.setup(cfg.device)  # torchrun: join the process group (after the checks)
     rank, world, _ = dist_lib.rank_and_world()
     data = load_data(cfg, device)  # before touching the run dir: a missing data set leaves no empty run behind
     if rank == 0:                  # data parallel: rank 0 alone writes to the run dir
-        rd.write_config(run_dir, cfg)
+        write_config(run_dir, cfg)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -212,10 +215,10 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> TrainState:
     state = TrainState(cfg, run_dir, device, rank, world, joined_group, data, plan, model, forward, em,
                        cfg.objective(), optimizer, scheduler)
     if resume:
-        restore(state, rd.read_checkpoint(run_dir, cfg, device))
+        restore(state, read_checkpoint(run_dir, cfg, device))
         print(f"[drmm] resumed {run_dir} at epoch {state.epoch}, step {state.step}")
-    state.log = rd.MetricsLog(run_dir, state.step if resume else None, cfg.tensorboard) if rank == 0 \
-        else rd.NullLog()
+    state.log = MetricsLog(run_dir, state.step if resume else None, cfg.tensorboard) if rank == 0 \
+        else NullLog()
     return state
 
 
@@ -244,7 +247,7 @@ def restore(s: TrainState, ckpt: Dict[str, Any]) -> None:
     s.epoch, s.step_in_epoch, s.step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
     s.best_error, s.elapsed_before = ckpt["best_error"], ckpt["elapsed_s"]
     s.test_at_best = ckpt.get("test_at_best", float("nan"))
-    rd.set_rng_state(ckpt["rng"])
+    set_rng_state(ckpt["rng"])
 
 
 def save_checkpoint(s: TrainState, test_error: Optional[float], score: Optional[float] = None) -> None:
@@ -254,9 +257,9 @@ def save_checkpoint(s: TrainState, test_error: Optional[float], score: Optional[
     ckpt = {"hard_em": s.em.state_dict() if s.em is not None else None, "model": s.model.state_dict(),
             "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(), "epoch": s.epoch,
             "step_in_epoch": s.step_in_epoch, "step": s.step, "best_error": s.best_error,
-            "test_at_best": s.test_at_best, "elapsed_s": s.elapsed_s(), "rng": rd.rng_state(),
+            "test_at_best": s.test_at_best, "elapsed_s": s.elapsed_s(), "rng": rng_state(),
             "config": dataclasses.asdict(s.cfg), "test_error": test_error}
-    rd.write_checkpoint(s.run_dir, ckpt, best=score is not None and score <= s.best_error)
+    write_checkpoint(s.run_dir, ckpt, best=score is not None and score <= s.best_error)
 
 
 # ---------------------------------------------------------------- what the loop does each step
@@ -416,7 +419,7 @@ def finish(s: TrainState) -> Dict[str, Any]:
                "test_error_at_best": s.test_at_best, "steps": s.step, "epochs_done": s.epoch,
                "eval_images": cfg.eval_samples or len(s.data.test_labels), "train_seconds": s.elapsed_s()}
     if s.rank == 0:
-        rd.write_summary(s.run_dir, summary)
+        write_summary(s.run_dir, summary)
     if s.joined_group:
         torch.distributed.destroy_process_group()
     return summary
