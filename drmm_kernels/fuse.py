@@ -300,9 +300,9 @@ def _act_info(gm: Optional[fx.GraphModule], n) -> Optional[Tuple[Optional[float]
         return 0.0, "relu", None
     elif n.op == "call_function" and n.target in _LEAKY_FUNCS:
         slope = n.args[1] if len(n.args) > 1 else n.kwargs.get("negative_slope", 0.01)
-        desc = "leaky_relu"
         if not isinstance(slope, (int, float)) or isinstance(slope, bool):
-            return None, desc, "negative_slope computed at run time"
+            return None, "leaky_relu", "negative_slope computed at run time"
+        desc = f"leaky_relu({slope:g})"
     else:
         return None
     slope = float(slope)
@@ -469,9 +469,18 @@ def _analyze(gm: fx.GraphModule, c: fx.Node, refused: List[RefusedBlock],
                   " -> ".join(_desc(gm, n) for n in chain), padding)
 
 
+def _module_desc(path: str, m: nn.Module) -> str:
+    kind = type(m).__name__
+    if isinstance(m, nn.LeakyReLU):
+        kind += f" {m.negative_slope:g}"
+    elif isinstance(m, nn.MaxPool2d):
+        kind += f" {m.kernel_size}"
+    return f"{path} ({kind})"
+
+
 def _desc(gm: fx.GraphModule, n: fx.Node) -> str:
     if n.op == "call_module":
-        return n.target
+        return _module_desc(n.target, gm.get_submodule(n.target))
     if n.op == "call_method":
         return f".{n.target}()"
     pool = _pool_info(gm, n)
@@ -684,7 +693,7 @@ def _fuse_sequential(model: nn.Module, report: FuseReport) -> nn.Module:
                     j += 1
                     desc = _seq_desc(prefix, kids[i:j])
                 else:
-                    report.refused.append(RefusedBlock(_seq_desc(prefix, kids[j:j + 1]), _seq_desc(prefix, kids[i:j + 1]),
+                    report.refused.append(RefusedBlock(f"{prefix}.{kids[j][0]}" if prefix else kids[j][0], _seq_desc(prefix, kids[i:j + 1]),
                                                        f"{info[2]}; the conv -> activation before it is fused with pool=1"))
             if bn is None:
                 fused = FusedConvActPool2d._build(conv, padding, act[0], pool_size, order)
@@ -702,7 +711,7 @@ def _fuse_sequential(model: nn.Module, report: FuseReport) -> nn.Module:
 
 
 def _seq_desc(prefix: str, kids) -> str:
-    return " -> ".join(f"{prefix}.{n}" if prefix else n for n, _ in kids)
+    return " -> ".join(_module_desc(f"{prefix}.{n}" if prefix else n, m) for n, m in kids)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -749,10 +758,10 @@ def fuse(model: nn.Module, example_inputs: Union[Tensor, Sequence[Any], None] = 
     ('FusedConvActPool2d', 2, 1)
     >>> print(fused.fuse_report)  # doctest: +NORMALIZE_WHITESPACE
     fuse(Net) [torch.fx trace]: 2 fused, 1 refused
-      fused    conv1: conv1 -> max_pool2d(2) -> relu  ->  FusedConvActPool2d
-      fused    conv2: conv2 -> relu  ->  FusedConvActPool2d
-      refused  max_pool2d_1: conv2 -> relu -> max_pool2d(2) -- pool stride (1, 1) != kernel (2, 2) (overlapping
-               or gapped windows); the conv -> activation before it is fused with pool=1
+      fused    conv1: conv1 (Conv2d) -> max_pool2d(2) -> relu  ->  FusedConvActPool2d
+      fused    conv2: conv2 (Conv2d) -> relu  ->  FusedConvActPool2d
+      refused  max_pool2d_1: conv2 (Conv2d) -> relu -> max_pool2d(2)  --  pool stride (1, 1) != kernel (2, 2)
+               (overlapping or gapped windows); the conv -> activation before it is fused with pool=1
     >>> x = torch.randn(2, 1, 28, 28)
     >>> torch.allclose(fused(x), net(x), atol=1e-5)
     True

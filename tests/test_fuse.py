@@ -94,7 +94,7 @@ def test_vgg11():
     assert [(b.name, fused.get_submodule(b.name).pool) for b in report.fused] == VGG11_FUSED
     assert all(type(fused.get_submodule(n)) is fuse_module.FusedConvActPool2d for n, _ in VGG11_FUSED)
     assert isinstance(fused.get_submodule("features.0"), FusedConvReLUPool2d)
-    assert "features.0: features.0 -> features.1 -> features.2" in str(report)
+    assert "features.0: features.0 (Conv2d) -> features.1 (ReLU) -> features.2 (MaxPool2d 2)" in str(report)
     _assert_same(ref, fused, torch.randn(2, 3, 32, 32))
 
 
@@ -130,14 +130,17 @@ def test_vgg11_state_dict_loads_both_ways(bn):
 
 
 def test_fused_model_converts_and_copies():
-    ref, fused = _fused(_vgg11(True).train())
+    model = Chain(bn=True).train()
+    _randomize_bn(model.bn)
+    ref, fused = _fused(model)
     fused, ref = fused.double(), ref.double()  # the BN's new buffers are the ones the fused module reads
-    _assert_same(ref, fused, torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    _assert_same(ref, fused, torch.randn(2, 3, 8, 8, dtype=torch.float64))
     twin = copy.deepcopy(fused)
-    assert twin.get_submodule("features.0").bn is twin.get_submodule("features.1") and twin.get_submodule("features.1") is not fused.get_submodule("features.1")
-    before = fused.get_submodule("features.1").running_mean.clone()
-    twin(torch.randn(2, 3, 32, 32, dtype=torch.float64))
-    torch.testing.assert_close(fused.get_submodule("features.1").running_mean, before, atol=0, rtol=0)
+    assert twin.conv.bn is twin.bn and twin.bn is not fused.bn
+    before = fused.bn.running_mean.clone()
+    twin(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    torch.testing.assert_close(fused.bn.running_mean, before, atol=0, rtol=0)
+    assert not torch.equal(twin.bn.running_mean, before)
 
 
 # --------------------------------------------------------------------------- functional-style MNIST nets
@@ -176,7 +179,7 @@ def test_functional_lenet():
     ref, fused = _fused(LeNet())
     report = fused.fuse_report
     assert [(b.name, b.chain) for b in report.fused] == [
-        ("conv1", "conv1 -> max_pool2d(2) -> relu"), ("conv2", "conv2 -> relu -> max_pool2d(2)")]
+        ("conv1", "conv1 (Conv2d) -> max_pool2d(2) -> relu"), ("conv2", "conv2 (Conv2d) -> relu -> max_pool2d(2)")]
     assert fused.conv1.order == "pool-act" and fused.conv2.order == "act-pool" and not report.refused
     _assert_same(ref, fused, torch.randn(3, 1, 28, 28))
 
@@ -312,6 +315,15 @@ def test_bn_momentum_none_and_conv_bias():
     assert type(fused.conv).__name__ == "FusedConvBNActPool2d"
     _assert_same(ref, fused, torch.randn(4, 3, 8, 8), steps=3)
     assert int(fused.bn.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_bn_without_running_stats(mode):
+    model = Chain(bn=True)
+    model.bn = nn.BatchNorm2d(4, track_running_stats=False)  # batch statistics in both modes
+    ref, fused = _fused(getattr(model, mode)())
+    assert len(fused.fuse_report.fused) == 1
+    _assert_same(ref, fused, torch.randn(2, 3, 8, 8), steps=2)
 
 
 # --------------------------------------------------------------------------- fallback, example_inputs, misc
