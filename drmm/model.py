@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import drmm_kernels as dk
+from drmm_kernels.reference import OFFSET_MASK, ON_BIT
 
 PADDINGS = ("valid", "same", "full")
 POOLS = ("max", "mean", "none")
@@ -375,7 +376,7 @@ class DRMM(nn.Module):
             sw = latents.switches[i]
             p = spec.fused_pool
             if p > 1:
-                off = (sw & 0x0F).long()
+                off = (sw & OFFSET_MASK).long()
                 dy, dx = torch.div(off, p, rounding_mode="floor"), off % p
                 hp, wp = sw.shape[-2:]
                 rows = torch.arange(hp, device=ref).view(hp, 1) * p + dy
@@ -384,7 +385,7 @@ class DRMM(nn.Module):
                 a = on.flatten(2).expand(n, -1, -1).gather(2, idx.flatten(2)).view_as(sw)
             else:
                 a = on.expand_as(sw)
-            out.append((sw & 0x0F) | (a << 7))
+            out.append((sw & OFFSET_MASK) | (a * ON_BIT))
             act = F.leaky_relu(v, spec.negative_slope) if spec.negative_slope > 0 else F.relu(v)
             h = F.max_pool2d(act, p, p) if p > 1 else act
         return Latents(out, latents.input_sizes, latents.map_sizes, latents.features)

@@ -16,10 +16,11 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor
 
+# The switch byte (docs/ops.md): bit 7 = the a switch, bits 0-3 = the row-major argmax offset in the window.
+from drmm_kernels.reference import OFFSET_MASK, ON_BIT
+
 from .model import DRMM, Latents
 
-ON_BIT = 0x80       # bit 7 of a switch byte: the a switch (docs/ops.md)
-OFFSET_MASK = 0x0F  # bits 0-3: row-major argmax offset inside the pooling window (docs/ops.md)
 PRIOR_PREFIX = "switch_prior_"
 
 
