@@ -33,8 +33,10 @@ def extensions():
               "(install torch first and use `pip install --no-build-isolation .` to get the C++ kernels)")
         return [], {}
 
+    # One file per op and device (csrc/cpu/<op>_kernel.cpp, csrc/cuda/<op>_kernel.cu); csrc/schema.cpp declares the
+    # ops, and csrc/cuda/torch_glue.cpp is the only torch-facing file of the CUDA build.
     cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda/torch_glue.cpp"]
     with_cuda = False
     if cuda_sources and not _flag("DRMM_SKIP_CUDA_BUILD"):
         with_cuda = _flag("DRMM_FORCE_CUDA") or (torch.version.cuda is not None
@@ -46,7 +48,7 @@ def extensions():
     arch = os.environ.get("DRMM_CPU_ARCH", "native")
     cxx = ["-O3", "-fopenmp", f"-march={arch}", "-DNDEBUG"]
     define_macros = [("WITH_CUDA", None)] if with_cuda else []
-    sources = ["csrc/bindings.cpp"] + cpu_sources
+    sources = ["csrc/schema.cpp"] + cpu_sources
     kwargs = dict(name="drmm_kernels._C", sources=sources, include_dirs=[os.path.join(ROOT, "csrc")],
                   define_macros=define_macros, extra_link_args=["-fopenmp"])
     if with_cuda:

@@ -17,6 +17,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include "common/switch_byte.h"
 #include "launchers.h"
 
 namespace drmm {
@@ -39,9 +40,6 @@ template <typename A, typename B>
 struct Cond<false, A, B> {
   using type = B;
 };
-
-constexpr uint8_t kOnBit = 0x80;
-constexpr uint8_t kOffsetMask = 0x0F;
 
 // ------------------------------------------------------------------ conversions
 

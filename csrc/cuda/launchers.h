@@ -1,8 +1,8 @@
-// Torch-free interface of the CUDA kernels (csrc/cuda/*.cu). csrc/bindings.cpp turns tensors into the
+// Torch-free interface of the CUDA kernels (csrc/cuda/*_kernel.cu). csrc/cuda/torch_glue.cpp turns tensors into the
 // raw pointers, sizes and element strides below and passes the current stream; every launcher returns
 // the cudaError_t of its launches (cudaSuccess when there was nothing to do).
 //
-// Conventions shared by every launcher (argument meanings are those of drmm_kernels/backends.py):
+// Conventions shared by every launcher (argument meanings are those of drmm_kernels/dispatch.py):
 // - 4-D tensors are described by a base pointer and element strides in NCHW index order, so NCHW,
 //   channels_last and other strided layouts are read in place without a copy.
 // - weight is contiguous [C_out, C_in, KH, KW]; outputs are contiguous NCHW (or [C_out, C_in, KH, KW]).
@@ -16,6 +16,8 @@
 
 #include <cuda_runtime.h>
 
+#include "common/geometry.h"
+
 namespace drmm {
 namespace cuda {
 
@@ -25,16 +27,10 @@ struct Strides4 {
   int64_t n, c, h, w;
 };
 
-// Geometry of one conv layer followed by a pool: input [N, C_in, H, W], weight [C_out, C_in, KH, KW],
-// conv output [N, C_out, Hc, Wc], pooled [N, C_out, Hp, Wp] with Hp = Hc / pool (floor).
-struct ConvGeom {
-  int n, c_in, h, w;
-  int c_out, kh, kw;
-  int stride, padding, pool;
-  int hc, wc, hp, wp;
-};
+// The layer geometry of csrc/common/geometry.h in 32 bits (offsets inside one image are 32-bit).
+using ConvGeom = ConvGeometry<int>;
 
-// forward: y[N, C_out, Hp, Wp] and switches (uint8, same shape), both contiguous.
+// conv_relu_pool (csrc/cuda/conv_relu_pool_kernel.cu): y[N, C_out, Hp, Wp] and switches (uint8, same shape), both contiguous.
 cudaError_t conv_relu_pool(DType dt, const void* x, Strides4 xs, const void* weight, const void* scale,
                            const void* shift, const ConvGeom& g, double negative_slope, bool allow_tf32, void* y,
                            uint8_t* switches, cudaStream_t stream);
@@ -49,13 +45,13 @@ cudaError_t bn_pool(DType dt, const void* z, Strides4 zs, int n, int c, int hc, 
                     const void* shift, int pool, double negative_slope, void* y, uint8_t* switches,
                     cudaStream_t stream);
 
-// render (dgrad): x_hat[N, C_in, H, W] contiguous = conv_transpose2d(masked unpool of mu, weight).
+// render (csrc/cuda/render_kernel.cu): x_hat[N, C_in, H, W] contiguous = conv_transpose2d(masked unpool of mu, weight).
 // g.h / g.w are the requested output size; g.hc / g.wc the conv size it implies; g.hp / g.wp = mu's size.
 cudaError_t render(DType dt, const void* mu, Strides4 ms, const uint8_t* switches, Strides4 sws,
                    const void* weight, const void* scale, const ConvGeom& g, double negative_slope,
                    bool allow_tf32, void* x_hat, cudaStream_t stream);
 
-// render_wgrad: dW[C_out, C_in, KH, KW] contiguous. `workspace` must hold
+// render_wgrad (csrc/cuda/render_wgrad_kernel.cu): dW[C_out, C_in, KH, KW] contiguous. `workspace` must hold
 // render_wgrad_workspace_elems(...) elements of the accumulation type (float, or double for fp64);
 // partial sums of the K splits are written there and reduced in a fixed order (deterministic).
 int64_t render_wgrad_workspace_elems(DType dt, const ConvGeom& g, bool allow_tf32, int num_sms);

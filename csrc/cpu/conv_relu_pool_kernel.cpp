@@ -1,20 +1,23 @@
-// Forward epilogue: one pass over the conv output z that applies scale/shift, pools, records the
-// switch byte and applies the activation. Only y and the switches are written.
-#include <ATen/Parallel.h>
+// CPU kernels of the conv_relu_pool op (registered as drmm_C::conv_relu_pool and drmm_C::bn_pool): the
+// convolution (oneDNN, or a batched product for 1x1 kernels), then one epilogue pass over its output z that
+// applies scale/shift, pools, records the switch byte and applies the activation. Only y and the switches are
+// written. bn_pool is the same epilogue on a given z (conv_bn_relu_pool's normalization folded into scale/shift).
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <limits>
 #include <vector>
 
-#include "cpu/cpu_ops.h"
+#include "common/checks.h"
+#include "common/switch_byte.h"
+#include "cpu/pointwise.h"
 #include "cpu/simd.h"
 #include "cpu/work_queue.h"
 
 namespace drmm {
 namespace cpu {
 namespace {
-
-constexpr uint8_t kOnBit = 0x80;
 
 // Window argmax in the order of PyTorch's CPU max_pool2d, which scans row-major and updates when
 // `v > max || isnan(v)` from (-inf, offset 0): the result is the last NaN if there is one, else the
@@ -74,7 +77,7 @@ void pool_plane_nchw(const T* __restrict__ z, int64_t wc, T s, T b, T slope, boo
       V neg = m * vslope;
       neg = (neg == neg) ? neg : V{};
       vstore(y + q, (pos | (m != m)) ? m : neg);
-      const I code = pos & 0x80;
+      const I code = pos & kOnBit;
       store_bytes<T>(sw + q, code);
     }
     for (; q < len; ++q) {
@@ -137,7 +140,7 @@ void pool_plane_nchw(const T* __restrict__ z, int64_t wc, T s, T b, T slope, boo
     V neg = m * vslope;
     neg = (neg == neg) ? neg : V{};
     vstore(y + q, (pos | (m != m)) ? m : neg);
-    const I code = o | (pos & 0x80);
+    const I code = o | (pos & kOnBit);
     store_bytes<T>(sw + q, code);
   }
 #endif
@@ -176,8 +179,8 @@ void epilogue_nchw(const T* z, const T* s, const T* b, int64_t n, int64_t c, int
 }
 
 // pool == 1 on NCHW: one sample's C*H*W values as one flat run, with scale/shift expanded to per-element
-// arrays (one sample long, built once per call, L1/L2-resident for small maps). Per-plane calls cost ~10 ns
-// each and left a scalar tail in every plane, which made this pass ~3x a ReLU on 6x6 maps.
+// arrays (one sample long, built once per call, L1/L2-resident for small maps). Per-plane calls paid a fixed cost
+// and left a scalar tail in every plane, which made this pass several times slower than a ReLU on 6x6 maps.
 template <typename T>
 void epilogue_nchw_flat(const T* z, const T* s, const T* b, int64_t n, int64_t c, int64_t plane, T slope,
                         T* y, uint8_t* sw) {
@@ -207,7 +210,7 @@ void epilogue_nchw_flat(const T* z, const T* s, const T* b, int64_t n, int64_t c
           V neg = m * vslope + V{};        // + 0: ReLU's m * 0 is -0.0 for negative m; F.relu gives +0.0
           neg = (neg == neg) ? neg : V{};  // -inf * 0 under ReLU is 0, not NaN
           vstore(yi + q, (pos | (m != m)) ? m : neg);
-          store_bytes<T>(si + q, pos & 0x80);
+          store_bytes<T>(si + q, pos & kOnBit);
         }
         for (; q < len; ++q) {
           const T m = zi[q] * sp[q] + bp[q];
@@ -297,29 +300,28 @@ void run_epilogue(const at::Tensor& z, const T* s, const T* b, int64_t pool, T s
     case 2: DRMM_EPI(2) break;
     case 3: DRMM_EPI(3) break;
     case 4: DRMM_EPI(4) break;
-    default: TORCH_CHECK(false, "drmm_C: pool must be in [1, 4], got ", pool);
+    default: check_pool("bn_pool", pool);
   }
 #undef DRMM_EPI
 }
 
-void check_channel_vector(const char* name, const at::Tensor& t, int64_t c, const at::Tensor& ref) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == c, "drmm_C: ", name, " must have shape [", c, "], got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "drmm_C: ", name, " has dtype ", t.scalar_type(),
-              " but expected ", ref.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), "drmm_C: ", name, " must be a CPU tensor");
+void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t c, const at::Tensor& ref) {
+  check_channel_vector(op, name, t, c);
+  check_same_dtype(op, name, t, "x", ref);
+  DRMM_CHECK(t.device().is_cpu(), op, name, " must be a CPU tensor");
 }
 
 // z -> (y, switches) with optional per-channel scale/shift (absent = 1 / 0, which is exact).
-std::tuple<at::Tensor, at::Tensor> epilogue(const at::Tensor& z, const std::optional<at::Tensor>& scale,
+std::tuple<at::Tensor, at::Tensor> epilogue(const char* op, const at::Tensor& z, const std::optional<at::Tensor>& scale,
                                             const std::optional<at::Tensor>& shift, int64_t pool,
                                             double negative_slope, bool z_is_scratch = false) {
-  TORCH_CHECK(pool >= 1 && pool <= 4, "drmm_C: pool must be in [1, 4], got ", pool);
-  TORCH_CHECK(negative_slope >= 0.0 && negative_slope < 1.0, "drmm_C: negative_slope must be in [0, 1), got ",
+  check_pool(op, pool);
+  DRMM_CHECK(negative_slope >= 0.0 && negative_slope < 1.0, op, "negative_slope must be in [0, 1), got ",
               negative_slope);
   const int64_t n = z.size(0), c = z.size(1), hp = z.size(2) / pool, wp = z.size(3) / pool;
-  TORCH_CHECK(hp >= 1 && wp >= 1, "drmm_C: conv output ", z.sizes(), " is smaller than pool=", pool);
-  if (scale.has_value()) check_channel_vector("scale", *scale, c, z);
-  if (shift.has_value()) check_channel_vector("shift", *shift, c, z);
+  DRMM_CHECK(hp >= 1 && wp >= 1, op, "pool ", pool, " is larger than the conv output ", z.sizes());
+  if (scale.has_value()) check_vector(op, "scale", *scale, c, z);
+  if (shift.has_value()) check_vector(op, "shift", *shift, c, z);
   // Without pooling, y has z's shape: when z is our own temporary (conv_relu_pool), write y over it instead of
   // allocating (first-touch page faults of a fresh full-size buffer cost as much as the pass itself). Each
   // element is read before the same element is written, so the overlap of z and y is harmless.
@@ -344,102 +346,18 @@ std::tuple<at::Tensor, at::Tensor> epilogue(const at::Tensor& z, const std::opti
 
 }  // namespace
 
-namespace {
-
-// Sum and sum of squares of (v - k) over one plane, in T lanes (planes are short: <= a few thousand values).
-template <typename T>
-inline void plane_moments(const T* __restrict__ v, int64_t len, T k, double* s1, double* s2) {
-  using V = typename Simd<T>::V;
-  constexpr int W = Simd<T>::W;
-  const V vk = vbroadcast(k);
-  V a1 = vbroadcast<T>(0), a2 = vbroadcast<T>(0);
-  int64_t q = 0;
-  for (; q + W <= len; q += W) {
-    const V d = vload(v + q) - vk;
-    a1 += d;
-    a2 += d * d;
-  }
-  double t1 = static_cast<double>(hsum<T>(a1)), t2 = static_cast<double>(hsum<T>(a2));
-  for (; q < len; ++q) {
-    const double d = static_cast<double>(v[q] - k);
-    t1 += d;
-    t2 += d * d;
-  }
-  *s1 += t1;
-  *s2 += t2;
-}
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& z) {
-  TORCH_CHECK(z.dim() == 4 && z.is_contiguous() && z.numel() > 0,
-              "drmm_C.batch_stats: z must be a non-empty contiguous 4-D (N, C, H, W) tensor, got ", z.sizes());
-  const int64_t n = z.size(0), c = z.size(1), plane = z.size(2) * z.size(3);
-  at::Tensor mean = at::empty({c}, z.options()), var = at::empty({c}, z.options());
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "drmm_cpu_batch_stats", [&] {
-    const scalar_t* zp = z.data_ptr<scalar_t>();
-    // Shifted by each channel's first value (against cancellation when |mean| >> std), accumulated in double
-    // over planes. A fixed number of sample chunks, summed in order: the result does not depend on the threads.
-    constexpr int64_t kChunks = 8;
-    const int64_t chunks = std::min(n, kChunks);
-    std::vector<double> part(2 * chunks * c, 0.0);
-    std::vector<scalar_t> shift(c);
-    for (int64_t ch = 0; ch < c; ++ch) shift[ch] = zp[ch * plane];
-    WorkQueue queue(chunks, 1);
-    queue.run([&](int64_t, WorkQueue& wq) {
-      for (int64_t b, e; wq.take(&b, &e);)
-        for (int64_t k = b; k < e; ++k) {
-          double* s1 = part.data() + 2 * k * c;
-          double* s2 = s1 + c;
-          for (int64_t i = k * n / chunks; i < (k + 1) * n / chunks; ++i)
-            for (int64_t ch = 0; ch < c; ++ch)
-              plane_moments(zp + (i * c + ch) * plane, plane, shift[ch], s1 + ch, s2 + ch);
-        }
-    });
-    scalar_t* mp = mean.data_ptr<scalar_t>();
-    scalar_t* vp = var.data_ptr<scalar_t>();
-    const double count = static_cast<double>(n * plane);
-    for (int64_t ch = 0; ch < c; ++ch) {
-      double s1 = 0, s2 = 0;
-      for (int64_t k = 0; k < chunks; ++k) {
-        s1 += part[2 * k * c + ch];
-        s2 += part[(2 * k + 1) * c + ch];
-      }
-      const double m = s1 / count;
-      mp[ch] = static_cast<scalar_t>(shift[ch] + m);
-      vp[ch] = static_cast<scalar_t>(std::max(0.0, s2 / count - m * m));
-    }
-  });
-  return {mean, var};
-}
-
-bool is_pointwise(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding) {
-  return weight.size(2) == 1 && weight.size(3) == 1 && stride == 1 && padding == 0 && x.is_contiguous();
-}
-
-at::Tensor pointwise_conv(const at::Tensor& x, const at::Tensor& weight) {
-  const int64_t n = x.size(0), ci = x.size(1), h = x.size(2), w = x.size(3), co = weight.size(0);
-  // bmm over a stride-0 expanded weight: at::matmul would instead transpose x into one (N*HW x Ci) copy.
-  return at::bmm(weight.reshape({co, ci}).expand({n, co, ci}), x.reshape({n, ci, h * w})).view({n, co, h, w});
-}
-
-at::Tensor pointwise_conv_transpose(const at::Tensor& g, const at::Tensor& weight) {
-  const int64_t n = g.size(0), co = g.size(1), h = g.size(2), w = g.size(3), ci = weight.size(1);
-  return at::bmm(weight.reshape({co, ci}).t().expand({n, ci, co}), g.reshape({n, co, h * w})).view({n, ci, h, w});
-}
-
 std::tuple<at::Tensor, at::Tensor> conv_relu_pool(const at::Tensor& x, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& scale,
                                                   const std::optional<at::Tensor>& shift, int64_t stride,
                                                   int64_t padding, int64_t pool, double negative_slope) {
-  TORCH_CHECK(x.dim() == 4, "drmm_C.conv_relu_pool: x must be 4-D (N, C, H, W), got ", x.sizes());
-  TORCH_CHECK(weight.dim() == 4, "drmm_C.conv_relu_pool: weight must be 4-D, got ", weight.sizes());
-  TORCH_CHECK(weight.size(1) == x.size(1), "drmm_C.conv_relu_pool: weight expects ", weight.size(1),
-              " input channels but x has ", x.size(1));
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "drmm_C.conv_relu_pool: weight dtype ",
-              weight.scalar_type(), " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK(stride >= 1 && padding >= 0, "drmm_C.conv_relu_pool: stride must be >= 1 and padding >= 0, got ",
-              stride, " and ", padding);
+  const char* op = "conv_relu_pool";
+  check_4d(op, "x", x);
+  check_4d(op, "weight", weight);
+  DRMM_CHECK(weight.size(1) == x.size(1), op, "weight expects ", weight.size(1), " input channels but x has ",
+             x.size(1));
+  check_same_dtype(op, "weight", weight, "x", x);
+  checked_geometry(op, x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
+                   stride, padding, pool);
   at::Tensor z;
   if (is_pointwise(x, weight, stride, padding)) {
     z = pointwise_conv(x, weight);
@@ -447,14 +365,19 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool(const at::Tensor& x, const at:
     // oneDNN (or ATen's fallback) for the convolution; it may return channels_last, which the epilogue reads.
     z = at::convolution(x, weight, std::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false, {0, 0}, 1);
   }
-  return epilogue(z, scale, shift, pool, negative_slope, /*z_is_scratch=*/true);
+  return epilogue(op, z, scale, shift, pool, negative_slope, /*z_is_scratch=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_pool(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
                                            int64_t pool, double negative_slope) {
-  TORCH_CHECK(z.dim() == 4, "drmm_C.bn_pool: z must be 4-D (N, C, H, W), got ", z.sizes());
-  return epilogue(z, scale, shift, pool, negative_slope);
+  check_4d("bn_pool", "z", z);
+  return epilogue("bn_pool", z, scale, shift, pool, negative_slope);
 }
 
 }  // namespace cpu
 }  // namespace drmm
+
+TORCH_LIBRARY_IMPL(drmm_C, CPU, m) {
+  m.impl("conv_relu_pool", &drmm::cpu::conv_relu_pool);
+  m.impl("bn_pool", &drmm::cpu::bn_pool);
+}

@@ -1,0 +1,37 @@
+// Geometry of one layer: a convolution (square stride, zero padding, no dilation) followed by a
+// non-overlapping max-pool. The only C++/CUDA definition; the Python one is drmm_kernels/contract.py.
+// Torch-free, so the CUDA launchers (csrc/cuda/launchers.h) share it.
+#pragma once
+
+#include <cstdint>
+
+namespace drmm {
+
+// Input [N, C_in, H, W], weight [C_out, C_in, KH, KW], conv output [N, C_out, Hc, Wc], pooled
+// [N, C_out, Hp, Wp] with Hp = Hc / pool (floor: trailing rows / columns of the conv output are dropped).
+// I is int64_t on the CPU and int in the CUDA kernels (which index inside one image in 32 bits).
+template <typename I>
+struct ConvGeometry {
+  I n, c_in, h, w;
+  I c_out, kh, kw;
+  I stride, padding, pool;
+  I hc, wc, hp, wp;
+};
+
+// Output size of a convolution along one axis; < 1 when the padded input is smaller than the kernel.
+constexpr int64_t conv_out_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding) {
+  return in + 2 * padding < kernel ? 0 : (in + 2 * padding - kernel) / stride + 1;
+}
+
+// The geometry of a layer from its input, weight and hyper-parameters (unchecked: see csrc/common/checks.h).
+inline ConvGeometry<int64_t> conv_geometry(int64_t n, int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t kh,
+                                           int64_t kw, int64_t stride, int64_t padding, int64_t pool) {
+  ConvGeometry<int64_t> g{n, c_in, h, w, c_out, kh, kw, stride, padding, pool, 0, 0, 0, 0};
+  g.hc = conv_out_size(h, kh, stride, padding);
+  g.wc = conv_out_size(w, kw, stride, padding);
+  g.hp = g.hc / pool;
+  g.wp = g.wc / pool;
+  return g;
+}
+
+}  // namespace drmm
