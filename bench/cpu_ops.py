@@ -275,8 +275,8 @@ def table(results: List[Dict[str, object]]) -> str:
 
 
 # glibc returns freed blocks above its (adaptive, at most 32 MiB) mmap threshold to the kernel, so every call
-# that allocates such a temporary -- oneDNN's NCHW convolutions do -- page-faults it in again: ~1 us per 4 KiB
-# page on this VM, up to half of a layer's time, and the count depends on the allocator's history. "retain"
+# that allocates such a temporary -- oneDNN's NCHW convolutions do -- page-faults it in again (the faults column
+# of bench/results/cpu_ops.md), and the count depends on the allocator's history. "retain"
 # re-runs the benchmark with glibc told to keep freed memory (as jemalloc/tcmalloc do), so that both sides are
 # timed without most of those faults (blocks over 64 MiB from other threads' arenas are still mapped anew).
 RETAIN_TUNABLES = "glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295"

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Kernel benchmark: fused conv_relu_pool / backward / render against eager PyTorch and torch.compile.
 
-For every layer of the 5-layer MNIST net and the 9-layer CIFAR-10 net (model-spec.md §5.1), batch
-sizes and dtypes, it times (triton.testing.do_bench, median and p20/p80, L2 flushed between runs):
+For every layer of the 5-layer MNIST net and the 9-layer CIFAR-10 net
+(docs/model.md#architectures-and-protocol), batch sizes and dtypes, it times (triton.testing.do_bench, median and p20/p80, L2 flushed between runs):
 
 - ``fwd``     conv_relu_pool forward (eager: max_pool2d(relu(conv2d)) with indices)
 - ``fwdbwd``  forward + backward for x, weight, bias
@@ -10,11 +10,11 @@ sizes and dtypes, it times (triton.testing.do_bench, median and p20/p80, L2 flus
 
 for the drmm_kernels backends given by --backends (triton, cuda when available), eager,
 torch.compile and, with --max-autotune, torch.compile(mode="max-autotune"). Reported per row:
-achieved GB/s over the *algorithmic minimum bytes* (kernel-notes §2: read x, write y and 1 switch
+achieved GB/s over the *algorithmic minimum bytes* (docs/kernels.md#roofline: read x, write y and 1 switch
 byte, weights; backward adds reading dy and the switches and writing dx; render reads mu and the
 switches and writes x_hat), TFLOP/s over the dense-equivalent FLOPs (2*N*Cout*Hc*Wc*Cin*k*k for the
 forward and render, 3x that for forward+backward), and % of roofline = t_LB / t with
-t_LB = max(FLOP / peak, bytes / bandwidth) for the dtype (H100 SXM peaks from kernel-notes §2).
+t_LB = max(FLOP / peak, bytes / bandwidth) for the dtype (H100 SXM peaks from docs/kernels.md#roofline).
 
 ``--check`` first compares every backend against the reference (float64) and exits non-zero on a
 mismatch. Needs a CUDA GPU and exits with an error without one (``--list`` works anywhere).
@@ -67,8 +67,8 @@ class Layer:
         return self.conv_hw // self.pool
 
 
-# model-spec.md §5.1. Global mean-pool layers (MNIST L5, CIFAR L9) are benchmarked as pool=1:
-# the mean pool is not part of the fused op.
+# docs/model.md#architectures-and-protocol. Global mean-pool layers (MNIST L5, CIFAR L9) are benchmarked as
+# pool=1: the mean pool is not part of the fused op.
 LAYERS = [
     Layer("mnist.L1", 1, 32, 28, 5, 4, 2),
     Layer("mnist.L2", 32, 64, 16, 3, 0, 1),
@@ -89,7 +89,7 @@ QUICK_LAYERS = ["mnist.L1", "mnist.L3", "cifar.L3", "cifar.L6"]
 OPS = ("fwd", "fwdbwd", "render")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# kernel-notes §2 (H100 SXM, computed from spec sheets, not measured). fp32 runs on TF32 tensor
+# docs/kernels.md#roofline (H100 SXM, computed from spec sheets, not measured). fp32 runs on TF32 tensor
 # cores when torch.backends.cudnn.allow_tf32 is set (the default), which the bench keeps.
 PEAKS = {
     "H100": {"bw": 3.0e12, "bf16": 990e12, "fp16": 990e12, "tf32": 495e12, "fp32": 67e12},
@@ -417,7 +417,7 @@ def write_results(args, env, rows, failures, quiet: bool = False) -> None:
     meta = dict(env=env, args={k: v for k, v in vars(args).items()}, failures=failures,
                 notes="median of triton.testing.do_bench (L2 flushed between runs); GB/s over algorithmic "
                       "minimum bytes; TFLOP/s over dense-equivalent FLOPs; % roofline = t_LB / t "
-                      "(kernel-notes §2 peaks)")
+                      "(docs/kernels.md#roofline peaks)")
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump(dict(meta, rows=rows), f, indent=1, default=str)
     lines = [f"# Kernel benchmark: {env.get('gpu')} (driver {env.get('driver')}), torch {env['torch']}, "

@@ -8,7 +8,7 @@
 torch.Size([2, 3, 8, 8])
 """
 
-from .backends import BackendStatus, available_backends, backend, get_backend, set_backend
+from .dispatch import BackendStatus, available_backends, backend, get_backend, set_backend
 from .layers import FusedConvBNReLUPool2d, FusedConvReLUPool2d, Render2d, fuse_conv_relu_pool
 from .ops import conv_bn_relu_pool, conv_relu_pool, render, switches_to_indices
 from .fuse import fuse

@@ -1,11 +1,11 @@
 """The reference backend: the op contract written as a composition of PyTorch ops.
 
-This module *defines* the semantics every other backend is tested against (see
-DESIGN.md, "The op contract"). It is written for clarity, not speed: it
-materializes the full-resolution pre-pool map and the dense unpooled map.
+This module *defines* the semantics every other backend is tested against (docs/ops.md, the op
+contract). It is written for clarity, not speed: it materializes the full-resolution pre-pool map
+and the dense unpooled map.
 
-Every function here takes already-validated arguments (``ops.py`` checks them)
-and returns plain tensors; autograd lives in ``ops.py``.
+Every function here takes already-validated arguments (the public ops in ``drmm_kernels/ops/``
+check them) and returns plain tensors; autograd lives in ``drmm_kernels/ops/``.
 """
 
 from __future__ import annotations
@@ -16,13 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ON_BIT = 0x80
-OFFSET_MASK = 0x0F
-
-
-def conv_size(in_size: Tuple[int, int], kernel: Tuple[int, int], stride: int, padding: int) -> Tuple[int, int]:
-    """Spatial size of ``conv2d`` output for the given input size."""
-    return tuple((s + 2 * padding - k) // stride + 1 for s, k in zip(in_size, kernel))  # type: ignore[return-value]
+from .contract import OFFSET_MASK, ON_BIT, conv_size  # noqa: F401  (the switch byte and geometry, one definition)
 
 
 def activation_factor(switches: Tensor, negative_slope: float, dtype: torch.dtype) -> Tensor:
@@ -50,7 +44,7 @@ def pool_switches(v: Tensor, pool: int, negative_slope: float) -> Tuple[Tensor, 
     wc = v.shape[-1]
     h, w = torch.div(idx, wc, rounding_mode="floor"), idx % wc
     offset = (h % pool) * pool + (w % pool)
-    switches = (offset | ((pooled > 0).long() << 7)).to(torch.uint8)
+    switches = (offset | torch.where(pooled > 0, ON_BIT, 0)).to(torch.uint8)
     if negative_slope > 0:
         y = F.leaky_relu(pooled, negative_slope)
     else:
@@ -123,7 +117,7 @@ def render_wgrad(src: Tensor, mu: Tensor, switches: Tensor, scale: Optional[Tens
 def batch_stats(z: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``z`` (training-mode batch norm), in float32 or wider."""
     if z.dtype in (torch.float32, torch.float64):
-        # ATen's one-pass (Welford) per-channel statistics; ~5x faster than var_mean on CPU.
+        # ATen's one-pass (Welford) per-channel statistics, much faster than var_mean on CPU.
         return torch.batch_norm_update_stats(z, None, None, 0.0)
     var, mean = torch.var_mean(z.float(), dim=(0, 2, 3), unbiased=False)
     return mean, var

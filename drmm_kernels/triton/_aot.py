@@ -20,7 +20,7 @@ H100_SMEM = 227 * 1024  # max dynamic shared memory per block on sm_90
 
 def _variants():
     """(label, kernel, arg types, constexprs) for every kernel family, fp32 and bf16."""
-    from . import dgrad, epilogue, forward, wgrad
+    from . import conv_bn_relu_pool_kernel, conv_relu_pool_kernel, render_kernel, render_wgrad_kernel
     for dt in ("fp32", "bf16"):
         p, tf32 = f"*{dt}", dt == "fp32"
         i = "i32"
@@ -29,23 +29,23 @@ def _variants():
                          swo=i, swi=i, swh=i, sww=i)
         for gather in (False, True):
             for flat in (False, True):
-                yield (f"forward {dt} gather={gather} flat_k={flat}", forward._conv_pool_kernel, fwd_types,
-                       dict(KH=3, KW=3, STRIDE=1, POOL=2, HAS_SCALE=True, HAS_SHIFT=True, LEAKY=False,
-                            GATHER=gather, FLAT_K=flat, TF32=tf32, UPCAST=False))
+                yield (f"conv_relu_pool {dt} gather={gather} flat_k={flat}", conv_relu_pool_kernel._conv_pool_kernel,
+                       fwd_types, dict(KH=3, KW=3, STRIDE=1, POOL=2, HAS_SCALE=True, HAS_SHIFT=True, LEAKY=False,
+                                       GATHER=gather, FLAT_K=flat, TF32=tf32, UPCAST=False))
         dg_types = dict(mu_ptr=p, sw_ptr="*u8", w_ptr=p, scale_ptr=p, out_ptr=p, M=i, C_in=i, C_out=i, H=i, W=i,
                         Hp=i, Wp=i, pad=i, slope="fp32", smn=i, smc=i, smh=i, smw=i, ssn=i, ssc=i, ssh=i, ssw=i,
                         swo=i, swi=i, swh=i, sww=i)
         for stride in (1, 2):
-            yield (f"dgrad {dt} stride={stride}", dgrad._render_kernel, dg_types,
+            yield (f"render {dt} stride={stride}", render_kernel._render_kernel, dg_types,
                    dict(KH=3, KW=3, STRIDE=stride, POOL=2, HAS_SCALE=True, TF32=tf32, UPCAST=False))
         wg_types = dict(src_ptr=p, mu_ptr=p, sw_ptr="*u8", scale_ptr=p, part_ptr="*fp32", P=i, C_in=i, C_out=i,
                         Hin=i, Win=i, Hp=i, Wp=i, pad=i, slope="fp32", chunk=i, sxn=i, sxc=i, sxh=i, sxw=i,
                         smn=i, smc=i, smh=i, smw=i, ssn=i, ssc=i, ssh=i, ssw=i)
-        yield (f"wgrad {dt}", wgrad._wgrad_kernel, wg_types,
+        yield (f"render_wgrad {dt}", render_wgrad_kernel._wgrad_kernel, wg_types,
                dict(KH=3, KW=3, STRIDE=1, POOL=2, HAS_SCALE=True, TF32=tf32, UPCAST=False))
         ep_types = dict(z_ptr=p, scale_ptr=p, shift_ptr=p, y_ptr=p, sw_ptr="*u8", P=i, C=i, Hp=i, Wp=i,
                         slope="fp32", szn=i, szc=i, szh=i, szw=i)
-        yield f"bn_pool {dt}", epilogue._bn_pool_kernel, ep_types, dict(POOL=2, LEAKY=True)
+        yield f"bn_pool {dt}", conv_bn_relu_pool_kernel._bn_pool_kernel, ep_types, dict(POOL=2, LEAKY=True)
 
 
 def compile_all(all_configs: bool, arch: int = 90) -> int:

@@ -14,7 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..contract import OFFSET_MASK as _OFFSET_MASK
+from ..contract import ON_BIT as _ON_BIT
 from ._status import is_interpreting
+
+# The switch byte of drmm_kernels/contract.py, as compile-time constants the kernels can read.
+ON_BIT = tl.constexpr(_ON_BIT)
+OFFSET_MASK = tl.constexpr(_OFFSET_MASK)
 
 # Dtypes the kernels handle; anything else (float64) is computed by the reference backend.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -35,7 +41,8 @@ def use_tf32(dtype: torch.dtype) -> bool:
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:
-    # The interpreter multiplies the raw uint16 bits of bf16 operands (kernel-notes §3); fp32 operands are exact.
+    # The interpreter multiplies the raw uint16 bits of bf16 operands (docs/kernels.md#triton-interpreter); fp32
+    # operands are exact.
     return is_interpreting() and dtype != torch.float32
 
 
@@ -82,6 +89,6 @@ def store_pooled(y_ptr, sw_ptr, offs, mask, m, arg, slope, LEAKY: tl.constexpr):
     else:
         # keep NaN (m != m); avoid -inf * 0 = NaN for all -inf windows
         y = tl.where(on | (m != m), m, 0.0)
-    code = arg | tl.where(on, 128, 0)
+    code = arg | tl.where(on, ON_BIT, 0)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(sw_ptr + offs, code.to(tl.uint8), mask=mask)

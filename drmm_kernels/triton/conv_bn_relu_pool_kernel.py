@@ -1,6 +1,6 @@
 """``bn_pool``: per-channel affine + activation + max-pool + switch byte on a materialized conv output z.
 
-Used by conv_bn_relu_pool (ops.py generic strategy): training-mode BN needs the batch statistics
+Used by conv_bn_relu_pool (drmm_kernels/ops/conv_bn_relu_pool.py): training-mode BN needs the batch statistics
 before any window max can be decided, so z is materialized once by cuDNN and this pass reads it
 once, writing only the pooled y and the switch bytes. Tiles are (pooled pixels x channels) like the
 fused forward, so NCHW and channels_last z are both read through strides.

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import drmm_kernels as dk
-from drmm_kernels import _extension, backends
+from drmm_kernels import dispatch
 
 REQUIRED = os.environ.get("DRMM_REQUIRE_EXTENSION") == "1"
 CPU_OPS = ("conv_relu_pool", "bn_pool", "render", "gather_conv", "render_wgrad", "masked_values", "unpool", "batch_stats")
@@ -14,23 +14,23 @@ CPU_OPS = ("conv_relu_pool", "bn_pool", "render", "gather_conv", "render_wgrad",
 
 def test_extension_state_is_reported():
     status = dk.available_backends()["cpu"]
-    if _extension.load():
+    if dispatch.load_extension():
         assert status.available and "C++" in status.reason
     else:
         assert not status.available and "drmm_kernels._C" in status.reason
         assert not REQUIRED, f"make test must build the extension: {status.reason}"
 
 
-@pytest.mark.skipif(not REQUIRED and not _extension.load(), reason="extension not built (outside make test)")
+@pytest.mark.skipif(not REQUIRED and not dispatch.load_extension(), reason="extension not built (outside make test)")
 def test_extension_registers_cpu_kernels():
-    assert _extension.load(), _extension.error()
+    assert dispatch.load_extension(), dispatch.extension_error()
     for op in CPU_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"drmm_C::{op}", "CPU"), op
     # Every primitive of the cpu backend is its own, not the reference fallback.
-    for op in backends.PRIMITIVES:
-        assert backends.primitive_source("cpu", op) == "cpu", op
+    for op in dispatch.PRIMITIVES:
+        assert dispatch.primitive_source("cpu", op) == "cpu", op
     # auto picks the compiled backend for CPU tensors.
-    assert backends.resolve(torch.device("cpu")) == "cpu"
+    assert dispatch.resolve(torch.device("cpu")) == "cpu"
 
 
 def test_import_without_extension_falls_back_to_reference(tmp_path):

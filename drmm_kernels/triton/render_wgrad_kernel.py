@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import KERNEL_DTYPES, device_guard, is_interpreting, mma, num_sms, pick_configs, upcast_dot, use_tf32
+from ._common import (KERNEL_DTYPES, OFFSET_MASK, ON_BIT, device_guard, is_interpreting, mma, num_sms,
+                      pick_configs, upcast_dot, use_tf32)
 
 _CONFIGS = [
     triton.Config({"BLOCK_CO": 32, "BLOCK_CI": 32, "BLOCK_P": 32}, num_warps=4, num_stages=3),
@@ -83,10 +84,10 @@ def _wgrad_kernel(
         sw_offs = (n * ssn + hp * ssh + wp * ssw)[None, :] + offs_co.to(tl.int64)[:, None] * ssc
         g = tl.load(mu_ptr + mu_offs, mask=gmask, other=0.0).to(tl.float32)
         code = tl.load(sw_ptr + sw_offs, mask=gmask, other=0).to(tl.int32)
-        g = tl.where((code & 128) != 0, g, tl.where(slope != 0.0, g * slope, 0.0))  # a select, as in dgrad
+        g = tl.where((code & ON_BIT) != 0, g, tl.where(slope != 0.0, g * slope, 0.0))  # a select, as in render
         if HAS_SCALE:
             g = g * scale[:, None]
-        code = code & 15
+        code = code & OFFSET_MASK
         src_n = n * sxn
         # unrolled, so the p-block loop is the innermost runtime loop and gets software-pipelined
         for t in tl.static_range(POOL * POOL):

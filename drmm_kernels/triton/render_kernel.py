@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import KERNEL_DTYPES, device_guard, mma, pick_configs, upcast_dot, use_tf32
+from ._common import KERNEL_DTYPES, OFFSET_MASK, ON_BIT, device_guard, mma, pick_configs, upcast_dot, use_tf32
 
 _CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_CI": 32, "BLOCK_K": 16}, num_warps=4, num_stages=3),
@@ -95,9 +95,9 @@ def _render_kernel(
         mu_offs = (mu_n + hp * smh + wp * smw)[:, None] + co[None, :] * smc
         code = tl.load(sw_ptr + sw_offs, mask=lmask, other=0).to(tl.int32)
         g = tl.load(mu_ptr + mu_offs, mask=lmask, other=0.0).to(tl.float32)
-        keep = lmask & ((code & 15) == want[:, None])
+        keep = lmask & ((code & OFFSET_MASK) == want[:, None])
         # a select, like ReLU's backward: 0 where the a bit is off under ReLU even for an inf / NaN g
-        g = tl.where(keep & ((code & 128) != 0), g, tl.where(keep & (slope != 0.0), g * slope, 0.0))
+        g = tl.where(keep & ((code & ON_BIT) != 0), g, tl.where(keep & (slope != 0.0), g * slope, 0.0))
         if HAS_SCALE:
             s = tl.load(scale_ptr + co, mask=mask_k, other=0.0).to(tl.float32)
             g = g * s[None, :]

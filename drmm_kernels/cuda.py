@@ -1,7 +1,8 @@
-"""The ``cuda`` backend: CUDA C++ kernels in ``drmm_kernels._C`` (csrc/cuda).
+"""The ``cuda`` backend: CUDA C++ kernels in ``drmm_kernels._C`` (csrc/cuda/<op>_kernel.cu).
 
-Each primitive has the signature of ``drmm_kernels/backends.py`` and calls the ``drmm_C::*`` op, whose
-CUDA kernel is registered in csrc/bindings.cpp. fp16/bf16 (and fp32 when
+Each primitive has the signature of ``drmm_kernels/dispatch.py`` and calls the ``drmm_C::*`` op, whose
+CUDA kernel is registered in csrc/cuda/torch_glue.cpp. drmm_kernels/dispatch.py imports this module only
+once the extension has loaded. fp16/bf16 (and fp32 when
 ``torch.backends.cudnn.allow_tf32`` is on, as for ``F.conv2d``) run on tensor cores through WMMA;
 fp64 and fp32 with TF32 off run exact CUDA-core kernels. Any other dtype falls back to ``reference``.
 """
@@ -13,15 +14,14 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _extension, reference
+from . import _C  # noqa: F401  (registers the drmm_C ops; drmm_kernels/dispatch.py reports a missing build)
+from . import reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def status() -> Tuple[bool, str]:
-    if not _extension.load():
-        return False, _extension.error()
-    if not _extension.has_cuda_kernels():
+    if not torch.ops.drmm_C.built_with_cuda():
         return False, "drmm_kernels._C was built without CUDA sources (CPU-only torch, no nvcc, or DRMM_SKIP_CUDA_BUILD=1)"
     if not torch.cuda.is_available():
         return False, "built with CUDA kernels, but no CUDA device is visible"

@@ -1,4 +1,5 @@
-"""The ``cpu`` backend: C++ kernels in ``drmm_kernels._C`` (csrc/cpu), registered as ``drmm_C::*`` ops."""
+"""The ``cpu`` backend: C++ kernels in ``drmm_kernels._C`` (csrc/cpu/<op>_kernel.cpp), registered as ``drmm_C::*``
+ops. drmm_kernels/dispatch.py imports this module only once the extension has loaded."""
 
 from __future__ import annotations
 
@@ -7,17 +8,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _extension, reference
+from . import _C  # noqa: F401  (registers the drmm_C ops; drmm_kernels/dispatch.py reports a missing build)
+from . import reference
 
 _DTYPES = (torch.float32, torch.float64)
 
-# Registers the drmm_C ops when the extension is built (a missing build is reported by status()).
-_extension.load()
-
-
 def status() -> Tuple[bool, str]:
-    if not _extension.load():
-        return False, _extension.error()
     return True, "C++ kernels (drmm_kernels._C); float32/float64, other dtypes via reference"
 
 
@@ -78,7 +74,8 @@ def unpool(values: Tensor, switches: Tensor, pool: int, conv_hw: Tuple[int, int]
 
 
 def batch_stats(z: Tensor) -> Tuple[Tensor, Tensor]:
-    # One pass, shifted sums in double per channel (ATen's Welford update was 2-6x slower here); NCHW only.
+    # One pass, shifted sums in double per channel (faster than ATen's Welford update: the BN rows of
+    # bench/results/cpu_ops.md); NCHW only.
     if not _native(z) or not z.is_contiguous():
         return reference.batch_stats(z)
     return torch.ops.drmm_C.batch_stats(z)

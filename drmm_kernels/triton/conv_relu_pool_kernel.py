@@ -19,8 +19,9 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import (KERNEL_DTYPES, device_guard, mma, pick_configs, store_pooled, upcast_dot, use_tf32,
-                      window_update)
+from ..contract import conv_size, pooled_size
+from ._common import (KERNEL_DTYPES, OFFSET_MASK, device_guard, mma, pick_configs, store_pooled, upcast_dot,
+                      use_tf32, window_update)
 
 _CONFIGS = [
     # interpreter uses the first one: few, large programs are what make the interpreter fast
@@ -72,7 +73,7 @@ def _conv_pool_kernel(
     out_mask = mask_p[:, None] & mask_c[None, :]
 
     if GATHER:
-        code = tl.load(sw_ptr + out_offs, mask=out_mask, other=0).to(tl.int32) & 15
+        code = tl.load(sw_ptr + out_offs, mask=out_mask, other=0).to(tl.int32) & OFFSET_MASK
         res = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
     else:
         if HAS_SCALE:
@@ -165,8 +166,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale, shift, switches, out, 
 
 
 def _pooled_shape(x, weight, stride, padding, pool):
-    hc, wc = reference.conv_size(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), stride, padding)
-    return (x.shape[0], weight.shape[0], hc // pool, wc // pool)
+    hp, wp = pooled_size(conv_size(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), stride, padding), pool)
+    return (x.shape[0], weight.shape[0], hp, wp)
 
 
 def conv_relu_pool(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor],

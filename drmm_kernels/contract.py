@@ -1,0 +1,155 @@
+"""The op contract's shared definitions (docs/ops.md): the switch byte, the layer geometry, and the argument
+checks of the public ops. The only Python definition of each; the C++/CUDA ones are csrc/common/*.h.
+
+Every check raises one line in the package's style, ``drmm_kernels.<op>: <argument> ...``, with ``TypeError``
+for a wrong type or dtype and ``ValueError`` for a wrong value or shape.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+# --------------------------------------------------------------------------- the switch byte
+
+#: Bit 7: the ``a`` switch, set where the window's maximum (after scale and shift) is > 0.
+ON_BIT = 0x80
+#: Bits 0-3: the row-major offset ``dy * pool + dx`` of the window's maximum. Bits 4-6 are zero.
+OFFSET_MASK = 0x0F
+#: Largest pooling window the byte can encode (offsets 0..15).
+MAX_POOL = 4
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def conv_size(in_size: Sequence[int], kernel: Sequence[int], stride: int, padding: int) -> Tuple[int, int]:
+    """Spatial size of ``conv2d``'s output for the given input size (< 1 when the kernel does not fit)."""
+    return tuple((s + 2 * padding - k) // stride + 1 for s, k in zip(in_size, kernel))  # type: ignore[return-value]
+
+
+def pooled_size(conv_hw: Sequence[int], pool: int) -> Tuple[int, int]:
+    """Non-overlapping ``pool`` windows; trailing rows and columns that do not fill a window are dropped."""
+    return conv_hw[0] // pool, conv_hw[1] // pool
+
+
+# --------------------------------------------------------------------------- checks
+
+
+class Checker:
+    """Argument checks of one op; every message starts with ``drmm_kernels.<op>: ``."""
+
+    def __init__(self, op: str):
+        self.op = op
+
+    def type_error(self, msg: str) -> TypeError:
+        return TypeError(f"drmm_kernels.{self.op}: {msg}")
+
+    def value_error(self, msg: str) -> ValueError:
+        return ValueError(f"drmm_kernels.{self.op}: {msg}")
+
+    def tensor(self, name: str, t, dim: Optional[int] = None) -> None:
+        if not isinstance(t, Tensor):
+            raise self.type_error(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if dim is not None and t.dim() != dim:
+            raise self.value_error(f"{name} must be {dim}-D, got shape ({shape_str(t)})")
+
+    def floating(self, name: str, t: Tensor) -> None:
+        if t.dtype not in FLOAT_DTYPES:
+            raise self.type_error(f"{name} must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), "
+                                  f"got {t.dtype}")
+
+    def integer(self, name: str, v, lo: int, hi: Optional[int] = None) -> int:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise self.type_error(f"{name} must be an int, got {type(v).__name__}")
+        v = int(v)
+        if v < lo or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise self.value_error(f"{name} must be {rng}, got {v}")
+        return v
+
+    def slope(self, negative_slope) -> float:
+        if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
+            raise self.type_error(f"negative_slope must be a float, got {type(negative_slope).__name__}")
+        s = float(negative_slope)
+        if not 0.0 <= s < 1.0:
+            raise self.value_error(f"negative_slope must be in [0, 1), got {s}")
+        return s
+
+    def like(self, name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+        if t.dtype != ref.dtype:
+            raise self.type_error(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+        if t.device != ref.device:
+            raise self.value_error(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+    def channel_vector(self, name: str, t: Optional[Tensor], channels: int, ref_name: str, ref: Tensor) -> None:
+        if t is None:
+            return
+        self.tensor(name, t, 1)
+        if t.shape[0] != channels:
+            raise self.value_error(f"{name} must have {channels} elements (one per output channel of weight), "
+                                   f"got shape ({shape_str(t)})")
+        self.like(name, t, ref_name, ref)
+
+    def layer(self, stride, padding, pool, negative_slope) -> Tuple[int, int, int, float]:
+        """The hyper-parameters every op takes, as (int, int, int, float)."""
+        return (self.integer("stride", stride, 1), self.integer("padding", padding, 0),
+                self.integer("pool", pool, 1, MAX_POOL), self.slope(negative_slope))
+
+    def conv_input(self, x_name: str, x, weight) -> None:
+        """A 4-D floating input and a weight of its dtype, device and channel count."""
+        self.tensor(x_name, x, 4)
+        self.tensor("weight", weight, 4)
+        self.floating(x_name, x)
+        self.like("weight", weight, x_name, x)
+        if weight.shape[1] != x.shape[1]:
+            raise self.value_error(f"weight expects {weight.shape[1]} input channels (shape ({shape_str(weight)})) "
+                                   f"but {x_name} has {x.shape[1]} (shape ({shape_str(x)}))")
+
+    def geometry(self, what: str, in_hw: Sequence[int], weight: Tensor, stride: int, padding: int,
+                 pool: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+        """(conv size, pooled size) of an input of spatial size ``in_hw``; both must be non-empty."""
+        in_hw = tuple(int(s) for s in in_hw)
+        kernel = tuple(weight.shape[-2:])
+        chw = conv_size(in_hw, kernel, stride, padding)
+        if min(chw) < 1:
+            raise self.value_error(f"{what} of spatial size {in_hw} with padding {padding} is smaller than the "
+                                   f"kernel {kernel}")
+        phw = pooled_size(chw, pool)
+        if min(phw) < 1:
+            raise self.value_error(f"pooled size is zero: conv output {chw} is smaller than pool={pool} "
+                                   f"({what} spatial size {in_hw}, kernel {kernel}, stride {stride}, "
+                                   f"padding {padding})")
+        return chw, phw
+
+    def switches(self, switches, ref_name: str, ref: Tensor) -> None:
+        """uint8 switches of the shape and device of the pooled tensor they belong to."""
+        self.tensor("switches", switches, ref.dim())
+        self.uint8_switches(switches)
+        if switches.shape != ref.shape:
+            raise self.value_error(f"switches shape ({shape_str(switches)}) does not match {ref_name} shape "
+                                   f"({shape_str(ref)})")
+        if switches.device != ref.device:
+            raise self.value_error(f"switches is on {switches.device} but {ref_name} is on {ref.device}")
+
+    def uint8_switches(self, switches: Tensor) -> None:
+        if switches.dtype != torch.uint8:
+            raise self.type_error(f"switches must be torch.uint8, got {switches.dtype}")
+
+    def size_pair(self, name: str, size, what: str) -> Tuple[int, int]:
+        """``(H, W)``; a full ``(N, C, H, W)`` shape is accepted too."""
+        if isinstance(size, (torch.Size, tuple, list)):
+            if len(size) == 4:
+                size = tuple(size)[-2:]
+            if len(size) == 2:
+                return self.integer(f"{name}[0]", size[0], 1), self.integer(f"{name}[1]", size[1], 1)
+        raise self.value_error(f"{name} must be {what}, got {size!r}")
+
+
+def shape_str(t: Tensor) -> str:
+    return "x".join(str(s) for s in t.shape) if t.dim() else "scalar"

@@ -1,0 +1,138 @@
+"""The conv_relu_pool op: ``act(max_pool(conv2d(x, W) * scale + shift))`` that also records the switches.
+
+Gradient structure (why the fast backends only need four primitives): with
+``g_hat = g * a'(switches) * scale`` placed at the recorded offsets,
+
+- d x      = render(g, switches, W, scale)           (transposed conv of a sparse map)
+- d W      = render_wgrad(x, g, switches, scale)      (weight grad over the recorded offsets)
+- d scale  = sum g * a' * conv(x, W)[offsets]         (gather_conv)
+- d shift  = sum g * a'
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import dispatch
+from ..contract import Checker, conv_size, pooled_size
+from .render import gather_conv, render_op, render_wgrad
+from .switches import channel_sum, masked_values
+
+
+def is_pointwise(x: Tensor, weight: Tensor, stride: int, padding: int) -> bool:
+    return tuple(weight.shape[-2:]) == (1, 1) and stride == 1 and padding == 0 and x.is_contiguous()
+
+
+def pointwise_conv_backward(gz: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_w: bool, need_b: bool):
+    """``convolution_backward`` of a 1x1, stride-1, unpadded conv of NCHW ``x`` as batched matrix products.
+
+    oneDNN's conv backward reorders NCHW into its blocked layout first; the products skip that, like the cpu
+    backend's forward (csrc/cpu/pointwise.h). The weight gradient sums per-sample products when
+    their (N, C_out, C_in) stack is no larger than x, else contracts over (N, H*W) in one einsum.
+    """
+    n, co, h, w = gz.shape
+    ci = x.shape[1]
+    g3, x3 = gz.reshape(n, co, h * w), x.reshape(n, ci, h * w)
+    w2 = weight.reshape(co, ci)
+    gx = torch.bmm(w2.t().expand(n, ci, co), g3).view(n, ci, h, w) if need_x else None
+    gw = None
+    if need_w:
+        if n * co * ci <= x.numel():
+            gw = torch.bmm(g3, x3.transpose(1, 2)).sum(0)
+        else:
+            gw = torch.einsum("nkp,ncp->kc", g3, x3)
+        gw = gw.view(co, ci, 1, 1)
+    gb = g3.sum((0, 2)) if need_b else None
+    return gx, gw, gb
+
+
+def _conv_relu_pool_impl(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], stride: int,
+                         padding: int, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
+    return dispatch.implementation(x.device, "conv_relu_pool")(x, weight, scale, shift, stride, padding, pool,
+                                                               negative_slope)
+
+
+def _conv_relu_pool_fake(x, weight, scale, shift, stride, padding, pool, negative_slope):
+    hp, wp = pooled_size(conv_size(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), stride, padding), pool)
+    shape = (x.shape[0], weight.shape[0], hp, wp)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8)
+
+
+def _crp_setup(ctx, inputs, output):
+    x, weight, scale, shift, stride, padding, pool, negative_slope = inputs
+    ctx.conf = (stride, padding, pool, negative_slope)
+    ctx.has_shift = shift is not None
+    ctx.save_for_backward(x, weight, scale, output[1])
+    ctx.mark_non_differentiable(output[1])
+    # The switches' gradient is ignored: autograd need not build a zero tensor for it on every backward.
+    ctx.set_materialize_grads(False)
+
+
+def _crp_backward(ctx, gy, _gsw):
+    if gy is None:
+        return None, None, None, None, None, None, None, None
+    x, weight, scale, switches = ctx.saved_tensors
+    stride, padding, pool, slope = ctx.conf
+    need_x, need_w, need_scale, need_shift = ctx.needs_input_grad[:4]
+    gx = gw = gscale = gshift = None
+    gy = gy.contiguous()
+    gact = None
+    if pool == 1 and (need_x or need_w):
+        # No pooling, no sparsity to exploit: mask once (one pass over the uint8 switches), then one dense
+        # convolution backward for dx, dW and -- without a scale -- the shift gradient, which is its bias
+        # gradient: the same work eager autograd does after its ReLU backward.
+        gact = masked_values(gy, switches, None, slope)
+        gz = gact if scale is None else gact * scale.view(1, -1, 1, 1)
+        bias_grad = bool(need_shift and ctx.has_shift and scale is None)
+        if is_pointwise(x, weight, stride, padding):
+            gx, gw, gb = pointwise_conv_backward(gz, x, weight, need_x, need_w, bias_grad)
+        else:
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                gz, x, weight, [weight.shape[0]] if bias_grad else None, [stride, stride], [padding, padding],
+                [1, 1], False, [0, 0], 1, [need_x, need_w, bias_grad])
+        if bias_grad:
+            gshift, need_shift = gb, False
+    else:
+        if need_x:
+            gx = render_op(gy, switches, weight, scale, stride, padding, pool, x.shape[-2], x.shape[-1], slope)
+        if need_w:
+            gw = render_wgrad(x, gy, switches, scale, stride, padding, pool, slope, weight.shape[-2],
+                              weight.shape[-1])
+    if need_scale or need_shift:
+        if gact is None:
+            gact = masked_values(gy, switches, None, slope)
+        if need_shift and ctx.has_shift:
+            gshift = channel_sum(gact)
+        if need_scale and scale is not None:
+            gscale = channel_sum(gact * gather_conv(x, weight, switches, stride, padding, pool))
+    return gx, gw, gscale, gshift, None, None, None, None
+
+
+conv_relu_pool_op = dispatch.CustomOp("conv_relu_pool", _conv_relu_pool_impl, _conv_relu_pool_fake, _crp_setup,
+                                      _crp_backward)
+
+
+def conv_relu_pool(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None, *,
+                   stride: int = 1, padding: int = 0, pool: int = 2,
+                   negative_slope: float = 0.0) -> Tuple[Tensor, Tensor]:
+    """Fused ``act(max_pool(conv2d(x, weight) * scale + shift))`` that also records the switches.
+
+    Returns ``(y, switches)``: ``y`` has shape ``(N, C_out, H_conv // pool, W_conv // pool)``;
+    ``switches`` is ``uint8`` of the same shape, bits 0-3 the row-major offset of the window
+    argmax (first maximum on ties, NaN wins) and bit 7 the ``a`` switch (window max > 0).
+
+    >>> x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    >>> y, sw = conv_relu_pool(x, w, padding=1)
+    >>> y.shape, sw.dtype
+    (torch.Size([2, 4, 4, 4]), torch.uint8)
+    """
+    check = Checker("conv_relu_pool")
+    check.conv_input("x", x, weight)
+    stride, padding, pool, negative_slope = check.layer(stride, padding, pool, negative_slope)
+    check.channel_vector("scale", scale, weight.shape[0], "x", x)
+    check.channel_vector("shift", shift, weight.shape[0], "x", x)
+    check.geometry("x", x.shape[-2:], weight, stride, padding, pool)
+    return conv_relu_pool_op(x, weight, scale, shift, stride, padding, pool, negative_slope)

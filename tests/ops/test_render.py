@@ -1,0 +1,307 @@
+"""The render op, every layer, with its two adjoints (gather_conv, render_wgrad): the public op against eager
+PyTorch on every CPU-capable backend, then each backend's kernels against the reference backend."""
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import drmm_kernels as dk
+from drmm_kernels import reference
+
+import cpu_cases as cpu
+import cuda_cases as cuda
+import eager
+import op_cases as oc
+import triton_cases as trt
+
+
+# --------------------------------------------------------------------------- public op vs eager, every backend
+
+@pytest.mark.parametrize("backend", oc.BACKENDS)
+@given(case=oc.conv_cases())
+def test_render_is_the_eager_input_gradient(backend, case):
+    """render(g, switches, w, scale) == d/dx of <g, max_pool2d(act(conv2d(x)*scale+shift))>, eager autograd."""
+    x, w, scale, shift = oc.make(case)
+    with dk.backend(backend):
+        y, sw = dk.conv_relu_pool(x.detach(), w.detach(), None if scale is None else scale.detach(),
+                                  None if shift is None else shift.detach(), **oc.kwargs(case))
+        g = torch.randn_like(y)
+        x_hat = dk.render(g, sw, w.detach(), None if scale is None else scale.detach(), stride=case["stride"],
+                          padding=case["padding"], pool=case["pool"], out_size=x.shape[-2:],
+                          negative_slope=case["slope"])
+    y_e, idx_e, v = eager.conv_relu_pool(x, w, scale, shift, case["stride"], case["padding"], case["pool"],
+                                         case["slope"])
+    # Only where both implementations picked the same window position is the gradient comparable.
+    idx = dk.switches_to_indices(sw, pool=case["pool"], conv_size=tuple(v.shape[-2:]))
+    assume(torch.equal(idx, idx_e))
+    gx_e, = torch.autograd.grad(y_e, x, g)
+    torch.testing.assert_close(x_hat, gx_e, **eager.TOL[case["dtype"]])
+
+
+@pytest.mark.parametrize("backend", oc.BACKENDS)
+@given(case=oc.conv_cases())
+def test_render_matches_unpool_mask_conv_transpose(backend, case):
+    """The top-down pass (raw weight, no scale) and its gradients against max_unpool2d + mask + conv_transpose2d."""
+    x, w, scale, shift = oc.make(case, requires_grad=False)
+    with dk.backend(backend):
+        y, sw = dk.conv_relu_pool(x, w, scale, shift, **oc.kwargs(case))
+    conv_hw = reference.conv_size(tuple(x.shape[-2:]), (case["k"], case["k"]), case["stride"], case["padding"])
+    idx = dk.switches_to_indices(sw, pool=case["pool"], conv_size=conv_hw)
+    dt = case["dtype"]
+    a = torch.where((sw & 0x80) != 0, torch.tensor(1.0, dtype=dt), torch.tensor(case["slope"], dtype=dt))
+    mu = torch.randn_like(y).requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    s = None if scale is None else scale.clone().requires_grad_(True)
+    with dk.backend(backend):
+        out = dk.render(mu, sw, w, s, stride=case["stride"], padding=case["padding"], pool=case["pool"],
+                        out_size=x.shape[-2:], negative_slope=case["slope"])
+    out_e = eager.render(mu, idx, w, x.shape[-2:], a, s, case["stride"], case["padding"], case["pool"], conv_hw)
+    tol = eager.TOL[case["dtype"]]
+    torch.testing.assert_close(out, out_e, **tol)
+    go = torch.randn_like(out_e)
+    leaves = [t for t in (mu, w, s) if t is not None]
+    for name, a_, b_ in zip(("mu", "weight", "scale"), torch.autograd.grad((out * go).sum(), leaves),
+                            torch.autograd.grad((out_e * go).sum(), leaves)):
+        torch.testing.assert_close(a_, b_, **tol, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", oc.BACKENDS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gradcheck_render(backend, stride):
+    x, w, scale, shift = oc.small()
+    with dk.backend(backend):
+        y, sw = dk.conv_relu_pool(x, w, scale, shift, stride=stride, padding=1, negative_slope=0.1)
+        mu = torch.randn_like(y).requires_grad_(True)
+        assert torch.autograd.gradcheck(
+            lambda m, wt, s: dk.render(m, sw, wt, s, stride=stride, padding=1, out_size=x.shape[-2:],
+                                       negative_slope=0.1), (mu, w, scale))
+
+
+@pytest.mark.parametrize("backend", oc.BACKENDS)
+def test_odd_sizes_drop_trailing_rows_and_render_zeros_them(backend):
+    x = torch.randn(1, 2, 7, 9, dtype=torch.float64)
+    w = torch.randn(3, 2, 1, 1, dtype=torch.float64)
+    with dk.backend(backend):
+        y, sw = dk.conv_relu_pool(x, w)
+        out = dk.render(torch.ones_like(y), sw, torch.eye(3, 2, dtype=torch.float64).view(3, 2, 1, 1),
+                        out_size=(7, 9))
+    assert y.shape == (1, 3, 3, 4)
+    assert out[..., 6, :].abs().sum() == 0 and out[..., :, 8].abs().sum() == 0
+
+
+def test_render_bad_input():
+    x, w = oc.base()
+    y, sw = dk.conv_relu_pool(x, w, padding=1)
+    cases = [
+        (dict(switches=sw.long()), TypeError, ["switches", "uint8", "int64"]),
+        (dict(switches=sw[:, :2]), ValueError, ["switches shape", "2x2x4x4", "mu shape", "2x4x4x4"]),
+        (dict(weight=w[:3]), ValueError, ["weight", "3 output channels", "mu has 4 channels"]),
+        (dict(out_size=(12, 12)), ValueError, ["out_size (12, 12)", "(6, 6)", "(4, 4)"]),
+        (dict(out_size=5), ValueError, ["out_size", "(H, W)"]),
+        (dict(mu=y[0]), ValueError, ["mu", "4-D"]),
+        (dict(scale=torch.ones(2)), ValueError, ["scale", "4 elements"]),
+    ]
+    for change, exc, words in cases:
+        args = dict(mu=y, switches=sw, weight=w, scale=None, out_size=(8, 8))
+        args.update(change)
+        with pytest.raises(exc) as info:
+            dk.render(args["mu"], args["switches"], args["weight"], args["scale"], padding=1,
+                      out_size=args["out_size"])
+        for word in words:
+            assert word in str(info.value), (word, str(info.value))
+        assert str(info.value).startswith("drmm_kernels.render: "), str(info.value)
+
+
+# --------------------------------------------------------------------------- cpu kernels
+
+@pytest.mark.cpu_backend
+@given(cpu.geometry(), st.booleans())
+def test_cpu_render_matches_reference(g, use_scale):
+    gen, _, wt, scale, _ = cpu.make_inputs(g)
+    hp, wp = g["hc"] // g["pool"], g["wc"] // g["pool"]
+    mu = torch.randn(g["n"], g["cout"], hp, wp, generator=gen, dtype=g["dtype"])
+    sw = cpu.random_switches(mu.shape, g["pool"], gen)
+    scale = scale if use_scale else None
+    # Any output size that maps back to this conv size (output_padding up to stride - 1).
+    args = (g["stride"], g["pad"], g["pool"], (g["h"], g["w"]), g["slope"])
+    out = cpu.kernels.render(cpu.layout(mu, g["layout"]), cpu.layout(sw, g["layout"]), cpu.layout(wt, g["layout"]),
+                             scale, *args)
+    ref = reference.render(mu, sw, wt, scale, *args)
+    assert out.shape == (g["n"], g["cin"], g["h"], g["w"]) and out.is_contiguous()
+    torch.testing.assert_close(out, ref, **cpu.TOL[g["dtype"]])
+
+
+@pytest.mark.cpu_backend
+@given(cpu.geometry())
+def test_cpu_gather_conv_matches_reference(g):
+    gen, x, wt, _, _ = cpu.make_inputs(g)
+    hp, wp = g["hc"] // g["pool"], g["wc"] // g["pool"]
+    sw = cpu.random_switches((g["n"], g["cout"], hp, wp), g["pool"], gen)
+    args = (g["stride"], g["pad"], g["pool"])
+    out = cpu.kernels.gather_conv(cpu.layout(x, g["layout"]), wt, sw, *args)
+    torch.testing.assert_close(out, reference.gather_conv(x, wt, sw, *args), **cpu.TOL[g["dtype"]])
+
+
+@pytest.mark.cpu_backend
+@given(cpu.geometry(), st.booleans())
+def test_cpu_render_wgrad_matches_reference(g, use_scale):
+    gen, x, wt, scale, _ = cpu.make_inputs(g)
+    hp, wp = g["hc"] // g["pool"], g["wc"] // g["pool"]
+    mu = torch.randn(g["n"], g["cout"], hp, wp, generator=gen, dtype=g["dtype"])
+    sw = cpu.random_switches(mu.shape, g["pool"], gen)
+    scale = scale if use_scale else None
+    args = (g["stride"], g["pad"], g["pool"], g["slope"], (g["k"], g["k"]))
+    out = cpu.kernels.render_wgrad(cpu.layout(x, g["layout"]), cpu.layout(mu, g["layout"]), sw, scale, *args)
+    ref = reference.render_wgrad(x, mu, sw, scale, *args)
+    assert out.shape == wt.shape and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=cpu.TOL[g["dtype"]]["rtol"], atol=10 * cpu.TOL[g["dtype"]]["atol"])
+
+
+@pytest.mark.cpu_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cin,k,pool,stride,pad", [(20, 3, 2, 1, 1), (64, 3, 2, 1, 2), (33, 5, 3, 2, 2),
+                                                   (40, 1, 2, 1, 0), (17, 3, 1, 1, 1)])
+def test_cpu_sparse_kernels_vector_paths(dtype, cin, k, pool, stride, pad):
+    # Rows of k*C_in values long enough for the 16/8/4/2/1-vector blocks and their scalar tails.
+    gen = torch.Generator().manual_seed(cin)
+    n, cout, h, w = 3, 12, 11, 10
+    hc, wc = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    x = torch.randn(n, cin, h, w, generator=gen, dtype=dtype)
+    wt = torch.randn(cout, cin, k, k, generator=gen, dtype=dtype)
+    scale = torch.randn(cout, generator=gen, dtype=dtype)
+    mu = torch.randn(n, cout, hc // pool, wc // pool, generator=gen, dtype=dtype)
+    sw = cpu.random_switches(mu.shape, pool, gen)
+    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else cpu.TOL[dtype]
+    for slope in (0.0, 0.1):
+        torch.testing.assert_close(cpu.kernels.render(mu, sw, wt, scale, stride, pad, pool, (h, w), slope),
+                                   reference.render(mu, sw, wt, scale, stride, pad, pool, (h, w), slope), **tol)
+        torch.testing.assert_close(cpu.kernels.render_wgrad(x, mu, sw, scale, stride, pad, pool, slope, (k, k)),
+                                   reference.render_wgrad(x, mu, sw, scale, stride, pad, pool, slope, (k, k)), **tol)
+    torch.testing.assert_close(cpu.kernels.gather_conv(x, wt, sw, stride, pad, pool),
+                               reference.gather_conv(x, wt, sw, stride, pad, pool), **tol)
+
+
+@pytest.mark.cpu_backend
+def test_cpu_render_of_forward_switches_is_input_gradient():
+    # With scale, render(g, switches) is d/dx of conv_relu_pool; check against autograd of the reference.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 12, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    wt = torch.randn(6, 5, 3, 3, generator=gen, dtype=torch.float64)
+    scale = torch.randn(6, generator=gen, dtype=torch.float64)
+    shift = torch.randn(6, generator=gen, dtype=torch.float64)
+    y, sw = cpu.kernels.conv_relu_pool(x.detach(), wt, scale, shift, 1, 1, 2, 0.1)
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    yr, _ = reference.conv_relu_pool(x, wt, scale, shift, 1, 1, 2, 0.1)
+    (gx,) = torch.autograd.grad(yr, x, gy)
+    torch.testing.assert_close(cpu.kernels.render(gy, sw, wt, scale, 1, 1, 2, (12, 12), 0.1), gx)
+
+
+# --------------------------------------------------------------------------- triton kernels
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", [trt.CASES[0], trt.CASES[2], trt.CASES[3], trt.CASES[5], trt.CASES[6]], ids=str)
+def test_triton_render_and_gradients(case: trt.Case):
+    x, w, scale, _ = trt.inputs(case)
+    with dk.backend("triton"):
+        y, sw = dk.conv_relu_pool(x, w, stride=case.stride, padding=case.pad, pool=case.pool,
+                                  negative_slope=case.slope)
+    g = torch.Generator().manual_seed(2)
+    mu = torch.randn(y.shape, generator=g).to(y).requires_grad_()
+    w.requires_grad_()
+    if scale is not None:
+        scale.requires_grad_()
+    out_hw = (case.h, case.w)
+    with dk.backend("triton"):
+        xh = dk.render(mu, sw, w, scale, stride=case.stride, padding=case.pad, pool=case.pool, out_size=out_hw,
+                       negative_slope=case.slope)
+    assert xh.shape == (case.n, case.cin, case.h, case.w) and xh.is_contiguous()
+    mud, wd = trt.d(mu).requires_grad_(), trt.d(w).requires_grad_()
+    sd = trt.d(scale).requires_grad_() if scale is not None else None
+    xh_ref = reference.render(mud, sw.cpu(), wd, sd, case.stride, case.pad, case.pool, out_hw, case.slope)
+    trt.close(xh, xh_ref, case.dtype, "render")
+
+    # against the eager composition as well (max_unpool2d + mask + conv_transpose2d)
+    chw = reference.conv_size(out_hw, (case.k, case.k), case.stride, case.pad)
+    idx = reference.switches_to_indices(sw.cpu(), case.pool, chw)
+    fac = reference.activation_factor(sw.cpu(), case.slope, torch.float64)
+    xh_eager = eager.render(trt.d(mu), idx, trt.d(w), out_hw, fac, trt.d(scale), case.stride, case.pad, case.pool, chw)
+    trt.close(xh, xh_eager, case.dtype, "render vs eager")
+
+    gout = torch.randn(xh.shape, generator=g).to(xh)
+    (xh.float() * gout.float()).sum().backward()
+    (xh_ref * trt.d(gout)).sum().backward()
+    trt.close(mu.grad, mud.grad, case.dtype, "grad mu")
+    trt.close(w.grad, wd.grad, case.dtype, "grad weight")
+    if scale is not None:
+        trt.close(scale.grad, sd.grad, case.dtype, "grad scale")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", [trt.CASES[1], trt.CASES[3], trt.CASES[5]], ids=str)
+def test_triton_gather_conv_and_wgrad_primitives(case: trt.Case):
+    x, w, scale, shift = trt.inputs(case)
+    y, sw = trt.kernels.conv_relu_pool(x, w, scale, shift, case.stride, case.pad, case.pool, case.slope)
+    got = trt.kernels.gather_conv(x, w, sw, case.stride, case.pad, case.pool)
+    exp = reference.gather_conv(trt.d(x), trt.d(w), sw.cpu(), case.stride, case.pad, case.pool)
+    trt.close(got, exp, case.dtype, "gather_conv")
+    mu = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y)
+    got = trt.kernels.render_wgrad(x, mu, sw, scale, case.stride, case.pad, case.pool, case.slope,
+                                      (case.k, case.k))
+    exp = reference.render_wgrad(trt.d(x), trt.d(mu), sw.cpu(), trt.d(scale), case.stride, case.pad, case.pool,
+                                 case.slope, (case.k, case.k))
+    assert got.shape == w.shape and got.dtype == w.dtype
+    trt.close(got, exp, case.dtype, "render_wgrad")
+
+
+@pytest.mark.triton
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's inf * 0 in the interpreter
+@pytest.mark.parametrize("slope", [0.0, 0.1])
+def test_triton_render_and_wgrad_select_like_relu_backward(slope):
+    # Where the a bit is off under ReLU the pooled gradient contributes 0 even when it is infinite (a multiply by
+    # 0 would make NaN): render and render_wgrad must stay finite; with a leaky slope the inf passes on.
+    case = trt.Case(1, 2, 3, 6, 6, 3, 1)
+    x, w, _, _ = trt.inputs(case)
+    y, sw = trt.kernels.conv_relu_pool(x, w, None, None, 1, 1, 2, slope)
+    mu = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(y)
+    off = (sw & 0x80) == 0
+    assert off.any() and (~off).any()
+    mu[off] = float("inf")
+    got_r = trt.kernels.render(mu, sw, w, None, 1, 1, 2, (6, 6), slope)
+    got_w = trt.kernels.render_wgrad(x, mu, sw, None, 1, 1, 2, slope, (3, 3))
+    exp_r = reference.render(trt.d(mu), sw.cpu(), trt.d(w), None, 1, 1, 2, (6, 6), slope)
+    if slope == 0.0:
+        assert torch.isfinite(got_r).all() and torch.isfinite(got_w).all()
+        trt.close(got_r, exp_r, case.dtype, "render")
+    else:
+        assert torch.isinf(got_r).any() or torch.isnan(got_r).any()
+
+
+# --------------------------------------------------------------------------- cuda kernels
+
+@pytest.mark.gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", cuda.CASES, ids=str)
+def test_cuda_backward_primitives(case):
+    cuda.check_backward_primitives(case)
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_render_and_wgrad_select_like_relu_backward(dtype):
+    """An infinite pooled gradient where the a bit is off (ReLU) contributes 0, not inf * 0 = NaN."""
+    from drmm_kernels import cuda as cb
+    case = cuda.Case(dtype=dtype, scale=False, shift=False)
+    x, w, _, _ = cuda.inputs(case)
+    with cuda.tf32(False):
+        y, sw = cb.conv_relu_pool(x, w, None, None, 1, 1, 2, 0.0)
+        mu = torch.randn_like(y)
+        off = (sw & 0x80) == 0
+        assert off.any() and (~off).any()
+        mu[off] = float("inf")
+        got_r = cb.render(mu, sw, w, None, 1, 1, 2, tuple(x.shape[-2:]), 0.0)
+        got_w = cb.render_wgrad(x, mu, sw, None, 1, 1, 2, 0.0, tuple(w.shape[-2:]))
+    assert torch.isfinite(got_r).all() and torch.isfinite(got_w).all()
+    exp_r = reference.render(mu, sw, w, None, 1, 1, 2, tuple(x.shape[-2:]), 0.0)
+    torch.testing.assert_close(got_r, exp_r, rtol=1e-4, atol=1e-4)
