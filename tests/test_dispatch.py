@@ -89,7 +89,7 @@ def test_torch_compile_fullgraph(backend, compiler):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_eager_fast_path_matches_the_custom_op(backend):
-    """Plain eager calls skip the torch.library round trip (ops._CustomOp); the custom op (what compile, fake
+    """Plain eager calls skip the torch.library round trip (dispatch.CustomOp); the custom op (what compile, fake
     tensors and opcheck use) must give bitwise the same values, switches and gradients, first and second order."""
     if not dk.available_backends()[backend].available:
         pytest.skip(f"{backend} backend not available")

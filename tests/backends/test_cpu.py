@@ -1,5 +1,6 @@
 """Quirks of the cpu backend (C++ kernels): dtype fallback, errors raised by the kernels themselves,
-determinism across thread counts, and the dense temporaries under a page-faulting allocator."""
+determinism across thread counts, and the dense temporaries under a page-faulting allocator.
+"""
 
 import os
 

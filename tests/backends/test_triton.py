@@ -1,5 +1,6 @@
 """Quirks of the Triton backend: the float64 fallback, the ahead-of-time compile for sm_90 (no GPU needed),
-and the GPU-only checks at realistic shapes and under torch.compile."""
+and the GPU-only checks at realistic shapes and under torch.compile.
+"""
 
 import pytest
 import torch

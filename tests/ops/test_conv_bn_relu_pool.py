@@ -1,5 +1,6 @@
 """The conv_bn_relu_pool op, every layer: the public op against eager PyTorch (conv2d -> batch_norm -> act ->
-max_pool2d) on every CPU-capable backend, then the kernels it is made of (bn_pool, batch_stats) per backend."""
+max_pool2d) on every CPU-capable backend, then the kernels it is made of (bn_pool, batch_stats) per backend.
+"""
 
 import pytest
 import torch

@@ -1,6 +1,7 @@
 """The conv_relu_pool op, every layer: the public op against eager PyTorch on every CPU-capable backend, then
 each backend's kernels against the reference backend (cpu: C++ kernels; triton: interpreter on CPU, compiled on
-a GPU; cuda: GPU only)."""
+a GPU; cuda: GPU only).
+"""
 
 import pytest
 import torch

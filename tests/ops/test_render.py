@@ -1,5 +1,6 @@
 """The render op, every layer, with its two adjoints (gather_conv, render_wgrad): the public op against eager
-PyTorch on every CPU-capable backend, then each backend's kernels against the reference backend."""
+PyTorch on every CPU-capable backend, then each backend's kernels against the reference backend.
+"""
 
 import pytest
 import torch
