@@ -161,34 +161,32 @@ status_of() {  # exit code of a time-boxed command -> status word
   case $1 in 0) echo passed ;; 124|137) echo timeout ;; *) echo failed ;; esac
 }
 
-# Kernel test files: everything under tests/ except the DRMM-model, docs and benchmark-script tests
-# (those need packages the GPU machine may lack, and no kernel runs in them).
-kernel_tests() {
-  find tests -name 'test_*.py' ! -name 'test_drmm_*' ! -name 'test_docs*' ! -name 'test_bench*' \
-    ! -name 'test_fuse*' ! -path 'tests/drmm/*' | sort
-}
+# Kernel tests: tests/ops (every layer of each op) and tests/backends (backend quirks). The backend
+# markers of tests/conftest.py select them: -m triton (interpreter-sized and GPU ones), -m cuda.
+kernel_tests() { ls -d tests/ops tests/backends; }
 
-# pytest over shards: sharded_pytest STAGE KEYWORD EXTRA_ARGS... ; node ids are dealt round-robin to
+# pytest over shards: sharded_pytest STAGE MARKER EXTRA_ARGS... ; node ids are dealt round-robin to
 # $SHARDS processes that share Triton's on-disk cache; each writes junit-STAGE-<i>.xml.
 sharded_pytest() {
-  local stage=$1 kw=$2; shift 2
+  local stage=$1 marker=$2; shift 2
   local ids=$WORK/$stage.ids files
   mapfile -t files < <(kernel_tests)
-  "$PY" -m pytest -q -p no:cacheprovider --collect-only "${files[@]}" -k "$kw" "${PYTEST_ENV_ARGS[@]}" \
+  "$PY" -m pytest -q -p no:cacheprovider --collect-only "${files[@]}" -m "$marker" \
     2>"$WORK/$stage.collect.err" | grep '::' > "$ids"
   local n
   n=$(wc -l < "$ids")
   if [[ $n == 0 ]]; then
-    echo "no tests collected for -k '$kw':"; tail -n 20 "$WORK/$stage.collect.err"; return 5
+    echo "no tests collected for -m '$marker':"; tail -n 20 "$WORK/$stage.collect.err"; return 5
   fi
   local k=$SHARDS; (( n < k )) && k=$n
   echo "$n tests in $k shard(s)"
   local pids=() i rc=0 budget
   budget=$(left)
   for ((i = 0; i < k; i++)); do
-    awk -v k="$k" -v i="$i" 'NR % k == i' "$ids" > "$WORK/$stage.$i.ids"
-    timeout --kill-after=10 "$budget" "$PY" -m pytest -q -p no:cacheprovider -rfE "$@" "${PYTEST_ENV_ARGS[@]}" \
-      --junitxml="$OUT/junit-$stage-$i.xml" $(cat "$WORK/$stage.$i.ids") > "$OUT/pytest-$stage-$i.log" 2>&1 &
+    local shard_ids
+    mapfile -t shard_ids < <(awk -v k="$k" -v i="$i" 'NR % k == i' "$ids")
+    timeout --kill-after=10 "$budget" "$PY" -m pytest -q -p no:cacheprovider -rfE "$@" \
+      --junitxml="$OUT/junit-$stage-$i.xml" "${shard_ids[@]}" > "$OUT/pytest-$stage-$i.log" 2>&1 &
     pids+=($!)
   done
   for i in "${!pids[@]}"; do
@@ -257,7 +255,6 @@ CU13=$("$PY" -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0],
 # Everything runs from the source tree; hypothesis may be missing on the GPU machine: a stub then
 # skips the property tests (loudly) and lets the rest run.
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
-PYTEST_ENV_ARGS=()
 if ! "$PY" -c "import hypothesis" 2>/dev/null; then
   echo "!!! hypothesis is not installed: @given property tests are SKIPPED (stub in $WORK/stub)"
   PREFLIGHT_WARN+="hypothesis missing: property tests skipped; "
@@ -371,7 +368,7 @@ if selected cuda; then
     finish failed 1 "cuda backend unavailable after the build: $("$PY" -c "import drmm_kernels as dk; print(dk.available_backends()['cuda'].reason)" 2>&1 | tail -n 1)"
   else
     rc=0
-    sharded_pytest cuda "cuda and not spills" --maxfail=20 || rc=$?
+    sharded_pytest cuda cuda --maxfail=20 || rc=$?
     finish "$(status_of $rc)" "$rc"
   fi
 fi
