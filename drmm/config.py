@@ -12,11 +12,29 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import yaml
 
+from .data import DATASETS
+from .errors import UsageError, did_you_mean
 from .losses import ObjectiveConfig
 
 MODES = ("supervised", "semisupervised", "unsupervised", "pretrain_finetune")
 TRAINERS = ("eg", "backprop", "hard_em")
 TOP_MODELS = ("class", "factor")
+# The other enumerated keys (None = the preset's choice); the model presets are checked against drmm.model.PRESETS.
+CHOICES = {"norm": (None, "batch", "none"), "activation": (None, "relu", "leaky"),
+           "mean_unpool_scale": ("none", "inv_area"), "mode": MODES, "trainer": TRAINERS, "top_model": TOP_MODELS,
+           "template_class": ("true_if_labeled", "predicted")}
+# Keys that must be at least this large.
+MINIMUM = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "num_labeled": 0, "max_train_samples": 0,
+           "eval_samples": 0, "val_samples": 0, "max_steps": 0, "pretrain_epochs": 0, "eval_every_steps": 0,
+           "ckpt_every_steps": 0, "log_every_steps": 1, "em_window": 1, "factor_dim": 1}
+
+
+def _one_of(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        names = [a for a in allowed if isinstance(a, str)]
+        hint = did_you_mean(value, names) if isinstance(value, str) else ""
+        shown = ", ".join("null" if a is None else str(a) for a in allowed)
+        raise UsageError(f"{name} must be one of {shown}; got {value!r}{hint}")
 
 
 @dataclass
@@ -91,98 +109,149 @@ class TrainConfig:
         return ObjectiveConfig(**{n: getattr(self, n) for n in names})
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.trainer not in TRAINERS:
-            raise ValueError(f"trainer must be one of {TRAINERS}, got {self.trainer!r}")
-        if self.top_model not in TOP_MODELS:
-            raise ValueError(f"top_model must be one of {TOP_MODELS}, got {self.top_model!r}")
-        if self.template_class not in ("true_if_labeled", "predicted"):
-            raise ValueError(f"template_class must be 'true_if_labeled' or 'predicted', got {self.template_class!r}")
+        """Refuse unknown choices, out-of-range values and combinations that do not go together (UsageError)."""
+        from .model import PRESETS  # here: drmm.model is heavier than the config
+
+        for name, allowed in CHOICES.items():
+            _one_of(name, getattr(self, name), allowed)
+        _one_of("dataset", self.dataset.replace("-", "_").lower(), DATASETS)
+        _one_of("model", self.model, sorted(PRESETS))
+        for name, least in MINIMUM.items():
+            if getattr(self, name) < least:
+                raise UsageError(f"{name} must be >= {least}, got {getattr(self, name)!r}")
+        for name in ("bn_momentum", "switch_prior_momentum", "em_row_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UsageError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.factor_noise_var <= 0:
+            raise UsageError(f"factor_noise_var must be > 0, got {self.factor_noise_var!r}")
+        if self.bias_adder and self.norm == "none":
+            raise UsageError("bias_adder needs BatchNorm layers; drop norm: none or set bias_adder: false")
         if self.mode == "semisupervised" and self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 in semisupervised mode, got {self.batch_size}")
+            raise UsageError(f"batch_size must be >= 2 in semisupervised mode, got {self.batch_size}")
         if self.mode == "pretrain_finetune" and not 0 < self.pretrain_epochs < self.epochs:
-            raise ValueError(f"pretrain_finetune needs 0 < pretrain_epochs < epochs, got pretrain_epochs="
+            raise UsageError(f"pretrain_finetune needs 0 < pretrain_epochs < epochs, got pretrain_epochs="
                              f"{self.pretrain_epochs}, epochs={self.epochs}")
         if self.allconv13_tail_kernel not in (1, 3):
-            raise ValueError(f"allconv13_tail_kernel must be 1 or 3, got {self.allconv13_tail_kernel!r}")
+            raise UsageError(f"allconv13_tail_kernel must be 1 or 3, got {self.allconv13_tail_kernel!r}")
         if self.allconv13_tail_kernel != 3 and self.model != "allconv13":
-            raise ValueError(f"allconv13_tail_kernel applies to model allconv13 only, got model {self.model!r}")
+            raise UsageError(f"allconv13_tail_kernel applies to model allconv13 only, got model {self.model!r}")
         for name in ("dropout", "td_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1), got {getattr(self, name)!r}")
+                raise UsageError(f"{name} must be a probability in [0, 1), got {getattr(self, name)!r}")
         if self.trainer == "backprop":
             for name in ("td_batchnorm", "td_dropout"):
                 if getattr(self, name):
-                    raise ValueError(f"{name} acts on the top-down pass, which trainer backprop does not run")
+                    raise UsageError(f"{name} acts on the top-down pass, which trainer backprop does not run")
         if self.trainer == "hard_em":
             for name in ("td_batchnorm", "td_dropout", "maxmin", "dropout"):
                 if getattr(self, name):
-                    raise ValueError(f"{name} is not supported by trainer hard_em (its closed-form M-step assumes "
+                    raise UsageError(f"{name} is not supported by trainer hard_em (its closed-form M-step assumes "
                                      f"the plain linear rendering of one branch); use trainer eg")
         if self.maxmin and self.top_model != "class":
-            raise ValueError("maxmin needs top_model 'class' (the factor top reads out one branch only)")
+            raise UsageError("maxmin needs top_model 'class' (the factor top reads out one branch only)")
         if self.mode == "unsupervised" and self.trainer == "backprop":
-            raise ValueError("trainer=backprop trains on CE only and needs labels; mode=unsupervised has none")
+            raise UsageError("trainer=backprop trains on CE only and needs labels; mode=unsupervised has none")
         if self.val_samples < 0:
-            raise ValueError(f"val_samples must be >= 0, got {self.val_samples}")
+            raise UsageError(f"val_samples must be >= 0, got {self.val_samples}")
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+            raise UsageError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
         if not 0 < self.lr_final <= self.lr_init:
-            raise ValueError(f"need 0 < lr_final <= lr_init, got lr_init={self.lr_init}, lr_final={self.lr_final}")
-        self.objective()  # validates the loss options
+            raise UsageError(f"need 0 < lr_final <= lr_init, got lr_init={self.lr_init}, lr_final={self.lr_final}")
+        try:
+            self.objective()  # validates the loss options
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 
 # ---------------------------------------------------------------- loading
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    if value is None or default is None:
-        return value
+def _coerce(name: str, value: Any, default: Any, origin: str) -> Any:
+    if default is None:   # the Optional keys: None or a string
+        return value if value is None else str(value)
+    if value is None:
+        raise UsageError(f"{origin}: config key {name!r} needs a value (default {default!r}), got null")
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise ValueError(f"config key {name!r} must be true/false, got {value!r}")
+            raise UsageError(f"{origin}: config key {name!r} must be true or false, got {value!r}")
         return value
     if isinstance(default, int) and not isinstance(value, bool):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if not isinstance(value, int):
-            raise ValueError(f"config key {name!r} must be an integer, got {value!r}")
+            raise UsageError(f"{origin}: config key {name!r} must be an integer, got {value!r}")
         return value
     if isinstance(default, float):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ValueError(f"config key {name!r} must be a number, got {value!r}")
+            raise UsageError(f"{origin}: config key {name!r} must be a number, got {value!r}")
         return float(value)
+    if isinstance(value, (dict, list)):
+        raise UsageError(f"{origin}: config key {name!r} takes a single value, got {value!r}")
     return str(value)
 
 
-def config_from_dict(d: Dict[str, Any]) -> TrainConfig:
-    """A TrainConfig from a mapping (a run's config.yaml); unknown keys and ill-typed values are refused."""
+def _unknown_key(key: Any, origin: str) -> UsageError:
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    return UsageError(f"{origin}: unknown config key {key!r}{did_you_mean(str(key), known)}; "
+                      f"the keys and what they mean are listed in drmm/config.py (TrainConfig)")
+
+
+def config_from_dict(d: Dict[str, Any], origin: Any = "config") -> TrainConfig:
+    """A TrainConfig from a mapping (a run's config.yaml); unknown keys and ill-typed values are refused.
+
+    ``origin``: where the values come from, named in the error messages; a string, or a mapping key -> string.
+    """
+    where = (lambda k: origin.get(k, "config")) if isinstance(origin, dict) else (lambda k: origin)
     defaults = TrainConfig()
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
-    cfg = TrainConfig(**{k: _coerce(k, v, getattr(defaults, k)) for k, v in d.items()})
+    for key in d:
+        if key not in known:
+            raise _unknown_key(key, where(key))
+    cfg = TrainConfig(**{k: _coerce(k, v, getattr(defaults, k), where(k)) for k, v in d.items()})
     return cfg
+
+
+def read_yaml_mapping(path: Any) -> Dict[str, Any]:
+    """A YAML file that must hold a mapping (a config); unreadable or malformed files are a UsageError."""
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"{path}: not valid YAML{at} ({problem}); fix the file") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a text file; a config is a YAML file of key: value lines") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise UsageError(f"{path}: a config must be a YAML mapping of keys to values (key: value lines)")
+    return d
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """A TrainConfig from a YAML file plus ``key=value`` overrides (values parsed as YAML scalars)."""
     d: Dict[str, Any] = {}
+    origin: Dict[str, str] = {}
     if path is not None:
-        with open(path) as f:
-            d = yaml.safe_load(f) or {}
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: a config must be a YAML mapping of keys to values")
+        d = read_yaml_mapping(path)
+        origin = {k: str(path) for k in d}
         d.setdefault("name", Path(path).stem)
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise UsageError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
-        d[key.strip()] = yaml.safe_load(value)
-    cfg = config_from_dict(d)
+        key = key.strip()
+        try:
+            d[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            d[key] = value   # not a YAML scalar: keep the text; the key's type check decides
+        origin[key] = f"--set {item}"
+    cfg = config_from_dict(d, origin)
     cfg.validate()
     return cfg
 
@@ -191,7 +260,15 @@ def resolve_device(name: str) -> torch.device:
     """The device a config's ``device`` key names; ``auto`` = CUDA when available, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"device {name!r} is not a torch device; use auto, cpu, cuda or cuda:<index>") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} asked for, but this torch sees no CUDA GPU; use --device cpu "
+                         f"(or config device: auto)")
+    return dev
 
 
-__all__ = ["MODES", "TRAINERS", "TOP_MODELS", "TrainConfig", "config_from_dict", "load_config", "resolve_device"]
+__all__ = ["MODES", "TRAINERS", "TOP_MODELS", "CHOICES", "TrainConfig", "config_from_dict", "read_yaml_mapping",
+           "load_config", "resolve_device"]

@@ -3,8 +3,10 @@
 Where the files come from, in order: ``data_dir`` (the ``--data-dir`` flag / config key), the ``DRMM_DATA_DIR``
 environment variable, ``./data``. Local files are checked by their headers, counts and sizes, not by md5 (Debian
 recompresses Fashion-MNIST, so its archives have other checksums than the upstream ones). Missing files are
-downloaded from the standard URLs when ``download`` is on, and the downloaded archive's md5 is verified. When
-neither works the error names the expected files and both ways to provide them.
+downloaded from the standard URLs when ``download`` is on, and the downloaded archive's md5 is verified; a server
+that cannot be reached fails within ``DOWNLOAD_TIMEOUT_S`` seconds. When neither works the error (a
+``DataNotFoundError``, one line) names the expected files, the folders searched and both ways to provide them; a
+truncated or corrupt file is a ``CorruptDataError`` naming the file and how to replace it.
 
 The sets are small enough to live on the training device as one tensor each; batches are index gathers.
 """
@@ -15,8 +17,12 @@ import gzip
 import hashlib
 import os
 import pickle
+import socket
 import tarfile
+import threading
+import urllib.parse
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -24,6 +30,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+
+from .errors import UsageError, did_you_mean
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "svhn")
 
@@ -55,8 +63,15 @@ _NORMALISATION = {
 }
 
 
-class DataNotFoundError(FileNotFoundError):
-    pass
+DOWNLOAD_TIMEOUT_S = 10.0  # name lookup, connect and each read; a blocked network fails fast, not after minutes
+
+
+class DataNotFoundError(UsageError, FileNotFoundError):
+    """The data set's files are not in any folder searched, and downloading them was off or failed."""
+
+
+class CorruptDataError(UsageError):
+    """A data file is there but truncated, corrupt or of another format; the message names it."""
 
 
 @dataclass
@@ -87,7 +102,8 @@ class ImageData:
         """Move the last ``num`` training images into the validation split (model selection without the test set)."""
         n = len(self.train_labels)
         if not 0 < num < n:
-            raise ValueError(f"val_samples must be in [1, {n - 1}] for {n} training images, got {num}")
+            raise UsageError(f"val_samples must be in [1, {n - 1}] for {n} training images, got {num}; "
+                             f"lower val_samples (or raise max_train_samples)")
         self.val_images, self.val_labels = self.train_images[n - num:], self.train_labels[n - num:]
         self.train_images, self.train_labels = self.train_images[:n - num], self.train_labels[:n - num]
 
@@ -125,14 +141,19 @@ def _missing_error(name: str, root: Path, reason: str) -> DataNotFoundError:
     url, files = _DOWNLOADS[name]
     dirs = ", ".join(str(d) for d in _candidate_dirs(name, root))
     return DataNotFoundError(
-        f"{name}: data not found ({reason}).\n"
-        f"  expected files: {', '.join(_expected_files(name))}\n"
-        f"  looked in: {dirs}\n"
-        f"  provide them either way:\n"
-        f"    1. put the standard files in one of those folders, and point --data-dir (config key data_dir) or the "
-        f"DRMM_DATA_DIR environment variable at the root ({root});\n"
-        f"    2. let the loader download them (config download: true, needs network) from {url} "
-        f"({', '.join(files)}).")
+        f"{name} data not found in {root} ({reason}): expected {', '.join(_expected_files(name))} in one of "
+        f"{dirs}; put the files there and point --data-dir (config key data_dir) or DRMM_DATA_DIR at {root}, "
+        f"or let the loader download them (config download: true, needs network) from {url}")
+
+
+def _redownload_hint(name: str, path: Path) -> str:
+    """How to replace a bad file of data set ``name``: where it comes from and its published md5."""
+    url, files = _DOWNLOADS[name]
+    archive = path.name if path.name in files else (path.name + ".gz" if path.name + ".gz" in files else None)
+    if archive is None:   # a file unpacked from an archive (CIFAR-10 batches)
+        archive = next(iter(files))
+    return (f"delete it and download it again ({url}{archive}, published md5 {files[archive]}; with config "
+            f"download: true the loader fetches and checks it)")
 
 
 def _md5(path: Path) -> str:
@@ -141,6 +162,29 @@ def _md5(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _check_reachable(url: str, timeout: float) -> None:
+    """Resolve the URL's host within ``timeout`` s: urlopen's timeout covers connect and reads but not the name
+    lookup, which a machine without network can block on for minutes."""
+    host = urllib.parse.urlparse(url).hostname
+    if not host:   # file:// URLs (tests, mirrors on disk)
+        return
+    result: List[BaseException] = []
+
+    def lookup():
+        try:
+            socket.getaddrinfo(host, None)
+        except OSError as e:
+            result.append(e)
+
+    t = threading.Thread(target=lookup, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"looking up {host} took over {timeout:.0f} s (no network?)")
+    if result:
+        raise result[0]
 
 
 def download(name: str, root: Path) -> Path:
@@ -155,7 +199,8 @@ def download(name: str, root: Path) -> Path:
         if dest.exists() and _md5(dest) == md5:
             continue
         tmp = dest.with_suffix(dest.suffix + ".part")
-        with urllib.request.urlopen(url + fname, timeout=60) as resp, open(tmp, "wb") as out:
+        _check_reachable(url + fname, DOWNLOAD_TIMEOUT_S)
+        with urllib.request.urlopen(url + fname, timeout=DOWNLOAD_TIMEOUT_S) as resp, open(tmp, "wb") as out:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {fname}") as bar:
                 for chunk in iter(lambda: resp.read(1 << 16), b""):
@@ -178,20 +223,29 @@ def download(name: str, root: Path) -> Path:
 # ---------------------------------------------------------------- readers (with format checks)
 
 
-def read_idx(path: Path, expected_count: Optional[int] = None) -> np.ndarray:
-    """An IDX file (``.gz`` or raw) as a uint8 array; checks magic, dimensions and size."""
+def read_idx(path: Path, expected_count: Optional[int] = None, fix: str = "") -> np.ndarray:
+    """An IDX file (``.gz`` or raw) as a uint8 array; checks magic, dimensions and size.
+
+    A truncated or corrupt file raises ``CorruptDataError`` naming it; ``fix`` says how to replace it.
+    """
+    fix = fix or "delete it and download it again (config download: true fetches and md5-checks it)"
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise CorruptDataError(f"{path}: truncated or corrupt gzip file ({e}); {fix}") from None
     if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file (bad magic {data[:4].hex()})")
+        raise CorruptDataError(f"{path}: not an unsigned-byte IDX file (bad magic {data[:4].hex()}, expected "
+                               f"00000801 or 00000803); {fix}")
     ndim = data[3]
     dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     offset = 4 + 4 * ndim
     if len(data) != offset + int(np.prod(dims)):
-        raise ValueError(f"{path}: size {len(data)} bytes does not match its header dims {dims}")
+        raise CorruptDataError(f"{path}: size {len(data)} bytes does not match its header dims {dims} "
+                               f"(truncated?); {fix}")
     if expected_count is not None and dims[0] != expected_count:
-        raise ValueError(f"{path}: holds {dims[0]} items, expected {expected_count}")
+        raise CorruptDataError(f"{path}: holds {dims[0]} items, expected {expected_count}; {fix}")
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims).copy()  # writable, for torch
 
 
@@ -202,27 +256,36 @@ def _find_idx(folder: Path, stem: str) -> Optional[Path]:
     return None
 
 
-def _load_mnist_like(folder: Path) -> Dict[str, np.ndarray]:
+def _load_mnist_like(folder: Path, name: str = "mnist") -> Dict[str, np.ndarray]:
     arrays = {}
     for stem, (count, is_images) in _IDX_FILES.items():
-        arr = read_idx(_find_idx(folder, stem), count)
+        path = _find_idx(folder, stem)
+        arr = read_idx(path, count, _redownload_hint(name, path))
         if is_images and arr.shape[1:] != (28, 28):
-            raise ValueError(f"{folder / stem}: images are {arr.shape[1:]}, expected 28x28")
+            raise CorruptDataError(f"{path}: images are {arr.shape[1:]}, expected 28x28; "
+                                   f"{_redownload_hint(name, path)}")
         arrays[stem] = arr
     return {"train_x": arrays["train-images-idx3-ubyte"][:, None], "train_y": arrays["train-labels-idx1-ubyte"],
             "test_x": arrays["t10k-images-idx3-ubyte"][:, None], "test_y": arrays["t10k-labels-idx1-ubyte"]}
 
 
 def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
+    fix = _redownload_hint("cifar10", path)
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError, IndexError) as e:
+        raise CorruptDataError(f"{path}: truncated or corrupt CIFAR-10 batch ({e.__class__.__name__}: {e}); "
+                               f"{fix}") from None
     if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
-        raise ValueError(f"{path}: not a CIFAR-10 python batch (a pickled dict with b'data' and b'labels')")
+        raise CorruptDataError(f"{path}: not a CIFAR-10 python batch (a pickled dict with b'data' and b'labels'); "
+                               f"{fix}")
     x, y = np.asarray(d[b"data"], dtype=np.uint8), np.asarray(d[b"labels"], dtype=np.int64)
     if x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
-        raise ValueError(f"{path}: data has shape {x.shape} and {len(y)} labels; expected (N, 3072) and N labels")
+        raise CorruptDataError(f"{path}: data has shape {x.shape} and {len(y)} labels; expected (N, 3072) and N "
+                               f"labels; {fix}")
     if len(y) and (y.min() < 0 or y.max() > 9):
-        raise ValueError(f"{path}: labels outside 0..9")
+        raise CorruptDataError(f"{path}: labels outside 0..9; {fix}")
     return x.reshape(-1, 3, 32, 32), y
 
 
@@ -236,14 +299,19 @@ def _load_cifar10(folder: Path) -> Dict[str, np.ndarray]:
 def _read_svhn(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     from scipy.io import loadmat
 
-    d = loadmat(path)
+    fix = _redownload_hint("svhn", path)
+    try:
+        d = loadmat(path)
+    except (ValueError, TypeError, OSError, EOFError) as e:   # scipy's MatReadError is a ValueError
+        raise CorruptDataError(f"{path}: truncated or corrupt .mat file ({e}); {fix}") from None
     if "X" not in d or "y" not in d:
-        raise ValueError(f"{path}: not an SVHN cropped-digits .mat file (needs variables X and y)")
+        raise CorruptDataError(f"{path}: not an SVHN cropped-digits .mat file (needs variables X and y); {fix}")
     x, y = np.asarray(d["X"], dtype=np.uint8), np.asarray(d["y"], dtype=np.int64).reshape(-1)
     if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
-        raise ValueError(f"{path}: X has shape {x.shape} and y {len(y)} entries; expected (32, 32, 3, N) and N")
+        raise CorruptDataError(f"{path}: X has shape {x.shape} and y {len(y)} entries; expected (32, 32, 3, N) "
+                               f"and N; {fix}")
     if len(y) and (y.min() < 1 or y.max() > 10):
-        raise ValueError(f"{path}: labels outside 1..10")
+        raise CorruptDataError(f"{path}: labels outside 1..10; {fix}")
     y = np.where(y == 10, 0, y)  # SVHN stores digit 0 as label 10
     return np.ascontiguousarray(x.transpose(3, 2, 0, 1)), y
 
@@ -273,7 +341,7 @@ def load_dataset(name: str, data_dir: Optional[str] = None, download_missing: bo
     """Load data set ``name`` (one of DATASETS) as uint8 tensors on the CPU (treat them as read-only)."""
     name = name.replace("-", "_").lower()
     if name not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+        raise UsageError(f"dataset must be one of {', '.join(DATASETS)}; got {name!r}{did_you_mean(name, DATASETS)}")
     root = data_root(data_dir)
     folder = next((d for d in _candidate_dirs(name, root) if _present(name, d)), None)
     if folder is None:
@@ -282,13 +350,14 @@ def load_dataset(name: str, data_dir: Optional[str] = None, download_missing: bo
         try:
             download(name, root)
         except Exception as e:  # network down, proxy, bad checksum ...
-            raise _missing_error(name, root, f"download failed: {e}") from e
+            reason = str(e).replace("\n", " ")
+            raise _missing_error(name, root, f"download failed: {e.__class__.__name__}: {reason}") from e
         folder = next((d for d in _candidate_dirs(name, root) if _present(name, d)), None)
         if folder is None:
             raise _missing_error(name, root, "downloaded, but the expected files did not appear")
     key = (name, str(folder.resolve()))
     if key not in _CACHE:
-        arrays = _LOADERS[name](folder)
+        arrays = _LOADERS[name](folder, name) if name in ("mnist", "fashion_mnist") else _LOADERS[name](folder)
         _CACHE[key] = ImageData(name, torch.from_numpy(np.ascontiguousarray(arrays["train_x"])),
                                 torch.from_numpy(arrays["train_y"].astype(np.int64)),
                                 torch.from_numpy(np.ascontiguousarray(arrays["test_x"])),
@@ -304,14 +373,15 @@ def balanced_labeled_indices(labels: Sequence[int], num_labeled: int, num_classe
     """``num_labeled / num_classes`` indices per class, the first ones of a seeded permutation; sorted."""
     labels = np.asarray(labels)
     if num_labeled <= 0 or num_labeled % num_classes:
-        raise ValueError(f"num_labeled must be a positive multiple of num_classes={num_classes}, got {num_labeled}")
+        raise UsageError(f"num_labeled must be a positive multiple of num_classes={num_classes}, got {num_labeled}")
     per_class = num_labeled // num_classes
     perm = np.random.RandomState(seed).permutation(len(labels))
     chosen = []
     for c in range(num_classes):
         of_class = perm[labels[perm] == c][:per_class]
         if len(of_class) < per_class:
-            raise ValueError(f"class {c} has only {len(of_class)} examples, {per_class} requested")
+            raise UsageError(f"class {c} has only {len(of_class)} training examples, {per_class} labeled ones "
+                             f"requested; lower num_labeled or raise max_train_samples")
         chosen.append(of_class)
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
@@ -322,10 +392,10 @@ def labeled_subset(labels: Sequence[int], num_labeled: int, num_classes: int, se
     if path is not None and Path(path).exists():
         idx = np.load(path)
         if len(idx) != num_labeled:
-            raise ValueError(f"{path} holds {len(idx)} labeled indices but num_labeled={num_labeled}; "
+            raise UsageError(f"{path} holds {len(idx)} labeled indices but num_labeled={num_labeled}; "
                              f"delete it or use another run dir")
         if len(idx) and not 0 <= int(idx.min()) <= int(idx.max()) < len(labels):
-            raise ValueError(f"{path} holds labeled indices up to {int(idx.max())}, outside the {len(labels)} "
+            raise UsageError(f"{path} holds labeled indices up to {int(idx.max())}, outside the {len(labels)} "
                              f"training images (max_train_samples / val_samples changed?); delete it or use "
                              f"another run dir")
         return idx.astype(np.int64)
@@ -368,5 +438,5 @@ def augment(x: Tensor, generator: torch.Generator, crop_pad: int = 4, flip: bool
     return x
 
 
-__all__ = ["DATASETS", "ImageData", "DataNotFoundError", "load_dataset", "read_idx", "download",
-           "balanced_labeled_indices", "labeled_subset", "unlabeled_pool", "augment", "data_root"]
+__all__ = ["DATASETS", "ImageData", "DataNotFoundError", "CorruptDataError", "DOWNLOAD_TIMEOUT_S", "load_dataset",
+           "read_idx", "download", "balanced_labeled_indices", "labeled_subset", "unlabeled_pool", "augment", "data_root"]

@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .config import TrainConfig, config_from_dict, load_config, resolve_device
+from .errors import UsageError
 from .plan import DataPlan, load_data, steps_in_epoch
 from .train import evaluate, model_from_config, train, train_step
 
@@ -543,10 +544,10 @@ def cmd_table1(args) -> int:
     try:
         labels = _parse_labels(row, args.labels)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        raise UsageError(str(e)) from None
     schedule = args.schedule or default_schedule()
     if args.epochs is not None and schedule != "full":
-        raise SystemExit("error: --epochs shortens the full schedule; it needs --schedule full")
+        raise UsageError("--epochs shortens the full schedule; it needs --schedule full")
     for seed in [int(s) for s in args.seeds.split(",")]:
         run_row(row, labels, seed, schedule, Path(args.out), args.epochs, args.set or [], args.data_dir,
                 args.test_images, args.progress)

@@ -48,22 +48,60 @@ def save_reconstruction_grid(x: Tensor, x_hat: Tensor, path: Path, data=None) ->
     return _save(fig, Path(path))
 
 
+def _vector_display(v: Tensor):
+    """A (C,) vector as a near-square (rows, cols) grid of its values in channel order, min-max scaled to [0, 1];
+    the cells past C are NaN (drawn blank)."""
+    import numpy as np
+
+    v = v.detach().float().cpu().reshape(-1)
+    lo, hi = v.min(), v.max()
+    v = (v - lo) / (hi - lo) if hi > lo else torch.zeros_like(v)
+    cols = int(np.ceil(np.sqrt(len(v))))
+    rows = (len(v) + cols - 1) // cols
+    grid = np.full(rows * cols, np.nan, dtype=np.float32)
+    grid[:len(v)] = v.numpy()
+    return grid.reshape(rows, cols)
+
+
+def level_panels(levels: Sequence[Tensor], max_images: int = 8):
+    """What ``save_level_grid`` draws: (column titles, rows of 2-D arrays in [0, 1], one row per example).
+
+    A level with a 1x1 map (the class template of a model that ends in a global mean pool, e.g. conv_small's
+    (10, 1, 1) mu_c) is shown as its channel vector laid out as a grid, since the channel mean of a single pixel
+    is one value and its min-max scaling an all-black square. Larger maps are shown as the mean over channels.
+    """
+    n = min(levels[0].shape[0], max_images)
+    titles = []
+    for j, level in enumerate(levels):
+        name = "template" if j == 0 else ("image" if j == len(levels) - 1 else f"level -{j}")
+        if level.shape[-2:] == (1, 1) and level.shape[1] > 1:
+            name += f"\n({level.shape[1]} channels)"
+        titles.append(name)
+    rows = [[_vector_display(level[i]) if level.shape[-2:] == (1, 1) and level.shape[1] > 1
+             else _to_display(level[i]) for level in levels] for i in range(n)]
+    return titles, rows
+
+
 def save_level_grid(levels: Sequence[Tensor], path: Path, max_images: int = 8) -> Path:
-    """One row per example, one column per level (class template at the top ... image at the bottom)."""
+    """One row per example, one column per level: the class template mu_c at the left (a 1x1 template shown as
+    its grid of channel values, see ``level_panels``; cells past the last channel are pale red), the signal
+    rendered down through the example's switches, the rendered image at the right. Each panel is min-max scaled on
+    its own (renders have arbitrary scale)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = min(levels[0].shape[0], max_images)
-    fig, axes = plt.subplots(n, len(levels), figsize=(1.4 * len(levels), 1.4 * n), squeeze=False)
-    for i in range(n):
-        for j, level in enumerate(levels):
+    titles, rows = level_panels(levels, max_images)
+    cmap = plt.get_cmap("gray").with_extremes(bad="#f2c4c4")   # the unused cells of a template grid: pale red
+    n = len(rows)
+    fig, axes = plt.subplots(n, len(levels), figsize=(1.4 * len(levels), 1.4 * n + 0.2), squeeze=False)
+    for i, row in enumerate(rows):
+        for j, panel in enumerate(row):
             ax = axes[i][j]
-            ax.imshow(_to_display(level[i]), cmap="gray")
+            ax.imshow(panel, cmap=cmap, vmin=0.0, vmax=1.0)
             ax.set_xticks([]), ax.set_yticks([])
             if i == 0:
-                ax.set_title("template" if j == 0 else ("image" if j == len(levels) - 1 else f"level -{j}"),
-                             fontsize=8)
+                ax.set_title(titles[j], fontsize=8)
     return _save(fig, Path(path))
 
 

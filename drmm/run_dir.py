@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from .config import TrainConfig
+from .errors import UsageError
 from .figures import plot_learning_curve
 
 CONFIG, METRICS, SUMMARY, LEARNING_CURVE = "config.yaml", "metrics.csv", "summary.yaml", "learning_curve.png"
@@ -34,14 +35,27 @@ LAST, BEST = "last.pt", "best.pt"
 RESUME_KEYS = ("dataset", "max_train_samples", "val_samples", "num_labeled", "labeled_seed", "model")
 
 
+class RunDirError(UsageError, FileNotFoundError):
+    """A folder that is not a run directory, or a run without the checkpoint asked for."""
+
+
+class RunExistsError(UsageError, FileExistsError):
+    """A new run was asked for in a folder that already holds one."""
+
+
+class CheckpointError(UsageError):
+    """A checkpoint file that is truncated, corrupt, not a drmm checkpoint, or of another model."""
+
+
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     """A new run needs a folder without a run in it; ``resume`` needs one with a last.pt."""
     ckpt_path = run_dir / LAST
     if resume and not ckpt_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint {ckpt_path} to resume from")
+        raise RunDirError(f"--resume: no checkpoint {ckpt_path} to resume from; drop --resume to start a new run "
+                          f"there, or point --run-dir at the run to continue")
     if not resume and ckpt_path.exists():
-        raise FileExistsError(f"{run_dir} already holds a run (last.pt); pass --resume to continue it or choose "
-                              f"another --run-dir")
+        raise RunExistsError(f"{run_dir} already holds a run (last.pt); pass --resume to continue it or choose "
+                             f"another --run-dir")
 
 
 def write_config(run_dir: Path, cfg: TrainConfig) -> None:
@@ -87,13 +101,34 @@ def write_checkpoint(run_dir: Path, state: Dict[str, Any], best: bool) -> None:
         atomic_save(state, run_dir / BEST)
 
 
+def load_checkpoint(path: Path, device: Any = "cpu") -> Dict[str, Any]:
+    """A checkpoint written by ``drmm train``; a missing, torn or foreign file is a ``CheckpointError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunDirError(f"{path} not found: the run has no such checkpoint (training writes last.pt at its first "
+                          f"evaluation, best.pt at its best one); check the run directory or pass --checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # a torn zip (OSError/RuntimeError), a foreign pickle, a file from a newer torch ...
+        reason = (str(e).splitlines() or [""])[0].split(". ")[0][:120]
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({e.__class__.__name__}: {reason}); "
+                              f"the file is truncated or corrupt: use the run's other checkpoint (--checkpoint "
+                              f"best|last) or train again") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or "step" not in ckpt:
+        what = f"a {type(ckpt).__name__}" + (f" with keys {sorted(map(str, ckpt))[:6]}" if isinstance(ckpt, dict)
+                                             else "")
+        raise CheckpointError(f"{path}: not a drmm checkpoint ({what}; a drmm checkpoint is a dict with 'model' "
+                              f"and 'step'); point the command at a run directory made by `drmm train`")
+    return ckpt
+
+
 def read_checkpoint(run_dir: Path, cfg: TrainConfig, device: torch.device) -> Dict[str, Any]:
     """last.pt of ``run_dir``, refused when it was trained on other data or another model than ``cfg`` says."""
-    ckpt = torch.load(run_dir / LAST, map_location=device, weights_only=False)
+    ckpt = load_checkpoint(run_dir / LAST, device)
     saved = ckpt.get("config", {})
     for key in RESUME_KEYS:
         if key in saved and saved[key] != getattr(cfg, key):
-            raise ValueError(f"--resume: config key {key!r} is {getattr(cfg, key)!r} but the checkpoint was "
+            raise UsageError(f"--resume: config key {key!r} is {getattr(cfg, key)!r} but the checkpoint was "
                              f"trained with {saved[key]!r}; resume with the run's own config")
     return ckpt
 
@@ -162,5 +197,6 @@ class NullLog:
 
 
 __all__ = ["CONFIG", "METRICS", "SUMMARY", "LEARNING_CURVE", "LAST", "BEST", "RESUME_KEYS", "METRIC_FIELDS",
-           "check_run_dir", "write_config", "write_summary", "atomic_save", "rng_state", "set_rng_state",
+           "RunDirError", "RunExistsError", "CheckpointError", "load_checkpoint", "check_run_dir", "write_config",
+           "write_summary", "atomic_save", "rng_state", "set_rng_state",
            "write_checkpoint", "read_checkpoint", "MetricsLog", "NullLog"]

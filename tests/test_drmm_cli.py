@@ -1,18 +1,23 @@
-"""The `drmm` CLI end to end on a tiny config: train, eval, render, resume; `python -m drmm` works."""
+"""The `drmm` CLI end to end on a tiny config: train, eval, render, resume; `python -m drmm` works; the level grid
+of `drmm render` shows every column. (Bad input: tests/test_drmm_cli_errors.py.)"""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from drmm.cli import main
+from drmm.figures import level_panels, save_level_grid
+from drmm.model import build_model
 
 DATA_DIR = os.environ.get("DRMM_DATA_DIR")
 REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(not DATA_DIR or not (Path(DATA_DIR) / "mnist").is_dir(),
-                                reason="DRMM_DATA_DIR with mnist/ not set")
+needs_mnist = pytest.mark.skipif(not DATA_DIR or not (Path(DATA_DIR) / "mnist").is_dir(),
+                                 reason="DRMM_DATA_DIR with mnist/ not set")
 
 TINY = """\
 dataset: mnist
@@ -28,6 +33,7 @@ progress: false
 """
 
 
+@needs_mnist
 def test_cli_train_eval_render(tmp_path, capsys):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY)
@@ -43,6 +49,7 @@ def test_cli_train_eval_render(tmp_path, capsys):
     assert main(["eval", str(run), "--data-dir", DATA_DIR]) == 0
     out = capsys.readouterr().out
     assert "test error" in out and "10000 test images" in out
+    assert "scored last.pt (final weights, step 6; the run has no validation split)" in out
 
     assert main(["render", str(run), "--num", "4", "--data-dir", DATA_DIR]) == 0
     for name in ("reconstructions.png", "rendered_levels.png"):
@@ -55,7 +62,7 @@ def test_cli_train_eval_render(tmp_path, capsys):
 
 
 def test_cli_errors(tmp_path):
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(SystemExit, match="no such folder"):
         main(["eval", str(tmp_path / "nothing")])
     with pytest.raises(SystemExit, match="config file"):
         main(["train", "--config", str(tmp_path / "x.yaml")])
@@ -69,3 +76,23 @@ def test_python_dash_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "drmm", "train", "--help"], capture_output=True, text=True, env=env,
                        cwd=REPO, timeout=120)
     assert r.returncode == 0 and "--resume" in r.stdout and "--set" in r.stdout
+
+
+@pytest.mark.parametrize("model", ["conv_small", "drmm2"])
+def test_level_grid_template_column_is_visible(tmp_path, model):
+    """conv_small's template mu_c is (10, 1, 1): drawn as the channel mean of one pixel it was a black square.
+    Every panel of the grid, the template column included, must vary."""
+    torch.manual_seed(0)
+    net = build_model(model, 1, (28, 28), 10).eval()
+    with torch.no_grad():
+        logits, latents = net(torch.rand(3, 1, 28, 28))
+        _, levels = net.render(latents, logits.argmax(1), return_levels=True)
+    titles, rows = level_panels(levels)
+    assert len(rows) == 3 and titles[0].startswith("template") and titles[-1] == "image"
+    for row in rows:
+        for title, panel in zip(titles, row):
+            assert panel.ndim == 2 and np.nanstd(panel) > 0.05, title
+            assert np.nanmin(panel) == 0.0 and np.nanmax(panel) == 1.0
+    if model == "conv_small":
+        assert titles[0] == "template\n(10 channels)" and rows[0][0].shape == (3, 4)   # 10 values, 4 per row
+    assert save_level_grid(levels, tmp_path / "levels.png").stat().st_size > 1000

@@ -180,3 +180,42 @@ def test_cifar10_download_extracts_archive_and_loads(tmp_path, monkeypatch):
     monkeypatch.setitem(D._DOWNLOADS, "cifar10", (server.as_uri() + "/", {"cifar-10-python.tar.gz": md5}))
     d = D.load_dataset("cifar10", str(tmp_path / "root"), download_missing=True)
     assert d.train_images.shape == (10, 3, 32, 32) and (tmp_path / "root" / "cifar-10-batches-py").is_dir()
+
+
+def test_idx_reader_names_a_truncated_or_foreign_file(tmp_path):
+    raw = bytes([0, 0, 8, 3]) + (3).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    raw += np.random.RandomState(0).randint(0, 256, 3 * 784).astype(np.uint8).tobytes()
+    with gzip.open(tmp_path / "a.gz", "wb") as f:
+        f.write(raw)
+    data = (tmp_path / "a.gz").read_bytes()
+    (tmp_path / "a.gz").write_bytes(data[:len(data) // 2])
+    with pytest.raises(D.CorruptDataError, match=r"a\.gz: truncated or corrupt gzip file .*download it again"):
+        D.read_idx(tmp_path / "a.gz")
+    (tmp_path / "b.gz").write_bytes(b"<html>404</html>")   # what a proxy may serve instead of the archive
+    with pytest.raises(D.CorruptDataError, match=r"b\.gz: truncated or corrupt gzip"):
+        D.read_idx(tmp_path / "b.gz")
+    (tmp_path / "c").write_bytes(raw[:-10])                  # uncompressed, cut short
+    with pytest.raises(D.CorruptDataError, match="does not match its header"):
+        D.read_idx(tmp_path / "c", fix="replace it")
+
+
+def test_truncated_cifar_batch_is_named(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar(folder, n=3, seed=2)
+    data = (folder / "data_batch_3").read_bytes()
+    (folder / "data_batch_3").write_bytes(data[:100])
+    with pytest.raises(D.CorruptDataError, match=r"data_batch_3: truncated or corrupt CIFAR-10 batch .*md5"):
+        D.load_dataset("cifar10", str(tmp_path))
+
+
+def test_unreachable_host_fails_within_the_timeout(monkeypatch):
+    """A name lookup that hangs (no network, no DNS answer) must not block the download for minutes."""
+    import socket
+    import time
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: time.sleep(3))
+    t0 = time.perf_counter()
+    with pytest.raises(TimeoutError, match="no network"):
+        D._check_reachable("https://example.invalid/x.gz", timeout=0.3)
+    assert time.perf_counter() - t0 < 5
+    D._check_reachable((Path("/") / "x").as_uri(), timeout=0.3)   # file:// URLs need no lookup
