@@ -29,7 +29,7 @@ from .figures import save_image_grid, save_level_grid, save_reconstruction_grid
 from .metrics import clustering_report, predict_test
 from .plan import load_data
 from .priors import load_model_state
-from .run_dir import BEST, CONFIG, LAST, CheckpointError, RunDirError, load_checkpoint
+from .run_dir import BEST, CONFIG, CheckpointError, RunDirError, load_checkpoint
 from .sample import class_appearance, sample_images
 from .train import evaluate, model_from_config, train
 
