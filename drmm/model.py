@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import drmm_kernels as dk
-from drmm_kernels.reference import OFFSET_MASK, ON_BIT
+from drmm_kernels.contract import OFFSET_MASK, ON_BIT
 
 PADDINGS = ("valid", "same", "full")
 POOLS = ("max", "mean", "none")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 # The switch byte (docs/ops.md): bit 7 = the a switch, bits 0-3 = the row-major argmax offset in the window.
-from drmm_kernels.reference import OFFSET_MASK, ON_BIT
+from drmm_kernels.contract import OFFSET_MASK, ON_BIT
 
 from .model import DRMM, Latents
 

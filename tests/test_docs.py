@@ -64,8 +64,6 @@ def _tracked_files():
 
 # The files below were fixed in the working tree by the helpers restructuring them, but not yet committed when this
 # test was; remove the mark once `git grep` finds nothing at HEAD.
-@pytest.mark.xfail(strict=False, reason="pending commits: bench/kernels.py, drmm_kernels/reference.py, "
-                                        "drmm_kernels/triton/_common.py still cite outside notes at HEAD")
 def test_no_citations_of_files_outside_the_repository():
     """No tracked file outside .ci/ names the background notes that are not part of the repository."""
     offenders = []
