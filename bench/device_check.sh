@@ -87,6 +87,7 @@ SHARDS=${DRMM_CHECK_SHARDS:-4}
 [[ $DRY == 1 ]] && SHARDS=1
 T0=$SECONDS
 export DRMM_TRITON_AUTOTUNE=0   # correctness first: one config per kernel keeps compile time bounded
+export DRMM_JIT=0   # the extension is built below, out of tree: no first-use build (drmm_kernels/jit.py) meanwhile
 echo "### drmm device check $STAMP (dry_run=$DRY, stages: ${SELECTED[*]}) in $REPO -> $OUT"
 
 # ------------------------------------------------------------------------------------ bookkeeping
@@ -129,6 +130,9 @@ for line in open(tsv):
 env = {}
 if os.path.exists(os.path.join(out, "env.json")):
     env = json.load(open(os.path.join(out, "env.json")))
+install_status = os.path.join(out, "install.status")
+if os.path.exists(install_status):
+    env["install"] = open(install_status).read().strip()
 summary = dict(stamp=stamp, dry_run=dry == "1", env=env, stages=stages, running=current or None,
                ok=all(s["status"] in ("passed", "skipped") for s in stages))
 tmp = os.path.join(out, "summary.json.tmp")
@@ -283,8 +287,18 @@ if [[ $NEED_BUILD == 1 ]]; then
   mkdir -p "$BUILD_DIR"
   JOBS=${MAX_JOBS:-$(( $(nproc) > 4 ? $(nproc) - 4 : $(nproc) ))}
   (
-    DRMM_NO_EXTENSION=1 "$PY" -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1
-    echo "pip install -e (metadata only): exit $?" >> "$OUT/install.log"
+    # An old setuptools without the `wheel` package cannot build PEP 660 editable wheels
+    # ("invalid command 'bdist_wheel'"); `setup.py develop` needs neither and installs the same links.
+    if DRMM_NO_EXTENSION=1 "$PY" -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; then
+      echo "pip install --no-deps --no-build-isolation -e . (metadata only): ok" > "$OUT/install.status"
+    else
+      why=$(grep -m1 -E 'error: [^s]' "$OUT/install.log" | sed 's/^ *//')
+      if DRMM_NO_EXTENSION=1 "$PY" setup.py develop --no-deps >> "$OUT/install.log" 2>&1; then
+        echo "pip install -e failed (${why:-see install.log}); setup.py develop --no-deps: ok" > "$OUT/install.status"
+      else
+        echo "pip install -e failed (${why:-see install.log}); setup.py develop --no-deps failed too" > "$OUT/install.status"
+      fi
+    fi
     MAX_JOBS=$JOBS "$PY" setup.py build_ext --build-lib "$BUILD_DIR/lib" --build-temp "$BUILD_DIR/tmp" > "$OUT/build.log" 2>&1
     echo $? > "$BUILD_DIR/rc"
   ) &
@@ -346,6 +360,7 @@ await_build() {
   [[ -n $so ]] || { BUILD_STATE="build produced no drmm_kernels/_C*.so"; return; }
   cp "$so" "$REPO/drmm_kernels/.$(basename "$so").new" && mv -f "$REPO/drmm_kernels/.$(basename "$so").new" "$REPO/drmm_kernels/$(basename "$so")"
   BUILD_STATE=ok
+  echo "install: $(cat "$OUT/install.status" 2>/dev/null)"
   echo "extension built in $(grep -c . "$OUT/build.log") log lines; installed $(basename "$so")"
   "$PY" -c "import drmm_kernels as dk; [print(f'  backend {k}: {v.available} ({v.reason})') for k, v in dk.available_backends().items()]"
 }
