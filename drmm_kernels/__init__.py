@@ -8,6 +8,7 @@
 torch.Size([2, 3, 8, 8])
 """
 
+from .attribution import attribution
 from .dispatch import BackendStatus, available_backends, backend, get_backend, set_backend
 from .layers import FusedConvBNReLUPool2d, FusedConvReLUPool2d, Render2d, fuse_conv_relu_pool
 from .ops import conv_bn_relu_pool, conv_relu_pool, render, switches_to_indices
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendStatus", "available_backends", "backend", "get_backend", "set_backend",
     "conv_relu_pool", "conv_bn_relu_pool", "render", "switches_to_indices",
-    "FusedConvReLUPool2d", "FusedConvBNReLUPool2d", "Render2d", "fuse_conv_relu_pool", "fuse",
+    "FusedConvReLUPool2d", "FusedConvBNReLUPool2d", "Render2d", "fuse_conv_relu_pool", "fuse", "attribution",
 ]

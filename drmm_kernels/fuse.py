@@ -88,11 +88,14 @@ class FusedConvActPool2d(FusedConvReLUPool2d):
     """A ``FusedConvReLUPool2d`` built by ``fuse`` around a model's ``Conv2d`` parameters (shared, not copied).
 
     ``order`` records where the original model applied the activation (``"act-pool"`` or ``"pool-act"``);
-    both give the same values and gradients.
+    both give the same values and gradients. ``relu_module`` records whether the activation was an
+    ``nn.ReLU`` module (not ``F.relu`` or a leaky ReLU): the ReLUs whose backward ``drmm_kernels.attribution``
+    rewrites; with ``order`` it decides how the block's backward routes in deconvnet mode.
     """
 
     @classmethod
-    def _build(cls, conv: nn.Conv2d, padding: int, slope: float, pool: int, order: str) -> "FusedConvActPool2d":
+    def _build(cls, conv: nn.Conv2d, padding: int, slope: float, pool: int, order: str,
+               relu_module: bool) -> "FusedConvActPool2d":
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         kh, kw = conv.kernel_size
@@ -100,6 +103,7 @@ class FusedConvActPool2d(FusedConvReLUPool2d):
         layer.kernel_size = kh if kh == kw else (kh, kw)
         layer.stride, layer.padding, layer.pool = conv.stride[0], padding, pool
         layer.negative_slope, layer.return_switches, layer.order = float(slope), False, order
+        layer.relu_module = bool(relu_module)
         layer.weight = conv.weight
         layer.bias = conv.bias
         return layer
@@ -129,12 +133,12 @@ class FusedConvBNActPool2d(FusedConvBNReLUPool2d):
     statistics and updates ``running_mean``/``running_var``/``num_batches_tracked`` as ``BatchNorm2d``
     does; eval mode folds the running statistics. A conv bias cancels in training-mode BN except in
     ``running_mean``, which gets it added back (times the momentum), and its gradient is zero as in the
-    original; in eval mode it joins the BN shift.
+    original; in eval mode it joins the BN shift. ``order`` and ``relu_module`` as for ``FusedConvActPool2d``.
     """
 
     @classmethod
     def _build(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, bn_path: str, padding: int, slope: float, pool: int,
-               order: str) -> "FusedConvBNActPool2d":
+               order: str, relu_module: bool) -> "FusedConvBNActPool2d":
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         kh, kw = conv.kernel_size
@@ -142,6 +146,7 @@ class FusedConvBNActPool2d(FusedConvBNReLUPool2d):
         layer.kernel_size = kh if kh == kw else (kh, kw)
         layer.stride, layer.padding, layer.pool = conv.stride[0], padding, pool
         layer.negative_slope, layer.return_switches, layer.order = float(slope), False, order
+        layer.relu_module = bool(relu_module)
         layer.weight = conv.weight
         layer.bias = conv.bias
         layer.bn_path = bn_path
@@ -370,9 +375,12 @@ class _Chain:
     order: str
     desc: str
     padding: int
+    relu_module: bool
 
     def key(self):
-        return (self.bn.target if self.bn is not None else None, self.slope, self.pool_size, self.order)
+        # relu_module too: a conv shared by an nn.ReLU chain and an F.relu chain attributes differently
+        return (self.bn.target if self.bn is not None else None, self.slope, self.pool_size, self.order,
+                self.relu_module)
 
     def nodes(self) -> List[fx.Node]:
         rest = [self.act, self.pool] if self.order == "act-pool" else [self.pool, self.act]
@@ -465,8 +473,9 @@ def _analyze(gm: fx.GraphModule, c: fx.Node, refused: List[RefusedBlock],
             else:
                 refused.append(RefusedBlock(pools[0].target if pools[0].op == "call_module" else pools[0].name, " -> ".join(_desc(gm, n) for n in chain + pools[:1]),
                                             f"{why}; the conv -> activation before it is fused with pool=1"))
+    relu_module = act_node.op == "call_module" and isinstance(gm.get_submodule(act_node.target), nn.ReLU)
     return _Chain(c, bn, act_node, pool_node, act[0], pool_size, order,
-                  " -> ".join(_desc(gm, n) for n in chain), padding)
+                  " -> ".join(_desc(gm, n) for n in chain), padding, relu_module)
 
 
 def _module_desc(path: str, m: nn.Module) -> str:
@@ -571,10 +580,10 @@ def _fuse_fx(model: nn.Module, gm: fx.GraphModule, report: FuseReport, example_i
         if target not in done:
             conv = gm.get_submodule(target)
             if ch.bn is None:
-                fused = FusedConvActPool2d._build(conv, ch.padding, ch.slope, ch.pool_size, ch.order)
+                fused = FusedConvActPool2d._build(conv, ch.padding, ch.slope, ch.pool_size, ch.order, ch.relu_module)
             else:
                 fused = FusedConvBNActPool2d._build(conv, gm.get_submodule(ch.bn.target), ch.bn.target, ch.padding,
-                                                    ch.slope, ch.pool_size, ch.order)
+                                                    ch.slope, ch.pool_size, ch.order, ch.relu_module)
             _set_submodule(gm, target, fused)
             done[target] = FusedBlock(target, ch.desc, type(fused).__name__)
         else:
@@ -695,13 +704,15 @@ def _fuse_sequential(model: nn.Module, report: FuseReport) -> nn.Module:
                 else:
                     report.refused.append(RefusedBlock(f"{prefix}.{kids[j][0]}" if prefix else kids[j][0], _seq_desc(prefix, kids[i:j + 1]),
                                                        f"{info[2]}; the conv -> activation before it is fused with pool=1"))
+            relu_module = any(isinstance(m, nn.ReLU) for m in mods)
             if bn is None:
-                fused = FusedConvActPool2d._build(conv, padding, act[0], pool_size, order)
+                fused = FusedConvActPool2d._build(conv, padding, act[0], pool_size, order, relu_module)
             else:
                 bn_where = f"{prefix}.{kids[i + 1][0]}" if prefix else kids[i + 1][0]
                 slot = FusedAwayBatchNorm2d._from(bn, where)
                 setattr(seq, kids[i + 1][0], slot)
-                fused = FusedConvBNActPool2d._build(conv, slot, bn_where, padding, act[0], pool_size, order)
+                fused = FusedConvBNActPool2d._build(conv, slot, bn_where, padding, act[0], pool_size, order,
+                                                    relu_module)
             setattr(seq, name, fused)
             for k in range(i + (2 if bn is not None else 1), j):
                 setattr(seq, kids[k][0], nn.Identity())

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import dispatch, reference
+from ..attribution import capture, rewrite
 from ..contract import Checker, conv_size, pooled_size, shape_str
 from .conv_relu_pool import is_pointwise, pointwise_conv_backward
 from .render import gather_conv, render_op, render_wgrad
@@ -86,6 +87,7 @@ def _bn_setup(ctx, inputs, output):
     ctx.has_bias = bn_bias is not None
     ctx.save_for_backward(x, weight, bn_weight, output[1], output[2], output[3], output[4])
     ctx.mark_non_differentiable(output[1], output[2], output[3], output[4])
+    ctx.attribution = capture()  # a drmm_kernels.attribution rule for this call, None for the plain gradient
     # Only y's gradient is used; materializing the others would fill a zero z (full conv size) per backward.
     ctx.set_materialize_grads(False)
 
@@ -96,7 +98,7 @@ def _bn_backward(ctx, gy, _gsw, _gmean, _gvar, _gz):
     x, weight, bn_weight, switches, mean, var, z = ctx.saved_tensors
     training, eps, stride, padding, pool, slope = ctx.conf
     need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
-    gy = gy.contiguous()
+    gy, switches = rewrite(gy.contiguous(), switches, ctx.attribution)
     acc = torch.promote_types(x.dtype, torch.float32)
     invstd = torch.rsqrt(var.to(acc) + eps)
     gamma = bn_weight.to(acc) if bn_weight is not None else torch.ones_like(invstd)

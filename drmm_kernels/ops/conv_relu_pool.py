@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
+from ..attribution import capture, rewrite
 from ..contract import Checker, conv_size, pooled_size
 from .render import gather_conv, render_op, render_wgrad
 from .switches import channel_sum, masked_values
@@ -67,6 +68,7 @@ def _crp_setup(ctx, inputs, output):
     ctx.has_shift = shift is not None
     ctx.save_for_backward(x, weight, scale, output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.attribution = capture()  # a drmm_kernels.attribution rule for this call, None for the plain gradient
     # The switches' gradient is ignored: autograd need not build a zero tensor for it on every backward.
     ctx.set_materialize_grads(False)
 
@@ -78,7 +80,7 @@ def _crp_backward(ctx, gy, _gsw):
     stride, padding, pool, slope = ctx.conf
     need_x, need_w, need_scale, need_shift = ctx.needs_input_grad[:4]
     gx = gw = gscale = gshift = None
-    gy = gy.contiguous()
+    gy, switches = rewrite(gy.contiguous(), switches, ctx.attribution)
     gact = None
     if pool == 1 and (need_x or need_w):
         # No pooling, no sparsity to exploit: mask once (one pass over the uint8 switches), then one dense

@@ -1,0 +1,271 @@
+"""Top-down attribution through the fused ops: ``with drmm_kernels.attribution(mode):``.
+
+Inside the context, the backward pass through every ReLU that is an ``nn.ReLU`` module of the model -- or
+was one before ``drmm_kernels.fuse`` folded it into a fused block -- masks the top-down signal ``g`` by
+the rule of ``mode``:
+
+============  =======================================  ==============================================
+mode          unfused ``nn.ReLU`` (input x)             fused block (pooled signal g, switches)
+============  =======================================  ==============================================
+gradient      ``g * (x > 0)`` (plain autograd)           by the on/off switch (plain backward)
+guided        ``relu(g) * (x > 0)`` (guided backprop)    by the switch and the sign: ``relu(g) * a``
+deconvnet     ``relu(g)`` (Zeiler & Fergus)              by the sign only: ``relu(g)`` at every window
+============  =======================================  ==============================================
+
+These are the rules of Captum's ``Saliency`` (signed), ``GuidedBackprop`` and ``Deconvolution``, applied
+where Captum applies them: ReLUs called as ``nn.ReLU`` modules. Functional ReLUs (``F.relu``,
+``torch.relu``, ``x.relu()``), ``LeakyReLU`` and fused blocks made from them keep their plain gradient.
+In deconvnet mode a fused block's backward is exactly the package's ``render``: the signal, rectified,
+unpooled at the recorded switches and sent through the transposed conv with the block's weights.
+
+Where the mode is applied:
+
+- fused blocks: the ops' backward (``conv_relu_pool``, ``conv_bn_relu_pool``) rewrites the pooled signal
+  and the switches (:func:`rewrite`) before the unchanged kernels run, so every backend (reference, cpu,
+  triton, cuda) gets the modes without kernel code of its own; gradients of the weights, bias and BN
+  parameters follow from the same rewritten signal, as they do behind Captum's hooks;
+- unfused ``nn.ReLU`` modules: module hooks, installed process-wide while a context is open (and removed
+  when the last one closes), insert the same rule around each call, as Captum's hooks do per model.
+
+The order trap: in a conv -> ReLU -> pool block a window whose pre-activations are all <= 0 is all zeros
+after the ReLU, and max-pooling's backward sends its gradient to the window's first element (offset 0),
+while the switch byte records the pre-activation's argmax. Where the activation came after the pool
+(conv -> pool -> ReLU) the recorded offset is where the gradient goes. The gradient and guided rules zero
+such windows, so only deconvnet sees the difference; it routes off windows to offset 0 for blocks whose
+``order`` is ``"act-pool"`` and to the recorded offset for ``"pool-act"``.
+
+The mode is read when the forward pass runs: a graph recorded inside the context back-propagates by its
+rule even if ``backward()`` is called after the context closed, and a graph recorded outside stays plain.
+The mode belongs to the thread that opened the context; other threads keep plain gradients. Under
+``torch.compile`` the mode and the block rule are read when the graph is traced.
+
+>>> import torch, drmm_kernels as dk
+>>> from torch import nn
+>>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+...                     nn.Linear(4 * 4 * 4, 2))
+>>> fused = dk.fuse(net)
+>>> x = torch.randn(1, 3, 8, 8, requires_grad=True)
+>>> with dk.attribution("deconvnet"):
+...     fused(x)[0, 1].backward()
+>>> x.grad.shape, dk.attribution.current_mode()
+(torch.Size([1, 3, 8, 8]), 'gradient')
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .contract import ON_BIT
+
+__all__ = ["attribution", "current_mode", "MODES", "capture", "rewrite", "block_rule"]
+
+#: The modes of :class:`attribution`.
+MODES = ("gradient", "guided", "deconvnet")
+
+#: A fused block's rule as the ops' backward receives it: (mode, order), mode "guided" or "deconvnet".
+Rule = Tuple[str, str]
+
+
+class _State(threading.local):
+    def __init__(self) -> None:
+        self.modes: List[str] = []       # open contexts of this thread, innermost last
+        # One entry per module call in progress that the hooks act on: (module, fused block rule or ReLU slot).
+        self.calls: List[tuple] = []
+
+
+_tls = _State()
+_lock = threading.Lock()
+_open = 0               # contexts open in the process (all threads); the hooks are installed while > 0
+_handles: list = []
+
+
+def current_mode() -> str:
+    """The mode of the innermost open :class:`attribution` context of this thread, ``"gradient"`` outside."""
+    modes = _tls.modes
+    return modes[-1] if modes else "gradient"
+
+
+class attribution:  # noqa: N801 -- a context manager used like torch.no_grad
+    """``with drmm_kernels.attribution(mode):`` back-propagates through the model's ReLU modules (fused
+    or not) by the rule of ``mode``: ``"gradient"`` (plain), ``"guided"`` (guided backprop) or
+    ``"deconvnet"`` (Zeiler & Fergus's deconvnet); see the module docstring for the rules and their
+    scope. Contexts nest (the innermost mode wins); on exit, gradients are plain again.
+
+    >>> import torch, drmm_kernels as dk
+    >>> with dk.attribution("guided"):
+    ...     dk.attribution.current_mode()
+    'guided'
+    """
+
+    MODES = MODES
+    current_mode = staticmethod(current_mode)
+
+    def __init__(self, mode: str) -> None:
+        if not isinstance(mode, str) or mode not in MODES:
+            raise ValueError(f"drmm_kernels.attribution: mode must be one of {', '.join(map(repr, MODES))}, "
+                             f"got {mode!r}")
+        self.mode = mode
+
+    def __enter__(self) -> "attribution":
+        global _open
+        with _lock:
+            if _open == 0:
+                _install_hooks()
+            _open += 1
+        _tls.modes.append(self.mode)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _open
+        _tls.modes.pop()
+        if not _tls.modes:
+            _tls.calls.clear()  # entries of calls that raised before their forward hook could run
+        with _lock:
+            _open -= 1
+            if _open == 0:
+                _remove_hooks()
+
+    def __repr__(self) -> str:
+        return f"drmm_kernels.attribution({self.mode!r})"
+
+
+# --------------------------------------------------------------------------- fused blocks (the ops' side)
+
+
+def block_rule(module: nn.Module, mode: Optional[str] = None) -> Optional[Rule]:
+    """The rule a fused block's backward follows under ``mode`` (default: the current one), or None for the
+    plain gradient.
+
+    The rule applies when the block's ReLU was an ``nn.ReLU`` module: ``drmm_kernels.fuse`` records that
+    as ``module.relu_module``; a fused layer without the attribute (built by hand or by
+    ``fuse_conv_relu_pool``, which fuses only modules) counts as one when its activation is a ReLU
+    (``negative_slope == 0``). ``module.order`` (``"act-pool"`` or ``"pool-act"``, default ``"act-pool"``)
+    says where the original model applied the activation.
+    """
+    mode = current_mode() if mode is None else mode
+    if mode == "gradient" or float(getattr(module, "negative_slope", 0.0)) != 0.0:
+        return None
+    if not getattr(module, "relu_module", True):
+        return None
+    order = getattr(module, "order", "act-pool")
+    if order not in ("act-pool", "pool-act"):
+        raise ValueError(f"drmm_kernels.attribution: {type(module).__name__}.order must be 'act-pool' or "
+                         f"'pool-act', got {order!r}")
+    return mode, order
+
+
+def capture() -> Optional[Rule]:
+    """The rule for a fused op being called now, for its ``setup_context`` to keep for the backward: the rule
+    of the fused block whose forward is running on this thread, None for a plain gradient (outside any
+    context, in gradient mode, or for an op called outside a fused block)."""
+    if _open == 0:
+        return None
+    calls = _tls.calls
+    if not calls or not isinstance(calls[-1][1], tuple):
+        return None
+    return calls[-1][1]
+
+
+def rewrite(gy: Tensor, switches: Tensor, rule: Optional[Rule]) -> Tuple[Tensor, Tensor]:
+    """The pooled signal and the switches a fused op's backward uses under ``rule``: guided keeps the
+    switches and rectifies the signal (the on/off bit still masks); deconvnet also turns every window on,
+    with off windows routed to offset 0 where the block applied its ReLU before the pool ("act-pool": the
+    pool then saw an all-zero window) and to the recorded argmax where after ("pool-act")."""
+    if rule is None:
+        return gy, switches
+    mode, order = rule
+    gy = gy.clamp_min(0)
+    if mode == "guided":
+        return gy, switches
+    if order == "act-pool":
+        switches = switches.masked_fill(switches < ON_BIT, ON_BIT)   # off: offset 0, on bit set
+    else:
+        switches = switches | ON_BIT
+    return gy, switches
+
+
+# --------------------------------------------------------------------------- unfused nn.ReLU modules
+
+
+class _Slot:
+    """What one ReLU call's backward needs: the mode, and in deconvnet mode the gradient at its output."""
+    __slots__ = ("mode", "grad_out")
+
+    def __init__(self, mode: str) -> None:
+        self.mode, self.grad_out = mode, None
+
+    def store(self, g: Tensor) -> None:
+        self.grad_out = g
+
+
+class _ReLUInput(torch.autograd.Function):
+    """Placed before an ``nn.ReLU``: identity forward (a copy for an in-place ReLU, so the caller's tensor is
+    left as it was, as under Captum's hooks); backward replaces the ReLU's input gradient ``g * (x > 0)``
+    by ``relu(g * (x > 0))`` (guided) or by ``relu(g)`` taken at the ReLU's output (deconvnet)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, slot: _Slot, copy: bool) -> Tensor:
+        ctx.slot = slot
+        return x.clone() if copy else x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        slot = ctx.slot
+        if slot.mode == "deconvnet" and slot.grad_out is not None:
+            g, slot.grad_out = slot.grad_out, None
+        return g.clamp_min(0), None, None
+
+
+_FUSED_TYPES: tuple = ()
+
+
+def _fused_types() -> tuple:
+    global _FUSED_TYPES
+    if not _FUSED_TYPES:  # imported here: layers imports the ops, whose backward imports this module
+        from .layers import FusedConvBNReLUPool2d, FusedConvReLUPool2d
+        _FUSED_TYPES = (FusedConvReLUPool2d, FusedConvBNReLUPool2d)
+    return _FUSED_TYPES
+
+
+def _pre_hook(module: nn.Module, args):
+    modes = _tls.modes
+    if not modes:
+        return None
+    mode = modes[-1]
+    if isinstance(module, nn.ReLU):
+        x = args[0] if len(args) == 1 else None
+        if mode == "gradient" or not isinstance(x, Tensor) or not (torch.is_grad_enabled() and x.requires_grad):
+            _tls.calls.append((module, None))
+            return None
+        slot = _Slot(mode)
+        _tls.calls.append((module, slot))
+        return (_ReLUInput.apply(x, slot, bool(module.inplace)),)
+    if isinstance(module, _fused_types()):
+        _tls.calls.append((module, block_rule(module, mode)))
+    return None
+
+
+def _post_hook(module: nn.Module, args, output):
+    calls = _tls.calls
+    if not calls or calls[-1][0] is not module:
+        return None
+    _, entry = calls.pop()
+    if isinstance(entry, _Slot) and entry.mode == "deconvnet" and isinstance(output, Tensor) \
+            and output.requires_grad:
+        output.register_hook(entry.store)
+    return None
+
+
+def _install_hooks() -> None:
+    from torch.nn.modules import module as module_mod
+    _handles.append(module_mod.register_module_forward_pre_hook(_pre_hook))
+    _handles.append(module_mod.register_module_forward_hook(_post_hook, always_call=True))
+
+
+def _remove_hooks() -> None:
+    while _handles:
+        _handles.pop().remove()

@@ -1,0 +1,341 @@
+"""drmm_kernels.attribution: the fused model inside the context against Captum's Saliency, GuidedBackprop and
+Deconvolution on the unfused model (torchvision VGG11, random weights), the deconvnet routing of all-negative
+windows by block order, which ReLUs the modes reach, and plain gradients once the context has closed."""
+
+import copy
+import importlib
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import drmm_kernels as dk
+
+torchvision = pytest.importorskip("torchvision")
+captum_attr = pytest.importorskip("captum.attr")
+attribution_module = importlib.import_module("drmm_kernels.attribution")
+
+pytestmark = pytest.mark.filterwarnings("ignore:Setting backward hooks on ReLU activations")
+
+MODES = ("gradient", "guided", "deconvnet")
+CAPTUM = {"gradient": captum_attr.Saliency, "guided": captum_attr.GuidedBackprop,
+          "deconvnet": captum_attr.Deconvolution}
+CPU_BACKENDS = [b for b in ("reference", "cpu") if dk.available_backends()[b].available]
+
+
+def _captum(model, x, mode, target):
+    """Captum's attribution of ``target`` on the (unfused) model; Saliency signed, i.e. the plain gradient."""
+    kwargs = {"abs": False} if mode == "gradient" else {}
+    return CAPTUM[mode](model).attribute(x.clone().requires_grad_(), target=target, **kwargs)
+
+
+def _ours(model, x, mode, target):
+    x = x.clone().requires_grad_()
+    with dk.attribution(mode):
+        model(x)[:, target].sum().backward()
+    return x.grad
+
+
+def _plain(model, x, target):
+    x = x.clone().requires_grad_()
+    model(x)[:, target].sum().backward()
+    return x.grad
+
+
+def _assert_close(actual, expected, what=""):
+    # float64 throughout: the fused and ATen convolutions round differently, and in float32 a near-tie in a
+    # window could pick another argmax and route a whole window elsewhere.
+    scale = expected.abs().max().item()
+    assert scale > 0, what
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9 * scale, msg=lambda m: f"{what}: {m}")
+
+
+def _vgg11(bn: bool = False) -> nn.Module:
+    """torchvision's VGG11(-BN), random weights, float64, with a small head that keeps two in-place ReLU
+    modules (the 25088x4096 classifier would take seconds to initialise)."""
+    with torch.device("meta"):
+        model = (torchvision.models.vgg11_bn if bn else torchvision.models.vgg11)()
+    model.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 16), nn.ReLU(inplace=True), nn.Dropout(),
+                                     nn.Linear(16, 16), nn.ReLU(inplace=True), nn.Dropout(), nn.Linear(16, 10))
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(-1.5, 1.5)   # negative gammas too: the switch then records a minimum of z
+                m.bias.normal_()
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.double().eval()
+
+
+@pytest.fixture(scope="module")
+def vgg11():
+    model = _vgg11()
+    fused = dk.fuse(copy.deepcopy(model))
+    assert len(fused.fuse_report.fused) == 8 and not fused.fuse_report.refused
+    blocks = [m for m in fused.modules() if hasattr(m, "order")]
+    assert [(m.order, m.relu_module) for m in blocks] == [("act-pool", True)] * 8
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return model, fused, x
+
+
+@pytest.fixture(scope="module")
+def vgg11_captum(vgg11):
+    """Captum's three maps on the unfused VGG11."""
+    model, _, x = vgg11
+    return {mode: _captum(model, x, mode, 3) for mode in MODES}
+
+
+# --------------------------------------------------------------------------- against Captum on VGG11
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_vgg11_fused_matches_captum(vgg11, vgg11_captum, mode):
+    _, fused, x = vgg11
+    _assert_close(_ours(fused, x, mode, 3), vgg11_captum[mode], f"fused VGG11, {mode}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_vgg11_unfused_matches_captum(vgg11, vgg11_captum, mode):
+    """ReLU modules left unfused (here: all of them) follow the mode through the context's module hooks."""
+    model, _, x = vgg11
+    _assert_close(_ours(model, x, mode, 3), vgg11_captum[mode], f"unfused VGG11, {mode}")
+
+
+def test_vgg11_modes_differ(vgg11_captum):
+    """The three rules give three different maps here, so the comparisons above can tell them apart."""
+    maps = vgg11_captum
+    for a, b in (("gradient", "guided"), ("guided", "deconvnet"), ("gradient", "deconvnet")):
+        assert not torch.allclose(maps[a], maps[b], rtol=1e-3, atol=0), (a, b)
+
+
+def _assert_same_parameter_grads(model, fused):
+    ref, ours = dict(model.named_parameters()), dict(fused.named_parameters())
+    assert ours.keys() == ref.keys()
+    # relative to the largest gradient: a conv bias before a training-mode BN has an exact gradient of 0,
+    # which the fused op gives and eager misses by the roundoff of the BN's sums
+    scale = max(p.grad.abs().max().item() for p in ref.values())
+    for k, p in ref.items():
+        torch.testing.assert_close(ours[k].grad, p.grad, rtol=1e-9, atol=1e-9 * scale, msg=lambda m: f"{k}: {m}")
+
+
+def test_parameter_gradients_follow_the_mode(vgg11, mode="deconvnet"):
+    """Weights and biases of fused blocks get the gradient of the rewritten signal, as behind ReLU hooks."""
+    model, fused, x = vgg11
+    model, fused = copy.deepcopy(model), copy.deepcopy(fused)
+    for net in (model, fused):
+        with dk.attribution(mode):
+            net(x)[:, 3].sum().backward()
+    _assert_same_parameter_grads(model, fused)
+
+
+class _BNNet(nn.Module):
+    """conv -> BN -> ReLU -> pool, conv -> BN -> pool -> ReLU, conv -> BN -> ReLU, as nn.ReLU modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1, self.r1, self.p1 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2)
+        self.c2, self.b2, self.p2, self.r2 = nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.MaxPool2d(2), nn.ReLU()
+        self.c3, self.b3, self.r3 = nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(inplace=True)
+        self.fc = nn.Linear(8 * 2 * 2, 5)
+
+    def forward(self, x):
+        x = self.p1(self.r1(self.b1(self.c1(x))))
+        x = self.r2(self.p2(self.b2(self.c2(x))))
+        return self.fc(self.r3(self.b3(self.c3(x))).flatten(1))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_norm_blocks_match_captum(mode, training):
+    torch.manual_seed(2)
+    model = _BNNet().double().train(training)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(-1.5, 1.5), m.bias.normal_(), m.running_mean.normal_(), m.running_var.uniform_(.5, 2)
+    fused = dk.fuse(copy.deepcopy(model))
+    assert [(m.order, m.relu_module) for m in fused.modules() if hasattr(m, "order")] == \
+        [("act-pool", True), ("pool-act", True), ("act-pool", True)]
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    _assert_close(_ours(fused, x, mode, 1), _captum(model, x, mode, 1), f"{mode}, training={training}")
+    # conv weights and biases, BN gammas and betas: the unfused model's (through the ReLU hooks)
+    model.zero_grad(), fused.zero_grad()
+    _ours(model, x, mode, 1), _ours(fused, x, mode, 1)
+    _assert_same_parameter_grads(model, fused)
+
+
+# --------------------------------------------------------------------------- deconvnet routing by block order
+
+
+def _one_block(order: str, act: nn.Module = None) -> nn.Module:
+    """conv -> ReLU -> pool or conv -> pool -> ReLU with a negative bias: many windows all <= 0."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(2, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.bias.fill_(-0.6)
+    act = nn.ReLU() if act is None else act
+    layers = [conv, act, nn.MaxPool2d(2)] if order == "act-pool" else [conv, nn.MaxPool2d(2), act]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_deconvnet_routes_off_windows_as_the_block_order_does(backend):
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    got = {}
+    for order in ("act-pool", "pool-act"):
+        model = _one_block(order)
+        fused = dk.fuse(copy.deepcopy(model))
+        assert fused.get_submodule("0").order == order
+        with dk.backend(backend):
+            _, sw = fused.get_submodule("0")(x, return_switches=True)
+            off = (sw < 0x80) & ((sw & 0x0F) != 0)   # off windows whose recorded argmax is not offset 0
+            assert off.sum() >= 5, "the case must have off windows whose argmax is not the first element"
+            got[order] = _ours(fused, x, "deconvnet", 0)
+        _assert_close(got[order], _captum(model, x, "deconvnet", 0), f"deconvnet, {order}, {backend}")
+        for mode in ("gradient", "guided"):
+            with dk.backend(backend):
+                ours = _ours(fused, x, mode, 0)
+            _assert_close(ours, _captum(model, x, mode, 0), f"{mode}, {order}, {backend}")
+    # same weights, same values: only the routing of the off windows differs
+    assert not torch.allclose(got["act-pool"], got["pool-act"], rtol=1e-3, atol=0)
+
+
+def test_deconvnet_block_is_render_of_the_rectified_signal():
+    """Zeiler & Fergus's deconvnet through a conv -> pool -> ReLU block is the package's render: the rectified
+    signal unpooled at the recorded switches (every window on) through the transposed conv."""
+    model = _one_block("pool-act")
+    block = dk.fuse(copy.deepcopy(model)).get_submodule("0")
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    with dk.attribution("deconvnet"):
+        y, sw = block(x, return_switches=True)
+        y.backward(g)
+    expected = dk.render(g.clamp_min(0), sw | 0x80, block.weight, padding=1, out_size=(8, 8))
+    _assert_close(x.grad, expected)
+
+
+# --------------------------------------------------------------------------- which ReLUs the modes reach
+
+
+class _Mixed(nn.Module):
+    """A functional ReLU, an nn.ReLU module and a LeakyReLU module, each in a fusable chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(6, 6, 3)
+        self.relu, self.leaky = nn.ReLU(), nn.LeakyReLU(0.1)
+        self.fc = nn.Linear(6 * 2 * 2, 4)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c1(x)), 2)
+        x = F.max_pool2d(self.relu(self.c2(x)), 2)
+        return self.fc(self.leaky(self.c3(x)).flatten(1))
+
+
+@pytest.mark.parametrize("mode", ("guided", "deconvnet"))
+def test_functional_and_leaky_relus_keep_the_plain_gradient(mode):
+    torch.manual_seed(5)
+    model = _Mixed().double()
+    fused = dk.fuse(copy.deepcopy(model))
+    blocks = {n: (m.relu_module, m.negative_slope) for n, m in fused.named_modules() if hasattr(m, "order")}
+    assert blocks == {"c1": (False, 0.0), "c2": (True, 0.0), "c3": (False, 0.1)}
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    _assert_close(_ours(fused, x, mode, 2), _captum(model, x, mode, 2), mode)
+    # only c2's ReLU is rewritten: without it the mode would be the plain gradient
+    fused.c2.relu_module = False
+    _assert_close(_ours(fused, x, mode, 2), _plain(model, x, 2), f"{mode}, no ReLU module")
+
+
+def test_hand_built_fused_layer_counts_as_a_relu_module():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3)).double()
+    with torch.no_grad():
+        model[0].bias.fill_(-0.5)
+    layer = dk.FusedConvReLUPool2d(2, 4, 3, padding=1, dtype=torch.float64)
+    layer.load_state_dict(model[0].state_dict())
+    fused = nn.Sequential(layer, nn.Flatten(), copy.deepcopy(model[4]))
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    for mode in MODES:
+        _assert_close(_ours(fused, x, mode, 1), _captum(model, x, mode, 1), mode)
+
+
+# --------------------------------------------------------------------------- the context
+
+
+def test_gradients_are_plain_after_the_context_and_on_exception(vgg11, vgg11_captum):
+    model, fused, x = vgg11
+    plain = vgg11_captum["gradient"]
+    with dk.attribution("deconvnet"):
+        assert dk.attribution.current_mode() == "deconvnet"
+    _assert_close(_plain(fused, x, 3), plain, "after exit")
+    _assert_close(_plain(model, x, 3), plain, "after exit, unfused")
+    with pytest.raises(RuntimeError, match="boom"):
+        with dk.attribution("guided"):
+            fused(x)
+            raise RuntimeError("boom")
+    with pytest.raises(ValueError, match="input channels"):
+        with dk.attribution("guided"):
+            fused(x[:, :2])    # the forward itself fails inside a fused block
+    assert dk.attribution.current_mode() == "gradient"
+    assert attribution_module._open == 0 and not attribution_module._handles and not attribution_module._tls.calls
+    _assert_close(_plain(fused, x, 3), plain, "after exception")
+    _assert_close(_plain(model, x, 3), plain, "after exception, unfused")
+
+
+def test_the_mode_is_fixed_when_the_forward_runs(vgg11, vgg11_captum):
+    """A graph recorded in the context keeps its rule for a backward after exit; one recorded outside is plain."""
+    model, fused, x = vgg11
+    for net in (fused, model):
+        xg = x.clone().requires_grad_()
+        with dk.attribution("guided"):
+            y = net(xg)[:, 3].sum()
+        y.backward()
+        _assert_close(xg.grad, vgg11_captum["guided"], "recorded inside")
+        xg = x.clone().requires_grad_()
+        y = net(xg)[:, 3].sum()
+        with dk.attribution("guided"):
+            y.backward()
+        _assert_close(xg.grad, vgg11_captum["gradient"], "recorded outside")
+
+
+def test_contexts_nest_and_stay_on_their_thread(vgg11, vgg11_captum):
+    _, fused, x = vgg11
+    with dk.attribution("guided"):
+        with dk.attribution("gradient"):
+            assert dk.attribution.current_mode() == "gradient"
+            _assert_close(_plain(fused, x, 3), vgg11_captum["gradient"], "inner gradient")
+        assert dk.attribution.current_mode() == "guided"
+        seen = {}
+        worker = threading.Thread(target=lambda: seen.update(mode=dk.attribution.current_mode(),
+                                                             grad=_plain(fused, x, 3)))
+        worker.start()
+        worker.join()
+    assert seen["mode"] == "gradient"
+    _assert_close(seen["grad"], vgg11_captum["gradient"], "other thread")
+
+
+def test_bad_mode():
+    with pytest.raises(ValueError, match=r"^drmm_kernels.attribution: mode must be one of 'gradient', 'guided', "
+                                         r"'deconvnet', got 'saliency'$"):
+        dk.attribution("saliency")
+    assert dk.attribution.current_mode() == "gradient"
+
+
+def test_rewrite():
+    """The rule on one switch map: offsets 0-3, on and off windows."""
+    sw = torch.tensor([[[[0x83, 0x03, 0x00, 0x81]]]], dtype=torch.uint8)
+    g = torch.tensor([[[[1.0, 2.0, -3.0, -4.0]]]])
+    rewrite = attribution_module.rewrite
+    assert rewrite(g, sw, None) == (g, sw)
+    gg, sg = rewrite(g, sw, ("guided", "act-pool"))
+    assert gg.tolist() == [[[[1.0, 2.0, 0.0, 0.0]]]] and sg is sw
+    for order, offsets in (("act-pool", [0x83, 0x80, 0x80, 0x81]), ("pool-act", [0x83, 0x83, 0x80, 0x81])):
+        gd, sd = rewrite(g, sw, ("deconvnet", order))
+        assert gd.tolist() == [[[[1.0, 2.0, 0.0, 0.0]]]] and sd.flatten().tolist() == offsets, order
