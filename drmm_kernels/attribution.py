@@ -25,7 +25,9 @@ Where the mode is applied:
   triton, cuda) gets the modes without kernel code of its own; gradients of the weights, bias and BN
   parameters follow from the same rewritten signal, as they do behind Captum's hooks;
 - unfused ``nn.ReLU`` modules: module hooks, installed process-wide while a context is open (and removed
-  when the last one closes), insert the same rule around each call, as Captum's hooks do per model.
+  when the last one closes), insert the same rule around each call, as Captum's hooks do per model. (Where
+  a ReLU's input also feeds other layers, Captum rewrites that tensor's whole gradient; these hooks rewrite
+  only the share that comes through the ReLU.)
 
 The order trap: in a conv -> ReLU -> pool block a window whose pre-activations are all <= 0 is all zeros
 after the ReLU, and max-pooling's backward sends its gradient to the window's first element (offset 0),

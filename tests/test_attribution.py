@@ -139,8 +139,10 @@ class _BNNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.c1, self.b1, self.r1, self.p1 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2)
-        self.c2, self.b2, self.p2, self.r2 = nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.MaxPool2d(2), nn.ReLU()
+        self.c1, self.b1 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.r1, self.p1 = nn.ReLU(), nn.MaxPool2d(2)
+        self.c2, self.b2 = nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.p2, self.r2 = nn.MaxPool2d(2), nn.ReLU()
         self.c3, self.b3, self.r3 = nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(inplace=True)
         self.fc = nn.Linear(8 * 2 * 2, 5)
 
@@ -252,6 +254,29 @@ def test_functional_and_leaky_relus_keep_the_plain_gradient(mode):
     _assert_close(_ours(fused, x, mode, 2), _plain(model, x, 2), f"{mode}, no ReLU module")
 
 
+class _SharedConv(nn.Module):
+    """One conv at two call sites, once before an nn.ReLU module and once before F.relu."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+
+    def forward(self, x):
+        a = F.max_pool2d(self.relu(self.conv(x)), 2)
+        return (a + F.max_pool2d(F.relu(self.conv(x.flip(-1))), 2)).flatten(1)
+
+
+def test_a_conv_shared_by_a_relu_module_and_f_relu_is_not_fused_as_one():
+    """One fused module cannot back-propagate by both rules, so fuse leaves the conv as it is."""
+    torch.manual_seed(7)
+    model = _SharedConv().double()
+    fused = dk.fuse(copy.deepcopy(model))
+    assert not fused.fuse_report.fused
+    assert {r.reason for r in fused.fuse_report.refused} == {"module conv is called in 2 different chains"}
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    _assert_close(_ours(fused, x, "guided", 5), _captum(model, x, "guided", 5))
+
+
 def test_hand_built_fused_layer_counts_as_a_relu_module():
     torch.manual_seed(6)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
@@ -339,3 +364,20 @@ def test_rewrite():
     for order, offsets in (("act-pool", [0x83, 0x80, 0x80, 0x81]), ("pool-act", [0x83, 0x83, 0x80, 0x81])):
         gd, sd = rewrite(g, sw, ("deconvnet", order))
         assert gd.tolist() == [[[[1.0, 2.0, 0.0, 0.0]]]] and sd.flatten().tolist() == offsets, order
+
+
+def test_bench_runs(tmp_path, capsys):
+    """bench/attribution.py on the smallest setting: one round, the table and the JSON written."""
+    import json
+    import pathlib
+    import runpy
+
+    bench = runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "bench" / "attribution.py"))
+    threads = torch.get_num_threads()
+    try:
+        assert bench["main"](["--batch", "1", "--repeats", "1", "--warmup", "0", "--results", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "| deconvnet (Deconvolution) |" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "attribution.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == list(MODES) and all(r["max_rel_diff"] < 1e-4 for r in rows)
