@@ -15,7 +15,8 @@ op, outputs contiguous NCHW):
 
 plus ``status() -> (usable, reason)`` and ``supports(device) -> bool``. A primitive a backend does not provide
 is computed by ``reference``; ``primitive_source`` says which. The ``cpu`` and ``cuda`` backends need the
-compiled extension ``drmm_kernels._C`` (csrc/), which this module loads once.
+compiled extension ``drmm_kernels._C`` (csrc/), which this module loads once; when the install has none, its CPU
+kernels are built on that first use (drmm_kernels/jit.py).
 
 This module imports no op: the ops (drmm_kernels/ops/) import it.
 """
@@ -54,15 +55,23 @@ _ext_error = ""
 
 
 def load_extension() -> bool:
-    """Import ``drmm_kernels._C`` (which registers the ``drmm_C::*`` ops) once; False if it is not built."""
+    """Import ``drmm_kernels._C`` (which registers the ``drmm_C::*`` ops) once; when the install has none, build
+    its CPU kernels on this first use (drmm_kernels/jit.py); False if neither works."""
     global _ext_loaded, _ext_error
     if _ext_loaded is None:
         try:
             from . import _C  # noqa: F401
             _ext_loaded = True
         except Exception as exc:
-            _ext_loaded = False
-            _ext_error = f"compiled extension drmm_kernels._C not loadable ({type(exc).__name__}: {exc})"
+            missing = f"compiled extension drmm_kernels._C not loadable ({type(exc).__name__}: {exc})"
+            from . import jit
+            try:
+                jit.load()
+                _ext_loaded = True
+            except jit.Unavailable as why:
+                _ext_loaded = False
+                _ext_error = f"{missing}, and {why}"
+                jit.warn_once(_ext_error)
     return _ext_loaded
 
 

@@ -53,5 +53,7 @@ def test_import_without_extension_falls_back_to_reference(tmp_path):
         "except RuntimeError as e:\n"
         "    assert 'not available' in str(e); print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # DRMM_JIT=0: without it the missing extension would be compiled on first use (tests/test_install.py).
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, DRMM_JIT="0"))
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
