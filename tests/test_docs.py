@@ -43,8 +43,10 @@ def test_readme_python_blocks_run():
     scope = {}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), scope)
-    assert scope["logits"].shape == (8, 10)
     assert scope["x_hat"].shape == scope["x"].shape
+    report = str(scope["fused"].fuse_report)
+    assert "8 fused, 0 refused" in report, report
+    assert scope["saliency"].shape == (1, 64, 64) and scope["saliency"].max() > 0
 
 
 # ---------------------------------------------------------------- the repository stands alone
