@@ -36,6 +36,7 @@ test: build
 	@start=$$SECONDS; \
 	DRMM_REQUIRE_EXTENSION=1 $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	echo "[stage] tests: $$((SECONDS-start)) s"; [ $$rc = 0 ] || exit $$rc; \
+	start=$$SECONDS; $(PY) -m pytest -q bench/suite --benchmark-disable -p no:cacheprovider; rc=$$?; echo "[stage] benchmark suite, each function once: $$((SECONDS-start)) s"; [ $$rc = 0 ] || exit $$rc; \
 	$(MAKE) --no-print-directory device-dry-run
 
 # The GPU check's stages that need no GPU (pre-flight, the build, the Triton tests in the interpreter),
@@ -54,6 +55,17 @@ demo: build
 
 bench-cpu: build
 	$(PY) bench/cpu_ops.py
+
+# The pytest-benchmark suite (bench/suite, docs/benchmarks.md): per op and conv_small layer, eager PyTorch,
+# torch.compile and every available backend in one table. BENCH_ARGS adds pytest options (BENCH_ARGS='-k L3');
+# BENCH_JSON moves the JSON.
+.PHONY: bench
+bench: build
+	@start=$$SECONDS; mkdir -p bench/results; \
+	$(PY) -m pytest bench/suite -p no:cacheprovider --benchmark-only --benchmark-min-rounds=10 \
+	  --benchmark-warmup=on --benchmark-warmup-iterations=2 --benchmark-columns=min,median,iqr,mean,rounds \
+	  --benchmark-json=$(or $(BENCH_JSON),bench/results/pytest-benchmark.json) $(BENCH_ARGS); rc=$$?; \
+	echo "[stage] bench: $$((SECONDS-start)) s"; exit $$rc
 
 clean:
 	rm -rf build *.egg-info drmm_kernels/_C*.so
