@@ -26,7 +26,8 @@ CHOICES = {"norm": (None, "batch", "none"), "activation": (None, "relu", "leaky"
 # Keys that must be at least this large.
 MINIMUM = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "num_labeled": 0, "max_train_samples": 0,
            "eval_samples": 0, "val_samples": 0, "max_steps": 0, "pretrain_epochs": 0, "eval_every_steps": 0,
-           "ckpt_every_steps": 0, "log_every_steps": 1, "em_window": 1, "factor_dim": 1}
+           "ckpt_every_steps": 0, "log_every_steps": 1, "em_window": 1, "factor_dim": 1, "labeled_per_batch": 0,
+           "kl_rampup_steps": 0, "rc_rampup_steps": 0, "nn_rampup_steps": 0}
 
 
 def _one_of(name: str, value: Any, allowed: Sequence[Any]) -> None:
@@ -76,6 +77,7 @@ class TrainConfig:
     kl_weight: float = 0.5
     nn_weight: float = 0.5
     kl_sign: int = -1
+    kl_marginal_weight: float = 0.0     # > 0: + this * KL(batch-mean q || U), a class-balance term; 0 = paper/code
     td_nonneg: str = "penalty"
     rc_reduction: str = "mean_all"
     unsup_terms_on: str = "unlabeled"
@@ -92,6 +94,11 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 200               # semisupervised: half labeled + half unlabeled ([TF]: 100 + 100)
     max_steps: int = 0                  # 0 = no limit; stops early, the lr schedule still spans all epochs
+    labeled_per_batch: int = 0          # semisupervised: labeled images per batch (the rest unlabeled); 0 = half
+                                        # ([TF]); fewer = the labeled set is cycled less often per epoch
+    kl_rampup_steps: int = 0            # 0 = paper/[TF]: full weight from step 0; N: the KL weights (kl_weight,
+    rc_rampup_steps: int = 0            # kl_marginal_weight) / rc_weight / nn_weight ramp up from exp(-5) over
+    nn_rampup_steps: int = 0            # the first N steps as exp(-5 (1 - t)^2), t = step / N (train.rampup)
     lr_init: float = 1e-3               # [TF] main.py
     lr_final: float = 1e-6              # [TF] main.py; exponential decay per step from lr_init to lr_final
     weight_decay: float = 0.0
@@ -128,6 +135,9 @@ class TrainConfig:
             raise UsageError("bias_adder needs BatchNorm layers; drop norm: none or set bias_adder: false")
         if self.mode == "semisupervised" and self.batch_size < 2:
             raise UsageError(f"batch_size must be >= 2 in semisupervised mode, got {self.batch_size}")
+        if self.mode == "semisupervised" and not self.labeled_per_batch < self.batch_size:
+            raise UsageError(f"labeled_per_batch must be < batch_size ({self.batch_size}) so that a batch keeps "
+                             f"unlabeled images, got {self.labeled_per_batch}; 0 = half the batch")
         if self.mode == "pretrain_finetune" and not 0 < self.pretrain_epochs < self.epochs:
             raise UsageError(f"pretrain_finetune needs 0 < pretrain_epochs < epochs, got pretrain_epochs="
                              f"{self.pretrain_epochs}, epochs={self.epochs}")

@@ -1,4 +1,5 @@
-"""The EG objective of the DRMM (docs/model.md#loss-terms): CE + a_RC*RC + a_KL*KL + a_NN*NN.
+"""The EG objective of the DRMM (docs/model.md#loss-terms): CE + a_RC*RC + a_KL*KL + a_NN*NN (+ the optional
+RPN and KL-marginal terms).
 
 All terms are computed per example and then averaged over the examples they apply to, so which half of a
 semi-supervised batch carries the unsupervised terms (``unsup_terms_on``) is a mask, not a second code path.
@@ -23,6 +24,8 @@ class ObjectiveConfig:
     kl_weight: float = 0.5        # a_KL; [TF] main.py --kl 0.5
     nn_weight: float = 0.5        # a_NN; [TF] main.py --cw 0.5
     kl_sign: int = -1             # -1 = code: minimise -KL(q||U) = entropy minimisation; +1 = paper's KL to uniform
+    kl_marginal_weight: float = 0.0  # > 0: + this * KL(mean q || U), the batch-averaged posterior against the
+                                     # uniform class prior (class balance); 0 = paper/code (no such term)
     td_nonneg: str = "penalty"    # penalty ([TF]) | relu ([P16] §3.2) | both | none
     rc_reduction: str = "mean_all"        # mean_all ([TF]) | half_mean_per_sample ([DGM] L2Loss)
     unsup_terms_on: str = "unlabeled"     # unlabeled ([TF] 'unsup') | labeled | both_avg | both_sum ([DGM])
@@ -40,6 +43,8 @@ class ObjectiveConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.kl_sign not in (-1, 1):
             raise ValueError(f"kl_sign must be -1 or +1, got {self.kl_sign!r}")
+        if not self.kl_marginal_weight >= 0:
+            raise ValueError(f"kl_marginal_weight must be >= 0, got {self.kl_marginal_weight!r}")
         if not self.rpn_weight >= 0:
             raise ValueError(f"rpn_weight must be >= 0, got {self.rpn_weight!r}")
         if self.rpn_class_prior and not self.rpn_weight:
@@ -76,6 +81,19 @@ def kl_to_uniform_per_example(logits: Tensor, eps: float = 1e-8) -> Tensor:
 def kl_of_probs_per_example(q: Tensor, eps: float = 1e-8) -> Tensor:
     """``kl_to_uniform_per_example`` for given class probabilities (Max-Min: the average of two softmaxes)."""
     return (q * torch.log(q.shape[1] * q + eps)).sum(1)
+
+
+def kl_marginal(q: Tensor, w: Tensor, unsup_terms_on: str = "unlabeled", eps: float = 1e-8) -> Tensor:
+    """KL(mean q || uniform): the ``w``-weighted batch mean of the posteriors ``q`` against the uniform class prior.
+
+    Not in the paper or the code (``kl_marginal_weight``): it pushes the predicted classes to be balanced over the
+    batch, where the per-example KL term (entropy minimisation) alone may collapse onto few classes. ``w`` are the
+    ``unsup_weights``; they sum to 1 except with ``both_sum`` (two means added), where the mean is renormalised.
+    """
+    mean_q = (w.unsqueeze(1) * q).sum(0, keepdim=True)
+    if unsup_terms_on == "both_sum":
+        mean_q = mean_q / w.sum()
+    return kl_of_probs_per_example(mean_q, eps).squeeze(0)
 
 
 def nonneg_penalty_per_example(signals: Sequence[Tensor]) -> Tensor:
@@ -210,6 +228,7 @@ def drmm_objective(cfg: ObjectiveConfig, logits: Tensor, labels: Tensor, labeled
     (a backprop baseline has no top-down pass); then RC and NN are absent. With ``nonneg_term='moment_matching'``
     the NN slot (logged as ``nn``, weighted by ``nn_weight``) holds MM over ``moments`` (``moment_pairs``) instead
     of the penalty. ``rpn`` is the per-example RPN (``rpn_per_example``), logged as ``rpn`` when rpn_weight > 0.
+    With kl_marginal_weight > 0, KL(batch-mean q || U) (``kl_marginal``) is added and logged as ``klm``.
     With ``min_branch`` (Max-Min model) ``logits``/``x_hat``/``signals``/``moments`` are the max branch's and every
     term is the 0.5/0.5 average of the two branches (see ``MinBranch``); the RPN stays the max branch's.
     """
@@ -231,13 +250,17 @@ def drmm_objective(cfg: ObjectiveConfig, logits: Tensor, labels: Tensor, labeled
         elif b.signals is not None and cfg.nn_penalty_on and cfg.nn_weight:
             parts["nn"] = parts["nn"] + share * (w * nonneg_penalty_per_example(b.signals)).sum()
     # kl_sign * KL(q||U): with -1 (code default) this is H(q) - log C, so minimising it sharpens predictions.
-    if cfg.kl_weight:
+    if cfg.kl_weight or cfg.kl_marginal_weight:
         q = sum(share * F.softmax(b.logits, dim=1) for b in branches)
+    if cfg.kl_weight:
         parts["kl"] = cfg.kl_sign * (w * kl_of_probs_per_example(q)).sum()
     else:
         parts["kl"] = zero
     total = (cfg.ce_weight * parts["ce"] + cfg.rc_weight * parts["rc"] + cfg.kl_weight * parts["kl"]
              + cfg.nn_weight * parts["nn"])
+    if cfg.kl_marginal_weight:
+        parts["klm"] = kl_marginal(q, w, cfg.unsup_terms_on)
+        total = total + cfg.kl_marginal_weight * parts["klm"]
     if cfg.rpn_weight:
         parts["rpn"] = (w * rpn).sum() if rpn is not None else zero
         total = total + cfg.rpn_weight * parts["rpn"]
@@ -267,4 +290,4 @@ def template_classes(logits: Tensor, labels: Tensor, labeled: Tensor, template_c
 
 __all__ = ["ObjectiveConfig", "drmm_objective", "as_floats", "template_classes", "reconstruction_per_example",
            "kl_to_uniform_per_example", "nonneg_penalty_per_example", "unsup_weights", "moment_matching_per_example",
-           "moment_pairs", "rpn_per_example", "MinBranch", "kl_of_probs_per_example"]
+           "moment_pairs", "rpn_per_example", "MinBranch", "kl_of_probs_per_example", "kl_marginal"]

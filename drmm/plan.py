@@ -4,7 +4,8 @@
 from its end); ``make_plan`` splits the training images into the labeled subset (class-balanced, saved in the run
 folder as labeled_indices.npy) and the unlabeled pool; ``epoch_batches`` lists every step's (labeled, unlabeled)
 indices of one epoch. Modes: supervised (labeled subset only), semisupervised (each batch = half labeled, half
-unlabeled; the labeled set is cycled; an epoch is one pass over the unlabeled pool), unsupervised (all training
+unlabeled, or ``labeled_per_batch`` labeled and the rest unlabeled; the labeled set is cycled; an epoch is one pass
+over the unlabeled pool), unsupervised (all training
 images, no labels), pretrain_finetune (unsupervised for ``pretrain_epochs``, then supervised).
 
 Each epoch's order comes from a generator seeded by (seed, epoch), so a resumed run sees the same batches.
@@ -69,9 +70,14 @@ def steps_in_epoch(cfg: TrainConfig, plan: DataPlan, epoch: int) -> int:
     """Steps of ``epoch``: one pass over its pool (the unlabeled pool in semisupervised mode), whole batches."""
     mode = phase(cfg, epoch)
     if mode == "semisupervised":
-        return max(1, len(plan.unlabeled) // (cfg.batch_size // 2))
+        return max(1, len(plan.unlabeled) // (cfg.batch_size - labeled_per_batch(cfg)))
     pool = plan.all_train if mode == "unsupervised" else plan.labeled
     return max(1, len(pool) // min(cfg.batch_size, len(pool)))
+
+
+def labeled_per_batch(cfg: TrainConfig) -> int:
+    """Labeled images in a semi-supervised batch: ``cfg.labeled_per_batch``, or half the batch ([TF]) when 0."""
+    return cfg.labeled_per_batch or cfg.batch_size // 2
 
 
 def epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
@@ -93,13 +99,15 @@ def epoch_batches(cfg: TrainConfig, plan: DataPlan, epoch: int) -> List[Tuple[to
         b = min(cfg.batch_size, len(plan.labeled))
         order = plan.labeled[torch.randperm(len(plan.labeled), generator=g).to(dev)]
         return [(order[i * b:(i + 1) * b], empty) for i in range(steps)]
-    half = cfg.batch_size // 2
+    n_lab = labeled_per_batch(cfg)
+    n_unl = cfg.batch_size - n_lab
     unl = plan.unlabeled[torch.randperm(len(plan.unlabeled), generator=g).to(dev)]
     # The labeled set is cycled: as many fresh permutations of it as the epoch needs, back to back.
-    cycles = math.ceil(steps * half / len(plan.labeled))
+    cycles = math.ceil(steps * n_lab / len(plan.labeled))
     lab = torch.cat([torch.randperm(len(plan.labeled), generator=g) for _ in range(cycles)]).to(dev)
     lab = plan.labeled[lab]
-    return [(lab[i * half:(i + 1) * half], unl[i * half:(i + 1) * half]) for i in range(steps)]
+    return [(lab[i * n_lab:(i + 1) * n_lab], unl[i * n_unl:(i + 1) * n_unl]) for i in range(steps)]
 
 
-__all__ = ["DataPlan", "load_data", "make_plan", "phase", "steps_in_epoch", "epoch_generator", "epoch_batches"]
+__all__ = ["DataPlan", "load_data", "make_plan", "phase", "steps_in_epoch", "labeled_per_batch", "epoch_generator",
+           "epoch_batches"]

@@ -3,7 +3,8 @@ to bottom. The config schema is in config.py, the data plan in plan.py, the run 
 
 EG step (docs/model.md#eg-training): E-step = bottom-up pass recording the switches, choice of the class template
 (true label if labeled, argmax otherwise; a constant), top-down render through the switches; G-step = one Adam step
-on the full objective CE + a_RC*RC + a_KL*KL + a_NN*NN. The ``backprop`` trainer is the baseline: same network,
+on the full objective CE + a_RC*RC + a_KL*KL + a_NN*NN (optional ramp-ups scale the weights by the global
+step: ``ramped_objective``). The ``backprop`` trainer is the baseline: same network,
 CE only. ``hard_em`` replaces the G-step by a closed-form M-step (hard_em.py, docs/model.md#hard-em).
 
 ``train()`` is the loop; everything it changes lives in one ``TrainState``, which the helpers below it take and
@@ -43,7 +44,8 @@ from .run_dir import (METRIC_FIELDS, MetricsLog, NullLog, atomic_save, check_run
 __all__ = ["MODES", "TRAINERS", "TOP_MODELS", "TrainConfig", "config_from_dict", "load_config", "resolve_device",
            "DataPlan", "load_data", "make_plan", "phase", "steps_in_epoch", "epoch_generator", "epoch_batches",
            "METRIC_FIELDS", "MetricsLog", "atomic_save", "rng_state", "set_rng_state", "plot_learning_curve",
-           "model_from_config", "train_step", "evaluate", "lr_lambda_for", "TrainState", "train"]
+           "model_from_config", "train_step", "evaluate", "lr_lambda_for", "rampup", "ramped_objective",
+           "TrainState", "train"]
 
 
 # ---------------------------------------------------------------- the model, one step, evaluation
@@ -138,6 +140,27 @@ def lr_lambda_for(cfg: TrainConfig, total_steps: int, pretrain_steps: int = 0) -
         start, length = (0, pretrain_steps) if step < pretrain_steps else (pretrain_steps, total_steps - pretrain_steps)
         return ratio ** (min(step - start, length) / max(1, length))
     return lr_factor
+
+
+def rampup(step: int, length: int) -> float:
+    """Weight factor of a term ramped up over ``length`` steps: exp(-5 (1 - t)^2), t = step / length (exp(-5) at
+    step 0), 1 from step ``length`` on and when ``length`` is 0 (no ramp-up). Laine & Aila's sigmoid-shaped ramp-up;
+    not in the paper or the DRMM code."""
+    if length <= 0 or step >= length:
+        return 1.0
+    return math.exp(-5.0 * (1.0 - step / length) ** 2)
+
+
+def ramped_objective(cfg: TrainConfig, objective: ObjectiveConfig, step: int) -> ObjectiveConfig:
+    """``objective`` with the KL (kl_weight, kl_marginal_weight), RC and NN weights scaled by their ramp-ups at the
+    global ``step`` (0-based); the same object when no ramp-up is on."""
+    if not (cfg.kl_rampup_steps or cfg.rc_rampup_steps or cfg.nn_rampup_steps):
+        return objective
+    kl, rc, nn = (rampup(step, cfg.kl_rampup_steps), rampup(step, cfg.rc_rampup_steps),
+                  rampup(step, cfg.nn_rampup_steps))
+    return dataclasses.replace(objective, kl_weight=objective.kl_weight * kl, rc_weight=objective.rc_weight * rc,
+                               nn_weight=objective.nn_weight * nn,
+                               kl_marginal_weight=objective.kl_marginal_weight * kl)
 
 
 # ---------------------------------------------------------------- the training state
@@ -288,7 +311,8 @@ def optimize(s: TrainState, x: torch.Tensor, y: torch.Tensor, labeled: torch.Ten
     """One training step on a batch; returns (loss parts, logits)."""
     if s.em is not None:  # hard EM: E-step statistics, closed-form M-step every em_window batches
         return s.em.step(x, y, labeled)
-    loss, logs, logits = train_step(s.model, s.cfg, s.objective, x, y, labeled, s.forward)
+    objective = ramped_objective(s.cfg, s.objective, s.step)   # s.step: the global step, restored on resume
+    loss, logs, logits = train_step(s.model, s.cfg, objective, x, y, labeled, s.forward)
     s.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     s.optimizer.step()
