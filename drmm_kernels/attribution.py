@@ -222,15 +222,10 @@ class _ReLUInput(torch.autograd.Function):
         return g.clamp_min(0), None, None
 
 
-_FUSED_TYPES: tuple = ()
-
-
-def _fused_types() -> tuple:
-    global _FUSED_TYPES
-    if not _FUSED_TYPES:  # imported here: layers imports the ops, whose backward imports this module
-        from .layers import FusedConvBNReLUPool2d, FusedConvReLUPool2d
-        _FUSED_TYPES = (FusedConvReLUPool2d, FusedConvBNReLUPool2d)
-    return _FUSED_TYPES
+def _is_fused_block(module: nn.Module) -> bool:
+    # A class attribute set by the fused conv blocks of layers.py (and their subclasses in fuse.py); checked
+    # by name so that this module, which the ops' backward imports, does not import layers (which imports the ops).
+    return bool(getattr(type(module), "attribution_block", False))
 
 
 def _pre_hook(module: nn.Module, args):
@@ -246,7 +241,7 @@ def _pre_hook(module: nn.Module, args):
         slot = _Slot(mode)
         _tls.calls.append((module, slot))
         return (_ReLUInput.apply(x, slot, bool(module.inplace)),)
-    if isinstance(module, _fused_types()):
+    if _is_fused_block(module):
         _tls.calls.append((module, block_rule(module, mode)))
     return None
 

@@ -38,6 +38,8 @@ class FusedConvReLUPool2d(nn.Module):
     (torch.Size([2, 8, 8, 8]), torch.Size([2, 8, 8, 8]))
     """
 
+    attribution_block = True  # drmm_kernels.attribution applies its rule to this block's ReLU
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntPair, stride: _IntPair = 1,
                  padding: _IntPair = 0, bias: bool = True, pool: int = 2, negative_slope: float = 0.0,
                  return_switches: bool = False, device=None, dtype=None) -> None:
@@ -99,6 +101,8 @@ class FusedConvBNReLUPool2d(nn.Module):
     Parameter and buffer names follow ``conv.weight`` / ``bn.*`` so the two source modules'
     state_dicts map onto it directly.
     """
+
+    attribution_block = True  # drmm_kernels.attribution applies its rule to this block's ReLU
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  pool: int = 2, negative_slope: float = 0.0, momentum: float = 0.1, eps: float = 1e-5,
