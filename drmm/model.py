@@ -404,7 +404,11 @@ class DRMM(nn.Module):
         """mu_c for each entry of ``classes``: the readout weight column of class c, shaped like the top map."""
         if classes.dtype != torch.long or classes.dim() != 1:
             raise ValueError(f"classes must be a 1-D int64 tensor, got {classes.dtype} of shape {tuple(classes.shape)}")
-        return self.readout.weight[classes].view(len(classes), *self.top_shape)
+        # A one-hot product rather than weight[classes]: indexing's backward accumulates repeated classes in a
+        # thread-dependent order on CPU, so identical runs drifted apart; the product's backward is a fixed GEMM.
+        w = self.readout.weight
+        one_hot = F.one_hot(classes, w.shape[0]).to(w.dtype)
+        return (one_hot @ w).view(len(classes), *self.top_shape)
 
     def top_templates(self, latents: Latents, classes: Tensor) -> Tensor:
         """The signal rendered from the top for each example: mu_c here; a factor model adds its factors."""

@@ -131,3 +131,26 @@ def test_bn_momentum_reaches_the_batch_norms():
     assert all(layer.bn.momentum == 0.01 for layer in model.convs)
     with pytest.raises(ValueError, match="bn_momentum"):
         build_model("drmm2", 1, (28, 28), bn_momentum=None)
+
+
+def test_class_template_gradient_is_deterministic_across_threads():
+    # weight[classes]'s backward accumulated repeated classes in a thread-dependent order, so two identical
+    # training runs on 2 threads drifted apart; the templates' gradient must be bitwise reproducible.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = build_model("conv_small", 1, (28, 28))
+        classes = torch.randint(0, 10, (500,), generator=torch.Generator().manual_seed(0))
+        upstream = torch.randn(500, *model.top_shape, generator=torch.Generator().manual_seed(1))
+
+        def grad():
+            model.zero_grad(set_to_none=True)
+            (model.class_templates(classes) * upstream).sum().backward()
+            return model.readout.weight.grad.clone()
+
+        first = grad()
+        assert all(torch.equal(first, grad()) for _ in range(20))
+        expected = torch.zeros_like(first).index_add_(0, classes, upstream.reshape(500, -1).double().float())
+        torch.testing.assert_close(first, expected)
+    finally:
+        torch.set_num_threads(threads)
