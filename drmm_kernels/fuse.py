@@ -108,15 +108,7 @@ class FusedConvActPool2d(FusedConvReLUPool2d):
         layer.bias = conv.bias
         return layer
 
-    def forward(self, x: Tensor, return_switches: Optional[bool] = None):
-        y, switches = _dk.conv_relu_pool(x, self.weight, None, self.bias, stride=self.stride, padding=self.padding,
-                                         pool=self.pool, negative_slope=self.negative_slope)
-        want = self.return_switches if return_switches is None else return_switches
-        return (y, switches) if want else y
-
-    def render(self, mu: Tensor, switches: Tensor, out_size) -> Tensor:
-        return _dk.render(mu, switches, self.weight, stride=self.stride, padding=self.padding, pool=self.pool,
-                          out_size=out_size, negative_slope=self.negative_slope)
+    # forward and render are FusedConvReLUPool2d's: same weight, bias and geometry attributes.
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
