@@ -113,8 +113,7 @@ def cmd_train(args) -> int:
           f"dataset {cfg.dataset}, N_L={cfg.num_labeled or 'all'})", flush=True)
     summary = train(cfg, run_dir, resume=args.resume)
     if summary["best_on"] == "validation":
-        best = (f"best.pt: validation error {summary['best_error']:.2f} %, test error there "
-                f"{summary['test_error_at_best']:.2f} %")
+        best = f"best.pt: validation error {summary['best_error']:.2f} %; the test set is scored once, at the end"
     else:
         best = f"best {summary['best_error']:.2f} %, best-on-test"
     print(f"[drmm] final test error: {summary['test_error']:.2f} % on {summary['eval_images']} test images "

@@ -1,20 +1,26 @@
 """Reproducing the paper's MNIST numbers ([P16] Table 1 and §4), one command per row.
 
-    drmm experiment table1 --row drmm5-nn-kl --labels 100 --seeds 0,1,2 [--schedule cpu|full] [--out results/]
+    drmm experiment table1 --row drmm5-nn-kl --labels 100 --seeds 0,1,2 [--schedule cpu|smoke|full] [--out results/]
     drmm experiment report [--out results/]
     drmm experiment convergence --model rfm [--schedule cpu|full] [--threshold 1.5]
     drmm experiment throughput [--model conv_small] [--batch 128]
 
-Every row is a shipped config (configs/*.yaml) plus a few overrides; ``drmm.train.train`` does the training, the
-final weights are evaluated on the test set (all 10 000 images unless told otherwise) and one line per seed is
+Every row is a shipped config (configs/*.yaml); ``drmm.train.train`` does the training in a run folder named after
+(row, N_L, seed, schedule, config hash), so a killed run resumes when the same command is given again. The test set
+is scored once, at the end, on the final weights (``--checkpoint last``, the default) or on the best-on-validation
+checkpoint (``--checkpoint best-val``, only for schedules with a validation split), and one line per seed is
 appended to ``<out>/table1.csv``. ``report`` turns that CSV into ``table1.md`` (the paper's number beside the mean
 ± std over seeds) and ``table1_curves.png``. Rows that were not run say "not run": no number is ever filled in.
 
-Two schedules. ``full`` is the paper's protocol as the configs hold it (docs/model.md#architectures-and-protocol:
-Adam 1e-3 decaying to 1e-6, 100 labeled + 100 unlabeled per batch, hundreds of epochs); ``--epochs N`` shortens it,
-keeping everything else, and is labelled ``full-Nep``. ``cpu`` is a few hundred steps on a 10 000-image prefix of
-the training set, sized for a 2-core CPU; it is the default where no GPU is visible, and its numbers are NOT
-comparable to the paper's.
+Three schedules:
+
+- ``cpu`` (the default without a GPU): the row's own CPU config (``Row.cpu_config``), sized to train in at most 30
+  minutes on 2 CPU cores; its settings were chosen on a validation split of the training images
+  (docs/results.md#table-1-study). The schedule column is the config's name.
+- ``full`` (the default with a GPU): the paper's protocol as the configs hold it
+  (docs/model.md#architectures-and-protocol: Adam 1e-3 decaying to 1e-6, hundreds of epochs); ``--epochs N``
+  shortens it, keeping everything else, and is labelled ``full-Nep``.
+- ``smoke``: a few hundred steps on a 10 000-image prefix, to check that a row runs. Its numbers say nothing.
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ class Row:
     paper: Dict[str, float]           # N_L (as a string, or "all") -> the paper's test error in %
     overrides: Tuple[str, ...] = ()   # key=value on top of the config
     supervised: bool = False          # trains on all 60K labels; --labels is "all"
+    cpu_config: str = ""              # configs/ file of the CPU schedule; "{labels}" is replaced by N_L, and
+                                      # num_labeled is set to N_L either way
 
 
 # The paper's plain DRMM/RFM rows have no KL and no non-negativity term; "NN+KL" is the row that adds them
@@ -62,15 +70,19 @@ WITHOUT_NN_KL = ("kl_weight=0", "nn_weight=0")
 
 ROWS: Dict[str, Row] = {r.name: r for r in [
     Row("drmm5", "5-layer DRMM (Conv-Small), EG, semi-supervised, CE + RC",
-        "mnist-ssl-{labels}.yaml", {"100": 3.50, "600": 1.56, "1000": 1.67, "3000": 0.91}, WITHOUT_NN_KL),
+        "mnist-ssl-{labels}.yaml", {"100": 3.50, "600": 1.56, "1000": 1.67, "3000": 0.91}, WITHOUT_NN_KL,
+        cpu_config="mnist-drmm5-ssl-cpu30m.yaml"),
     Row("drmm5-nn-kl", "5-layer DRMM, EG, semi-supervised, CE + RC + KL + NN (the headline row)",
-        "mnist-ssl-{labels}.yaml", {"100": 0.57}),
+        "mnist-ssl-{labels}.yaml", {"100": 0.57}, cpu_config="mnist-ssl-{labels}-cpu30m.yaml"),
     Row("drmm2", "2-layer DRMM (stand-in architecture), EG, semi-supervised, CE + RC",
-        "mnist-drmm2-ssl-{labels}.yaml", {"100": 11.81, "600": 3.73, "1000": 2.88, "3000": 1.72}, WITHOUT_NN_KL),
+        "mnist-drmm2-ssl-{labels}.yaml", {"100": 11.81, "600": 3.73, "1000": 2.88, "3000": 1.72}, WITHOUT_NN_KL,
+        cpu_config="mnist-drmm2-ssl-cpu.yaml"),
     Row("rfm", "RFM (1 layer, stand-in architecture), EG, semi-supervised, CE + RC",
-        "mnist-rfm-ssl-{labels}.yaml", {"100": 14.47, "600": 5.61, "1000": 4.67, "3000": 2.96}, WITHOUT_NN_KL),
+        "mnist-rfm-ssl-{labels}.yaml", {"100": 14.47, "600": 5.61, "1000": 4.67, "3000": 2.96}, WITHOUT_NN_KL,
+        cpu_config="mnist-rfm-ssl-cpu.yaml"),
     Row("drmm5-unsup-pretr", "5-layer DRMM, unsupervised EG on all images, then supervised EG on the N_L labels",
-        "mnist-unsup-pretr-{labels}.yaml", {"100": 12.03, "600": 3.61, "1000": 2.73, "3000": 1.68}),
+        "mnist-unsup-pretr-{labels}.yaml", {"100": 12.03, "600": 3.61, "1000": 2.73, "3000": 1.68},
+        cpu_config="mnist-unsup-pretr-cpu30m.yaml"),
     Row("rfm-sup", "RFM, EG, supervised (all labels)", "mnist-sup-rfm.yaml", {ALL_LABELS: 1.21}, supervised=True),
     Row("rfm-convnet", "RFM architecture as a convnet, backprop on CE, supervised",
         "mnist-sup-rfm-backprop.yaml", {ALL_LABELS: 1.30}, supervised=True),
@@ -81,7 +93,7 @@ ROWS: Dict[str, Row] = {r.name: r for r in [
 ]}
 SSL_LABELS = ("100", "600", "1000", "3000")
 
-# The CPU-shortened schedule: CPU_STEPS steps on the first CPU_TRAIN_IMAGES training images, batch 64 (32 + 32 in
+# The smoke schedule: CPU_STEPS steps on the first CPU_TRAIN_IMAGES training images, batch 64 (32 + 32 in
 # semi-supervised mode), a faster lr decay (3e-3 -> 3e-4) because there are so few steps,
 # evaluations on the first 2000 test images during the run; the final weights are scored on the full test set.
 CPU_STEPS = 300
@@ -89,8 +101,14 @@ CPU_TRAIN_IMAGES = 10_000
 CPU_OVERRIDES = {"max_train_samples": CPU_TRAIN_IMAGES, "batch_size": 64, "lr_init": 3e-3, "lr_final": 3e-4,
                  "eval_samples": 2000, "eval_every_steps": 50, "max_steps": CPU_STEPS}
 
-CSV_FIELDS = ["row", "labels", "seed", "test_error", "best_error", "test_images", "epochs", "steps", "wall_s",
-              "device", "schedule", "git_commit", "config_hash", "run_dir", "finished_at"]
+SCHEDULES = ("cpu", "smoke", "full")
+
+# One line per run. wall_s runs from the run's start to its final evaluation (summed over resumes); val_error is
+# the best validation error seen during training (empty without a split); load_average is the machine's at the end.
+CSV_FIELDS = ["row", "labels", "seed", "schedule", "device", "threads", "wall_s", "epochs", "steps", "test_error",
+              "test_images", "checkpoint", "val_samples", "val_error", "commit", "config_hash", "run_dir",
+              "finished_at", "load_average"]
+CHECKPOINTS = {"last": "last.pt", "best-val": "best.pt"}
 
 
 # ---------------------------------------------------------------- schedules and configs
@@ -110,7 +128,7 @@ def _steps_per_epoch(cfg: TrainConfig, num_train: int, epoch: int) -> int:
 
 def epochs_run(cfg: TrainConfig, steps: int) -> float:
     """Epochs (fractional) that ``steps`` training steps of ``cfg`` cover, on MNIST's 60K training images."""
-    num_train = min(cfg.max_train_samples or 60_000, 60_000)
+    num_train = min(cfg.max_train_samples or 60_000, 60_000) - cfg.val_samples
     epochs, epoch = 0.0, 0
     while steps > 0 and epoch < cfg.epochs:
         in_epoch = _steps_per_epoch(cfg, num_train, epoch)
@@ -129,8 +147,8 @@ def schedule_overrides(cfg: TrainConfig, schedule: str, epochs: Optional[int] = 
         if cfg.mode == "pretrain_finetune":  # keep the config's share of pre-training epochs
             changes["pretrain_epochs"] = max(1, min(epochs - 1, round(epochs * cfg.pretrain_epochs / cfg.epochs)))
         return changes
-    if schedule != "cpu":
-        raise ValueError(f"schedule must be 'cpu' or 'full', got {schedule!r}")
+    if schedule != "smoke":
+        raise ValueError(f"schedule_overrides: schedule must be 'smoke' or 'full', got {schedule!r}")
     changes = dict(CPU_OVERRIDES)
     short = dataclasses.replace(cfg, **changes)
     # Enough epochs that the lr decay spans (about) the CPU_STEPS steps the run takes: the lr schedule is set by
@@ -145,9 +163,12 @@ def schedule_overrides(cfg: TrainConfig, schedule: str, epochs: Optional[int] = 
     return changes
 
 
-def schedule_label(schedule: str, cfg: TrainConfig, epochs: Optional[int], extra: Sequence[str]) -> str:
+def schedule_label(schedule: str, cfg: TrainConfig, epochs: Optional[int], extra: Sequence[str],
+                   row: Optional[Row] = None, labels: str = "") -> str:
     if schedule == "cpu":
-        label = f"cpu-{cfg.max_steps}steps-{cfg.max_train_samples // 1000}k"
+        label = Path(row.cpu_config.format(labels=labels)).stem
+    elif schedule == "smoke":
+        label = f"smoke-{cfg.max_steps}steps-{cfg.max_train_samples // 1000}k"
     else:
         label = "full" if epochs is None else f"full-{epochs}ep"
     return label + ("+" + ",".join(extra) if extra else "")
@@ -156,6 +177,21 @@ def schedule_label(schedule: str, cfg: TrainConfig, epochs: Optional[int], extra
 def row_config(row: Row, labels: str, seed: int, schedule: str, epochs: Optional[int] = None,
                extra: Sequence[str] = (), data_dir: Optional[str] = None, progress: bool = False) -> TrainConfig:
     """The TrainConfig of one (row, N_L, seed, schedule) run."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if schedule == "cpu":
+        path = CONFIG_DIR / row.cpu_config.format(labels=labels) if row.cpu_config else None
+        if path is None or not path.is_file():
+            raise ValueError(f"row {row.name} has no CPU schedule for --labels {labels}"
+                             + (f" (no configs/{path.name})" if path else "") + "; use --schedule smoke or full")
+        base = [f"seed={seed}", f"labeled_seed={seed}", "tensorboard=false", f"progress={progress}"]
+        if not row.supervised:
+            base.append(f"num_labeled={labels}")
+        cfg = load_config(str(path), base + list(extra))
+        cfg.name = f"{row.name}-{labels}"
+        if data_dir is not None:
+            cfg.data_dir = data_dir
+        return cfg
     path = CONFIG_DIR / row.config.format(labels=labels)
     if not path.is_file():
         raise ValueError(f"row {row.name}: no config {path.name} for --labels {labels}")
@@ -201,7 +237,13 @@ def git_commit() -> str:
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{os.cpu_count()} cores,{torch.get_num_threads()} threads"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"cpu:{model} ({os.cpu_count()} cores)"
 
 
 def load_average() -> str:
@@ -214,12 +256,13 @@ def load_average() -> str:
 # ---------------------------------------------------------------- table 1: running a row
 
 
-def final_test_error(cfg: TrainConfig, run_dir: Path, test_images: int) -> float:
-    """Test error (%) of the run's final weights (last.pt) on the first ``test_images`` test images (0 = all)."""
+def score_checkpoint(cfg: TrainConfig, run_dir: Path, test_images: int, checkpoint: str = "last") -> float:
+    """Test error (%) of the run's ``checkpoint`` (``last`` or ``best-val``) on the first ``test_images`` test images
+    (0 = all)."""
     device = resolve_device(cfg.device)
     data = load_data(dataclasses.replace(cfg, max_train_samples=2, val_samples=0), device)  # test set only
     model = model_from_config(cfg, data.image_shape, data.num_classes).to(device)
-    ckpt = torch.load(run_dir / "last.pt", map_location=device, weights_only=False)
+    ckpt = torch.load(run_dir / CHECKPOINTS[checkpoint], map_location=device, weights_only=False)
     model.load_state_dict(ckpt["model"])
     return evaluate(model, data, test_images, cfg.eval_batch_size)
 
@@ -236,26 +279,42 @@ def append_csv(path: Path, record: Dict[str, Any]) -> None:
 
 def run_row(row: Row, labels: str, seed: int, schedule: str, out_dir: Path, epochs: Optional[int] = None,
             extra: Sequence[str] = (), data_dir: Optional[str] = None, test_images: int = 10_000,
-            progress: bool = False) -> Dict[str, Any]:
-    """Train one seed of one row, score it on the test set, append the result to ``out_dir/table1.csv``."""
+            progress: bool = False, checkpoint: str = "last") -> Optional[Dict[str, Any]]:
+    """Train one seed of one row (or resume it), score it on the test set, append the result to
+    ``out_dir/table1.csv``. Returns the record, or None when table1.csv already has this run."""
     cfg = row_config(row, labels, seed, schedule, epochs, extra, data_dir, progress)
-    label = schedule_label(schedule, cfg, epochs, extra)
-    run_dir = out_dir / "runs" / f"{row.name}-L{labels}-s{seed}-{label.split('+')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"[experiment] {row.name} N_L={labels} seed={seed} schedule={label} -> {run_dir}", flush=True)
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
+    if checkpoint == "best-val" and not cfg.val_samples:
+        raise ValueError("--checkpoint best-val needs a validation split (val_samples > 0 in the schedule)")
+    label = schedule_label(schedule, cfg, epochs, extra, row, labels)
+    name = f"{row.name}-L{labels}-s{seed}-{label.split('+')[0]}-{config_hash(cfg)[:6]}"
+    run_dir = out_dir / "runs" / name
+    rel = os.path.relpath(run_dir, out_dir)
+    if any(rec.get("run_dir") == rel for rec in read_csv(out_dir / "table1.csv")):
+        print(f"[experiment] {rel} is already in {out_dir / 'table1.csv'}; delete its line and folder to rerun",
+              flush=True)
+        return None
+    resume = (run_dir / "last.pt").exists()
+    before = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["elapsed_s"] if resume else 0.0
+    print(f"[experiment] {row.name} N_L={labels} seed={seed} schedule={label} -> {run_dir}"
+          + (f" (resuming at {before:.0f} s)" if resume else ""), flush=True)
     commit = git_commit()  # the code the run starts with (HEAD may move while it trains)
     t0 = time.time()
-    summary = train(cfg, run_dir)
-    error = final_test_error(cfg, run_dir, test_images)
-    wall = time.time() - t0
-    record = {"row": row.name, "labels": labels, "seed": seed, "test_error": f"{error:.2f}",
-              "best_error": f"{summary['best_error']:.2f}", "test_images": test_images or 10_000,
-              "epochs": f"{epochs_run(cfg, summary['steps']):.2f}", "steps": summary["steps"], "wall_s": f"{wall:.0f}",
-              "device": device_description(resolve_device(cfg.device)), "schedule": label,
-              "git_commit": commit, "config_hash": config_hash(cfg),
-              "run_dir": os.path.relpath(run_dir, out_dir), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    summary = train(cfg, run_dir, resume=resume)
+    error = score_checkpoint(cfg, run_dir, test_images, checkpoint)
+    wall = before + time.time() - t0
+    record = {"row": row.name, "labels": labels, "seed": seed, "schedule": label,
+              "device": device_description(resolve_device(cfg.device)), "threads": torch.get_num_threads(),
+              "wall_s": f"{wall:.0f}", "epochs": f"{epochs_run(cfg, summary['steps']):.2f}",
+              "steps": summary["steps"], "test_error": f"{error:.2f}", "test_images": test_images or 10_000,
+              "checkpoint": checkpoint, "val_samples": cfg.val_samples,
+              "val_error": f"{summary['best_error']:.2f}" if cfg.val_samples else "",
+              "commit": commit, "config_hash": config_hash(cfg), "run_dir": rel,
+              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_average": load_average()}
     append_csv(out_dir / "table1.csv", record)
-    print(f"[experiment] {row.name} N_L={labels} seed={seed}: test error {error:.2f} % on "
-          f"{record['test_images']} test images (paper: {row.paper.get(labels, '–')}), {summary['steps']} steps, "
+    print(f"[experiment] {row.name} N_L={labels} seed={seed}: test error {error:.2f} % ({checkpoint} weights, "
+          f"{record['test_images']} test images; paper: {row.paper.get(labels, '–')}), {summary['steps']} steps, "
           f"{wall:.0f} s, schedule {label}", flush=True)
     return record
 
@@ -293,6 +352,7 @@ def table1_lines(records: Sequence[Dict[str, str]]) -> List[str]:
             continue
         for schedule in sorted({rec["schedule"] for rec in mine}):
             group = [rec for rec in mine if rec["schedule"] == schedule]
+            checkpoints = "/".join(sorted({rec.get("checkpoint") or "last" for rec in group}))
             errors = [float(rec["test_error"]) for rec in group]
             images = {rec["test_images"] for rec in group}
             note = "" if images == {"10000"} else f" on {'/'.join(sorted(images))} test images"
@@ -302,12 +362,13 @@ def table1_lines(records: Sequence[Dict[str, str]]) -> List[str]:
                          f"{'/'.join(sorted({rec['epochs'] for rec in group}))} | "
                          f"{'/'.join(sorted({rec['steps'] for rec in group}))} | "
                          f"{wall} | {'; '.join(sorted({rec['device'] for rec in group}))} | "
-                         f"{schedule} |")
+                         f"{schedule} ({checkpoints} weights) |")
     return lines
 
 
 def plot_curves(records: Sequence[Dict[str, str]], out_dir: Path, path: Path) -> int:
-    """Test error against steps for every run whose metrics.csv is present; returns the number of curves."""
+    """Validation error (test error for runs without a split) against steps for every run whose metrics.csv is
+    present; returns the number of curves."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -319,14 +380,15 @@ def plot_curves(records: Sequence[Dict[str, str]], out_dir: Path, path: Path) ->
         metrics = read_csv(out_dir / rec["run_dir"] / "metrics.csv")
         if not metrics:
             continue
-        ax.plot([int(m["step"]) for m in metrics], [float(m["test_error"]) for m in metrics], marker=".",
-                label=f"{rec['row']} N_L={rec['labels']} s{rec['seed']} [{rec['schedule']}]")
+        split = "val" if metrics[-1].get("val_error") else "test"  # runs with a split never look at the test set
+        ax.plot([int(m["step"]) for m in metrics], [float(m[f"{split}_error"]) for m in metrics], marker=".",
+                label=f"{rec['row']} N_L={rec['labels']} s{rec['seed']} [{rec['schedule']}] ({split})")
         curves += 1
     if curves:
-        ax.set_xlabel("training step"), ax.set_ylabel("test error (%)"), ax.set_yscale("log")
+        ax.set_xlabel("training step"), ax.set_ylabel("error during training (%)"), ax.set_yscale("log")
         plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")  # 20, not 2x10^1
         ax.yaxis.set_major_formatter(plain), ax.yaxis.set_minor_formatter(plain)
-        ax.set_title("test error during training (cpu schedule: first 2000 test images; full: all 10 000)")
+        ax.set_title("validation error during training (test error for runs without a validation split)")
         ax.grid(alpha=0.3, which="both"), ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
@@ -384,20 +446,21 @@ def run_convergence(model: str, schedule: str, out_dir: Path, seed: int = 0, epo
     """
     result: Dict[str, Any] = {"model": model, "threshold": threshold, "seed": seed, "trainers": {}}
     for trainer, suffix in (("eg", ""), ("backprop", "-backprop")):
-        path = CONFIG_DIR / f"mnist-sup-{model}{suffix}.yaml"
+        path = CONFIG_DIR / f"mnist-sup-{model}{suffix}{'-cpu' if schedule == 'cpu' else ''}.yaml"
         if not path.is_file():
-            raise ValueError(f"no supervised configs for model {model!r} ({path.name})")
+            raise ValueError(f"no {schedule} schedule of the supervised comparison for model {model!r} "
+                             f"(configs/{path.name} is missing)")
         base = [f"seed={seed}", f"labeled_seed={seed}", "tensorboard=false", f"progress={progress}"]
         cfg = load_config(str(path), base)
-        changes = schedule_overrides(cfg, schedule, epochs)
-        if schedule == "cpu":
+        changes = {} if schedule == "cpu" else schedule_overrides(cfg, schedule, epochs)
+        if schedule == "smoke":
             changes["eval_every_steps"] = CPU_STEPS // 6
         cfg = load_config(str(path), base + [f"{k}={v}" for k, v in changes.items()] + list(extra))
         if schedule == "full":  # four evaluations per epoch on the full test set
             cfg.eval_every_steps = max(1, _steps_per_epoch(cfg, 60_000, 0) // 4)
         if data_dir is not None:
             cfg.data_dir = data_dir
-        label = schedule_label(schedule, cfg, epochs, extra)
+        label = path.stem if schedule == "cpu" else schedule_label(schedule, cfg, epochs, extra)
         run_dir = out_dir / "runs" / f"convergence-{model}-{trainer}-s{seed}-{label.split('+')[0]}-" \
                                      f"{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"[experiment] convergence {model} {trainer} schedule={label} -> {run_dir}", flush=True)
@@ -548,9 +611,16 @@ def cmd_table1(args) -> int:
     schedule = args.schedule or default_schedule()
     if args.epochs is not None and schedule != "full":
         raise UsageError("--epochs shortens the full schedule; it needs --schedule full")
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        cfg = row_config(row, labels, seeds[0], schedule, args.epochs, args.set or [], args.data_dir)
+    except ValueError as e:  # an unknown seed, N_L or schedule: nothing has run yet
+        raise UsageError(str(e).replace("invalid literal for int() with base 10", "--seeds: not an integer")) from None
+    if args.checkpoint == "best-val" and not cfg.val_samples:
+        raise UsageError("--checkpoint best-val needs a validation split; this schedule has val_samples = 0")
+    for seed in seeds:
         run_row(row, labels, seed, schedule, Path(args.out), args.epochs, args.set or [], args.data_dir,
-                args.test_images, args.progress)
+                args.test_images, args.progress, args.checkpoint)
     if not args.no_report:
         print(f"[experiment] wrote {render_report(Path(args.out))}")
     return 0
@@ -589,9 +659,9 @@ def add_experiment_parser(sub) -> None:
         p.add_argument("--data-dir", help="data root (default: $DRMM_DATA_DIR, ./data)")
 
     def training(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--schedule", choices=("cpu", "full"),
-                       help="cpu = a few hundred steps on a subset; full = the paper's protocol "
-                            "(default: full with a GPU, cpu without)")
+        p.add_argument("--schedule", choices=SCHEDULES,
+                       help="cpu = the row's 30-minute CPU config; full = the paper's protocol; smoke = a few "
+                            "hundred steps, to check that it runs (default: full with a GPU, cpu without)")
         p.add_argument("--epochs", type=int, help="shorten the full schedule to this many epochs")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="extra config override (recorded in the schedule label)")
@@ -602,6 +672,9 @@ def add_experiment_parser(sub) -> None:
     p.add_argument("--labels", help="N_L: 100, 600, 1000 or 3000 (semi-supervised rows; default 100)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--test-images", type=int, default=10_000, help="score on the first N test images (0 = all)")
+    p.add_argument("--checkpoint", choices=sorted(CHECKPOINTS), default="last",
+                   help="weights to score on the test set: last (the final ones, default) or best-val (the best on "
+                        "the validation split)")
     p.add_argument("--no-report", action="store_true", help="do not re-render table1.md afterwards")
     common(p), training(p)
     p.set_defaults(func=cmd_table1)

@@ -127,7 +127,8 @@ def save_image_grid(images: Tensor, path: Path, titles: Optional[Sequence[str]] 
 
 
 def plot_learning_curve(rows: Sequence[Dict[str, Any]], path: Path) -> None:
-    """Test error and the training loss parts against the step, from metrics.csv rows (written atomically)."""
+    """Validation error (test error when the run has no validation split) and the training loss parts against the
+    step, from metrics.csv rows (written atomically)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -136,8 +137,10 @@ def plot_learning_curve(rows: Sequence[Dict[str, Any]], path: Path) -> None:
         return
     steps = [int(r["step"]) for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax1.plot(steps, [float(r["test_error"]) for r in rows], marker="o")
-    ax1.set_xlabel("step"), ax1.set_ylabel("test error (%)"), ax1.set_title("test error")
+    split = "val" if rows[-1].get("val_error") not in ("", None) else "test"
+    ax1.plot(steps, [float(r[f"{split}_error"]) if r[f"{split}_error"] not in ("", None) else float("nan")
+                     for r in rows], marker="o")
+    ax1.set_xlabel("step"), ax1.set_ylabel(f"{split} error (%)"), ax1.set_title(f"{split} error")
     ax1.grid(alpha=0.3)
     for key in ("loss", "ce", "rc", "kl", "nn"):
         vals = [float(r[key]) if r[key] not in ("", None) else float("nan") for r in rows]

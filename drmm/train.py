@@ -350,16 +350,17 @@ def fetch_pending(s: TrainState) -> Dict[str, float]:
     return means
 
 
-def evaluate_and_log(s: TrainState) -> Tuple[float, float]:
-    """Evaluate, append a metrics.csv row, reset the statistics. Returns (test error, selection error): the
-    latter is the validation error when there is a split."""
+def evaluate_and_log(s: TrainState) -> Tuple[Optional[float], float]:
+    """Evaluate, append a metrics.csv row, reset the statistics. Returns (test error, selection error): with a
+    validation split the latter is the validation error and the former None."""
     cfg = s.cfg
     fetch_pending(s)
-    test_error = evaluate(s.model, s.data, cfg.eval_samples, cfg.eval_batch_size)
     val_error = evaluate(s.model, s.data, 0, cfg.eval_batch_size, "val") if cfg.val_samples else None
+    # With a validation split, the test set is not looked at while training: finish() scores it once, at the end.
+    test_error = evaluate(s.model, s.data, cfg.eval_samples, cfg.eval_batch_size) if val_error is None else None
     score = test_error if val_error is None else val_error
     if score <= s.best_error:
-        s.best_error, s.test_at_best = score, test_error
+        s.best_error, s.test_at_best = score, float("nan") if test_error is None else test_error
     n = max(1, s.counts["n"])
     labeled = s.counts["labeled"]
     s.log.append({"epoch": s.epoch, "step": s.step, "phase": s.trained_phase,
@@ -367,7 +368,7 @@ def evaluate_and_log(s: TrainState) -> Tuple[float, float]:
                   **{k: f"{v / n:.6g}" for k, v in s.sums.items()},
                   "train_acc": f"{100.0 * s.counts['correct'] / max(1, labeled):.3f}" if labeled else "",
                   "val_error": "" if val_error is None else f"{val_error:.4f}",
-                  "test_error": f"{test_error:.4f}", "best_error": f"{s.best_error:.4f}",
+                  "test_error": "" if test_error is None else f"{test_error:.4f}", "best_error": f"{s.best_error:.4f}",
                   "elapsed_s": f"{s.elapsed_s():.1f}"})
     s.sums.clear()
     s.counts.update(n=0, correct=0, labeled=0)
@@ -421,7 +422,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
             if do_eval:
                 s.test_error, score = evaluate_and_log(s)
                 if bar is not None:
-                    bar.set_postfix(test_err=f"{s.test_error:.2f}")
+                    bar.set_postfix({"val_err" if cfg.val_samples else "test_err": f"{score:.2f}"})
                 save_checkpoint(s, s.test_error, score)
             elif end_of_epoch or (cfg.ckpt_every_steps and s.step % cfg.ckpt_every_steps == 0):
                 save_checkpoint(s, None)
@@ -435,7 +436,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
 def finish(s: TrainState) -> Dict[str, Any]:
     """The run's summary (written to summary.yaml); leaves the process group if setup() joined one."""
     cfg = s.cfg
-    if s.test_error is None:  # nothing left to train (resumed a finished run): still report
+    if s.test_error is None:  # a validation split (the test set's one look), or a resumed finished run
         s.test_error = evaluate(s.model, s.data, cfg.eval_samples, cfg.eval_batch_size)
     s.log.close()
     summary = {"test_error": s.test_error, "best_error": s.best_error,

@@ -21,7 +21,7 @@ TINY = ["--set", "max_steps=3", "--set", "max_train_samples=300", "--set", "eval
 @needs_mnist
 def test_table1_row_appends_a_well_formed_csv_row(tmp_path, capsys):
     out = tmp_path / "results"
-    argv = ["experiment", "table1", "--row", "drmm2", "--labels", "100", "--seeds", "0,1", "--schedule", "cpu",
+    argv = ["experiment", "table1", "--row", "drmm2", "--labels", "100", "--seeds", "0,1", "--schedule", "smoke",
             "--test-images", "200", "--out", str(out), "--data-dir", DATA_DIR, *TINY]
     assert main(argv) == 0
     with open(out / "table1.csv", newline="") as f:
@@ -30,8 +30,9 @@ def test_table1_row_appends_a_well_formed_csv_row(tmp_path, capsys):
     for r in rows:
         assert r["row"] == "drmm2" and r["labels"] == "100" and r["steps"] == "3" and r["test_images"] == "200"
         assert 0 <= float(r["test_error"]) <= 100 and float(r["wall_s"]) >= 0
-        assert r["schedule"].startswith("cpu-3steps") and "max_steps=3" in r["schedule"]
-        assert r["device"].startswith("cpu") and len(r["config_hash"]) == 12 and r["git_commit"]
+        assert r["schedule"].startswith("smoke-3steps") and "max_steps=3" in r["schedule"]
+        assert r["device"].startswith("cpu") and len(r["config_hash"]) == 12 and r["commit"]
+        assert r["checkpoint"] == "last" and r["val_samples"] == "0" and r["val_error"] == ""
         assert (out / r["run_dir"] / "metrics.csv").exists()
     assert rows[0]["config_hash"] != rows[1]["config_hash"]  # the seed is part of the config
     # the report was rendered after the row: our number beside the paper's, with its schedule
@@ -39,6 +40,48 @@ def test_table1_row_appends_a_well_formed_csv_row(tmp_path, capsys):
     assert "| drmm2 | 100 | 11.81 |" in report and "(2 seeds) on 200 test images" in report
     assert (out / "table1_curves.png").stat().st_size > 1000
     assert "paper: 11.81" in capsys.readouterr().out
+    # the same command again trains nothing: both runs are in the CSV already
+    assert main(argv) == 0
+    assert len(list(csv.DictReader(open(out / "table1.csv")))) == 2
+    assert capsys.readouterr().out.count("already in") == 2
+
+
+@needs_mnist
+def test_table1_cpu_schedule_resumes_a_killed_run_and_scores_the_test_set_once(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "results"
+    tiny = ["--set", "max_steps=4", "--set", "max_train_samples=400", "--set", "val_samples=100",
+            "--set", "eval_every_steps=2"]
+    argv = ["experiment", "table1", "--row", "drmm5-nn-kl", "--labels", "100", "--out", str(out), "--data-dir",
+            DATA_DIR, "--test-images", "100", "--checkpoint", "best-val", "--no-report", *tiny]
+    real_train = E.train
+
+    def killed_after_two_steps(cfg, run_dir, resume=False):
+        assert not resume
+        real_train(E.dataclasses.replace(cfg, max_steps=2), run_dir)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "train", killed_after_two_steps)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    assert not (out / "table1.csv").exists()
+    monkeypatch.setattr(E, "train", real_train)
+    assert main(argv) == 0
+    assert "resuming at" in capsys.readouterr().out
+    (rec,) = csv.DictReader(open(out / "table1.csv"))
+    assert rec["schedule"].startswith("mnist-ssl-100-cpu30m+") and rec["steps"] == "4"
+    assert rec["checkpoint"] == "best-val" and rec["val_samples"] == "100" and float(rec["val_error"]) <= 100
+    metrics = list(csv.DictReader(open(out / rec["run_dir"] / "metrics.csv")))
+    assert [m["step"] for m in metrics] == ["2", "4"] and all(m["test_error"] == "" for m in metrics)
+
+
+def test_table1_cpu_schedules_exist_for_every_row_and_label():
+    for row in E.ROWS.values():
+        if row.supervised:
+            continue
+        for labels in (("100",) if row.name == "drmm5-nn-kl" else E.SSL_LABELS):
+            cfg = E.row_config(row, labels, 1, "cpu")
+            assert cfg.num_labeled == int(labels) and cfg.seed == cfg.labeled_seed == 1
+            assert cfg.val_samples > 0, row.name  # settings are chosen on validation images, never the test set
 
 
 def test_table1_rejects_labels_without_a_config(tmp_path):
@@ -48,10 +91,11 @@ def test_table1_rejects_labels_without_a_config(tmp_path):
         main(["experiment", "table1", "--row", "rfm-sup", "--labels", "100", "--out", str(tmp_path)])
 
 
-def _fake_record(row, labels, seed, error, schedule="cpu-300steps-10k", run_dir="runs/x"):
-    return {"row": row, "labels": labels, "seed": seed, "test_error": error, "best_error": error,
-            "test_images": 10000, "epochs": 1, "steps": 300, "wall_s": 100, "device": "cpu:2 cores,2 threads",
-            "schedule": schedule, "git_commit": "abc1234", "config_hash": "0" * 12, "run_dir": run_dir}
+def _fake_record(row, labels, seed, error, schedule="smoke-300steps-10k", run_dir="runs/x"):
+    return {"row": row, "labels": labels, "seed": seed, "test_error": error, "val_error": "",
+            "test_images": 10000, "epochs": 1, "steps": 300, "wall_s": 100, "device": "cpu:2 cores",
+            "threads": 2, "checkpoint": "last", "val_samples": 0,
+            "schedule": schedule, "commit": "abc1234", "config_hash": "0" * 12, "run_dir": run_dir}
 
 
 def test_report_puts_paper_numbers_beside_ours_and_never_invents_one(tmp_path):
@@ -64,7 +108,7 @@ def test_report_puts_paper_numbers_beside_ours_and_never_invents_one(tmp_path):
     main(["experiment", "report", "--out", str(tmp_path)])
     lines = (tmp_path / "table1.md").read_text().splitlines()
     row = next(line for line in lines if line.startswith("| drmm5-nn-kl | 100 |"))
-    assert "| 0.57 | 12.00 ± 2.00 (3 seeds) |" in row and "cpu-300steps-10k" in row and "| 100–140 s |" in row
+    assert "| 0.57 | 12.00 ± 2.00 (3 seeds) |" in row and "smoke-300steps-10k" in row and "| 100–140 s |" in row
     assert next(line for line in lines if line.startswith("| rfm-sup | all |")).count("3.00 (1 seed)") == 1
     # every paper number we did not measure is listed as "not run", with no measured value
     for name, labels, paper in (("drmm5", "100", "3.50"), ("drmm2", "3000", "1.72"), ("drmm5-convnet", "all", "0.81"),
@@ -94,15 +138,15 @@ def test_first_crossing_finds_the_first_evaluation_under_the_threshold(tmp_path)
     assert any("not reached within 3.00 epochs" in line for line in lines)
 
 
-def test_cpu_schedule_spans_its_steps_and_full_keeps_the_protocol():
+def test_smoke_schedule_spans_its_steps_and_full_keeps_the_protocol():
     for name in ("drmm5-nn-kl", "rfm-sup", "drmm5-unsup-pretr"):
-        cfg = E.row_config(E.ROWS[name], "all" if E.ROWS[name].supervised else "100", 0, "cpu")
+        cfg = E.row_config(E.ROWS[name], "all" if E.ROWS[name].supervised else "100", 0, "smoke")
         assert cfg.max_steps == E.CPU_STEPS and cfg.max_train_samples == E.CPU_TRAIN_IMAGES
         steps = sum(E._steps_per_epoch(cfg, E.CPU_TRAIN_IMAGES, e) for e in range(cfg.epochs))
         assert E.CPU_STEPS <= steps < E.CPU_STEPS + 160, (name, steps)  # the lr decay spans the short run
-    headline = E.row_config(E.ROWS["drmm5-nn-kl"], "100", 0, "cpu")
+    headline = E.row_config(E.ROWS["drmm5-nn-kl"], "100", 0, "smoke")
     assert E.epochs_run(headline, 300) == pytest.approx(300 / 309)  # (10000 - 100) // 32 steps per epoch
-    plain = E.row_config(E.ROWS["drmm5"], "100", 0, "cpu")
+    plain = E.row_config(E.ROWS["drmm5"], "100", 0, "smoke")
     assert plain.kl_weight == plain.nn_weight == 0 and plain.rc_weight > 0
     full = E.row_config(E.ROWS["drmm5-nn-kl"], "100", 2, "full")
     assert (full.epochs, full.batch_size, full.lr_init, full.lr_final, full.max_steps) == (500, 200, 1e-3, 1e-6, 0)
@@ -125,7 +169,7 @@ def test_throughput_writes_images_per_second(tmp_path):
 
 @needs_mnist
 def test_convergence_runs_eg_and_backprop_on_the_same_schedule(tmp_path):
-    result = E.run_convergence("rfm", "cpu", tmp_path, threshold=99.0, data_dir=DATA_DIR,
+    result = E.run_convergence("rfm", "smoke", tmp_path, threshold=99.0, data_dir=DATA_DIR,
                                extra=["max_steps=2", "max_train_samples=200", "eval_samples=100",
                                       "eval_every_steps=1"])
     assert set(result["trainers"]) == {"eg", "backprop"}

@@ -122,18 +122,31 @@ def test_checkpoint_resume_is_exact(tmp_path):
 
 
 @needs_mnist
-def test_validation_split_selects_best_checkpoint_without_the_test_set(tmp_path):
+def test_validation_split_selects_best_checkpoint_without_the_test_set(tmp_path, monkeypatch):
     cfg = tiny_config(epochs=1, max_steps=6, eval_every_steps=2, val_samples=40)
+    splits = []
+    evaluate = T.evaluate
+
+    def spy(model, data, num=0, batch_size=1000, split="test"):
+        splits.append(split)
+        return evaluate(model, data, num, batch_size, split)
+
+    monkeypatch.setattr(T, "evaluate", spy)
     summary = T.train(cfg, tmp_path / "run")
     assert summary["best_on"] == "validation"
+    # the test set is looked at once, after the last step, on the final weights
+    assert splits == ["val", "val", "val", "test"]
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     val = [float(r["val_error"]) for r in rows]
-    test = [float(r["test_error"]) for r in rows]
+    assert [r["test_error"] for r in rows] == ["", "", ""]
     assert len(rows) == 3 and all(0 <= v <= 100 for v in val)
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
     k = max(i for i, v in enumerate(val) if v == min(val))   # ties: the later checkpoint wins (<=)
     assert best["best_error"] == min(val) and best["step"] == int(rows[k]["step"])
-    assert summary["test_error_at_best"] == pytest.approx(test[k], abs=1e-3)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    model = T.model_from_config(cfg, (1, 28, 28), 10)
+    model.load_state_dict(last["model"])
+    assert summary["test_error"] == pytest.approx(evaluate(model, T.load_data(cfg, torch.device("cpu")), 100), abs=1e-3)
     # the held-out images are neither labeled nor unlabeled training data
     labeled = np.load(tmp_path / "run" / "labeled_indices.npy")
     assert labeled.max() < 200 - 40
