@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The headline row on a lent GPU (H100): drmm5-nn-kl, N_L = 100, seed 0, the full protocol (Adam 1e-3 -> 1e-6,
+# The headline row on a lent GPU (an H200): drmm5-nn-kl, N_L = 100, seed 0, the full protocol (Adam 1e-3 -> 1e-6,
 # 100 labeled + 100 unlabeled per batch, all 60K training images, full 10K test set) shortened to as many epochs
 # as fit in the time budget, measured on the machine itself before training starts.
 #
