@@ -385,8 +385,13 @@ def progress_bar(cfg: TrainConfig, total: int, initial: int, desc: str):
 # ---------------------------------------------------------------- the training loop
 
 
-def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, Any]:
-    """Train according to ``cfg`` in ``run_dir``; returns a summary (final/best test error, steps, time)."""
+def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, score_test: bool = True) -> Dict[str, Any]:
+    """Train according to ``cfg`` in ``run_dir``; returns a summary (final/best test error, steps, time).
+
+    ``score_test=False`` (only with a validation split): never look at the test set, not even at the end (study
+    trials that choose settings); the summary's test_error is then None."""
+    if not score_test and not cfg.val_samples:
+        raise ValueError("train: score_test=False needs a validation split (val_samples > 0)")
     s = setup(cfg, run_dir, resume)
     s.t_start = time.time()
     s.trained_phase = phase(cfg, min(s.epoch, cfg.epochs - 1))
@@ -430,13 +435,14 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Dict[str, An
                 break
         if bar is not None:
             bar.close()
-    return finish(s)
+    return finish(s, score_test)
 
 
-def finish(s: TrainState) -> Dict[str, Any]:
+def finish(s: TrainState, score_test: bool = True) -> Dict[str, Any]:
     """The run's summary (written to summary.yaml); leaves the process group if setup() joined one."""
     cfg = s.cfg
-    if s.test_error is None:  # a validation split (the test set's one look), or a resumed finished run
+    # s.test_error is None with a validation split (this is the test set's one look) or on resuming a finished run
+    if s.test_error is None and score_test:
         s.test_error = evaluate(s.model, s.data, cfg.eval_samples, cfg.eval_batch_size)
     s.log.close()
     summary = {"test_error": s.test_error, "best_error": s.best_error,

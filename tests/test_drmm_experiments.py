@@ -176,3 +176,32 @@ def test_convergence_runs_eg_and_backprop_on_the_same_schedule(tmp_path):
     for t in result["trainers"].values():
         assert t["steps"] == 2 and t["reached"] is not None and t["reached"]["step"] == 1
     assert json.loads((tmp_path / "convergence-rfm.json").read_text())["model"] == "rfm"
+
+
+@needs_mnist
+def test_study_trial_logs_its_validation_curve_and_never_looks_at_the_test_set(tmp_path, monkeypatch):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("study", Path(E.REPO) / "experiments" / "study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    splits = []
+    real = study.train.__globals__["evaluate"]
+
+    def spy(model, data, num=0, batch_size=1000, split="test"):
+        splits.append(split)
+        return real(model, data, num, batch_size, split)
+
+    monkeypatch.setitem(study.train.__globals__, "evaluate", spy)
+    out = tmp_path / "study.csv"
+    argv = ["T99", "--config", str(Path(E.REPO) / "configs" / "mnist-rfm-ssl-cpu.yaml"), "--out", str(out),
+            "--runs", str(tmp_path / "runs"), "--set", f"data_dir={DATA_DIR}", "--set", "max_steps=4",
+            "--set", "eval_every_steps=2", "--set", "max_train_samples=600", "--set", "val_samples=100"]
+    assert study.main(argv) == 0
+    assert splits == ["val", "val"]
+    (rec,) = csv.DictReader(open(out))
+    assert rec["trial"] == "T99" and rec["steps"] == "4" and rec["val_error_curve"].startswith("2:")
+    assert rec["final_val_error"] == rec["val_error_curve"].split(":")[-1]
+    with pytest.raises(SystemExit):  # the same trial id twice
+        study.main(argv)
+    with pytest.raises(SystemExit):  # no validation split: refused
+        study.main(["T98", "--config", str(Path(E.REPO) / "configs" / "mnist-sup-rfm.yaml"), "--out", str(out)])
