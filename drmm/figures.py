@@ -142,9 +142,10 @@ def plot_learning_curve(rows: Sequence[Dict[str, Any]], path: Path) -> None:
                      for r in rows], marker="o")
     ax1.set_xlabel("step"), ax1.set_ylabel(f"{split} error (%)"), ax1.set_title(f"{split} error")
     ax1.grid(alpha=0.3)
-    for key in ("loss", "ce", "rc", "kl", "nn"):
-        vals = [float(r[key]) if r[key] not in ("", None) else float("nan") for r in rows]
-        ax2.plot(steps, vals, label=key)
+    for key in ("loss", "ce", "rc", "kl", "klm", "nn"):
+        vals = [float(r[key]) if r.get(key) not in ("", None) else float("nan") for r in rows]
+        if any(v == v for v in vals):  # klm only exists with kl_marginal_weight > 0
+            ax2.plot(steps, vals, label=key)
     ax2.set_xlabel("step"), ax2.set_title("training loss (mean since last eval)"), ax2.legend(), ax2.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")

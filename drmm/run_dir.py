@@ -136,7 +136,7 @@ def read_checkpoint(run_dir: Path, cfg: TrainConfig, device: torch.device) -> Di
 # ---------------------------------------------------------------- metrics
 
 
-METRIC_FIELDS = ["epoch", "step", "phase", "lr", "loss", "ce", "rc", "kl", "nn", "train_acc", "val_error",
+METRIC_FIELDS = ["epoch", "step", "phase", "lr", "loss", "ce", "rc", "kl", "klm", "nn", "train_acc", "val_error",
                  "test_error", "best_error", "elapsed_s"]
 
 
