@@ -83,15 +83,20 @@ ROWS: Dict[str, Row] = {r.name: r for r in [
     Row("drmm5-unsup-pretr", "5-layer DRMM, unsupervised EG on all images, then supervised EG on the N_L labels",
         "mnist-unsup-pretr-{labels}.yaml", {"100": 12.03, "600": 3.61, "1000": 2.73, "3000": 1.68},
         cpu_config="mnist-unsup-pretr-{labels}-cpu30m.yaml"),
-    Row("rfm-sup", "RFM, EG, supervised (all labels)", "mnist-sup-rfm.yaml", {ALL_LABELS: 1.21}, supervised=True),
+    Row("rfm-sup", "RFM, EG, supervised (all labels)", "mnist-sup-rfm.yaml", {ALL_LABELS: 1.21}, supervised=True,
+        cpu_config="mnist-sup-rfm-cpu.yaml"),
     Row("rfm-convnet", "RFM architecture as a convnet, backprop on CE, supervised",
-        "mnist-sup-rfm-backprop.yaml", {ALL_LABELS: 1.30}, supervised=True),
+        "mnist-sup-rfm-backprop.yaml", {ALL_LABELS: 1.30}, supervised=True,
+        cpu_config="mnist-sup-rfm-backprop-cpu.yaml"),
     Row("drmm5-sup", "5-layer DRMM, EG, supervised (all labels)", "mnist-sup-conv_small.yaml", {ALL_LABELS: 0.89},
         supervised=True),
     Row("drmm5-convnet", "Conv-Small convnet (DCN), backprop on CE, supervised",
         "mnist-sup-conv_small-backprop.yaml", {ALL_LABELS: 0.81}, supervised=True),
 ]}
 SSL_LABELS = ("100", "600", "1000", "3000")
+# (model, trainer) of the supervised comparison -> the Table 1 row its final weights measure
+SUPERVISED_ROWS = {("rfm", "eg"): "rfm-sup", ("rfm", "backprop"): "rfm-convnet",
+                   ("conv_small", "eg"): "drmm5-sup", ("conv_small", "backprop"): "drmm5-convnet"}
 
 # The smoke schedule: CPU_STEPS steps on the first CPU_TRAIN_IMAGES training images, batch 64 (32 + 32 in
 # semi-supervised mode), a faster lr decay (3e-3 -> 3e-4) because there are so few steps,
@@ -277,6 +282,22 @@ def append_csv(path: Path, record: Dict[str, Any]) -> None:
         w.writerow({k: record.get(k, "") for k in CSV_FIELDS})
 
 
+def record_run(out_dir: Path, row: str, labels: str, seed: int, schedule: str, cfg: TrainConfig,
+               summary: Dict[str, Any], error: float, test_images: int, checkpoint: str, wall: float, commit: str,
+               run_dir: Path) -> Dict[str, Any]:
+    """Append one run's line to ``out_dir/table1.csv``; returns it."""
+    record = {"row": row, "labels": labels, "seed": seed, "schedule": schedule,
+              "device": device_description(resolve_device(cfg.device)), "threads": torch.get_num_threads(),
+              "wall_s": f"{wall:.0f}", "epochs": f"{epochs_run(cfg, summary['steps']):.2f}",
+              "steps": summary["steps"], "test_error": f"{error:.2f}", "test_images": test_images,
+              "checkpoint": checkpoint, "val_samples": cfg.val_samples,
+              "val_error": f"{summary['best_error']:.2f}" if cfg.val_samples else "",
+              "commit": commit, "config_hash": config_hash(cfg), "run_dir": os.path.relpath(run_dir, out_dir),
+              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_average": load_average()}
+    append_csv(out_dir / "table1.csv", record)
+    return record
+
+
 def run_row(row: Row, labels: str, seed: int, schedule: str, out_dir: Path, epochs: Optional[int] = None,
             extra: Sequence[str] = (), data_dir: Optional[str] = None, test_images: int = 10_000,
             progress: bool = False, checkpoint: str = "last") -> Optional[Dict[str, Any]]:
@@ -304,15 +325,8 @@ def run_row(row: Row, labels: str, seed: int, schedule: str, out_dir: Path, epoc
     summary = train(cfg, run_dir, resume=resume)
     error = score_checkpoint(cfg, run_dir, test_images, checkpoint)
     wall = before + time.time() - t0
-    record = {"row": row.name, "labels": labels, "seed": seed, "schedule": label,
-              "device": device_description(resolve_device(cfg.device)), "threads": torch.get_num_threads(),
-              "wall_s": f"{wall:.0f}", "epochs": f"{epochs_run(cfg, summary['steps']):.2f}",
-              "steps": summary["steps"], "test_error": f"{error:.2f}", "test_images": test_images or 10_000,
-              "checkpoint": checkpoint, "val_samples": cfg.val_samples,
-              "val_error": f"{summary['best_error']:.2f}" if cfg.val_samples else "",
-              "commit": commit, "config_hash": config_hash(cfg), "run_dir": rel,
-              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_average": load_average()}
-    append_csv(out_dir / "table1.csv", record)
+    record = record_run(out_dir, row.name, labels, seed, label, cfg, summary, error, test_images or 10_000,
+                        checkpoint, wall, commit, run_dir)
     print(f"[experiment] {row.name} N_L={labels} seed={seed}: test error {error:.2f} % ({checkpoint} weights, "
           f"{record['test_images']} test images; paper: {row.paper.get(labels, '–')}), {summary['steps']} steps, "
           f"{wall:.0f} s, schedule {label}", flush=True)
@@ -451,7 +465,9 @@ def run_convergence(model: str, schedule: str, out_dir: Path, seed: int = 0, epo
     """[P16] §4: epochs (and seconds) to reach ``threshold`` % test error, EG vs a backprop convnet.
 
     Same architecture, same seed (so the same init and the same data order), same schedule; only the trainer
-    differs. Evaluated several times per epoch so that the crossing is located to a fraction of an epoch.
+    differs. Evaluated several times per epoch so that the crossing is located to a fraction of an epoch. Each
+    trainer's final weights also give a supervised row of Table 1 (rfm-sup / rfm-convnet, drmm5-sup /
+    drmm5-convnet), appended to table1.csv (the final test error; nothing is selected on the test curve).
     """
     result: Dict[str, Any] = {"model": model, "threshold": threshold, "seed": seed, "trainers": {}}
     for trainer, suffix in (("eg", ""), ("backprop", "-backprop")):
@@ -471,11 +487,20 @@ def run_convergence(model: str, schedule: str, out_dir: Path, seed: int = 0, epo
             cfg.data_dir = data_dir
         label = path.stem if schedule == "cpu" else schedule_label(schedule, cfg, epochs, extra)
         run_dir = out_dir / "runs" / f"convergence-{model}-{trainer}-s{seed}-{label.split('+')[0]}-" \
-                                     f"{time.strftime('%Y%m%d-%H%M%S')}"
-        print(f"[experiment] convergence {model} {trainer} schedule={label} -> {run_dir}", flush=True)
+                                     f"{config_hash(cfg)[:6]}"
+        resume = (run_dir / "last.pt").exists()  # a killed comparison continues where it stopped
+        before = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["elapsed_s"] if resume \
+            else 0.0
+        print(f"[experiment] convergence {model} {trainer} schedule={label} -> {run_dir}"
+              + (f" (resuming at {before:.0f} s)" if resume else ""), flush=True)
+        commit = git_commit()
         t0 = time.time()
-        summary = train(cfg, run_dir)
-        wall = time.time() - t0
+        summary = train(cfg, run_dir, resume=resume)
+        wall = before + time.time() - t0
+        row = SUPERVISED_ROWS.get((model, trainer))
+        if row is not None:
+            record_run(out_dir, row, ALL_LABELS, seed, label, cfg, summary, summary["test_error"],
+                       summary["eval_images"], "last", wall, commit, run_dir)
         num_train = min(cfg.max_train_samples or 60_000, 60_000) - cfg.val_samples
         crossing = first_crossing(read_csv(run_dir / "metrics.csv"), threshold, _steps_per_epoch(cfg, num_train, 0))
         result["trainers"][trainer] = {
@@ -484,7 +509,7 @@ def run_convergence(model: str, schedule: str, out_dir: Path, seed: int = 0, epo
             "eval_images": summary["eval_images"], "wall_s": round(wall, 1),
             "run_dir": os.path.relpath(run_dir, out_dir)}
         result.update(schedule=label, device=device_description(resolve_device(cfg.device)),
-                      git_commit=git_commit(), load_average=load_average())
+                      git_commit=commit, load_average=load_average())
     path = out_dir / f"convergence-{model}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -176,6 +176,11 @@ def test_convergence_runs_eg_and_backprop_on_the_same_schedule(tmp_path):
     for t in result["trainers"].values():
         assert t["steps"] == 2 and t["reached"] is not None and t["reached"]["step"] == 1
     assert json.loads((tmp_path / "convergence-rfm.json").read_text())["model"] == "rfm"
+    # each trainer's final weights are a supervised row of Table 1
+    rows = list(csv.DictReader(open(tmp_path / "table1.csv")))
+    assert [(r["row"], r["labels"], r["checkpoint"]) for r in rows] == [("rfm-sup", "all", "last"),
+                                                                        ("rfm-convnet", "all", "last")]
+    assert [float(r["test_error"]) for r in rows] == [round(t["final_error"], 2) for t in result["trainers"].values()]
 
 
 @needs_mnist
