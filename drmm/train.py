@@ -447,7 +447,8 @@ def finish(s: TrainState, score_test: bool = True) -> Dict[str, Any]:
     s.log.close()
     summary = {"test_error": s.test_error, "best_error": s.best_error,
                "best_on": "validation" if cfg.val_samples else "test",
-               "test_error_at_best": s.test_at_best, "steps": s.step, "epochs_done": s.epoch,
+               **({} if cfg.val_samples else {"test_error_at_best": s.test_at_best}),
+               "steps": s.step, "epochs_done": s.epoch,
                "eval_images": cfg.eval_samples or len(s.data.test_labels), "train_seconds": s.elapsed_s()}
     if s.rank == 0:
         write_summary(s.run_dir, summary)
