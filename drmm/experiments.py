@@ -282,6 +282,13 @@ def append_csv(path: Path, record: Dict[str, Any]) -> None:
         w.writerow({k: record.get(k, "") for k in CSV_FIELDS})
 
 
+def resume_point(run_dir: Path) -> Tuple[bool, float]:
+    """(whether ``run_dir`` holds a run to resume, the seconds it has trained so far)."""
+    if not (run_dir / "last.pt").exists():
+        return False, 0.0
+    return True, float(torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["elapsed_s"])
+
+
 def record_run(out_dir: Path, row: str, labels: str, seed: int, schedule: str, cfg: TrainConfig,
                summary: Dict[str, Any], error: float, test_images: int, checkpoint: str, wall: float, commit: str,
                run_dir: Path) -> Dict[str, Any]:
@@ -316,8 +323,7 @@ def run_row(row: Row, labels: str, seed: int, schedule: str, out_dir: Path, epoc
         print(f"[experiment] {rel} is already in {out_dir / 'table1.csv'}; delete its line and folder to rerun",
               flush=True)
         return None
-    resume = (run_dir / "last.pt").exists()
-    before = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["elapsed_s"] if resume else 0.0
+    resume, before = resume_point(run_dir)
     print(f"[experiment] {row.name} N_L={labels} seed={seed} schedule={label} -> {run_dir}"
           + (f" (resuming at {before:.0f} s)" if resume else ""), flush=True)
     commit = git_commit()  # the code the run starts with (HEAD may move while it trains)
@@ -488,9 +494,7 @@ def run_convergence(model: str, schedule: str, out_dir: Path, seed: int = 0, epo
         label = path.stem if schedule == "cpu" else schedule_label(schedule, cfg, epochs, extra)
         run_dir = out_dir / "runs" / f"convergence-{model}-{trainer}-s{seed}-{label.split('+')[0]}-" \
                                      f"{config_hash(cfg)[:6]}"
-        resume = (run_dir / "last.pt").exists()  # a killed comparison continues where it stopped
-        before = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["elapsed_s"] if resume \
-            else 0.0
+        resume, before = resume_point(run_dir)  # a killed comparison continues where it stopped
         print(f"[experiment] convergence {model} {trainer} schedule={label} -> {run_dir}"
               + (f" (resuming at {before:.0f} s)" if resume else ""), flush=True)
         commit = git_commit()

@@ -3,8 +3,6 @@ composition, the KL-marginal term on a hand example, validation, defaults that c
 
 import dataclasses
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,17 +12,7 @@ from drmm.config import TrainConfig, load_config
 from drmm.errors import UsageError
 from drmm.losses import ObjectiveConfig, drmm_objective, kl_marginal
 
-DATA_DIR = os.environ.get("DRMM_DATA_DIR")
-needs_mnist = pytest.mark.skipif(not DATA_DIR or not (Path(DATA_DIR) / "mnist").is_dir(),
-                                 reason="DRMM_DATA_DIR with mnist/ not set")
-
-
-def tiny_config(**overrides) -> TrainConfig:
-    base = dict(name="tiny", dataset="mnist", data_dir=DATA_DIR, download=False, model="rfm", num_labeled=20,
-                max_train_samples=200, eval_samples=100, batch_size=20, epochs=2, progress=False,
-                tensorboard=False, lr_init=2e-3, lr_final=1e-4)
-    base.update(overrides)
-    return T.config_from_dict(base)
+from drmm_cases import needs_mnist, tiny_config
 
 
 # ---------------------------------------------------------------- ramp-ups

@@ -1,7 +1,6 @@
 """EG trainer: one step lowers the loss, every mode runs, checkpoints are atomic, resume is exact; config loading."""
 
 import csv
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +11,7 @@ from drmm import train as T
 from drmm.losses import ObjectiveConfig
 from drmm.model import build_model
 
-DATA_DIR = os.environ.get("DRMM_DATA_DIR")
-needs_mnist = pytest.mark.skipif(not DATA_DIR or not (Path(DATA_DIR) / "mnist").is_dir(),
-                                 reason="DRMM_DATA_DIR with mnist/ not set")
-
-
-def tiny_config(**overrides) -> T.TrainConfig:
-    base = dict(name="tiny", dataset="mnist", data_dir=DATA_DIR, download=False, model="rfm", num_labeled=20,
-                max_train_samples=200, eval_samples=100, batch_size=20, epochs=2, progress=False,
-                tensorboard=False, lr_init=2e-3, lr_final=1e-4)
-    base.update(overrides)
-    return T.config_from_dict(base)
+from drmm_cases import needs_mnist, tiny_config
 
 
 def test_one_eg_step_decreases_the_loss_on_a_fixed_batch():
