@@ -82,7 +82,7 @@ ROWS: Dict[str, Row] = {r.name: r for r in [
         cpu_config="mnist-rfm-ssl-cpu.yaml"),
     Row("drmm5-unsup-pretr", "5-layer DRMM, unsupervised EG on all images, then supervised EG on the N_L labels",
         "mnist-unsup-pretr-{labels}.yaml", {"100": 12.03, "600": 3.61, "1000": 2.73, "3000": 1.68},
-        cpu_config="mnist-unsup-pretr-{labels}-cpu30m.yaml"),
+        cpu_config="mnist-unsup-pretr-{labels}-cpu.yaml"),
     Row("rfm-sup", "RFM, EG, supervised (all labels)", "mnist-sup-rfm.yaml", {ALL_LABELS: 1.21}, supervised=True,
         cpu_config="mnist-sup-rfm-cpu.yaml"),
     Row("rfm-convnet", "RFM architecture as a convnet, backprop on CE, supervised",
