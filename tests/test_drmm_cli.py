@@ -13,11 +13,9 @@ import torch
 from drmm.cli import main
 from drmm.figures import level_panels, save_level_grid
 from drmm.model import build_model
+from drmm_cases import DATA_DIR, needs_mnist
 
-DATA_DIR = os.environ.get("DRMM_DATA_DIR")
 REPO = Path(__file__).resolve().parent.parent
-needs_mnist = pytest.mark.skipif(not DATA_DIR or not (Path(DATA_DIR) / "mnist").is_dir(),
-                                 reason="DRMM_DATA_DIR with mnist/ not set")
 
 TINY = """\
 dataset: mnist

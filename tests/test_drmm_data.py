@@ -2,7 +2,6 @@
 
 import gzip
 import hashlib
-import os
 import pickle
 from pathlib import Path
 
@@ -11,10 +10,8 @@ import pytest
 import torch
 
 from drmm import data as D
+from drmm_cases import DATA_DIR, needs_mnist
 
-DATA_DIR = os.environ.get("DRMM_DATA_DIR")
-needs_mnist = pytest.mark.skipif(not DATA_DIR or not (Path(DATA_DIR) / "mnist").is_dir(),
-                                 reason="DRMM_DATA_DIR with mnist/ not set")
 
 
 @needs_mnist

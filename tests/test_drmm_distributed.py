@@ -4,15 +4,13 @@ import os
 import socket
 from pathlib import Path
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 
 from drmm import train as T
+from drmm_cases import DATA_DIR, needs_mnist
 
-DATA_DIR = os.environ.get("DRMM_DATA_DIR")
-pytestmark = pytest.mark.skipif(not DATA_DIR or not (Path(DATA_DIR) / "mnist").is_dir(),
-                                reason="DRMM_DATA_DIR with mnist/ not set")
+pytestmark = needs_mnist
 
 RUNS = {  # semi-supervised EG (DDP gradients + synchronised BN) and hard EM (all-reduced normal equations)
     "eg": dict(trainer="eg", mode="semisupervised", num_labeled=20, model="drmm2"),

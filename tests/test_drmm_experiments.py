@@ -3,17 +3,14 @@ for the rest), the convergence helper, the schedules, the throughput measurement
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from drmm import experiments as E
 from drmm.cli import main
+from drmm_cases import DATA_DIR, needs_mnist
 
-DATA_DIR = os.environ.get("DRMM_DATA_DIR")
-needs_mnist = pytest.mark.skipif(not DATA_DIR or not (Path(DATA_DIR) / "mnist").is_dir(),
-                                 reason="DRMM_DATA_DIR with mnist/ not set")
 TINY = ["--set", "max_steps=3", "--set", "max_train_samples=300", "--set", "eval_samples=100",
         "--set", "eval_every_steps=2"]
 

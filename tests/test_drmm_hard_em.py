@@ -1,8 +1,6 @@
 """Hard EM (drmm/hard_em.py): the closed-form M-step solves the ridge least-squares problem it claims to solve."""
 
 import copy
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,10 +10,8 @@ from drmm import hard_em as H
 from drmm import train as T
 from drmm.drfm import DRFM
 from drmm.model import DRMM, LayerSpec, build_model
+from drmm_cases import DATA_DIR, needs_mnist
 
-DATA_DIR = os.environ.get("DRMM_DATA_DIR")
-needs_mnist = pytest.mark.skipif(not DATA_DIR or not (Path(DATA_DIR) / "mnist").is_dir(),
-                                 reason="DRMM_DATA_DIR with mnist/ not set")
 
 
 def tiny_model(leaky=False, cls=DRMM, **kwargs):

@@ -1,7 +1,5 @@
 """Switch priors (drmm/priors.py) and sampling / class appearance models (drmm/sample.py, `drmm sample`)."""
 
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,10 +8,8 @@ from drmm import train as T
 from drmm.cli import main
 from drmm.priors import attach_switch_priors, prior_buffers, switch_frequencies
 from drmm.sample import class_appearance, draw_switches, sample_images
+from drmm_cases import DATA_DIR, needs_mnist
 
-DATA_DIR = os.environ.get("DRMM_DATA_DIR")
-needs_mnist = pytest.mark.skipif(not DATA_DIR or not (Path(DATA_DIR) / "mnist").is_dir(),
-                                 reason="DRMM_DATA_DIR with mnist/ not set")
 
 
 def _model(momentum=0.5, name="drmm2"):
