@@ -491,7 +491,8 @@ def run_convergence(model: str, schedule: str, out_dir: Path, seed: int = 0, epo
             cfg.eval_every_steps = max(1, _steps_per_epoch(cfg, 60_000, 0) // 4)
         if data_dir is not None:
             cfg.data_dir = data_dir
-        label = path.stem if schedule == "cpu" else schedule_label(schedule, cfg, epochs, extra)
+        label = (path.stem + ("+" + ",".join(extra) if extra else "") if schedule == "cpu"  # overrides stay visible
+                 else schedule_label(schedule, cfg, epochs, extra))
         run_dir = out_dir / "runs" / f"convergence-{model}-{trainer}-s{seed}-{label.split('+')[0]}-" \
                                      f"{config_hash(cfg)[:6]}"
         resume, before = resume_point(run_dir)  # a killed comparison continues where it stopped
