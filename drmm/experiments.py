@@ -15,8 +15,9 @@ appended to ``<out>/table1.csv``. ``report`` turns that CSV into ``table1.md`` (
 Three schedules:
 
 - ``cpu`` (the default without a GPU): the row's own CPU config (``Row.cpu_config``), sized to train in at most 30
-  minutes on 2 CPU cores; its settings were chosen on a validation split of the training images
-  (docs/results.md#table-1-study). The schedule column is the config's name.
+  minutes on a 2-core Intel Xeon (an older CPU can need four times as long: docs/results.md#table-1-on-a-cpu);
+  its settings were chosen on a validation split of the training images (docs/results.md#table-1-study). The
+  schedule column is the config's name.
 - ``full`` (the default with a GPU): the paper's protocol as the configs hold it
   (docs/model.md#architectures-and-protocol: Adam 1e-3 decaying to 1e-6, hundreds of epochs); ``--epochs N``
   shortens it, keeping everything else, and is labelled ``full-Nep``.
