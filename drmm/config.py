@@ -102,6 +102,7 @@ class TrainConfig:
     lr_init: float = 1e-3               # [TF] main.py
     lr_final: float = 1e-6              # [TF] main.py; exponential decay per step from lr_init to lr_final
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999           # Adam's second-moment decay; 0.999 = [TF] (TensorFlow's default)
     seed: int = 0
     device: str = "auto"                # auto = cuda if available
     eval_every_steps: int = 0           # 0 = at every epoch end; else every N steps (and at the end)
@@ -129,6 +130,8 @@ class TrainConfig:
         for name in ("bn_momentum", "switch_prior_momentum", "em_row_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UsageError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if not 0.0 <= self.adam_beta2 < 1.0:
+            raise UsageError(f"adam_beta2 must be in [0, 1), got {self.adam_beta2!r}")
         if self.factor_noise_var <= 0:
             raise UsageError(f"factor_noise_var must be > 0, got {self.factor_noise_var!r}")
         if self.bias_adder and self.norm == "none":

@@ -230,7 +230,8 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> TrainState:
     forward = data_parallel(cfg, model, device) if world > 1 else None
     em = HardEM(model, HardEMConfig(cfg.em_ridge, cfg.em_window, cfg.template_class, cfg.em_row_fraction),
                 seed=cfg.seed) if cfg.trainer == "hard_em" else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr_init, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr_init, betas=(0.9, cfg.adam_beta2),
+                                 weight_decay=cfg.weight_decay)
     total_steps = sum(steps_in_epoch(cfg, plan, e) for e in range(cfg.epochs))
     pretrain_steps = sum(steps_in_epoch(cfg, plan, e) for e in range(cfg.pretrain_epochs)) \
         if cfg.mode == "pretrain_finetune" else 0

@@ -1,5 +1,6 @@
-"""Training options outside the paper (kl_marginal_weight, labeled_per_batch, the ramp-ups): their values, the batch
-composition, the KL-marginal term on a hand example, validation, defaults that change nothing, exact resume."""
+"""Training options outside the paper (kl_marginal_weight, labeled_per_batch, the ramp-ups, adam_beta2): their
+values, the batch composition, the KL-marginal term on a hand example, validation, defaults that change nothing,
+exact resume."""
 
 import dataclasses
 import math
@@ -115,6 +116,9 @@ def test_kl_marginal_is_kl_of_the_mean_posterior_to_uniform_by_hand():
     ("nn_rampup_steps", -1, "nn_rampup_steps must be >= 0"),
     ("kl_marginal_weight", -0.1, "kl_marginal_weight must be >= 0"),
     ("kl_marginal_weight", float("nan"), "kl_marginal_weight must be >= 0"),
+    ("adam_beta2", 1.0, "adam_beta2 must be in [0, 1)"),
+    ("adam_beta2", -0.1, "adam_beta2 must be in [0, 1)"),
+    ("adam_beta2", float("nan"), "adam_beta2 must be in [0, 1)"),
 ])
 def test_bad_values_are_refused_in_one_line(key, value, message):
     with pytest.raises(UsageError) as e:
@@ -133,7 +137,7 @@ def test_set_overrides_reach_the_options_and_labeled_per_batch_is_free_outside_s
 def test_defaults_are_the_paper_code_behaviour():
     cfg, objective = TrainConfig(), ObjectiveConfig()
     assert (cfg.kl_marginal_weight, cfg.labeled_per_batch, cfg.kl_rampup_steps, cfg.rc_rampup_steps,
-            cfg.nn_rampup_steps) == (0.0, 0, 0, 0, 0)
+            cfg.nn_rampup_steps, cfg.adam_beta2) == (0.0, 0, 0, 0, 0, 0.999)
     assert objective.kl_marginal_weight == 0.0 and cfg.objective() == objective
     assert T.ramped_objective(cfg, objective, 0) is objective    # no ramp-up: the very same objective
     torch.manual_seed(0)
@@ -144,6 +148,13 @@ def test_defaults_are_the_paper_code_behaviour():
 
 
 # ---------------------------------------------------------------- in the training loop
+
+
+@needs_mnist
+def test_adam_beta2_reaches_the_trainers_optimizer(tmp_path):
+    for beta2 in (0.999, 0.9):
+        s = T.setup(tiny_config(adam_beta2=beta2), tmp_path / str(beta2), False)
+        assert [g["betas"] for g in s.optimizer.param_groups] == [(0.9, beta2)]
 
 
 @needs_mnist
