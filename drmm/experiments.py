@@ -433,8 +433,9 @@ def render_report(out_dir: Path) -> Path:
              "10 000 MNIST test images, scored once at the end of each run, of the weights the schedule column names "
              "(last = the final ones; best-val = the best on the validation split), mean ± std over seeds (seed = "
              "labeled-subset seed = init/data-order seed). \"not run\" = no measurement yet.", "",
-             "**Schedules.** A config name (`mnist-…-cpu…`) = the row's CPU schedule, at most 30 minutes of training "
-             "on 2 CPU cores, settings chosen on 5000 held-out training images (docs/results.md#table-1-study); "
+             "**Schedules.** A config name (`mnist-…-cpu…`) = the row's CPU schedule, sized for at most 30 minutes of "
+             "training on a 2-core Intel Xeon (an older CPU can take four times as long; the device column says "
+             "where each run went), settings chosen on 5000 held-out training images (docs/results.md#table-1-study); "
              "`full` = the paper's protocol as in `configs/` (Adam 1e-3 → 1e-6, 100 labeled + 100 unlabeled per "
              "batch, hundreds of epochs); `full-Nep` = the same, shortened to N epochs; `smoke-…` = "
              f"{CPU_STEPS} steps on a {CPU_TRAIN_IMAGES}-image prefix, to check that a row runs (numbers "
