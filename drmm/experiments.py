@@ -170,9 +170,11 @@ def schedule_overrides(cfg: TrainConfig, schedule: str, epochs: Optional[int] = 
 
 
 def schedule_label(schedule: str, cfg: TrainConfig, epochs: Optional[int], extra: Sequence[str],
-                   row: Optional[Row] = None, labels: str = "") -> str:
+                   cpu_config: str = "") -> str:
+    """The CSV's schedule column: the CPU config's name (``cpu``), ``smoke-…`` or ``full[-Nep]``, then
+    ``+overrides`` when there are any."""
     if schedule == "cpu":
-        label = Path(row.cpu_config.format(labels=labels)).stem
+        label = Path(cpu_config).stem
     elif schedule == "smoke":
         label = f"smoke-{cfg.max_steps}steps-{cfg.max_train_samples // 1000}k"
     else:
@@ -316,7 +318,7 @@ def run_row(row: Row, labels: str, seed: int, schedule: str, out_dir: Path, epoc
         raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
     if checkpoint == "best-val" and not cfg.val_samples:
         raise ValueError("--checkpoint best-val needs a validation split (val_samples > 0 in the schedule)")
-    label = schedule_label(schedule, cfg, epochs, extra, row, labels)
+    label = schedule_label(schedule, cfg, epochs, extra, row.cpu_config.format(labels=labels))
     name = f"{row.name}-L{labels}-s{seed}-{label.split('+')[0]}-{config_hash(cfg)[:6]}"
     run_dir = out_dir / "runs" / name
     rel = os.path.relpath(run_dir, out_dir)
@@ -493,8 +495,7 @@ def run_convergence(model: str, schedule: str, out_dir: Path, seed: int = 0, epo
             cfg.eval_every_steps = max(1, _steps_per_epoch(cfg, 60_000, 0) // 4)
         if data_dir is not None:
             cfg.data_dir = data_dir
-        label = (path.stem + ("+" + ",".join(extra) if extra else "") if schedule == "cpu"  # overrides stay visible
-                 else schedule_label(schedule, cfg, epochs, extra))
+        label = schedule_label(schedule, cfg, epochs, extra, path.name)
         run_dir = out_dir / "runs" / f"convergence-{model}-{trainer}-s{seed}-{label.split('+')[0]}-" \
                                      f"{config_hash(cfg)[:6]}"
         resume, before = resume_point(run_dir)  # a killed comparison continues where it stopped

@@ -13,7 +13,6 @@ from drmm import data as D
 from drmm_cases import DATA_DIR, needs_mnist
 
 
-
 @needs_mnist
 def test_mnist_counts_and_label_histogram():
     d = D.load_dataset("mnist", DATA_DIR)

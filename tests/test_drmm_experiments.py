@@ -180,7 +180,6 @@ def test_convergence_runs_eg_and_backprop_on_the_same_schedule(tmp_path):
     assert [float(r["test_error"]) for r in rows] == [round(t["final_error"], 2) for t in result["trainers"].values()]
 
 
-
 @needs_mnist
 def test_convergence_cpu_schedule_records_its_overrides(tmp_path):
     extra = ["max_steps=2", "max_train_samples=200", "eval_samples=100", "eval_every_steps=1"]
@@ -188,6 +187,7 @@ def test_convergence_cpu_schedule_records_its_overrides(tmp_path):
     assert result["schedule"] == "mnist-sup-rfm-backprop-cpu+" + ",".join(extra)
     rows = list(csv.DictReader(open(tmp_path / "table1.csv")))
     assert [r["schedule"] for r in rows] == [f"mnist-sup-rfm{s}-cpu+" + ",".join(extra) for s in ("", "-backprop")]
+
 
 @needs_mnist
 def test_study_trial_logs_its_validation_curve_and_never_looks_at_the_test_set(tmp_path, monkeypatch):

@@ -13,7 +13,6 @@ from drmm.model import DRMM, LayerSpec, build_model
 from drmm_cases import DATA_DIR, needs_mnist
 
 
-
 def tiny_model(leaky=False, cls=DRMM, **kwargs):
     act = "leaky" if leaky else "relu"
     layers = [LayerSpec(2, 3, "full", "max", activation=act), LayerSpec(3, 3, "same", "none", activation=act),

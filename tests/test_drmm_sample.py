@@ -1,6 +1,5 @@
 """Switch priors (drmm/priors.py) and sampling / class appearance models (drmm/sample.py, `drmm sample`)."""
 
-
 import pytest
 import torch
 
@@ -9,7 +8,6 @@ from drmm.cli import main
 from drmm.priors import attach_switch_priors, prior_buffers, switch_frequencies
 from drmm.sample import class_appearance, draw_switches, sample_images
 from drmm_cases import DATA_DIR, needs_mnist
-
 
 
 def _model(momentum=0.5, name="drmm2"):
