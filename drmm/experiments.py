@@ -39,7 +39,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -389,6 +389,17 @@ def table1_lines(records: Sequence[Dict[str, str]]) -> List[str]:
     return lines
 
 
+def curve_style(rec: Dict[str, str], split: str, schedules: Set[str]) -> Tuple[str, str]:
+    """Legend label and line style of one run's curve. A panel holding runs of several schedules names the
+    schedule in each label, and draws runs of a schedule other than the row's current CPU schedule dashed."""
+    label = f"N_L={rec['labels']} s{rec['seed']} ({split}; test {rec['test_error']})"
+    if len(schedules) < 2:
+        return label, "-"
+    row = ROWS.get(rec["row"])
+    current = Path(row.cpu_config.format(labels=rec["labels"])).stem if row and row.cpu_config else None
+    return f"{label} {rec['schedule']}", "-" if rec["schedule"] == current else "--"
+
+
 def plot_curves(records: Sequence[Dict[str, str]], out_dir: Path, path: Path) -> int:
     """One panel per row: validation error (test error for runs without a split) against the training step for
     every run whose metrics.csv is present. Returns the number of curves."""
@@ -409,10 +420,12 @@ def plot_curves(records: Sequence[Dict[str, str]], out_dir: Path, path: Path) ->
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")  # 20, not 2x10^1
     for ax, (name, group) in zip(axes.flat, sorted(runs.items())):
+        schedules = {rec["schedule"] for rec, _ in group}
         for rec, metrics in group:
             split = "val" if metrics[-1].get("val_error") else "test"  # runs with a split never see the test set
+            label, linestyle = curve_style(rec, split, schedules)
             ax.plot([int(m["step"]) for m in metrics], [float(m[f"{split}_error"]) for m in metrics], marker=".",
-                    label=f"N_L={rec['labels']} s{rec['seed']} ({split}; test {rec['test_error']})")
+                    linestyle=linestyle, label=label)
         ax.set_title(name, fontsize=10), ax.set_xlabel("training step"), ax.set_ylabel("error during training (%)")
         ax.set_yscale("log"), ax.yaxis.set_major_formatter(plain), ax.yaxis.set_minor_formatter(plain)
         ax.grid(alpha=0.3, which="both"), ax.legend(fontsize=6)

@@ -216,3 +216,15 @@ def test_study_trial_logs_its_validation_curve_and_never_looks_at_the_test_set(t
         study.main(argv)
     with pytest.raises(SystemExit):  # no validation split: refused
         study.main(["T98", "--config", str(Path(E.REPO) / "configs" / "mnist-sup-rfm.yaml"), "--out", str(out)])
+
+
+def test_curves_name_the_schedule_and_dash_earlier_ones_when_a_row_has_several():
+    current = _fake_record("drmm2", "600", 0, "3.64", schedule="mnist-drmm2-ssl-b09-cpu")
+    earlier = _fake_record("drmm2", "600", 0, "5.20", schedule="mnist-drmm2-ssl-cpu")
+    one = {"mnist-drmm2-ssl-b09-cpu"}
+    both = one | {"mnist-drmm2-ssl-cpu"}
+    assert E.curve_style(current, "val", one) == ("N_L=600 s0 (val; test 3.64)", "-")
+    label, style = E.curve_style(current, "val", both)
+    assert label.endswith("mnist-drmm2-ssl-b09-cpu") and style == "-"
+    label, style = E.curve_style(earlier, "val", both)
+    assert label.endswith("mnist-drmm2-ssl-cpu") and style == "--"
