@@ -64,6 +64,10 @@ class Row:
     cpu_config: str = ""              # configs/ file of the CPU schedule; "{labels}" is replaced by N_L, and
                                       # num_labeled is set to N_L either way
 
+    def cpu_config_file(self, labels: str) -> str:
+        """The configs/ file name of the CPU schedule at ``labels`` ("" when the row has none)."""
+        return self.cpu_config.format(labels=labels)
+
 
 # The paper's plain DRMM/RFM rows have no KL and no non-negativity term; "NN+KL" is the row that adds them
 # ([P16] Table 1). The shipped semi-supervised configs carry both at 0.5, so the plain rows switch them off.
@@ -188,7 +192,7 @@ def row_config(row: Row, labels: str, seed: int, schedule: str, epochs: Optional
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if schedule == "cpu":
-        path = CONFIG_DIR / row.cpu_config.format(labels=labels) if row.cpu_config else None
+        path = CONFIG_DIR / row.cpu_config_file(labels) if row.cpu_config else None
         if path is None or not path.is_file():
             raise ValueError(f"row {row.name} has no CPU schedule for --labels {labels}"
                              + (f" (no configs/{path.name})" if path else "") + "; use --schedule smoke or full")
@@ -318,7 +322,7 @@ def run_row(row: Row, labels: str, seed: int, schedule: str, out_dir: Path, epoc
         raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
     if checkpoint == "best-val" and not cfg.val_samples:
         raise ValueError("--checkpoint best-val needs a validation split (val_samples > 0 in the schedule)")
-    label = schedule_label(schedule, cfg, epochs, extra, row.cpu_config.format(labels=labels))
+    label = schedule_label(schedule, cfg, epochs, extra, row.cpu_config_file(labels))
     name = f"{row.name}-L{labels}-s{seed}-{label.split('+')[0]}-{config_hash(cfg)[:6]}"
     run_dir = out_dir / "runs" / name
     rel = os.path.relpath(run_dir, out_dir)
@@ -396,7 +400,7 @@ def curve_style(rec: Dict[str, str], split: str, schedules: Set[str]) -> Tuple[s
     if len(schedules) < 2:
         return label, "-"
     row = ROWS.get(rec["row"])
-    current = Path(row.cpu_config.format(labels=rec["labels"])).stem if row and row.cpu_config else None
+    current = Path(row.cpu_config_file(rec["labels"])).stem if row else None  # the name schedule_label gives it
     return f"{label} {rec['schedule']}", "-" if rec["schedule"] == current else "--"
 
 
