@@ -531,9 +531,9 @@ def run_convergence(model: str, schedule: str, out_dir: Path, seed: int = 0, epo
         result["trainers"][trainer] = {
             "reached": crossing, "epochs_run": epochs_run(cfg, summary["steps"]),
             "steps": summary["steps"], "final_error": summary["test_error"], "best_error": summary["best_error"],
-            "eval_images": summary["eval_images"], "wall_s": round(wall, 1),
+            "eval_images": summary["eval_images"], "wall_s": round(wall, 1), "schedule": label,
             "run_dir": os.path.relpath(run_dir, out_dir)}
-        result.update(schedule=label, device=device_description(resolve_device(cfg.device)),
+        result.update(device=device_description(resolve_device(cfg.device)),
                       git_commit=commit, load_average=load_average())
     path = out_dir / f"convergence-{model}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -546,15 +546,15 @@ def convergence_lines(result: Dict[str, Any]) -> List[str]:
              "Paper ([P16] §4, Fig. 2): the RFM trained by EG reaches 1.5 % test error in 18 epochs, the same-config "
              "convnet trained by backprop in 40.", "",
              "| trainer | reaches the threshold at | wall time to it | epochs run | wall time of the run | "
-             "final error % | eval images |", "|---|---|---|---|---|---|---|"]
+             "final error % | eval images | schedule |", "|---|---|---|---|---|---|---|---|"]
     for trainer, t in result["trainers"].items():
         r = t["reached"]
         when = (f"epoch {r['epochs']:.2f} (step {r['step']})" if r
                 else f"not reached within {t['epochs_run']:.2f} epochs")
         seconds = f"{r['elapsed_s']:.0f} s" if r else "–"
         lines.append(f"| {trainer} | {when} | {seconds} | {t['epochs_run']:.2f} | {t.get('wall_s', 0):.0f} s | "
-                     f"{t['final_error']:.2f} | {t['eval_images']} |")
-    lines += ["", f"Schedule `{result['schedule']}`, device {result['device']}, commit {result['git_commit']}, "
+                     f"{t['final_error']:.2f} | {t['eval_images']} | `{t.get('schedule', result.get('schedule', ''))}` |")
+    lines += ["", f"Device {result['device']}, commit {result['git_commit']}, "
                   f"load average at the end {result['load_average']}."]
     return lines
 

@@ -125,7 +125,7 @@ def test_first_crossing_finds_the_first_evaluation_under_the_threshold(tmp_path)
     assert E.first_crossing(rows, 1.5, steps_per_epoch=600) == {"step": 900, "epochs": 1.5, "elapsed_s": 30.0}
     assert E.first_crossing(rows, 1.3, steps_per_epoch=600)["step"] == 1200
     assert E.first_crossing(rows, 1.0, steps_per_epoch=600) is None
-    lines = E.convergence_lines({"model": "rfm", "threshold": 1.5, "schedule": "cpu", "device": "cpu",
+    lines = E.convergence_lines({"model": "rfm", "threshold": 1.5, "device": "cpu",
                                  "git_commit": "x", "load_average": "1.0", "trainers": {
                                      "eg": {"reached": {"step": 900, "epochs": 1.5, "elapsed_s": 30.0},
                                             "epochs_run": 3.0, "final_error": 1.7, "eval_images": 10000},
@@ -184,7 +184,10 @@ def test_convergence_runs_eg_and_backprop_on_the_same_schedule(tmp_path):
 def test_convergence_cpu_schedule_records_its_overrides(tmp_path):
     extra = ["max_steps=2", "max_train_samples=200", "eval_samples=100", "eval_every_steps=1"]
     result = E.run_convergence("rfm", "cpu", tmp_path, threshold=99.0, data_dir=DATA_DIR, extra=extra)
-    assert result["schedule"] == "mnist-sup-rfm-backprop-cpu+" + ",".join(extra)
+    # each trainer names its own config (the backprop one must not overwrite the EG one's)
+    assert [t["schedule"] for t in result["trainers"].values()] == \
+        [f"mnist-sup-rfm{s}-cpu+" + ",".join(extra) for s in ("", "-backprop")]
+    assert any("`mnist-sup-rfm-cpu+" in line for line in E.convergence_lines(result))
     rows = list(csv.DictReader(open(tmp_path / "table1.csv")))
     assert [r["schedule"] for r in rows] == [f"mnist-sup-rfm{s}-cpu+" + ",".join(extra) for s in ("", "-backprop")]
 
