@@ -186,13 +186,25 @@ def schedule_label(schedule: str, cfg: TrainConfig, epochs: Optional[int], extra
     return label + ("+" + ",".join(extra) if extra else "")
 
 
+def cpu_config_path(row: Row, labels: str, config: Optional[str] = None) -> Optional[Path]:
+    """The CPU schedule's file: ``config`` (a path, or a name in configs/) when given, else the row's own."""
+    if config:
+        return Path(config) if Path(config).is_file() else CONFIG_DIR / Path(config).name
+    return CONFIG_DIR / row.cpu_config_file(labels) if row.cpu_config else None
+
+
 def row_config(row: Row, labels: str, seed: int, schedule: str, epochs: Optional[int] = None,
-               extra: Sequence[str] = (), data_dir: Optional[str] = None, progress: bool = False) -> TrainConfig:
-    """The TrainConfig of one (row, N_L, seed, schedule) run."""
+               extra: Sequence[str] = (), data_dir: Optional[str] = None, progress: bool = False,
+               config: Optional[str] = None) -> TrainConfig:
+    """The TrainConfig of one (row, N_L, seed, schedule) run; ``config`` replaces the row's CPU schedule."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if config and schedule != "cpu":
+        raise ValueError(f"--config names a CPU schedule; it needs --schedule cpu, got {schedule}")
     if schedule == "cpu":
-        path = CONFIG_DIR / row.cpu_config_file(labels) if row.cpu_config else None
+        path = cpu_config_path(row, labels, config)
+        if config and not path.is_file():
+            raise ValueError(f"--config: no such file {config!r} (nor configs/{Path(config).name})")
         if path is None or not path.is_file():
             raise ValueError(f"row {row.name} has no CPU schedule for --labels {labels}"
                              + (f" (no configs/{path.name})" if path else "") + "; use --schedule smoke or full")
@@ -314,15 +326,17 @@ def record_run(out_dir: Path, row: str, labels: str, seed: int, schedule: str, c
 
 def run_row(row: Row, labels: str, seed: int, schedule: str, out_dir: Path, epochs: Optional[int] = None,
             extra: Sequence[str] = (), data_dir: Optional[str] = None, test_images: int = 10_000,
-            progress: bool = False, checkpoint: str = "last") -> Optional[Dict[str, Any]]:
+            progress: bool = False, checkpoint: str = "last", config: Optional[str] = None
+            ) -> Optional[Dict[str, Any]]:
     """Train one seed of one row (or resume it), score it on the test set, append the result to
-    ``out_dir/table1.csv``. Returns the record, or None when table1.csv already has this run."""
-    cfg = row_config(row, labels, seed, schedule, epochs, extra, data_dir, progress)
+    ``out_dir/table1.csv``. Returns the record, or None when table1.csv already has this run. ``config``
+    replaces the row's CPU schedule (the CSV's schedule column names it)."""
+    cfg = row_config(row, labels, seed, schedule, epochs, extra, data_dir, progress, config)
     if checkpoint not in CHECKPOINTS:
         raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
     if checkpoint == "best-val" and not cfg.val_samples:
         raise ValueError("--checkpoint best-val needs a validation split (val_samples > 0 in the schedule)")
-    label = schedule_label(schedule, cfg, epochs, extra, row.cpu_config_file(labels))
+    label = schedule_label(schedule, cfg, epochs, extra, str(cpu_config_path(row, labels, config) or ""))
     name = f"{row.name}-L{labels}-s{seed}-{label.split('+')[0]}-{config_hash(cfg)[:6]}"
     run_dir = out_dir / "runs" / name
     rel = os.path.relpath(run_dir, out_dir)
@@ -667,19 +681,20 @@ def cmd_table1(args) -> int:
         labels = _parse_labels(row, args.labels)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    schedule = args.schedule or default_schedule()
+    schedule = args.schedule or ("cpu" if args.config else default_schedule())
     if args.epochs is not None and schedule != "full":
         raise UsageError("--epochs shortens the full schedule; it needs --schedule full")
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
-        cfg = row_config(row, labels, seeds[0], schedule, args.epochs, args.set or [], args.data_dir)
+        cfg = row_config(row, labels, seeds[0], schedule, args.epochs, args.set or [], args.data_dir,
+                         config=args.config)
     except ValueError as e:  # an unknown seed, N_L or schedule: nothing has run yet
         raise UsageError(str(e).replace("invalid literal for int() with base 10", "--seeds: not an integer")) from None
     if args.checkpoint == "best-val" and not cfg.val_samples:
         raise UsageError("--checkpoint best-val needs a validation split; this schedule has val_samples = 0")
     for seed in seeds:
         run_row(row, labels, seed, schedule, Path(args.out), args.epochs, args.set or [], args.data_dir,
-                args.test_images, args.progress, args.checkpoint)
+                args.test_images, args.progress, args.checkpoint, args.config)
     if not args.no_report:
         print(f"[experiment] wrote {render_report(Path(args.out))}")
     return 0
@@ -735,6 +750,8 @@ def add_experiment_parser(sub) -> None:
                    help="weights to score on the test set: last (the final ones, default) or best-val (the best on "
                         "the validation split)")
     p.add_argument("--no-report", action="store_true", help="do not re-render table1.md afterwards")
+    p.add_argument("--config", help="CPU schedule to run instead of the row's own (a YAML path or a name in "
+                                    "configs/); its name goes into the schedule column")
     common(p), training(p)
     p.set_defaults(func=cmd_table1)
 

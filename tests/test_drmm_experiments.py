@@ -81,6 +81,22 @@ def test_table1_cpu_schedules_exist_for_every_row_and_label():
             assert cfg.val_samples > 0, row.name  # settings are chosen on validation images, never the test set
 
 
+def test_table1_config_replaces_the_rows_cpu_schedule(tmp_path):
+    own = E.row_config(E.ROWS["rfm"], "600", 0, "cpu")
+    other = E.row_config(E.ROWS["rfm"], "600", 0, "cpu", config="mnist-drmm2-ssl-b09-cpu.yaml")
+    assert (own.model, other.model) == ("rfm", "drmm2") and other.num_labeled == 600 and other.seed == 0
+    path = tmp_path / "mine.yaml"
+    path.write_text((E.CONFIG_DIR / "mnist-rfm-ssl-b09-cpu.yaml").read_text() + "epochs: 3\n")
+    assert E.row_config(E.ROWS["rfm"], "600", 0, "cpu", config=str(path)).epochs == 3
+    assert E.schedule_label("cpu", own, None, [], str(E.cpu_config_path(E.ROWS["rfm"], "600", str(path)))) == "mine"
+    with pytest.raises(SystemExit, match="--config: no such file"):
+        main(["experiment", "table1", "--row", "rfm", "--labels", "600", "--config", "nope.yaml",
+              "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--schedule cpu"):
+        main(["experiment", "table1", "--row", "rfm", "--labels", "600", "--config", str(path), "--schedule",
+              "smoke", "--out", str(tmp_path)])
+
+
 def test_table1_rejects_labels_without_a_config(tmp_path):
     with pytest.raises(SystemExit, match="--labels"):
         main(["experiment", "table1", "--row", "drmm5", "--labels", "250", "--out", str(tmp_path)])
