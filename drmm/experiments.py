@@ -418,6 +418,14 @@ def curve_style(rec: Dict[str, str], split: str, schedules: Set[str]) -> Tuple[s
     return f"{label} {rec['schedule']}", "-" if rec["schedule"] == current else "--"
 
 
+def log_axis_ends(low: float, high: float) -> Tuple[float, float]:
+    """The 1-2-3-5 x 10^k values just below ``low`` and just above ``high`` (both > 0), so that a log axis
+    from one to the other is labelled at both ends."""
+    low, high = max(low, 1e-3), max(high, 1e-3)
+    ticks = [m * 10.0 ** k for k in range(-3, 4) for m in (1, 2, 3, 5)]
+    return max(t for t in ticks if t <= low * 1.0001), min(t for t in ticks if t >= high * 0.9999)
+
+
 def plot_curves(records: Sequence[Dict[str, str]], out_dir: Path, path: Path) -> int:
     """One panel per row: validation error (test error for runs without a split) against the training step for
     every run whose metrics.csv is present. Returns the number of curves."""
@@ -435,18 +443,29 @@ def plot_curves(records: Sequence[Dict[str, str]], out_dir: Path, path: Path) ->
         return 0
     cols = min(3, len(runs))
     rows = math.ceil(len(runs) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    legend_lines = max(len(group) for group in runs.values())  # legends go below their panels, off the curves
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, (3.6 + 0.13 * legend_lines) * rows), squeeze=False)
     plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")  # 20, not 2x10^1
     for ax, (name, group) in zip(axes.flat, sorted(runs.items())):
         schedules = {rec["schedule"] for rec, _ in group}
+        values = []
         for rec, metrics in group:
             split = "val" if metrics[-1].get("val_error") else "test"  # runs with a split never see the test set
             label, linestyle = curve_style(rec, split, schedules)
-            ax.plot([int(m["step"]) for m in metrics], [float(m[f"{split}_error"]) for m in metrics], marker=".",
+            values += [float(m[f"{split}_error"]) for m in metrics]
+            ax.plot([int(m["step"]) for m in metrics], values[-len(metrics):], marker=".",
                     linestyle=linestyle, label=label)
         ax.set_title(name, fontsize=10), ax.set_xlabel("training step"), ax.set_ylabel("error during training (%)")
-        ax.set_yscale("log"), ax.yaxis.set_major_formatter(plain), ax.yaxis.set_minor_formatter(plain)
-        ax.grid(alpha=0.3, which="both"), ax.legend(fontsize=6)
+        # log axis labelled at 1, 2, 3, 5 x 10^k in every decade it spans (the default labels only whole decades,
+        # or every minor tick when the span is small)
+        # log axis labelled at 1, 2, 3, 5 x 10^k, its ends on such a label (the default labels only whole
+        # decades, or every minor tick when the span is small)
+        ax.set_yscale("log")
+        ax.set_ylim(*log_axis_ends(min(values), max(values)))
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+        ax.yaxis.set_major_formatter(plain), ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     for ax in list(axes.flat)[len(runs):]:
         ax.axis("off")
     fig.tight_layout()

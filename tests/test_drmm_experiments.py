@@ -247,3 +247,11 @@ def test_curves_name_the_schedule_and_dash_earlier_ones_when_a_row_has_several()
     assert label.endswith("mnist-drmm2-ssl-b09-cpu") and style == "-"
     label, style = E.curve_style(earlier, "val", both)
     assert label.endswith("mnist-drmm2-ssl-cpu") and style == "--"
+
+
+def test_curve_axes_end_on_labelled_values():
+    assert E.log_axis_ends(1.2, 2.8) == (1.0, 3.0)
+    assert E.log_axis_ends(2.82, 13.84) == (2.0, 20.0)
+    assert E.log_axis_ends(3.0, 5.0) == (3.0, 5.0)  # already on a label: kept
+    low, high = E.log_axis_ends(0.57, 89.9)
+    assert low == pytest.approx(0.5) and high == pytest.approx(100.0)
