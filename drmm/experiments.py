@@ -76,7 +76,7 @@ WITHOUT_NN_KL = ("kl_weight=0", "nn_weight=0")
 ROWS: Dict[str, Row] = {r.name: r for r in [
     Row("drmm5", "5-layer DRMM (Conv-Small), EG, semi-supervised, CE + RC",
         "mnist-ssl-{labels}.yaml", {"100": 3.50, "600": 1.56, "1000": 1.67, "3000": 0.91}, WITHOUT_NN_KL,
-        cpu_config="mnist-drmm5-ssl-b09-cpu.yaml"),
+        cpu_config="mnist-drmm5-ssl-lpb20x2-cpu.yaml"),
     Row("drmm5-nn-kl", "5-layer DRMM, EG, semi-supervised, CE + RC + KL + NN (the headline row)",
         "mnist-ssl-{labels}.yaml", {"100": 0.57}, cpu_config="mnist-ssl-{labels}-cpu30m.yaml"),
     Row("drmm2", "2-layer DRMM (stand-in architecture), EG, semi-supervised, CE + RC",
