@@ -133,6 +133,21 @@ def test_report_puts_paper_numbers_beside_ours_and_never_invents_one(tmp_path):
     assert (tmp_path / "table1_curves.png").exists()  # the one run with a metrics.csv
 
 
+def test_a_row_can_take_another_schedule_at_one_n_l_and_the_report_marks_it(tmp_path):
+    row = E.Row("x", "", "c.yaml", {"600": 1.0}, cpu_config="a-{labels}.yaml", cpu_config_at=(("600", "b.yaml"),))
+    assert (row.cpu_config_file("100"), row.cpu_config_file("600")) == ("a-100.yaml", "b.yaml")
+    drmm5 = E.ROWS["drmm5"]
+    at_600 = Path(drmm5.cpu_config_file("600")).stem
+    other = next(Path(f).stem for f in (drmm5.cpu_config, *dict(drmm5.cpu_config_at).values())
+                 if Path(f).stem != at_600)
+    for schedule, err in ((at_600, "4.00"), (other, "5.00")):
+        E.append_csv(tmp_path / "table1.csv", _fake_record("drmm5", "600", 0, err, schedule=schedule,
+                                                           run_dir=f"runs/{schedule}"))
+    lines = E.table1_lines(E.read_csv(tmp_path / "table1.csv"))
+    marked = [line for line in lines if "**row schedule**" in line]
+    assert len(marked) == 1 and at_600 in marked[0] and "4.00" in marked[0]
+
+
 def test_first_crossing_finds_the_first_evaluation_under_the_threshold(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_text("epoch,step,test_error,elapsed_s\n0,300,4.0,10\n1,600,1.6,20\n1,900,1.5,30\n2,1200,1.2,40\n"
