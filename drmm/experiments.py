@@ -80,7 +80,7 @@ ROWS: Dict[str, Row] = {r.name: r for r in [
         "mnist-ssl-{labels}.yaml", {"100": 3.50, "600": 1.56, "1000": 1.67, "3000": 0.91}, WITHOUT_NN_KL,
         cpu_config="mnist-drmm5-ssl-b09-cpu.yaml",
         # chosen per N_L by the lower final validation error of the two schedules' runs (docs/results.md)
-        cpu_config_at=(("600", "mnist-drmm5-ssl-lpb20x2-cpu.yaml"),)),
+        cpu_config_at=(("100", "mnist-drmm5-ssl-lpb20x2-cpu.yaml"), ("600", "mnist-drmm5-ssl-lpb20x2-cpu.yaml"))),
     Row("drmm5-nn-kl", "5-layer DRMM, EG, semi-supervised, CE + RC + KL + NN (the headline row)",
         "mnist-ssl-{labels}.yaml", {"100": 0.57}, cpu_config="mnist-ssl-{labels}-cpu30m.yaml"),
     Row("drmm2", "2-layer DRMM (stand-in architecture), EG, semi-supervised, CE + RC",
