@@ -380,6 +380,13 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} ({len(values)} seeds)"
 
 
+def row_schedule(name: str, labels: str) -> Optional[str]:
+    """The schedule column of a run on row ``name``'s current CPU schedule at ``labels`` (None: no such row
+    or no CPU schedule); the name schedule_label gives it."""
+    row = ROWS.get(name)
+    return Path(row.cpu_config_file(labels)).stem if row and row.cpu_config else None
+
+
 def table1_lines(records: Sequence[Dict[str, str]]) -> List[str]:
     """Markdown table: every paper number and every measured (row, N_L, schedule), side by side."""
     lines = ["| row | N_L | paper error % | ours: test error % (mean ± std) | epochs | steps | wall time per seed | "
@@ -395,10 +402,11 @@ def table1_lines(records: Sequence[Dict[str, str]]) -> List[str]:
             if paper is not None:  # a paper number we have not tried to reproduce yet
                 lines.append(f"| {name} | {labels} | {paper_text} | not run | | | | | |")
             continue
-        current = Path(row.cpu_config_file(labels)).stem if row and row.cpu_config else None
-        for schedule in sorted({rec["schedule"] for rec in mine}):
+        current = row_schedule(name, labels)
+        schedules = sorted({rec["schedule"] for rec in mine})
+        for schedule in schedules:
             group = [rec for rec in mine if rec["schedule"] == schedule]
-            chosen = " **row schedule**" if schedule == current and len({r["schedule"] for r in mine}) > 1 else ""
+            chosen = " **row schedule**" if schedule == current and len(schedules) > 1 else ""
             checkpoints = "/".join(sorted({rec.get("checkpoint") or "last" for rec in group}))
             errors = [float(rec["test_error"]) for rec in group]
             images = {rec["test_images"] for rec in group}
@@ -419,9 +427,7 @@ def curve_style(rec: Dict[str, str], split: str, schedules: Set[str]) -> Tuple[s
     label = f"N_L={rec['labels']} s{rec['seed']} ({split}; test {rec['test_error']})"
     if len(schedules) < 2:
         return label, "-"
-    row = ROWS.get(rec["row"])
-    current = Path(row.cpu_config_file(rec["labels"])).stem if row else None  # the name schedule_label gives it
-    return f"{label} {rec['schedule']}", "-" if rec["schedule"] == current else "--"
+    return f"{label} {rec['schedule']}", "-" if rec["schedule"] == row_schedule(rec["row"], rec["labels"]) else "--"
 
 
 def log_axis_ends(low: float, high: float) -> Tuple[float, float]:
@@ -458,12 +464,11 @@ def plot_curves(records: Sequence[Dict[str, str]], out_dir: Path, path: Path) ->
         for rec, metrics in group:
             split = "val" if metrics[-1].get("val_error") else "test"  # runs with a split never see the test set
             label, linestyle = curve_style(rec, split, schedules)
-            values += [float(m[f"{split}_error"]) for m in metrics]
-            ax.plot([int(m["step"]) for m in metrics], values[-len(metrics):], marker=".",
+            errors = [float(m[f"{split}_error"]) for m in metrics]
+            values += errors
+            ax.plot([int(m["step"]) for m in metrics], errors, marker=".",
                     linestyle=linestyle, label=label)
         ax.set_title(name, fontsize=10), ax.set_xlabel("training step"), ax.set_ylabel("error during training (%)")
-        # log axis labelled at 1, 2, 3, 5 x 10^k in every decade it spans (the default labels only whole decades,
-        # or every minor tick when the span is small)
         # log axis labelled at 1, 2, 3, 5 x 10^k, its ends on such a label (the default labels only whole
         # decades, or every minor tick when the span is small)
         ax.set_yscale("log")
@@ -592,7 +597,7 @@ def convergence_lines(result: Dict[str, Any]) -> List[str]:
                 else f"not reached within {t['epochs_run']:.2f} epochs")
         seconds = f"{r['elapsed_s']:.0f} s" if r else "–"
         lines.append(f"| {trainer} | {when} | {seconds} | {t['epochs_run']:.2f} | {t.get('wall_s', 0):.0f} s | "
-                     f"{t['final_error']:.2f} | {t['eval_images']} | `{t.get('schedule', result.get('schedule', ''))}` |")
+                     f"{t['final_error']:.2f} | {t['eval_images']} | `{t.get('schedule', '')}` |")
     lines += ["", f"Device {result['device']}, commit {result['git_commit']}, "
                   f"load average at the end {result['load_average']}."]
     return lines
