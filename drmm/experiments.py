@@ -432,6 +432,18 @@ def curve_style(rec: Dict[str, str], split: str, schedules: Set[str]) -> Tuple[s
     return f"{label} {rec['schedule']}", "-" if rec["schedule"] == row_schedule(rec["row"], rec["labels"]) else "--"
 
 
+# One colour per N_L and one marker per seed, so that a panel's runs at one N_L read as a family whatever
+# their order in table1.csv (matplotlib's default cycle repeats after ten curves)
+N_L_COLORS = {"100": "tab:blue", "600": "tab:orange", "1000": "tab:green", "3000": "tab:red", ALL_LABELS: "tab:blue"}
+SEED_MARKERS = (".", "x", "^", "s", "v", "D")
+
+
+def curve_color_marker(rec: Dict[str, str]) -> Tuple[str, str]:
+    """Colour (by N_L) and marker (by seed) of one run's curve."""
+    seed = int(rec["seed"]) if str(rec["seed"]).lstrip("-").isdigit() else 0
+    return N_L_COLORS.get(rec["labels"], "tab:gray"), SEED_MARKERS[seed % len(SEED_MARKERS)]
+
+
 def log_axis_ends(low: float, high: float) -> Tuple[float, float]:
     """The 1-2-3-5 x 10^k values just below ``low`` and just above ``high`` (both > 0), so that a log axis
     from one to the other is labelled at both ends."""
@@ -468,7 +480,8 @@ def plot_curves(records: Sequence[Dict[str, str]], out_dir: Path, path: Path) ->
             label, linestyle = curve_style(rec, split, schedules)
             errors = [float(m[f"{split}_error"]) for m in metrics]
             values += errors
-            ax.plot([int(m["step"]) for m in metrics], errors, marker=".",
+            color, marker = curve_color_marker(rec)
+            ax.plot([int(m["step"]) for m in metrics], errors, marker=marker, markersize=4, color=color,
                     linestyle=linestyle, label=label)
         ax.set_title(name, fontsize=10), ax.set_xlabel("training step"), ax.set_ylabel("error during training (%)")
         # log axis labelled at 1, 2, 3, 5 x 10^k, its ends on such a label (the default labels only whole

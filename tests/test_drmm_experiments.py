@@ -264,6 +264,15 @@ def test_curves_name_the_schedule_and_dash_earlier_ones_when_a_row_has_several()
     assert label.endswith("mnist-drmm2-ssl-cpu") and style == "--"
 
 
+def test_curves_take_their_colour_from_n_l_and_their_marker_from_the_seed():
+    a0, a1 = _fake_record("rfm", "600", 0, "5.84"), _fake_record("rfm", "600", 1, "6.02")
+    b0 = _fake_record("rfm", "3000", 0, "3.47")
+    (ca0, ma0), (ca1, ma1), (cb0, mb0) = map(E.curve_color_marker, (a0, a1, b0))
+    assert ca0 == ca1 and ma0 != ma1  # one N_L: one colour, seeds apart by marker
+    assert ca0 != cb0 and ma0 == mb0
+    assert len({E.curve_color_marker(_fake_record("rfm", n, 0, "1"))[0] for n in E.SSL_LABELS}) == 4
+
+
 def test_curve_axes_end_on_labelled_values():
     assert E.log_axis_ends(1.2, 2.8) == (1.0, 3.0)
     assert E.log_axis_ends(2.82, 13.84) == (2.0, 20.0)
