@@ -442,8 +442,7 @@ SEED_MARKERS = (".", "x", "^", "s", "v", "D")
 
 def curve_color_marker(rec: Dict[str, str]) -> Tuple[str, str]:
     """Colour (by N_L) and marker (by seed) of one run's curve."""
-    seed = int(rec["seed"]) if str(rec["seed"]).lstrip("-").isdigit() else 0
-    return N_L_COLORS.get(rec["labels"], "tab:gray"), SEED_MARKERS[seed % len(SEED_MARKERS)]
+    return N_L_COLORS.get(rec["labels"], "tab:gray"), SEED_MARKERS[int(rec["seed"]) % len(SEED_MARKERS)]
 
 
 def log_axis_ends(low: float, high: float) -> Tuple[float, float]:
