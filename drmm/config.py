@@ -116,6 +116,30 @@ class TrainConfig:
         names = [f.name for f in dataclasses.fields(ObjectiveConfig)]
         return ObjectiveConfig(**{n: getattr(self, n) for n in names})
 
+    def objective_label(self) -> str:
+        """The loss terms this config trains, joined by "+" (``table1.csv``'s ``objective`` column).
+
+        CE = cross-entropy on the labeled images; RC = reconstruction; NN = non-negativity penalty on the rendered
+        signals (MM: moment matching in its place); KLprior = KL(p(c|I) || p(c)) per image, minimised (kl_sign
+        +1, the paper's §4 regulariser); KLent = the same KL with the sign of the authors' code (kl_sign -1: its
+        negation is minimised, i.e. the per-image entropy); KLmarg = KL(batch-mean p(c|I) || p(c)); RPN =
+        rendering-path normalisation. ``trainer: backprop`` trains CE alone; ``pretrain_finetune`` reads
+        "<unsupervised phase> > <fine-tuning phase>"; ``hard_em`` names its closed-form M-step.
+        """
+        if self.trainer == "backprop":
+            return "CE"
+        o = self.objective()
+        unsup = [name for name, on in (
+            ("RC", o.rc_weight > 0),
+            ("MM" if o.moment_matching else "NN", o.nn_weight > 0 and (o.moment_matching or o.nn_penalty_on)),
+            ("KLprior" if o.kl_sign > 0 else "KLent", o.kl_weight > 0),
+            ("KLmarg", o.kl_marginal_weight > 0),
+            ("RPN", o.rpn_weight > 0)) if on]
+        labeled = (["CE"] if o.ce_weight > 0 else []) + unsup
+        label = {"unsupervised": "+".join(unsup),
+                 "pretrain_finetune": "+".join(unsup) + ">" + "+".join(labeled)}.get(self.mode, "+".join(labeled))
+        return label + ("(hard-EM)" if self.trainer == "hard_em" else "")
+
     def validate(self) -> None:
         """Refuse unknown choices, out-of-range values and combinations that do not go together (UsageError)."""
         from .model import PRESETS  # here: drmm.model is heavier than the config

@@ -29,12 +29,13 @@ def test_table1_row_appends_a_well_formed_csv_row(tmp_path, capsys):
         assert 0 <= float(r["test_error"]) <= 100 and float(r["wall_s"]) >= 0
         assert r["schedule"].startswith("smoke-3steps") and "max_steps=3" in r["schedule"]
         assert r["device"].startswith("cpu") and len(r["config_hash"]) == 12 and r["commit"]
-        assert r["checkpoint"] == "last" and r["val_samples"] == "0" and r["val_error"] == ""
+        assert r["checkpoint"] == "last" and r["val_samples"] == "0"
+        assert r["final_val_error"] == r["best_val_error"] == "" and r["objective"] == "CE+RC"
         assert (out / r["run_dir"] / "metrics.csv").exists()
     assert rows[0]["config_hash"] != rows[1]["config_hash"]  # the seed is part of the config
     # the report was rendered after the row: our number beside the paper's, with its schedule
     report = (out / "table1.md").read_text()
-    assert "| drmm2 | 100 | 11.81 |" in report and "(2 seeds) on 200 test images" in report
+    assert "| drmm2 | 100 | 11.81 |" in report and "(2 seeds: 0, 1) on 200 test images" in report
     assert (out / "table1_curves.png").stat().st_size > 1000
     assert "paper: 11.81" in capsys.readouterr().out
     # the same command again trains nothing: both runs are in the CSV already
@@ -66,7 +67,9 @@ def test_table1_cpu_schedule_resumes_a_killed_run_and_scores_the_test_set_once(t
     assert "resuming at" in capsys.readouterr().out
     (rec,) = csv.DictReader(open(out / "table1.csv"))
     assert rec["schedule"].startswith("mnist-ssl-100-cpu30m+") and rec["steps"] == "4"
-    assert rec["checkpoint"] == "best-val" and rec["val_samples"] == "100" and float(rec["val_error"]) <= 100
+    assert rec["checkpoint"] == "best-val" and rec["val_samples"] == "100"
+    assert rec["objective"] == "CE+RC+NN+KLent+KLmarg"
+    assert float(rec["best_val_error"]) <= float(rec["final_val_error"]) <= 100
     metrics = list(csv.DictReader(open(out / rec["run_dir"] / "metrics.csv")))
     assert [m["step"] for m in metrics] == ["2", "4"] and all(m["test_error"] == "" for m in metrics)
 
@@ -105,7 +108,8 @@ def test_table1_rejects_labels_without_a_config(tmp_path):
 
 
 def _fake_record(row, labels, seed, error, schedule="smoke-300steps-10k", run_dir="runs/x"):
-    return {"row": row, "labels": labels, "seed": seed, "test_error": error, "val_error": "",
+    return {"row": row, "labels": labels, "seed": seed, "test_error": error, "objective": "CE+RC",
+            "final_val_error": "", "best_val_error": "",
             "test_images": 10000, "epochs": 1, "steps": 300, "wall_s": 100, "device": "cpu:2 cores",
             "threads": 2, "checkpoint": "last", "val_samples": 0,
             "schedule": schedule, "commit": "abc1234", "config_hash": "0" * 12, "run_dir": run_dir}
@@ -121,13 +125,14 @@ def test_report_puts_paper_numbers_beside_ours_and_never_invents_one(tmp_path):
     main(["experiment", "report", "--out", str(tmp_path)])
     lines = (tmp_path / "table1.md").read_text().splitlines()
     row = next(line for line in lines if line.startswith("| drmm5-nn-kl | 100 |"))
-    assert "| 0.57 | 12.00 ± 2.00 (3 seeds) |" in row and "smoke-300steps-10k" in row and "| 100–140 s |" in row
-    assert next(line for line in lines if line.startswith("| rfm-sup | all |")).count("3.00 (1 seed)") == 1
+    assert "| 0.57 | CE+RC | 12.00 ± 2.00 (3 seeds: 0, 1, 2) |" in row
+    assert "smoke-300steps-10k" in row and "| 100–140 s |" in row
+    assert next(line for line in lines if line.startswith("| rfm-sup | all |")).count("3.00 (1 seed: 0)") == 1
     # every paper number we did not measure is listed as "not run", with no measured value
     for name, labels, paper in (("drmm5", "100", "3.50"), ("drmm2", "3000", "1.72"), ("drmm5-convnet", "all", "0.81"),
                                 ("drmm5-unsup-pretr", "600", "3.61")):
         line = next(line for line in lines if line.startswith(f"| {name} | {labels} |"))
-        assert f"| {paper} | not run |" in line
+        assert f"| {paper} | | not run |" in line
     table = [line for line in lines if line.startswith("| ")]
     assert sum("not run" in line for line in table) == sum(len(r.paper) for r in E.ROWS.values()) - 2
     assert (tmp_path / "table1_curves.png").exists()  # the one run with a metrics.csv
@@ -279,3 +284,65 @@ def test_curve_axes_end_on_labelled_values():
     assert E.log_axis_ends(3.0, 5.0) == (3.0, 5.0)  # already on a label: kept
     low, high = E.log_axis_ends(0.57, 89.9)
     assert low == pytest.approx(0.5) and high == pytest.approx(100.0)
+
+
+def test_every_row_names_its_objective():
+    labels = {name: E.row_config(row, E.ALL_LABELS if row.supervised else "100", 0,
+                                 "cpu" if row.cpu_config else "smoke").objective_label()
+              for name, row in E.ROWS.items()}
+    assert labels["drmm5"] == labels["drmm2"] == labels["rfm"] == "CE+RC"
+    assert labels["drmm5-nn-kl"] == "CE+RC+NN+KLent+KLmarg"
+    assert labels["drmm5-unsup-pretr"] == "RC+NN+KLent>CE+RC+NN+KLent"
+    assert labels["drmm5-convnet"] == labels["rfm-convnet"] == "CE"
+    for name, row in E.ROWS.items():  # the description says the same
+        assert labels[name] in row.description, name
+    cfg = E.row_config(E.ROWS["drmm5"], "100", 0, "smoke", extra=["kl_weight=0.1", "kl_sign=1"])
+    assert cfg.objective_label() == "CE+RC+KLprior"
+    cfg = E.row_config(E.ROWS["drmm5"], "100", 0, "smoke", extra=["kl_marginal_weight=1", "nonneg_term=moment_matching",
+                                                                  "nn_weight=0.5"])
+    assert cfg.objective_label() == "CE+RC+MM+KLmarg"
+
+
+def test_config_hash_is_pinned_and_new_fields_at_their_default_keep_it():
+    # The run folder of drmm5-nn-kl N_L=100 seed 3 (results/runs/...-72ef9b) was named with this hash: if it
+    # changed, `drmm experiment table1` would silently train that finished row again.
+    cfg = E.row_config(E.ROWS["drmm5-nn-kl"], "100", 3, "cpu")
+    assert E.config_hash(cfg) == "72ef9b007754"
+    assert E.config_hash(E.dataclasses.replace(cfg, data_dir="/elsewhere", progress=True)) == "72ef9b007754"
+    assert E.config_hash(E.dataclasses.replace(cfg, kl_weight=0.25)) != "72ef9b007754"
+    grown = E.dataclasses.make_dataclass("Grown", [("a_new_option", float, 0.0)], bases=(E.TrainConfig,))
+    assert E.config_hash(grown(**E.dataclasses.asdict(cfg))) == "72ef9b007754"
+    assert E.config_hash(grown(**E.dataclasses.asdict(cfg), a_new_option=1.0)) != "72ef9b007754"
+
+
+def test_a_csv_of_the_old_layout_is_upgraded_and_a_run_under_an_old_hash_is_recognised(tmp_path):
+    run = tmp_path / "runs" / "old-run"
+    run.mkdir(parents=True)
+    cfg = E.row_config(E.ROWS["drmm2"], "100", 0, "cpu")
+    from drmm.run_dir import write_config
+    write_config(run, cfg)
+    (run / "metrics.csv").write_text("step,val_error\n10,9.5\n20,8.25\n")
+    old_fields = [f for f in E.CSV_FIELDS if f not in ("objective", "final_val_error", "best_val_error")]
+    old_fields.insert(old_fields.index("commit"), "val_error")
+    with open(tmp_path / "table1.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_fields)
+        w.writeheader()
+        w.writerow({**{k: "" for k in old_fields}, "row": "drmm2", "labels": "100", "seed": "0", "val_error": "8.00",
+                    "run_dir": "runs/old-run", "test_error": "9.00"})
+    E.append_csv(tmp_path / "table1.csv", _fake_record("rfm", "600", 0, "5.00", run_dir="runs/new"))
+    old, new = E.read_csv(tmp_path / "table1.csv")
+    assert list(old) == E.CSV_FIELDS and new["row"] == "rfm"
+    assert (old["best_val_error"], old["final_val_error"], old["objective"]) == ("8.00", "8.25", "CE+RC")
+    # the folder name does not match today's hash, but its saved config trains the same thing: not trained again
+    records = E.read_csv(tmp_path / "table1.csv")
+    assert E.recorded_run(records, tmp_path, "runs/other-name", "drmm2", "100", 0, cfg)["run_dir"] == "runs/old-run"
+    assert E.recorded_run(records, tmp_path, "runs/other-name", "drmm2", "100", 1,
+                          E.row_config(E.ROWS["drmm2"], "100", 1, "cpu")) is None
+
+
+def test_the_report_gives_held_out_seeds_a_line_of_their_own(tmp_path):
+    for seed, err in ((0, "1.00"), (1, "1.20"), (3, "2.00"), (4, "2.20"), (5, "2.40")):
+        E.append_csv(tmp_path / "table1.csv", _fake_record("drmm5-nn-kl", "100", seed, err, run_dir=f"runs/s{seed}"))
+    lines = [line for line in E.table1_lines(E.read_csv(tmp_path / "table1.csv")) if "drmm5-nn-kl | 100" in line]
+    assert len(lines) == 2
+    assert "1.10 ± 0.14 (2 seeds: 0, 1)" in lines[0] and "2.20 ± 0.20 (3 held-out seeds: 3, 4, 5)" in lines[1]
