@@ -9,7 +9,7 @@ STAMP := $(VENV)/.deps-$(shell cksum < requirements-dev.txt | cut -d' ' -f1)
 PYTEST_ARGS ?=
 NVCC := $(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v nvcc 2>/dev/null))
 
-.PHONY: test demo build deps clean bench-cpu device-dry-run
+.PHONY: test demo build deps clean bench-cpu device-dry-run dry-run-only
 
 $(STAMP): requirements-dev.txt
 	@start=$$SECONDS; \
@@ -37,11 +37,14 @@ test: build
 	DRMM_REQUIRE_EXTENSION=1 $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	echo "[stage] tests: $$((SECONDS-start)) s"; [ $$rc = 0 ] || exit $$rc; \
 	start=$$SECONDS; $(PY) -m pytest -q bench/suite --benchmark-disable -p no:cacheprovider; rc=$$?; echo "[stage] benchmark suite, each function once: $$((SECONDS-start)) s"; [ $$rc = 0 ] || exit $$rc; \
-	$(MAKE) --no-print-directory device-dry-run
+	$(MAKE) --no-print-directory dry-run-only
 
 # The GPU check's stages that need no GPU (pre-flight, the build, the Triton tests in the interpreter),
-# so the script cannot rot between GPU runs.
+# so the script cannot rot between GPU runs. `test` calls dry-run-only: its build is already done.
 device-dry-run: build
+	@$(MAKE) --no-print-directory dry-run-only
+
+dry-run-only:
 	@start=$$SECONDS; \
 	PATH=$(abspath $(VENV))/bin:$$PATH OUT=build/device-check-dry-run bash bench/device_check.sh --dry-run; rc=$$?; \
 	echo "[stage] device check dry run: $$((SECONDS-start)) s"; exit $$rc

@@ -36,8 +36,7 @@ inline void check_switches(const char* op, const at::Tensor& switches, const cha
 inline void check_channel_vector(const char* op, const char* name, const std::optional<at::Tensor>& v,
                                  int64_t channels) {
   if (!v.has_value() || !v->defined()) return;
-  DRMM_CHECK(v->dim() == 1 && v->size(0) == channels, op, name, " must have shape [", channels, "], got ",
-             v->sizes());
+  DRMM_CHECK(v->dim() == 1 && v->size(0) == channels, op, name, " must have shape [", channels, "], got ", v->sizes());
 }
 
 inline void check_pool(const char* op, int64_t pool) {
@@ -46,14 +45,14 @@ inline void check_pool(const char* op, int64_t pool) {
 
 // The geometry of a layer with every hyper-parameter checked and a non-empty pooled map.
 inline ConvGeometry<int64_t> checked_geometry(const char* op, int64_t n, int64_t c_in, int64_t h, int64_t w,
-                                              int64_t c_out, int64_t kh, int64_t kw, int64_t stride,
-                                              int64_t padding, int64_t pool) {
+                                              int64_t c_out, int64_t kh, int64_t kw, int64_t stride, int64_t padding,
+                                              int64_t pool) {
   DRMM_CHECK(stride >= 1, op, "stride must be >= 1, got ", stride);
   DRMM_CHECK(padding >= 0, op, "padding must be >= 0, got ", padding);
   check_pool(op, pool);
   DRMM_CHECK(kh >= 1 && kw >= 1, op, "kernel size must be >= 1, got (", kh, ", ", kw, ")");
-  DRMM_CHECK(h + 2 * padding >= kh && w + 2 * padding >= kw, op, "input size (", h, ", ", w, ") with padding ",
-             padding, " is smaller than the kernel (", kh, ", ", kw, ")");
+  DRMM_CHECK(h + 2 * padding >= kh && w + 2 * padding >= kw, op, "input size (", h, ", ", w, ") with padding ", padding,
+             " is smaller than the kernel (", kh, ", ", kw, ")");
   const ConvGeometry<int64_t> g = conv_geometry(n, c_in, h, w, c_out, kh, kw, stride, padding, pool);
   DRMM_CHECK(g.hp >= 1 && g.wp >= 1, op, "pool ", pool, " is larger than the conv output (", g.hc, ", ", g.wc,
              ") of input size (", h, ", ", w, ")");
@@ -62,8 +61,7 @@ inline ConvGeometry<int64_t> checked_geometry(const char* op, int64_t n, int64_t
 
 // A bad switch offset found by a kernel (bits 0-3 >= pool * pool).
 inline void check_offsets(const char* op, bool bad, int64_t pool) {
-  DRMM_CHECK(!bad, op, "switches hold a window offset >= pool*pool = ", pool * pool,
-             " (bits 0-3 must be dy*pool+dx)");
+  DRMM_CHECK(!bad, op, "switches hold a window offset >= pool*pool = ", pool * pool, " (bits 0-3 must be dy*pool+dx)");
 }
 
 }  // namespace drmm

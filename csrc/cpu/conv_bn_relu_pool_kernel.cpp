@@ -85,6 +85,4 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& z) {
 }  // namespace cpu
 }  // namespace drmm
 
-TORCH_LIBRARY_IMPL(drmm_C, CPU, m) {
-  m.impl("batch_stats", &drmm::cpu::batch_stats);
-}
+TORCH_LIBRARY_IMPL(drmm_C, CPU, m) { m.impl("batch_stats", &drmm::cpu::batch_stats); }

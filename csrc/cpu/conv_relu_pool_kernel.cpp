@@ -170,11 +170,11 @@ void epilogue_nchw(const T* z, const T* s, const T* b, int64_t n, int64_t c, int
     std::vector<T> colv(hp * wp * P);
     std::vector<typename Simd<T>::IS> coly(hp * wp * P);
     for (int64_t begin, end; wq.take(&begin, &end);)
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t ch = i % c;
-      pool_plane_nchw<T, P>(z + i * hc * wc, wc, s[ch], b[ch], slope, leaky, y + i * hp * wp, sw + i * hp * wp,
-                            hp, wp, colv.data(), coly.data());
-    }
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t ch = i % c;
+        pool_plane_nchw<T, P>(z + i * hc * wc, wc, s[ch], b[ch], slope, leaky, y + i * hp * wp, sw + i * hp * wp, hp,
+                              wp, colv.data(), coly.data());
+      }
   });
 }
 
@@ -182,8 +182,8 @@ void epilogue_nchw(const T* z, const T* s, const T* b, int64_t n, int64_t c, int
 // arrays (one sample long, built once per call, L1/L2-resident for small maps). Per-plane calls paid a fixed cost
 // and left a scalar tail in every plane, which made this pass several times slower than a ReLU on 6x6 maps.
 template <typename T>
-void epilogue_nchw_flat(const T* z, const T* s, const T* b, int64_t n, int64_t c, int64_t plane, T slope,
-                        T* y, uint8_t* sw) {
+void epilogue_nchw_flat(const T* z, const T* s, const T* b, int64_t n, int64_t c, int64_t plane, T slope, T* y,
+                        uint8_t* sw) {
   using V = typename Simd<T>::V;
   using I = typename Simd<T>::I;
   constexpr int W = Simd<T>::W;
@@ -227,9 +227,9 @@ void epilogue_nchw_flat(const T* z, const T* s, const T* b, int64_t n, int64_t c
 // A separate function with by-value sizes: uint8 stores may alias anything, which would otherwise
 // force reloads of captured sizes and block vectorization.
 template <typename T, int P>
-void pool_row_nhwc(const T* __restrict__ zrow, int64_t wc, int64_t c, const T* __restrict__ s,
-                   const T* __restrict__ b, T slope, bool leaky, T* __restrict__ y, uint8_t* __restrict__ sw,
-                   int64_t wp, int64_t cs, T* __restrict__ m, uint8_t* __restrict__ d) {
+void pool_row_nhwc(const T* __restrict__ zrow, int64_t wc, int64_t c, const T* __restrict__ s, const T* __restrict__ b,
+                   T slope, bool leaky, T* __restrict__ y, uint8_t* __restrict__ sw, int64_t wp, int64_t cs,
+                   T* __restrict__ m, uint8_t* __restrict__ d) {
   for (int64_t px = 0; px < wp; ++px) {
     for (int64_t ch = 0; ch < c; ++ch) {
       m[ch] = -std::numeric_limits<T>::infinity();
@@ -265,12 +265,12 @@ void epilogue_nhwc(const T* z, const T* s, const T* b, int64_t n, int64_t c, int
     std::vector<T> mx(c);
     std::vector<uint8_t> id(c);
     for (int64_t begin, end; wq.take(&begin, &end);)
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t in = i / hp, py = i % hp;
-      const int64_t base = in * c * hp * wp + py * wp;
-      pool_row_nhwc<T, P>(z + (in * hc + py * P) * wc * c, wc, c, s, b, slope, leaky, y + base, sw + base, wp,
-                          hp * wp, mx.data(), id.data());
-    }
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t in = i / hp, py = i % hp;
+        const int64_t base = in * c * hp * wp + py * wp;
+        pool_row_nhwc<T, P>(z + (in * hc + py * P) * wc * c, wc, c, s, b, slope, leaky, y + base, sw + base, wp,
+                            hp * wp, mx.data(), id.data());
+      }
   });
 }
 
@@ -284,10 +284,10 @@ void run_epilogue(const at::Tensor& z, const T* s, const T* b, int64_t pool, T s
   const bool nhwc = !z.is_contiguous() && z.is_contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor zc = nhwc ? z : z.contiguous();
   const T* zp = zc.data_ptr<T>();
-#define DRMM_EPI(P)                                                        \
-  if (nhwc)                                                                \
-    epilogue_nhwc<T, P>(zp, s, b, n, c, hc, wc, slope, leaky, yp, swp);    \
-  else                                                                     \
+#define DRMM_EPI(P)                                                     \
+  if (nhwc)                                                             \
+    epilogue_nhwc<T, P>(zp, s, b, n, c, hc, wc, slope, leaky, yp, swp); \
+  else                                                                  \
     epilogue_nchw<T, P>(zp, s, b, n, c, hc, wc, slope, leaky, yp, swp);
   switch (pool) {
     case 1:
@@ -297,10 +297,14 @@ void run_epilogue(const at::Tensor& z, const T* s, const T* b, int64_t pool, T s
         epilogue_nchw_flat<T>(zp, s, b, n, c, hc * wc, slope, yp, swp);
       }
       break;
-    case 2: DRMM_EPI(2) break;
-    case 3: DRMM_EPI(3) break;
-    case 4: DRMM_EPI(4) break;
-    default: check_pool("bn_pool", pool);
+    case 2:
+      DRMM_EPI(2) break;
+    case 3:
+      DRMM_EPI(3) break;
+    case 4:
+      DRMM_EPI(4) break;
+    default:
+      check_pool("bn_pool", pool);
   }
 #undef DRMM_EPI
 }
@@ -313,11 +317,11 @@ void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t
 
 // z -> (y, switches) with optional per-channel scale/shift (absent = 1 / 0, which is exact).
 std::tuple<at::Tensor, at::Tensor> epilogue(const char* op, const at::Tensor& z, const std::optional<at::Tensor>& scale,
-                                            const std::optional<at::Tensor>& shift, int64_t pool,
-                                            double negative_slope, bool z_is_scratch = false) {
+                                            const std::optional<at::Tensor>& shift, int64_t pool, double negative_slope,
+                                            bool z_is_scratch = false) {
   check_pool(op, pool);
   DRMM_CHECK(negative_slope >= 0.0 && negative_slope < 1.0, op, "negative_slope must be in [0, 1), got ",
-              negative_slope);
+             negative_slope);
   const int64_t n = z.size(0), c = z.size(1), hp = z.size(2) / pool, wp = z.size(3) / pool;
   DRMM_CHECK(hp >= 1 && wp >= 1, op, "pool ", pool, " is larger than the conv output ", z.sizes());
   if (scale.has_value()) check_vector(op, "scale", *scale, c, z);
@@ -338,8 +342,8 @@ std::tuple<at::Tensor, at::Tensor> epilogue(const char* op, const at::Tensor& z,
       const at::Tensor sh = shift->contiguous();
       std::copy_n(sh.data_ptr<scalar_t>(), c, b.begin());
     }
-    run_epilogue<scalar_t>(z, s.data(), b.data(), pool, static_cast<scalar_t>(negative_slope),
-                           negative_slope > 0.0, y, sw);
+    run_epilogue<scalar_t>(z, s.data(), b.data(), pool, static_cast<scalar_t>(negative_slope), negative_slope > 0.0, y,
+                           sw);
   });
   return {y, sw};
 }

@@ -165,16 +165,16 @@ void gather_sparse(const Geometry& g, const at::Tensor& src, const T* srcp, cons
 }  // namespace
 
 at::Tensor render(const at::Tensor& mu, const at::Tensor& switches, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& scale, int64_t stride, int64_t padding, int64_t pool,
-                  int64_t out_h, int64_t out_w, double negative_slope) {
+                  const std::optional<at::Tensor>& scale, int64_t stride, int64_t padding, int64_t pool, int64_t out_h,
+                  int64_t out_w, double negative_slope) {
   const char* op = "render";
   check_4d(op, "mu", mu);
   check_4d(op, "weight", weight);
   check_same_dtype(op, "weight", weight, "mu", mu);
   check_switches("render", switches, "mu", mu);
   check_scale("render", scale, weight.size(0), mu);
-  const Geometry g = make_geometry("render", mu.size(0), weight.size(0), weight.size(1), weight.size(2),
-                                   weight.size(3), out_h, out_w, stride, padding, pool, mu);
+  const Geometry g = make_geometry("render", mu.size(0), weight.size(0), weight.size(1), weight.size(2), weight.size(3),
+                                   out_h, out_w, stride, padding, pool, mu);
   if (pool == 1) {
     // The input gradient of conv2d is the transposed conv; ATen's backward kernel beats conv_transpose2d
     // (by far for 1x1 kernels). It reads only the sizes of `input`, so that argument is a view of the
@@ -219,8 +219,7 @@ at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& weight, const at
                                    weight.size(3), src.size(2), src.size(3), stride, padding, pool, switches);
   if (pool == 1) {  // every position is "recorded": this is the dense conv
     if (is_pointwise(src, weight, stride, padding)) return pointwise_conv(src, weight);
-    return at::convolution(src, weight, std::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false,
-                           {0, 0}, 1)
+    return at::convolution(src, weight, std::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false, {0, 0}, 1)
         .contiguous();
   }
   at::Tensor out = at::empty({g.n, g.c_out, g.hp, g.wp}, src.options());

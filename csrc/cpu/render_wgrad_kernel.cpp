@@ -184,12 +184,15 @@ at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::T
                                   static_cast<scalar_t>(negative_slope), negative_slope > 0.0};
       auto run = [&](auto k_const) {
         wgrad_sparse_chunked<scalar_t, decltype(k_const)::value>(g, src, src.data_ptr<scalar_t>(),
-                                                                 m.data_ptr<scalar_t>(), s.data_ptr<uint8_t>(),
-                                                                 mask, partial.data_ptr<scalar_t>(), nchunks, bad);
+                                                                 m.data_ptr<scalar_t>(), s.data_ptr<uint8_t>(), mask,
+                                                                 partial.data_ptr<scalar_t>(), nchunks, bad);
       };
-      if (kernel_h == 1) run(std::integral_constant<int, 1>{});
-      else if (kernel_h == 3) run(std::integral_constant<int, 3>{});
-      else run(std::integral_constant<int, 5>{});
+      if (kernel_h == 1)
+        run(std::integral_constant<int, 1>{});
+      else if (kernel_h == 3)
+        run(std::integral_constant<int, 3>{});
+      else
+        run(std::integral_constant<int, 5>{});
       // Sum the per-chunk partials, [co][ci / lanes][kh][kw][ci % lanes] -> [co][ci][kh][kw]. Small
       // (one weight per worker); serial, so it adds no parallel region to the call.
       const scalar_t* pp = partial.data_ptr<scalar_t>();
@@ -236,6 +239,4 @@ at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::T
 }  // namespace cpu
 }  // namespace drmm
 
-TORCH_LIBRARY_IMPL(drmm_C, CPU, m) {
-  m.impl("render_wgrad", &drmm::cpu::render_wgrad);
-}
+TORCH_LIBRARY_IMPL(drmm_C, CPU, m) { m.impl("render_wgrad", &drmm::cpu::render_wgrad); }

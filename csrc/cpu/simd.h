@@ -81,8 +81,7 @@ inline void axpy_list_block(T* dst, const T* const* src, const T* coef, int cnt,
 
 // The last len < W elements of an axpy_list / dot. With AVX-512 one masked vector op per entry
 // (k * C_in is often short: 5 for a 5x5 kernel on one channel); masked lanes are never read or written.
-inline void axpy_list_tail(float* dst, const float* const* src, int64_t off, const float* coef, int cnt,
-                           int64_t len) {
+inline void axpy_list_tail(float* dst, const float* const* src, int64_t off, const float* coef, int cnt, int64_t len) {
 #ifdef __AVX512F__
   const __mmask16 m = static_cast<__mmask16>((1u << len) - 1);
   __m512 acc = _mm512_maskz_loadu_ps(m, dst);
@@ -146,12 +145,30 @@ inline void axpy_list(T* dst, const T* const* src, int64_t off, const T* coef, i
   // Blocks of up to 16 accumulators (32 zmm registers); 12 covers a 3x3 row of 64 float channels in
   // one pass over the list.
   for (; j + 16 * W <= len; j += 16 * W) axpy_list_block<T, 16>(dst + j, src, coef, cnt, off + j);
-  if (j + 12 * W <= len) { axpy_list_block<T, 12>(dst + j, src, coef, cnt, off + j); j += 12 * W; }
-  if (j + 8 * W <= len) { axpy_list_block<T, 8>(dst + j, src, coef, cnt, off + j); j += 8 * W; }
-  if (j + 6 * W <= len) { axpy_list_block<T, 6>(dst + j, src, coef, cnt, off + j); j += 6 * W; }
-  if (j + 4 * W <= len) { axpy_list_block<T, 4>(dst + j, src, coef, cnt, off + j); j += 4 * W; }
-  if (j + 2 * W <= len) { axpy_list_block<T, 2>(dst + j, src, coef, cnt, off + j); j += 2 * W; }
-  if (j + W <= len) { axpy_list_block<T, 1>(dst + j, src, coef, cnt, off + j); j += W; }
+  if (j + 12 * W <= len) {
+    axpy_list_block<T, 12>(dst + j, src, coef, cnt, off + j);
+    j += 12 * W;
+  }
+  if (j + 8 * W <= len) {
+    axpy_list_block<T, 8>(dst + j, src, coef, cnt, off + j);
+    j += 8 * W;
+  }
+  if (j + 6 * W <= len) {
+    axpy_list_block<T, 6>(dst + j, src, coef, cnt, off + j);
+    j += 6 * W;
+  }
+  if (j + 4 * W <= len) {
+    axpy_list_block<T, 4>(dst + j, src, coef, cnt, off + j);
+    j += 4 * W;
+  }
+  if (j + 2 * W <= len) {
+    axpy_list_block<T, 2>(dst + j, src, coef, cnt, off + j);
+    j += 2 * W;
+  }
+  if (j + W <= len) {
+    axpy_list_block<T, 1>(dst + j, src, coef, cnt, off + j);
+    j += W;
+  }
   if (j < len) axpy_list_tail(dst + j, src, off + j, coef, cnt, len - j);
 }
 
@@ -166,7 +183,10 @@ inline void dot_accumulate(const T* a, const T* b, int64_t len, typename Simd<T>
     *acc += vload(a + j) * vload(b + j);
     acc1 += vload(a + j + W) * vload(b + j + W);
   }
-  if (j + W <= len) { *acc += vload(a + j) * vload(b + j); j += W; }
+  if (j + W <= len) {
+    *acc += vload(a + j) * vload(b + j);
+    j += W;
+  }
   *acc += acc1;
   if (j < len) dot_tail(a + j, b + j, len - j, acc);
 }

@@ -5,12 +5,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <limits>
 #include <optional>
-
-#include <sys/resource.h>
 
 #include "common/checks.h"
 #include "common/geometry.h"
@@ -23,9 +22,8 @@ namespace cpu {
 using Geometry = ConvGeometry<int64_t>;
 
 // The checked geometry of a layer whose pooled tensors (mu, switches) must have shape [n, c_out, hp, wp].
-inline Geometry make_geometry(const char* op, int64_t n, int64_t c_out, int64_t c_in, int64_t kh, int64_t kw,
-                              int64_t h, int64_t w, int64_t stride, int64_t padding, int64_t pool,
-                              const at::Tensor& mu) {
+inline Geometry make_geometry(const char* op, int64_t n, int64_t c_out, int64_t c_in, int64_t kh, int64_t kw, int64_t h,
+                              int64_t w, int64_t stride, int64_t padding, int64_t pool, const at::Tensor& mu) {
   const Geometry g = checked_geometry(op, n, c_in, h, w, c_out, kh, kw, stride, padding, pool);
   DRMM_CHECK(mu.size(0) == n && mu.size(1) == c_out && mu.size(2) == g.hp && mu.size(3) == g.wp, op,
              "mu/switches must have shape [", n, ", ", c_out, ", ", g.hp, ", ", g.wp, "] (conv output (", g.hc, ", ",
@@ -33,8 +31,7 @@ inline Geometry make_geometry(const char* op, int64_t n, int64_t c_out, int64_t 
   return g;
 }
 
-inline void check_scale(const char* op, const std::optional<at::Tensor>& scale, int64_t c_out,
-                        const at::Tensor& ref) {
+inline void check_scale(const char* op, const std::optional<at::Tensor>& scale, int64_t c_out, const at::Tensor& ref) {
   check_channel_vector(op, "scale", scale, c_out);
   if (scale.has_value()) check_same_dtype(op, "scale", *scale, "mu", ref);
 }
@@ -82,8 +79,8 @@ void load_padded_nhwc(const at::Tensor& src, const T* base, int64_t n, int64_t p
 // o = (bit 7 ? a : a * slope) * k, and exactly 0 where the bit is off under ReLU (slope 0), whatever a is: a select,
 // as ReLU's backward does, not a multiply (inf * 0 would be NaN). Branch-free so it vectorizes.
 template <typename T>
-void mask_plane(const T* __restrict__ a, const uint8_t* __restrict__ q, T slope, T k, bool scaled,
-                T* __restrict__ o, int64_t len) {
+void mask_plane(const T* __restrict__ a, const uint8_t* __restrict__ q, T slope, T k, bool scaled, T* __restrict__ o,
+                int64_t len) {
   if (slope == T(0)) {
     if (scaled) {
       for (int64_t j = 0; j < len; ++j) o[j] = (q[j] & kOnBit) ? a[j] * k : T(0);
@@ -172,7 +169,6 @@ at::Tensor masked_map(const at::Tensor& mu, const at::Tensor& switches, const st
   }
   return g;
 }
-
 
 }  // namespace cpu
 }  // namespace drmm

@@ -23,15 +23,14 @@ namespace cpu {
 // Each pooled value at its window's recorded offset of a zero (N, C, out_h, out_w) map: the training-mode
 // batch-norm backward's max-pool gradient. One plane at a time, so the zero fill and the scattered writes meet in
 // cache.
-at::Tensor unpool(const at::Tensor& values, const at::Tensor& switches, int64_t pool, int64_t out_h,
-                  int64_t out_w) {
+at::Tensor unpool(const at::Tensor& values, const at::Tensor& switches, int64_t pool, int64_t out_h, int64_t out_w) {
   const char* op = "unpool";
   check_4d(op, "values", values);
   check_switches("unpool", switches, "values", values);
   check_pool(op, pool);
   const int64_t n = values.size(0), c = values.size(1), hp = values.size(2), wp = values.size(3);
-  DRMM_CHECK(out_h / pool == hp && out_w / pool == wp, op, "output size (", out_h, ", ", out_w, ") pooled by ",
-             pool, " is not the values' size (", hp, ", ", wp, ")");
+  DRMM_CHECK(out_h / pool == hp && out_w / pool == wp, op, "output size (", out_h, ", ", out_w, ") pooled by ", pool,
+             " is not the values' size (", hp, ", ", wp, ")");
   const at::Tensor v = values.contiguous(), s = switches.contiguous();
   at::Tensor out = at::empty({n, c, out_h, out_w}, values.options());
   std::atomic<bool> bad{false};

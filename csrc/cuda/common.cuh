@@ -10,12 +10,12 @@
 // wgmma/TMA kernel is the next step if the benchmark warrants it).
 #pragma once
 
-#include <cstdint>
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
+
+#include <cstdint>
 
 #include "common/switch_byte.h"
 #include "launchers.h"
@@ -267,8 +267,8 @@ struct WarpMma {
     for (int i = 0; i < 2; ++i)
 #pragma unroll
       for (int j = 0; j < 2; ++j)
-        wmma::store_matrix_sync(c + (wn * 32 + j * 16) * SmemLd<T>::kC + wm * 32 + i * 16, acc[i][j],
-                                SmemLd<T>::kC, wmma::mem_col_major);
+        wmma::store_matrix_sync(c + (wn * 32 + j * 16) * SmemLd<T>::kC + wm * 32 + i * 16, acc[i][j], SmemLd<T>::kC,
+                                wmma::mem_col_major);
   }
 };
 

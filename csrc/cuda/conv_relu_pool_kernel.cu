@@ -10,12 +10,12 @@
 // never touches memory: only y and one switch byte per pooled element are written.
 // K is not required to be a multiple of the tile depth: the loaders zero-fill k >= K (C_in = 1, 5 x 5
 // gives K = 25, one zero-padded 32-deep tile).
-#include <cstdint>
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
+
+#include <cstdint>
 
 #include "common.cuh"
 #include "launchers.h"
@@ -201,12 +201,10 @@ __global__ void __launch_bounds__(kThreads, 3) crp_tc_kernel(const FwdArgs<T> p)
 // CUDA-core kernel for fp64 and for fp32 with TF32 disallowed: one thread per pooled output, exact
 // accumulation in A (the parity path; consecutive threads share the channel, so weight reads broadcast).
 template <typename T, typename A, bool kGather>
-__global__ void __launch_bounds__(256) crp_simple_kernel(const T* __restrict__ x, Strides4 xs,
-                                                         const T* __restrict__ w, const A* __restrict__ scale,
-                                                         const A* __restrict__ shift, ConvGeom g, A slope,
-                                                         T* __restrict__ y, uint8_t* __restrict__ sw_out,
-                                                         const uint8_t* __restrict__ sw_in, Strides4 sws,
-                                                         int64_t total) {
+__global__ void __launch_bounds__(256)
+    crp_simple_kernel(const T* __restrict__ x, Strides4 xs, const T* __restrict__ w, const A* __restrict__ scale,
+                      const A* __restrict__ shift, ConvGeom g, A slope, T* __restrict__ y, uint8_t* __restrict__ sw_out,
+                      const uint8_t* __restrict__ sw_in, Strides4 sws, int64_t total) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= total) return;
   const int pw = static_cast<int>(idx % g.wp);
@@ -231,8 +229,8 @@ __global__ void __launch_bounds__(256) crp_simple_kernel(const T* __restrict__ x
         for (int kw = 0; kw < g.kw; ++kw) {
           const int iw = iw0 + kw;
           if (static_cast<unsigned>(iw) >= static_cast<unsigned>(g.w)) continue;
-          acc += load_as<T, A>(xb + ci * xs.c + ih * xs.h + iw * xs.w) *
-                 load_as<T, A>(wb + (ci * g.kh + kh) * g.kw + kw);
+          acc +=
+              load_as<T, A>(xb + ci * xs.c + ih * xs.h + iw * xs.w) * load_as<T, A>(wb + (ci * g.kh + kh) * g.kw + kw);
         }
       }
     }
@@ -259,10 +257,9 @@ __global__ void __launch_bounds__(256) crp_simple_kernel(const T* __restrict__ x
 
 // bn_pool: the same epilogue on a precomputed (strided) conv output z; one thread per pooled element.
 template <typename T, typename A>
-__global__ void __launch_bounds__(256) bn_pool_kernel(const T* __restrict__ z, Strides4 zs, int c, int hp, int wp,
-                                                      int pool, const A* __restrict__ scale,
-                                                      const A* __restrict__ shift, A slope, T* __restrict__ y,
-                                                      uint8_t* __restrict__ sw, int64_t total) {
+__global__ void __launch_bounds__(256)
+    bn_pool_kernel(const T* __restrict__ z, Strides4 zs, int c, int hp, int wp, int pool, const A* __restrict__ scale,
+                   const A* __restrict__ shift, A slope, T* __restrict__ y, uint8_t* __restrict__ sw, int64_t total) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= total) return;
   const int pw = static_cast<int>(idx % wp);
@@ -289,8 +286,8 @@ __global__ void __launch_bounds__(256) bn_pool_kernel(const T* __restrict__ z, S
 
 template <typename T, bool kGather>
 cudaError_t launch_tc(const void* x, Strides4 xs, const void* w, const void* scale, const void* shift,
-                      const ConvGeom& g, double slope, void* y, uint8_t* sw_out, const uint8_t* sw_in,
-                      Strides4 sws, void* out, cudaStream_t stream) {
+                      const ConvGeom& g, double slope, void* y, uint8_t* sw_out, const uint8_t* sw_in, Strides4 sws,
+                      void* out, cudaStream_t stream) {
   FwdArgs<T> a;
   a.x = static_cast<const T*>(x);
   a.xs = xs;
@@ -312,8 +309,8 @@ cudaError_t launch_tc(const void* x, Strides4 xs, const void* w, const void* sca
 
 template <typename T, typename A, bool kGather>
 cudaError_t launch_simple(const void* x, Strides4 xs, const void* w, const void* scale, const void* shift,
-                          const ConvGeom& g, double slope, void* y, uint8_t* sw_out, const uint8_t* sw_in,
-                          Strides4 sws, cudaStream_t stream) {
+                          const ConvGeom& g, double slope, void* y, uint8_t* sw_out, const uint8_t* sw_in, Strides4 sws,
+                          cudaStream_t stream) {
   const int64_t total = static_cast<int64_t>(g.n) * g.c_out * g.hp * g.wp;
   const unsigned blocks = static_cast<unsigned>(ceil_div64(total, 256));
   crp_simple_kernel<T, A, kGather><<<blocks, 256, 0, stream>>>(
@@ -377,11 +374,10 @@ cudaError_t bn_pool(DType dt, const void* z, Strides4 zs, int n, int c, int hc, 
       return launch_bn_pool<__half, float>(z, zs, n, c, hp, wp, pool, scale, shift, negative_slope, y, switches,
                                            stream);
     case DType::kBFloat16:
-      return launch_bn_pool<__nv_bfloat16, float>(z, zs, n, c, hp, wp, pool, scale, shift, negative_slope, y,
-                                                  switches, stream);
+      return launch_bn_pool<__nv_bfloat16, float>(z, zs, n, c, hp, wp, pool, scale, shift, negative_slope, y, switches,
+                                                  stream);
     case DType::kFloat32:
-      return launch_bn_pool<float, float>(z, zs, n, c, hp, wp, pool, scale, shift, negative_slope, y, switches,
-                                          stream);
+      return launch_bn_pool<float, float>(z, zs, n, c, hp, wp, pool, scale, shift, negative_slope, y, switches, stream);
     case DType::kFloat64:
       return launch_bn_pool<double, double>(z, zs, n, c, hp, wp, pool, scale, shift, negative_slope, y, switches,
                                             stream);

@@ -12,9 +12,9 @@
 //   fp32 with TF32 disallowed run on CUDA cores with exact fp32/fp64 accumulation.
 #pragma once
 
-#include <cstdint>
-
 #include <cuda_runtime.h>
+
+#include <cstdint>
 
 #include "common/geometry.h"
 
@@ -30,7 +30,8 @@ struct Strides4 {
 // The layer geometry of csrc/common/geometry.h in 32 bits (offsets inside one image are 32-bit).
 using ConvGeom = ConvGeometry<int>;
 
-// conv_relu_pool (csrc/cuda/conv_relu_pool_kernel.cu): y[N, C_out, Hp, Wp] and switches (uint8, same shape), both contiguous.
+// conv_relu_pool (csrc/cuda/conv_relu_pool_kernel.cu): y[N, C_out, Hp, Wp] and switches (uint8, same shape), both
+// contiguous.
 cudaError_t conv_relu_pool(DType dt, const void* x, Strides4 xs, const void* weight, const void* scale,
                            const void* shift, const ConvGeom& g, double negative_slope, bool allow_tf32, void* y,
                            uint8_t* switches, cudaStream_t stream);
@@ -47,18 +48,17 @@ cudaError_t bn_pool(DType dt, const void* z, Strides4 zs, int n, int c, int hc, 
 
 // render (csrc/cuda/render_kernel.cu): x_hat[N, C_in, H, W] contiguous = conv_transpose2d(masked unpool of mu, weight).
 // g.h / g.w are the requested output size; g.hc / g.wc the conv size it implies; g.hp / g.wp = mu's size.
-cudaError_t render(DType dt, const void* mu, Strides4 ms, const uint8_t* switches, Strides4 sws,
-                   const void* weight, const void* scale, const ConvGeom& g, double negative_slope,
-                   bool allow_tf32, void* x_hat, cudaStream_t stream);
+cudaError_t render(DType dt, const void* mu, Strides4 ms, const uint8_t* switches, Strides4 sws, const void* weight,
+                   const void* scale, const ConvGeom& g, double negative_slope, bool allow_tf32, void* x_hat,
+                   cudaStream_t stream);
 
 // render_wgrad (csrc/cuda/render_wgrad_kernel.cu): dW[C_out, C_in, KH, KW] contiguous. `workspace` must hold
 // render_wgrad_workspace_elems(...) elements of the accumulation type (float, or double for fp64);
 // partial sums of the K splits are written there and reduced in a fixed order (deterministic).
 int64_t render_wgrad_workspace_elems(DType dt, const ConvGeom& g, bool allow_tf32, int num_sms);
-cudaError_t render_wgrad(DType dt, const void* src, Strides4 ss, const void* mu, Strides4 ms,
-                         const uint8_t* switches, Strides4 sws, const void* scale, const ConvGeom& g,
-                         double negative_slope, bool allow_tf32, int num_sms, void* workspace, void* dw,
-                         cudaStream_t stream);
+cudaError_t render_wgrad(DType dt, const void* src, Strides4 ss, const void* mu, Strides4 ms, const uint8_t* switches,
+                         Strides4 sws, const void* scale, const ConvGeom& g, double negative_slope, bool allow_tf32,
+                         int num_sms, void* workspace, void* dw, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace drmm

@@ -8,12 +8,12 @@
 // rows / columns oh >= Hp * pool). B is the weight read as [(co, kh, kw), ci]: the "same weights"
 // of the forward. The zeros (>= 3/4 of A for pool 2) are kept as dense tensor-core work; a scatter
 // over the recorded positions is the alternative the benchmark should weigh.
-#include <cstdint>
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
+
+#include <cstdint>
 
 #include "common.cuh"
 #include "launchers.h"
@@ -152,11 +152,10 @@ __global__ void __launch_bounds__(kThreads, 2) render_tc_kernel(const RenderArgs
 // CUDA-core kernel (fp64, fp32 without TF32): one thread per output element, a gather over the taps
 // that can reach it; only recorded positions contribute.
 template <typename T, typename A>
-__global__ void __launch_bounds__(256) render_simple_kernel(const T* __restrict__ mu, Strides4 ms,
-                                                            const uint8_t* __restrict__ sw, Strides4 sws,
-                                                            const T* __restrict__ w, const A* __restrict__ scale,
-                                                            ConvGeom g, A slope, T* __restrict__ out,
-                                                            int64_t total) {
+__global__ void __launch_bounds__(256)
+    render_simple_kernel(const T* __restrict__ mu, Strides4 ms, const uint8_t* __restrict__ sw, Strides4 sws,
+                         const T* __restrict__ w, const A* __restrict__ scale, ConvGeom g, A slope, T* __restrict__ out,
+                         int64_t total) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= total) return;
   const int iw = static_cast<int>(idx % g.w);
@@ -196,8 +195,8 @@ __global__ void __launch_bounds__(256) render_simple_kernel(const T* __restrict_
 }
 
 template <typename T>
-cudaError_t launch_tc(const void* mu, Strides4 ms, const uint8_t* sw, Strides4 sws, const void* w,
-                      const void* scale, const ConvGeom& g, double slope, void* out, cudaStream_t stream) {
+cudaError_t launch_tc(const void* mu, Strides4 ms, const uint8_t* sw, Strides4 sws, const void* w, const void* scale,
+                      const ConvGeom& g, double slope, void* out, cudaStream_t stream) {
   RenderArgs<T> a;
   a.mu = static_cast<const T*>(mu);
   a.ms = ms;
@@ -226,9 +225,9 @@ cudaError_t launch_simple(const void* mu, Strides4 ms, const uint8_t* sw, Stride
 
 }  // namespace
 
-cudaError_t render(DType dt, const void* mu, Strides4 ms, const uint8_t* switches, Strides4 sws,
-                   const void* weight, const void* scale, const ConvGeom& g, double negative_slope,
-                   bool allow_tf32, void* x_hat, cudaStream_t stream) {
+cudaError_t render(DType dt, const void* mu, Strides4 ms, const uint8_t* switches, Strides4 sws, const void* weight,
+                   const void* scale, const ConvGeom& g, double negative_slope, bool allow_tf32, void* x_hat,
+                   cudaStream_t stream) {
   if (static_cast<int64_t>(g.n) * g.c_in * g.h * g.w == 0) return cudaSuccess;
   switch (dt) {
     case DType::kFloat16:

@@ -9,12 +9,12 @@
 // atomics). The g operand is generated in the loader from mu and the switch bytes, as in render.
 // CUDA-core kernel (fp64, fp32 without TF32): one block per weight element, a gather over the pooled
 // positions (only the recorded position of each window contributes), block reduction in a fixed order.
-#include <cstdint>
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
+
+#include <cstdint>
 
 #include "common.cuh"
 #include "launchers.h"
@@ -170,8 +170,8 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_tc_kernel(const WgradArgs<T
 }
 
 template <typename T, typename A>
-__global__ void __launch_bounds__(256) wgrad_reduce_kernel(const A* __restrict__ ws, int splits, int64_t count,
-                                                           T* __restrict__ out) {
+__global__ void __launch_bounds__(256)
+    wgrad_reduce_kernel(const A* __restrict__ ws, int splits, int64_t count, T* __restrict__ out) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= count) return;
   A acc = A(0);
@@ -182,9 +182,10 @@ __global__ void __launch_bounds__(256) wgrad_reduce_kernel(const A* __restrict__
 constexpr int kSimpleThreads = 256;
 
 template <typename T, typename A>
-__global__ void __launch_bounds__(kSimpleThreads) wgrad_simple_kernel(
-    const T* __restrict__ src, Strides4 ss, const T* __restrict__ mu, Strides4 ms, const uint8_t* __restrict__ sw,
-    Strides4 sws, const A* __restrict__ scale, ConvGeom g, A slope, T* __restrict__ dw) {
+__global__ void __launch_bounds__(kSimpleThreads)
+    wgrad_simple_kernel(const T* __restrict__ src, Strides4 ss, const T* __restrict__ mu, Strides4 ms,
+                        const uint8_t* __restrict__ sw, Strides4 sws, const A* __restrict__ scale, ConvGeom g, A slope,
+                        T* __restrict__ dw) {
   __shared__ A red[kSimpleThreads];
   const int64_t widx = blockIdx.x;  // flat index into [C_out, C_in, KH, KW]
   const int kw = static_cast<int>(widx % g.kw);
@@ -207,7 +208,8 @@ __global__ void __launch_bounds__(kSimpleThreads) wgrad_simple_kernel(
     if (dy >= g.pool) continue;  // not a valid offset for this pool size
     const int ih = (ph * g.pool + dy) * g.stride - g.padding + kh;
     const int iw = (pw * g.pool + dx) * g.stride - g.padding + kw;
-    if (static_cast<unsigned>(ih) >= static_cast<unsigned>(g.h) || static_cast<unsigned>(iw) >= static_cast<unsigned>(g.w))
+    if (static_cast<unsigned>(ih) >= static_cast<unsigned>(g.h) ||
+        static_cast<unsigned>(iw) >= static_cast<unsigned>(g.w))
       continue;
     const A gv = masked_value(load_as<T, A>(mu + img * ms.n + co * ms.c + ph * ms.h + pw * ms.w), s, offset, slope, sc);
     acc += gv * load_as<T, A>(src + img * ss.n + ci * ss.c + ih * ss.h + iw * ss.w);
@@ -255,9 +257,8 @@ cudaError_t launch_tc(const void* src, Strides4 ss, const void* mu, Strides4 ms,
 }
 
 template <typename T, typename A>
-cudaError_t launch_simple(const void* src, Strides4 ss, const void* mu, Strides4 ms, const uint8_t* sw,
-                          Strides4 sws, const void* scale, const ConvGeom& g, double slope, void* dw,
-                          cudaStream_t stream) {
+cudaError_t launch_simple(const void* src, Strides4 ss, const void* mu, Strides4 ms, const uint8_t* sw, Strides4 sws,
+                          const void* scale, const ConvGeom& g, double slope, void* dw, cudaStream_t stream) {
   const int64_t count = static_cast<int64_t>(g.c_out) * g.c_in * g.kh * g.kw;
   wgrad_simple_kernel<T, A><<<static_cast<unsigned>(count), kSimpleThreads, 0, stream>>>(
       static_cast<const T*>(src), ss, static_cast<const T*>(mu), ms, sw, sws, static_cast<const A*>(scale), g,
@@ -273,10 +274,9 @@ int64_t render_wgrad_workspace_elems(DType dt, const ConvGeom& g, bool allow_tf3
   return static_cast<int64_t>(plan.splits) * g.c_out * g.c_in * g.kh * g.kw;
 }
 
-cudaError_t render_wgrad(DType dt, const void* src, Strides4 ss, const void* mu, Strides4 ms,
-                         const uint8_t* switches, Strides4 sws, const void* scale, const ConvGeom& g,
-                         double negative_slope, bool allow_tf32, int num_sms, void* workspace, void* dw,
-                         cudaStream_t stream) {
+cudaError_t render_wgrad(DType dt, const void* src, Strides4 ss, const void* mu, Strides4 ms, const uint8_t* switches,
+                         Strides4 sws, const void* scale, const ConvGeom& g, double negative_slope, bool allow_tf32,
+                         int num_sms, void* workspace, void* dw, cudaStream_t stream) {
   const int64_t count = static_cast<int64_t>(g.c_out) * g.c_in * g.kh * g.kw;
   if (count == 0) return cudaSuccess;
   // An empty batch still defines dW (= 0): the kernels below write every element.
@@ -285,8 +285,8 @@ cudaError_t render_wgrad(DType dt, const void* src, Strides4 ss, const void* mu,
       return launch_tc<__half>(src, ss, mu, ms, switches, sws, scale, g, negative_slope, num_sms, workspace, dw,
                                stream);
     case DType::kBFloat16:
-      return launch_tc<__nv_bfloat16>(src, ss, mu, ms, switches, sws, scale, g, negative_slope, num_sms, workspace,
-                                      dw, stream);
+      return launch_tc<__nv_bfloat16>(src, ss, mu, ms, switches, sws, scale, g, negative_slope, num_sms, workspace, dw,
+                                      stream);
     case DType::kFloat32:
       if (allow_tf32)
         return launch_tc<float>(src, ss, mu, ms, switches, sws, scale, g, negative_slope, num_sms, workspace, dw,

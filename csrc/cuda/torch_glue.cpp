@@ -21,9 +21,9 @@ namespace dcu = drmm::cuda;
 
 // A failed launch (or a sticky error from earlier work on the stream) becomes a RuntimeError that names
 // the kernel and the shapes. The message arguments are only evaluated on failure.
-#define DRMM_CUDA_CHECK(err, op, ...)                                                                   \
-  TORCH_CHECK((err) == cudaSuccess, "drmm_kernels." op ": CUDA kernel failed (", __VA_ARGS__, "): ",    \
-              cudaGetErrorName(err), ": ", cudaGetErrorString(err))
+#define DRMM_CUDA_CHECK(err, op, ...)                                                         \
+  TORCH_CHECK((err) == cudaSuccess, "drmm_kernels." op ": CUDA kernel failed (", __VA_ARGS__, \
+              "): ", cudaGetErrorName(err), ": ", cudaGetErrorString(err))
 
 dcu::DType to_dtype(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
@@ -46,8 +46,7 @@ dcu::Strides4 strides4(const at::Tensor& t) { return {t.stride(0), t.stride(1), 
 // The kernels compute offsets inside one image (dims 1..3) in 32 bits and image offsets in 64 bits.
 void check_4d(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
   drmm::check_4d(op, name, t);
-  DRMM_CHECK(t.is_cuda() && t.device() == ref.device(), op, name, " is on ", t.device(), ", expected ",
-             ref.device());
+  DRMM_CHECK(t.is_cuda() && t.device() == ref.device(), op, name, " is on ", t.device(), ", expected ", ref.device());
   int64_t span = 0;
   for (int d = 1; d < 4; ++d) {
     DRMM_CHECK(t.stride(d) >= 0, op, name, " has a negative stride ", t.strides());
@@ -94,9 +93,8 @@ dcu::ConvGeom make_geom(int64_t n, int64_t c_in, int64_t h, int64_t w, int64_t c
 at::Tensor acc_vector(const std::optional<at::Tensor>& v, const at::Tensor& ref, int64_t channels, const char* op,
                       const char* name) {
   if (!v.has_value() || !v->defined()) return at::Tensor();
-  DRMM_CHECK(v->dim() == 1 && v->size(0) == channels && v->device() == ref.device(), op, name,
-             " must be a vector of ", channels, " elements on ", ref.device(), ", got shape ", v->sizes(), " on ",
-             v->device());
+  DRMM_CHECK(v->dim() == 1 && v->size(0) == channels && v->device() == ref.device(), op, name, " must be a vector of ",
+             channels, " elements on ", ref.device(), ", got shape ", v->sizes(), " on ", v->device());
   return v->to(ref.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
 }
 
@@ -127,17 +125,17 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool(const at::Tensor& x, const at:
   DRMM_CHECK(weight.size(1) == x.size(1), op, "weight ", weight.sizes(), " does not match x ", x.sizes());
   c10::cuda::CUDAGuard guard(x.device());
   const auto dt = to_dtype(x, op, "x");
-  const auto g = make_geom(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2),
-                           weight.size(3), stride, padding, pool, op);
+  const auto g = make_geom(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
+                           stride, padding, pool, op);
   to_int(static_cast<int64_t>(g.n) * g.hp * g.wp, op, "N * H_pool * W_pool");
   const at::Tensor w = weight.contiguous();
   const at::Tensor sc = acc_vector(scale, x, g.c_out, op, "scale");
   const at::Tensor sh = acc_vector(shift, x, g.c_out, op, "shift");
   at::Tensor y = at::empty({g.n, g.c_out, g.hp, g.wp}, x.options());
   at::Tensor sw = at::empty({g.n, g.c_out, g.hp, g.wp}, x.options().dtype(at::kByte));
-  const cudaError_t err = dcu::conv_relu_pool(dt, x.data_ptr(), strides4(x), w.data_ptr(), ptr_or_null(sc),
-                                              ptr_or_null(sh), g, negative_slope, allow_tf32(), y.data_ptr(),
-                                              sw.data_ptr<uint8_t>(), stream_for(x));
+  const cudaError_t err =
+      dcu::conv_relu_pool(dt, x.data_ptr(), strides4(x), w.data_ptr(), ptr_or_null(sc), ptr_or_null(sh), g,
+                          negative_slope, allow_tf32(), y.data_ptr(), sw.data_ptr<uint8_t>(), stream_for(x));
   DRMM_CUDA_CHECK(err, "conv_relu_pool", "x ", x.sizes(), " ", x.scalar_type(), ", weight ", weight.sizes(),
                   ", stride ", stride, ", padding ", padding, ", pool ", pool);
   return {y, sw};
@@ -148,8 +146,7 @@ std::tuple<at::Tensor, at::Tensor> bn_pool(const at::Tensor& z, const at::Tensor
   const char* op = "bn_pool";
   check_4d(z, z, op, "z");
   check_pool(op, pool);
-  DRMM_CHECK(z.size(2) / pool >= 1 && z.size(3) / pool >= 1, op, "pool ", pool, " does not fit z of shape ",
-             z.sizes());
+  DRMM_CHECK(z.size(2) / pool >= 1 && z.size(3) / pool >= 1, op, "pool ", pool, " does not fit z of shape ", z.sizes());
   c10::cuda::CUDAGuard guard(z.device());
   const auto dt = to_dtype(z, op, "z");
   const int n = to_int(z.size(0), op, "batch"), c = to_int(z.size(1), op, "C");
@@ -159,9 +156,9 @@ std::tuple<at::Tensor, at::Tensor> bn_pool(const at::Tensor& z, const at::Tensor
   const int hp = hc / static_cast<int>(pool), wp = wc / static_cast<int>(pool);
   at::Tensor y = at::empty({n, c, hp, wp}, z.options());
   at::Tensor sw = at::empty({n, c, hp, wp}, z.options().dtype(at::kByte));
-  const cudaError_t err = dcu::bn_pool(dt, z.data_ptr(), strides4(z), n, c, hc, wc, ptr_or_null(sc), ptr_or_null(sh),
-                                       static_cast<int>(pool), negative_slope, y.data_ptr(), sw.data_ptr<uint8_t>(),
-                                       stream_for(z));
+  const cudaError_t err =
+      dcu::bn_pool(dt, z.data_ptr(), strides4(z), n, c, hc, wc, ptr_or_null(sc), ptr_or_null(sh),
+                   static_cast<int>(pool), negative_slope, y.data_ptr(), sw.data_ptr<uint8_t>(), stream_for(z));
   DRMM_CUDA_CHECK(err, "bn_pool", "z ", z.sizes(), " ", z.scalar_type(), ", pool ", pool);
   return {y, sw};
 }
@@ -180,17 +177,17 @@ at::Tensor render(const at::Tensor& mu, const at::Tensor& switches, const at::Te
   const auto dt = to_dtype(mu, op, "mu");
   const auto g = make_geom(mu.size(0), weight.size(1), out_h, out_w, weight.size(0), weight.size(2), weight.size(3),
                            stride, padding, pool, op);
-  DRMM_CHECK(g.hp == mu.size(2) && g.wp == mu.size(3), op, "out_size (", out_h, ", ", out_w,
-             ") gives pooled size (", g.hp, ", ", g.wp, ") but mu has shape ", mu.sizes());
+  DRMM_CHECK(g.hp == mu.size(2) && g.wp == mu.size(3), op, "out_size (", out_h, ", ", out_w, ") gives pooled size (",
+             g.hp, ", ", g.wp, ") but mu has shape ", mu.sizes());
   to_int(static_cast<int64_t>(g.n) * g.h * g.w, op, "N * H * W");
   const at::Tensor w = weight.contiguous();
   const at::Tensor sc = acc_vector(scale, mu, g.c_out, op, "scale");
   at::Tensor out = at::empty({g.n, g.c_in, g.h, g.w}, mu.options());
-  const cudaError_t err = dcu::render(dt, mu.data_ptr(), strides4(mu), switches.data_ptr<uint8_t>(),
-                                      strides4(switches), w.data_ptr(), ptr_or_null(sc), g, negative_slope,
-                                      allow_tf32(), out.data_ptr(), stream_for(mu));
-  DRMM_CUDA_CHECK(err, "render", "mu ", mu.sizes(), " ", mu.scalar_type(), ", weight ", weight.sizes(),
-                  ", out_size (", out_h, ", ", out_w, "), stride ", stride, ", padding ", padding, ", pool ", pool);
+  const cudaError_t err =
+      dcu::render(dt, mu.data_ptr(), strides4(mu), switches.data_ptr<uint8_t>(), strides4(switches), w.data_ptr(),
+                  ptr_or_null(sc), g, negative_slope, allow_tf32(), out.data_ptr(), stream_for(mu));
+  DRMM_CUDA_CHECK(err, "render", "mu ", mu.sizes(), " ", mu.scalar_type(), ", weight ", weight.sizes(), ", out_size (",
+                  out_h, ", ", out_w, "), stride ", stride, ", padding ", padding, ", pool ", pool);
   return out;
 }
 
@@ -201,9 +198,8 @@ at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& weight, const at
   check_4d(weight, src, op, "weight");
   check_same_dtype(op, "weight", weight, "src", src);
   check_switches(switches, src, op);
-  DRMM_CHECK(weight.size(1) == src.size(1) && switches.size(0) == src.size(0) && switches.size(1) == weight.size(0),
-             op, "src ", src.sizes(), ", weight ", weight.sizes(), " and switches ", switches.sizes(),
-             " do not match");
+  DRMM_CHECK(weight.size(1) == src.size(1) && switches.size(0) == src.size(0) && switches.size(1) == weight.size(0), op,
+             "src ", src.sizes(), ", weight ", weight.sizes(), " and switches ", switches.sizes(), " do not match");
   c10::cuda::CUDAGuard guard(src.device());
   const auto dt = to_dtype(src, op, "src");
   const auto g = make_geom(src.size(0), src.size(1), src.size(2), src.size(3), weight.size(0), weight.size(2),
@@ -213,9 +209,9 @@ at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& weight, const at
   to_int(static_cast<int64_t>(g.n) * g.hp * g.wp, op, "N * H_pool * W_pool");
   const at::Tensor w = weight.contiguous();
   at::Tensor out = at::empty({g.n, g.c_out, g.hp, g.wp}, src.options());
-  const cudaError_t err = dcu::gather_conv(dt, src.data_ptr(), strides4(src), w.data_ptr(),
-                                           switches.data_ptr<uint8_t>(), strides4(switches), g, allow_tf32(),
-                                           out.data_ptr(), stream_for(src));
+  const cudaError_t err =
+      dcu::gather_conv(dt, src.data_ptr(), strides4(src), w.data_ptr(), switches.data_ptr<uint8_t>(),
+                       strides4(switches), g, allow_tf32(), out.data_ptr(), stream_for(src));
   DRMM_CUDA_CHECK(err, "gather_conv", "src ", src.sizes(), " ", src.scalar_type(), ", weight ", weight.sizes(),
                   ", switches ", switches.sizes(), ", stride ", stride, ", padding ", padding, ", pool ", pool);
   return out;
@@ -229,12 +225,12 @@ at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::T
   check_4d(mu, src, op, "mu");
   check_same_dtype(op, "mu", mu, "src", src);
   check_switches(switches, src, op);
-  DRMM_CHECK(switches.sizes() == mu.sizes() && mu.size(0) == src.size(0), op, "src ", src.sizes(), ", mu ",
-             mu.sizes(), " and switches ", switches.sizes(), " do not match");
+  DRMM_CHECK(switches.sizes() == mu.sizes() && mu.size(0) == src.size(0), op, "src ", src.sizes(), ", mu ", mu.sizes(),
+             " and switches ", switches.sizes(), " do not match");
   c10::cuda::CUDAGuard guard(src.device());
   const auto dt = to_dtype(src, op, "src");
-  const auto g = make_geom(src.size(0), src.size(1), src.size(2), src.size(3), mu.size(1), kernel_h, kernel_w,
-                           stride, padding, pool, op);
+  const auto g = make_geom(src.size(0), src.size(1), src.size(2), src.size(3), mu.size(1), kernel_h, kernel_w, stride,
+                           padding, pool, op);
   DRMM_CHECK(g.hp == mu.size(2) && g.wp == mu.size(3), op, "mu has shape ", mu.sizes(), " but the conv of src ",
              src.sizes(), " pools to (", g.hp, ", ", g.wp, ")");
   to_int(static_cast<int64_t>(g.n) * g.hp * g.pool * g.wp * g.pool, op, "N * H_cov * W_cov");
@@ -243,14 +239,15 @@ at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::T
   const int sms = num_sms(src);
   const int64_t ws_elems = dcu::render_wgrad_workspace_elems(dt, g, tf32, sms);
   at::Tensor ws;
-  if (ws_elems > 0) ws = at::empty({ws_elems}, src.options().dtype(dt == dcu::DType::kFloat64 ? at::kDouble : at::kFloat));
+  if (ws_elems > 0)
+    ws = at::empty({ws_elems}, src.options().dtype(dt == dcu::DType::kFloat64 ? at::kDouble : at::kFloat));
   at::Tensor dw = at::empty({g.c_out, g.c_in, g.kh, g.kw}, src.options());
-  const cudaError_t err = dcu::render_wgrad(dt, src.data_ptr(), strides4(src), mu.data_ptr(), strides4(mu),
-                                            switches.data_ptr<uint8_t>(), strides4(switches), ptr_or_null(sc), g,
-                                            negative_slope, tf32, sms, ws.defined() ? ws.data_ptr() : nullptr,
-                                            dw.data_ptr(), stream_for(src));
-  DRMM_CUDA_CHECK(err, "render_wgrad", "src ", src.sizes(), " ", src.scalar_type(), ", mu ", mu.sizes(),
-                  ", kernel ", kernel_h, "x", kernel_w, ", stride ", stride, ", padding ", padding, ", pool ", pool);
+  const cudaError_t err =
+      dcu::render_wgrad(dt, src.data_ptr(), strides4(src), mu.data_ptr(), strides4(mu), switches.data_ptr<uint8_t>(),
+                        strides4(switches), ptr_or_null(sc), g, negative_slope, tf32, sms,
+                        ws.defined() ? ws.data_ptr() : nullptr, dw.data_ptr(), stream_for(src));
+  DRMM_CUDA_CHECK(err, "render_wgrad", "src ", src.sizes(), " ", src.scalar_type(), ", mu ", mu.sizes(), ", kernel ",
+                  kernel_h, "x", kernel_w, ", stride ", stride, ", padding ", padding, ", pool ", pool);
   return dw;
 }
 
