@@ -46,6 +46,7 @@ import torch
 from .config import TrainConfig, config_from_dict, load_config, resolve_device
 from .errors import UsageError
 from .plan import DataPlan, load_data, steps_in_epoch
+from .run_dir import load_checkpoint
 from .train import evaluate, model_from_config, train, train_step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,9 +112,10 @@ ROWS: Dict[str, Row] = {r.name: r for r in [
         "mnist-sup-rfm-backprop.yaml", {ALL_LABELS: 1.30}, supervised=True,
         cpu_config="mnist-sup-rfm-backprop-cpu.yaml"),
     Row("drmm5-sup", "5-layer DRMM, EG, supervised (all labels); CE+RC+NN+KLent", "mnist-sup-conv_small.yaml",
-        {ALL_LABELS: 0.89}, supervised=True),
+        {ALL_LABELS: 0.89}, supervised=True, cpu_config="mnist-sup-conv_small-cpu.yaml"),
     Row("drmm5-convnet", "Conv-Small convnet (DCN), backprop, supervised; CE",
-        "mnist-sup-conv_small-backprop.yaml", {ALL_LABELS: 0.81}, supervised=True),
+        "mnist-sup-conv_small-backprop.yaml", {ALL_LABELS: 0.81}, supervised=True,
+        cpu_config="mnist-sup-conv_small-backprop-cpu.yaml"),
 ]}
 SSL_LABELS = ("100", "600", "1000", "3000")
 # (model, trainer) of the supervised comparison -> the Table 1 row its final weights measure
@@ -342,7 +344,7 @@ def score_checkpoint(cfg: TrainConfig, run_dir: Path, test_images: int, checkpoi
     device = resolve_device(cfg.device)
     data = load_data(dataclasses.replace(cfg, max_train_samples=2, val_samples=0), device)  # test set only
     model = model_from_config(cfg, data.image_shape, data.num_classes).to(device)
-    ckpt = torch.load(run_dir / CHECKPOINTS[checkpoint], map_location=device, weights_only=False)
+    ckpt = load_checkpoint(run_dir / CHECKPOINTS[checkpoint], device)
     model.load_state_dict(ckpt["model"])
     return evaluate(model, data, test_images, cfg.eval_batch_size)
 
@@ -400,7 +402,7 @@ def resume_point(run_dir: Path) -> Tuple[bool, float]:
     """(whether ``run_dir`` holds a run to resume, the seconds it has trained so far)."""
     if not (run_dir / "last.pt").exists():
         return False, 0.0
-    return True, float(torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["elapsed_s"])
+    return True, float(load_checkpoint(run_dir / "last.pt")["elapsed_s"])
 
 
 def record_run(out_dir: Path, row: str, labels: str, seed: int, schedule: str, cfg: TrainConfig,
