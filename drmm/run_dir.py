@@ -3,6 +3,7 @@
     config.yaml           the run's TrainConfig (written at the start; ``drmm eval/render/sample`` read it)
     labeled_indices.npy   the labeled subset (plan.make_plan)
     last.pt, best.pt      checkpoints: model, optimizer, scheduler, RNG states, counters (written atomically)
+                          tensors and plain values only: load_checkpoint reads them with weights_only=True
     metrics.csv           one row per evaluation (truncated to the checkpoint's step on resume)
     learning_curve.png    test error and loss parts against the step, redrawn at every evaluation
     tensorboard/          the same scalars, when TensorBoard is installed and the config asks for it
@@ -13,10 +14,13 @@ With data parallelism rank 0 alone writes; the other ranks get a ``NullLog``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import os
+import pickle
 import random
+import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -24,6 +28,11 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 import yaml
+
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct
 
 from .config import TrainConfig
 from .errors import UsageError
@@ -80,16 +89,33 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The torch, numpy, python (and CUDA) RNG states as tensors and plain values, so that checkpoints load with
+    ``weights_only=True``."""
+    np_state = np.random.get_state(legacy=False)
+    version, mt, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"bit_generator": np_state["bit_generator"], "pos": int(np_state["state"]["pos"]),
+                       "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                       "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+             "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what ``rng_state`` saved; also takes the numpy/python tuples that older checkpoints hold."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np_state = state["numpy"]
+    if isinstance(np_state, dict):
+        np_state = {"bit_generator": np_state["bit_generator"], "has_gauss": np_state["has_gauss"],
+                    "gauss": np_state["gauss"],
+                    "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]}}
+    np.random.set_state(np_state)
+    py_state = state["python"]
+    if isinstance(py_state, dict):
+        py_state = (py_state["version"], tuple(py_state["state"].tolist()), py_state["gauss_next"])
+    random.setstate(py_state)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -101,16 +127,42 @@ def write_checkpoint(run_dir: Path, state: Dict[str, Any], best: bool) -> None:
         atomic_save(state, run_dir / BEST)
 
 
+# Checkpoints written before rng_state stored tensors hold numpy's legacy RNG tuple, whose key is a uint32
+# ndarray: these four globals rebuild that array (and no other dtype) and are all the loader allows beyond
+# weights_only's tensors and plain values.
+_OLD_NUMPY_RNG_GLOBALS = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+# What torch's weights-only unpickler names when it meets an object it will not build.
+_FORBIDDEN = re.compile(r"GLOBAL (\S+) was not an allowed global|but got <class '([^']+)'>")
+
+
+def _allow_old_numpy_rng():
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals(_OLD_NUMPY_RNG_GLOBALS)
+    torch.serialization.add_safe_globals(_OLD_NUMPY_RNG_GLOBALS)   # torch 2.4 has no context manager
+    return contextlib.nullcontext()
+
+
 def load_checkpoint(path: Path, device: Any = "cpu") -> Dict[str, Any]:
-    """A checkpoint written by ``drmm train``; a missing, torn or foreign file is a ``CheckpointError``."""
+    """A checkpoint written by ``drmm train``, loaded with ``weights_only=True`` so that unpickling cannot run code.
+
+    Every checkpoint load goes through here. A missing, torn or foreign file, or one holding pickled objects other
+    than tensors and plain values, is a ``CheckpointError`` naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise RunDirError(f"{path} not found: the run has no such checkpoint (training writes last.pt at its first "
                           f"evaluation, best.pt at its best one); check the run directory or pass --checkpoint")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # a torn zip (OSError/RuntimeError), a foreign pickle, a file from a newer torch ...
-        reason = (str(e).splitlines() or [""])[0].split(". ")[0][:120]
+        with _allow_old_numpy_rng():
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a torn zip (OSError/RuntimeError), a forbidden object, a file from a newer torch ...
+        forbidden = _FORBIDDEN.search(str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if forbidden:
+            raise CheckpointError(f"{path}: refused: it holds a pickled Python object "
+                                  f"({forbidden.group(1) or forbidden.group(2)}) and unpickling it could run "
+                                  f"arbitrary code; drmm loads only checkpoints of tensors and plain values, as "
+                                  f"`drmm train` writes them") from None
+        reason = (str(e).split("WeightsUnpickler error:")[-1].strip().splitlines() or [""])[0].split(". ")[0][:120]
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({e.__class__.__name__}: {reason}); "
                               f"the file is truncated or corrupt: use the run's other checkpoint (--checkpoint "
                               f"best|last) or train again") from None

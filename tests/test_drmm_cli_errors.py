@@ -177,6 +177,33 @@ def test_foreign_checkpoint(tmp_path, capsys):
     assert str(run / "last.pt") in line and "not a drmm checkpoint" in line and "'epoch'" in line
 
 
+class _RunsCode:
+    """Unpickling this writes a marker file: what a malicious checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
+    run = make_run(tmp_path / "run", checkpoints=())
+    marker = tmp_path / "code-ran"
+    torch.save({"model": model_from_config(TINY_CFG, (1, 28, 28), 10).state_dict(), "step": 7,
+                "extra": _RunsCode(marker)}, run / "last.pt")
+    for argv, command in ((["eval", str(run)], "eval"), (["render", str(run)], "render"),
+                          (["sample", str(run)], "sample")):
+        line = fails(argv, capsys, command)
+        assert str(run / "last.pt") in line and "refused" in line and "exec" in line, line
+    from drmm.experiments import resume_point
+    with pytest.raises(CheckpointError, match="could run arbitrary code"):
+        resume_point(run)
+    assert not marker.exists()
+    torch.load(run / "last.pt", weights_only=False)   # the file really does run code when fully unpickled
+    assert marker.exists()
+
+
 def test_checkpoint_of_another_model(tmp_path, capsys, tiny_data):
     run = make_run(tmp_path / "run", model="rfm")
     line = fails(["render", str(run)], capsys, "render")

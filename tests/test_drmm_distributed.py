@@ -53,8 +53,8 @@ def test_two_processes_match_one_process(tmp_path):
     mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
     for kind in RUNS:
         T.train(tiny(kind), tmp_path / "one" / kind)
-        one = torch.load(tmp_path / "one" / kind / "last.pt", weights_only=False)
-        two = torch.load(tmp_path / "two" / kind / "last.pt", weights_only=False)
+        one = torch.load(tmp_path / "one" / kind / "last.pt", weights_only=True)
+        two = torch.load(tmp_path / "two" / kind / "last.pt", weights_only=True)
         assert one["step"] == two["step"] == 4
         # float32 sums in another order: EG agrees to ~1e-5; the M-step's ridge solve (condition number up to
         # 1/em_ridge) amplifies that. A rank that solved its own half of the data alone would be off by O(1).

@@ -73,7 +73,7 @@ def test_cli_sample_and_eval_clustering(tmp_path, capsys):
                    "batch_size: 20\nepochs: 1\nmax_steps: 3\nprogress: false\ntensorboard: false\n")
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--run-dir", str(run), "--data-dir", DATA_DIR]) == 0
-    ck = torch.load(run / "last.pt", weights_only=False)
+    ck = torch.load(run / "last.pt", weights_only=True)
     assert ck["model"]["switch_prior_a_0"].shape == (32, 16, 16)
     assert not torch.all(ck["model"]["switch_prior_a_0"] == 0.5)   # trained, not the initial value
     assert main(["sample", str(run), "--class", "3", "--num", "4", "--data-dir", DATA_DIR]) == 0

@@ -194,8 +194,8 @@ def _train_straight_and_split(tmp_path, seen):
         assert rc == pytest.approx(0.5 * T.rampup(step, 16)) and nn == pytest.approx(0.5 * T.rampup(step, 3))
         assert logged
     assert seen == straight
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 14 and a["epoch"] == b["epoch"] == 1
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k

@@ -1,6 +1,7 @@
 """EG trainer: one step lowers the loss, every mode runs, checkpoints are atomic, resume is exact; config loading."""
 
 import csv
+import random
 from pathlib import Path
 
 import numpy as np
@@ -87,13 +88,13 @@ def test_checkpoint_resume_is_exact(tmp_path):
     T.train(cfg, tmp_path / "straight")
     half = tiny_config(epochs=2, max_steps=10, ckpt_every_steps=3)
     T.train(half, tmp_path / "split")
-    ck = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
+    ck = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     assert ck["step"] == 10 and ck["step_in_epoch"] == 10 and ck["epoch"] == 0
     with pytest.raises(FileExistsError, match="--resume"):
         T.train(cfg, tmp_path / "split")
     T.train(cfg, tmp_path / "split", resume=True)
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 24 and a["epoch"] == b["epoch"] == 1
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -129,10 +130,10 @@ def test_validation_split_selects_best_checkpoint_without_the_test_set(tmp_path,
     val = [float(r["val_error"]) for r in rows]
     assert [r["test_error"] for r in rows] == ["", "", ""]
     assert len(rows) == 3 and all(0 <= v <= 100 for v in val)
-    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     k = max(i for i, v in enumerate(val) if v == min(val))   # ties: the later checkpoint wins (<=)
     assert best["best_error"] == min(val) and best["step"] == int(rows[k]["step"])
-    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     model = T.model_from_config(cfg, (1, 28, 28), 10)
     model.load_state_dict(last["model"])
     assert summary["test_error"] == pytest.approx(evaluate(model, T.load_data(cfg, torch.device("cpu")), 100), abs=1e-3)
@@ -159,6 +160,38 @@ def test_atomic_save_replaces_in_place(tmp_path):
     T.atomic_save({"a": 1}, path)
     T.atomic_save({"a": 2}, path)
     assert torch.load(path)["a"] == 2 and [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+def _draws():
+    return (torch.rand(3).tolist(), np.random.rand(3).tolist(), np.random.randn(), [random.random() for _ in range(3)],
+            random.gauss(0, 1))
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    from drmm.run_dir import load_checkpoint
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    np.random.randn(), random.gauss(0, 1)   # leave cached Gaussians behind: they are part of the state too
+    T.atomic_save({"model": {}, "step": 0, "rng": T.rng_state()}, tmp_path / "last.pt")
+    expected = _draws()
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "last.pt") == []
+    T.set_rng_state(load_checkpoint(tmp_path / "last.pt")["rng"])
+    assert _draws() == expected
+
+
+def test_checkpoint_with_the_old_numpy_rng_tuple_still_loads(tmp_path):
+    # before RNG states were stored as tensors, checkpoints held np.random.get_state() and random.getstate()
+    from drmm.run_dir import load_checkpoint
+    np.random.seed(5)
+    random.seed(6)
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    torch.save({"model": {}, "step": 3, "rng": state}, tmp_path / "last.pt")
+    expected = _draws()
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["rng"]["numpy"][1].dtype == np.uint32
+    T.set_rng_state(ckpt["rng"])
+    assert _draws() == expected
 
 
 def test_load_config_with_overrides_and_errors(tmp_path):
@@ -201,11 +234,11 @@ def test_killed_run_resumes_from_last_checkpoint_to_identical_weights(tmp_path, 
     monkeypatch.setattr(T, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         T.train(cfg, tmp_path / "killed")
-    assert torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["step"] == 12
+    assert torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["step"] == 12
     monkeypatch.setattr(T, "train_step", real_step)
     T.train(cfg, tmp_path / "killed", resume=True)
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 16
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     steps = [int(r.split(",")[1]) for r in (tmp_path / "killed" / "metrics.csv").read_text().splitlines()[1:]]
