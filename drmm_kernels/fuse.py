@@ -11,12 +11,27 @@ Names are kept: the fused module takes the conv's path and holds the conv's ``we
 fused BatchNorm2d stays registered at its own path (the fused module reads its parameters and running
 statistics from there, so ``train()``/``eval()``, ``.to()`` and ``load_state_dict`` reach it as before).
 The fused model's ``state_dict`` therefore has the original model's keys, and either loads into the other.
+Every other module path of the model is kept too: a module registered under several names holds the same
+(fused) module at each, and the ReLU / pool modules a block replaced stay at their paths.
+
+Both modes: fx freezes ``self.training`` where ``forward`` reads it (``F.dropout(x, p, training=self.training)``,
+torchvision's ``StochasticDepth``, ``if self.training:``), so ``fuse`` traces both modes and, where the traces
+differ, keeps a graph per mode and runs the one of the fused model's own ``training`` flag at every call.
+
+Hooks: while a module a block replaced carries a hook (Captum's ``GuidedBackprop`` / ``Deconvolution`` hook
+every ``nn.ReLU``; its layer methods hook the layer named), the block runs its chain unfused through those
+modules, so the hooks see what they see in the original; a forward or backward hook on a fused block itself
+raises, as it would see the chain's output where the original's conv gave the conv's.
+``drmm_kernels.attribution`` gives guided backprop and deconvnet through the fused ops themselves.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -84,18 +99,104 @@ def _act_name(slope: float) -> str:
     return "relu" if slope == 0.0 else f"leaky_relu({slope:g})"
 
 
-class FusedConvActPool2d(FusedConvReLUPool2d):
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+class _BuiltByFuse:
+    """What the blocks ``fuse`` builds do around the fused op, so that code which hooks modules (Captum's
+    GuidedBackprop / Deconvolution / layer methods, feature extractors) sees what it sees on the original.
+
+    - The modules a block replaced (its ``nn.ReLU`` / ``nn.LeakyReLU`` / ``nn.MaxPool2d`` / ``BatchNorm2d``)
+      stay in the fused model, at their own paths (or, after the ``nn.Sequential`` fallback, as the block's
+      ``unfused_act`` / ``unfused_pool`` children). While any of them carries a hook, the block runs the chain
+      unfused through those very modules, so the hooks fire on the same tensors as in the original.
+    - A forward or backward hook on the block itself would see the whole chain's output where the original
+      module at that path (the conv) gave the conv's output: the block raises instead of computing something
+      else silently (forward pre-hooks see the conv's input and are fine). Set
+      ``hooks_see_block_output = True`` on a block to hook its output knowingly.
+    """
+
+    hooks_see_block_output = False
+    fused_path = ""
+    chain = ""
+
+    def _setup(self, path: str, chain: str, act_module: Optional[nn.Module], pool_module: Optional[nn.Module],
+               as_children: bool = False) -> None:
+        self.fused_path, self.chain = path, chain
+        object.__setattr__(self, "_act_module", act_module)   # not children: they keep their own paths
+        object.__setattr__(self, "_pool_module", pool_module)
+        if as_children:  # nn.Sequential fallback: their slots hold nn.Identity, so Captum finds them here
+            if act_module is not None:
+                self.add_module("unfused_act", act_module)
+            if pool_module is not None:
+                self.add_module("unfused_pool", pool_module)
+
+    def _replaced(self) -> List[nn.Module]:
+        d = self.__dict__
+        # a FusedAwayBatchNorm2d slot is not one: it raises on hooks of its own
+        return [m for m in (d.get("_bn_module"), d.get("_act_module"), d.get("_pool_module"))
+                if m is not None and not isinstance(m, FusedAwayBatchNorm2d)]
+
+    def _route(self, want_switches: bool) -> bool:
+        """True where the chain must run unfused (a replaced module is hooked); raises for hooks on the block."""
+        if (self._forward_hooks or self._backward_hooks or self._backward_pre_hooks) \
+                and not self.hooks_see_block_output:
+            where = self.fused_path or type(self).__name__
+            kept = [p for p in self._replaced_paths() if p]
+            raise RuntimeError(
+                f"drmm_kernels.fuse: a forward/backward hook is registered on the fused block {where!r} "
+                f"({self.chain or 'conv -> activation -> pool'}); the block outputs the whole chain, where the "
+                f"original module at {where!r} output the conv alone, so the hook (e.g. a Captum layer method such "
+                f"as LayerGradCam) would see another tensor than on the unfused model. Hook "
+                + (f"the activation or pool module ({', '.join(repr(p) for p in kept)}: the block then runs "
+                   f"unfused through it) " if kept else "a module of the unfused model ")
+                + "instead, or use the unfused model; for input attributions use "
+                  "`with drmm_kernels.attribution(mode):` (or Captum's GuidedBackprop / Deconvolution / Saliency, "
+                  "which work on the fused model). Set hooks_see_block_output = True on the block to hook its "
+                  "output knowingly.")
+        return not want_switches and any(_hooked(m) for m in self._replaced())
+
+    def _replaced_paths(self) -> List[str]:
+        return list(getattr(self, "replaced_paths", ()))
+
+    def _unfused(self, x: Tensor) -> Tensor:
+        """The original chain, op for op, through the replaced modules (their hooks fire as in the original)."""
+        z = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        bn = self.__dict__.get("_bn_module")
+        if bn is not None:  # a FusedAwayBatchNorm2d passes through: run BatchNorm2d's own forward on it
+            z = nn.BatchNorm2d.forward(bn, z) if isinstance(bn, FusedAwayBatchNorm2d) else bn(z)
+        act, pool = self.__dict__.get("_act_module"), self.__dict__.get("_pool_module")
+
+        def activate(v):
+            if act is not None:
+                return act(v)
+            return F.relu(v) if self.negative_slope == 0.0 else F.leaky_relu(v, self.negative_slope)
+
+        def max_pool(v):
+            if pool is not None:
+                return pool(v)
+            return F.max_pool2d(v, self.pool) if self.pool > 1 else v
+
+        return max_pool(activate(z)) if self.order == "act-pool" else activate(max_pool(z))
+
+
+class FusedConvActPool2d(_BuiltByFuse, FusedConvReLUPool2d):
     """A ``FusedConvReLUPool2d`` built by ``fuse`` around a model's ``Conv2d`` parameters (shared, not copied).
 
     ``order`` records where the original model applied the activation (``"act-pool"`` or ``"pool-act"``);
     both give the same values and gradients. ``relu_module`` records whether the activation was an
     ``nn.ReLU`` module (not ``F.relu`` or a leaky ReLU): the ReLUs whose backward ``drmm_kernels.attribution``
-    rewrites; with ``order`` it decides how the block's backward routes in deconvnet mode.
+    rewrites; with ``order`` it decides how the block's backward routes in deconvnet mode. ``fused_path``,
+    ``chain`` and ``replaced_paths`` say where the block sits, what it replaced and where the replaced modules
+    still are; hooks on those modules make the block run unfused (see ``_BuiltByFuse``).
     """
 
     @classmethod
     def _build(cls, conv: nn.Conv2d, padding: int, slope: float, pool: int, order: str,
-               relu_module: bool) -> "FusedConvActPool2d":
+               relu_module: bool, path: str = "", chain: str = "", act_module: Optional[nn.Module] = None,
+               pool_module: Optional[nn.Module] = None, replaced_paths: Sequence[str] = (),
+               as_children: bool = False) -> "FusedConvActPool2d":
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         kh, kw = conv.kernel_size
@@ -104,11 +205,19 @@ class FusedConvActPool2d(FusedConvReLUPool2d):
         layer.stride, layer.padding, layer.pool = conv.stride[0], padding, pool
         layer.negative_slope, layer.return_switches, layer.order = float(slope), False, order
         layer.relu_module = bool(relu_module)
+        layer.replaced_paths = tuple(replaced_paths)
         layer.weight = conv.weight
         layer.bias = conv.bias
+        layer._setup(path, chain, act_module, pool_module, as_children)
         return layer
 
-    # forward and render are FusedConvReLUPool2d's: same weight, bias and geometry attributes.
+    def forward(self, x: Tensor, return_switches: Optional[bool] = None):
+        want = self.return_switches if return_switches is None else return_switches
+        if self._route(bool(want)):
+            return self._unfused(x)
+        return FusedConvReLUPool2d.forward(self, x, return_switches)
+
+    # render is FusedConvReLUPool2d's: same weight, bias and geometry attributes.
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -116,7 +225,7 @@ class FusedConvActPool2d(FusedConvReLUPool2d):
                 f"act={_act_name(self.negative_slope)}, order={self.order}")
 
 
-class FusedConvBNActPool2d(FusedConvBNReLUPool2d):
+class FusedConvBNActPool2d(_BuiltByFuse, FusedConvBNReLUPool2d):
     """A ``FusedConvBNReLUPool2d`` built by ``fuse``: holds the conv's ``weight``/``bias`` under the conv's
     path and reads the model's ``BatchNorm2d`` (which stays registered at its own path, not as a child
     of this module) at every call, following its ``training`` flag as the original did.
@@ -125,12 +234,15 @@ class FusedConvBNActPool2d(FusedConvBNReLUPool2d):
     statistics and updates ``running_mean``/``running_var``/``num_batches_tracked`` as ``BatchNorm2d``
     does; eval mode folds the running statistics. A conv bias cancels in training-mode BN except in
     ``running_mean``, which gets it added back (times the momentum), and its gradient is zero as in the
-    original; in eval mode it joins the BN shift. ``order`` and ``relu_module`` as for ``FusedConvActPool2d``.
+    original; in eval mode it joins the BN shift. ``order``, ``relu_module`` and the hook rules as for
+    ``FusedConvActPool2d`` (a hooked BatchNorm2d also makes the block run unfused).
     """
 
     @classmethod
     def _build(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, bn_path: str, padding: int, slope: float, pool: int,
-               order: str, relu_module: bool) -> "FusedConvBNActPool2d":
+               order: str, relu_module: bool, path: str = "", chain: str = "",
+               act_module: Optional[nn.Module] = None, pool_module: Optional[nn.Module] = None,
+               replaced_paths: Sequence[str] = (), as_children: bool = False) -> "FusedConvBNActPool2d":
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         kh, kw = conv.kernel_size
@@ -139,10 +251,12 @@ class FusedConvBNActPool2d(FusedConvBNReLUPool2d):
         layer.stride, layer.padding, layer.pool = conv.stride[0], padding, pool
         layer.negative_slope, layer.return_switches, layer.order = float(slope), False, order
         layer.relu_module = bool(relu_module)
+        layer.replaced_paths = tuple(replaced_paths)
         layer.weight = conv.weight
         layer.bias = conv.bias
         layer.bn_path = bn_path
         object.__setattr__(layer, "_bn_module", bn)  # not a child: its state_dict keys stay at bn_path
+        layer._setup(path, chain, act_module, pool_module, as_children)
         return layer
 
     @property
@@ -150,6 +264,9 @@ class FusedConvBNActPool2d(FusedConvBNReLUPool2d):
         return self.__dict__["_bn_module"]
 
     def forward(self, x: Tensor, return_switches: Optional[bool] = None):
+        want = self.return_switches if return_switches is None else return_switches
+        if self._route(bool(want)):
+            return self._unfused(x)
         bn, b = self.bn, self.bias
         # BatchNorm2d.forward's bookkeeping, step for step.
         momentum = 0.0 if bn.momentum is None else bn.momentum
@@ -173,7 +290,6 @@ class FusedConvBNActPool2d(FusedConvBNReLUPool2d):
         if b is not None and batch_stats and mean is not None:
             with torch.no_grad():  # the op averaged the conv output without the bias
                 mean.add_(b.detach().to(mean.dtype), alpha=float(momentum))
-        want = self.return_switches if return_switches is None else return_switches
         return (y, switches) if want else y
 
     def render(self, mu: Tensor, switches: Tensor, out_size) -> Tensor:
@@ -208,6 +324,10 @@ class FusedAwayBatchNorm2d(nn.BatchNorm2d):
         return slot
 
     def forward(self, x: Tensor) -> Tensor:
+        if _hooked(self):  # the slot sees the fused block's output, not this BatchNorm's input and output
+            raise RuntimeError(f"drmm_kernels.fuse: a hook is registered on a BatchNorm2d that fuse folded into "
+                               f"{self.fused_into!r} (this slot passes the fused block's output through); hook "
+                               f"the unfused model, or fuse after registering nothing on it")
         return x
 
     def extra_repr(self) -> str:
@@ -370,13 +490,21 @@ class _Chain:
     relu_module: bool
 
     def key(self):
-        # relu_module too: a conv shared by an nn.ReLU chain and an F.relu chain attributes differently
+        # relu_module too: a conv shared by an nn.ReLU chain and an F.relu chain attributes differently; the
+        # activation and pool modules too: the block runs unfused through them while they are hooked
         return (self.bn.target if self.bn is not None else None, self.slope, self.pool_size, self.order,
-                self.relu_module)
+                self.relu_module, _module_target(self.act), _module_target(self.pool))
+
+    def replaced_paths(self) -> List[str]:
+        return [n.target for n in (self.bn, self.act, self.pool) if n is not None and n.op == "call_module"]
 
     def nodes(self) -> List[fx.Node]:
         rest = [self.act, self.pool] if self.order == "act-pool" else [self.pool, self.act]
         return [n for n in [self.conv, self.bn] + rest if n is not None]
+
+
+def _module_target(n: Optional[fx.Node]) -> Optional[str]:
+    return n.target if n is not None and n.op == "call_module" else None
 
 
 class _Tracer(fx.Tracer):
@@ -521,37 +649,70 @@ def _first_line(e: BaseException) -> str:
     return text[0][:200] if text else ""
 
 
-def _fuse_fx(model: nn.Module, gm: fx.GraphModule, report: FuseReport, example_inputs) -> fx.GraphModule:
-    ranks = _example_ranks(gm, example_inputs, report.notes) if example_inputs is not None else {}
-    graph = gm.graph
-    convs = [n for n in graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d)
-             and not isinstance(gm.get_submodule(n.target), _FUSED_TYPES)]
+def _mode_name(training: bool) -> str:
+    return "training" if training else "eval"
+
+
+def _fuse_fx(model: nn.Module, graphs: Dict[bool, fx.Graph], report: FuseReport, example_inputs,
+             name: str) -> fx.GraphModule:
+    """Fuse the chains of ``graphs`` (one trace, or one per mode where the traces differ) consistently: a
+    module is fused only where every call of it, in every graph, is the same chain."""
+    primary = bool(model.training)
+    gms = {mode: fx.GraphModule(model, g, name) for mode, g in graphs.items()}
+    two = len(gms) > 1
+    mode_of = {id(gm.graph): mode for mode, gm in gms.items()}
+    notes: List[str] = []
+    ranks: Dict[fx.Node, Tuple[int, torch.dtype]] = {}
+    if example_inputs is not None:
+        for gm in gms.values():
+            ranks.update(_example_ranks(gm, example_inputs, notes))
+    refused: List[RefusedBlock] = []
     chains: Dict[fx.Node, _Chain] = {}
-    for c in convs:
-        ch = _analyze(gm, c, report.refused, ranks)
-        if ch is not None:
-            chains[c] = ch
+    for gm in gms.values():
+        for c in gm.graph.nodes:
+            if c.op == "call_module" and isinstance(gm.get_submodule(c.target), nn.Conv2d) \
+                    and not isinstance(gm.get_submodule(c.target), _FUSED_TYPES):
+                ch = _analyze(gm, c, refused, ranks)
+                if ch is not None:
+                    chains[c] = ch
 
     def sites(target):
-        return [n for n in graph.nodes if n.op == "call_module" and n.target == target]
+        return [n for gm in gms.values() for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
 
-    # Shared modules: fuse a conv only if every call of it is an identical chain, and a BN only if every
-    # call of it sits in a fused chain; refusing one chain can break another's condition, so repeat.
+    def names(nodes) -> str:
+        seen = []
+        for n in nodes:
+            text = "the model's output" if n.op == "output" else n.name
+            if two and not all(any(m.name == n.name for m in g.graph.nodes) for g in gms.values()):
+                text += f" in {_mode_name(mode_of[id(n.graph)])} mode"
+            if text not in seen:
+                seen.append(text)
+        return ", ".join(seen)
+
+    # Shared modules: fuse a conv only if every call of it (in both modes' graphs) is an identical chain, and
+    # a BN only if every call of it sits in a fused chain; refusing one chain can break another's condition,
+    # so repeat.
     changed = True
     while changed:
         changed = False
         for target in {ch.conv.target for ch in chains.values()}:
-            group = [chains[n] for n in sites(target) if n in chains]
             calls = sites(target)
+            group = [chains[n] for n in calls if n in chains]
             why = None
             if len(group) < len(calls):
-                others = [n for n in calls if n not in chains]
-                why = f"module {target} is also called unfused ({_names(others)})"
+                why = f"module {target} is also called unfused ({names(n for n in calls if n not in chains)})"
             elif len({ch.key() for ch in group}) > 1:
-                why = f"module {target} is called in {len(group)} different chains"
+                per_mode = {}
+                for ch in group:
+                    per_mode.setdefault(mode_of[id(ch.conv.graph)], set()).add(ch.key())
+                if two and all(len(k) == 1 for k in per_mode.values()):
+                    why = f"module {target} is in a different chain in training and in eval mode"
+                else:
+                    n_sites = max(sum(1 for ch in group if mode_of[id(ch.conv.graph)] == m) for m in per_mode)
+                    why = f"module {target} is called in {n_sites} different chains"
             if why:
                 for ch in group:
-                    report.refused.append(RefusedBlock(target, ch.desc, why))
+                    refused.append(RefusedBlock(target, ch.desc, why))
                     del chains[ch.conv]
                 changed = True
         for target in {ch.bn.target for ch in chains.values() if ch.bn is not None}:
@@ -560,42 +721,102 @@ def _fuse_fx(model: nn.Module, gm: fx.GraphModule, report: FuseReport, example_i
             if len(inside) < len(calls):
                 others = [n for n in calls if not any(ch.bn is n for ch in inside)]
                 for ch in inside:
-                    report.refused.append(RefusedBlock(ch.conv.target, ch.desc, f"batch norm module {target} is also "
-                                                                             f"called unfused ({_names(others)})"))
+                    refused.append(RefusedBlock(ch.conv.target, ch.desc, f"batch norm module {target} is also "
+                                                                        f"called unfused ({names(others)})"))
                     del chains[ch.conv]
                 changed = True
 
-    gone = set()
     done: Dict[str, FusedBlock] = {}
+    built: Dict[str, nn.Module] = {}
+    site_names: Dict[str, set] = {}
     for ch in chains.values():
         target = ch.conv.target
-        if target not in done:
+        gm = gms[mode_of[id(ch.conv.graph)]]
+        if target not in built:
             conv = gm.get_submodule(target)
+            extra = dict(path=target, chain=ch.desc, replaced_paths=ch.replaced_paths(),
+                         act_module=gm.get_submodule(ch.act.target) if ch.act.op == "call_module" else None,
+                         pool_module=gm.get_submodule(ch.pool.target)
+                         if ch.pool is not None and ch.pool.op == "call_module" else None)
             if ch.bn is None:
-                fused = FusedConvActPool2d._build(conv, ch.padding, ch.slope, ch.pool_size, ch.order, ch.relu_module)
+                fused = FusedConvActPool2d._build(conv, ch.padding, ch.slope, ch.pool_size, ch.order, ch.relu_module,
+                                                  **extra)
             else:
                 fused = FusedConvBNActPool2d._build(conv, gm.get_submodule(ch.bn.target), ch.bn.target, ch.padding,
-                                                    ch.slope, ch.pool_size, ch.order, ch.relu_module)
-            _set_submodule(gm, target, fused)
+                                                    ch.slope, ch.pool_size, ch.order, ch.relu_module, **extra)
+            built[target] = fused
             done[target] = FusedBlock(target, ch.desc, type(fused).__name__)
-        else:
-            done[target].sites += 1
+        if not _has_module(gm, target) or gm.get_submodule(target) is not built[target]:
+            _set_submodule(gm, target, built[target])
+        site_names.setdefault(target, set()).add(ch.conv.name)
         last = ch.act if ch.order == "pool-act" or ch.pool is None else ch.pool
         last.replace_all_uses_with(ch.conv)
         for n in reversed(ch.nodes()[1:]):
-            if n.op == "call_module" and n is not ch.bn:
-                gone.add(n.target)
-            graph.erase_node(n)
+            ch.conv.graph.erase_node(n)
+    for target, block in done.items():
+        block.sites = len(site_names[target])
     report.fused.extend(done.values())
-    # Drop the now-unused ReLU/MaxPool modules (they hold no state); BatchNorms stay for their state.
-    used = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
-    for target in gone:
-        if not any(u == target or u.startswith(target + ".") for u in used):
-            gm.delete_submodule(target)
-    graph.lint()
-    gm.recompile()
-    _restore_unused_state(model, gm, report)
-    return gm
+    # The ReLU / MaxPool / BatchNorm modules a block replaced stay in the model at their paths (restored below
+    # where the graph no longer calls them): Captum and other hooks find them there, and the block follows.
+    for gm in gms.values():
+        gm.graph.lint()
+    if two:
+        fused_gm = _TwoModeGraphModule(gms[primary], gms[primary].graph, name)
+        other = gms[not primary]
+        for n in other.graph.nodes:
+            if n.op in ("call_module", "get_attr") and not _has_path(fused_gm, n.target):
+                _copy_attr(other, fused_gm, n.target)
+        fused_gm._set_other(other.graph, primary)
+    else:
+        fused_gm = gms[primary]
+        fused_gm.recompile()
+    _restore_unused_state(model, fused_gm, notes)
+    if two:
+        notes.append(f"forward traces differently in training and eval mode (it reads self.training): the fused "
+                     f"model keeps one graph per mode and runs the one of its own training flag at every call, "
+                     f"as {name} reads its flag")
+    for n in notes:
+        if n not in report.notes:
+            report.notes.append(n)
+    for r in refused:
+        if not any((r.name, r.chain, r.reason) == (q.name, q.chain, q.reason) for q in report.refused):
+            report.refused.append(r)
+    return fused_gm
+
+
+def _has_module(root: nn.Module, target: str) -> bool:
+    try:
+        root.get_submodule(target)
+    except AttributeError:
+        return False
+    return True
+
+
+def _has_path(root: nn.Module, target: str) -> bool:
+    obj = root
+    for item in target.split("."):
+        if not hasattr(obj, item):
+            return False
+        obj = getattr(obj, item)
+    return True
+
+
+def _copy_attr(src: nn.Module, dst: nn.Module, target: str) -> None:
+    """Put ``src``'s attribute at ``target`` (a module, parameter or buffer) at the same path of ``dst``,
+    creating plain containers on the way, as ``fx.GraphModule`` does for the nodes of its own graph."""
+    *prefix, leaf = target.split(".")
+    for item in prefix:
+        f, t = getattr(src, item), getattr(dst, item, None)
+        if t is None:
+            t = nn.Module()
+            t.training = f.training
+            setattr(dst, item, t)
+        src, dst = f, t
+    value = getattr(src, leaf)
+    if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
+        dst.register_buffer(leaf, value, persistent=leaf not in src._non_persistent_buffers_set)
+    else:
+        setattr(dst, leaf, value)
 
 
 def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
@@ -603,33 +824,203 @@ def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-def _restore_unused_state(model: nn.Module, gm: fx.GraphModule, report: FuseReport) -> None:
-    """fx copies only the modules the trace touched; put back any others that hold state, so the
-    state_dict keys stay those of ``model``."""
-    have = set(gm.state_dict().keys())
-    missing = [k for k in model.state_dict().keys() if k not in have]
-    if not missing:
-        return
-    added = []
-    for name, mod in model.named_modules():
-        if not name or not any(k.startswith(name + ".") for k in missing):
+def _restore_unused_state(model: nn.Module, gm: fx.GraphModule, notes: List[str]) -> None:
+    """fx copies only the modules the trace called, each at the first of its paths; put every other path of
+    ``model`` back, so the fused model has the original's module tree and ``state_dict`` keys. A module
+    registered under several names (or used from two containers) holds the same object at each of them -- the
+    fused block where it was fused -- and modules the graph no longer calls (unused ones, and the ReLU / pool
+    modules a block replaced) are the original objects."""
+    mapped: Dict[int, nn.Module] = {}   # id of a module of ``model`` -> what stands for it in ``gm``
+    have = dict(gm.named_modules(remove_duplicate=False))
+    everything = list(model.named_modules(remove_duplicate=False))
+    for path, m in everything:
+        if path and path in have:
+            mapped.setdefault(id(m), have[path])
+    kept, aliased = [], []
+    for path, m in everything:
+        if not path or path in have:
             continue
-        try:
-            gm.get_submodule(name)
-        except AttributeError:
-            if not any(name.startswith(a + ".") for a in added):
-                gm.add_submodule(name, mod)
-                added.append(name)
-    have = set(gm.state_dict().keys())
-    for k in [k for k in missing if k not in have]:
+        if id(m) in mapped:
+            stand_in = mapped[id(m)]
+            aliased.append(path)
+        elif any(id(d) in mapped for d in m.modules()):
+            # a container not called, holding a module that is called (elsewhere): a plain container of its own,
+            # so the modules below it are the fused model's (fused blocks included), not the originals
+            stand_in = nn.Module()
+            stand_in.training = m.training
+            for k, p in m._parameters.items():
+                stand_in.register_parameter(k, p)
+            for k, t in m._buffers.items():
+                stand_in.register_buffer(k, t, persistent=k not in m._non_persistent_buffers_set)
+        else:
+            stand_in = m
+            if next(m.parameters(), None) is not None or next(m.buffers(), None) is not None:
+                kept.append(path)
+        parent, _, leaf = path.rpartition(".")
+        (gm.get_submodule(parent) if parent else gm).add_module(leaf, stand_in)
+        mapped.setdefault(id(m), stand_in)
+        for sub, s in stand_in.named_modules(prefix=path, remove_duplicate=False):
+            have.setdefault(sub, s)
+    # parameters and buffers held directly by a container fx created (not referenced by the graph)
+    own = set(gm.state_dict().keys())
+    for k in [k for k in model.state_dict().keys() if k not in own]:
         path, _, attr = k.rpartition(".")
-        src, dst = model.get_submodule(path), gm.get_submodule(path)
+        src, dst = model.get_submodule(path) if path else model, gm.get_submodule(path) if path else gm
         if attr in src._parameters:
             dst.register_parameter(attr, src._parameters[attr])
         elif attr in src._buffers:
-            dst.register_buffer(attr, src._buffers[attr])
-    if added:
-        report.notes.append(f"modules not called by forward kept for the state_dict: {', '.join(added)}")
+            dst.register_buffer(attr, src._buffers[attr], persistent=attr not in src._non_persistent_buffers_set)
+    if kept:
+        notes.append(f"modules not called by forward kept for the state_dict: {', '.join(kept)}")
+    if aliased:
+        notes.append(f"modules registered under several names hold the same module at each: {', '.join(aliased)}")
+
+
+# --------------------------------------------------------------------------- one graph per mode
+
+
+class _TwoModeGraphModule(fx.GraphModule):
+    """The ``GraphModule`` ``fuse`` returns when ``forward`` traces differently in training and eval mode
+    (``F.dropout(x, p, training=self.training)``, torchvision's ``StochasticDepth``, ``if self.training:``):
+    the trace freezes the flag, so it holds one graph per mode and runs the one of its own ``training`` flag
+    at every call, as the original reads its flag at every call. ``graph`` and ``code`` are those of the mode
+    ``fuse`` ran in; ``mode_graphs`` has both. Copies, deep copies and pickles keep both graphs."""
+
+    def _set_other(self, graph: fx.Graph, graph_training: bool) -> None:
+        self.__dict__["_graph_training"] = bool(graph_training)   # the mode of self.graph
+        self.__dict__["_other_graph"] = graph
+        self.recompile()
+
+    @property
+    def mode_graphs(self) -> Dict[bool, fx.Graph]:
+        """``{True: training-mode graph, False: eval-mode graph}``."""
+        t = self.__dict__["_graph_training"]
+        return {t: self.graph, not t: self.__dict__["_other_graph"]}
+
+    def recompile(self):
+        python_code = super().recompile()
+        other = self.__dict__.get("_other_graph")
+        if other is not None:  # None while GraphModule.__init__ compiles the first graph
+            cls = type(self)
+            this = cls.forward
+            pc = other.python_code(root_module="self")
+            that = fx.graph_module._forward_from_src(pc.src, pc.globals)
+            t = self.__dict__["_graph_training"]
+            cls.forward = _dispatcher(this, this if t else that, that if t else this)
+        return python_code
+
+    def __deepcopy__(self, memo):
+        res = super().__deepcopy__(memo)
+        for k in ("fuse_report",):
+            if k in self.__dict__:
+                res.__dict__[k] = copy.deepcopy(self.__dict__[k], memo)
+        res._set_other(copy.deepcopy(self.__dict__["_other_graph"]), self.__dict__["_graph_training"])
+        return res
+
+    def __copy__(self):
+        res = _TwoModeGraphModule(self, self.graph, type(self).__name__)
+        for k, m in self.named_children():
+            res._modules[k] = m
+        res.meta = getattr(self, "meta", {})
+        if "fuse_report" in self.__dict__:
+            res.__dict__["fuse_report"] = self.__dict__["fuse_report"]
+        res._set_other(self.__dict__["_other_graph"], self.__dict__["_graph_training"])
+        return res
+
+    def __reduce__(self):
+        fn, (body, imports) = super().__reduce__()
+        body = dict(body)
+        other, t = body.pop("_other_graph"), body.pop("_graph_training")
+        pc = other.python_code(root_module="self")
+        other_imports = fx.graph_module._format_import_block(pc.globals, fx.graph_module.sys_importer)
+        return _rebuild_two_mode, (body, imports, pc.src, other_imports, t)
+
+    def __reduce_package__(self, exporter):
+        raise NotImplementedError("drmm_kernels.fuse: torch.package cannot keep the fused model's second graph "
+                                  "(one per training/eval mode); save its state_dict and fuse again on load")
+
+
+def _rebuild_two_mode(body, imports, other_src, other_imports, graph_training):
+    """Unpickle a ``_TwoModeGraphModule``: each graph re-traced from its code, as fx does for one."""
+    primary = fx.graph_module.reduce_graph_module(dict(body), imports)
+    other = fx.graph_module.reduce_graph_module({**body, "_code": other_src}, other_imports)
+    res = _TwoModeGraphModule(fx.graph_module._CodeOnlyModule(dict(body)), primary.graph,
+                              body.get("_graphmodule_cls_name", type(primary).__name__))
+    for k, v in body.items():
+        if not hasattr(res, k):
+            setattr(res, k, v)
+    res._set_other(other.graph, graph_training)
+    return res
+
+
+def _dispatcher(like, train_forward, eval_forward):
+    """A ``forward`` with the signature of ``like`` (the traced forward, so fx can trace the fused model in
+    turn) that calls ``train_forward`` or ``eval_forward`` by ``self.training``."""
+    sig = inspect.signature(like)
+    glb: Dict[str, Any] = {"_drmm_train_forward": train_forward, "_drmm_eval_forward": eval_forward}
+    params, call, star = [], [], False
+    ps = list(sig.parameters.values())
+    me = ps[0].name
+    for i, p in enumerate(ps[1:]):
+        if p.kind is p.VAR_POSITIONAL:
+            params.append(f"*{p.name}"), call.append(f"*{p.name}")
+            star = True
+            continue
+        if p.kind is p.VAR_KEYWORD:
+            params.append(f"**{p.name}"), call.append(f"**{p.name}")
+            continue
+        if p.kind is p.KEYWORD_ONLY and not star:
+            params.append("*")
+            star = True
+        text = p.name
+        if p.default is not p.empty:
+            glb[f"_drmm_default_{i}"] = p.default
+            text += f"=_drmm_default_{i}"
+        params.append(text)
+        call.append(f"{p.name}={p.name}" if p.kind is p.KEYWORD_ONLY else p.name)
+    src = (f"def forward({', '.join([me] + params)}):\n"
+           f"    return (_drmm_train_forward if {me}.training else _drmm_eval_forward)({', '.join([me] + call)})\n")
+    exec(compile(src, "<drmm_kernels.fuse: forward by training flag>", "exec"), glb)
+    return glb["forward"]
+
+
+def _trace(model: nn.Module, training: Optional[bool]) -> fx.Graph:
+    """The fx graph of ``model.forward`` with every module's ``training`` flag set to ``training`` (None: as
+    they are); the flags are set directly (no ``train()`` override runs) and restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        if training is not None:
+            for m, _ in flags:
+                m.training = training
+        return _Tracer().trace(model)
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+def _code(graph: fx.Graph) -> str:
+    return graph.python_code(root_module="self").src
+
+
+def _trace_modes(model: nn.Module, name: str, report_notes: List[str]) -> Dict[bool, fx.Graph]:
+    """One graph if ``forward`` traces the same in both modes, else one per mode (``True``: training)."""
+    mode = bool(model.training)
+    graphs = {mode: _trace(model, mode)}
+    other = _trace(model, not mode)
+    if _code(other) != _code(graphs[mode]):
+        graphs[not mode] = other
+    leaf = _Tracer().is_leaf_module  # modules called as a whole read their own flag at run time
+    mixed = sorted({p for p, m in model.named_modules() if p and m.training != mode and not leaf(m, p)})
+    if mixed and _code(_trace(model, None)) != _code(graphs[mode]):
+        # the graph of a mode is what model.train(mode) makes: modules fx traces through follow the model's flag
+        msg = (f"{name} is in {_mode_name(mode)} mode but {len(mixed)} of its modules are not "
+               f"({', '.join(mixed[:4])}{', ...' if len(mixed) > 4 else ''}), and forward traces differently for "
+               f"that: the fused model reproduces {name} after {'.train()' if mode else '.eval()'}, where every "
+               f"module has the model's flag (modules called as a whole, such as BatchNorm or Dropout, keep their "
+               f"own)")
+        warnings.warn("drmm_kernels.fuse: " + msg, stacklevel=3)
+        report_notes.append(msg)
+    return graphs
 
 
 # --------------------------------------------------------------------------- nn.Sequential fallback
@@ -679,7 +1070,9 @@ def _fuse_sequential(model: nn.Module, report: FuseReport) -> nn.Module:
                 reason = _bn_problem(bn, conv)
             reason = reason or act[2] or (pool[2] if pool is not None else None)
             if reason is None:
-                shared = [p for m in mods if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for p in paths[id(m)][1:]]
+                here = {f"{prefix}.{n}" if prefix else n for n, _ in kids[i:j]}
+                shared = [p for m in mods if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for p in paths[id(m)]
+                          if p not in here]
                 if shared:
                     reason = f"module also registered at {', '.join(shared)} (its other uses cannot be seen)"
             if reason is not None:
@@ -697,14 +1090,21 @@ def _fuse_sequential(model: nn.Module, report: FuseReport) -> nn.Module:
                     report.refused.append(RefusedBlock(f"{prefix}.{kids[j][0]}" if prefix else kids[j][0], _seq_desc(prefix, kids[i:j + 1]),
                                                        f"{info[2]}; the conv -> activation before it is fused with pool=1"))
             relu_module = any(isinstance(m, nn.ReLU) for m in mods)
+            first = i + (2 if bn is not None else 1)
+            act_k = next(k for k in range(first, j) if _act_info(None, kids[k][1]) is not None)
+            pool_k = [k for k in range(first, j) if k != act_k]
+            replaced = [f"{where}.unfused_act"] + ([f"{where}.unfused_pool"] if pool_k else [])
+            extra = dict(path=where, chain=desc, act_module=kids[act_k][1],
+                         pool_module=kids[pool_k[0]][1] if pool_k else None, replaced_paths=replaced,
+                         as_children=True)
             if bn is None:
-                fused = FusedConvActPool2d._build(conv, padding, act[0], pool_size, order, relu_module)
+                fused = FusedConvActPool2d._build(conv, padding, act[0], pool_size, order, relu_module, **extra)
             else:
                 bn_where = f"{prefix}.{kids[i + 1][0]}" if prefix else kids[i + 1][0]
                 slot = FusedAwayBatchNorm2d._from(bn, where)
                 setattr(seq, kids[i + 1][0], slot)
                 fused = FusedConvBNActPool2d._build(conv, slot, bn_where, padding, act[0], pool_size, order,
-                                                    relu_module)
+                                                    relu_module, **extra)
             setattr(seq, name, fused)
             for k in range(i + (2 if bn is not None else 1), j):
                 setattr(seq, kids[k][0], nn.Identity())
@@ -729,6 +1129,9 @@ def fuse(model: nn.Module, example_inputs: Union[Tensor, Sequence[Any], None] = 
     ``forward``, activation before or after the pool); the result is then a ``torch.fx.GraphModule``
     that shares ``model``'s parameters and buffers. If fx cannot trace ``model``, the chains inside
     ``nn.Sequential`` containers are fused in ``model`` itself, which is returned. Use the returned model.
+    Where ``forward`` traces differently in training and eval mode, the fused model holds a graph per mode
+    (``fused.mode_graphs``) and runs the one of its ``training`` flag, so it matches ``model`` in both modes
+    after any ``.train()`` / ``.eval()``; a module is fused only where both modes' graphs fuse it alike.
 
     Each fused chain is one ``FusedConvActPool2d`` (a ``FusedConvReLUPool2d``) or, with a BatchNorm2d,
     one ``FusedConvBNActPool2d`` (a ``FusedConvBNReLUPool2d``), registered at the conv's path with the
@@ -740,7 +1143,13 @@ def fuse(model: nn.Module, example_inputs: Union[Tensor, Sequence[Any], None] = 
     contract does not cover them: pool stride != kernel, pool padding or dilation, pool > 4,
     ``ceil_mode=True``, ``return_indices=True``, conv dilation or groups, a padding mode other than
     zeros, non-square stride or padding, an intermediate used elsewhere, a conv or BN module also called
-    outside a fusable chain. A conv → activation whose pool is refused is fused with ``pool=1``.
+    outside a fusable chain (or in another chain, or in another mode). A conv → activation whose pool is
+    refused is fused with ``pool=1``. A module registered under several names is fused at all of them alike.
+
+    Hooks on the modules a block replaced (the ``nn.ReLU``, ``nn.MaxPool2d``, ``BatchNorm2d``, kept at their
+    paths) make the block run unfused through them, so Captum's ``GuidedBackprop``, ``Deconvolution``,
+    ``Saliency`` and layer methods on those modules give the original's attributions; a forward or backward
+    hook on the block itself raises ``RuntimeError`` (use ``drmm_kernels.attribution`` for the fused path).
 
     ``example_inputs`` (a tensor or a tuple of the forward's arguments) lets ``fuse`` check each conv's
     input rank and dtype on fake tensors (nothing is computed and no statistics change).
@@ -774,10 +1183,9 @@ def fuse(model: nn.Module, example_inputs: Union[Tensor, Sequence[Any], None] = 
     if not isinstance(model, nn.Module):
         raise TypeError(f"drmm_kernels.fuse: model must be an nn.Module, got {type(model).__name__}")
     name = type(model).__name__
+    notes: List[str] = []
     try:
-        tracer = _Tracer()
-        graph = tracer.trace(model)
-        gm = fx.GraphModule(tracer.root, graph, name)
+        graphs = _trace_modes(model, name, notes)
     except Exception as e:  # data-dependent control flow, untraceable calls, ...
         report = FuseReport(name, "modules")
         report.notes.append(f"torch.fx could not trace {name} ({type(e).__name__}: {_first_line(e)}); "
@@ -787,7 +1195,7 @@ def fuse(model: nn.Module, example_inputs: Union[Tensor, Sequence[Any], None] = 
             report.notes.append("example_inputs not used (no trace)")
         fused = _fuse_sequential(model, report)
     else:
-        report = FuseReport(name, "fx")
-        fused = _fuse_fx(model, gm, report, example_inputs)
+        report = FuseReport(name, "fx", notes=notes)
+        fused = _fuse_fx(model, graphs, report, example_inputs, name)
     fused.fuse_report = report
     return fused

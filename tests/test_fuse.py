@@ -4,6 +4,8 @@ fused model against the original (outputs, parameter gradients, BN running stati
 import copy
 import doctest
 import importlib
+import pickle
+import warnings
 
 import pytest
 import torch
@@ -17,11 +19,11 @@ torchvision = pytest.importorskip("torchvision")
 fuse_module = importlib.import_module("drmm_kernels.fuse")
 
 
-def _vgg11(bn: bool) -> nn.Module:
-    """torchvision's VGG11(-BN) with random features and a small head (the 25088x4096 classifier would take
-    seconds to initialise and has nothing to fuse)."""
+def _vgg11(bn: bool, make=None) -> nn.Module:
+    """torchvision's VGG11(-BN) (or ``make``) with random features and a small head (the 25088x4096 classifier
+    would take seconds to initialise and has nothing to fuse)."""
     with torch.device("meta"):
-        model = (torchvision.models.vgg11_bn if bn else torchvision.models.vgg11)()
+        model = (make or (torchvision.models.vgg11_bn if bn else torchvision.models.vgg11))()
     model.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 16), nn.ReLU(inplace=True), nn.Dropout(), nn.Linear(16, 10))
     model.features.to_empty(device="cpu")
     for m in model.features:
@@ -324,6 +326,116 @@ def test_bn_without_running_stats(mode):
     ref, fused = _fused(getattr(model, mode)())
     assert len(fused.fuse_report.fused) == 1
     _assert_same(ref, fused, torch.randn(2, 3, 8, 8), steps=2)
+
+
+# --------------------------------------------------------------------------- training and eval mode
+
+
+def _same_in_modes(ref, fused, x, modes=("train", "eval", "train", "eval")):
+    """Outputs agree after each switch of both models to each mode; train mode with the same seed (dropout)."""
+    for mode in modes:
+        ref.train(mode == "train"), fused.train(mode == "train")
+        with torch.no_grad():
+            torch.manual_seed(0)
+            want = ref(x)
+            torch.manual_seed(0)
+            got = fused(x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=lambda m: f"{mode} mode: {m}")
+
+
+class DropoutNet(nn.Module):
+    """The issue's net: functional dropout reading self.training, which a trace freezes."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.fc(F.dropout(F.max_pool2d(F.relu(self.c(x)), 2), 0.5, training=self.training).flatten(1))
+
+
+@pytest.mark.parametrize("fused_in", ["train", "eval"])
+def test_functional_dropout_follows_the_mode(fused_in):
+    torch.manual_seed(0)
+    ref, fused = _fused(getattr(DropoutNet(), fused_in)())
+    assert [b.name for b in fused.fuse_report.fused] == ["c"] and "one graph per mode" in str(fused.fuse_report)
+    assert sorted(fused.mode_graphs) == [False, True] and fused.training == (fused_in == "train")
+    x = torch.randn(2, 3, 8, 8)
+    _same_in_modes(ref, fused, x)
+    fused.train()
+    assert not torch.allclose(fused(x), fused.eval()(x))  # the two modes differ, so the check above sees them
+    # copies, deep copies and pickles keep a graph per mode (and a fused model fuses again to the same)
+    for twin in (copy.deepcopy(fused), copy.copy(fused), pickle.loads(pickle.dumps(fused)), dk.fuse(fused)):
+        _same_in_modes(ref, twin, x)
+    assert copy.deepcopy(fused).fuse_report.fused[0].name == "c"
+
+
+def test_efficientnet_stochastic_depth_follows_the_mode():
+    """torchvision's StochasticDepth calls stochastic_depth(x, p, mode, self.training) inside the trace."""
+    torch.manual_seed(0)
+    ref, fused = _fused(torchvision.models.efficientnet_b0().eval())
+    code = {mode: g.python_code("self").src for mode, g in fused.mode_graphs.items()}
+    assert "'row', True)" in code[True] and "'row', True)" not in code[False]
+    _same_in_modes(ref, fused, torch.randn(1, 3, 64, 64), modes=("train", "eval", "train"))
+
+
+def test_vgg16_bn_dropout_and_batch_norm_follow_the_mode():
+    ref, fused = _fused(_vgg11(True, torchvision.models.vgg16_bn).eval())
+    assert len(fused.fuse_report.fused) == 13 and not fused.fuse_report.refused
+    assert any(isinstance(m, nn.Dropout) for m in fused.modules())
+    _same_in_modes(ref, fused, torch.randn(2, 3, 32, 32), modes=("eval", "train", "eval"))
+
+
+class TrainingBranch(nn.Module):
+    """``if self.training`` branches: noise in training only (both modes fuse c1 alike), and a conv pooled in
+    training mode only (different chains: c2 stays unfused, the rest still fuses)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c1(x)), 2)
+        if self.training:
+            x = x + 0.1 * torch.randn_like(x)
+        y = self.c2(x)
+        return (F.max_pool2d(F.relu(y), 2) if self.training else F.relu(y)).flatten(1)
+
+
+@pytest.mark.parametrize("fused_in", ["train", "eval"])
+def test_training_branches(fused_in):
+    torch.manual_seed(0)
+    ref, fused = _fused(getattr(TrainingBranch(), fused_in)())
+    assert [b.name for b in fused.fuse_report.fused] == ["c1"]
+    assert {(r.name, r.reason) for r in fused.fuse_report.refused} == {
+        ("c2", "module c2 is in a different chain in training and in eval mode")}
+    _same_in_modes(ref, fused, torch.randn(2, 3, 8, 8))
+
+
+class Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return F.dropout(F.max_pool2d(F.relu(self.c(x)), 2), 0.5, training=self.training)
+
+
+def test_mixed_training_flags_warn():
+    """A traced-through submodule whose flag differs from the model's: the fused model follows its own flag,
+    as the original does after .train() / .eval(); fuse says so loudly."""
+    model = nn.Sequential(Inner(), nn.Flatten()).train()
+    model[0].eval()
+    ref = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"1 of its modules are not \(0\)"):
+        fused = dk.fuse(model)
+    assert "1 of its modules are not" in str(fused.fuse_report)
+    _same_in_modes(ref, fused, torch.randn(2, 3, 8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # leaf modules (BatchNorm, Dropout) with their own flags: no warning
+        model = Chain(bn=True).train()
+        model.bn.eval()
+        dk.fuse(model)
 
 
 # --------------------------------------------------------------------------- fallback, example_inputs, misc
