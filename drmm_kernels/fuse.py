@@ -679,6 +679,15 @@ def _fuse_fx(model: nn.Module, graphs: Dict[bool, fx.Graph], report: FuseReport,
     def sites(target):
         return [n for gm in gms.values() for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
 
+    paths: Dict[int, List[str]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(path)
+    first = {ps[0]: ps[1:] for ps in paths.values() if ps}
+
+    def module(target: str) -> str:  # fx names a module by its first path; say where else it is registered
+        also = first.get(target, [])
+        return f"module {target}" + (f" (also registered as {', '.join(also)})" if also else "")
+
     def names(nodes) -> str:
         seen = []
         for n in nodes:
@@ -700,16 +709,21 @@ def _fuse_fx(model: nn.Module, graphs: Dict[bool, fx.Graph], report: FuseReport,
             group = [chains[n] for n in calls if n in chains]
             why = None
             if len(group) < len(calls):
-                why = f"module {target} is also called unfused ({names(n for n in calls if n not in chains)})"
+                why = f"{module(target)} is also called unfused ({names(n for n in calls if n not in chains)})"
             elif len({ch.key() for ch in group}) > 1:
                 per_mode = {}
                 for ch in group:
                     per_mode.setdefault(mode_of[id(ch.conv.graph)], set()).add(ch.key())
+                n_sites = max(sum(1 for ch in group if mode_of[id(ch.conv.graph)] == m) for m in per_mode)
                 if two and all(len(k) == 1 for k in per_mode.values()):
-                    why = f"module {target} is in a different chain in training and in eval mode"
+                    why = f"{module(target)} is in a different chain in training and in eval mode"
+                elif len({ch.key()[:5] for ch in group}) == 1:
+                    through = sorted({p for ch in group for p in ch.key()[5:] if p is not None})
+                    why = (f"{module(target)} is called in {n_sites} chains through different activation / pool "
+                           f"modules ({', '.join(through)}): one fused block runs unfused through one set of them "
+                           f"when they are hooked")
                 else:
-                    n_sites = max(sum(1 for ch in group if mode_of[id(ch.conv.graph)] == m) for m in per_mode)
-                    why = f"module {target} is called in {n_sites} different chains"
+                    why = f"{module(target)} is called in {n_sites} different chains"
             if why:
                 for ch in group:
                     refused.append(RefusedBlock(target, ch.desc, why))
@@ -721,7 +735,7 @@ def _fuse_fx(model: nn.Module, graphs: Dict[bool, fx.Graph], report: FuseReport,
             if len(inside) < len(calls):
                 others = [n for n in calls if not any(ch.bn is n for ch in inside)]
                 for ch in inside:
-                    refused.append(RefusedBlock(ch.conv.target, ch.desc, f"batch norm module {target} is also "
+                    refused.append(RefusedBlock(ch.conv.target, ch.desc, f"batch norm {module(target)} is also "
                                                                         f"called unfused ({names(others)})"))
                     del chains[ch.conv]
                 changed = True

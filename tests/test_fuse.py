@@ -328,6 +328,88 @@ def test_bn_without_running_stats(mode):
     _assert_same(ref, fused, torch.randn(2, 3, 8, 8), steps=2)
 
 
+# --------------------------------------------------------------------------- shared modules
+
+
+class Aliased(nn.Module):
+    """A conv and a BN each registered under two names, called through the second."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.b, self.bn2 = self.a, self.bn
+
+    def forward(self, x):
+        return F.max_pool2d(self.relu(self.bn2(self.b(x))), 2)
+
+
+def test_module_registered_under_two_names():
+    model = Aliased().train()
+    _randomize_bn(model.bn)
+    ref, fused = _fused(model)
+    assert [b.name for b in fused.fuse_report.fused] == ["a"] and not fused.fuse_report.refused
+    assert isinstance(fused.b, fuse_module.FusedConvBNActPool2d) and fused.b is fused.a and fused.bn2 is fused.bn
+    assert "hold the same module at each: b, bn2" in str(fused.fuse_report)
+    _assert_same(ref, fused, torch.randn(2, 3, 8, 8), steps=2)
+    other = Aliased()
+    other.load_state_dict(fused.state_dict())
+    fused.load_state_dict(other.state_dict())
+
+
+class TwoSequentials(nn.Module):
+    """One conv in two nn.Sequentials: with the same ReLU and pool modules, with modules of their own, or in
+    another chain."""
+
+    def __init__(self, kind):
+        super().__init__()
+        conv, relu, pool = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
+        self.s1 = nn.Sequential(conv, relu, pool)
+        self.s2 = {"shared": lambda: nn.Sequential(conv, relu, pool),
+                   "own modules": lambda: nn.Sequential(conv, nn.ReLU(), nn.MaxPool2d(2)),
+                   "other chain": lambda: nn.Sequential(conv, relu)}[kind]()
+
+    def forward(self, x):
+        return self.s1(x).sum((2, 3)) + self.s2(2 * x).sum((2, 3))
+
+
+class TwoSequentialsUntraceable(TwoSequentials):
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("shared", None),
+    ("own modules", "module s1.0 (also registered as s2.0) is called in 2 chains through different activation / "
+                    "pool modules (s1.1, s1.2, s2.1, s2.2)"),
+    ("other chain", "module s1.0 (also registered as s2.0) is called in 2 different chains"),
+])
+def test_conv_in_two_sequentials(kind, reason):
+    """Fused alike at both paths (one block, two call sites), or refused with the reason; never a crash."""
+    torch.manual_seed(0)
+    ref, fused = _fused(TwoSequentials(kind))
+    report = fused.fuse_report
+    if reason is None:
+        assert [(b.name, b.sites) for b in report.fused] == [("s1.0", 2)] and not report.refused
+        assert isinstance(fused.get_submodule("s2.0"), fuse_module.FusedConvActPool2d)
+        assert fused.get_submodule("s2.0") is fused.get_submodule("s1.0")
+    else:
+        assert not report.fused and {r.name for r in report.refused} == {"s1.0"}
+        assert all(r.reason.startswith(reason) for r in report.refused), str(report)
+        assert type(fused.get_submodule("s2.0")) is nn.Conv2d
+    _assert_same(ref, fused, torch.randn(2, 3, 8, 8))
+
+
+def test_conv_in_two_sequentials_untraceable():
+    torch.manual_seed(0)
+    ref, fused = _fused(TwoSequentialsUntraceable("shared"))
+    assert fused.fuse_report.mode == "modules" and not fused.fuse_report.fused
+    assert _reasons(fused.fuse_report) == [("s1.0", "module also registered at s2.0 (its other uses cannot be seen)"),
+                                           ("s2.0", "module also registered at s1.0 (its other uses cannot be seen)")]
+    _assert_same(ref, fused, torch.randn(2, 3, 8, 8))
+
+
 # --------------------------------------------------------------------------- training and eval mode
 
 
