@@ -6,6 +6,19 @@
 >>> x_hat = dk.render(y, switches, w, padding=1, out_size=x.shape[-2:])
 >>> x_hat.shape
 torch.Size([2, 3, 8, 8])
+
+Which backend runs the ops: ``auto`` (the default) takes the fastest available for the tensor's device.
+
+>>> dk.available_backends()["reference"]
+BackendStatus(available=True, reason='pure PyTorch, always available')
+>>> dk.set_backend("reference")                  # for the whole process (or DRMM_KERNELS_BACKEND=reference)
+>>> dk.get_backend()
+'reference'
+>>> dk.set_backend("auto")
+>>> with dk.backend("reference"):                # for a block only
+...     y_ref, switches_ref = dk.conv_relu_pool(x, w, padding=1)
+>>> torch.equal(switches_ref, switches)
+True
 """
 
 from .attribution import attribution

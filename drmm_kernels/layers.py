@@ -100,6 +100,13 @@ class FusedConvBNReLUPool2d(nn.Module):
 
     Parameter and buffer names follow ``conv.weight`` / ``bn.*`` so the two source modules'
     state_dicts map onto it directly.
+
+    >>> block = FusedConvBNReLUPool2d(3, 8, 3, padding=1)
+    >>> y, switches = block(torch.randn(4, 3, 16, 16), return_switches=True)   # training mode: batch statistics
+    >>> y.shape, int(block.bn.num_batches_tracked)
+    (torch.Size([4, 8, 8, 8]), 1)
+    >>> block.render(y, switches, out_size=(16, 16)).shape
+    torch.Size([4, 3, 16, 16])
     """
 
     attribution_block = True  # drmm_kernels.attribution applies its rule to this block's ReLU

@@ -9,6 +9,10 @@ ops/switches.py), so ``torch.compile(fullgraph=True)`` traces both directions wi
 >>> y, sw = conv_relu_pool(x, w, padding=1)
 >>> render(y, sw, w, padding=1, out_size=(8, 8)).shape
 torch.Size([2, 3, 8, 8])
+>>> mean, var = torch.zeros(4), torch.ones(4)
+>>> y, sw = conv_bn_relu_pool(x, w, None, None, mean, var, training=True, padding=1)  # updates mean, var
+>>> y.shape, bool((mean != 0).all())
+(torch.Size([2, 4, 4, 4]), True)
 """
 
 from .conv_bn_relu_pool import conv_bn_relu_pool
