@@ -15,6 +15,12 @@ deconvnet     ``relu(g)`` (Zeiler & Fergus)              by the sign only: ``rel
 These are the rules of Captum's ``Saliency`` (signed), ``GuidedBackprop`` and ``Deconvolution``, applied
 where Captum applies them: ReLUs called as ``nn.ReLU`` modules. Functional ReLUs (``F.relu``,
 ``torch.relu``, ``x.relu()``), ``LeakyReLU`` and fused blocks made from them keep their plain gradient.
+
+Captum itself also works on a fused model and gives the original's attributions: ``fuse`` keeps the
+``nn.ReLU`` modules a block replaced at their paths, Captum hooks them, and a block whose replaced modules are
+hooked runs its chain unfused through them (at the unfused model's speed); a Captum layer method on a fused
+block itself raises, since the block's output is not the conv's. This context is the fused, fast path to the
+same maps.
 In deconvnet mode a fused block's backward is exactly the package's ``render``: the signal, rectified,
 unpooled at the recorded switches and sent through the transposed conv with the block's weights.
 

@@ -291,6 +291,136 @@ def test_hand_built_fused_layer_counts_as_a_relu_module():
         _assert_close(_ours(fused, x, mode, 1), _captum(model, x, mode, 1), mode)
 
 
+# --------------------------------------------------------------------------- Captum on the fused model
+
+
+def _assert_rel(actual, expected, what=""):
+    """Within 1e-5 of the largest value: Captum on the fused model against Captum on the original."""
+    scale = expected.abs().max().item()
+    assert scale > 0, what
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{what}: {m}")
+
+
+def _no_hooks_left(model):
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in model.modules())
+
+
+@pytest.fixture(scope="module")
+def vgg11_64():
+    model = _vgg11()
+    fused = dk.fuse(copy.deepcopy(model))
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    return model, fused, x
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_captum_on_the_fused_vgg11(vgg11_64, mode):
+    """Saliency through the fused ops; GuidedBackprop / Deconvolution hook the nn.ReLU modules the blocks
+    replaced (kept at their paths), and the blocks then run unfused through them."""
+    model, fused, x = vgg11_64
+    _assert_rel(_captum(fused, x, mode, 3), _captum(model, x, mode, 3), f"Captum {CAPTUM[mode].__name__}")
+    assert _no_hooks_left(fused)
+
+
+@pytest.mark.parametrize("layer", ["features.19", "features.20"])
+def test_captum_layer_grad_cam_on_the_fused_vgg11(vgg11_64, layer):
+    """The ReLU and the pool a block replaced: the block runs unfused while Captum hooks them."""
+    model, fused, x = vgg11_64
+    want = captum_attr.LayerGradCam(model, model.get_submodule(layer)).attribute(x, target=3)
+    _assert_rel(captum_attr.LayerGradCam(fused, fused.get_submodule(layer)).attribute(x, target=3), want, layer)
+
+
+def test_captum_layer_method_on_a_fused_block_raises(vgg11_64):
+    """The module at the conv's path is the whole block: a hook on its output would see the pooled activation,
+    not the conv's output, so it raises, naming the ways out; hooks on its input are the conv's and work."""
+    model, fused, x = vgg11_64
+    block = fused.get_submodule("features.18")
+    with pytest.raises(RuntimeError, match=r"fused block 'features\.18' .*'features\.19', 'features\.20'.*"
+                                           r"drmm_kernels\.attribution"):
+        captum_attr.LayerGradCam(fused, block).attribute(x, target=3)
+    assert _no_hooks_left(fused)
+    with pytest.raises(RuntimeError, match="hook is registered on the fused block"):
+        captum_attr.LayerActivation(fused, block).attribute(x)
+    _assert_rel(captum_attr.LayerGradCam(fused, block).attribute(x, target=3, attribute_to_layer_input=True),
+                captum_attr.LayerGradCam(model, model.get_submodule("features.18")).attribute(
+                    x, target=3, attribute_to_layer_input=True), "layer input")
+    block.hooks_see_block_output = True  # knowingly: the block's output is the pool's
+    try:
+        _assert_rel(captum_attr.LayerGradCam(fused, block).attribute(x, target=3),
+                    captum_attr.LayerGradCam(model, model.get_submodule("features.20")).attribute(x, target=3))
+    finally:
+        block.hooks_see_block_output = False
+
+
+class _Untraceable(nn.Module):
+    """fx cannot trace it: fuse falls back to the nn.Sequential chains, whose ReLU / pool modules it keeps as the
+    blocks' children (their slots pass through)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(6, 8, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(inplace=True))
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        if x.sum() > 1e9:
+            x = x / 2
+        return self.fc(self.features(x).flatten(1))
+
+
+class _SharedReLU(nn.Module):
+    """One nn.ReLU module in two fused chains (as ResNet blocks reuse self.relu), and functional dropout: a
+    graph per mode (run here in eval mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.relu = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU()
+        self.fc = nn.Linear(6 * 4 * 4, 4)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.relu(self.c1(x)), 2)
+        x = F.max_pool2d(self.relu(self.c2(x)), 2)
+        return self.fc(F.dropout(x, 0.5, training=self.training).flatten(1))
+
+
+def _bn_net(training):
+    def make():
+        model = _BNNet().train(training)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                with torch.no_grad():
+                    m.weight.uniform_(-1.5, 1.5), m.bias.normal_(), m.running_mean.normal_(), m.running_var.uniform_(.5, 2)
+        return model
+    return make
+
+
+CUSTOM_NETS = {  # name: (make, input shape, target)
+    "bn eval": (_bn_net(False), (4, 3, 16, 16), 1),
+    "bn train": (_bn_net(True), (4, 3, 16, 16), 1),
+    "mixed relus": (_Mixed, (2, 3, 16, 16), 2),
+    "shared relu, dropout": (lambda: _SharedReLU().eval(), (2, 3, 16, 16), 3),
+    "act-pool": (lambda: _one_block("act-pool"), (2, 2, 8, 8), 0),
+    "pool-act": (lambda: _one_block("pool-act"), (2, 2, 8, 8), 0),
+    "untraceable": (_Untraceable, (2, 3, 16, 16), 4),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("net", list(CUSTOM_NETS))
+def test_captum_on_fused_custom_nets(net, mode):
+    make, shape, target = CUSTOM_NETS[net]
+    torch.manual_seed(9)
+    model = make().double()
+    fused = dk.fuse(copy.deepcopy(model))
+    assert fused.fuse_report.fused and (fused.fuse_report.mode == "modules") == (net == "untraceable")
+    assert ("one graph per mode" in str(fused.fuse_report)) == (net == "shared relu, dropout")
+    x = torch.randn(*shape, dtype=torch.float64)
+    _assert_rel(_captum(fused, x, mode, target), _captum(model, x, mode, target), f"{net}, {mode}")
+    assert _no_hooks_left(fused)
+    # and drmm_kernels.attribution through the fused ops agrees with both
+    _assert_rel(_ours(fused, x, mode, target), _captum(model, x, mode, target), f"{net}, {mode}, fused ops")
+
+
 # --------------------------------------------------------------------------- the context
 
 
