@@ -27,8 +27,10 @@ raises, as it would see the chain's output where the original's conv gave the co
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
 import math
 import operator
 import warnings
@@ -355,7 +357,8 @@ def _conv_problem(conv: nn.Module) -> Tuple[Optional[str], int]:
     if isinstance(conv.weight, nn.parameter.UninitializedParameter):
         return "lazy conv not initialised yet (run one forward first)", 0
     if conv.groups != 1:
-        return f"grouped convolution (groups={conv.groups}) is outside the op contract", 0
+        kind = ", depthwise" if conv.groups == conv.in_channels else ""
+        return f"grouped convolution (groups={conv.groups}{kind}) is outside the op contract", 0
     if tuple(conv.dilation) != (1, 1):
         return f"dilated convolution (dilation={tuple(conv.dilation)}) is outside the op contract", 0
     if conv.padding_mode != "zeros":
@@ -529,9 +532,11 @@ def _analyze(gm: fx.GraphModule, c: fx.Node, refused: List[RefusedBlock],
         return None
 
     users = list(c.users)
+    reason, padding = _conv_problem(conv)
+    if reason is not None and any(nxt(u) or _other_activation(gm, u) for u in users):
+        return refuse([c] + users[:1], reason)  # the conv itself first (a depthwise conv before BN -> ReLU6)
     if not users or not any(nxt(u) for u in users):
-        after = f"its output goes to {_names(users)}" if users else "its output is unused"
-        return refuse([c], f"no batch_norm/activation/max_pool2d follows ({after})")
+        return refuse([c], _not_followed(gm, "the conv", users, "no batch_norm/activation/max_pool2d follows ({})"))
     if len(users) > 1:
         return refuse([c], f"the conv output is also used by {_names(u for u in users if not nxt(u)) or _names(users)}")
     chain = [c]
@@ -541,7 +546,8 @@ def _analyze(gm: fx.GraphModule, c: fx.Node, refused: List[RefusedBlock],
         chain.append(bn)
         busers = list(bn.users)
         if not busers or not any(_act_info(gm, w) is not None or _pool_info(gm, w) is not None for w in busers):
-            return refuse(chain, f"no activation follows the batch_norm (its output goes to {_names(busers)})")
+            return refuse(chain, _not_followed(gm, "the batch_norm", busers, "no activation follows the batch_norm "
+                                                                             "({})"))
         if len(busers) > 1:
             return refuse(chain + busers[:1], f"the batch_norm output is also used by {_names(busers[1:])}")
         u = busers[0]
@@ -555,14 +561,14 @@ def _analyze(gm: fx.GraphModule, c: fx.Node, refused: List[RefusedBlock],
         chain.append(pool_node)
         pusers = list(pool_node.users)
         if not pusers or not any(_act_info(gm, w) is not None for w in pusers):
-            return refuse(chain, f"no activation follows the max_pool2d (its output goes to {_names(pusers)})")
+            return refuse(chain, _not_followed(gm, "the max_pool2d", pusers, "no activation follows the max_pool2d "
+                                                                             "({})"))
         if len(pusers) > 1:
             return refuse(chain + pusers[:1], f"the max_pool2d output (before the activation) is also used by "
                                               f"{_names(pusers[1:])}")
         act_node = pusers[0]
         act = _act_info(gm, act_node)
         chain.append(act_node)
-    reason, padding = _conv_problem(conv)
     if reason is None and bn is not None:
         reason = _bn_problem(gm.get_submodule(bn.target), conv)
     if reason is None and act[2] is not None:
@@ -598,6 +604,35 @@ def _analyze(gm: fx.GraphModule, c: fx.Node, refused: List[RefusedBlock],
                   " -> ".join(_desc(gm, n) for n in chain), padding, relu_module)
 
 
+# activations the fused ops do not compute, named in refusals instead of "no activation follows"
+_OTHER_ACTIVATIONS = {"relu6", "silu", "gelu", "hardswish", "hardtanh", "hardsigmoid", "elu", "selu", "celu",
+                      "prelu", "rrelu", "mish", "softplus", "sigmoid", "tanh", "logsigmoid", "softsign", "tanhshrink",
+                      "threshold", "glu", "softmax", "log_softmax"}
+
+
+def _other_activation(gm: Optional[fx.GraphModule], n) -> Optional[str]:
+    """The name of an activation the fused ops do not compute (ReLU6, SiLU, ...), else None."""
+    if gm is None or n.op == "call_module":
+        m = n if gm is None else gm.get_submodule(n.target)
+        if _act_info(None, m) is None and type(m).__module__ == "torch.nn.modules.activation":
+            return type(m).__name__
+        return None
+    name = getattr(n.target, "__name__", "") if n.op == "call_function" else n.target if n.op == "call_method" else ""
+    name = name.rstrip("_") if isinstance(name, str) else ""
+    return name if name in _OTHER_ACTIVATIONS else None
+
+
+def _not_followed(gm: fx.GraphModule, what: str, users, plain: str) -> str:
+    """Why nothing fusable follows ``what``: the activation there if it is one the ops lack, else ``plain``
+    filled with where the output goes."""
+    acts = [(u, _other_activation(gm, u)) for u in users]
+    acts = [(u, a) for u, a in acts if a]
+    if acts:
+        named = ", ".join(f"{u.target} ({a})" if u.op == "call_module" else a for u, a in acts)
+        return f"{what} is followed by {named}, an activation the fused ops do not compute (ReLU / LeakyReLU only)"
+    return plain.format(f"its output goes to {_names(users)}" if users else "its output is unused")
+
+
 def _module_desc(path: str, m: nn.Module) -> str:
     kind = type(m).__name__
     if isinstance(m, nn.LeakyReLU):
@@ -629,9 +664,12 @@ def _example_ranks(gm: fx.GraphModule, example_inputs, notes: List[str]) -> Dict
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)
     try:
-        ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
+        # ShapeProp prints the traceback of a failing node itself; the note below says what failed
+        with contextlib.redirect_stderr(io.StringIO()):
+            ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
     except Exception as e:  # shapes are a check, not a requirement
-        notes.append(f"example_inputs: shape propagation failed ({type(e).__name__}: {_first_line(e)}); "
+        cause = e.__cause__ or e
+        notes.append(f"example_inputs: shape propagation failed ({type(cause).__name__}: {_first_line(cause)}); "
                      f"conv input ranks not checked")
         return {}
     out = {}
@@ -1073,9 +1111,13 @@ def _fuse_sequential(model: nn.Module, report: FuseReport) -> nn.Module:
                 mods.append(kids[j][1])
                 j += 1
             else:
-                report.refused.append(RefusedBlock(where, _seq_desc(prefix, kids[i:j + 1]),
-                                                   "no activation follows the conv"
-                                                   + (" and batch_norm" if bn is not None else "")))
+                why = _conv_problem(conv)[0]
+                other = _other_activation(None, kids[j][1]) if j < len(kids) else None
+                if why is None and other is not None:
+                    why = (f"the {'batch_norm' if bn is not None else 'conv'} is followed by {other}, an activation "
+                           f"the fused ops do not compute (ReLU / LeakyReLU only)")
+                report.refused.append(RefusedBlock(where, _seq_desc(prefix, kids[i:j + 1]), why or (
+                    "no activation follows the conv" + (" and batch_norm" if bn is not None else ""))))
                 i += 1
                 continue
             desc = _seq_desc(prefix, kids[i:j])

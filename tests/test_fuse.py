@@ -265,6 +265,45 @@ REFUSALS = {
 }
 
 
+# what the refusal names: the activation the ops lack, or the conv's groups before what follows it
+# case: (model, reason in the fx trace, reason in the nn.Sequential fallback or None for functional ones)
+LACKS = "an activation the fused ops do not compute (ReLU / LeakyReLU only)"
+NAMED = {
+    "ReLU6 module": (lambda: Chain(act=nn.ReLU6()), f"the conv is followed by act (ReLU6), {LACKS}",
+                     f"the conv is followed by ReLU6, {LACKS}"),
+    "SiLU after BN": (lambda: Chain(act=nn.SiLU(), bn=True), f"the batch_norm is followed by act (SiLU), {LACKS}",
+                      f"the batch_norm is followed by SiLU, {LACKS}"),
+    "F.silu": (lambda: Functional(lambda s, x: F.silu(s.conv(x))), f"the conv is followed by silu, {LACKS}", None),
+    "F.relu6 after pool": (lambda: Functional(lambda s, x: F.relu6(F.max_pool2d(s.conv(x), 2))),
+                           f"the max_pool2d is followed by relu6, {LACKS}", None),
+    "depthwise -> BN -> ReLU6": (lambda: Chain(nn.Conv2d(4, 4, 3, groups=4), act=nn.ReLU6(), bn=True),
+                                 "grouped convolution (groups=4, depthwise) is outside the op contract",
+                                 "grouped convolution (groups=4, depthwise) is outside the op contract"),
+}
+
+
+@pytest.mark.parametrize("traced", [True, False], ids=["fx", "sequential"])
+@pytest.mark.parametrize("case", list(NAMED))
+def test_refusal_names_the_activation_or_groups(case, traced):
+    make, reason, seq_reason = NAMED[case]
+    model = make().eval()
+    if not traced:
+        if seq_reason is None:
+            pytest.skip("functional: no nn.Sequential")
+        model, reason = Untraceable(False), seq_reason
+        model.features = nn.Sequential(*[m for m in make().children() if m is not None])
+    report = dk.fuse(model).fuse_report
+    assert (report.mode == "fx") == traced
+    assert report.refused and report.refused[0].reason == reason, str(report)
+
+
+def test_bad_example_inputs_print_nothing(capfd):
+    fused = dk.fuse(Chain(), example_inputs=torch.randn(1, 5, 8, 8))  # 5 channels for a 3-channel conv
+    assert capfd.readouterr().err == ""
+    assert "example_inputs: shape propagation failed (RuntimeError: Given groups=1, weight of size [4, 3, 3, 3], " \
+           "expected input[1, 5, 8, 8] to have 3 channels" in str(fused.fuse_report)
+
+
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_refusals(case):
     make, name, reason, n_fused = REFUSALS[case]
