@@ -4,7 +4,7 @@
     drmm eval RUN_DIR [--checkpoint best|last]   (default: best.pt if the run has a validation split, else last.pt)
     drmm render RUN_DIR [--num 8] [--checkpoint best|last]
     drmm sample RUN_DIR [--class c] [--num N]                    (the sampler: drmm/sample.py)
-    drmm experiment {table1,report,convergence,throughput} ...   (its parser: drmm/experiments.py)
+    drmm experiment {table1,report,convergence,throughput} ...   (its parser: drmm/paper/cli.py)
 
 Errors: input the user can fix (a bad config key or value, a missing or corrupt data file or checkpoint) raises
 ``drmm.errors.UsageError`` where it is found; ``main`` prints it as one line, ``drmm <command>: error: ...``, and
@@ -24,7 +24,7 @@ import yaml
 
 from .config import config_from_dict, load_config, read_yaml_mapping, resolve_device
 from .errors import UsageError
-from .experiments import add_experiment_parser
+from .paper import add_experiment_parser
 from .figures import save_image_grid, save_level_grid, save_reconstruction_grid
 from .metrics import clustering_report, predict_test
 from .plan import load_data

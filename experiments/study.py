@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from drmm.config import load_config  # noqa: E402
-from drmm.experiments import git_commit, read_csv  # noqa: E402
+from drmm.paper import git_commit, read_csv  # noqa: E402
 from drmm.train import train  # noqa: E402
 
 FIELDS = ["trial", "date", "commit", "config", "overrides", "labels", "seed", "steps", "wall_s", "val_error_curve",

@@ -196,7 +196,7 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
                           (["sample", str(run)], "sample")):
         line = fails(argv, capsys, command)
         assert str(run / "last.pt") in line and "refused" in line and "exec" in line, line
-    from drmm.experiments import resume_point
+    from drmm.paper import resume_point
     with pytest.raises(CheckpointError, match="could run arbitrary code"):
         resume_point(run)
     assert not marker.exists()

@@ -2,12 +2,15 @@
 for the rest), the convergence helper, the schedules, the throughput measurement."""
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from drmm import experiments as E
+from drmm import paper as E
+from drmm.config import TrainConfig
+from drmm.paper import rows, runner
 from drmm.cli import main
 from drmm_cases import DATA_DIR, needs_mnist
 
@@ -51,18 +54,18 @@ def test_table1_cpu_schedule_resumes_a_killed_run_and_scores_the_test_set_once(t
             "--set", "eval_every_steps=2"]
     argv = ["experiment", "table1", "--row", "drmm5-nn-kl", "--labels", "100", "--out", str(out), "--data-dir",
             DATA_DIR, "--test-images", "100", "--checkpoint", "best-val", "--no-report", *tiny]
-    real_train = E.train
+    real_train = runner.train
 
     def killed_after_two_steps(cfg, run_dir, resume=False):
         assert not resume
-        real_train(E.dataclasses.replace(cfg, max_steps=2), run_dir)
+        real_train(dataclasses.replace(cfg, max_steps=2), run_dir)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(E, "train", killed_after_two_steps)
+    monkeypatch.setattr(runner, "train", killed_after_two_steps)
     with pytest.raises(KeyboardInterrupt):
         main(argv)
     assert not (out / "table1.csv").exists()
-    monkeypatch.setattr(E, "train", real_train)
+    monkeypatch.setattr(runner, "train", real_train)
     assert main(argv) == 0
     assert "resuming at" in capsys.readouterr().out
     (rec,) = csv.DictReader(open(out / "table1.csv"))
@@ -89,9 +92,9 @@ def test_table1_config_replaces_the_rows_cpu_schedule(tmp_path):
     other = E.row_config(E.ROWS["rfm"], "600", 0, "cpu", config="mnist-drmm2-ssl-b09-cpu.yaml")
     assert (own.model, other.model) == ("rfm", "drmm2") and other.num_labeled == 600 and other.seed == 0
     path = tmp_path / "mine.yaml"
-    path.write_text((E.CONFIG_DIR / "mnist-rfm-ssl-b09-cpu.yaml").read_text() + "epochs: 3\n")
+    path.write_text((rows.CONFIG_DIR / "mnist-rfm-ssl-b09-cpu.yaml").read_text() + "epochs: 3\n")
     assert E.row_config(E.ROWS["rfm"], "600", 0, "cpu", config=str(path)).epochs == 3
-    assert E.schedule_label("cpu", own, None, [], str(E.cpu_config_path(E.ROWS["rfm"], "600", str(path)))) == "mine"
+    assert E.schedule_label("cpu", own, None, [], str(rows.cpu_config_path(E.ROWS["rfm"], "600", str(path)))) == "mine"
     with pytest.raises(SystemExit, match="--config: no such file"):
         main(["experiment", "table1", "--row", "rfm", "--labels", "600", "--config", "nope.yaml",
               "--out", str(tmp_path)])
@@ -175,7 +178,7 @@ def test_smoke_schedule_spans_its_steps_and_full_keeps_the_protocol():
     for name in ("drmm5-nn-kl", "rfm-sup", "drmm5-unsup-pretr"):
         cfg = E.row_config(E.ROWS[name], "all" if E.ROWS[name].supervised else "100", 0, "smoke")
         assert cfg.max_steps == E.CPU_STEPS and cfg.max_train_samples == E.CPU_TRAIN_IMAGES
-        steps = sum(E._steps_per_epoch(cfg, E.CPU_TRAIN_IMAGES, e) for e in range(cfg.epochs))
+        steps = sum(rows._steps_per_epoch(cfg, E.CPU_TRAIN_IMAGES, e) for e in range(cfg.epochs))
         assert E.CPU_STEPS <= steps < E.CPU_STEPS + 160, (name, steps)  # the lr decay spans the short run
     headline = E.row_config(E.ROWS["drmm5-nn-kl"], "100", 0, "smoke")
     assert E.epochs_run(headline, 300) == pytest.approx(300 / 309)  # (10000 - 100) // 32 steps per epoch
@@ -231,7 +234,7 @@ def test_convergence_cpu_schedule_records_its_overrides(tmp_path):
 @needs_mnist
 def test_study_trial_logs_its_validation_curve_and_never_looks_at_the_test_set(tmp_path, monkeypatch):
     import importlib.util
-    spec = importlib.util.spec_from_file_location("study", Path(E.REPO) / "experiments" / "study.py")
+    spec = importlib.util.spec_from_file_location("study", Path(rows.REPO) / "experiments" / "study.py")
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     splits = []
@@ -243,7 +246,7 @@ def test_study_trial_logs_its_validation_curve_and_never_looks_at_the_test_set(t
 
     monkeypatch.setitem(study.train.__globals__, "evaluate", spy)
     out = tmp_path / "study.csv"
-    argv = ["T99", "--config", str(Path(E.REPO) / "configs" / "mnist-rfm-ssl-cpu.yaml"), "--out", str(out),
+    argv = ["T99", "--config", str(Path(rows.REPO) / "configs" / "mnist-rfm-ssl-cpu.yaml"), "--out", str(out),
             "--runs", str(tmp_path / "runs"), "--set", f"data_dir={DATA_DIR}", "--set", "max_steps=4",
             "--set", "eval_every_steps=2", "--set", "max_train_samples=600", "--set", "val_samples=100"]
     assert study.main(argv) == 0
@@ -254,7 +257,7 @@ def test_study_trial_logs_its_validation_curve_and_never_looks_at_the_test_set(t
     with pytest.raises(SystemExit):  # the same trial id twice
         study.main(argv)
     with pytest.raises(SystemExit):  # no validation split: refused
-        study.main(["T98", "--config", str(Path(E.REPO) / "configs" / "mnist-sup-rfm.yaml"), "--out", str(out)])
+        study.main(["T98", "--config", str(Path(rows.REPO) / "configs" / "mnist-sup-rfm.yaml"), "--out", str(out)])
 
 
 def test_curves_name_the_schedule_and_dash_earlier_ones_when_a_row_has_several():
@@ -308,11 +311,11 @@ def test_config_hash_is_pinned_and_new_fields_at_their_default_keep_it():
     # changed, `drmm experiment table1` would silently train that finished row again.
     cfg = E.row_config(E.ROWS["drmm5-nn-kl"], "100", 3, "cpu")
     assert E.config_hash(cfg) == "72ef9b007754"
-    assert E.config_hash(E.dataclasses.replace(cfg, data_dir="/elsewhere", progress=True)) == "72ef9b007754"
-    assert E.config_hash(E.dataclasses.replace(cfg, kl_weight=0.25)) != "72ef9b007754"
-    grown = E.dataclasses.make_dataclass("Grown", [("a_new_option", float, 0.0)], bases=(E.TrainConfig,))
-    assert E.config_hash(grown(**E.dataclasses.asdict(cfg))) == "72ef9b007754"
-    assert E.config_hash(grown(**E.dataclasses.asdict(cfg), a_new_option=1.0)) != "72ef9b007754"
+    assert E.config_hash(dataclasses.replace(cfg, data_dir="/elsewhere", progress=True)) == "72ef9b007754"
+    assert E.config_hash(dataclasses.replace(cfg, kl_weight=0.25)) != "72ef9b007754"
+    grown = dataclasses.make_dataclass("Grown", [("a_new_option", float, 0.0)], bases=(TrainConfig,))
+    assert E.config_hash(grown(**dataclasses.asdict(cfg))) == "72ef9b007754"
+    assert E.config_hash(grown(**dataclasses.asdict(cfg), a_new_option=1.0)) != "72ef9b007754"
 
 
 def test_a_csv_of_the_old_layout_is_upgraded_and_a_run_under_an_old_hash_is_recognised(tmp_path):
