@@ -31,8 +31,6 @@ import contextlib
 import copy
 import inspect
 import io
-import math
-import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -971,8 +969,10 @@ class _TwoModeGraphModule(fx.GraphModule):
 
     def __copy__(self):
         res = _TwoModeGraphModule(self, self.graph, type(self).__name__)
-        for k, m in self.named_children():
-            res._modules[k] = m
+        res._modules.update(self._modules)   # the whole tree, shared as a shallow copy shares it
+        res._parameters.update(self._parameters)
+        res._buffers.update(self._buffers)
+        res._non_persistent_buffers_set |= self._non_persistent_buffers_set
         res.meta = getattr(self, "meta", {})
         if "fuse_report" in self.__dict__:
             res.__dict__["fuse_report"] = self.__dict__["fuse_report"]

@@ -488,6 +488,7 @@ def test_functional_dropout_follows_the_mode(fused_in):
     # copies, deep copies and pickles keep a graph per mode (and a fused model fuses again to the same)
     for twin in (copy.deepcopy(fused), copy.copy(fused), pickle.loads(pickle.dumps(fused)), dk.fuse(fused)):
         _same_in_modes(ref, twin, x)
+        assert sorted(twin.state_dict()) == sorted(ref.state_dict())
     assert copy.deepcopy(fused).fuse_report.fused[0].name == "c"
 
 
