@@ -295,7 +295,8 @@ def check(wl: Workload, backend: str) -> List[str]:
             problems.append(f"fwdbwd {name} rel err {e:.2e} > {tol:.0e}")
     with dk.backend(backend):
         xh = wl.fused_render(wl.mu, sw, wl.w)
-    xh_ref = reference.render(wl.mu.double(), sw, wl.w.double(), None, L.stride, L.pad, L.pool, (L.hw, L.hw), 0.0)
+    xh_ref = reference.render(mu=wl.mu.double(), switches=sw, weight=wl.w.double(), scale=None, stride=L.stride,
+                              padding=L.pad, pool=L.pool, out_h=L.hw, out_w=L.hw, negative_slope=0.0)
     if (e := _rel(xh, xh_ref)) > tol:
         problems.append(f"render rel err {e:.2e} > {tol:.0e}")
     return problems

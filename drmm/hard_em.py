@@ -56,10 +56,11 @@ def masked_unpooled(model: DRMM, i: int, mu: Tensor, switches: Tensor) -> Tensor
         mu = F.relu(mu)
     if spec.pool == "mean":
         mu = model.mean_unpool(mu, model.map_sizes[i])
-    masked = kref.masked_values(mu, switches, None, spec.negative_slope)
+    masked = kref.masked_values(mu=mu, switches=switches, scale=None, negative_slope=spec.negative_slope)
     if spec.fused_pool == 1:
         return masked
-    return kref.unpool(masked, switches, spec.fused_pool, model.map_sizes[i])
+    out_h, out_w = model.map_sizes[i]
+    return kref.unpool(values=masked, switches=switches, pool=spec.fused_pool, out_h=out_h, out_w=out_w)
 
 
 def design_rows(model: DRMM, i: int, mu_tilde: Tensor) -> Tensor:

@@ -26,56 +26,64 @@ def _native(*tensors: Optional[Tensor]) -> bool:
     return all(t is None or t.dtype in _DTYPES for t in tensors)
 
 
-def conv_relu_pool(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], stride: int,
+# The drmm_C ops are called positionally, their arguments in schema order (tests/test_schema.py checks every call
+# here against the schema): torch's argument parser takes microseconds longer for keywords.
+
+
+def conv_relu_pool(*, x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], stride: int,
                    padding: int, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
     if not _native(x, weight, scale, shift):
-        return reference.conv_relu_pool(x, weight, scale, shift, stride, padding, pool, negative_slope)
+        return reference.conv_relu_pool(x=x, weight=weight, scale=scale, shift=shift, stride=stride, padding=padding,
+                                        pool=pool, negative_slope=negative_slope)
     return torch.ops.drmm_C.conv_relu_pool(x, weight, scale, shift, stride, padding, pool, negative_slope)
 
 
-def bn_pool(z: Tensor, scale: Tensor, shift: Tensor, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
+def bn_pool(*, z: Tensor, scale: Tensor, shift: Tensor, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
     if not _native(z, scale, shift):
-        return reference.bn_pool(z, scale, shift, pool, negative_slope)
+        return reference.bn_pool(z=z, scale=scale, shift=shift, pool=pool, negative_slope=negative_slope)
     return torch.ops.drmm_C.bn_pool(z, scale, shift, pool, negative_slope)
 
 
-def render(mu: Tensor, switches: Tensor, weight: Tensor, scale: Optional[Tensor], stride: int, padding: int,
-           pool: int, out_hw: Tuple[int, int], negative_slope: float) -> Tensor:
+def render(*, mu: Tensor, switches: Tensor, weight: Tensor, scale: Optional[Tensor], stride: int, padding: int,
+           pool: int, out_h: int, out_w: int, negative_slope: float) -> Tensor:
     if not _native(mu, weight, scale):
-        return reference.render(mu, switches, weight, scale, stride, padding, pool, out_hw, negative_slope)
-    return torch.ops.drmm_C.render(mu, switches, weight, scale, stride, padding, pool, int(out_hw[0]),
-                                   int(out_hw[1]), negative_slope)
+        return reference.render(mu=mu, switches=switches, weight=weight, scale=scale, stride=stride, padding=padding,
+                                pool=pool, out_h=out_h, out_w=out_w, negative_slope=negative_slope)
+    return torch.ops.drmm_C.render(mu, switches, weight, scale, stride, padding, pool, int(out_h), int(out_w),
+                                   negative_slope)
 
 
-def gather_conv(src: Tensor, weight: Tensor, switches: Tensor, stride: int, padding: int, pool: int) -> Tensor:
+def gather_conv(*, src: Tensor, weight: Tensor, switches: Tensor, stride: int, padding: int, pool: int) -> Tensor:
     if not _native(src, weight):
-        return reference.gather_conv(src, weight, switches, stride, padding, pool)
+        return reference.gather_conv(src=src, weight=weight, switches=switches, stride=stride, padding=padding,
+                                     pool=pool)
     return torch.ops.drmm_C.gather_conv(src, weight, switches, stride, padding, pool)
 
 
-def render_wgrad(src: Tensor, mu: Tensor, switches: Tensor, scale: Optional[Tensor], stride: int, padding: int,
-                 pool: int, negative_slope: float, kernel_hw: Tuple[int, int]) -> Tensor:
+def render_wgrad(*, src: Tensor, mu: Tensor, switches: Tensor, scale: Optional[Tensor], stride: int, padding: int,
+                 pool: int, negative_slope: float, kernel_h: int, kernel_w: int) -> Tensor:
     if not _native(src, mu, scale):
-        return reference.render_wgrad(src, mu, switches, scale, stride, padding, pool, negative_slope, kernel_hw)
+        return reference.render_wgrad(src=src, mu=mu, switches=switches, scale=scale, stride=stride, padding=padding,
+                                      pool=pool, negative_slope=negative_slope, kernel_h=kernel_h, kernel_w=kernel_w)
     return torch.ops.drmm_C.render_wgrad(src, mu, switches, scale, stride, padding, pool, negative_slope,
-                                         int(kernel_hw[0]), int(kernel_hw[1]))
+                                         int(kernel_h), int(kernel_w))
 
 
-def masked_values(mu: Tensor, switches: Tensor, scale: Optional[Tensor], negative_slope: float) -> Tensor:
-    if not _native(mu, mu, scale):
-        return reference.masked_values(mu, switches, scale, negative_slope)
+def masked_values(*, mu: Tensor, switches: Tensor, scale: Optional[Tensor], negative_slope: float) -> Tensor:
+    if not _native(mu, scale):
+        return reference.masked_values(mu=mu, switches=switches, scale=scale, negative_slope=negative_slope)
     return torch.ops.drmm_C.masked_values(mu, switches, scale, negative_slope)
 
 
-def unpool(values: Tensor, switches: Tensor, pool: int, conv_hw: Tuple[int, int]) -> Tensor:
+def unpool(*, values: Tensor, switches: Tensor, pool: int, out_h: int, out_w: int) -> Tensor:
     if not _native(values):
-        return reference.unpool(values, switches, pool, conv_hw)
-    return torch.ops.drmm_C.unpool(values, switches, pool, int(conv_hw[0]), int(conv_hw[1]))
+        return reference.unpool(values=values, switches=switches, pool=pool, out_h=out_h, out_w=out_w)
+    return torch.ops.drmm_C.unpool(values, switches, pool, int(out_h), int(out_w))
 
 
-def batch_stats(z: Tensor) -> Tuple[Tensor, Tensor]:
+def batch_stats(*, z: Tensor) -> Tuple[Tensor, Tensor]:
     # One pass, shifted sums in double per channel (faster than ATen's Welford update: the BN rows of
     # bench/results/cpu_ops.md); NCHW only.
     if not _native(z) or not z.is_contiguous():
-        return reference.batch_stats(z)
+        return reference.batch_stats(z=z)
     return torch.ops.drmm_C.batch_stats(z)

@@ -1,17 +1,18 @@
 """Which code runs an op: the compiled extension, the backend registry and selection, and the custom-op wrapper.
 
-A backend is a module exposing some of the primitives below (all arguments already validated by the public
-op, outputs contiguous NCHW):
+A backend is a module exposing some of the primitives below as functions with keyword-only parameters, named
+and ordered as in their schemas (drmm_kernels/schema.py, the one list of each primitive's arguments), called
+with keyword arguments already validated by the public op; outputs are contiguous NCHW:
 
-- ``conv_relu_pool(x, weight, scale, shift, stride, padding, pool, negative_slope) -> (y, switches)``
-- ``render(mu, switches, weight, scale, stride, padding, pool, out_hw, negative_slope) -> x_hat``
-- ``gather_conv(src, weight, switches, stride, padding, pool) -> conv2d(src, weight) at the recorded offsets``
-- ``render_wgrad(src, mu, switches, scale, stride, padding, pool, negative_slope, kernel_hw) -> dW``
-- ``bn_pool(z, scale, shift, pool, negative_slope) -> (y, switches)`` (epilogue on a precomputed conv output)
-- ``masked_values(mu, switches, scale, negative_slope) -> mu * a'(switches) * scale`` (dense; pool=1 backward)
-- ``unpool(values, switches, pool, conv_hw) -> values at their recorded offsets of a zero conv_hw map``
-  (the training-mode batch-norm backward)
-- ``batch_stats(z) -> (mean, biased var)`` per channel (the training-mode batch-norm forward)
+- ``conv_relu_pool -> (y, switches)``: the fused forward;
+- ``render -> x_hat``: the top-down pass;
+- ``gather_conv -> conv2d(src, weight)`` read at the recorded offsets;
+- ``render_wgrad -> dW``: the weight gradient over the recorded offsets;
+- ``bn_pool -> (y, switches)``: the batch-norm epilogue on a precomputed conv output;
+- ``masked_values -> mu * a'(switches) * scale`` (dense; the pool=1 backward);
+- ``unpool ->`` the values at their recorded offsets of a zero (out_h, out_w) map (training-mode batch-norm
+  backward);
+- ``batch_stats -> (mean, biased var)`` per channel (training-mode batch-norm forward);
 
 plus ``status() -> (usable, reason)`` and ``supports(device) -> bool``. A primitive a backend does not provide
 is computed by ``reference``; ``primitive_source`` says which. The ``cpu`` and ``cuda`` backends need the
@@ -35,10 +36,9 @@ from torch import Tensor
 from torch.utils import _python_dispatch
 
 from . import reference
+from .schema import PRIMITIVES, Schema  # noqa: F401  (PRIMITIVES: re-exported, defined with the schemas)
 
 NAMES = ("reference", "cpu", "cuda", "triton")
-PRIMITIVES = ("conv_relu_pool", "render", "gather_conv", "render_wgrad", "bn_pool", "masked_values", "unpool",
-              "batch_stats")
 
 _MODULES = {
     "cpu": "drmm_kernels.cpu",
@@ -232,8 +232,19 @@ def _plain_eager(tensors: Sequence[Tensor]) -> bool:
                and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
+#: Every ``drmm::`` custom op built by ``CustomOp``, by name.
+CUSTOM_OPS: Dict[str, "CustomOp"] = {}
+
+
 class CustomOp:
     """A ``drmm::`` custom op (fake implementation, autograd) plus an eager fast path to the same code.
+
+    Built from the op's ``Schema`` (drmm_kernels/schema.py): the custom op's schema string comes from it, and
+    ``impl(a)``, ``fake(a)`` and ``setup(ctx, a, output)`` receive the arguments as a dict by name
+    (``a["stride"]``; ``f(**a)`` passes them on as keywords). ``backward(ctx, *grads)`` returns a dict of
+    gradients by argument name (a name that is not a tensor argument of the schema is an error; a missing one
+    has no gradient) and reads which inputs need one from the dict ``ctx.needs_grad``. Callers pass keywords
+    only, ``op(mu=..., ...)``; a missing or unknown one is a ``TypeError`` naming the op.
 
     The custom op is what ``torch.compile``, fake tensors, functorch and ``opcheck`` see. In plain eager mode
     its round trip (C++ dispatcher -> Python autograd wrapper -> Python implementation) costs tens of
@@ -243,26 +254,68 @@ class CustomOp:
     compute the same thing with the same code.
     """
 
-    def __init__(self, name: str, impl, fake, setup, backward):
+    def __init__(self, schema: Schema, impl, fake, setup, backward):
+        self.schema = schema
+        self.name = schema.name
+        names = self.names = schema.names
+        self._names = frozenset(names)
+        self._values = lambda kwargs: tuple(map(kwargs.__getitem__, names))  # in schema order
         self.impl = impl
-        self.op = torch.library.custom_op(f"drmm::{name}", impl, mutates_args=())
-        self.op.register_fake(fake)
-        self.op.register_autograd(backward, setup_context=setup)
+        grads_for = frozenset(schema.tensors)
+
+        def ordered(grads):
+            if not isinstance(grads, dict):
+                raise TypeError(f"drmm::{schema.name}: backward must return a dict of gradients by argument name, "
+                                f"got {type(grads).__name__}")
+            if not grads.keys() <= grads_for:
+                raise TypeError(f"drmm::{schema.name}: backward returned gradients for "
+                                f"{sorted(grads.keys() - grads_for)}, not tensor arguments of {schema}")
+            return tuple(map(grads.get, names))
+
+        def op_backward(ctx, *grads):
+            ctx.needs_grad = dict(zip(names, ctx.needs_input_grad))
+            return ordered(backward(ctx, *grads))
+
+        # The dispatcher and autograd.Function.apply pass the arguments positionally, in schema order.
+        def op_impl(*values):
+            return impl(dict(zip(names, values)))
+
+        def op_fake(*values):
+            return fake(dict(zip(names, values)))
+
+        def op_setup(ctx, inputs, output):
+            setup(ctx, dict(zip(names, inputs)), output)
+
+        self.op = torch.library.custom_op(f"drmm::{schema.name}", op_impl, mutates_args=(),
+                                          schema=schema.torch_library())
+        self.op.register_fake(op_fake)
+        self.op.register_autograd(op_backward, setup_context=op_setup)
 
         # Old-style forward(ctx, *args): with a separate setup_context, every apply() binds the arguments through
         # inspect.signature, which costs as much as the rest of the call.
-        def forward(ctx, *args):
-            output = impl(*args)
-            setup(ctx, args, output)
+        def forward(ctx, *values):
+            a = dict(zip(names, values))
+            output = impl(a)
+            setup(ctx, a, output)
             return output
 
-        self.function = type(f"{name}_function", (torch.autograd.Function,), {
-            "forward": staticmethod(forward), "backward": staticmethod(backward)})
+        self.function = type(f"{schema.name}_function", (torch.autograd.Function,), {
+            "forward": staticmethod(forward), "backward": staticmethod(op_backward)})
+        CUSTOM_OPS[schema.name] = self
 
-    def __call__(self, *args):
-        tensors = [a for a in args if isinstance(a, Tensor)]
+    def __call__(self, **kwargs):
+        if kwargs.keys() != self._names:
+            raise self._call_error(kwargs)
+        tensors = [v for v in kwargs.values() if isinstance(v, Tensor)]
         if not _plain_eager(tensors):
-            return self.op(*args)
+            return self.op(*self._values(kwargs))
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return self.function.apply(*args)
-        return self.impl(*args)
+            return self.function.apply(*self._values(kwargs))
+        return self.impl(kwargs)
+
+    def _call_error(self, kwargs) -> TypeError:
+        missing = [n for n in self.names if n not in kwargs]
+        unknown = [n for n in kwargs if n not in self._names]
+        why = "; ".join(f"{what} {', '.join(names)}" for what, names in (("missing", missing), ("unknown", unknown))
+                        if names)
+        return TypeError(f"drmm::{self.name}: {why} (takes keywords {self.schema})")

@@ -5,7 +5,8 @@ contract). It is written for clarity, not speed: it materializes the full-resolu
 and the dense unpooled map.
 
 Every function here takes already-validated arguments (the public ops in ``drmm_kernels/ops/``
-check them) and returns plain tensors; autograd lives in ``drmm_kernels/ops/``.
+check them) and returns plain tensors; autograd lives in ``drmm_kernels/ops/``. The primitives take keyword
+arguments only, named as in drmm_kernels/schema.py.
 """
 
 from __future__ import annotations
@@ -60,22 +61,22 @@ def scale_shift(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor]) -> 
     return z
 
 
-def conv_relu_pool(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+def conv_relu_pool(*, x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                    stride: int, padding: int, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
     z = F.conv2d(x, weight, None, stride, padding)
     return pool_switches(scale_shift(z, scale, shift), pool, negative_slope)
 
 
-def unpool(values: Tensor, switches: Tensor, pool: int, conv_hw: Tuple[int, int]) -> Tensor:
-    """Place each pooled value at its recorded offset of a zero ``conv_hw`` map."""
+def unpool(*, values: Tensor, switches: Tensor, pool: int, out_h: int, out_w: int) -> Tensor:
+    """Place each pooled value at its recorded offset of a zero (out_h, out_w) map."""
     n, c = values.shape[:2]
-    idx = switches_to_indices(switches, pool, conv_hw).reshape(n, c, -1)
-    flat = values.new_zeros(n, c, conv_hw[0] * conv_hw[1])
+    idx = switches_to_indices(switches, pool, (out_h, out_w)).reshape(n, c, -1)
+    flat = values.new_zeros(n, c, out_h * out_w)
     flat.scatter_(2, idx, values.reshape(n, c, -1))
-    return flat.view(n, c, *conv_hw)
+    return flat.view(n, c, out_h, out_w)
 
 
-def masked_values(mu: Tensor, switches: Tensor, scale: Optional[Tensor], negative_slope: float) -> Tensor:
+def masked_values(*, mu: Tensor, switches: Tensor, scale: Optional[Tensor], negative_slope: float) -> Tensor:
     """``mu`` times the activation derivative at the window max, times ``scale[c]``: the pooled gradient.
 
     A select, as ReLU's backward is: where the ``a`` bit is off under ReLU the result is 0 even for an infinite or
@@ -88,16 +89,23 @@ def masked_values(mu: Tensor, switches: Tensor, scale: Optional[Tensor], negativ
     return g
 
 
-def render(mu: Tensor, switches: Tensor, weight: Tensor, scale: Optional[Tensor], stride: int, padding: int,
-           pool: int, out_hw: Tuple[int, int], negative_slope: float) -> Tensor:
+def _unpooled_gradient(mu: Tensor, switches: Tensor, scale: Optional[Tensor], negative_slope: float, pool: int,
+                       conv_hw: Tuple[int, int]) -> Tensor:
+    """The masked, scaled ``mu`` at its recorded offsets of a zero ``conv_hw`` map: what render convolves."""
+    masked = masked_values(mu=mu, switches=switches, scale=scale, negative_slope=negative_slope)
+    return unpool(values=masked, switches=switches, pool=pool, out_h=conv_hw[0], out_w=conv_hw[1])
+
+
+def render(*, mu: Tensor, switches: Tensor, weight: Tensor, scale: Optional[Tensor], stride: int, padding: int,
+           pool: int, out_h: int, out_w: int, negative_slope: float) -> Tensor:
     kh, kw = weight.shape[-2:]
-    chw = conv_size(out_hw, (kh, kw), stride, padding)
-    g = unpool(masked_values(mu, switches, scale, negative_slope), switches, pool, chw)
-    out_pad = tuple(o - ((c - 1) * stride - 2 * padding + k) for o, c, k in zip(out_hw, chw, (kh, kw)))
+    chw = conv_size((out_h, out_w), (kh, kw), stride, padding)
+    g = _unpooled_gradient(mu, switches, scale, negative_slope, pool, chw)
+    out_pad = tuple(o - ((c - 1) * stride - 2 * padding + k) for o, c, k in zip((out_h, out_w), chw, (kh, kw)))
     return F.conv_transpose2d(g, weight, None, stride, padding, out_pad)
 
 
-def gather_conv(src: Tensor, weight: Tensor, switches: Tensor, stride: int, padding: int, pool: int) -> Tensor:
+def gather_conv(*, src: Tensor, weight: Tensor, switches: Tensor, stride: int, padding: int, pool: int) -> Tensor:
     """``conv2d(src, weight)`` read at each window's recorded offset (pooled shape)."""
     z = F.conv2d(src, weight, None, stride, padding)
     n, c = switches.shape[:2]
@@ -105,16 +113,16 @@ def gather_conv(src: Tensor, weight: Tensor, switches: Tensor, stride: int, padd
     return z.reshape(n, c, -1).gather(2, idx).view(switches.shape)
 
 
-def render_wgrad(src: Tensor, mu: Tensor, switches: Tensor, scale: Optional[Tensor], stride: int, padding: int,
-                 pool: int, negative_slope: float, kernel_hw: Tuple[int, int]) -> Tensor:
+def render_wgrad(*, src: Tensor, mu: Tensor, switches: Tensor, scale: Optional[Tensor], stride: int, padding: int,
+                 pool: int, negative_slope: float, kernel_h: int, kernel_w: int) -> Tensor:
     """Weight gradient of ``conv2d(src, W)`` for the unpooled, masked, scaled gradient built from ``mu``."""
-    chw = conv_size(src.shape[-2:], kernel_hw, stride, padding)
-    g = unpool(masked_values(mu, switches, scale, negative_slope), switches, pool, chw)
-    w_shape = (mu.shape[1], src.shape[1], *kernel_hw)
+    chw = conv_size(src.shape[-2:], (kernel_h, kernel_w), stride, padding)
+    g = _unpooled_gradient(mu, switches, scale, negative_slope, pool, chw)
+    w_shape = (mu.shape[1], src.shape[1], kernel_h, kernel_w)
     return torch.nn.grad.conv2d_weight(src, w_shape, g, stride, padding)
 
 
-def batch_stats(z: Tensor) -> Tuple[Tensor, Tensor]:
+def batch_stats(*, z: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``z`` (training-mode batch norm), in float32 or wider."""
     if z.dtype in (torch.float32, torch.float64):
         # ATen's one-pass (Welford) per-channel statistics, much faster than var_mean on CPU.
@@ -123,12 +131,12 @@ def batch_stats(z: Tensor) -> Tuple[Tensor, Tensor]:
     return mean, var
 
 
-def bn_pool(z: Tensor, scale: Tensor, shift: Tensor, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
+def bn_pool(*, z: Tensor, scale: Tensor, shift: Tensor, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
     """Per-channel affine + activation + pool + switches on a precomputed conv output ``z``."""
     return pool_switches(scale_shift(z, scale, shift), pool, negative_slope)
 
 
-def conv_bn_relu_pool(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+def conv_bn_relu_pool(*, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                       running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float,
                       stride: int, padding: int, pool: int,
                       negative_slope: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

@@ -125,13 +125,19 @@ REALISTIC = [
 ]
 
 
+def geometry(case: Case) -> dict:
+    """The case's layer geometry as primitive keyword arguments."""
+    return dict(stride=case.stride, padding=case.pad, pool=case.pool)
+
+
 def check_forward_primitives(case: Case):
     x, w, scale, shift = inputs(case)
     tol = case_tol(case)
     with tf32(case.tf32), dk.backend("cuda"):
         from drmm_kernels import cuda as cb
 
-        y, sw = cb.conv_relu_pool(x, w, scale, shift, case.stride, case.pad, case.pool, case.slope)
+        y, sw = cb.conv_relu_pool(x=x, weight=w, scale=scale, shift=shift, negative_slope=case.slope,
+                                  **geometry(case))
     assert y.dtype == case.dtype and sw.dtype == torch.uint8 and y.is_contiguous()
     v = eager.pre_activation(d(x), d(w), d(scale), d(shift), case.stride, case.pad)
     y_ref, sw_ref = reference.pool_switches(v, case.pool, case.slope)
@@ -145,8 +151,9 @@ def check_forward_primitives(case: Case):
     sc = scale if scale is not None else torch.ones(case.cout, dtype=case.dtype, device="cuda")
     sh = shift if shift is not None else torch.zeros(case.cout, dtype=case.dtype, device="cuda")
     with dk.backend("cuda"):
-        yb, swb = cb.bn_pool(layout(z, case.layout), sc, sh, case.pool, case.slope)
-    yb_ref, swb_ref = reference.bn_pool(z.double(), sc.double(), sh.double(), case.pool, case.slope)
+        yb, swb = cb.bn_pool(z=layout(z, case.layout), scale=sc, shift=sh, pool=case.pool, negative_slope=case.slope)
+    yb_ref, swb_ref = reference.bn_pool(z=z.double(), scale=sc.double(), shift=sh.double(), pool=case.pool,
+                                        negative_slope=case.slope)
     assert rel_err(yb, yb_ref) < TOL[case.dtype]  # no conv inside: TF32 plays no part
     vb = reference.scale_shift(z.double(), sc.double(), sh.double())
     eager.assert_switches_agree(swb, swb_ref, vb, case.pool, 4 * TOL[case.dtype] * max(1.0, vb.abs().max().item()),
@@ -157,24 +164,26 @@ def check_backward_primitives(case: Case):
     """gather_conv, render (with and without scale), render_wgrad on shared switches."""
     x, w, scale, _ = inputs(case)
     tol = case_tol(case)
-    _, sw = reference.conv_relu_pool(d(x), d(w), d(scale), None, case.stride, case.pad, case.pool, case.slope)
+    geo = geometry(case)
+    _, sw = reference.conv_relu_pool(x=d(x), weight=d(w), scale=d(scale), shift=None, negative_slope=case.slope,
+                                     **geo)
     g = torch.Generator(device="cuda").manual_seed(1)
     mu = torch.randn(sw.shape, dtype=torch.float64, device="cuda", generator=g)
     mu_t = layout(mu.to(case.dtype), case.layout)
     sw_t = layout(sw, case.layout)
     from drmm_kernels import cuda as cb
 
+    render = dict(out_h=case.h, out_w=case.w, negative_slope=case.slope, **geo)
+    wgrad = dict(negative_slope=case.slope, kernel_h=case.k, kernel_w=case.k, **geo)
     with tf32(case.tf32), dk.backend("cuda"):
-        gc = cb.gather_conv(x, w, sw_t, case.stride, case.pad, case.pool)
-        r_raw = cb.render(mu_t, sw_t, w, None, case.stride, case.pad, case.pool, (case.h, case.w), case.slope)
-        r_sc = cb.render(mu_t, sw_t, w, scale, case.stride, case.pad, case.pool, (case.h, case.w), case.slope)
-        dw = cb.render_wgrad(x, mu_t, sw_t, scale, case.stride, case.pad, case.pool, case.slope, (case.k, case.k))
-    gc_ref = reference.gather_conv(d(x), d(w), sw, case.stride, case.pad, case.pool)
-    r_raw_ref = reference.render(mu, sw, d(w), None, case.stride, case.pad, case.pool, (case.h, case.w), case.slope)
-    r_sc_ref = reference.render(mu, sw, d(w), d(scale), case.stride, case.pad, case.pool, (case.h, case.w),
-                                case.slope)
-    dw_ref = reference.render_wgrad(d(x), mu, sw, d(scale), case.stride, case.pad, case.pool, case.slope,
-                                    (case.k, case.k))
+        gc = cb.gather_conv(src=x, weight=w, switches=sw_t, **geo)
+        r_raw = cb.render(mu=mu_t, switches=sw_t, weight=w, scale=None, **render)
+        r_sc = cb.render(mu=mu_t, switches=sw_t, weight=w, scale=scale, **render)
+        dw = cb.render_wgrad(src=x, mu=mu_t, switches=sw_t, scale=scale, **wgrad)
+    gc_ref = reference.gather_conv(src=d(x), weight=d(w), switches=sw, **geo)
+    r_raw_ref = reference.render(mu=mu, switches=sw, weight=d(w), scale=None, **render)
+    r_sc_ref = reference.render(mu=mu, switches=sw, weight=d(w), scale=d(scale), **render)
+    dw_ref = reference.render_wgrad(src=d(x), mu=mu, switches=sw, scale=d(scale), **wgrad)
     for name, got, exp in (("gather_conv", gc, gc_ref), ("render", r_raw, r_raw_ref), ("render+scale", r_sc, r_sc_ref),
                            ("render_wgrad", dw, dw_ref)):
         assert got.shape == exp.shape and got.dtype == case.dtype, name

@@ -43,26 +43,32 @@ def _opcheck_samples():
     y, sw = dk.conv_relu_pool(x, w, scale, shift, padding=1)
     mu = torch.randn_like(y).requires_grad_(True)
     ops = torch.ops.drmm
+    geo = dict(stride=1, padding=1, pool=2)
+    bn = dict(x=x, weight=w, bn_weight=scale, bn_bias=shift, eps=1e-5, negative_slope=0.0, **geo)
     return [
-        (ops.conv_relu_pool.default, (x, w, scale, shift, 1, 1, 2, 0.0)),
-        (ops.conv_relu_pool.default, (x, w, None, None, 2, 0, 1, 0.1)),
-        (ops.render.default, (mu, sw, w, scale, 1, 1, 2, 7, 6, 0.1)),
-        (ops.render.default, (mu, sw, w, None, 1, 1, 2, 7, 6, 0.0)),
-        (ops.gather_conv.default, (x, w, sw, 1, 1, 2)),
-        (ops.render_wgrad.default, (x, mu, sw, scale, 1, 1, 2, 0.0, 3, 3)),
-        (ops.masked_values.default, (mu, sw, scale, 0.1)),
-        (ops.masked_values.default, (mu, sw, None, 0.0)),
-        (ops.conv_bn_relu_pool.default, (x, w, scale, shift, None, None, True, 1e-5, 1, 1, 2, 0.0)),
-        (ops.conv_bn_relu_pool.default, (x, w, scale, shift, torch.zeros(3), torch.ones(3), False, 1e-5, 1, 1, 2,
-                                         0.0)),
+        (ops.conv_relu_pool.default, dict(x=x, weight=w, scale=scale, shift=shift, negative_slope=0.0, **geo)),
+        (ops.conv_relu_pool.default, dict(x=x, weight=w, scale=None, shift=None, stride=2, padding=0, pool=1,
+                                          negative_slope=0.1)),
+        (ops.render.default, dict(mu=mu, switches=sw, weight=w, scale=scale, out_h=7, out_w=6, negative_slope=0.1,
+                                  **geo)),
+        (ops.render.default, dict(mu=mu, switches=sw, weight=w, scale=None, out_h=7, out_w=6, negative_slope=0.0,
+                                  **geo)),
+        (ops.gather_conv.default, dict(src=x, weight=w, switches=sw, **geo)),
+        (ops.render_wgrad.default, dict(src=x, mu=mu, switches=sw, scale=scale, negative_slope=0.0, kernel_h=3,
+                                        kernel_w=3, **geo)),
+        (ops.masked_values.default, dict(mu=mu, switches=sw, scale=scale, negative_slope=0.1)),
+        (ops.masked_values.default, dict(mu=mu, switches=sw, scale=None, negative_slope=0.0)),
+        (ops.conv_bn_relu_pool.default, dict(running_mean=None, running_var=None, training=True, **bn)),
+        (ops.conv_bn_relu_pool.default, dict(running_mean=torch.zeros(3), running_var=torch.ones(3), training=False,
+                                             **bn)),
     ]
 
 
 @pytest.mark.parametrize("backend", oc.BACKENDS)
 def test_opcheck(backend):
     with dk.backend(backend):
-        for op, args in _opcheck_samples():
-            torch.library.opcheck(op, args)
+        for op, kwargs in _opcheck_samples():
+            torch.library.opcheck(op, (), kwargs)
 
 
 def _train_step(x, w, scale, shift, bn_w, bn_b):
@@ -103,7 +109,8 @@ def test_eager_fast_path_matches_the_custom_op(backend):
             xx = x.clone().requires_grad_()
             ww, bb = torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())  # as in a model: fast path too
             if via_op:
-                y, sw = torch.ops.drmm.conv_relu_pool(xx, ww, None, bb, 1, 1, 2, 0.1)
+                y, sw = torch.ops.drmm.conv_relu_pool(x=xx, weight=ww, scale=None, shift=bb, stride=1, padding=1,
+                                                      pool=2, negative_slope=0.1)
                 assert "function" not in type(y.grad_fn).__name__
             else:
                 y, sw = dk.conv_relu_pool(xx, ww, None, bb, padding=1, pool=2, negative_slope=0.1)
@@ -112,7 +119,8 @@ def test_eager_fast_path_matches_the_custom_op(backend):
             ggw, = torch.autograd.grad(gx.pow(2).sum(), ww)
             with torch.no_grad():
                 r = dk.render(y, sw, ww, padding=1, pool=2, out_size=(9, 9), negative_slope=0.1) if not via_op \
-                    else torch.ops.drmm.render(y, sw, ww, None, 1, 1, 2, 9, 9, 0.1)
+                    else torch.ops.drmm.render(mu=y, switches=sw, weight=ww, scale=None, stride=1, padding=1, pool=2,
+                                               out_h=9, out_w=9, negative_slope=0.1)
             results.append((y, sw, gx, gw, ggw, r))
     for a, b_ in zip(*results):
         assert torch.equal(a, b_)

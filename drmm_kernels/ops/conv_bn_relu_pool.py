@@ -20,6 +20,7 @@ from torch import Tensor
 from .. import dispatch, reference
 from ..attribution import capture, rewrite
 from ..contract import Checker, conv_size, pooled_size, shape_str
+from ..schema import SCHEMAS
 from .conv_relu_pool import is_pointwise, pointwise_conv_backward
 from .render import gather_conv, render_op, render_wgrad
 from .switches import channel_sum, masked_values, unpool
@@ -39,53 +40,47 @@ def _bn_conv(x: Tensor, weight: Tensor, stride: int, padding: int) -> Tensor:
     return F.conv2d(x, weight, None, stride, padding)
 
 
-def _bn_forward_generic(x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, stride, padding,
-                        pool, slope, bn_pool, batch_stats):
+def _bn_forward_generic(a, bn_pool, batch_stats):
     """Materialized conv output, batch statistics, then the fused normalize-act-pool-switch epilogue."""
-    z = _bn_conv(x, weight, stride, padding)
-    if training:
-        mean, var = batch_stats(z)
+    x = a["x"]
+    z = _bn_conv(x, a["weight"], a["stride"], a["padding"])
+    if a["training"]:
+        mean, var = batch_stats(z=z)
     else:
         acc = torch.promote_types(z.dtype, torch.float32)
-        mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
-    scale = torch.rsqrt(var + eps)
-    if bn_weight is not None:
-        scale = scale * bn_weight
+        mean, var = a["running_mean"].to(acc, copy=True), a["running_var"].to(acc, copy=True)
+    scale = torch.rsqrt(var + a["eps"])
+    if a["bn_weight"] is not None:
+        scale = scale * a["bn_weight"]
     shift = -mean * scale
-    if bn_bias is not None:
-        shift = shift + bn_bias
-    y, sw = bn_pool(z, scale.to(z.dtype), shift.to(z.dtype), pool, slope)
-    return y, sw, mean.to(x.dtype), var.to(x.dtype), z.contiguous() if training else z.new_empty(0)
+    if a["bn_bias"] is not None:
+        shift = shift + a["bn_bias"]
+    y, sw = bn_pool(z=z, scale=scale.to(z.dtype), shift=shift.to(z.dtype), pool=a["pool"],
+                    negative_slope=a["negative_slope"])
+    return y, sw, mean.to(x.dtype), var.to(x.dtype), z.contiguous() if a["training"] else z.new_empty(0)
 
 
-def _conv_bn_relu_pool_impl(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                       running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float,
-                       stride: int, padding: int, pool: int,
-                       negative_slope: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    name = dispatch.resolve(x.device)
+def _conv_bn_relu_pool_impl(a) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    name = dispatch.resolve(a["x"].device)
     if name == "reference":
-        return reference.conv_bn_relu_pool(x, weight, bn_weight, bn_bias, running_mean, running_var, training,
-                                           eps, stride, padding, pool, negative_slope)
-    return _bn_forward_generic(x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, stride,
-                               padding, pool, negative_slope, dispatch.primitive(name, "bn_pool"),
-                               dispatch.primitive(name, "batch_stats"))
+        return reference.conv_bn_relu_pool(**a)
+    return _bn_forward_generic(a, dispatch.primitive(name, "bn_pool"), dispatch.primitive(name, "batch_stats"))
 
 
-def _conv_bn_relu_pool_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, stride, padding,
-                            pool, negative_slope):
-    chw = conv_size(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), stride, padding)
-    shape = (x.shape[0], weight.shape[0], *pooled_size(chw, pool))
+def _conv_bn_relu_pool_fake(a):
+    x, weight = a["x"], a["weight"]
+    chw = conv_size(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), a["stride"], a["padding"])
+    shape = (x.shape[0], weight.shape[0], *pooled_size(chw, a["pool"]))
     c = weight.shape[0]
-    z_shape = (x.shape[0], c, *chw) if training else (0,)
+    z_shape = (x.shape[0], c, *chw) if a["training"] else (0,)
     return (x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8), x.new_empty((c,)), x.new_empty((c,)),
             x.new_empty(z_shape))
 
 
-def _bn_setup(ctx, inputs, output):
-    x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, stride, padding, pool, slope = inputs
-    ctx.conf = (training, eps, stride, padding, pool, slope)
-    ctx.has_bias = bn_bias is not None
-    ctx.save_for_backward(x, weight, bn_weight, output[1], output[2], output[3], output[4])
+def _bn_setup(ctx, a, output):
+    ctx.conf = (a["training"], a["eps"], a["stride"], a["padding"], a["pool"], a["negative_slope"])
+    ctx.has_bias = a["bn_bias"] is not None
+    ctx.save_for_backward(a["x"], a["weight"], a["bn_weight"], output[1], output[2], output[3], output[4])
     ctx.mark_non_differentiable(output[1], output[2], output[3], output[4])
     ctx.attribution = capture()  # a drmm_kernels.attribution rule for this call, None for the plain gradient
     # Only y's gradient is used; materializing the others would fill a zero z (full conv size) per backward.
@@ -94,15 +89,16 @@ def _bn_setup(ctx, inputs, output):
 
 def _bn_backward(ctx, gy, _gsw, _gmean, _gvar, _gz):
     if gy is None:
-        return (None,) * 12
+        return {}
     x, weight, bn_weight, switches, mean, var, z = ctx.saved_tensors
     training, eps, stride, padding, pool, slope = ctx.conf
-    need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
+    need = ctx.needs_grad
+    need_x, need_w = need["x"], need["weight"]
     gy, switches = rewrite(gy.contiguous(), switches, ctx.attribution)
     acc = torch.promote_types(x.dtype, torch.float32)
     invstd = torch.rsqrt(var.to(acc) + eps)
     gamma = bn_weight.to(acc) if bn_weight is not None else torch.ones_like(invstd)
-    gact = masked_values(gy.to(acc), switches, None, slope)         # dL/dv at each window max
+    gact = masked_values(mu=gy.to(acc), switches=switches, scale=None, negative_slope=slope)  # dL/dv at window maxima
     gx = gw = ggamma = gbeta = None
     if training:
         # The batch statistics couple every position, so this backward is dense: scatter dL/dv to the recorded
@@ -116,7 +112,7 @@ def _bn_backward(ctx, gy, _gsw, _gmean, _gvar, _gz):
             z = _bn_conv(x, weight, stride, padding)
         dv = gact.to(z.dtype)
         if pool > 1:  # (without pooling every position is a window max: nothing to scatter)
-            dv = unpool(dv, switches, pool, z.shape[-2], z.shape[-1])
+            dv = unpool(values=dv, switches=switches, pool=pool, out_h=z.shape[-2], out_w=z.shape[-1])
         # The weight in the statistics' dtype: ATen's mixed-precision path (half z, float statistics) needs them alike.
         dz, ggamma_, gbeta_ = torch.ops.aten.native_batch_norm_backward(
             dv, z, bn_weight.to(acc) if bn_weight is not None else None, None, None, mean.to(acc), invstd, True, eps,
@@ -132,22 +128,24 @@ def _bn_backward(ctx, gy, _gsw, _gmean, _gvar, _gz):
         s1 = channel_sum(gact)                                      # = d beta
         scale = (gamma * invstd).to(x.dtype)
         if need_x:
-            gx = render_op(gy, switches, weight, scale, stride, padding, pool, x.shape[-2], x.shape[-1], slope)
+            gx = render_op(mu=gy, switches=switches, weight=weight, scale=scale, stride=stride, padding=padding,
+                           pool=pool, out_h=x.shape[-2], out_w=x.shape[-1], negative_slope=slope)
         if need_w:
-            gw = render_wgrad(x, gy, switches, scale, stride, padding, pool, slope, weight.shape[-2],
-                               weight.shape[-1])
-        if need_gamma and bn_weight is not None:
-            z_at = gather_conv(x, weight, switches, stride, padding, pool).to(acc)
+            gw = render_wgrad(src=x, mu=gy, switches=switches, scale=scale, stride=stride, padding=padding, pool=pool,
+                              negative_slope=slope, kernel_h=weight.shape[-2], kernel_w=weight.shape[-1])
+        if need["bn_weight"] and bn_weight is not None:
+            z_at = gather_conv(src=x, weight=weight, switches=switches, stride=stride, padding=padding,
+                               pool=pool).to(acc)
             s2 = channel_sum(gact * (z_at - mean.to(acc).view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1))
-    if need_gamma and bn_weight is not None:
+    if need["bn_weight"] and bn_weight is not None:
         ggamma = s2.to(bn_weight.dtype)
-    if need_beta and ctx.has_bias:
+    if need["bn_bias"] and ctx.has_bias:
         gbeta = s1.to(x.dtype)
-    return gx, gw, ggamma, gbeta, None, None, None, None, None, None, None, None
+    return {"x": gx, "weight": gw, "bn_weight": ggamma, "bn_bias": gbeta}
 
 
-conv_bn_relu_pool_op = dispatch.CustomOp("conv_bn_relu_pool", _conv_bn_relu_pool_impl, _conv_bn_relu_pool_fake, _bn_setup,
-                               _bn_backward)
+conv_bn_relu_pool_op = dispatch.CustomOp(SCHEMAS["conv_bn_relu_pool"], _conv_bn_relu_pool_impl,
+                                         _conv_bn_relu_pool_fake, _bn_setup, _bn_backward)
 
 
 def conv_bn_relu_pool(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
@@ -179,8 +177,10 @@ def conv_bn_relu_pool(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn
     if training and x.shape[0] * chw[0] * chw[1] < 2:
         raise check.value_error(f"training-mode batch norm needs more than one value per channel, got x of "
                                 f"shape ({shape_str(x)}) with conv output {chw}")
-    y, sw, mean, var, _ = conv_bn_relu_pool_op(x, weight, bn_weight, bn_bias, running_mean, running_var, training,
-                                          float(eps), stride, padding, pool, negative_slope)
+    y, sw, mean, var, _ = conv_bn_relu_pool_op(x=x, weight=weight, bn_weight=bn_weight, bn_bias=bn_bias,
+                                               running_mean=running_mean, running_var=running_var, training=training,
+                                               eps=float(eps), stride=stride, padding=padding, pool=pool,
+                                               negative_slope=negative_slope)
     if training and running_mean is not None and running_var is not None:
         m = x.shape[0] * chw[0] * chw[1]
         with torch.no_grad():

@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import dispatch
 from ..attribution import capture, rewrite
 from ..contract import Checker, conv_size, pooled_size
+from ..schema import SCHEMAS
 from .render import gather_conv, render_op, render_wgrad
 from .switches import channel_sum, masked_values
 
@@ -50,23 +51,21 @@ def pointwise_conv_backward(gz: Tensor, x: Tensor, weight: Tensor, need_x: bool,
     return gx, gw, gb
 
 
-def _conv_relu_pool_impl(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], stride: int,
-                         padding: int, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
-    return dispatch.implementation(x.device, "conv_relu_pool")(x, weight, scale, shift, stride, padding, pool,
-                                                               negative_slope)
+def _conv_relu_pool_impl(a) -> Tuple[Tensor, Tensor]:
+    return dispatch.implementation(a["x"].device, "conv_relu_pool")(**a)
 
 
-def _conv_relu_pool_fake(x, weight, scale, shift, stride, padding, pool, negative_slope):
-    hp, wp = pooled_size(conv_size(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), stride, padding), pool)
+def _conv_relu_pool_fake(a):
+    x, weight = a["x"], a["weight"]
+    hp, wp = pooled_size(conv_size(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), a["stride"], a["padding"]), a["pool"])
     shape = (x.shape[0], weight.shape[0], hp, wp)
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8)
 
 
-def _crp_setup(ctx, inputs, output):
-    x, weight, scale, shift, stride, padding, pool, negative_slope = inputs
-    ctx.conf = (stride, padding, pool, negative_slope)
-    ctx.has_shift = shift is not None
-    ctx.save_for_backward(x, weight, scale, output[1])
+def _crp_setup(ctx, a, output):
+    ctx.conf = (a["stride"], a["padding"], a["pool"], a["negative_slope"])
+    ctx.has_shift = a["shift"] is not None
+    ctx.save_for_backward(a["x"], a["weight"], a["scale"], output[1])
     ctx.mark_non_differentiable(output[1])
     ctx.attribution = capture()  # a drmm_kernels.attribution rule for this call, None for the plain gradient
     # The switches' gradient is ignored: autograd need not build a zero tensor for it on every backward.
@@ -75,46 +74,49 @@ def _crp_setup(ctx, inputs, output):
 
 def _crp_backward(ctx, gy, _gsw):
     if gy is None:
-        return None, None, None, None, None, None, None, None
+        return {}
     x, weight, scale, switches = ctx.saved_tensors
     stride, padding, pool, slope = ctx.conf
-    need_x, need_w, need_scale, need_shift = ctx.needs_input_grad[:4]
+    need = ctx.needs_grad
+    need_shift = need["shift"]
     gx = gw = gscale = gshift = None
     gy, switches = rewrite(gy.contiguous(), switches, ctx.attribution)
     gact = None
-    if pool == 1 and (need_x or need_w):
+    if pool == 1 and (need["x"] or need["weight"]):
         # No pooling, no sparsity to exploit: mask once (one pass over the uint8 switches), then one dense
         # convolution backward for dx, dW and -- without a scale -- the shift gradient, which is its bias
         # gradient: the same work eager autograd does after its ReLU backward.
-        gact = masked_values(gy, switches, None, slope)
+        gact = masked_values(mu=gy, switches=switches, scale=None, negative_slope=slope)
         gz = gact if scale is None else gact * scale.view(1, -1, 1, 1)
         bias_grad = bool(need_shift and ctx.has_shift and scale is None)
         if is_pointwise(x, weight, stride, padding):
-            gx, gw, gb = pointwise_conv_backward(gz, x, weight, need_x, need_w, bias_grad)
+            gx, gw, gb = pointwise_conv_backward(gz, x, weight, need["x"], need["weight"], bias_grad)
         else:
             gx, gw, gb = torch.ops.aten.convolution_backward(
                 gz, x, weight, [weight.shape[0]] if bias_grad else None, [stride, stride], [padding, padding],
-                [1, 1], False, [0, 0], 1, [need_x, need_w, bias_grad])
+                [1, 1], False, [0, 0], 1, [need["x"], need["weight"], bias_grad])
         if bias_grad:
             gshift, need_shift = gb, False
     else:
-        if need_x:
-            gx = render_op(gy, switches, weight, scale, stride, padding, pool, x.shape[-2], x.shape[-1], slope)
-        if need_w:
-            gw = render_wgrad(x, gy, switches, scale, stride, padding, pool, slope, weight.shape[-2],
-                              weight.shape[-1])
-    if need_scale or need_shift:
+        if need["x"]:
+            gx = render_op(mu=gy, switches=switches, weight=weight, scale=scale, stride=stride, padding=padding,
+                           pool=pool, out_h=x.shape[-2], out_w=x.shape[-1], negative_slope=slope)
+        if need["weight"]:
+            gw = render_wgrad(src=x, mu=gy, switches=switches, scale=scale, stride=stride, padding=padding, pool=pool,
+                              negative_slope=slope, kernel_h=weight.shape[-2], kernel_w=weight.shape[-1])
+    if need["scale"] or need_shift:
         if gact is None:
-            gact = masked_values(gy, switches, None, slope)
+            gact = masked_values(mu=gy, switches=switches, scale=None, negative_slope=slope)
         if need_shift and ctx.has_shift:
             gshift = channel_sum(gact)
-        if need_scale and scale is not None:
-            gscale = channel_sum(gact * gather_conv(x, weight, switches, stride, padding, pool))
-    return gx, gw, gscale, gshift, None, None, None, None
+        if need["scale"] and scale is not None:
+            gscale = channel_sum(gact * gather_conv(src=x, weight=weight, switches=switches, stride=stride,
+                                                    padding=padding, pool=pool))
+    return {"x": gx, "weight": gw, "scale": gscale, "shift": gshift}
 
 
-conv_relu_pool_op = dispatch.CustomOp("conv_relu_pool", _conv_relu_pool_impl, _conv_relu_pool_fake, _crp_setup,
-                                      _crp_backward)
+conv_relu_pool_op = dispatch.CustomOp(SCHEMAS["conv_relu_pool"], _conv_relu_pool_impl, _conv_relu_pool_fake,
+                                      _crp_setup, _crp_backward)
 
 
 def conv_relu_pool(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None, *,
@@ -137,4 +139,5 @@ def conv_relu_pool(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None, sh
     check.channel_vector("scale", scale, weight.shape[0], "x", x)
     check.channel_vector("shift", shift, weight.shape[0], "x", x)
     check.geometry("x", x.shape[-2:], weight, stride, padding, pool)
-    return conv_relu_pool_op(x, weight, scale, shift, stride, padding, pool, negative_slope)
+    return conv_relu_pool_op(x=x, weight=weight, scale=scale, shift=shift, stride=stride, padding=padding, pool=pool,
+                             negative_slope=negative_slope)

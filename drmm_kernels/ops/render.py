@@ -16,62 +16,60 @@ from torch import Tensor
 
 from .. import dispatch
 from ..contract import Checker, shape_str
+from ..schema import SCHEMAS
 from .switches import all_on, channel_sum, masked_values
 
 
 # --------------------------------------------------------------------------- render (internal op)
 
 
-def _render_impl(mu: Tensor, switches: Tensor, weight: Tensor, scale: Optional[Tensor], stride: int, padding: int,
-                 pool: int, out_h: int, out_w: int, negative_slope: float) -> Tensor:
-    return dispatch.implementation(mu.device, "render")(mu, switches, weight, scale, stride, padding, pool,
-                                                        (out_h, out_w), negative_slope)
+def _render_impl(a) -> Tensor:
+    return dispatch.implementation(a["mu"].device, "render")(**a)
 
 
-def _render_fake(mu, switches, weight, scale, stride, padding, pool, out_h, out_w, negative_slope):
-    return mu.new_empty((mu.shape[0], weight.shape[1], out_h, out_w))
+def _render_fake(a):
+    return a["mu"].new_empty((a["mu"].shape[0], a["weight"].shape[1], a["out_h"], a["out_w"]))
 
 
-def _render_setup(ctx, inputs, output):
-    mu, switches, weight, scale, stride, padding, pool, out_h, out_w, negative_slope = inputs
-    ctx.conf = (stride, padding, pool, negative_slope)
-    ctx.save_for_backward(mu, switches, weight, scale)
+def _render_setup(ctx, a, output):
+    ctx.conf = (a["stride"], a["padding"], a["pool"], a["negative_slope"])
+    ctx.save_for_backward(a["mu"], a["switches"], a["weight"], a["scale"])
 
 
 def _render_backward(ctx, gout):
     mu, switches, weight, scale = ctx.saved_tensors
     stride, padding, pool, slope = ctx.conf
-    need_mu, _, need_w, need_scale = ctx.needs_input_grad[:4]
-    gmu = gw = gscale = None
+    need = ctx.needs_grad
     gout = gout.contiguous()
-    if need_mu or need_scale:
-        gmu, gscale = mu_scale_grads(gout, weight, mu, switches, scale, stride, padding, pool, slope, need_mu,
-                                     need_scale)
-    if need_w:
-        gw = render_wgrad(gout, mu, switches, scale, stride, padding, pool, slope, weight.shape[-2],
-                          weight.shape[-1])
-    return gmu, None, gw, gscale, None, None, None, None, None, None
+    grads = {}
+    if need["mu"] or need["scale"]:
+        grads["mu"], grads["scale"] = mu_scale_grads(gout, weight, mu, switches, scale, stride, padding, pool, slope,
+                                                     need["mu"], need["scale"])
+    if need["weight"]:
+        grads["weight"] = render_wgrad(src=gout, mu=mu, switches=switches, scale=scale, stride=stride,
+                                       padding=padding, pool=pool, negative_slope=slope, kernel_h=weight.shape[-2],
+                                       kernel_w=weight.shape[-1])
+    return grads
 
 
-#: render with validated arguments: ``(mu, switches, weight, scale, stride, padding, pool, out_h, out_w, slope)``.
-render_op = dispatch.CustomOp("render", _render_impl, _render_fake, _render_setup, _render_backward)
+#: render with validated arguments, by keyword (drmm_kernels/schema.py).
+render_op = dispatch.CustomOp(SCHEMAS["render"], _render_impl, _render_fake, _render_setup, _render_backward)
 
 
 # --------------------------------------------------------------------------- gather_conv
 
 
-def _gather_conv_impl(src: Tensor, weight: Tensor, switches: Tensor, stride: int, padding: int, pool: int) -> Tensor:
-    return dispatch.implementation(src.device, "gather_conv")(src, weight, switches, stride, padding, pool)
+def _gather_conv_impl(a) -> Tensor:
+    return dispatch.implementation(a["src"].device, "gather_conv")(**a)
 
 
-def _gather_conv_fake(src, weight, switches, stride, padding, pool):
-    return switches.new_empty(switches.shape, dtype=src.dtype)
+def _gather_conv_fake(a):
+    return a["switches"].new_empty(a["switches"].shape, dtype=a["src"].dtype)
 
 
-def _gather_setup(ctx, inputs, output):
-    src, weight, switches, stride, padding, pool = inputs
-    ctx.conf = (stride, padding, pool, src.shape[-2], src.shape[-1])
-    ctx.save_for_backward(src, weight, switches)
+def _gather_setup(ctx, a, output):
+    ctx.conf = (a["stride"], a["padding"], a["pool"], a["src"].shape[-2], a["src"].shape[-1])
+    ctx.save_for_backward(a["src"], a["weight"], a["switches"])
 
 
 def _gather_backward(ctx, g):
@@ -80,22 +78,27 @@ def _gather_backward(ctx, g):
     stride, padding, pool, h, w = ctx.conf
     on = all_on(switches)
     g = g.contiguous()
-    gsrc = gw = None
-    if ctx.needs_input_grad[0]:
-        gsrc = render_op(g, on, weight, None, stride, padding, pool, h, w, 0.0)
-    if ctx.needs_input_grad[1]:
-        gw = render_wgrad(src, g, on, None, stride, padding, pool, 0.0, weight.shape[-2], weight.shape[-1])
-    return gsrc, gw, None, None, None, None
+    grads = {}
+    if ctx.needs_grad["src"]:
+        grads["src"] = render_op(mu=g, switches=on, weight=weight, scale=None, stride=stride, padding=padding,
+                                 pool=pool, out_h=h, out_w=w, negative_slope=0.0)
+    if ctx.needs_grad["weight"]:
+        grads["weight"] = render_wgrad(src=src, mu=g, switches=on, scale=None, stride=stride, padding=padding,
+                                       pool=pool, negative_slope=0.0, kernel_h=weight.shape[-2],
+                                       kernel_w=weight.shape[-1])
+    return grads
 
 
-gather_conv = dispatch.CustomOp("gather_conv", _gather_conv_impl, _gather_conv_fake, _gather_setup,
+gather_conv = dispatch.CustomOp(SCHEMAS["gather_conv"], _gather_conv_impl, _gather_conv_fake, _gather_setup,
                                 _gather_backward)
 
 
 def mu_scale_grads(src, weight, mu, switches, scale, stride, padding, pool, slope, need_mu, need_scale):
     """Gradients of <conv2d(src, weight), render-map of mu> in mu and scale: the conv read at the recorded
     offsets (gather_conv), times the activation derivative, times scale for mu / mu for scale."""
-    at = masked_values(gather_conv(src, weight, switches, stride, padding, pool), switches, None, slope)
+    at = masked_values(mu=gather_conv(src=src, weight=weight, switches=switches, stride=stride, padding=padding,
+                                      pool=pool),
+                       switches=switches, scale=None, negative_slope=slope)
     gmu = gscale = None
     if need_mu:
         gmu = at if scale is None else at * scale.view(1, -1, 1, 1)
@@ -107,38 +110,36 @@ def mu_scale_grads(src, weight, mu, switches, scale, stride, padding, pool, slop
 # --------------------------------------------------------------------------- render_wgrad
 
 
-def _render_wgrad_impl(src: Tensor, mu: Tensor, switches: Tensor, scale: Optional[Tensor], stride: int,
-                       padding: int, pool: int, negative_slope: float, kernel_h: int, kernel_w: int) -> Tensor:
-    return dispatch.implementation(src.device, "render_wgrad")(src, mu, switches, scale, stride, padding, pool,
-                                                               negative_slope, (kernel_h, kernel_w))
+def _render_wgrad_impl(a) -> Tensor:
+    return dispatch.implementation(a["src"].device, "render_wgrad")(**a)
 
 
-def _render_wgrad_fake(src, mu, switches, scale, stride, padding, pool, negative_slope, kernel_h, kernel_w):
-    return src.new_empty((mu.shape[1], src.shape[1], kernel_h, kernel_w))
+def _render_wgrad_fake(a):
+    return a["src"].new_empty((a["mu"].shape[1], a["src"].shape[1], a["kernel_h"], a["kernel_w"]))
 
 
-def _wgrad_setup(ctx, inputs, output):
-    src, mu, switches, scale, stride, padding, pool, negative_slope, kernel_h, kernel_w = inputs
-    ctx.conf = (stride, padding, pool, negative_slope, src.shape[-2], src.shape[-1])
-    ctx.save_for_backward(src, mu, switches, scale)
+def _wgrad_setup(ctx, a, output):
+    ctx.conf = (a["stride"], a["padding"], a["pool"], a["negative_slope"], a["src"].shape[-2], a["src"].shape[-1])
+    ctx.save_for_backward(a["src"], a["mu"], a["switches"], a["scale"])
 
 
 def _wgrad_backward(ctx, gw):
     # render_wgrad is linear in src and in mu * a' * scale: d src renders mu through gw, d mu gathers.
     src, mu, switches, scale = ctx.saved_tensors
     stride, padding, pool, slope, h, w = ctx.conf
-    need_src, need_mu, _, need_scale = ctx.needs_input_grad[:4]
+    need = ctx.needs_grad
     gw = gw.contiguous()
-    gsrc = gmu = gscale = None
-    if need_src:
-        gsrc = render_op(mu, switches, gw, scale, stride, padding, pool, h, w, slope)
-    if need_mu or need_scale:
-        gmu, gscale = mu_scale_grads(src, gw, mu, switches, scale, stride, padding, pool, slope, need_mu,
-                                     need_scale)
-    return gsrc, gmu, None, gscale, None, None, None, None, None, None
+    grads = {}
+    if need["src"]:
+        grads["src"] = render_op(mu=mu, switches=switches, weight=gw, scale=scale, stride=stride, padding=padding,
+                                 pool=pool, out_h=h, out_w=w, negative_slope=slope)
+    if need["mu"] or need["scale"]:
+        grads["mu"], grads["scale"] = mu_scale_grads(src, gw, mu, switches, scale, stride, padding, pool, slope,
+                                                     need["mu"], need["scale"])
+    return grads
 
 
-render_wgrad = dispatch.CustomOp("render_wgrad", _render_wgrad_impl, _render_wgrad_fake, _wgrad_setup,
+render_wgrad = dispatch.CustomOp(SCHEMAS["render_wgrad"], _render_wgrad_impl, _render_wgrad_fake, _wgrad_setup,
                                  _wgrad_backward)
 
 
@@ -175,4 +176,5 @@ def render(mu: Tensor, switches: Tensor, weight: Tensor, scale: Optional[Tensor]
         raise check.value_error(f"out_size {out_hw} gives pooled size {phw} with kernel "
                                 f"{tuple(weight.shape[-2:])}, stride {stride}, padding {padding}, pool {pool}, but "
                                 f"mu has spatial size {tuple(mu.shape[-2:])} (shape ({shape_str(mu)}))")
-    return render_op(mu, switches, weight, scale, stride, padding, pool, out_hw[0], out_hw[1], negative_slope)
+    return render_op(mu=mu, switches=switches, weight=weight, scale=scale, stride=stride, padding=padding, pool=pool,
+                     out_h=out_hw[0], out_w=out_hw[1], negative_slope=negative_slope)

@@ -3,13 +3,12 @@ pooled values at the recorded offsets, ``unpool`` and ``masked_values`` (used by
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
 from .. import dispatch, reference
 from ..contract import ON_BIT, Checker, shape_str
+from ..schema import SCHEMAS
 
 
 def channel_sum(t: Tensor) -> Tensor:
@@ -24,49 +23,50 @@ def all_on(switches: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- masked_values
 
 
-def _masked_values_impl(mu: Tensor, switches: Tensor, scale: Optional[Tensor], negative_slope: float) -> Tensor:
-    return dispatch.implementation(mu.device, "masked_values")(mu, switches, scale, negative_slope)
+def _masked_values_impl(a) -> Tensor:
+    return dispatch.implementation(a["mu"].device, "masked_values")(**a)
 
 
-def _masked_values_fake(mu, switches, scale, negative_slope):
-    return torch.empty_like(mu, memory_format=torch.contiguous_format)
+def _masked_values_fake(a):
+    return torch.empty_like(a["mu"], memory_format=torch.contiguous_format)
 
 
-def _masked_values_setup(ctx, inputs, output):
-    mu, switches, scale, negative_slope = inputs
-    ctx.slope = negative_slope
-    ctx.save_for_backward(mu, switches, scale)
+def _masked_values_setup(ctx, a, output):
+    ctx.slope = a["negative_slope"]
+    ctx.save_for_backward(a["mu"], a["switches"], a["scale"])
 
 
 def _masked_values_backward(ctx, g):
     mu, switches, scale = ctx.saved_tensors
     g = g.contiguous()
-    gmu = masked_values(g, switches, scale, ctx.slope) if ctx.needs_input_grad[0] else None
-    gscale = None
-    if ctx.needs_input_grad[2] and scale is not None:
-        gscale = channel_sum(g * masked_values(mu, switches, None, ctx.slope))
-    return gmu, None, gscale, None
+    grads = {}
+    if ctx.needs_grad["mu"]:
+        grads["mu"] = masked_values(mu=g, switches=switches, scale=scale, negative_slope=ctx.slope)
+    if ctx.needs_grad["scale"] and scale is not None:
+        grads["scale"] = channel_sum(g * masked_values(mu=mu, switches=switches, scale=None,
+                                                       negative_slope=ctx.slope))
+    return grads
 
 
 #: ``mu * a'(switches) * scale``: the pooled gradient through the activation (internal, validated arguments).
-masked_values = dispatch.CustomOp("masked_values", _masked_values_impl, _masked_values_fake, _masked_values_setup,
-                                  _masked_values_backward)
+masked_values = dispatch.CustomOp(SCHEMAS["masked_values"], _masked_values_impl, _masked_values_fake,
+                                  _masked_values_setup, _masked_values_backward)
 
 
 # --------------------------------------------------------------------------- unpool
 
 
-def _unpool_impl(values: Tensor, switches: Tensor, pool: int, out_h: int, out_w: int) -> Tensor:
-    return dispatch.implementation(values.device, "unpool")(values, switches, pool, (out_h, out_w))
+def _unpool_impl(a) -> Tensor:
+    return dispatch.implementation(a["values"].device, "unpool")(**a)
 
 
-def _unpool_fake(values, switches, pool, out_h, out_w):
-    return values.new_empty((values.shape[0], values.shape[1], out_h, out_w))
+def _unpool_fake(a):
+    return a["values"].new_empty((a["values"].shape[0], a["values"].shape[1], a["out_h"], a["out_w"]))
 
 
-def _unpool_setup(ctx, inputs, output):
-    ctx.pool = inputs[2]
-    ctx.save_for_backward(inputs[1])
+def _unpool_setup(ctx, a, output):
+    ctx.pool = a["pool"]
+    ctx.save_for_backward(a["switches"])
 
 
 def _unpool_backward(ctx, g):
@@ -74,11 +74,11 @@ def _unpool_backward(ctx, g):
     (switches,) = ctx.saved_tensors
     n, c = switches.shape[:2]
     idx = reference.switches_to_indices(switches, ctx.pool, tuple(g.shape[-2:])).reshape(n, c, -1)
-    return g.reshape(n, c, -1).gather(2, idx).view(switches.shape), None, None, None, None
+    return {"values": g.reshape(n, c, -1).gather(2, idx).view(switches.shape)}
 
 
 #: Each pooled value at its recorded offset of a zero (out_h, out_w) map (internal, validated arguments).
-unpool = dispatch.CustomOp("unpool", _unpool_impl, _unpool_fake, _unpool_setup, _unpool_backward)
+unpool = dispatch.CustomOp(SCHEMAS["unpool"], _unpool_impl, _unpool_fake, _unpool_setup, _unpool_backward)
 
 
 # --------------------------------------------------------------------------- switches_to_indices

@@ -16,37 +16,32 @@ of z for the materialized version. bench/kernels.py should confirm this choice o
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
-import torch
-from torch import Tensor
+import importlib
 
 from ._status import is_interpreting, status, supports  # noqa: F401
 
 
-def conv_relu_pool(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], stride: int,
-                   padding: int, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
-    from .conv_relu_pool_kernel import conv_relu_pool as impl
-    return impl(x, weight, scale, shift, stride, padding, pool, negative_slope)
+def _lazy(module: str, name: str):
+    """Primitive ``name`` of ``<module>.py`` (keyword arguments, drmm_kernels/schema.py), imported on first call;
+    ``.load()`` imports and returns it."""
+    fn = None
+
+    def load():
+        nonlocal fn
+        if fn is None:
+            fn = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        return fn
+
+    def primitive(**args):
+        return (fn or load())(**args)
+
+    primitive.__name__ = primitive.__qualname__ = name
+    primitive.load = load
+    return primitive
 
 
-def gather_conv(src: Tensor, weight: Tensor, switches: Tensor, stride: int, padding: int, pool: int) -> Tensor:
-    from .conv_relu_pool_kernel import gather_conv as impl
-    return impl(src, weight, switches, stride, padding, pool)
-
-
-def render(mu: Tensor, switches: Tensor, weight: Tensor, scale: Optional[Tensor], stride: int, padding: int,
-           pool: int, out_hw: Tuple[int, int], negative_slope: float) -> Tensor:
-    from .render_kernel import render as impl
-    return impl(mu, switches, weight, scale, stride, padding, pool, out_hw, negative_slope)
-
-
-def render_wgrad(src: Tensor, mu: Tensor, switches: Tensor, scale: Optional[Tensor], stride: int, padding: int,
-                 pool: int, negative_slope: float, kernel_hw: Tuple[int, int]) -> Tensor:
-    from .render_wgrad_kernel import render_wgrad as impl
-    return impl(src, mu, switches, scale, stride, padding, pool, negative_slope, kernel_hw)
-
-
-def bn_pool(z: Tensor, scale: Tensor, shift: Tensor, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
-    from .conv_bn_relu_pool_kernel import bn_pool as impl
-    return impl(z, scale, shift, pool, negative_slope)
+conv_relu_pool = _lazy("conv_relu_pool_kernel", "conv_relu_pool")
+gather_conv = _lazy("conv_relu_pool_kernel", "gather_conv")
+render = _lazy("render_kernel", "render")
+render_wgrad = _lazy("render_wgrad_kernel", "render_wgrad")
+bn_pool = _lazy("conv_bn_relu_pool_kernel", "bn_pool")

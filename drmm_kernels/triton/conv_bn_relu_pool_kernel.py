@@ -56,10 +56,10 @@ def _bn_pool_kernel(
     store_pooled(y_ptr, sw_ptr, out, mask, m, arg, slope, LEAKY)
 
 
-def bn_pool(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, pool: int,
+def bn_pool(*, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, pool: int,
             negative_slope: float) -> Tuple[torch.Tensor, torch.Tensor]:
     if z.dtype not in KERNEL_DTYPES:
-        return reference.bn_pool(z, scale, shift, pool, negative_slope)
+        return reference.bn_pool(z=z, scale=scale, shift=shift, pool=pool, negative_slope=negative_slope)
     n, c, hc, wc = z.shape
     hp, wp = hc // pool, wc // pool
     y = torch.empty((n, c, hp, wp), dtype=z.dtype, device=z.device)

@@ -170,11 +170,12 @@ def _pooled_shape(x, weight, stride, padding, pool):
     return (x.shape[0], weight.shape[0], hp, wp)
 
 
-def conv_relu_pool(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor],
+def conv_relu_pool(*, x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor],
                    shift: Optional[torch.Tensor], stride: int, padding: int, pool: int,
                    negative_slope: float) -> Tuple[torch.Tensor, torch.Tensor]:
     if x.dtype not in KERNEL_DTYPES:
-        return reference.conv_relu_pool(x, weight, scale, shift, stride, padding, pool, negative_slope)
+        return reference.conv_relu_pool(x=x, weight=weight, scale=scale, shift=shift, stride=stride, padding=padding,
+                                        pool=pool, negative_slope=negative_slope)
     shape = _pooled_shape(x, weight, stride, padding, pool)
     y = torch.empty(shape, dtype=x.dtype, device=x.device)
     sw = torch.empty(shape, dtype=torch.uint8, device=x.device)
@@ -182,10 +183,11 @@ def conv_relu_pool(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.
     return y, sw
 
 
-def gather_conv(src: torch.Tensor, weight: torch.Tensor, switches: torch.Tensor, stride: int, padding: int,
+def gather_conv(*, src: torch.Tensor, weight: torch.Tensor, switches: torch.Tensor, stride: int, padding: int,
                 pool: int) -> torch.Tensor:
     if src.dtype not in KERNEL_DTYPES:
-        return reference.gather_conv(src, weight, switches, stride, padding, pool)
+        return reference.gather_conv(src=src, weight=weight, switches=switches, stride=stride, padding=padding,
+                                     pool=pool)
     out = torch.empty(switches.shape, dtype=src.dtype, device=src.device)
     _launch(src, weight, None, None, switches.contiguous(), out, stride, padding, pool, 0.0, gather=True)
     return out

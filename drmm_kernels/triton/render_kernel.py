@@ -14,7 +14,7 @@ to consume it, which bench/kernels.py checks against eager max_unpool2d + conv_t
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -109,13 +109,14 @@ def _render_kernel(
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_ci[None, :])
 
 
-def render(mu: torch.Tensor, switches: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor],
-           stride: int, padding: int, pool: int, out_hw: Tuple[int, int], negative_slope: float) -> torch.Tensor:
+def render(*, mu: torch.Tensor, switches: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor],
+           stride: int, padding: int, pool: int, out_h: int, out_w: int, negative_slope: float) -> torch.Tensor:
     if mu.dtype not in KERNEL_DTYPES:
-        return reference.render(mu, switches, weight, scale, stride, padding, pool, out_hw, negative_slope)
+        return reference.render(mu=mu, switches=switches, weight=weight, scale=scale, stride=stride, padding=padding,
+                                pool=pool, out_h=out_h, out_w=out_w, negative_slope=negative_slope)
     n, c_out, hp, wp = mu.shape
     c_in, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3]
-    h, w = out_hw
+    h, w = out_h, out_w
     out = torch.empty((n, c_in, h, w), dtype=mu.dtype, device=mu.device)
     m = n * h * w
     if m == 0 or c_in == 0:

@@ -13,7 +13,7 @@ result deterministic (no atomics) and autotune reruns harmless.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -103,14 +103,15 @@ def _wgrad_kernel(
     tl.store(part_ptr + out, acc, mask=mask_co[:, None] & mask_ci[None, :])
 
 
-def render_wgrad(src: torch.Tensor, mu: torch.Tensor, switches: torch.Tensor, scale: Optional[torch.Tensor],
-                 stride: int, padding: int, pool: int, negative_slope: float,
-                 kernel_hw: Tuple[int, int]) -> torch.Tensor:
+def render_wgrad(*, src: torch.Tensor, mu: torch.Tensor, switches: torch.Tensor, scale: Optional[torch.Tensor],
+                 stride: int, padding: int, pool: int, negative_slope: float, kernel_h: int,
+                 kernel_w: int) -> torch.Tensor:
     if src.dtype not in KERNEL_DTYPES:
-        return reference.render_wgrad(src, mu, switches, scale, stride, padding, pool, negative_slope, kernel_hw)
+        return reference.render_wgrad(src=src, mu=mu, switches=switches, scale=scale, stride=stride, padding=padding,
+                                      pool=pool, negative_slope=negative_slope, kernel_h=kernel_h, kernel_w=kernel_w)
     n, c_in, h, w = src.shape
     c_out, hp, wp = mu.shape[1], mu.shape[2], mu.shape[3]
-    kh, kw = kernel_hw
+    kh, kw = kernel_h, kernel_w
     p = n * hp * wp
     if p == 0:
         return torch.zeros((c_out, c_in, kh, kw), dtype=src.dtype, device=src.device)

@@ -19,15 +19,18 @@ def test_cpu_other_dtypes_fall_back_to_reference(dtype):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 8, 8, generator=gen).to(dtype)
     wt = torch.randn(4, 3, 3, 3, generator=gen).to(dtype)
-    y, sw = cpu.kernels.conv_relu_pool(x, wt, None, None, 1, 1, 2, 0.0)
-    yr, swr = reference.conv_relu_pool(x, wt, None, None, 1, 1, 2, 0.0)
+    geo = dict(stride=1, padding=1, pool=2)
+    fwd = dict(x=x, weight=wt, scale=None, shift=None, negative_slope=0.0, **geo)
+    y, sw = cpu.kernels.conv_relu_pool(**fwd)
+    yr, swr = reference.conv_relu_pool(**fwd)
     assert y.dtype == dtype and torch.equal(y, yr) and torch.equal(sw, swr)
     mu = torch.randn(y.shape, generator=gen).to(dtype)
-    assert torch.equal(cpu.kernels.render(mu, sw, wt, None, 1, 1, 2, (8, 8), 0.0),
-                       reference.render(mu, sw, wt, None, 1, 1, 2, (8, 8), 0.0))
-    assert torch.equal(cpu.kernels.gather_conv(x, wt, sw, 1, 1, 2), reference.gather_conv(x, wt, sw, 1, 1, 2))
-    assert torch.equal(cpu.kernels.render_wgrad(x, mu, sw, None, 1, 1, 2, 0.0, (3, 3)),
-                       reference.render_wgrad(x, mu, sw, None, 1, 1, 2, 0.0, (3, 3)))
+    render = dict(mu=mu, switches=sw, weight=wt, scale=None, out_h=8, out_w=8, negative_slope=0.0, **geo)
+    assert torch.equal(cpu.kernels.render(**render), reference.render(**render))
+    gather = dict(src=x, weight=wt, switches=sw, **geo)
+    assert torch.equal(cpu.kernels.gather_conv(**gather), reference.gather_conv(**gather))
+    wgrad = dict(src=x, mu=mu, switches=sw, scale=None, negative_slope=0.0, kernel_h=3, kernel_w=3, **geo)
+    assert torch.equal(cpu.kernels.render_wgrad(**wgrad), reference.render_wgrad(**wgrad))
 
 
 @pytest.mark.cpu_backend
@@ -36,21 +39,24 @@ def test_cpu_invalid_switch_offset_is_an_error():
     sw = torch.full((1, 2, 3, 3), 0x85, dtype=torch.uint8)  # offset 5 >= pool*pool = 4
     wt = torch.randn(2, 3, 3, 3)
     with pytest.raises(RuntimeError, match="drmm_kernels.render: switches hold a window offset"):
-        cpu.kernels.render(mu, sw, wt, None, 1, 1, 2, (6, 6), 0.0)
+        cpu.kernels.render(mu=mu, switches=sw, weight=wt, scale=None, stride=1, padding=1, pool=2, out_h=6, out_w=6,
+                           negative_slope=0.0)
     with pytest.raises(RuntimeError, match="drmm_kernels.gather_conv: switches hold a window offset"):
-        cpu.kernels.gather_conv(torch.randn(1, 3, 6, 6), wt, sw, 1, 1, 2)
+        cpu.kernels.gather_conv(src=torch.randn(1, 3, 6, 6), weight=wt, switches=sw, stride=1, padding=1, pool=2)
 
 
 @pytest.mark.cpu_backend
 def test_cpu_shape_errors_name_the_argument():
     x, wt = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
     with pytest.raises(RuntimeError, match="drmm_kernels.conv_relu_pool: scale must have shape"):
-        torch.ops.drmm_C.conv_relu_pool(x, wt, torch.ones(3), None, 1, 1, 2, 0.0)
+        torch.ops.drmm_C.conv_relu_pool(x=x, weight=wt, scale=torch.ones(3), shift=None, stride=1, padding=1, pool=2,
+                                        negative_slope=0.0)
+    render = dict(weight=wt, scale=None, stride=1, padding=1, pool=2, out_h=8, out_w=8, negative_slope=0.0)
     with pytest.raises(RuntimeError, match="drmm_kernels.render: switches must be uint8"):
-        torch.ops.drmm_C.render(torch.randn(1, 4, 4, 4), torch.zeros(1, 4, 4, 4), wt, None, 1, 1, 2, 8, 8, 0.0)
+        torch.ops.drmm_C.render(mu=torch.randn(1, 4, 4, 4), switches=torch.zeros(1, 4, 4, 4), **render)
     with pytest.raises(RuntimeError, match="drmm_kernels.render: mu/switches must have shape"):
-        torch.ops.drmm_C.render(torch.randn(1, 4, 3, 4), torch.zeros(1, 4, 3, 4, dtype=torch.uint8), wt, None, 1, 1,
-                                2, 8, 8, 0.0)
+        torch.ops.drmm_C.render(mu=torch.randn(1, 4, 3, 4), switches=torch.zeros(1, 4, 3, 4, dtype=torch.uint8),
+                                **render)
 
 
 @pytest.mark.cpu_backend
@@ -59,9 +65,11 @@ def test_cpu_backend_is_used_by_public_ops():
     with dk.backend("cpu"):
         y, sw = dk.conv_relu_pool(x, wt, padding=1)
         xh = dk.render(y, sw, wt, padding=1, out_size=(9, 9))
-    yr, swr = reference.conv_relu_pool(x, wt, None, None, 1, 1, 2, 0.0)
+    yr, swr = reference.conv_relu_pool(x=x, weight=wt, scale=None, shift=None, stride=1, padding=1, pool=2,
+                                       negative_slope=0.0)
     torch.testing.assert_close(y, yr)
-    torch.testing.assert_close(xh, reference.render(y, sw, wt, None, 1, 1, 2, (9, 9), 0.0))
+    torch.testing.assert_close(xh, reference.render(mu=y, switches=sw, weight=wt, scale=None, stride=1, padding=1,
+                                                    pool=2, out_h=9, out_w=9, negative_slope=0.0))
 
 
 @pytest.mark.cpu_backend
@@ -72,15 +80,17 @@ def test_cpu_results_are_bitwise_independent_of_threads_and_scheduling():
     for dtype, kernel in ((torch.float64, (3, 3)), (torch.float32, (3, 3)), (torch.float32, (2, 3))):
         x = torch.randn(19, 16, 9, 9, generator=gen, dtype=dtype)
         wt = torch.randn(8, 16, *kernel, generator=gen, dtype=dtype)
-        y, sw = cpu.kernels.conv_relu_pool(x, wt, None, None, 1, 1, 2, 0.0)
+        geo = dict(stride=1, padding=1, pool=2, negative_slope=0.0)
+        y, sw = cpu.kernels.conv_relu_pool(x=x, weight=wt, scale=None, shift=None, **geo)
         mu = torch.randn(y.shape, generator=gen, dtype=dtype)
         before = torch.get_num_threads()
         outs = []
         try:
             for threads in (1, 2, 2, 2):
                 torch.set_num_threads(threads)
-                outs.append((cpu.kernels.render(mu, sw, wt, None, 1, 1, 2, (9, 9), 0.0),
-                             cpu.kernels.render_wgrad(x, mu, sw, None, 1, 1, 2, 0.0, kernel)))
+                outs.append((cpu.kernels.render(mu=mu, switches=sw, weight=wt, scale=None, out_h=9, out_w=9, **geo),
+                             cpu.kernels.render_wgrad(src=x, mu=mu, switches=sw, scale=None, kernel_h=kernel[0],
+                                                      kernel_w=kernel[1], **geo)))
         finally:
             torch.set_num_threads(before)
         for other in outs[1:]:
@@ -107,8 +117,10 @@ for it in range(4):
     mu = torch.randn(n, co, h - 2, h - 2)
     sw = (torch.rand(n, co, h - 2, h - 2) < 0.5).to(torch.uint8) * 0x80
     w = torch.randn(co, ci, 3, 3)
-    got = torch.ops.drmm_C.render(mu, sw, w, None, 1, 0, 1, h, h, 0.0)
-    want = reference.render(mu, sw, w, None, 1, 0, 1, (h, h), 0.0)
+    args = dict(mu=mu, switches=sw, weight=w, scale=None, stride=1, padding=0, pool=1, out_h=h, out_w=h,
+                negative_slope=0.0)
+    got = torch.ops.drmm_C.render(**args)
+    want = reference.render(**args)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     outs.append(got)
 assert len({o.untyped_storage().data_ptr() for o in outs}) == len(outs)

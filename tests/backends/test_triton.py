@@ -16,8 +16,9 @@ import triton_cases as trt
 def test_triton_float64_falls_back_to_reference():
     x = torch.randn(1, 2, 5, 5, dtype=torch.float64, device=trt.DEV)
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, device=trt.DEV)
-    y, sw = trt.kernels.conv_relu_pool(x, w, None, None, 1, 1, 2, 0.0)
-    y_ref, sw_ref = reference.conv_relu_pool(x, w, None, None, 1, 1, 2, 0.0)
+    args = dict(x=x, weight=w, scale=None, shift=None, stride=1, padding=1, pool=2, negative_slope=0.0)
+    y, sw = trt.kernels.conv_relu_pool(**args)
+    y_ref, sw_ref = reference.conv_relu_pool(**args)
     assert torch.equal(y, y_ref) and torch.equal(sw, sw_ref)
 
 
@@ -71,8 +72,8 @@ def test_triton_gpu_realistic(case: trt.Case):
     with dk.backend("triton"):
         xh = dk.render(mu, sw, w.detach(), stride=case.stride, padding=case.pad, pool=case.pool,
                        out_size=(case.h, case.w), negative_slope=case.slope)
-    xh_ref = reference.render(mu.double(), sw, w.detach().double(), None, case.stride, case.pad, case.pool,
-                              (case.h, case.w), case.slope)
+    xh_ref = reference.render(mu=mu.double(), switches=sw, weight=w.detach().double(), scale=None, stride=case.stride,
+                              padding=case.pad, pool=case.pool, out_h=case.h, out_w=case.w, negative_slope=case.slope)
     assert trt.rel_err(xh, xh_ref) < tol
 
 

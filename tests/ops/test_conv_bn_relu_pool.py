@@ -132,8 +132,9 @@ def test_cpu_bn_pool_vector_paths(dtype, fmt, pool, slope):
     z = torch.randn(2, 20, 37, 38, generator=gen, dtype=dtype)
     scale = torch.randn(20, generator=gen, dtype=dtype)
     shift = torch.randn(20, generator=gen, dtype=dtype)
-    y, sw = cpu.kernels.bn_pool(cpu.layout(z, fmt), scale, shift, pool, slope)
-    yr, swr = reference.bn_pool(z, scale, shift, pool, slope)
+    args = dict(scale=scale, shift=shift, pool=pool, negative_slope=slope)
+    y, sw = cpu.kernels.bn_pool(z=cpu.layout(z, fmt), **args)
+    yr, swr = reference.bn_pool(z=z, **args)
     torch.testing.assert_close(y, yr, **cpu.TOL[dtype])
     cpu.assert_switches(sw, swr, reference.scale_shift(z, scale, shift), pool, dtype)
 
@@ -149,8 +150,9 @@ def test_cpu_bn_pool_ties_nan_negative_exact(dtype, fmt, case):
     for pool in (1, 2, 3, 4):
         for slope in (0.0, 0.1):
             for scale in (ones, neg_int):
-                y, sw = cpu.kernels.bn_pool(cpu.layout(z, fmt), scale, zeros, pool, slope)
-                yr, swr = reference.bn_pool(z, scale, zeros, pool, slope)
+                args = dict(scale=scale, shift=zeros, pool=pool, negative_slope=slope)
+                y, sw = cpu.kernels.bn_pool(z=cpu.layout(z, fmt), **args)
+                yr, swr = reference.bn_pool(z=z, **args)
                 torch.testing.assert_close(y, yr, rtol=0, atol=0, equal_nan=True)
                 assert torch.equal(sw, swr), (case, pool, slope)
 
@@ -164,7 +166,7 @@ def test_cpu_batch_stats_matches_float64(dtype, shape, offset):
     z = (torch.randn(*shape, dtype=torch.float64) * 0.5 + offset + torch.arange(shape[1]).view(1, -1, 1, 1))
     var_ref, mean_ref = torch.var_mean(z, dim=(0, 2, 3), unbiased=False)
     z = z.to(dtype)
-    mean, var = cpu.kernels.batch_stats(z)
+    mean, var = cpu.kernels.batch_stats(z=z)
     assert mean.dtype == dtype and var.dtype == dtype and mean.shape == (shape[1],)
     rel = 1e-4 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(mean.double(), mean_ref, rtol=rel, atol=rel)
@@ -173,12 +175,12 @@ def test_cpu_batch_stats_matches_float64(dtype, shape, offset):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cpu.kernels.batch_stats(z)
+        one = cpu.kernels.batch_stats(z=z)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one[0], mean) and torch.equal(one[1], var)
     # channels_last input goes to the reference (ATen) path with the same result
-    cl = cpu.kernels.batch_stats(z.contiguous(memory_format=torch.channels_last))
+    cl = cpu.kernels.batch_stats(z=z.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(cl[1].double(), var_ref, rtol=rel * (1 + abs(offset)), atol=rel)
 
 
@@ -191,7 +193,7 @@ def test_triton_bn_pool_and_conv_bn_relu_pool(channels_last, slope):
     case = trt.Case(2, 5, 6, 7, 9, 3, 1, slope=slope, channels_last=channels_last)
     x, w, scale, shift = trt.inputs(case)
     z = F.conv2d(x, w, None, 1, 1)
-    y, sw = trt.kernels.bn_pool(z, scale, shift, 2, slope)
+    y, sw = trt.kernels.bn_pool(z=z, scale=scale, shift=shift, pool=2, negative_slope=slope)
     v = eager.pre_activation(trt.d(x), trt.d(w), trt.d(scale), trt.d(shift), 1, 1)
     y_ref, sw_ref = reference.pool_switches(v, 2, slope)
     trt.close(y, y_ref, torch.float32, "bn_pool")

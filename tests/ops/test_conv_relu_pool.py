@@ -162,9 +162,10 @@ def test_cpu_conv_relu_pool_matches_reference(g, use_scale, use_shift):
     gen, x, wt, scale, shift = cpu.make_inputs(g)
     scale = scale if use_scale else None
     shift = shift if use_shift else None
-    args = (g["stride"], g["pad"], g["pool"], g["slope"])
-    y, sw = cpu.kernels.conv_relu_pool(cpu.layout(x, g["layout"]), wt, scale, shift, *args)
-    yr, swr = reference.conv_relu_pool(x, wt, scale, shift, *args)
+    args = dict(weight=wt, scale=scale, shift=shift, stride=g["stride"], padding=g["pad"], pool=g["pool"],
+                negative_slope=g["slope"])
+    y, sw = cpu.kernels.conv_relu_pool(x=cpu.layout(x, g["layout"]), **args)
+    yr, swr = reference.conv_relu_pool(x=x, **args)
     assert y.is_contiguous() and y.dtype == x.dtype
     torch.testing.assert_close(y, yr, **cpu.TOL[x.dtype])
     v = reference.scale_shift(F.conv2d(x, wt, None, g["stride"], g["pad"]), scale, shift)
@@ -176,8 +177,9 @@ def test_cpu_conv_relu_pool_nan_in_window():
     x = torch.randn(2, 3, 10, 11, dtype=torch.float64)
     x[0, 1, 4, 5] = float("nan")
     wt = torch.randn(4, 3, 3, 3, dtype=torch.float64)
-    y, sw = cpu.kernels.conv_relu_pool(x, wt, None, None, 1, 1, 2, 0.0)
-    yr, swr = reference.conv_relu_pool(x, wt, None, None, 1, 1, 2, 0.0)
+    args = dict(x=x, weight=wt, scale=None, shift=None, stride=1, padding=1, pool=2, negative_slope=0.0)
+    y, sw = cpu.kernels.conv_relu_pool(**args)
+    yr, swr = reference.conv_relu_pool(**args)
     torch.testing.assert_close(y, yr, equal_nan=True)
     nan = torch.isnan(yr)
     assert nan.any() and torch.equal(sw[nan], swr[nan]), "NaN windows: the last NaN's offset, a bit off"
@@ -198,17 +200,19 @@ def test_cpu_pointwise_conv_path(dtype, use_scale, pool):
     wt = torch.randn(co, ci, 1, 1, generator=g, dtype=dtype)
     scale = torch.randn(co, generator=g, dtype=dtype) if use_scale else None
     shift = torch.randn(co, generator=g, dtype=dtype)
-    y, sw = cpu.kernels.conv_relu_pool(x, wt, scale, shift, 1, 0, pool, 0.1)
-    y_ref, sw_ref = reference.conv_relu_pool(x, wt, scale, shift, 1, 0, pool, 0.1)
+    geo = dict(stride=1, padding=0, pool=pool)
+    fwd = dict(x=x, weight=wt, scale=scale, shift=shift, negative_slope=0.1, **geo)
+    y, sw = cpu.kernels.conv_relu_pool(**fwd)
+    y_ref, sw_ref = reference.conv_relu_pool(**fwd)
     torch.testing.assert_close(y, y_ref, **cpu.TOL[dtype])
     cpu.assert_switches(sw, sw_ref, reference.scale_shift(F.conv2d(x, wt), scale, shift), pool, dtype)
     mu = torch.randn(y.shape, generator=g, dtype=dtype)
-    torch.testing.assert_close(cpu.kernels.render(mu, sw, wt, scale, 1, 0, pool, (h, w), 0.1),
-                               reference.render(mu, sw, wt, scale, 1, 0, pool, (h, w), 0.1), **cpu.TOL[dtype])
-    torch.testing.assert_close(cpu.kernels.gather_conv(x, wt, sw, 1, 0, pool),
-                               reference.gather_conv(x, wt, sw, 1, 0, pool), **cpu.TOL[dtype])
-    torch.testing.assert_close(cpu.kernels.render_wgrad(x, mu, sw, scale, 1, 0, pool, 0.1, (1, 1)),
-                               reference.render_wgrad(x, mu, sw, scale, 1, 0, pool, 0.1, (1, 1)), **cpu.TOL[dtype])
+    render = dict(mu=mu, switches=sw, weight=wt, scale=scale, out_h=h, out_w=w, negative_slope=0.1, **geo)
+    torch.testing.assert_close(cpu.kernels.render(**render), reference.render(**render), **cpu.TOL[dtype])
+    gather = dict(src=x, weight=wt, switches=sw, **geo)
+    torch.testing.assert_close(cpu.kernels.gather_conv(**gather), reference.gather_conv(**gather), **cpu.TOL[dtype])
+    wgrad = dict(src=x, mu=mu, switches=sw, scale=scale, negative_slope=0.1, kernel_h=1, kernel_w=1, **geo)
+    torch.testing.assert_close(cpu.kernels.render_wgrad(**wgrad), reference.render_wgrad(**wgrad), **cpu.TOL[dtype])
 
 
 @pytest.mark.cpu_backend
@@ -217,15 +221,19 @@ def test_cpu_non_square_and_even_kernels(kernel):
     gen = torch.Generator().manual_seed(kernel[0] * 10 + kernel[1])
     x = torch.randn(2, 9, 10, 11, generator=gen, dtype=torch.float64)
     wt = torch.randn(5, 9, *kernel, generator=gen, dtype=torch.float64)
-    y, sw = cpu.kernels.conv_relu_pool(x, wt, None, None, 1, 1, 2, 0.1)
-    yr, swr = reference.conv_relu_pool(x, wt, None, None, 1, 1, 2, 0.1)
+    geo = dict(stride=1, padding=1, pool=2)
+    fwd = dict(x=x, weight=wt, scale=None, shift=None, negative_slope=0.1, **geo)
+    y, sw = cpu.kernels.conv_relu_pool(**fwd)
+    yr, swr = reference.conv_relu_pool(**fwd)
     torch.testing.assert_close(y, yr)
     mu = torch.randn(y.shape, generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(cpu.kernels.render(mu, sw, wt, None, 1, 1, 2, (10, 11), 0.1),
-                               reference.render(mu, sw, wt, None, 1, 1, 2, (10, 11), 0.1))
-    torch.testing.assert_close(cpu.kernels.render_wgrad(x, mu, sw, None, 1, 1, 2, 0.1, kernel),
-                               reference.render_wgrad(x, mu, sw, None, 1, 1, 2, 0.1, kernel))
-    torch.testing.assert_close(cpu.kernels.gather_conv(x, wt, sw, 1, 1, 2), reference.gather_conv(x, wt, sw, 1, 1, 2))
+    render = dict(mu=mu, switches=sw, weight=wt, scale=None, out_h=10, out_w=11, negative_slope=0.1, **geo)
+    torch.testing.assert_close(cpu.kernels.render(**render), reference.render(**render))
+    wgrad = dict(src=x, mu=mu, switches=sw, scale=None, negative_slope=0.1, kernel_h=kernel[0], kernel_w=kernel[1],
+                 **geo)
+    torch.testing.assert_close(cpu.kernels.render_wgrad(**wgrad), reference.render_wgrad(**wgrad))
+    gather = dict(src=x, weight=wt, switches=sw, **geo)
+    torch.testing.assert_close(cpu.kernels.gather_conv(**gather), reference.gather_conv(**gather))
 
 
 # --------------------------------------------------------------------------- triton kernels
@@ -269,7 +277,8 @@ def test_triton_all_negative_windows_and_nan():
     x, w, _, _ = trt.inputs(case)
     shift = torch.full((4,), -50.0, device=trt.DEV)  # every window max < 0: y = 0, a bit off, argmax still recorded
     x[0, 1, 2, 3] = float("nan")                  # NaN wins its windows, as in max_pool2d
-    y, sw = trt.kernels.conv_relu_pool(x, w, None, shift, 1, 1, 2, 0.0)
+    y, sw = trt.kernels.conv_relu_pool(x=x, weight=w, scale=None, shift=shift, stride=1, padding=1, pool=2,
+                                       negative_slope=0.0)
     v = eager.pre_activation(trt.d(x), trt.d(w), None, trt.d(shift), 1, 1)
     y_ref, sw_ref = reference.pool_switches(v, 2, 0.0)
     nan = torch.isnan(y_ref)
@@ -299,7 +308,8 @@ def test_cuda_nan_propagates_like_max_pool(dtype):
     x[0, 1, 4, 4] = float("nan")
     with cuda.tf32(False), dk.backend("cuda"):
         y, sw = dk.conv_relu_pool(x, w, padding=1)
-    y_ref, sw_ref = reference.conv_relu_pool(x, w, None, None, 1, 1, 2, 0.0)
+    y_ref, sw_ref = reference.conv_relu_pool(x=x, weight=w, scale=None, shift=None, stride=1, padding=1, pool=2,
+                                             negative_slope=0.0)
     assert torch.equal(torch.isnan(y), torch.isnan(y_ref)) and torch.isnan(y).any()
     nan = torch.isnan(y_ref)
     assert torch.equal(sw[nan], sw_ref[nan])

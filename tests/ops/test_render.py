@@ -125,10 +125,11 @@ def test_cpu_render_matches_reference(g, use_scale):
     sw = cpu.random_switches(mu.shape, g["pool"], gen)
     scale = scale if use_scale else None
     # Any output size that maps back to this conv size (output_padding up to stride - 1).
-    args = (g["stride"], g["pad"], g["pool"], (g["h"], g["w"]), g["slope"])
-    out = cpu.kernels.render(cpu.layout(mu, g["layout"]), cpu.layout(sw, g["layout"]), cpu.layout(wt, g["layout"]),
-                             scale, *args)
-    ref = reference.render(mu, sw, wt, scale, *args)
+    args = dict(stride=g["stride"], padding=g["pad"], pool=g["pool"], out_h=g["h"], out_w=g["w"],
+                negative_slope=g["slope"], scale=scale)
+    out = cpu.kernels.render(mu=cpu.layout(mu, g["layout"]), switches=cpu.layout(sw, g["layout"]),
+                             weight=cpu.layout(wt, g["layout"]), **args)
+    ref = reference.render(mu=mu, switches=sw, weight=wt, **args)
     assert out.shape == (g["n"], g["cin"], g["h"], g["w"]) and out.is_contiguous()
     torch.testing.assert_close(out, ref, **cpu.TOL[g["dtype"]])
 
@@ -139,9 +140,9 @@ def test_cpu_gather_conv_matches_reference(g):
     gen, x, wt, _, _ = cpu.make_inputs(g)
     hp, wp = g["hc"] // g["pool"], g["wc"] // g["pool"]
     sw = cpu.random_switches((g["n"], g["cout"], hp, wp), g["pool"], gen)
-    args = (g["stride"], g["pad"], g["pool"])
-    out = cpu.kernels.gather_conv(cpu.layout(x, g["layout"]), wt, sw, *args)
-    torch.testing.assert_close(out, reference.gather_conv(x, wt, sw, *args), **cpu.TOL[g["dtype"]])
+    args = dict(weight=wt, switches=sw, stride=g["stride"], padding=g["pad"], pool=g["pool"])
+    out = cpu.kernels.gather_conv(src=cpu.layout(x, g["layout"]), **args)
+    torch.testing.assert_close(out, reference.gather_conv(src=x, **args), **cpu.TOL[g["dtype"]])
 
 
 @pytest.mark.cpu_backend
@@ -152,9 +153,10 @@ def test_cpu_render_wgrad_matches_reference(g, use_scale):
     mu = torch.randn(g["n"], g["cout"], hp, wp, generator=gen, dtype=g["dtype"])
     sw = cpu.random_switches(mu.shape, g["pool"], gen)
     scale = scale if use_scale else None
-    args = (g["stride"], g["pad"], g["pool"], g["slope"], (g["k"], g["k"]))
-    out = cpu.kernels.render_wgrad(cpu.layout(x, g["layout"]), cpu.layout(mu, g["layout"]), sw, scale, *args)
-    ref = reference.render_wgrad(x, mu, sw, scale, *args)
+    args = dict(switches=sw, scale=scale, stride=g["stride"], padding=g["pad"], pool=g["pool"],
+                negative_slope=g["slope"], kernel_h=g["k"], kernel_w=g["k"])
+    out = cpu.kernels.render_wgrad(src=cpu.layout(x, g["layout"]), mu=cpu.layout(mu, g["layout"]), **args)
+    ref = reference.render_wgrad(src=x, mu=mu, **args)
     assert out.shape == wt.shape and out.is_contiguous()
     torch.testing.assert_close(out, ref, rtol=cpu.TOL[g["dtype"]]["rtol"], atol=10 * cpu.TOL[g["dtype"]]["atol"])
 
@@ -174,13 +176,14 @@ def test_cpu_sparse_kernels_vector_paths(dtype, cin, k, pool, stride, pad):
     mu = torch.randn(n, cout, hc // pool, wc // pool, generator=gen, dtype=dtype)
     sw = cpu.random_switches(mu.shape, pool, gen)
     tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else cpu.TOL[dtype]
+    geo = dict(stride=stride, padding=pad, pool=pool)
     for slope in (0.0, 0.1):
-        torch.testing.assert_close(cpu.kernels.render(mu, sw, wt, scale, stride, pad, pool, (h, w), slope),
-                                   reference.render(mu, sw, wt, scale, stride, pad, pool, (h, w), slope), **tol)
-        torch.testing.assert_close(cpu.kernels.render_wgrad(x, mu, sw, scale, stride, pad, pool, slope, (k, k)),
-                                   reference.render_wgrad(x, mu, sw, scale, stride, pad, pool, slope, (k, k)), **tol)
-    torch.testing.assert_close(cpu.kernels.gather_conv(x, wt, sw, stride, pad, pool),
-                               reference.gather_conv(x, wt, sw, stride, pad, pool), **tol)
+        render = dict(mu=mu, switches=sw, weight=wt, scale=scale, out_h=h, out_w=w, negative_slope=slope, **geo)
+        torch.testing.assert_close(cpu.kernels.render(**render), reference.render(**render), **tol)
+        wgrad = dict(src=x, mu=mu, switches=sw, scale=scale, negative_slope=slope, kernel_h=k, kernel_w=k, **geo)
+        torch.testing.assert_close(cpu.kernels.render_wgrad(**wgrad), reference.render_wgrad(**wgrad), **tol)
+    gather = dict(src=x, weight=wt, switches=sw, **geo)
+    torch.testing.assert_close(cpu.kernels.gather_conv(**gather), reference.gather_conv(**gather), **tol)
 
 
 @pytest.mark.cpu_backend
@@ -191,11 +194,13 @@ def test_cpu_render_of_forward_switches_is_input_gradient():
     wt = torch.randn(6, 5, 3, 3, generator=gen, dtype=torch.float64)
     scale = torch.randn(6, generator=gen, dtype=torch.float64)
     shift = torch.randn(6, generator=gen, dtype=torch.float64)
-    y, sw = cpu.kernels.conv_relu_pool(x.detach(), wt, scale, shift, 1, 1, 2, 0.1)
+    geo = dict(stride=1, padding=1, pool=2, negative_slope=0.1)
+    y, sw = cpu.kernels.conv_relu_pool(x=x.detach(), weight=wt, scale=scale, shift=shift, **geo)
     gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
-    yr, _ = reference.conv_relu_pool(x, wt, scale, shift, 1, 1, 2, 0.1)
+    yr, _ = reference.conv_relu_pool(x=x, weight=wt, scale=scale, shift=shift, **geo)
     (gx,) = torch.autograd.grad(yr, x, gy)
-    torch.testing.assert_close(cpu.kernels.render(gy, sw, wt, scale, 1, 1, 2, (12, 12), 0.1), gx)
+    torch.testing.assert_close(cpu.kernels.render(mu=gy, switches=sw, weight=wt, scale=scale, out_h=12, out_w=12,
+                                                  **geo), gx)
 
 
 # --------------------------------------------------------------------------- triton kernels
@@ -219,7 +224,8 @@ def test_triton_render_and_gradients(case: trt.Case):
     assert xh.shape == (case.n, case.cin, case.h, case.w) and xh.is_contiguous()
     mud, wd = trt.d(mu).requires_grad_(), trt.d(w).requires_grad_()
     sd = trt.d(scale).requires_grad_() if scale is not None else None
-    xh_ref = reference.render(mud, sw.cpu(), wd, sd, case.stride, case.pad, case.pool, out_hw, case.slope)
+    xh_ref = reference.render(mu=mud, switches=sw.cpu(), weight=wd, scale=sd, stride=case.stride, padding=case.pad,
+                              pool=case.pool, out_h=case.h, out_w=case.w, negative_slope=case.slope)
     trt.close(xh, xh_ref, case.dtype, "render")
 
     # against the eager composition as well (max_unpool2d + mask + conv_transpose2d)
@@ -242,15 +248,15 @@ def test_triton_render_and_gradients(case: trt.Case):
 @pytest.mark.parametrize("case", [trt.CASES[1], trt.CASES[3], trt.CASES[5]], ids=str)
 def test_triton_gather_conv_and_wgrad_primitives(case: trt.Case):
     x, w, scale, shift = trt.inputs(case)
-    y, sw = trt.kernels.conv_relu_pool(x, w, scale, shift, case.stride, case.pad, case.pool, case.slope)
-    got = trt.kernels.gather_conv(x, w, sw, case.stride, case.pad, case.pool)
-    exp = reference.gather_conv(trt.d(x), trt.d(w), sw.cpu(), case.stride, case.pad, case.pool)
+    geo = dict(stride=case.stride, padding=case.pad, pool=case.pool)
+    y, sw = trt.kernels.conv_relu_pool(x=x, weight=w, scale=scale, shift=shift, negative_slope=case.slope, **geo)
+    got = trt.kernels.gather_conv(src=x, weight=w, switches=sw, **geo)
+    exp = reference.gather_conv(src=trt.d(x), weight=trt.d(w), switches=sw.cpu(), **geo)
     trt.close(got, exp, case.dtype, "gather_conv")
     mu = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y)
-    got = trt.kernels.render_wgrad(x, mu, sw, scale, case.stride, case.pad, case.pool, case.slope,
-                                      (case.k, case.k))
-    exp = reference.render_wgrad(trt.d(x), trt.d(mu), sw.cpu(), trt.d(scale), case.stride, case.pad, case.pool,
-                                 case.slope, (case.k, case.k))
+    wgrad = dict(negative_slope=case.slope, kernel_h=case.k, kernel_w=case.k, **geo)
+    got = trt.kernels.render_wgrad(src=x, mu=mu, switches=sw, scale=scale, **wgrad)
+    exp = reference.render_wgrad(src=trt.d(x), mu=trt.d(mu), switches=sw.cpu(), scale=trt.d(scale), **wgrad)
     assert got.shape == w.shape and got.dtype == w.dtype
     trt.close(got, exp, case.dtype, "render_wgrad")
 
@@ -263,14 +269,15 @@ def test_triton_render_and_wgrad_select_like_relu_backward(slope):
     # 0 would make NaN): render and render_wgrad must stay finite; with a leaky slope the inf passes on.
     case = trt.Case(1, 2, 3, 6, 6, 3, 1)
     x, w, _, _ = trt.inputs(case)
-    y, sw = trt.kernels.conv_relu_pool(x, w, None, None, 1, 1, 2, slope)
+    geo = dict(stride=1, padding=1, pool=2, negative_slope=slope)
+    y, sw = trt.kernels.conv_relu_pool(x=x, weight=w, scale=None, shift=None, **geo)
     mu = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(y)
     off = (sw & 0x80) == 0
     assert off.any() and (~off).any()
     mu[off] = float("inf")
-    got_r = trt.kernels.render(mu, sw, w, None, 1, 1, 2, (6, 6), slope)
-    got_w = trt.kernels.render_wgrad(x, mu, sw, None, 1, 1, 2, slope, (3, 3))
-    exp_r = reference.render(trt.d(mu), sw.cpu(), trt.d(w), None, 1, 1, 2, (6, 6), slope)
+    got_r = trt.kernels.render(mu=mu, switches=sw, weight=w, scale=None, out_h=6, out_w=6, **geo)
+    got_w = trt.kernels.render_wgrad(src=x, mu=mu, switches=sw, scale=None, kernel_h=3, kernel_w=3, **geo)
+    exp_r = reference.render(mu=trt.d(mu), switches=sw.cpu(), weight=trt.d(w), scale=None, out_h=6, out_w=6, **geo)
     if slope == 0.0:
         assert torch.isfinite(got_r).all() and torch.isfinite(got_w).all()
         trt.close(got_r, exp_r, case.dtype, "render")
@@ -295,14 +302,17 @@ def test_cuda_render_and_wgrad_select_like_relu_backward(dtype):
     from drmm_kernels import cuda as cb
     case = cuda.Case(dtype=dtype, scale=False, shift=False)
     x, w, _, _ = cuda.inputs(case)
+    geo = dict(stride=1, padding=1, pool=2, negative_slope=0.0)
     with cuda.tf32(False):
-        y, sw = cb.conv_relu_pool(x, w, None, None, 1, 1, 2, 0.0)
+        y, sw = cb.conv_relu_pool(x=x, weight=w, scale=None, shift=None, **geo)
         mu = torch.randn_like(y)
         off = (sw & 0x80) == 0
         assert off.any() and (~off).any()
         mu[off] = float("inf")
-        got_r = cb.render(mu, sw, w, None, 1, 1, 2, tuple(x.shape[-2:]), 0.0)
-        got_w = cb.render_wgrad(x, mu, sw, None, 1, 1, 2, 0.0, tuple(w.shape[-2:]))
+        render = dict(mu=mu, switches=sw, weight=w, scale=None, out_h=x.shape[-2], out_w=x.shape[-1], **geo)
+        got_r = cb.render(**render)
+        got_w = cb.render_wgrad(src=x, mu=mu, switches=sw, scale=None, kernel_h=w.shape[-2], kernel_w=w.shape[-1],
+                                **geo)
     assert torch.isfinite(got_r).all() and torch.isfinite(got_w).all()
-    exp_r = reference.render(mu, sw, w, None, 1, 1, 2, tuple(x.shape[-2:]), 0.0)
+    exp_r = reference.render(**render)
     torch.testing.assert_close(got_r, exp_r, rtol=1e-4, atol=1e-4)

@@ -74,24 +74,26 @@ def test_cpu_unpool_matches_reference(dtype, pool, conv_hw):
     values = torch.randn(3, 5, hp, wp, dtype=dtype)
     offsets = torch.randint(0, pool * pool, (3, 5, hp, wp), dtype=torch.uint8)
     switches = offsets | ((torch.rand(3, 5, hp, wp) < 0.5).to(torch.uint8) << 7)  # the a bit does not matter
-    got = cpu.kernels.unpool(values, switches, pool, conv_hw)
-    want = reference.unpool(values, switches, pool, conv_hw)
+    args = dict(switches=switches, pool=pool, out_h=conv_hw[0], out_w=conv_hw[1])
+    got = cpu.kernels.unpool(values=values, **args)
+    want = reference.unpool(values=values, **args)
     assert got.shape == (3, 5, *conv_hw) and got.is_contiguous()
     assert torch.equal(got, want)  # a pure relocation: exact, rows / columns past the last window stay zero
     # non-contiguous inputs are read correctly
     strided = values.transpose(2, 3).contiguous().transpose(2, 3)
-    assert torch.equal(cpu.kernels.unpool(strided, switches, pool, conv_hw), want)
+    assert torch.equal(cpu.kernels.unpool(values=strided, **args), want)
 
 
 @pytest.mark.cpu_backend
 def test_cpu_unpool_errors_name_the_problem():
     v = torch.randn(1, 2, 3, 3)
     with pytest.raises(RuntimeError, match="drmm_kernels.unpool: switches hold a window offset"):
-        cpu.kernels.unpool(v, torch.full((1, 2, 3, 3), 4, dtype=torch.uint8), 2, (6, 6))
+        cpu.kernels.unpool(values=v, switches=torch.full((1, 2, 3, 3), 4, dtype=torch.uint8), pool=2, out_h=6,
+                           out_w=6)
     with pytest.raises(RuntimeError, match="drmm_kernels.unpool: output size"):
-        cpu.kernels.unpool(v, torch.zeros(1, 2, 3, 3, dtype=torch.uint8), 2, (8, 6))
+        cpu.kernels.unpool(values=v, switches=torch.zeros(1, 2, 3, 3, dtype=torch.uint8), pool=2, out_h=8, out_w=6)
     with pytest.raises(RuntimeError, match="drmm_kernels.unpool: switches shape"):
-        cpu.kernels.unpool(v, torch.zeros(1, 2, 3, 2, dtype=torch.uint8), 2, (6, 6))
+        cpu.kernels.unpool(values=v, switches=torch.zeros(1, 2, 3, 2, dtype=torch.uint8), pool=2, out_h=6, out_w=6)
 
 
 @pytest.mark.cpu_backend
@@ -107,8 +109,9 @@ def test_cpu_masked_values_selects_like_relu_backward(dtype, slope):
     on = torch.rand(1, 1, 1, n) < 0.5
     sw = on.to(torch.uint8) << 7
     want = torch.where(on, mu, mu * slope) if slope else torch.where(on, mu, torch.zeros((), dtype=dtype))
-    for got in (cpu.kernels.masked_values(mu, sw, None, slope), reference.masked_values(mu, sw, None, slope)):
+    args = dict(mu=mu, switches=sw, negative_slope=slope)
+    for got in (cpu.kernels.masked_values(scale=None, **args), reference.masked_values(scale=None, **args)):
         torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
     scale = torch.full((1,), 2.0, dtype=dtype)
-    torch.testing.assert_close(cpu.kernels.masked_values(mu, sw, scale, slope), want * 2, equal_nan=True, rtol=0,
+    torch.testing.assert_close(cpu.kernels.masked_values(scale=scale, **args), want * 2, equal_nan=True, rtol=0,
                                atol=0)
