@@ -303,11 +303,19 @@ class CustomOp:
             "forward": staticmethod(forward), "backward": staticmethod(op_backward)})
         CUSTOM_OPS[schema.name] = self
 
+    #: The op in standard ATen ops (drmm_kernels/export.py), or None: what ``torch.jit.trace`` and
+    #: ``torch.onnx.export`` record in its place, so the saved program needs no drmm op.
+    composite = None
+
     def __call__(self, **kwargs):
         if kwargs.keys() != self._names:
             raise self._call_error(kwargs)
+        if self.composite is not None and torch.jit.is_tracing():
+            return self.composite(**kwargs)
         tensors = [v for v in kwargs.values() if isinstance(v, Tensor)]
         if not _plain_eager(tensors):
+            if self.composite is not None and torch.onnx.is_in_onnx_export():  # (fake tensors: never plain eager)
+                return self.composite(**kwargs)
             return self.op(*self._values(kwargs))
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return self.function.apply(*self._values(kwargs))
