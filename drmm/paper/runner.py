@@ -59,7 +59,8 @@ def recorded_run(records: Sequence[Dict[str, str]], out_dir: Path, rel: str, row
 
 
 def git_commit() -> str:
-    """HEAD's short hash, with "-dirty" when tracked files differ from it (the run may not be reproducible).
+    """HEAD's short hash, with "-dirty" when tracked files differ from it (the run may not be reproducible);
+    results/ does not count, since every finished run appends to its table1.csv.
 
     $DRMM_GIT_COMMIT wins: a copy of the tree that is not a git checkout (a lent GPU machine) is told its commit.
     """
@@ -68,7 +69,8 @@ def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)results"], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
