@@ -149,10 +149,10 @@ def block_rule(module: nn.Module, mode: Optional[str] = None) -> Optional[Rule]:
     plain gradient.
 
     The rule applies when the block's ReLU was an ``nn.ReLU`` module: ``drmm_kernels.fuse`` records that
-    as ``module.relu_module``; a fused layer without the attribute (built by hand or by
-    ``fuse_conv_relu_pool``, which fuses only modules) counts as one when its activation is a ReLU
-    (``negative_slope == 0``). ``module.order`` (``"act-pool"`` or ``"pool-act"``, default ``"act-pool"``)
-    says where the original model applied the activation.
+    as ``module.relu_module`` (``fuse_conv_relu_pool`` too); a fused layer without the attribute (built by
+    hand) counts as one when its activation is a ReLU (``negative_slope == 0``). ``module.order``
+    (``"act-pool"`` or ``"pool-act"``, default ``"act-pool"``) says where the original model applied the
+    activation.
     """
     mode = current_mode() if mode is None else mode
     if mode == "gradient" or float(getattr(module, "negative_slope", 0.0)) != 0.0:

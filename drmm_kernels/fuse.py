@@ -5,7 +5,8 @@ activation: for a monotone activation ``act(max(v)) == max(act(v))``, so both or
 becomes one fused module. The model is traced with ``torch.fx``, so chains written as functional calls in
 ``forward`` (``F.relu(F.max_pool2d(self.conv1(x), 2))``) are found as well as ``nn.Sequential`` ones; a
 model fx cannot trace (data-dependent control flow) falls back to the chains inside ``nn.Sequential``
-containers.
+containers. What may be fused, and every refusal's wording, is ``drmm_kernels.fusion_rules`` (shared with
+``fuse_conv_relu_pool``); this module rewrites the model where it says so.
 
 Names are kept: the fused module takes the conv's path and holds the conv's ``weight``/``bias``; a
 fused BatchNorm2d stays registered at its own path (the fused module reads its parameters and running
@@ -41,12 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import drmm_kernels as _dk  # the public ops are looked up at call time (the package is still importing here)
+from .fusion_rules import FxView, Match, Refusal, is_member_module, match, reason, sequential_matches
 from .layers import FusedConvBNReLUPool2d, FusedConvReLUPool2d
 
 __all__ = ["fuse", "FuseReport", "FusedBlock", "RefusedBlock", "FusedConvActPool2d", "FusedConvBNActPool2d"]
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 # --------------------------------------------------------------------------- report
 
@@ -309,6 +308,7 @@ class FusedAwayBatchNorm2d(nn.BatchNorm2d):
     passes its input through."""
 
     fused_into: str = ""
+    drmm_kernels_fused = True  # not a BatchNorm2d the fusion rules may fuse again
 
     @classmethod
     def _from(cls, bn: nn.BatchNorm2d, fused_into: str) -> "FusedAwayBatchNorm2d":
@@ -337,171 +337,19 @@ class FusedAwayBatchNorm2d(nn.BatchNorm2d):
 _FUSED_TYPES = (FusedConvReLUPool2d, FusedConvBNReLUPool2d, FusedAwayBatchNorm2d)
 
 
-# --------------------------------------------------------------------------- what can be fused
-
-
-def _pair(v) -> Tuple[Any, Any]:
-    if isinstance(v, (tuple, list)):
-        if len(v) == 1:
-            return (v[0], v[0])
-        return tuple(v)
-    return (v, v)
-
-
-def _conv_problem(conv: nn.Module) -> Tuple[Optional[str], int]:
-    """(reason it cannot be fused or None, the padding as one int)."""
-    if type(conv).forward is not nn.Conv2d.forward or type(conv)._conv_forward is not nn.Conv2d._conv_forward:
-        return f"{type(conv).__name__} overrides Conv2d's forward", 0
-    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
-        return "lazy conv not initialised yet (run one forward first)", 0
-    if conv.groups != 1:
-        kind = ", depthwise" if conv.groups == conv.in_channels else ""
-        return f"grouped convolution (groups={conv.groups}{kind}) is outside the op contract", 0
-    if tuple(conv.dilation) != (1, 1):
-        return f"dilated convolution (dilation={tuple(conv.dilation)}) is outside the op contract", 0
-    if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r} (the fused ops pad with zeros only)", 0
-    sh, sw = conv.stride
-    if sh != sw:
-        return f"non-square conv stride {tuple(conv.stride)}", 0
-    pad = conv.padding
-    if pad == "valid":
-        pad = (0, 0)
-    elif pad == "same":
-        kh, kw = conv.kernel_size
-        if kh % 2 == 0 or kw % 2 == 0:
-            return f"padding='same' with an even kernel {tuple(conv.kernel_size)} pads asymmetrically", 0
-        pad = ((kh - 1) // 2, (kw - 1) // 2)
-    ph, pw = pad
-    if ph != pw:
-        return f"non-square conv padding {tuple(pad)}", 0
-    return None, int(ph)
-
-
-def _bn_problem(bn: nn.Module, conv: nn.Module) -> Optional[str]:
-    if type(bn).forward is not nn.BatchNorm2d.forward:
-        return f"{type(bn).__name__} overrides BatchNorm2d's forward"
-    if bn.num_features != conv.out_channels:
-        return f"BatchNorm2d({bn.num_features}) after a conv with {conv.out_channels} channels"
-    if bn.momentum is not None and not 0.0 <= bn.momentum <= 1.0:
-        return f"BatchNorm2d momentum {bn.momentum} outside [0, 1]"
-    return None
-
-
-def _is_bn(gm: Optional[fx.GraphModule], n) -> bool:
-    if gm is None:
-        return isinstance(n, nn.BatchNorm2d) and not isinstance(n, FusedAwayBatchNorm2d)
-    return n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.BatchNorm2d)
-
-
-_RELU_FUNCS = (F.relu, torch.relu, torch.relu_, F.relu_)
-_LEAKY_FUNCS = (F.leaky_relu, F.leaky_relu_)
-_POOL_FUNCS = {F.max_pool2d: False, F.max_pool2d_with_indices: True, torch.max_pool2d: None}
-_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-
-
-def _act_info(gm: Optional[fx.GraphModule], n) -> Optional[Tuple[Optional[float], str, Optional[str]]]:
-    """None if ``n`` is no activation, else (negative slope, description, reason it cannot be fused)."""
-    if gm is None or n.op == "call_module":
-        m = n if gm is None else gm.get_submodule(n.target)
-        desc = "" if gm is None else n.target
-        if type(m) is nn.ReLU:
-            return 0.0, desc or "ReLU", None
-        if type(m) is nn.LeakyReLU:
-            slope = m.negative_slope
-            desc = desc or f"LeakyReLU({slope:g})"
-        else:
-            return None
-    elif n.op == "call_function" and n.target in _RELU_FUNCS:
-        return 0.0, "relu", None
-    elif n.op == "call_method" and n.target in ("relu", "relu_"):
-        return 0.0, "relu", None
-    elif n.op == "call_function" and n.target in _LEAKY_FUNCS:
-        slope = n.args[1] if len(n.args) > 1 else n.kwargs.get("negative_slope", 0.01)
-        if not isinstance(slope, (int, float)) or isinstance(slope, bool):
-            return None, "leaky_relu", "negative_slope computed at run time"
-        desc = f"leaky_relu({slope:g})"
-    else:
-        return None
-    slope = float(slope)
-    if not 0.0 <= slope < 1.0:
-        return None, desc, f"leaky_relu negative_slope={slope:g} outside [0, 1) (the fused ops' range)"
-    return slope, desc, None
-
-
-def _pool_info(gm: Optional[fx.GraphModule], n) -> Optional[Tuple[Optional[int], str, Optional[str]]]:
-    """None if ``n`` is no max-pool, else (window, description, reason it cannot be fused)."""
-    if gm is None or n.op == "call_module":
-        m = n if gm is None else gm.get_submodule(n.target)
-        if not isinstance(m, nn.MaxPool2d):
-            return None
-        if type(m).forward is not nn.MaxPool2d.forward:
-            return None, type(m).__name__, f"{type(m).__name__} overrides MaxPool2d's forward"
-        a = {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding, "dilation": m.dilation,
-             "ceil_mode": m.ceil_mode, "return_indices": m.return_indices}
-        desc = n.target if gm is not None else f"MaxPool2d({m.kernel_size})"
-    elif n.op == "call_function" and n.target in _POOL_FUNCS:
-        a = dict(zip(_POOL_ARGS, n.args))
-        a.update(n.kwargs)
-        a.setdefault("stride", None)
-        a.setdefault("padding", 0)
-        a.setdefault("dilation", 1)
-        a.setdefault("ceil_mode", False)
-        ri = _POOL_FUNCS[n.target]
-        a["return_indices"] = a.get("return_indices", False) if ri is None or ri is False else True
-        desc = f"max_pool2d({a.get('kernel_size')})"
-        if any(isinstance(v, fx.Node) for k, v in a.items() if k != "input"):
-            return None, desc, "max_pool2d arguments computed at run time"
-    else:
-        return None
-    if a["return_indices"]:
-        return None, desc, "return_indices=True: the indices would be lost (the fused ops record switches instead)"
-    kh, kw = _pair(a["kernel_size"])
-    stride = a["stride"]
-    sh, sw = (kh, kw) if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else _pair(stride)
-    if kh != kw:
-        return None, desc, f"non-square pool window {(kh, kw)}"
-    if (sh, sw) != (kh, kw):
-        return None, desc, f"pool stride {(sh, sw)} != kernel {(kh, kw)} (overlapping or gapped windows)"
-    if _pair(a["padding"]) != (0, 0):
-        return None, desc, f"pool padding {a['padding']} (padded windows)"
-    if _pair(a["dilation"]) != (1, 1):
-        return None, desc, f"pool dilation {a['dilation']}"
-    if a["ceil_mode"]:
-        return None, desc, "ceil_mode=True (partial windows at the border)"
-    if not 1 <= kh <= 4:
-        return None, desc, f"pool kernel {kh} > 4 (the fused ops pool 1..4)"
-    return int(kh), desc, None
-
-
 # --------------------------------------------------------------------------- torch.fx path
 
 
-@dataclass
-class _Chain:
-    conv: fx.Node
-    bn: Optional[fx.Node]
-    act: fx.Node
-    pool: Optional[fx.Node]
-    slope: float
-    pool_size: int
-    order: str
-    desc: str
-    padding: int
-    relu_module: bool
+def _site_key(ch: Match):
+    """What must agree between the calls of one conv for one fused block to serve them all: relu_module too (a
+    conv shared by an nn.ReLU chain and an F.relu chain attributes differently), and the activation and pool
+    modules (the block runs unfused through them while they are hooked)."""
+    return (ch.bn.target if ch.bn is not None else None, ch.slope, ch.pool_size, ch.order, ch.relu_module,
+            _module_target(ch.act), _module_target(ch.pool))
 
-    def key(self):
-        # relu_module too: a conv shared by an nn.ReLU chain and an F.relu chain attributes differently; the
-        # activation and pool modules too: the block runs unfused through them while they are hooked
-        return (self.bn.target if self.bn is not None else None, self.slope, self.pool_size, self.order,
-                self.relu_module, _module_target(self.act), _module_target(self.pool))
 
-    def replaced_paths(self) -> List[str]:
-        return [n.target for n in (self.bn, self.act, self.pool) if n is not None and n.op == "call_module"]
-
-    def nodes(self) -> List[fx.Node]:
-        rest = [self.act, self.pool] if self.order == "act-pool" else [self.pool, self.act]
-        return [n for n in [self.conv, self.bn] + rest if n is not None]
+def _replaced_paths(ch: Match) -> List[str]:
+    return [n.target for n in (ch.bn, ch.act, ch.pool) if n is not None and n.op == "call_module"]
 
 
 def _module_target(n: Optional[fx.Node]) -> Optional[str]:
@@ -509,149 +357,14 @@ def _module_target(n: Optional[fx.Node]) -> Optional[str]:
 
 
 class _Tracer(fx.Tracer):
-    # already-fused modules are leaves (their ops take no proxies)
+    # already-fused modules are leaves (their ops take no proxies); so are the modules the rules judge (subclasses
+    # of Conv2d, BatchNorm2d, ReLU, LeakyReLU, MaxPool2d included), as the nn.Sequential path sees them
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _FUSED_TYPES) or super().is_leaf_module(m, qualname)
+        return isinstance(m, _FUSED_TYPES) or is_member_module(m) or super().is_leaf_module(m, qualname)
 
 
-def _names(nodes) -> str:
-    return ", ".join(n.name if n.op != "output" else "the model's output" for n in nodes)
-
-
-def _analyze(gm: fx.GraphModule, c: fx.Node, refused: List[RefusedBlock],
-             ranks: Dict[fx.Node, Tuple[int, torch.dtype]]) -> Optional[_Chain]:
-    conv = gm.get_submodule(c.target)
-
-    def nxt(n):
-        return _is_bn(gm, n) or _act_info(gm, n) is not None or _pool_info(gm, n) is not None
-
-    def refuse(chain_nodes, reason):
-        refused.append(RefusedBlock(c.target, " -> ".join(_desc(gm, n) for n in chain_nodes), reason))
-        return None
-
-    users = list(c.users)
-    reason, padding = _conv_problem(conv)
-    if reason is not None and any(nxt(u) or _other_activation(gm, u) for u in users):
-        return refuse([c] + users[:1], reason)  # the conv itself first (a depthwise conv before BN -> ReLU6)
-    if not users or not any(nxt(u) for u in users):
-        return refuse([c], _not_followed(gm, "the conv", users, "no batch_norm/activation/max_pool2d follows ({})"))
-    if len(users) > 1:
-        return refuse([c], f"the conv output is also used by {_names(u for u in users if not nxt(u)) or _names(users)}")
-    chain = [c]
-    u, bn = users[0], None
-    if _is_bn(gm, u):
-        bn = u
-        chain.append(bn)
-        busers = list(bn.users)
-        if not busers or not any(_act_info(gm, w) is not None or _pool_info(gm, w) is not None for w in busers):
-            return refuse(chain, _not_followed(gm, "the batch_norm", busers, "no activation follows the batch_norm "
-                                                                             "({})"))
-        if len(busers) > 1:
-            return refuse(chain + busers[:1], f"the batch_norm output is also used by {_names(busers[1:])}")
-        u = busers[0]
-    act = _act_info(gm, u)
-    pool_node, pool_size, order = None, 1, "act-pool"
-    if act is not None:
-        act_node = u
-        chain.append(act_node)
-    else:
-        pool_node, order = u, "pool-act"
-        chain.append(pool_node)
-        pusers = list(pool_node.users)
-        if not pusers or not any(_act_info(gm, w) is not None for w in pusers):
-            return refuse(chain, _not_followed(gm, "the max_pool2d", pusers, "no activation follows the max_pool2d "
-                                                                             "({})"))
-        if len(pusers) > 1:
-            return refuse(chain + pusers[:1], f"the max_pool2d output (before the activation) is also used by "
-                                              f"{_names(pusers[1:])}")
-        act_node = pusers[0]
-        act = _act_info(gm, act_node)
-        chain.append(act_node)
-    if reason is None and bn is not None:
-        reason = _bn_problem(gm.get_submodule(bn.target), conv)
-    if reason is None and act[2] is not None:
-        reason = act[2]
-    if reason is None and c in ranks:
-        rank, dtype = ranks[c]
-        if rank != 4:
-            reason = f"the conv input is {rank}-D in example_inputs (the fused ops take NCHW batches)"
-        elif dtype not in _FLOAT_DTYPES:
-            reason = f"the conv input is {dtype} in example_inputs"
-    if reason is None and pool_node is not None:
-        info = _pool_info(gm, pool_node)
-        reason = info[2]
-        pool_size = info[0]
-    if reason is not None:
-        return refuse(chain, reason)
-    if pool_node is None:  # act-pool order: take the pool along if it can come
-        ausers = list(act_node.users)
-        pools = [w for w in ausers if _pool_info(gm, w) is not None]
-        if pools:
-            info = _pool_info(gm, pools[0])
-            why = info[2]
-            if why is None and len(ausers) > 1:
-                why = f"the activation output is also used by {_names(w for w in ausers if w is not pools[0])}"
-            if why is None:
-                pool_node, pool_size = pools[0], info[0]
-                chain.append(pool_node)
-            else:
-                refused.append(RefusedBlock(pools[0].target if pools[0].op == "call_module" else pools[0].name, " -> ".join(_desc(gm, n) for n in chain + pools[:1]),
-                                            f"{why}; the conv -> activation before it is fused with pool=1"))
-    relu_module = act_node.op == "call_module" and isinstance(gm.get_submodule(act_node.target), nn.ReLU)
-    return _Chain(c, bn, act_node, pool_node, act[0], pool_size, order,
-                  " -> ".join(_desc(gm, n) for n in chain), padding, relu_module)
-
-
-# activations the fused ops do not compute, named in refusals instead of "no activation follows"
-_OTHER_ACTIVATIONS = {"relu6", "silu", "gelu", "hardswish", "hardtanh", "hardsigmoid", "elu", "selu", "celu",
-                      "prelu", "rrelu", "mish", "softplus", "sigmoid", "tanh", "logsigmoid", "softsign", "tanhshrink",
-                      "threshold", "glu", "softmax", "log_softmax"}
-
-
-def _other_activation(gm: Optional[fx.GraphModule], n) -> Optional[str]:
-    """The name of an activation the fused ops do not compute (ReLU6, SiLU, ...), else None."""
-    if gm is None or n.op == "call_module":
-        m = n if gm is None else gm.get_submodule(n.target)
-        if _act_info(None, m) is None and type(m).__module__ == "torch.nn.modules.activation":
-            return type(m).__name__
-        return None
-    name = getattr(n.target, "__name__", "") if n.op == "call_function" else n.target if n.op == "call_method" else ""
-    name = name.rstrip("_") if isinstance(name, str) else ""
-    return name if name in _OTHER_ACTIVATIONS else None
-
-
-def _not_followed(gm: fx.GraphModule, what: str, users, plain: str) -> str:
-    """Why nothing fusable follows ``what``: the activation there if it is one the ops lack, else ``plain``
-    filled with where the output goes."""
-    acts = [(u, _other_activation(gm, u)) for u in users]
-    acts = [(u, a) for u, a in acts if a]
-    if acts:
-        named = ", ".join(f"{u.target} ({a})" if u.op == "call_module" else a for u, a in acts)
-        return f"{what} is followed by {named}, an activation the fused ops do not compute (ReLU / LeakyReLU only)"
-    return plain.format(f"its output goes to {_names(users)}" if users else "its output is unused")
-
-
-def _module_desc(path: str, m: nn.Module) -> str:
-    kind = type(m).__name__
-    if isinstance(m, nn.LeakyReLU):
-        kind += f" {m.negative_slope:g}"
-    elif isinstance(m, nn.MaxPool2d):
-        kind += f" {m.kernel_size}"
-    return f"{path} ({kind})"
-
-
-def _desc(gm: fx.GraphModule, n: fx.Node) -> str:
-    if n.op == "call_module":
-        return _module_desc(n.target, gm.get_submodule(n.target))
-    if n.op == "call_method":
-        return f".{n.target}()"
-    pool = _pool_info(gm, n)
-    if pool is not None:
-        return pool[1]
-    act = _act_info(gm, n)
-    if act is not None:
-        return act[1]
-    return n.name
+def _refused(view, r: Refusal) -> RefusedBlock:
+    return RefusedBlock(view.name(r.at), r.chain, r.report_reason)
 
 
 def _example_ranks(gm: fx.GraphModule, example_inputs, notes: List[str]) -> Dict[fx.Node, Tuple[int, torch.dtype]]:
@@ -703,14 +416,19 @@ def _fuse_fx(model: nn.Module, graphs: Dict[bool, fx.Graph], report: FuseReport,
         for gm in gms.values():
             ranks.update(_example_ranks(gm, example_inputs, notes))
     refused: List[RefusedBlock] = []
-    chains: Dict[fx.Node, _Chain] = {}
+    chains: Dict[fx.Node, Match] = {}
     for gm in gms.values():
+        view = FxView(gm, ranks)
         for c in gm.graph.nodes:
-            if c.op == "call_module" and isinstance(gm.get_submodule(c.target), nn.Conv2d) \
-                    and not isinstance(gm.get_submodule(c.target), _FUSED_TYPES):
-                ch = _analyze(gm, c, refused, ranks)
-                if ch is not None:
-                    chains[c] = ch
+            if view.member(c).role != "conv":
+                continue
+            found = match(view, c)
+            if isinstance(found, Refusal):
+                refused.append(_refused(view, found))
+                continue
+            chains[c] = found
+            if found.left_out is not None:
+                refused.append(_refused(view, found.left_out))
 
     def sites(target):
         return [n for gm in gms.values() for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
@@ -745,21 +463,19 @@ def _fuse_fx(model: nn.Module, graphs: Dict[bool, fx.Graph], report: FuseReport,
             group = [chains[n] for n in calls if n in chains]
             why = None
             if len(group) < len(calls):
-                why = f"{module(target)} is also called unfused ({names(n for n in calls if n not in chains)})"
-            elif len({ch.key() for ch in group}) > 1:
+                why = reason("called_unfused", module=module(target), sites=names(n for n in calls if n not in chains))
+            elif len({_site_key(ch) for ch in group}) > 1:
                 per_mode = {}
                 for ch in group:
-                    per_mode.setdefault(mode_of[id(ch.conv.graph)], set()).add(ch.key())
+                    per_mode.setdefault(mode_of[id(ch.conv.graph)], set()).add(_site_key(ch))
                 n_sites = max(sum(1 for ch in group if mode_of[id(ch.conv.graph)] == m) for m in per_mode)
                 if two and all(len(k) == 1 for k in per_mode.values()):
-                    why = f"{module(target)} is in a different chain in training and in eval mode"
-                elif len({ch.key()[:5] for ch in group}) == 1:
-                    through = sorted({p for ch in group for p in ch.key()[5:] if p is not None})
-                    why = (f"{module(target)} is called in {n_sites} chains through different activation / pool "
-                           f"modules ({', '.join(through)}): one fused block runs unfused through one set of them "
-                           f"when they are hooked")
+                    why = reason("chain_per_mode", module=module(target))
+                elif len({_site_key(ch)[:5] for ch in group}) == 1:
+                    through = sorted({p for ch in group for p in _site_key(ch)[5:] if p is not None})
+                    why = reason("through_other_modules", module=module(target), n=n_sites, through=", ".join(through))
                 else:
-                    why = f"{module(target)} is called in {n_sites} different chains"
+                    why = reason("different_chains", module=module(target), n=n_sites)
             if why:
                 for ch in group:
                     refused.append(RefusedBlock(target, ch.desc, why))
@@ -771,8 +487,8 @@ def _fuse_fx(model: nn.Module, graphs: Dict[bool, fx.Graph], report: FuseReport,
             if len(inside) < len(calls):
                 others = [n for n in calls if not any(ch.bn is n for ch in inside)]
                 for ch in inside:
-                    refused.append(RefusedBlock(ch.conv.target, ch.desc, f"batch norm {module(target)} is also "
-                                                                        f"called unfused ({names(others)})"))
+                    why = reason("bn_called_unfused", module=module(target), sites=names(others))
+                    refused.append(RefusedBlock(ch.conv.target, ch.desc, why))
                     del chains[ch.conv]
                 changed = True
 
@@ -784,15 +500,13 @@ def _fuse_fx(model: nn.Module, graphs: Dict[bool, fx.Graph], report: FuseReport,
         gm = gms[mode_of[id(ch.conv.graph)]]
         if target not in built:
             conv = gm.get_submodule(target)
-            extra = dict(path=target, chain=ch.desc, replaced_paths=ch.replaced_paths(),
-                         act_module=gm.get_submodule(ch.act.target) if ch.act.op == "call_module" else None,
-                         pool_module=gm.get_submodule(ch.pool.target)
-                         if ch.pool is not None and ch.pool.op == "call_module" else None)
+            extra = dict(path=target, chain=ch.desc, replaced_paths=_replaced_paths(ch),
+                         act_module=ch.module("act"), pool_module=ch.module("pool"))
             if ch.bn is None:
                 fused = FusedConvActPool2d._build(conv, ch.padding, ch.slope, ch.pool_size, ch.order, ch.relu_module,
                                                   **extra)
             else:
-                fused = FusedConvBNActPool2d._build(conv, gm.get_submodule(ch.bn.target), ch.bn.target, ch.padding,
+                fused = FusedConvBNActPool2d._build(conv, ch.module("bn"), ch.bn.target, ch.padding,
                                                     ch.slope, ch.pool_size, ch.order, ch.relu_module, **extra)
             built[target] = fused
             done[target] = FusedBlock(target, ch.desc, type(fused).__name__)
@@ -801,7 +515,7 @@ def _fuse_fx(model: nn.Module, graphs: Dict[bool, fx.Graph], report: FuseReport,
         site_names.setdefault(target, set()).add(ch.conv.name)
         last = ch.act if ch.order == "pool-act" or ch.pool is None else ch.pool
         last.replace_all_uses_with(ch.conv)
-        for n in reversed(ch.nodes()[1:]):
+        for n in reversed(ch.elems[1:]):
             ch.conv.graph.erase_node(n)
     for target, block in done.items():
         block.sites = len(site_names[target])
@@ -1078,99 +792,39 @@ def _trace_modes(model: nn.Module, name: str, report_notes: List[str]) -> Dict[b
 # --------------------------------------------------------------------------- nn.Sequential fallback
 
 
-def _fuse_sequential(model: nn.Module, report: FuseReport) -> nn.Module:
-    paths: Dict[int, List[str]] = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        paths.setdefault(id(m), []).append(name)
-    for prefix, seq in list(model.named_modules()):
-        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
-            continue
-        kids = list(seq.named_children())
-        i = 0
-        while i < len(kids):
-            name, conv = kids[i]
-            where = f"{prefix}.{name}" if prefix else name
-            if not isinstance(conv, nn.Conv2d) or isinstance(conv, _FUSED_TYPES):
-                i += 1
-                continue
-            mods = [kids[i][1]]
-            j, bn = i + 1, None
-            if j < len(kids) and _is_bn(None, kids[j][1]):
-                bn = kids[j][1]
-                mods.append(bn)
-                j += 1
-            act = _act_info(None, kids[j][1]) if j < len(kids) else None
-            pool = None
-            order = "act-pool"
-            if act is None and j < len(kids) and _pool_info(None, kids[j][1]) is not None \
-                    and j + 1 < len(kids) and _act_info(None, kids[j + 1][1]) is not None:
-                pool, act, order = _pool_info(None, kids[j][1]), _act_info(None, kids[j + 1][1]), "pool-act"
-                mods += [kids[j][1], kids[j + 1][1]]
-                j += 2
-            elif act is not None:
-                mods.append(kids[j][1])
-                j += 1
-            else:
-                why = _conv_problem(conv)[0]
-                other = _other_activation(None, kids[j][1]) if j < len(kids) else None
-                if why is None and other is not None:
-                    why = (f"the {'batch_norm' if bn is not None else 'conv'} is followed by {other}, an activation "
-                           f"the fused ops do not compute (ReLU / LeakyReLU only)")
-                report.refused.append(RefusedBlock(where, _seq_desc(prefix, kids[i:j + 1]), why or (
-                    "no activation follows the conv" + (" and batch_norm" if bn is not None else ""))))
-                i += 1
-                continue
-            desc = _seq_desc(prefix, kids[i:j])
-            reason, padding = _conv_problem(conv)
-            if reason is None and bn is not None:
-                reason = _bn_problem(bn, conv)
-            reason = reason or act[2] or (pool[2] if pool is not None else None)
-            if reason is None:
-                here = {f"{prefix}.{n}" if prefix else n for n, _ in kids[i:j]}
-                shared = [p for m in mods if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for p in paths[id(m)]
-                          if p not in here]
-                if shared:
-                    reason = f"module also registered at {', '.join(shared)} (its other uses cannot be seen)"
-            if reason is not None:
-                report.refused.append(RefusedBlock(where, desc, reason))
-                i += 1
-                continue
-            pool_size = pool[0] if pool is not None else 1
-            if order == "act-pool" and j < len(kids) and _pool_info(None, kids[j][1]) is not None:
-                info = _pool_info(None, kids[j][1])
-                if info[2] is None:
-                    pool_size = info[0]
-                    j += 1
-                    desc = _seq_desc(prefix, kids[i:j])
-                else:
-                    report.refused.append(RefusedBlock(f"{prefix}.{kids[j][0]}" if prefix else kids[j][0], _seq_desc(prefix, kids[i:j + 1]),
-                                                       f"{info[2]}; the conv -> activation before it is fused with pool=1"))
-            relu_module = any(isinstance(m, nn.ReLU) for m in mods)
-            first = i + (2 if bn is not None else 1)
-            act_k = next(k for k in range(first, j) if _act_info(None, kids[k][1]) is not None)
-            pool_k = [k for k in range(first, j) if k != act_k]
-            replaced = [f"{where}.unfused_act"] + ([f"{where}.unfused_pool"] if pool_k else [])
-            extra = dict(path=where, chain=desc, act_module=kids[act_k][1],
-                         pool_module=kids[pool_k[0]][1] if pool_k else None, replaced_paths=replaced,
-                         as_children=True)
-            if bn is None:
-                fused = FusedConvActPool2d._build(conv, padding, act[0], pool_size, order, relu_module, **extra)
-            else:
-                bn_where = f"{prefix}.{kids[i + 1][0]}" if prefix else kids[i + 1][0]
-                slot = FusedAwayBatchNorm2d._from(bn, where)
-                setattr(seq, kids[i + 1][0], slot)
-                fused = FusedConvBNActPool2d._build(conv, slot, bn_where, padding, act[0], pool_size, order,
-                                                    relu_module, **extra)
-            setattr(seq, name, fused)
-            for k in range(i + (2 if bn is not None else 1), j):
-                setattr(seq, kids[k][0], nn.Identity())
-            report.fused.append(FusedBlock(where, desc, type(fused).__name__))
-            i = j
+def _fuse_sequential(model: nn.Module, report: FuseReport, strict: Optional[str] = None) -> nn.Module:
+    """Fuse, in place, the chains inside the plain ``nn.Sequential`` containers of ``model``; the activation and
+    pool modules a block replaced become its ``unfused_act`` / ``unfused_pool`` children (their slots hold
+    ``nn.Identity``), a fused BatchNorm2d's slot a ``FusedAwayBatchNorm2d``. ``strict`` (the caller's name): raise
+    ``ValueError`` listing every chain a rule refuses, before changing anything, instead of reporting it."""
+    found, refused = sequential_matches(model)
+    if strict:
+        bad = [f"{r.chain}: {r.reason}" for _, r in refused if r.found]
+        if bad:
+            raise ValueError(f"drmm_kernels.{strict}: nothing fused, the fused ops cannot compute "
+                             + ("; ".join(bad) if len(bad) == 1 else "\n  " + "\n  ".join(bad)))
+    for view, r in refused:
+        report.refused.append(_refused(view, r))
+    for seq, view, ch in found:
+        where = view.path(ch.conv)
+        replaced = [f"{where}.unfused_act"] + ([f"{where}.unfused_pool"] if ch.pool is not None else [])
+        extra = dict(path=where, chain=ch.desc, act_module=ch.module("act"), pool_module=ch.module("pool"),
+                     replaced_paths=replaced, as_children=True)
+        conv, bn = ch.module("conv"), ch.module("bn")
+        if bn is None:
+            fused = FusedConvActPool2d._build(conv, ch.padding, ch.slope, ch.pool_size, ch.order, ch.relu_module,
+                                              **extra)
+        else:
+            slot = FusedAwayBatchNorm2d._from(bn, where)
+            setattr(seq, view.children[ch.bn][0], slot)
+            fused = FusedConvBNActPool2d._build(conv, slot, view.path(ch.bn), ch.padding, ch.slope, ch.pool_size,
+                                                ch.order, ch.relu_module, **extra)
+        setattr(seq, view.children[ch.conv][0], fused)
+        for i in (ch.act, ch.pool):
+            if i is not None:
+                setattr(seq, view.children[i][0], nn.Identity())
+        report.fused.append(FusedBlock(where, ch.desc, type(fused).__name__))
     return model
-
-
-def _seq_desc(prefix: str, kids) -> str:
-    return " -> ".join(_module_desc(f"{prefix}.{n}" if prefix else n, m) for n, m in kids)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -1196,11 +850,14 @@ def fuse(model: nn.Module, example_inputs: Union[Tensor, Sequence[Any], None] = 
     statistics like ``BatchNorm2d``; in eval mode its running statistics are folded.
 
     Chains are refused (and reported) where fusing would change the result or lose a value, or the op
-    contract does not cover them: pool stride != kernel, pool padding or dilation, pool > 4,
-    ``ceil_mode=True``, ``return_indices=True``, conv dilation or groups, a padding mode other than
-    zeros, non-square stride or padding, an intermediate used elsewhere, a conv or BN module also called
-    outside a fusable chain (or in another chain, or in another mode). A conv → activation whose pool is
-    refused is fused with ``pool=1``. A module registered under several names is fused at all of them alike.
+    contract does not cover them (``drmm_kernels.fusion_rules``): pool stride != kernel, pool padding or
+    dilation, pool > 4, ``ceil_mode=True``, ``return_indices=True``, conv dilation or groups, a padding mode
+    other than zeros, non-square stride or padding (``padding="same"`` is ``(k - 1) // 2`` for an odd kernel and
+    refused for an even one), a leaky_relu slope outside [0, 1), a subclass of Conv2d / BatchNorm2d / ReLU /
+    LeakyReLU / MaxPool2d that overrides its class's forward (one that keeps it is fused as the class), an
+    intermediate used elsewhere, a conv or BN module also called outside a fusable chain (or in another chain,
+    or in another mode). A conv → activation whose pool is refused is fused with ``pool=1``. A module
+    registered under several names is fused at all of them alike.
 
     Hooks on the modules a block replaced (the ``nn.ReLU``, ``nn.MaxPool2d``, ``BatchNorm2d``, kept at their
     paths) make the block run unfused through them, so Captum's ``GuidedBackprop``, ``Deconvolution``,

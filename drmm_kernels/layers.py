@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .fusion_rules import Match, Refusal, SequentialView, match, reason
 
 _IntPair = Union[int, Tuple[int, int]]
 
@@ -39,6 +40,7 @@ class FusedConvReLUPool2d(nn.Module):
     """
 
     attribution_block = True  # drmm_kernels.attribution applies its rule to this block's ReLU
+    drmm_kernels_fused = True  # never a member of a chain drmm_kernels.fusion_rules matches
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntPair, stride: _IntPair = 1,
                  padding: _IntPair = 0, bias: bool = True, pool: int = 2, negative_slope: float = 0.0,
@@ -62,18 +64,30 @@ class FusedConvReLUPool2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_modules(cls, conv: nn.Conv2d, act: Optional[nn.Module], pool: Optional[nn.Module],
+    def from_modules(cls, conv: nn.Conv2d, act: nn.Module, pool: Optional[nn.Module],
                      where: str = "") -> "FusedConvReLUPool2d":
-        """Build a fused layer holding ``conv``'s parameters (shared, not copied)."""
+        """Build a fused layer holding ``conv``'s parameters (shared, not copied) for ``conv → act → [pool]``;
+        ``ValueError`` with the reason where the fused ops cannot compute that chain (``drmm_kernels.fusion_rules``)."""
         where = where or "from_modules"
-        stride, padding, k = _conv_geometry(conv, where)
-        slope = _activation_slope(act, where)
-        p = _pool_size(pool, where)
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"{where}: expected nn.Conv2d, got {type(conv).__name__}")
+        mods = [(n, m) for n, m in (("conv", conv), ("act", act), ("pool", pool)) if m is not None]
+        view = SequentialView(where, mods)
+        found = match(view, 0)
+        if isinstance(found, Match) and found.left_out is not None:
+            found = found.left_out
+        if isinstance(found, Refusal):
+            raise ValueError(f"{where}: {found.reason}")
+        if len(found.elems) != len(mods) or found.bn is not None:
+            chain = " -> ".join(view.member(i).desc for i in range(len(mods)))
+            raise ValueError(f"{where}: {reason('not_one_chain', chain=chain)}")
+        kh, kw = conv.kernel_size
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer.in_channels, layer.out_channels, layer.kernel_size = conv.in_channels, conv.out_channels, k
-        layer.stride, layer.padding, layer.pool = stride, padding, p
-        layer.negative_slope, layer.return_switches = slope, False
+        layer.in_channels, layer.out_channels = conv.in_channels, conv.out_channels
+        layer.kernel_size = kh if kh == kw else (kh, kw)
+        layer.stride, layer.padding, layer.pool = conv.stride[0], found.padding, found.pool_size
+        layer.negative_slope, layer.return_switches = found.slope, False
         layer.weight = conv.weight
         layer.bias = conv.bias
         return layer
@@ -110,6 +124,7 @@ class FusedConvBNReLUPool2d(nn.Module):
     """
 
     attribution_block = True  # drmm_kernels.attribution applies its rule to this block's ReLU
+    drmm_kernels_fused = True  # never a member of a chain drmm_kernels.fusion_rules matches
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  pool: int = 2, negative_slope: float = 0.0, momentum: float = 0.1, eps: float = 1e-5,
@@ -172,83 +187,28 @@ class Render2d(nn.Module):
 # --------------------------------------------------------------------------- model surgery
 
 
-def _conv_geometry(conv: nn.Conv2d, where: str) -> Tuple[int, int, int]:
-    if not isinstance(conv, nn.Conv2d):
-        raise TypeError(f"{where}: expected nn.Conv2d, got {type(conv).__name__}")
-    if conv.groups != 1:
-        raise ValueError(f"{where}: grouped convolution (groups={conv.groups}) cannot be fused")
-    if tuple(conv.dilation) != (1, 1):
-        raise ValueError(f"{where}: dilated convolution (dilation={tuple(conv.dilation)}) cannot be fused")
-    if conv.padding_mode != "zeros":
-        raise ValueError(f"{where}: padding_mode={conv.padding_mode!r} cannot be fused (only 'zeros')")
-    if isinstance(conv.padding, str):
-        raise ValueError(f"{where}: string padding {conv.padding!r} cannot be fused; use an int")
-    return (_single("stride", conv.stride, where), _single("padding", conv.padding, where),
-            _single("kernel_size", conv.kernel_size, where))
-
-
-def _activation_slope(act: Optional[nn.Module], where: str) -> float:
-    if isinstance(act, nn.ReLU):
-        return 0.0
-    if isinstance(act, nn.LeakyReLU):
-        if not 0.0 <= act.negative_slope < 1.0:
-            raise ValueError(f"{where}: LeakyReLU slope {act.negative_slope} is not in [0, 1)")
-        return float(act.negative_slope)
-    raise ValueError(f"{where}: activation {type(act).__name__} cannot be fused (ReLU or LeakyReLU only)")
-
-
-def _pool_size(pool: Optional[nn.Module], where: str) -> int:
-    if pool is None:
-        return 1
-    if not isinstance(pool, nn.MaxPool2d):
-        raise ValueError(f"{where}: pooling {type(pool).__name__} cannot be fused (MaxPool2d only)")
-    k = _single("kernel_size", pool.kernel_size, where)
-    s = _single("stride", pool.stride if pool.stride is not None else k, where)
-    pad = _single("padding", pool.padding, where)
-    dil = _single("dilation", pool.dilation, where)
-    if s != k:
-        raise ValueError(f"{where}: MaxPool2d(kernel_size={pool.kernel_size}, stride={pool.stride}) has overlapping "
-                         f"or gapped windows; only stride == kernel_size can be fused")
-    if pad != 0 or dil != 1 or pool.ceil_mode:
-        raise ValueError(f"{where}: MaxPool2d with padding={pool.padding}, dilation={pool.dilation}, "
-                         f"ceil_mode={pool.ceil_mode} cannot be fused (need 0, 1, False)")
-    if not 1 <= k <= 4:
-        raise ValueError(f"{where}: MaxPool2d kernel_size={k} cannot be fused (1..4)")
-    if pool.return_indices:
-        raise ValueError(f"{where}: MaxPool2d(return_indices=True) cannot be fused; the fused layer returns "
-                         f"switches instead (see switches_to_indices)")
-    return k
-
-
 def fuse_conv_relu_pool(model: nn.Module) -> List[str]:
-    """Replace every ``Conv2d → ReLU/LeakyReLU → MaxPool2d`` run inside ``nn.Sequential`` containers in place.
+    """Fuse, in place, the chains inside ``model``'s ``nn.Sequential`` containers that ``drmm_kernels.fuse``
+    fuses there (``Conv2d → [BatchNorm2d] → ReLU/LeakyReLU → [MaxPool2d]``, or the pool before the activation;
+    the rules are ``drmm_kernels.fusion_rules``). Returns the paths of the fused blocks.
 
-    The fused layer takes the conv's slot (so state_dict keys are unchanged); the activation and the
-    pool become ``nn.Identity``. A triple whose conv or pooling the fused op cannot express raises
-    ``ValueError`` naming the module. Returns the names of the fused layers.
+    Each block takes its conv's slot and parameters, so ``state_dict`` keys are unchanged; the activation and
+    the pool become the block's ``unfused_act`` / ``unfused_pool`` children and their slots ``nn.Identity``. A
+    hook on one of those (Captum's ``GuidedBackprop`` / ``Deconvolution`` hook every ``nn.ReLU``) makes the block
+    run the original chain through them, so attributions match the unfused model's; a forward or backward hook
+    on the block itself raises ``RuntimeError`` (``drmm_kernels.attribution`` gives those methods through the
+    fused ops). Where a rule refuses a chain (the conv, batch norm, activation or pool is outside what the ops
+    compute), ``ValueError`` names every such chain and nothing is changed; ``fuse(model)`` instead reports
+    them and fuses the rest.
 
     >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
     >>> fuse_conv_relu_pool(net)
     ['0']
+    >>> type(net[0]).__name__, net[0].pool, type(net[1]).__name__
+    ('FusedConvActPool2d', 2, 'Identity')
     """
-    fused: List[str] = []
-    for prefix, module in list(model.named_modules()):
-        if not isinstance(module, nn.Sequential):
-            continue
-        children = list(module.named_children())
-        i = 0
-        while i + 2 < len(children):
-            (n0, conv), (_, act), (_, pool) = children[i:i + 3]
-            if (isinstance(conv, nn.Conv2d) and isinstance(act, (nn.ReLU, nn.LeakyReLU))
-                    and isinstance(pool, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.FractionalMaxPool2d,
-                                          nn.LPPool2d))):
-                where = f"{prefix}.{n0}" if prefix else n0
-                layer = FusedConvReLUPool2d.from_modules(conv, act, pool, where=where)
-                setattr(module, children[i][0], layer)
-                setattr(module, children[i + 1][0], nn.Identity())
-                setattr(module, children[i + 2][0], nn.Identity())
-                fused.append(where)
-                i += 3
-            else:
-                i += 1
-    return fused
+    from .fuse import FuseReport, _fuse_sequential  # fuse.py builds its blocks on this module's classes
+
+    report = FuseReport(type(model).__name__, "modules")
+    _fuse_sequential(model, report, strict="fuse_conv_relu_pool")
+    return [b.name for b in report.fused]

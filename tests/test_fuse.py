@@ -5,6 +5,7 @@ import copy
 import doctest
 import importlib
 import pickle
+import re
 import warnings
 
 import pytest
@@ -558,6 +559,117 @@ def test_mixed_training_flags_warn():
         model = Chain(bn=True).train()
         model.bn.eval()
         dk.fuse(model)
+
+
+# --------------------------------------------------------------------------- one set of rules
+
+
+class PlainReLU(nn.ReLU):
+    """Keeps ReLU's forward: computes ReLU exactly, so every path fuses it (and Captum hooks it as a ReLU)."""
+
+
+class PlainLeakyReLU(nn.LeakyReLU):
+    pass
+
+
+class ClippedReLU(nn.ReLU):
+    """Overrides ReLU's forward: every path refuses it, naming it."""
+
+    def forward(self, x):
+        return super().forward(x).clamp(max=1.0)
+
+
+class Features(nn.Module):
+    def __init__(self, *layers):
+        super().__init__()
+        self.features = nn.Sequential(*layers, nn.Flatten())
+
+    def forward(self, x):
+        return self.features(x)
+
+
+class FeaturesUntraceable(Features):
+    def forward(self, x):
+        if x.sum() > 1e9:
+            x = x / 2
+        return self.features(x)
+
+
+# case: (layers, pool of the fused block at features.0, or the reason every path refuses it for)
+RULE_CASES = {
+    "padding same, 3x3": (lambda: [nn.Conv2d(3, 4, 3, padding="same"), nn.ReLU(), nn.MaxPool2d(2)], 2),
+    "padding same, 5x3, leaky": (lambda: [nn.Conv2d(3, 4, (5, 3), padding="same"), nn.LeakyReLU(0.2),
+                                          nn.MaxPool2d(2)], "non-square conv padding (2, 1)"),
+    "padding same, 5x5, pool first": (lambda: [nn.Conv2d(3, 4, 5, padding="same"), nn.MaxPool2d(2), nn.ReLU()], 2),
+    "padding valid": (lambda: [nn.Conv2d(3, 4, 3, padding="valid"), nn.ReLU(), nn.MaxPool2d(2)], 2),
+    "padding same, even kernel": (lambda: [nn.Conv2d(3, 4, 2, padding="same"), nn.ReLU(), nn.MaxPool2d(2)],
+                                  "padding='same' with an even kernel (2, 2) pads asymmetrically"),
+    "ReLU subclass": (lambda: [nn.Conv2d(3, 4, 3, padding=1), PlainReLU(), nn.MaxPool2d(2)], 2),
+    "LeakyReLU subclass, batch norm": (lambda: [nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
+                                                PlainLeakyReLU(0.1), nn.MaxPool2d(2)], 2),
+    "ReLU subclass overriding forward": (lambda: [nn.Conv2d(3, 4, 3, padding=1), ClippedReLU(), nn.MaxPool2d(2)],
+                                         "ClippedReLU overrides ReLU's forward"),
+    "non-square kernel": (lambda: [nn.Conv2d(3, 4, (3, 1), padding=1), nn.ReLU(), nn.MaxPool2d(2)], 2),
+    "avg-pool after": (lambda: [nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)], 1),
+}
+
+
+@pytest.mark.parametrize("way", ["fx", "sequential", "fuse_conv_relu_pool"])
+@pytest.mark.parametrize("case", list(RULE_CASES))
+def test_every_path_follows_the_same_rules(case, way):
+    """fuse()'s trace, its nn.Sequential fallback and the in-place helper fuse the same chains, and refuse the
+    others with the same reason (drmm_kernels.fusion_rules): padding='same' is padding (k - 1) // 2 for odd
+    kernels and refused for even ones; a ReLU / LeakyReLU subclass fuses unless it overrides forward."""
+    layers, want = RULE_CASES[case]
+    torch.manual_seed(0)
+    model = (FeaturesUntraceable if way == "sequential" else Features)(*layers()).double().train()
+    ref, fused = model, copy.deepcopy(model)
+    if way == "fuse_conv_relu_pool":
+        if isinstance(want, str):
+            with pytest.raises(ValueError, match=re.escape(want)):
+                dk.fuse_conv_relu_pool(fused)
+            return
+        assert dk.fuse_conv_relu_pool(fused) == ["features.0"]
+    else:
+        fused = dk.fuse(fused)
+        report = fused.fuse_report
+        assert report.mode == ("fx" if way == "fx" else "modules")
+        if isinstance(want, str):
+            assert not report.fused and _reasons(report) == [("features.0", want)], str(report)
+            return
+        assert [b.name for b in report.fused] == ["features.0"] and not report.refused, str(report)
+    block = fused.get_submodule("features.0")
+    conv = model.features[0]
+    assert block.pool == want
+    if isinstance(conv.padding, str):  # the int the block pads by gives the very values of the string padding
+        assert block.padding == (conv.kernel_size[0] - 1) // 2 if conv.padding == "same" else block.padding == 0
+        x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+        assert torch.equal(F.conv2d(x, conv.weight, conv.bias, padding=conv.padding),
+                           F.conv2d(x, conv.weight, conv.bias, padding=block.padding))
+    _assert_same(ref, fused, torch.randn(2, 3, 8, 8, dtype=torch.float64), steps=2)
+
+
+def test_relu_subclass_is_hooked_as_a_relu():
+    """A ReLU subclass is called as a module by the trace (not traced through), so Captum's GuidedBackprop, which
+    hooks every nn.ReLU, reaches it in the fused model as in the original."""
+    captum_attr = pytest.importorskip("captum.attr")
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), PlainReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 6)).double().eval()
+    with torch.no_grad():
+        model[0].bias.fill_(-0.3)
+    fused = dk.fuse(copy.deepcopy(model))
+    assert fused.get_submodule("0").relu_module and fused.fuse_report.mode == "fx"
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+
+    def guided(m):
+        return captum_attr.GuidedBackprop(m).attribute(x.clone().requires_grad_(), target=5)
+
+    want = guided(model)
+    xg = x.clone().requires_grad_()
+    model(xg)[:, 5].sum().backward()
+    assert not torch.allclose(xg.grad, want)  # the plain gradient, which a missed hook would give, differs
+    torch.testing.assert_close(guided(fused), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 # --------------------------------------------------------------------------- fallback, example_inputs, misc
