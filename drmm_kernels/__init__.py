@@ -23,9 +23,9 @@ True
 
 from .attribution import attribution
 from .dispatch import BackendStatus, available_backends, backend, get_backend, set_backend
-from .layers import FusedConvBNReLUPool2d, FusedConvReLUPool2d, Render2d, fuse_conv_relu_pool
+from .layers import FusedConvBNReLUPool2d, FusedConvReLUPool2d, Render2d
 from .ops import conv_bn_relu_pool, conv_relu_pool, render, switches_to_indices
-from .fuse import fuse
+from .fuse import fuse, fuse_conv_relu_pool
 from . import export  # noqa: F401,E402  (gives the ops their ATen composites: torch.onnx.export, torch.jit.trace)
 
 __version__ = "0.1.0"

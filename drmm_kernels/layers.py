@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -182,33 +182,3 @@ class Render2d(nn.Module):
 
     def forward(self, mu: Tensor, switches: Tensor, out_size) -> Tensor:
         return self.layer.render(mu, switches, out_size)
-
-
-# --------------------------------------------------------------------------- model surgery
-
-
-def fuse_conv_relu_pool(model: nn.Module) -> List[str]:
-    """Fuse, in place, the chains inside ``model``'s ``nn.Sequential`` containers that ``drmm_kernels.fuse``
-    fuses there (``Conv2d → [BatchNorm2d] → ReLU/LeakyReLU → [MaxPool2d]``, or the pool before the activation;
-    the rules are ``drmm_kernels.fusion_rules``). Returns the paths of the fused blocks.
-
-    Each block takes its conv's slot and parameters, so ``state_dict`` keys are unchanged; the activation and
-    the pool become the block's ``unfused_act`` / ``unfused_pool`` children and their slots ``nn.Identity``. A
-    hook on one of those (Captum's ``GuidedBackprop`` / ``Deconvolution`` hook every ``nn.ReLU``) makes the block
-    run the original chain through them, so attributions match the unfused model's; a forward or backward hook
-    on the block itself raises ``RuntimeError`` (``drmm_kernels.attribution`` gives those methods through the
-    fused ops). Where a rule refuses a chain (the conv, batch norm, activation or pool is outside what the ops
-    compute), ``ValueError`` names every such chain and nothing is changed; ``fuse(model)`` instead reports
-    them and fuses the rest.
-
-    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
-    >>> fuse_conv_relu_pool(net)
-    ['0']
-    >>> type(net[0]).__name__, net[0].pool, type(net[1]).__name__
-    ('FusedConvActPool2d', 2, 'Identity')
-    """
-    from .fuse import FuseReport, _fuse_sequential  # fuse.py builds its blocks on this module's classes
-
-    report = FuseReport(type(model).__name__, "modules")
-    _fuse_sequential(model, report, strict="fuse_conv_relu_pool")
-    return [b.name for b in report.fused]
