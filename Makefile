@@ -9,7 +9,7 @@ STAMP := $(VENV)/.deps-$(shell cksum < requirements-dev.txt | cut -d' ' -f1)
 PYTEST_ARGS ?=
 NVCC := $(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v nvcc 2>/dev/null))
 
-.PHONY: test demo build deps clean bench-cpu device-dry-run dry-run-only
+.PHONY: test demo build deps clean bench-cpu device-dry-run dry-run-only lint format
 
 $(STAMP): requirements-dev.txt
 	@start=$$SECONDS; \
@@ -32,7 +32,18 @@ build: $(STAMP)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e . && \
 	echo "[stage] build drmm_kernels._C: $$((SECONDS-start)) s"
 
-test: build
+# ruff (lint + format check) over Python, clang-format (check mode) over csrc/; `make format` rewrites both.
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+lint: $(STAMP)
+	@start=$$SECONDS; \
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check --quiet . && \
+	$(VENV)/bin/clang-format --dry-run --Werror $(CSRC); rc=$$?; \
+	echo "[stage] lint: $$((SECONDS-start)) s"; exit $$rc
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format . && $(VENV)/bin/clang-format -i $(CSRC)
+
+test: lint build
 	@start=$$SECONDS; \
 	DRMM_REQUIRE_EXTENSION=1 $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	echo "[stage] tests: $$((SECONDS-start)) s"; [ $$rc = 0 ] || exit $$rc; \

@@ -67,9 +67,11 @@ def extensions():
     except ImportError:
         # pip's default build isolation hides torch (and this line, without -v); the package still works:
         # drmm_kernels/jit.py compiles the CPU kernels on first use from the sources copied by build_py.
-        print("drmm: torch is not installed in the build environment; building without drmm_kernels._C: the C++ "
-              "CPU kernels will be built on first use (or install torch first and use "
-              "`pip install --no-build-isolation .`)")
+        print(
+            "drmm: torch is not installed in the build environment; building without drmm_kernels._C: the C++ "
+            "CPU kernels will be built on first use (or install torch first and use "
+            "`pip install --no-build-isolation .`)"
+        )
         return [], cmdclass
 
     # One file per op and device (csrc/cpu/<op>_kernel.cpp, csrc/cuda/<op>_kernel.cu); csrc/schema.cpp declares the
@@ -78,8 +80,7 @@ def extensions():
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda/torch_glue.cpp"]
     with_cuda = False
     if cuda_sources and not _flag("DRMM_SKIP_CUDA_BUILD"):
-        with_cuda = _flag("DRMM_FORCE_CUDA") or (torch.version.cuda is not None
-                                                 and cpp_extension.CUDA_HOME is not None)
+        with_cuda = _flag("DRMM_FORCE_CUDA") or (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None)
     if with_cuda and not torch.cuda.is_available():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
@@ -88,17 +89,23 @@ def extensions():
     cxx = jit.cxx_flags(arch)
     define_macros = [("WITH_CUDA", None)] if with_cuda else []
     sources = cpu_sources
-    kwargs = dict(name="drmm_kernels._C", sources=sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                  define_macros=define_macros, extra_link_args=list(jit.LDFLAGS))
+    kwargs = dict(
+        name="drmm_kernels._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=define_macros,
+        extra_link_args=list(jit.LDFLAGS),
+    )
     if with_cuda:
-        nvcc = ["-O3", "-DNDEBUG", "--threads", "4", "-Xptxas=-v", "-lineinfo",
-                "--expt-relaxed-constexpr"]
+        nvcc = ["-O3", "-DNDEBUG", "--threads", "4", "-Xptxas=-v", "-lineinfo", "--expt-relaxed-constexpr"]
         kwargs["sources"] = sources + cuda_sources
         ext = cpp_extension.CUDAExtension(extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
     else:
         ext = cpp_extension.CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
-    print(f"drmm: building drmm_kernels._C ({'CPU + CUDA' if with_cuda else 'CPU only'}; torch {torch.__version__}; "
-          f"-march={arch or 'compiler default'})")
+    print(
+        f"drmm: building drmm_kernels._C ({'CPU + CUDA' if with_cuda else 'CPU only'}; torch {torch.__version__}; "
+        f"-march={arch or 'compiler default'})"
+    )
     cmdclass["build_ext"] = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return [ext], cmdclass
 

@@ -50,8 +50,15 @@ def build_vgg11(full_head: bool) -> nn.Module:
     with torch.device("meta"):
         model = torchvision.models.vgg11()
     if not full_head:
-        model.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 64), nn.ReLU(inplace=True), nn.Dropout(),
-                                         nn.Linear(64, 64), nn.ReLU(inplace=True), nn.Dropout(), nn.Linear(64, 10))
+        model.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, 64),
+            nn.ReLU(inplace=True),
+            nn.Dropout(),
+            nn.Linear(64, 64),
+            nn.ReLU(inplace=True),
+            nn.Dropout(),
+            nn.Linear(64, 10),
+        )
     model.to_empty(device="cpu")
     torch.manual_seed(0)
     for m in model.modules():
@@ -75,6 +82,7 @@ def runners(model: nn.Module, fused: nn.Module, mode: str, x: torch.Tensor, targ
             xg = x.clone().requires_grad_()
             with dk.attribution(mode):
                 return torch.autograd.grad(net(xg)[:, target].sum(), xg)[0]
+
         return run
 
     return {"captum": run_captum, "hooks": ours(model), "fused": ours(fused)}
@@ -126,32 +134,47 @@ def main(argv=None) -> int:
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         # the ratio of each round's pair, then the median: robust to load that drifts between rounds
         paired = statistics.median(c / f for c, f in zip(times["captum"], times["fused"]))
-        rows.append({"mode": mode, "captum_ms": med["captum"], "hooks_ms": med["hooks"], "fused_ms": med["fused"],
-                     "speedup": paired, "max_rel_diff": rel})
+        rows.append(
+            {
+                "mode": mode,
+                "captum_ms": med["captum"],
+                "hooks_ms": med["hooks"],
+                "fused_ms": med["fused"],
+                "speedup": paired,
+                "max_rel_diff": rel,
+            }
+        )
 
     captum_name = {"gradient": "Saliency", "guided": "GuidedBackprop", "deconvnet": "Deconvolution"}
     head = "full" if args.full_head else "small"
-    lines = [f"VGG11 (random frozen weights, eval, {head} head), input {args.batch}x3x{args.size}x{args.size} "
-             f"float32, {args.threads} threads, median of {args.repeats} (after {args.warmup} warm-up), one forward "
-             f"+ backward to the input per run (torch.autograd.grad); torch {torch.__version__}, captum "
-             f"{captum.__version__}, drmm_kernels backend {dk.get_backend()} ({dk.dispatch.resolve(x.device)}), "
-             f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f} at the end",
-             "",
-             "| mode (Captum) | Captum, unfused ms | attribution(), unfused ms | attribution(), fused ms "
-             "| Captum / fused | max rel diff |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"VGG11 (random frozen weights, eval, {head} head), input {args.batch}x3x{args.size}x{args.size} "
+        f"float32, {args.threads} threads, median of {args.repeats} (after {args.warmup} warm-up), one forward "
+        f"+ backward to the input per run (torch.autograd.grad); torch {torch.__version__}, captum "
+        f"{captum.__version__}, drmm_kernels backend {dk.get_backend()} ({dk.dispatch.resolve(x.device)}), "
+        f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f} at the end",
+        "",
+        "| mode (Captum) | Captum, unfused ms | attribution(), unfused ms | attribution(), fused ms "
+        "| Captum / fused | max rel diff |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['mode']} ({captum_name[r['mode']]}) | {r['captum_ms']:.1f} | {r['hooks_ms']:.1f} | "
-                     f"{r['fused_ms']:.1f} | {r['speedup']:.2f}x | {r['max_rel_diff']:.1e} |")
+        lines.append(
+            f"| {r['mode']} ({captum_name[r['mode']]}) | {r['captum_ms']:.1f} | {r['hooks_ms']:.1f} | "
+            f"{r['fused_ms']:.1f} | {r['speedup']:.2f}x | {r['max_rel_diff']:.1e} |"
+        )
     table = "\n".join(lines)
     print(table)
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, f"{args.out}.md"), "w") as f:
-        f.write(f"# Attribution on CPU: drmm_kernels vs Captum\n\nCommand: `.venv/bin/python bench/attribution.py "
-                f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n{table}\n")
+        f.write(
+            f"# Attribution on CPU: drmm_kernels vs Captum\n\nCommand: `.venv/bin/python bench/attribution.py "
+            f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n{table}\n"
+        )
     with open(os.path.join(args.results, f"{args.out}.json"), "w") as f:
-        json.dump({"args": vars(args), "torch": torch.__version__, "captum": captum.__version__, "rows": rows}, f,
-                  indent=2)
+        json.dump(
+            {"args": vars(args), "torch": torch.__version__, "captum": captum.__version__, "rows": rows}, f, indent=2
+        )
     return 0
 
 

@@ -46,13 +46,15 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels import LAYERS as _ALL_LAYERS  # noqa: E402
 
-LAYERS = [(layer.name.split(".", 1)[1], layer.cin, layer.cout, layer.k, layer.pad, layer.hw, layer.pool)
-          for layer in _ALL_LAYERS if layer.name.startswith("mnist.")]
+LAYERS = [
+    (layer.name.split(".", 1)[1], layer.cin, layer.cout, layer.k, layer.pad, layer.hw, layer.pool)
+    for layer in _ALL_LAYERS
+    if layer.name.startswith("mnist.")
+]
 
 # Targets of the issue: pooled layers fwd+bwd >= 1.3x, render >= 1.5x, saved bytes <= 1/3 of eager;
 # layers without pooling no slower than eager (speedup >= 1.0).
-TARGETS = {"pooled": {"fwd_bwd": 1.3, "render": 1.5, "saved_ratio": 1 / 3}, "unpooled": {"fwd_bwd": 1.0,
-                                                                                        "render": 1.0}}
+TARGETS = {"pooled": {"fwd_bwd": 1.3, "render": 1.5, "saved_ratio": 1 / 3}, "unpooled": {"fwd_bwd": 1.0, "render": 1.0}}
 
 
 def _shape_label(spec) -> str:
@@ -70,8 +72,9 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def paired_ms(eager: Callable[[], object], fused: Callable[[], object], warmup: int,
-              repeats: int) -> Tuple[Dict[str, float], Dict[str, float], Dict[str, float]]:
+def paired_ms(
+    eager: Callable[[], object], fused: Callable[[], object], warmup: int, repeats: int
+) -> Tuple[Dict[str, float], Dict[str, float], Dict[str, float]]:
     """Times both, back to back in alternating order, so a change of machine load hits both alike.
 
     Returns the two time summaries (each with the minor page faults per run) and the quartiles of the
@@ -86,7 +89,7 @@ def paired_ms(eager: Callable[[], object], fused: Callable[[], object], warmup: 
     for i in range(repeats):
         # Alternate which side goes first (ABBA): the second of a pair inherits the first's cache and allocator
         # state, which would otherwise bias every pair the same way.
-        for k, fn, acc in (pair if i % 2 == 0 else pair[::-1]):
+        for k, fn, acc in pair if i % 2 == 0 else pair[::-1]:
             f0 = _minor_faults()
             t0 = time.perf_counter()
             fn()
@@ -119,7 +122,7 @@ def bench_layer(spec, batch: int, warmup: int, repeats: int, dtype: torch.dtype)
     name, cin, cout, k, pad, size, pool = spec
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, cin, size, size, generator=g, dtype=dtype)
-    w = (torch.randn(cout, cin, k, k, generator=g, dtype=dtype) * (2.0 / (cin * k * k)) ** 0.5)
+    w = torch.randn(cout, cin, k, k, generator=g, dtype=dtype) * (2.0 / (cin * k * k)) ** 0.5
     b = torch.randn(cout, generator=g, dtype=dtype) * 0.1
     conv_hw = (size + 2 * pad - k + 1,) * 2
     out_hw = (conv_hw[0] // pool, conv_hw[1] // pool)
@@ -143,6 +146,7 @@ def bench_layer(spec, batch: int, warmup: int, repeats: int, dtype: torch.dtype)
                 t.grad = None
             y, _ = fwd(xg, wg, bg)
             y.backward(gy)
+
         return go
 
     # Correctness guard: the numbers below are only meaningful if both compute the same thing.
@@ -154,9 +158,11 @@ def bench_layer(spec, batch: int, warmup: int, repeats: int, dtype: torch.dtype)
     res: Dict[str, object] = {"layer": name, "shape": _shape_label(spec), "pool": pool}
     with torch.no_grad():
         res["fwd_eager"], res["fwd_cpu"], res["fwd_pair_x"] = paired_ms(
-            lambda: eager_fwd(x, w, b), lambda: fused_fwd(x, w, b), warmup, repeats)
+            lambda: eager_fwd(x, w, b), lambda: fused_fwd(x, w, b), warmup, repeats
+        )
     res["fwd_bwd_eager"], res["fwd_bwd_cpu"], res["fwd_bwd_pair_x"] = paired_ms(
-        run_bwd(eager_fwd), run_bwd(fused_fwd), warmup, repeats)
+        run_bwd(eager_fwd), run_bwd(fused_fwd), warmup, repeats
+    )
 
     # Render: the top-down pass from the forward's output and switches (the masked unpool + transposed
     # conv), eager from the int64 indices and the a-mask it has to keep.
@@ -174,8 +180,9 @@ def bench_layer(spec, batch: int, warmup: int, repeats: int, dtype: torch.dtype)
 
     with torch.no_grad():
         torch.testing.assert_close(fused_render(), eager_render(), rtol=1e-3, atol=1e-3)
-        res["render_eager"], res["render_cpu"], res["render_pair_x"] = paired_ms(eager_render, fused_render,
-                                                                                 warmup, repeats)
+        res["render_eager"], res["render_cpu"], res["render_pair_x"] = paired_ms(
+            eager_render, fused_render, warmup, repeats
+        )
 
     res["saved_eager"] = saved_bytes(lambda: eager_fwd(xg, wg, bg), [xg, wg, bg])
     res["saved_cpu"] = saved_bytes(lambda: fused_fwd(xg, wg, bg), [xg, wg, bg])
@@ -219,20 +226,23 @@ def bench_bn_layer(spec, batch: int, warmup: int, repeats: int, dtype: torch.dty
     def fused_fwd():
         rm, rv = stats["cpu"]
         with drmm_kernels.backend("cpu"):
-            return drmm_kernels.conv_bn_relu_pool(x, w, gamma, beta, rm, rv, training=True, momentum=0.1,
-                                                  eps=1e-5, padding=pad, pool=pool)[0]
+            return drmm_kernels.conv_bn_relu_pool(
+                x, w, gamma, beta, rm, rv, training=True, momentum=0.1, eps=1e-5, padding=pad, pool=pool
+            )[0]
 
     def step(fwd):
         def go():
             for t in (x, w, gamma, beta):
                 t.grad = None
             fwd().backward(gy)
+
         return go
 
     torch.testing.assert_close(fused_fwd(), eager_fwd(), rtol=1e-4, atol=1e-4)
     res: Dict[str, object] = {"layer": name, "shape": _shape_label(spec)}
     res["bn_fwd_bwd_eager"], res["bn_fwd_bwd_cpu"], res["bn_fwd_bwd_pair_x"] = paired_ms(
-        step(eager_fwd), step(fused_fwd), warmup, repeats)
+        step(eager_fwd), step(fused_fwd), warmup, repeats
+    )
     res["bn_fwd_bwd_speedup"] = res["bn_fwd_bwd_pair_x"]["median"]
     res["bn_saved_eager"] = saved_bytes(eager_fwd, [x, w, gamma, beta])
     res["bn_saved_cpu"] = saved_bytes(fused_fwd, [x, w, gamma, beta])
@@ -240,13 +250,18 @@ def bench_bn_layer(spec, batch: int, warmup: int, repeats: int, dtype: torch.dty
 
 
 def bn_table(results: List[Dict[str, object]]) -> str:
-    rows = ["| layer | shape | BN fwd+bwd eager / cpu ms | x (IQR) | page faults per run eager / cpu | "
-            "saved eager / cpu MiB |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| layer | shape | BN fwd+bwd eager / cpu ms | x (IQR) | page faults per run eager / cpu | "
+        "saved eager / cpu MiB |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
-        rows.append(f"| {r['layer']} | {r['shape']} | {fmt_ms(r['bn_fwd_bwd_eager'])} / {fmt_ms(r['bn_fwd_bwd_cpu'])} "
-                    f"| {_x(r, 'bn_fwd_bwd')} | {r['bn_fwd_bwd_eager']['faults']:.0f} / "
-                    f"{r['bn_fwd_bwd_cpu']['faults']:.0f} | {r['bn_saved_eager'] / 2**20:.2f} / "
-                    f"{r['bn_saved_cpu'] / 2**20:.2f} |")
+        rows.append(
+            f"| {r['layer']} | {r['shape']} | {fmt_ms(r['bn_fwd_bwd_eager'])} / {fmt_ms(r['bn_fwd_bwd_cpu'])} "
+            f"| {_x(r, 'bn_fwd_bwd')} | {r['bn_fwd_bwd_eager']['faults']:.0f} / "
+            f"{r['bn_fwd_bwd_cpu']['faults']:.0f} | {r['bn_saved_eager'] / 2**20:.2f} / "
+            f"{r['bn_saved_cpu'] / 2**20:.2f} |"
+        )
     return "\n".join(rows)
 
 
@@ -256,9 +271,11 @@ def _x(r: Dict[str, object], key: str) -> str:
 
 
 def table(results: List[Dict[str, object]]) -> str:
-    head = ("| layer | shape | fwd eager / cpu ms | fwd x (IQR) | fwd+bwd eager / cpu ms | fwd+bwd x (IQR) "
-            "| render eager / cpu ms | render x (IQR) | page faults per fwd+bwd eager / cpu | saved eager / cpu MiB "
-            "(ratio) | targets |")
+    head = (
+        "| layer | shape | fwd eager / cpu ms | fwd x (IQR) | fwd+bwd eager / cpu ms | fwd+bwd x (IQR) "
+        "| render eager / cpu ms | render x (IQR) | page faults per fwd+bwd eager / cpu | saved eager / cpu MiB "
+        "(ratio) | targets |"
+    )
     sep = "|" + "---|" * (head.count("|") - 1)
     rows = [head, sep]
     for r in results:
@@ -269,7 +286,8 @@ def table(results: List[Dict[str, object]]) -> str:
             f"{fmt_ms(r['fwd_bwd_eager'])} / {fmt_ms(r['fwd_bwd_cpu'])} | {_x(r, 'fwd_bwd')} | "
             f"{fmt_ms(r['render_eager'])} / {fmt_ms(r['render_cpu'])} | {_x(r, 'render')} | "
             f"{r['fwd_bwd_eager']['faults']:.0f} / {r['fwd_bwd_cpu']['faults']:.0f} | "
-            f"{r['saved_eager'] / 2**20:.2f} / {r['saved_cpu'] / 2**20:.2f} ({r['saved_ratio']:.3f}) | {tg} |")
+            f"{r['saved_eager'] / 2**20:.2f} / {r['saved_cpu'] / 2**20:.2f} ({r['saved_ratio']:.3f}) | {tg} |"
+        )
     return "\n".join(rows)
 
 
@@ -302,9 +320,13 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", default="", help="comma-separated subset, e.g. 1,3 (default: all)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     ap.add_argument("--no-save", action="store_true", help="print only; do not write bench/results")
-    ap.add_argument("--allocator", default="system", choices=("system", "retain"),
-                    help="system: glibc as configured; retain: re-run with glibc keeping freed memory, so that no "
-                         "side pays page faults for re-allocated temporaries (see RETAIN_TUNABLES)")
+    ap.add_argument(
+        "--allocator",
+        default="system",
+        choices=("system", "retain"),
+        help="system: glibc as configured; retain: re-run with glibc keeping freed memory, so that no "
+        "side pays page faults for re-allocated temporaries (see RETAIN_TUNABLES)",
+    )
     ap.add_argument("--no-bn", action="store_true", help="skip the training-mode conv_bn_relu_pool rows")
     ap.add_argument("--out", default="cpu_ops", help="result file stem under bench/results (default: cpu_ops)")
     args = ap.parse_args(argv)
@@ -328,27 +350,41 @@ def main(argv=None) -> int:
     load_after = os.getloadavg()
     md = table(results)
     if bn_results:
-        md += ("\n\nTraining-mode batch norm, `conv_bn_relu_pool(..., training=True)` forward + backward (gradients "
-               "for x, w, gamma, beta) vs eager `max_pool2d(relu(batch_norm(conv2d(x, w))))`:\n\n"
-               + bn_table(bn_results))
+        md += (
+            "\n\nTraining-mode batch norm, `conv_bn_relu_pool(..., training=True)` forward + backward (gradients "
+            "for x, w, gamma, beta) vs eager `max_pool2d(relu(batch_norm(conv2d(x, w))))`:\n\n" + bn_table(bn_results)
+        )
     cpu_name = ""
     try:
         with open("/proc/cpuinfo") as f:
             cpu_name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    meta = {"batch": args.batch, "threads": args.threads, "dtype": args.dtype, "repeats": args.repeats,
-            "warmup": args.warmup, "torch": torch.__version__, "cpu": cpu_name, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "loadavg_before": load, "loadavg_after": load_after,
-            "mkldnn": torch.backends.mkldnn.is_available(), "allocator": args.allocator,
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    header = (f"CPU ops benchmark: batch {args.batch}, {args.threads} threads, {args.dtype}, median of "
-              f"{args.repeats} runs; allocator {args.allocator}; {cpu_name}; torch {torch.__version__}; load "
-              f"average before {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, after {load_after[0]:.2f}. Speedup x = "
-              f"median over the back-to-back pairs of eager_i / cpu_i (> 1: cpu backend faster), in brackets its "
-              f"quartiles; saved ratio = cpu / eager bytes saved for backward beyond x and the parameters. "
-              f"Targets: pooled layers fwd+bwd >= 1.3x, render >= 1.5x, saved ratio <= 1/3; unpooled layers >= 1.0x.")
+    meta = {
+        "batch": args.batch,
+        "threads": args.threads,
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "torch": torch.__version__,
+        "cpu": cpu_name,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "loadavg_before": load,
+        "loadavg_after": load_after,
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "allocator": args.allocator,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    header = (
+        f"CPU ops benchmark: batch {args.batch}, {args.threads} threads, {args.dtype}, median of "
+        f"{args.repeats} runs; allocator {args.allocator}; {cpu_name}; torch {torch.__version__}; load "
+        f"average before {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, after {load_after[0]:.2f}. Speedup x = "
+        f"median over the back-to-back pairs of eager_i / cpu_i (> 1: cpu backend faster), in brackets its "
+        f"quartiles; saved ratio = cpu / eager bytes saved for backward beyond x and the parameters. "
+        f"Targets: pooled layers fwd+bwd >= 1.3x, render >= 1.5x, saved ratio <= 1/3; unpooled layers >= 1.0x."
+    )
     print(header)
     print()
     print(md)

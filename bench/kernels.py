@@ -2,7 +2,8 @@
 """Kernel benchmark: fused conv_relu_pool / backward / render against eager PyTorch and torch.compile.
 
 For every layer of the 5-layer MNIST net and the 9-layer CIFAR-10 net
-(docs/model.md#architectures-and-protocol), batch sizes and dtypes, it times (triton.testing.do_bench, median and p20/p80, L2 flushed between runs):
+(docs/model.md#architectures-and-protocol), batch sizes and dtypes, it times (triton.testing.do_bench, median and
+p20/p80, L2 flushed between runs):
 
 - ``fwd``     conv_relu_pool forward (eager: max_pool2d(relu(conv2d)) with indices)
 - ``fwdbwd``  forward + backward for x, weight, bias
@@ -36,8 +37,8 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -52,7 +53,7 @@ class Layer:
     name: str
     cin: int
     cout: int
-    hw: int        # input spatial size (square)
+    hw: int  # input spatial size (square)
     k: int
     pad: int
     pool: int
@@ -106,26 +107,41 @@ def die(msg: str, code: int = 2) -> None:
 
 
 def environment() -> Dict[str, str]:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
-           "date": _dt.datetime.now().isoformat(timespec="seconds"), "cuda_runtime": str(torch.version.cuda)}
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "cuda_runtime": str(torch.version.cuda),
+    }
     try:
         import triton
+
         env["triton"] = triton.__version__
     except Exception as exc:  # noqa: BLE001
         env["triton"] = f"unavailable ({exc})"
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        env.update(gpu=p.name, sm=f"{p.major}.{p.minor}", sms=str(p.multi_processor_count),
-                   gpu_mem_gib=f"{p.total_memory / 2**30:.1f}")
+        env.update(
+            gpu=p.name,
+            sm=f"{p.major}.{p.minor}",
+            sms=str(p.multi_processor_count),
+            gpu_mem_gib=f"{p.total_memory / 2**30:.1f}",
+        )
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
-                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout
             drv, clk, pwr = [s.strip() for s in out.strip().splitlines()[0].split(",")]
             env.update(driver=drv, max_sm_clock=clk, power_limit=pwr)
         except Exception:  # noqa: BLE001
             env["driver"] = "unknown (nvidia-smi failed)"
     try:
         import drmm_kernels as dk
+
         env["backends"] = {k: ("ok" if v.available else v.reason) for k, v in dk.available_backends().items()}
     except Exception as exc:  # noqa: BLE001
         env["backends"] = f"import failed: {exc}"
@@ -143,27 +159,30 @@ def peaks_for(gpu: str):
 
 
 def flops(layer: Layer, n: int, op: str) -> float:
-    f = 2.0 * n * layer.cout * layer.conv_hw ** 2 * layer.cin * layer.k ** 2
+    f = 2.0 * n * layer.cout * layer.conv_hw**2 * layer.cin * layer.k**2
     return 3 * f if op == "fwdbwd" else f
 
 
 def min_bytes(layer: Layer, n: int, op: str, esize: int) -> float:
-    x = n * layer.cin * layer.hw ** 2 * esize
-    y = n * layer.cout * layer.pooled_hw ** 2 * esize
-    sw = n * layer.cout * layer.pooled_hw ** 2
-    w = layer.cout * layer.cin * layer.k ** 2 * esize
+    x = n * layer.cin * layer.hw**2 * esize
+    y = n * layer.cout * layer.pooled_hw**2 * esize
+    sw = n * layer.cout * layer.pooled_hw**2
+    w = layer.cout * layer.cin * layer.k**2 * esize
     if op == "fwd":
         return x + y + sw + w
     if op == "render":
-        return y + sw + x + w          # read mu, switches; write x_hat
+        return y + sw + x + w  # read mu, switches; write x_hat
     # forward, then dgrad (read dy, switches, write dx) and wgrad (read x, dy, switches, write dW),
     # each tensor counted once per pass that needs it
     return (x + y + sw + w) + (y + sw + x + w) + (x + y + sw + w)
 
 
 def roofline(layer, n, op, dtype, peaks) -> float:
-    key = {torch.float32: "tf32" if torch.backends.cudnn.allow_tf32 else "fp32",
-           torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    key = {
+        torch.float32: "tf32" if torch.backends.cudnn.allow_tf32 else "fp32",
+        torch.bfloat16: "bf16",
+        torch.float16: "fp16",
+    }[dtype]
     esize = torch.empty((), dtype=dtype).element_size()
     return max(flops(layer, n, op) / peaks[key], min_bytes(layer, n, op, esize) / peaks["bw"])
 
@@ -179,8 +198,9 @@ class Workload:
         L = self.layer = layer
         self.n, self.dtype = n, dtype
         self.x = torch.randn(n, L.cin, L.hw, L.hw, device=device, dtype=dtype, generator=g)
-        self.w = (torch.randn(L.cout, L.cin, L.k, L.k, device=device, dtype=dtype, generator=g)
-                  / math.sqrt(L.cin * L.k * L.k))
+        self.w = torch.randn(L.cout, L.cin, L.k, L.k, device=device, dtype=dtype, generator=g) / math.sqrt(
+            L.cin * L.k * L.k
+        )
         self.b = 0.1 * torch.randn(L.cout, device=device, dtype=dtype, generator=g)
         self.xg, self.wg, self.bg = (t.clone().requires_grad_() for t in (self.x, self.w, self.b))
         y, idx = self.eager_fwd(self.x, self.w, self.b)
@@ -210,11 +230,13 @@ class Workload:
     # drmm_kernels ops --------------------------------------------------------------------
     def fused_fwd(self, x, w, b):
         import drmm_kernels as dk
+
         L = self.layer
         return dk.conv_relu_pool(x, w, None, b, stride=L.stride, padding=L.pad, pool=L.pool)
 
     def fused_render(self, mu, sw, w):
         import drmm_kernels as dk
+
         L = self.layer
         return dk.render(mu, sw, w, stride=L.stride, padding=L.pad, pool=L.pool, out_size=(L.hw, L.hw))
 
@@ -226,6 +248,7 @@ class Workload:
             def run():
                 y = fwd(self.xg, self.wg, self.bg)[0]
                 y.backward(self.gy)
+
             return run
 
         if impl in ("eager", "compile", "max-autotune"):
@@ -234,9 +257,14 @@ class Workload:
                 mode = None if impl == "compile" else "max-autotune"
                 fwd = torch.compile(fwd, mode=mode, dynamic=False)
                 render = torch.compile(render, mode=mode, dynamic=False)
-            return {"fwd": lambda: fwd(self.x, self.w, self.b), "fwdbwd": fwdbwd(fwd),
-                    "render": lambda: render(self.mu, self.idx, self.amask, self.w), "_grads": grads}
+            return {
+                "fwd": lambda: fwd(self.x, self.w, self.b),
+                "fwdbwd": fwdbwd(fwd),
+                "render": lambda: render(self.mu, self.idx, self.amask, self.w),
+                "_grads": grads,
+            }
         import drmm_kernels as dk
+
         with dk.backend(impl):
             _, sw = self.fused_fwd(self.x, self.w, self.b)
 
@@ -244,10 +272,15 @@ class Workload:
             def run():
                 with dk.backend(impl):
                     return fn()
+
             return run
-        return {"fwd": scoped(lambda: self.fused_fwd(self.x, self.w, self.b)),
-                "fwdbwd": scoped(fwdbwd(self.fused_fwd)),
-                "render": scoped(lambda: self.fused_render(self.mu, sw, self.w)), "_grads": grads}
+
+        return {
+            "fwd": scoped(lambda: self.fused_fwd(self.x, self.w, self.b)),
+            "fwdbwd": scoped(fwdbwd(self.fused_fwd)),
+            "render": scoped(lambda: self.fused_render(self.mu, sw, self.w)),
+            "_grads": grads,
+        }
 
 
 # --------------------------------------------------------------------------- correctness
@@ -262,6 +295,7 @@ def check(wl: Workload, backend: str) -> List[str]:
     """Differences of ``backend`` against the reference (float64); empty when it agrees."""
     import drmm_kernels as dk
     from drmm_kernels import reference
+
     L, problems = wl.layer, []
     tol = 2e-2 if wl.dtype != torch.float32 else (5e-3 if torch.backends.cudnn.allow_tf32 else 1e-4)
     xd, wd, bd = (t.detach().double().requires_grad_() for t in (wl.x, wl.w, wl.b))
@@ -276,7 +310,7 @@ def check(wl: Workload, backend: str) -> List[str]:
         vv = v.detach()
         n, c, h, ww = vv.shape
         hp, wp = h // L.pool, ww // L.pool
-        win = vv[..., :hp * L.pool, :wp * L.pool].reshape(n, c, hp, L.pool, wp, L.pool)
+        win = vv[..., : hp * L.pool, : wp * L.pool].reshape(n, c, hp, L.pool, wp, L.pool)
         top2 = win.permute(0, 1, 2, 4, 3, 5).reshape(n, c, hp, wp, -1).topk(2, dim=-1).values
         clear = (top2[..., 0] - top2[..., 1]) > 2e-2 * vv.abs().max()
         bad = ((sw & 0x0F) != (sw_ref & 0x0F)) & clear
@@ -295,8 +329,18 @@ def check(wl: Workload, backend: str) -> List[str]:
             problems.append(f"fwdbwd {name} rel err {e:.2e} > {tol:.0e}")
     with dk.backend(backend):
         xh = wl.fused_render(wl.mu, sw, wl.w)
-    xh_ref = reference.render(mu=wl.mu.double(), switches=sw, weight=wl.w.double(), scale=None, stride=L.stride,
-                              padding=L.pad, pool=L.pool, out_h=L.hw, out_w=L.hw, negative_slope=0.0)
+    xh_ref = reference.render(
+        mu=wl.mu.double(),
+        switches=sw,
+        weight=wl.w.double(),
+        scale=None,
+        stride=L.stride,
+        padding=L.pad,
+        pool=L.pool,
+        out_h=L.hw,
+        out_w=L.hw,
+        negative_slope=0.0,
+    )
     if (e := _rel(xh, xh_ref)) > tol:
         problems.append(f"render rel err {e:.2e} > {tol:.0e}")
     return problems
@@ -312,6 +356,7 @@ def timer(quick: bool):
         warm, rep = (10, 40) if quick else (25, 100)
         med, p20, p80 = do_bench(fn, warmup=warm, rep=rep, grad_to_none=grads, quantiles=[0.5, 0.2, 0.8])
         return med * 1e3, p20 * 1e3, p80 * 1e3  # microseconds
+
     return bench
 
 
@@ -333,10 +378,17 @@ def run(args) -> int:
             backends.append(name)
         else:
             print(f"# backend {name} skipped: {avail[name].reason}", flush=True)
-    impls = backends + ["eager"] + ([] if args.no_compile else ["compile"]) + \
-        (["max-autotune"] if args.max_autotune else [])
-    print(f"# {env.get('gpu')} driver {env.get('driver')} | torch {env['torch']} | triton {env['triton']} "
-          f"| tf32 {torch.backends.cudnn.allow_tf32} | peaks {peak_name}", flush=True)
+    impls = (
+        backends
+        + ["eager"]
+        + ([] if args.no_compile else ["compile"])
+        + (["max-autotune"] if args.max_autotune else [])
+    )
+    print(
+        f"# {env.get('gpu')} driver {env.get('driver')} | torch {env['torch']} | triton {env['triton']} "
+        f"| tf32 {torch.backends.cudnn.allow_tf32} | peaks {peak_name}",
+        flush=True,
+    )
 
     bench = timer(args.quick)
     rows, failures = [], []
@@ -373,18 +425,25 @@ def run(args) -> int:
                         try:
                             med, p20, p80 = bench(fns[op], fns["_grads"] if op == "fwdbwd" else None)
                         except Exception as exc:  # noqa: BLE001
-                            print(f"# {impl} {lname} {op}: failed: {type(exc).__name__}: {str(exc)[:300]}",
-                                  flush=True)
+                            print(f"# {impl} {lname} {op}: failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                             continue
                         if impl == "eager":
                             eager_t[op] = med
                         esize = torch.empty((), dtype=dtype).element_size()
-                        row = dict(layer=lname, batch=n, dtype=dname, op=op, impl=impl,
-                                   median_us=med, p20_us=p20, p80_us=p80,
-                                   gbps=min_bytes(layer, n, op, esize) / (med * 1e-6) / 1e9,
-                                   tflops=flops(layer, n, op) / (med * 1e-6) / 1e12,
-                                   pct_roofline=100.0 * t_lb[op] * 1e6 / med,
-                                   speedup_vs_eager=(eager_t[op] / med) if op in eager_t else None)
+                        row = dict(
+                            layer=lname,
+                            batch=n,
+                            dtype=dname,
+                            op=op,
+                            impl=impl,
+                            median_us=med,
+                            p20_us=p20,
+                            p80_us=p80,
+                            gbps=min_bytes(layer, n, op, esize) / (med * 1e-6) / 1e9,
+                            tflops=flops(layer, n, op) / (med * 1e-6) / 1e12,
+                            pct_roofline=100.0 * t_lb[op] * 1e6 / med,
+                            speedup_vs_eager=(eager_t[op] / med) if op in eager_t else None,
+                        )
                         rows.append(row)
                         print(fmt_row(row), flush=True)
                 # eager is timed after the backends; fill in their speedups now
@@ -404,9 +463,11 @@ def run(args) -> int:
 
 def fmt_row(r) -> str:
     sp = f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "-"
-    return (f"{r['layer']:9s} n={r['batch']:<5d} {r['dtype']:4s} {r['op']:7s} {r['impl']:12s} "
-            f"{r['median_us']:9.1f} us  [{r['p20_us']:.1f}, {r['p80_us']:.1f}]  {r['gbps']:7.0f} GB/s  "
-            f"{r['tflops']:6.1f} TFLOP/s  {r['pct_roofline']:5.1f}% roof  vs eager {sp}")
+    return (
+        f"{r['layer']:9s} n={r['batch']:<5d} {r['dtype']:4s} {r['op']:7s} {r['impl']:12s} "
+        f"{r['median_us']:9.1f} us  [{r['p20_us']:.1f}, {r['p80_us']:.1f}]  {r['gbps']:7.0f} GB/s  "
+        f"{r['tflops']:6.1f} TFLOP/s  {r['pct_roofline']:5.1f}% roof  vs eager {sp}"
+    )
 
 
 def write_results(args, env, rows, failures, quiet: bool = False) -> None:
@@ -415,22 +476,32 @@ def write_results(args, env, rows, failures, quiet: bool = False) -> None:
     if not args.name:  # fixed once, so incremental writes go to the same files
         args.name = f"kernels-{gpu}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     stem = args.name
-    meta = dict(env=env, args={k: v for k, v in vars(args).items()}, failures=failures,
-                notes="median of triton.testing.do_bench (L2 flushed between runs); GB/s over algorithmic "
-                      "minimum bytes; TFLOP/s over dense-equivalent FLOPs; % roofline = t_LB / t "
-                      "(docs/kernels.md#roofline peaks)")
+    meta = dict(
+        env=env,
+        args={k: v for k, v in vars(args).items()},
+        failures=failures,
+        notes="median of triton.testing.do_bench (L2 flushed between runs); GB/s over algorithmic "
+        "minimum bytes; TFLOP/s over dense-equivalent FLOPs; % roofline = t_LB / t "
+        "(docs/kernels.md#roofline peaks)",
+    )
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump(dict(meta, rows=rows), f, indent=1, default=str)
-    lines = [f"# Kernel benchmark: {env.get('gpu')} (driver {env.get('driver')}), torch {env['torch']}, "
-             f"triton {env['triton']}, CUDA {env['cuda_runtime']}", "",
-             f"{env['date']}; TF32 {'on' if not args.no_tf32 else 'off'} for fp32; peaks {env.get('peaks')}.", "",
-             "| layer | batch | dtype | op | impl | median µs | p20–p80 µs | GB/s | TFLOP/s | % roofline | vs eager |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Kernel benchmark: {env.get('gpu')} (driver {env.get('driver')}), torch {env['torch']}, "
+        f"triton {env['triton']}, CUDA {env['cuda_runtime']}",
+        "",
+        f"{env['date']}; TF32 {'on' if not args.no_tf32 else 'off'} for fp32; peaks {env.get('peaks')}.",
+        "",
+        "| layer | batch | dtype | op | impl | median µs | p20–p80 µs | GB/s | TFLOP/s | % roofline | vs eager |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         sp = f"{r['speedup_vs_eager']:.2f}×" if r.get("speedup_vs_eager") else "–"
-        lines.append(f"| {r['layer']} | {r['batch']} | {r['dtype']} | {r['op']} | {r['impl']} | "
-                     f"{r['median_us']:.1f} | {r['p20_us']:.1f}–{r['p80_us']:.1f} | {r['gbps']:.0f} | "
-                     f"{r['tflops']:.1f} | {r['pct_roofline']:.1f} | {sp} |")
+        lines.append(
+            f"| {r['layer']} | {r['batch']} | {r['dtype']} | {r['op']} | {r['impl']} | "
+            f"{r['median_us']:.1f} | {r['p20_us']:.1f}–{r['p80_us']:.1f} | {r['gbps']:.0f} | "
+            f"{r['tflops']:.1f} | {r['pct_roofline']:.1f} | {sp} |"
+        )
     if failures:
         lines += ["", "**Check failures:**", ""] + [f"- {f}" for f in failures]
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
@@ -448,27 +519,41 @@ def _csv(kind, choices=None):
             if bad:
                 raise argparse.ArgumentTypeError(f"{bad} not in {list(choices)}")
         return out
+
     return parse
 
 
 def parse_args(argv=None):
     names = [L.name for L in LAYERS]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backends", type=_csv(str, ("triton", "cuda", "cpu", "reference")), default=["triton", "cuda"],
-                   help="drmm_kernels backends to time (unavailable ones are skipped with a note)")
-    p.add_argument("--layers", type=_csv(str, names + ["all", "mnist", "cifar"]), default=None,
-                   help="comma list of " + ", ".join(names) + " (or all/mnist/cifar)")
+    p.add_argument(
+        "--backends",
+        type=_csv(str, ("triton", "cuda", "cpu", "reference")),
+        default=["triton", "cuda"],
+        help="drmm_kernels backends to time (unavailable ones are skipped with a note)",
+    )
+    p.add_argument(
+        "--layers",
+        type=_csv(str, names + ["all", "mnist", "cifar"]),
+        default=None,
+        help="comma list of " + ", ".join(names) + " (or all/mnist/cifar)",
+    )
     p.add_argument("--batch", type=_csv(int), default=None, help="default 256,1024 (--quick: 256)")
     p.add_argument("--dtype", type=_csv(str, DTYPES), default=["fp32", "bf16"])
     p.add_argument("--ops", type=_csv(str, OPS), default=list(OPS))
     p.add_argument("--quick", action="store_true", help=f"layers {','.join(QUICK_LAYERS)}, batch 256, short timing")
     p.add_argument("--max-autotune", action="store_true", help='add torch.compile(mode="max-autotune") (slow)')
-    p.add_argument("--max-autotune-ops", type=_csv(str, OPS), default=list(OPS),
-                   help="ops that get the max-autotune column (compiling them is what is slow)")
+    p.add_argument(
+        "--max-autotune-ops",
+        type=_csv(str, OPS),
+        default=list(OPS),
+        help="ops that get the max-autotune column (compiling them is what is slow)",
+    )
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     p.add_argument("--no-tf32", action="store_true", help="fp32 without TF32 (cudnn.allow_tf32 = False)")
-    p.add_argument("--check", action="store_true", help="compare every backend with the reference first; "
-                                                        "exit 1 on a mismatch")
+    p.add_argument(
+        "--check", action="store_true", help="compare every backend with the reference first; exit 1 on a mismatch"
+    )
     p.add_argument("--check-only", action="store_true", help="--check without timing")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     p.add_argument("--name", default=None, help="file stem of the results (default kernels-<gpu>-<time>)")
@@ -492,14 +577,18 @@ def main(argv=None) -> int:
     if args.list:
         print(f"{'layer':9s} {'Cin':>4s} {'Cout':>4s} {'H':>3s} {'k':>2s} {'pad':>3s} {'pool':>4s}  conv  pooled")
         for L in LAYERS:
-            print(f"{L.name:9s} {L.cin:4d} {L.cout:4d} {L.hw:3d} {L.k:2d} {L.pad:3d} {L.pool:4d}  "
-                  f"{L.conv_hw:4d}  {L.pooled_hw:6d}")
+            print(
+                f"{L.name:9s} {L.cin:4d} {L.cout:4d} {L.hw:3d} {L.k:2d} {L.pad:3d} {L.pool:4d}  "
+                f"{L.conv_hw:4d}  {L.pooled_hw:6d}"
+            )
         return 0
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         die("TRITON_INTERPRET is set; unset it to benchmark compiled kernels")
     if not torch.cuda.is_available():
-        die("no CUDA device is visible: this benchmark times GPU kernels (torch "
-            f"{torch.__version__}, CUDA build {torch.version.cuda}); use --list to see the layers")
+        die(
+            "no CUDA device is visible: this benchmark times GPU kernels (torch "
+            f"{torch.__version__}, CUDA build {torch.version.cuda}); use --list to see the layers"
+        )
     t0 = time.time()
     rc = run(args)
     print(f"# bench/kernels.py finished in {time.time() - t0:.0f} s, exit {rc}", flush=True)

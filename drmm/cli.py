@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-import yaml
 
 from .config import config_from_dict, load_config, read_yaml_mapping, resolve_device
 from .errors import UsageError
@@ -40,8 +39,10 @@ def read_run_config(run_dir: Path):
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: no such folder; pass a run directory made by `drmm train` (runs/<name>-<time>)")
     if not cfg_path.is_file():
-        raise RunDirError(f"{run_dir} is not a drmm run directory (no {CONFIG}); pass the folder `drmm train` "
-                          f"wrote (its --run-dir, or runs/<name>-<time>)")
+        raise RunDirError(
+            f"{run_dir} is not a drmm run directory (no {CONFIG}); pass the folder `drmm train` "
+            f"wrote (its --run-dir, or runs/<name>-<time>)"
+        )
     return config_from_dict(read_yaml_mapping(cfg_path), str(cfg_path))
 
 
@@ -52,24 +53,32 @@ def load_run(run_dir: Path, checkpoint: str, data_dir: Optional[str], device: st
     ckpt_path = run_dir / f"{checkpoint}.pt"
     if not ckpt_path.is_file():
         present = sorted(p.name for p in run_dir.glob("*.pt"))
-        raise RunDirError(f"{ckpt_path} not found; the run has " + (f"only {', '.join(present)}: pass --checkpoint "
-                          f"{present[0][:-3]}" if present else "no checkpoint yet (training writes last.pt at its "
-                          "first evaluation): train it first, or resume it with drmm train --resume"))
+        raise RunDirError(
+            f"{ckpt_path} not found; the run has "
+            + (
+                f"only {', '.join(present)}: pass --checkpoint {present[0][:-3]}"
+                if present
+                else "no checkpoint yet (training writes last.pt at its "
+                "first evaluation): train it first, or resume it with drmm train --resume"
+            )
+        )
     if data_dir is not None:
         cfg.data_dir = data_dir
     dev = resolve_device(device if device != "config" else cfg.device)
-    ckpt = load_checkpoint(ckpt_path, dev)   # refuses torn and foreign files before the data is loaded
+    ckpt = load_checkpoint(ckpt_path, dev)  # refuses torn and foreign files before the data is loaded
     data = load_data(cfg, dev)
     model = model_from_config(cfg, data.image_shape, data.num_classes).to(dev)
     try:
-        load_model_state(model, ckpt["model"])   # tolerates checkpoints from before the switch priors
+        load_model_state(model, ckpt["model"])  # tolerates checkpoints from before the switch priors
     except (RuntimeError, KeyError):
         own, saved = model.state_dict(), ckpt["model"]
         other = sum(1 for k in own.keys() & saved.keys() if tuple(own[k].shape) != tuple(saved[k].shape))
-        raise CheckpointError(f"{ckpt_path}: its weights do not fit the model {run_dir / CONFIG} describes "
-                              f"(model {cfg.model}: {len(own.keys() - saved.keys())} tensors missing, "
-                              f"{len(saved.keys() - own.keys())} unexpected, {other} of another shape); the "
-                              f"checkpoint comes from another run or config") from None
+        raise CheckpointError(
+            f"{ckpt_path}: its weights do not fit the model {run_dir / CONFIG} describes "
+            f"(model {cfg.model}: {len(own.keys() - saved.keys())} tensors missing, "
+            f"{len(saved.keys() - own.keys())} unexpected, {other} of another shape); the "
+            f"checkpoint comes from another run or config"
+        ) from None
     model.eval()
     return cfg, data, model, ckpt
 
@@ -89,8 +98,10 @@ def describe_checkpoint(name: str, asked: Optional[str], cfg, ckpt) -> str:
     if name == "best":
         if cfg.val_samples > 0:
             return f"lowest validation error, step {step}"
-        return (f"lowest test error, step {step}: the run has no validation split, so best.pt was chosen on the "
-                f"test set and its test error is optimistic; drop --checkpoint best, or train with val_samples > 0")
+        return (
+            f"lowest test error, step {step}: the run has no validation split, so best.pt was chosen on the "
+            f"test set and its test error is optimistic; drop --checkpoint best, or train with val_samples > 0"
+        )
     why = f"final weights, step {step}"
     if asked is None:
         why += "; the run has no validation split" if cfg.val_samples == 0 else "; the run has no best.pt"
@@ -109,15 +120,21 @@ def cmd_train(args) -> int:
         run_dir = Path(args.run_dir)
     else:
         run_dir = Path("runs") / f"{cfg.name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"[drmm] run dir: {run_dir}  (model {cfg.model}, trainer {cfg.trainer}, mode {cfg.mode}, "
-          f"dataset {cfg.dataset}, N_L={cfg.num_labeled or 'all'})", flush=True)
+    print(
+        f"[drmm] run dir: {run_dir}  (model {cfg.model}, trainer {cfg.trainer}, mode {cfg.mode}, "
+        f"dataset {cfg.dataset}, N_L={cfg.num_labeled or 'all'})",
+        flush=True,
+    )
     summary = train(cfg, run_dir, resume=args.resume)
     if summary["best_on"] == "validation":
         best = f"best.pt: validation error {summary['best_error']:.2f} %; the test set is scored once, at the end"
     else:
         best = f"best {summary['best_error']:.2f} %, best-on-test"
-    print(f"[drmm] final test error: {summary['test_error']:.2f} % on {summary['eval_images']} test images "
-          f"({best}) after {summary['steps']} steps, {summary['train_seconds']:.0f} s", flush=True)
+    print(
+        f"[drmm] final test error: {summary['test_error']:.2f} % on {summary['eval_images']} test images "
+        f"({best}) after {summary['steps']} steps, {summary['train_seconds']:.0f} s",
+        flush=True,
+    )
     return 0
 
 
@@ -126,12 +143,16 @@ def cmd_eval(args) -> int:
     cfg, data, model, ckpt = load_run(Path(args.run_dir), name, args.data_dir, args.device)
     print(f"[drmm] scored {name}.pt ({describe_checkpoint(name, args.checkpoint, cfg, ckpt)})")
     err = evaluate(model, data, 0, cfg.eval_batch_size)
-    print(f"[drmm] {args.run_dir} ({name}.pt, step {ckpt['step']}): test error {err:.2f} % "
-          f"on {len(data.test_labels)} test images")
+    print(
+        f"[drmm] {args.run_dir} ({name}.pt, step {ckpt['step']}): test error {err:.2f} % "
+        f"on {len(data.test_labels)} test images"
+    )
     # the predicted class read as a cluster id
     report = clustering_report(data.test_labels.cpu().numpy(), predict_test(model, data, cfg.eval_batch_size))
-    print(f"[drmm] clustering: accuracy {100 * report['cluster_acc']:.2f} % (Hungarian-matched), "
-          f"NMI {report['nmi']:.4f}, ARI {report['ari']:.4f}")
+    print(
+        f"[drmm] clustering: accuracy {100 * report['cluster_acc']:.2f} % (Hungarian-matched), "
+        f"NMI {report['nmi']:.4f}, ARI {report['ari']:.4f}"
+    )
     return 0
 
 
@@ -141,11 +162,11 @@ def cmd_render(args) -> int:
     cfg, data, model, _ = load_run(Path(args.run_dir), args.checkpoint, args.data_dir, args.device)
     out_dir = Path(args.out_dir or args.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = data.test_images[:args.num]
+    images = data.test_images[: args.num]
     x = data.normalize(images)
     with torch.no_grad():
         logits, latents = model(x)
-        classes = logits.argmax(1) if args.classes == "predicted" else data.test_labels[:args.num]
+        classes = logits.argmax(1) if args.classes == "predicted" else data.test_labels[: args.num]
         x_hat, levels = model.render(latents, classes, return_levels=True)
     p1 = save_reconstruction_grid(x, x_hat, out_dir / "reconstructions.png", data)
     p2 = save_level_grid(levels, out_dir / "rendered_levels.png")
@@ -164,7 +185,7 @@ def cmd_sample(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(args.seed)
     dev = model.readout.weight.device
-    if args.class_ is None:   # a class per sample, uniform (the readout bias is a relaxed, not a fitted, prior)
+    if args.class_ is None:  # a class per sample, uniform (the readout bias is a relaxed, not a fitted, prior)
         classes = torch.randint(0, model.num_classes, (args.num,), generator=g).to(dev)
         name = "samples.png"
     else:
@@ -172,8 +193,12 @@ def cmd_sample(args) -> int:
         name = f"samples_class{args.class_}.png"
     images = sample_images(model, classes, g)
     p1 = save_image_grid(images, out_dir / name, [f"c={int(c)}" for c in classes])
-    p2 = save_image_grid(class_appearance(model), out_dir / "class_appearance.png",
-                         [f"class {c}" for c in range(model.num_classes)], ncols=model.num_classes)
+    p2 = save_image_grid(
+        class_appearance(model),
+        out_dir / "class_appearance.png",
+        [f"class {c}" for c in range(model.num_classes)],
+        ncols=model.num_classes,
+    )
     print(f"[drmm] wrote {p1} ({args.num} samples from the switch priors) and {p2} (class appearance models)")
     return 0
 
@@ -200,8 +225,9 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="drmm", description="Deep Rendering Mixture Model: train, eval, render")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the Python traceback of an error instead of its one-line message")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the Python traceback of an error instead of its one-line message"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from a YAML config")
@@ -212,27 +238,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="data root (default: config data_dir, $DRMM_DATA_DIR, ./data)")
     p.set_defaults(func=cmd_train)
 
-    for name, func, helptext in (("eval", cmd_eval, "test error of a trained run"),
-                                 ("render", cmd_render, "PNG grids: reconstructions and per-level templates")):
+    for name, func, helptext in (
+        ("eval", cmd_eval, "test error of a trained run"),
+        ("render", cmd_render, "PNG grids: reconstructions and per-level templates"),
+    ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("run_dir")
         if name == "eval":
-            p.add_argument("--checkpoint", choices=("best", "last"), default=None,
-                           help="default: best (lowest validation error) when the run has a validation split "
-                                "(val_samples > 0), else last")
+            p.add_argument(
+                "--checkpoint",
+                choices=("best", "last"),
+                default=None,
+                help="default: best (lowest validation error) when the run has a validation split "
+                "(val_samples > 0), else last",
+            )
         else:
             p.add_argument("--checkpoint", choices=("best", "last"), default="last")
         p.add_argument("--data-dir")
         p.add_argument("--device", default="config", help="device (default: the run's config)")
         if name == "render":
             p.add_argument("--num", type=int, default=8, help="number of test images")
-            p.add_argument("--classes", choices=("predicted", "true"), default="predicted",
-                           help="render the predicted class's template or the true label's")
+            p.add_argument(
+                "--classes",
+                choices=("predicted", "true"),
+                default="predicted",
+                help="render the predicted class's template or the true label's",
+            )
             p.add_argument("--out-dir", help="where the PNGs go (default: the run dir)")
         p.set_defaults(func=func)
 
     add_experiment_parser(sub)  # `drmm experiment ...`: the paper's MNIST rows (experiments.py)
-    add_sample_parser(sub)      # `drmm sample RUN_DIR --class c`: draws from the switch priors
+    add_sample_parser(sub)  # `drmm sample RUN_DIR --class c`: draws from the switch priors
     _accept_debug_anywhere(parser)
     return parser
 
@@ -257,7 +293,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.debug:
             raise
         command = " ".join(["drmm", args.command] + ([args.experiment] if getattr(args, "experiment", None) else []))
-        line = f"{command}: error: " + " ".join(str(e).split())   # one line, whatever the message held
+        line = f"{command}: error: " + " ".join(str(e).split())  # one line, whatever the message held
         print(line, file=sys.stderr, flush=True)
         exit_ = SystemExit(line)
         exit_.code = 2

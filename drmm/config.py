@@ -20,14 +20,36 @@ MODES = ("supervised", "semisupervised", "unsupervised", "pretrain_finetune")
 TRAINERS = ("eg", "backprop", "hard_em")
 TOP_MODELS = ("class", "factor")
 # The other enumerated keys (None = the preset's choice); the model presets are checked against drmm.model.PRESETS.
-CHOICES = {"norm": (None, "batch", "none"), "activation": (None, "relu", "leaky"),
-           "mean_unpool_scale": ("none", "inv_area"), "mode": MODES, "trainer": TRAINERS, "top_model": TOP_MODELS,
-           "template_class": ("true_if_labeled", "predicted")}
+CHOICES = {
+    "norm": (None, "batch", "none"),
+    "activation": (None, "relu", "leaky"),
+    "mean_unpool_scale": ("none", "inv_area"),
+    "mode": MODES,
+    "trainer": TRAINERS,
+    "top_model": TOP_MODELS,
+    "template_class": ("true_if_labeled", "predicted"),
+}
 # Keys that must be at least this large.
-MINIMUM = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "num_labeled": 0, "max_train_samples": 0,
-           "eval_samples": 0, "val_samples": 0, "max_steps": 0, "pretrain_epochs": 0, "eval_every_steps": 0,
-           "ckpt_every_steps": 0, "log_every_steps": 1, "em_window": 1, "factor_dim": 1, "labeled_per_batch": 0,
-           "kl_rampup_steps": 0, "rc_rampup_steps": 0, "nn_rampup_steps": 0}
+MINIMUM = {
+    "epochs": 1,
+    "batch_size": 1,
+    "eval_batch_size": 1,
+    "num_labeled": 0,
+    "max_train_samples": 0,
+    "eval_samples": 0,
+    "val_samples": 0,
+    "max_steps": 0,
+    "pretrain_epochs": 0,
+    "eval_every_steps": 0,
+    "ckpt_every_steps": 0,
+    "log_every_steps": 1,
+    "em_window": 1,
+    "factor_dim": 1,
+    "labeled_per_batch": 0,
+    "kl_rampup_steps": 0,
+    "rc_rampup_steps": 0,
+    "nn_rampup_steps": 0,
+}
 
 
 def _one_of(name: str, value: Any, allowed: Sequence[Any]) -> None:
@@ -40,36 +62,36 @@ def _one_of(name: str, value: Any, allowed: Sequence[Any]) -> None:
 
 @dataclass
 class TrainConfig:
-    name: str = ""                      # run name; defaults to the config file's stem
+    name: str = ""  # run name; defaults to the config file's stem
     # data
-    dataset: str = "mnist"              # mnist | fashion_mnist | cifar10 | svhn
-    data_dir: Optional[str] = None      # else $DRMM_DATA_DIR, else ./data
-    download: bool = True               # download missing files from the standard URLs (md5-checked)
-    num_labeled: int = 100              # N_L, class-balanced; 0 = every training label
-    labeled_seed: int = 0               # seed of the labeled subset (saved as labeled_indices.npy in the run dir)
+    dataset: str = "mnist"  # mnist | fashion_mnist | cifar10 | svhn
+    data_dir: Optional[str] = None  # else $DRMM_DATA_DIR, else ./data
+    download: bool = True  # download missing files from the standard URLs (md5-checked)
+    num_labeled: int = 100  # N_L, class-balanced; 0 = every training label
+    labeled_seed: int = 0  # seed of the labeled subset (saved as labeled_indices.npy in the run dir)
     include_labeled_in_unlabeled: bool = False  # False = DRMM code (docs/model.md#evaluation-protocol); True = USB
-    max_train_samples: int = 0          # 0 = all; else a prefix of the training set (short CPU runs)
-    eval_samples: int = 0               # 0 = the whole test set; else its first eval_samples images
-    val_samples: int = 0                # > 0: hold out the last N training images; best.pt is chosen on them
-                                        # (0: best.pt is chosen on the test error and labelled best-on-test)
-    augment: bool = False               # random crop (4 px) + flip (CIFAR) / crop only (SVHN)
+    max_train_samples: int = 0  # 0 = all; else a prefix of the training set (short CPU runs)
+    eval_samples: int = 0  # 0 = the whole test set; else its first eval_samples images
+    val_samples: int = 0  # > 0: hold out the last N training images; best.pt is chosen on them
+    # (0: best.pt is chosen on the test error and labelled best-on-test)
+    augment: bool = False  # random crop (4 px) + flip (CIFAR) / crop only (SVHN)
     # model
-    model: str = "conv_small"           # rfm | drmm2 | conv_small | conv_large | allconv13
-    norm: Optional[str] = None          # override every layer: batch | none (None = preset: batch)
-    activation: Optional[str] = None    # override: relu | leaky (None = preset: relu)
-    bn_momentum: float = 0.1            # BN running-stat momentum (PyTorch convention; [TF]: EMA 0.99 = 0.01 here)
-    mean_unpool_scale: str = "none"     # none = [TF] unscaled repeat | inv_area = [DGM] 1/s^2
+    model: str = "conv_small"  # rfm | drmm2 | conv_small | conv_large | allconv13
+    norm: Optional[str] = None  # override every layer: batch | none (None = preset: batch)
+    activation: Optional[str] = None  # override: relu | leaky (None = preset: relu)
+    bn_momentum: float = 0.1  # BN running-stat momentum (PyTorch convention; [TF]: EMA 0.99 = 0.01 here)
+    mean_unpool_scale: str = "none"  # none = [TF] unscaled repeat | inv_area = [DGM] 1/s^2
     # NRM options (docs/model.md#nrm-flavour; all off = the DRMM code's behaviour). See DRMM's docstring.
-    td_batchnorm: bool = False          # untied BN after the template and after every top-down conv ([DGM])
-    bias_adder: bool = False            # extra learned bias after each BN ([DGM] BiasAdder; the RPN's b)
-    dropout: float = 0.0                # bottom-up dropout after each max-pool ([DGM] CIFAR/SVHN: 0.5)
-    td_dropout: float = 0.0             # top-down dropout before each max-unpool ([DGM]: 0.5)
-    maxmin: bool = False                # Max-Min model: a min branch, CE/RC/KL averaged 0.5/0.5 ([DGM] nrm_maxmin)
-    allconv13_tail_kernel: int = 3      # allconv13: kernel of the 256/128 layers, 3 ([DGM] code) | 1 (conv-large)
+    td_batchnorm: bool = False  # untied BN after the template and after every top-down conv ([DGM])
+    bias_adder: bool = False  # extra learned bias after each BN ([DGM] BiasAdder; the RPN's b)
+    dropout: float = 0.0  # bottom-up dropout after each max-pool ([DGM] CIFAR/SVHN: 0.5)
+    td_dropout: float = 0.0  # top-down dropout before each max-unpool ([DGM]: 0.5)
+    maxmin: bool = False  # Max-Min model: a min branch, CE/RC/KL averaged 0.5/0.5 ([DGM] nrm_maxmin)
+    allconv13_tail_kernel: int = 3  # allconv13: kernel of the 256/128 layers, 3 ([DGM] code) | 1 (conv-large)
     template_class: str = "true_if_labeled"  # true_if_labeled ([DGM]/[UNV]) | predicted ([TF])
-    top_model: str = "class"            # class = DRMM templates mu_c | factor = DRFM mu_c + Lambda_c z (drfm.py)
-    factor_dim: int = 8                 # DRFM: dimension of the Gaussian top latent z
-    factor_noise_var: float = 1.0       # DRFM: noise variance s2 of the top factor analyser
+    top_model: str = "class"  # class = DRMM templates mu_c | factor = DRFM mu_c + Lambda_c z (drfm.py)
+    factor_dim: int = 8  # DRFM: dimension of the Gaussian top latent z
+    factor_noise_var: float = 1.0  # DRFM: noise variance s2 of the top factor analyser
     switch_prior_momentum: float = 0.01  # EMA of the switch frequencies kept for sampling ([TF]: decay 0.99)
     # objective (see losses.ObjectiveConfig)
     ce_weight: float = 1.0
@@ -77,7 +99,7 @@ class TrainConfig:
     kl_weight: float = 0.5
     nn_weight: float = 0.5
     kl_sign: int = -1
-    kl_marginal_weight: float = 0.0     # > 0: + this * KL(batch-mean q || U), a class-balance term; 0 = paper/code
+    kl_marginal_weight: float = 0.0  # > 0: + this * KL(batch-mean q || U), a class-balance term; 0 = paper/code
     td_nonneg: str = "penalty"
     rc_reduction: str = "mean_all"
     unsup_terms_on: str = "unlabeled"
@@ -85,30 +107,30 @@ class TrainConfig:
     rpn_weight: float = 0.0
     rpn_class_prior: bool = False
     # training
-    trainer: str = "eg"                 # eg | backprop | hard_em (closed-form M-step, hard_em.py)
-    em_ridge: float = 1e-4              # hard_em: relative ridge of every M-step regression
-    em_window: int = 10                 # hard_em: batches of statistics per M-step
-    em_row_fraction: float = 1.0        # hard_em: fraction of input positions each layer regresses on
+    trainer: str = "eg"  # eg | backprop | hard_em (closed-form M-step, hard_em.py)
+    em_ridge: float = 1e-4  # hard_em: relative ridge of every M-step regression
+    em_window: int = 10  # hard_em: batches of statistics per M-step
+    em_row_fraction: float = 1.0  # hard_em: fraction of input positions each layer regresses on
     mode: str = "semisupervised"
-    pretrain_epochs: int = 0            # pretrain_finetune: unsupervised epochs before fine-tuning
+    pretrain_epochs: int = 0  # pretrain_finetune: unsupervised epochs before fine-tuning
     epochs: int = 10
-    batch_size: int = 200               # semisupervised: half labeled + half unlabeled ([TF]: 100 + 100)
-    max_steps: int = 0                  # 0 = no limit; stops early, the lr schedule still spans all epochs
-    labeled_per_batch: int = 0          # semisupervised: labeled images per batch (the rest unlabeled); 0 = half
-                                        # ([TF]); fewer = the labeled set is cycled less often per epoch
-    kl_rampup_steps: int = 0            # 0 = paper/[TF]: full weight from step 0; N: the KL weights (kl_weight,
-    rc_rampup_steps: int = 0            # kl_marginal_weight) / rc_weight / nn_weight ramp up from exp(-5) over
-    nn_rampup_steps: int = 0            # the first N steps as exp(-5 (1 - t)^2), t = step / N (train.rampup)
-    lr_init: float = 1e-3               # [TF] main.py
-    lr_final: float = 1e-6              # [TF] main.py; exponential decay per step from lr_init to lr_final
+    batch_size: int = 200  # semisupervised: half labeled + half unlabeled ([TF]: 100 + 100)
+    max_steps: int = 0  # 0 = no limit; stops early, the lr schedule still spans all epochs
+    labeled_per_batch: int = 0  # semisupervised: labeled images per batch (the rest unlabeled); 0 = half
+    # ([TF]); fewer = the labeled set is cycled less often per epoch
+    kl_rampup_steps: int = 0  # 0 = paper/[TF]: full weight from step 0; N: the KL weights (kl_weight,
+    rc_rampup_steps: int = 0  # kl_marginal_weight) / rc_weight / nn_weight ramp up from exp(-5) over
+    nn_rampup_steps: int = 0  # the first N steps as exp(-5 (1 - t)^2), t = step / N (train.rampup)
+    lr_init: float = 1e-3  # [TF] main.py
+    lr_final: float = 1e-6  # [TF] main.py; exponential decay per step from lr_init to lr_final
     weight_decay: float = 0.0
-    adam_beta2: float = 0.999           # Adam's second-moment decay; 0.999 = [TF] (TensorFlow's default)
+    adam_beta2: float = 0.999  # Adam's second-moment decay; 0.999 = [TF] (TensorFlow's default)
     seed: int = 0
-    device: str = "auto"                # auto = cuda if available
-    eval_every_steps: int = 0           # 0 = at every epoch end; else every N steps (and at the end)
-    ckpt_every_steps: int = 0           # extra checkpoints every N steps (always: each epoch end, each eval)
+    device: str = "auto"  # auto = cuda if available
+    eval_every_steps: int = 0  # 0 = at every epoch end; else every N steps (and at the end)
+    ckpt_every_steps: int = 0  # extra checkpoints every N steps (always: each epoch end, each eval)
     eval_batch_size: int = 1000
-    log_every_steps: int = 10           # TensorBoard train scalars
+    log_every_steps: int = 10  # TensorBoard train scalars
     tensorboard: bool = True
     progress: bool = True
 
@@ -129,15 +151,21 @@ class TrainConfig:
         if self.trainer == "backprop":
             return "CE"
         o = self.objective()
-        unsup = [name for name, on in (
-            ("RC", o.rc_weight > 0),
-            ("MM" if o.moment_matching else "NN", o.nn_weight > 0 and (o.moment_matching or o.nn_penalty_on)),
-            ("KLprior" if o.kl_sign > 0 else "KLent", o.kl_weight > 0),
-            ("KLmarg", o.kl_marginal_weight > 0),
-            ("RPN", o.rpn_weight > 0)) if on]
+        unsup = [
+            name
+            for name, on in (
+                ("RC", o.rc_weight > 0),
+                ("MM" if o.moment_matching else "NN", o.nn_weight > 0 and (o.moment_matching or o.nn_penalty_on)),
+                ("KLprior" if o.kl_sign > 0 else "KLent", o.kl_weight > 0),
+                ("KLmarg", o.kl_marginal_weight > 0),
+                ("RPN", o.rpn_weight > 0),
+            )
+            if on
+        ]
         labeled = (["CE"] if o.ce_weight > 0 else []) + unsup
-        label = {"unsupervised": "+".join(unsup),
-                 "pretrain_finetune": "+".join(unsup) + ">" + "+".join(labeled)}.get(self.mode, "+".join(labeled))
+        label = {"unsupervised": "+".join(unsup), "pretrain_finetune": "+".join(unsup) + ">" + "+".join(labeled)}.get(
+            self.mode, "+".join(labeled)
+        )
         return label + ("(hard-EM)" if self.trainer == "hard_em" else "")
 
     def validate(self) -> None:
@@ -163,11 +191,15 @@ class TrainConfig:
         if self.mode == "semisupervised" and self.batch_size < 2:
             raise UsageError(f"batch_size must be >= 2 in semisupervised mode, got {self.batch_size}")
         if self.mode == "semisupervised" and not self.labeled_per_batch < self.batch_size:
-            raise UsageError(f"labeled_per_batch must be < batch_size ({self.batch_size}) so that a batch keeps "
-                             f"unlabeled images, got {self.labeled_per_batch}; 0 = half the batch")
+            raise UsageError(
+                f"labeled_per_batch must be < batch_size ({self.batch_size}) so that a batch keeps "
+                f"unlabeled images, got {self.labeled_per_batch}; 0 = half the batch"
+            )
         if self.mode == "pretrain_finetune" and not 0 < self.pretrain_epochs < self.epochs:
-            raise UsageError(f"pretrain_finetune needs 0 < pretrain_epochs < epochs, got pretrain_epochs="
-                             f"{self.pretrain_epochs}, epochs={self.epochs}")
+            raise UsageError(
+                f"pretrain_finetune needs 0 < pretrain_epochs < epochs, got pretrain_epochs="
+                f"{self.pretrain_epochs}, epochs={self.epochs}"
+            )
         if self.allconv13_tail_kernel not in (1, 3):
             raise UsageError(f"allconv13_tail_kernel must be 1 or 3, got {self.allconv13_tail_kernel!r}")
         if self.allconv13_tail_kernel != 3 and self.model != "allconv13":
@@ -182,8 +214,10 @@ class TrainConfig:
         if self.trainer == "hard_em":
             for name in ("td_batchnorm", "td_dropout", "maxmin", "dropout"):
                 if getattr(self, name):
-                    raise UsageError(f"{name} is not supported by trainer hard_em (its closed-form M-step assumes "
-                                     f"the plain linear rendering of one branch); use trainer eg")
+                    raise UsageError(
+                        f"{name} is not supported by trainer hard_em (its closed-form M-step assumes "
+                        f"the plain linear rendering of one branch); use trainer eg"
+                    )
         if self.maxmin and self.top_model != "class":
             raise UsageError("maxmin needs top_model 'class' (the factor top reads out one branch only)")
         if self.mode == "unsupervised" and self.trainer == "backprop":
@@ -200,12 +234,11 @@ class TrainConfig:
             raise UsageError(str(e)) from None
 
 
-
 # ---------------------------------------------------------------- loading
 
 
 def _coerce(name: str, value: Any, default: Any, origin: str) -> Any:
-    if default is None:   # the Optional keys: None or a string
+    if default is None:  # the Optional keys: None or a string
         return value if value is None else str(value)
     if value is None:
         raise UsageError(f"{origin}: config key {name!r} needs a value (default {default!r}), got null")
@@ -230,8 +263,10 @@ def _coerce(name: str, value: Any, default: Any, origin: str) -> Any:
 
 def _unknown_key(key: Any, origin: str) -> UsageError:
     known = [f.name for f in dataclasses.fields(TrainConfig)]
-    return UsageError(f"{origin}: unknown config key {key!r}{did_you_mean(str(key), known)}; "
-                      f"the keys and what they mean are listed in drmm/config.py (TrainConfig)")
+    return UsageError(
+        f"{origin}: unknown config key {key!r}{did_you_mean(str(key), known)}; "
+        f"the keys and what they mean are listed in drmm/config.py (TrainConfig)"
+    )
 
 
 def config_from_dict(d: Dict[str, Any], origin: Any = "config") -> TrainConfig:
@@ -286,7 +321,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
         try:
             d[key] = yaml.safe_load(value)
         except yaml.YAMLError:
-            d[key] = value   # not a YAML scalar: keep the text; the key's type check decides
+            d[key] = value  # not a YAML scalar: keep the text; the key's type check decides
         origin[key] = f"--set {item}"
     cfg = config_from_dict(d, origin)
     cfg.validate()
@@ -302,10 +337,20 @@ def resolve_device(name: str) -> torch.device:
     except (RuntimeError, TypeError):
         raise UsageError(f"device {name!r} is not a torch device; use auto, cpu, cuda or cuda:<index>") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {name!r} asked for, but this torch sees no CUDA GPU; use --device cpu "
-                         f"(or config device: auto)")
+        raise UsageError(
+            f"device {name!r} asked for, but this torch sees no CUDA GPU; use --device cpu (or config device: auto)"
+        )
     return dev
 
 
-__all__ = ["MODES", "TRAINERS", "TOP_MODELS", "CHOICES", "TrainConfig", "config_from_dict", "read_yaml_mapping",
-           "load_config", "resolve_device"]
+__all__ = [
+    "MODES",
+    "TRAINERS",
+    "TOP_MODELS",
+    "CHOICES",
+    "TrainConfig",
+    "config_from_dict",
+    "read_yaml_mapping",
+    "load_config",
+    "resolve_device",
+]

@@ -36,28 +36,40 @@ from .errors import UsageError, did_you_mean
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "svhn")
 
 _IDX_FILES = {  # name -> (expected count, is_images)
-    "train-images-idx3-ubyte": (60000, True), "train-labels-idx1-ubyte": (60000, False),
-    "t10k-images-idx3-ubyte": (10000, True), "t10k-labels-idx1-ubyte": (10000, False),
+    "train-images-idx3-ubyte": (60000, True),
+    "train-labels-idx1-ubyte": (60000, False),
+    "t10k-images-idx3-ubyte": (10000, True),
+    "t10k-labels-idx1-ubyte": (10000, False),
 }
 _DOWNLOADS = {
-    "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", {
-        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}),
-    "fashion_mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", {
-        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}),
+    "mnist": (
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        {
+            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
+    ),
+    "fashion_mnist": (
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        {
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+    ),
     "cifar10": ("https://www.cs.toronto.edu/~kriz/", {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"}),
-    "svhn": ("http://ufldl.stanford.edu/housenumbers/", {
-        "train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
-        "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"}),
+    "svhn": (
+        "http://ufldl.stanford.edu/housenumbers/",
+        {"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373", "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"},
+    ),
 }
 # Per-channel normalisation (in [0, 1] units). MNIST: raw [0, 1] pixels, as the [TF] code and the DGM semi-sup notebook.
 _NORMALISATION = {
-    "mnist": ((0.0,), (1.0,)), "fashion_mnist": ((0.0,), (1.0,)),
+    "mnist": ((0.0,), (1.0,)),
+    "fashion_mnist": ((0.0,), (1.0,)),
     "cifar10": ((125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)),
     "svhn": ((115.4 / 255, 115.4 / 255, 119.6 / 255), (56.0 / 255, 57.8 / 255, 58.3 / 255)),
 }
@@ -94,18 +106,27 @@ class ImageData:
 
     def to(self, device) -> "ImageData":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return ImageData(self.name, self.train_images.to(device), self.train_labels.to(device),
-                         self.test_images.to(device), self.test_labels.to(device), self.num_classes,
-                         move(self.val_images), move(self.val_labels))
+        return ImageData(
+            self.name,
+            self.train_images.to(device),
+            self.train_labels.to(device),
+            self.test_images.to(device),
+            self.test_labels.to(device),
+            self.num_classes,
+            move(self.val_images),
+            move(self.val_labels),
+        )
 
     def hold_out_validation(self, num: int) -> None:
         """Move the last ``num`` training images into the validation split (model selection without the test set)."""
         n = len(self.train_labels)
         if not 0 < num < n:
-            raise UsageError(f"val_samples must be in [1, {n - 1}] for {n} training images, got {num}; "
-                             f"lower val_samples (or raise max_train_samples)")
-        self.val_images, self.val_labels = self.train_images[n - num:], self.train_labels[n - num:]
-        self.train_images, self.train_labels = self.train_images[:n - num], self.train_labels[:n - num]
+            raise UsageError(
+                f"val_samples must be in [1, {n - 1}] for {n} training images, got {num}; "
+                f"lower val_samples (or raise max_train_samples)"
+            )
+        self.val_images, self.val_labels = self.train_images[n - num :], self.train_labels[n - num :]
+        self.train_images, self.train_labels = self.train_images[: n - num], self.train_labels[: n - num]
 
     def normalize(self, images: Tensor) -> Tensor:
         mean, std = _NORMALISATION[self.name]
@@ -123,9 +144,12 @@ def data_root(data_dir: Optional[str] = None) -> Path:
 
 
 def _candidate_dirs(name: str, root: Path) -> List[Path]:
-    sub = {"mnist": ["mnist", "MNIST/raw"], "fashion_mnist": ["fashion-mnist", "fashion_mnist", "FashionMNIST/raw"],
-           "cifar10": ["cifar-10-batches-py", "cifar10/cifar-10-batches-py", "cifar-10/cifar-10-batches-py"],
-           "svhn": ["svhn", "SVHN"]}[name]
+    sub = {
+        "mnist": ["mnist", "MNIST/raw"],
+        "fashion_mnist": ["fashion-mnist", "fashion_mnist", "FashionMNIST/raw"],
+        "cifar10": ["cifar-10-batches-py", "cifar10/cifar-10-batches-py", "cifar-10/cifar-10-batches-py"],
+        "svhn": ["svhn", "SVHN"],
+    }[name]
     return [root / s for s in sub] + [root]
 
 
@@ -143,17 +167,20 @@ def _missing_error(name: str, root: Path, reason: str) -> DataNotFoundError:
     return DataNotFoundError(
         f"{name} data not found in {root} ({reason}): expected {', '.join(_expected_files(name))} in one of "
         f"{dirs}; put the files there and point --data-dir (config key data_dir) or DRMM_DATA_DIR at {root}, "
-        f"or let the loader download them (config download: true, needs network) from {url}")
+        f"or let the loader download them (config download: true, needs network) from {url}"
+    )
 
 
 def _redownload_hint(name: str, path: Path) -> str:
     """How to replace a bad file of data set ``name``: where it comes from and its published md5."""
     url, files = _DOWNLOADS[name]
     archive = path.name if path.name in files else (path.name + ".gz" if path.name + ".gz" in files else None)
-    if archive is None:   # a file unpacked from an archive (CIFAR-10 batches)
+    if archive is None:  # a file unpacked from an archive (CIFAR-10 batches)
         archive = next(iter(files))
-    return (f"delete it and download it again ({url}{archive}, published md5 {files[archive]}; with config "
-            f"download: true the loader fetches and checks it)")
+    return (
+        f"delete it and download it again ({url}{archive}, published md5 {files[archive]}; with config "
+        f"download: true the loader fetches and checks it)"
+    )
 
 
 def _md5(path: Path) -> str:
@@ -168,7 +195,7 @@ def _check_reachable(url: str, timeout: float) -> None:
     """Resolve the URL's host within ``timeout`` s: urlopen's timeout covers connect and reads but not the name
     lookup, which a machine without network can block on for minutes."""
     host = urllib.parse.urlparse(url).hostname
-    if not host:   # file:// URLs (tests, mirrors on disk)
+    if not host:  # file:// URLs (tests, mirrors on disk)
         return
     result: List[BaseException] = []
 
@@ -236,14 +263,16 @@ def read_idx(path: Path, expected_count: Optional[int] = None, fix: str = "") ->
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise CorruptDataError(f"{path}: truncated or corrupt gzip file ({e}); {fix}") from None
     if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise CorruptDataError(f"{path}: not an unsigned-byte IDX file (bad magic {data[:4].hex()}, expected "
-                               f"00000801 or 00000803); {fix}")
+        raise CorruptDataError(
+            f"{path}: not an unsigned-byte IDX file (bad magic {data[:4].hex()}, expected 00000801 or 00000803); {fix}"
+        )
     ndim = data[3]
-    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     offset = 4 + 4 * ndim
     if len(data) != offset + int(np.prod(dims)):
-        raise CorruptDataError(f"{path}: size {len(data)} bytes does not match its header dims {dims} "
-                               f"(truncated?); {fix}")
+        raise CorruptDataError(
+            f"{path}: size {len(data)} bytes does not match its header dims {dims} (truncated?); {fix}"
+        )
     if expected_count is not None and dims[0] != expected_count:
         raise CorruptDataError(f"{path}: holds {dims[0]} items, expected {expected_count}; {fix}")
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims).copy()  # writable, for torch
@@ -262,11 +291,16 @@ def _load_mnist_like(folder: Path, name: str = "mnist") -> Dict[str, np.ndarray]
         path = _find_idx(folder, stem)
         arr = read_idx(path, count, _redownload_hint(name, path))
         if is_images and arr.shape[1:] != (28, 28):
-            raise CorruptDataError(f"{path}: images are {arr.shape[1:]}, expected 28x28; "
-                                   f"{_redownload_hint(name, path)}")
+            raise CorruptDataError(
+                f"{path}: images are {arr.shape[1:]}, expected 28x28; {_redownload_hint(name, path)}"
+            )
         arrays[stem] = arr
-    return {"train_x": arrays["train-images-idx3-ubyte"][:, None], "train_y": arrays["train-labels-idx1-ubyte"],
-            "test_x": arrays["t10k-images-idx3-ubyte"][:, None], "test_y": arrays["t10k-labels-idx1-ubyte"]}
+    return {
+        "train_x": arrays["train-images-idx3-ubyte"][:, None],
+        "train_y": arrays["train-labels-idx1-ubyte"],
+        "test_x": arrays["t10k-images-idx3-ubyte"][:, None],
+        "test_y": arrays["t10k-labels-idx1-ubyte"],
+    }
 
 
 def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
@@ -275,15 +309,18 @@ def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
         with open(path, "rb") as f:
             d = pickle.load(f, encoding="bytes")
     except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError, IndexError) as e:
-        raise CorruptDataError(f"{path}: truncated or corrupt CIFAR-10 batch ({e.__class__.__name__}: {e}); "
-                               f"{fix}") from None
+        raise CorruptDataError(
+            f"{path}: truncated or corrupt CIFAR-10 batch ({e.__class__.__name__}: {e}); {fix}"
+        ) from None
     if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
-        raise CorruptDataError(f"{path}: not a CIFAR-10 python batch (a pickled dict with b'data' and b'labels'); "
-                               f"{fix}")
+        raise CorruptDataError(
+            f"{path}: not a CIFAR-10 python batch (a pickled dict with b'data' and b'labels'); {fix}"
+        )
     x, y = np.asarray(d[b"data"], dtype=np.uint8), np.asarray(d[b"labels"], dtype=np.int64)
     if x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
-        raise CorruptDataError(f"{path}: data has shape {x.shape} and {len(y)} labels; expected (N, 3072) and N "
-                               f"labels; {fix}")
+        raise CorruptDataError(
+            f"{path}: data has shape {x.shape} and {len(y)} labels; expected (N, 3072) and N labels; {fix}"
+        )
     if len(y) and (y.min() < 0 or y.max() > 9):
         raise CorruptDataError(f"{path}: labels outside 0..9; {fix}")
     return x.reshape(-1, 3, 32, 32), y
@@ -292,8 +329,12 @@ def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
 def _load_cifar10(folder: Path) -> Dict[str, np.ndarray]:
     parts = [_read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
     test_x, test_y = _read_cifar_batch(folder / "test_batch")
-    return {"train_x": np.concatenate([p[0] for p in parts]), "train_y": np.concatenate([p[1] for p in parts]),
-            "test_x": test_x, "test_y": test_y}
+    return {
+        "train_x": np.concatenate([p[0] for p in parts]),
+        "train_y": np.concatenate([p[1] for p in parts]),
+        "test_x": test_x,
+        "test_y": test_y,
+    }
 
 
 def _read_svhn(path: Path) -> Tuple[np.ndarray, np.ndarray]:
@@ -302,14 +343,15 @@ def _read_svhn(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     fix = _redownload_hint("svhn", path)
     try:
         d = loadmat(path)
-    except (ValueError, TypeError, OSError, EOFError) as e:   # scipy's MatReadError is a ValueError
+    except (ValueError, TypeError, OSError, EOFError) as e:  # scipy's MatReadError is a ValueError
         raise CorruptDataError(f"{path}: truncated or corrupt .mat file ({e}); {fix}") from None
     if "X" not in d or "y" not in d:
         raise CorruptDataError(f"{path}: not an SVHN cropped-digits .mat file (needs variables X and y); {fix}")
     x, y = np.asarray(d["X"], dtype=np.uint8), np.asarray(d["y"], dtype=np.int64).reshape(-1)
     if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
-        raise CorruptDataError(f"{path}: X has shape {x.shape} and y {len(y)} entries; expected (32, 32, 3, N) "
-                               f"and N; {fix}")
+        raise CorruptDataError(
+            f"{path}: X has shape {x.shape} and y {len(y)} entries; expected (32, 32, 3, N) and N; {fix}"
+        )
     if len(y) and (y.min() < 1 or y.max() > 10):
         raise CorruptDataError(f"{path}: labels outside 1..10; {fix}")
     y = np.where(y == 10, 0, y)  # SVHN stores digit 0 as label 10
@@ -330,8 +372,7 @@ def _present(name: str, folder: Path) -> bool:
     return all((folder / f).exists() for f in ("train_32x32.mat", "test_32x32.mat"))
 
 
-_LOADERS = {"mnist": _load_mnist_like, "fashion_mnist": _load_mnist_like, "cifar10": _load_cifar10,
-            "svhn": _load_svhn}
+_LOADERS = {"mnist": _load_mnist_like, "fashion_mnist": _load_mnist_like, "cifar10": _load_cifar10, "svhn": _load_svhn}
 
 
 _CACHE: Dict[Tuple[str, str], ImageData] = {}  # decoded sets by (name, folder): tests and CLI reload cheaply
@@ -358,10 +399,13 @@ def load_dataset(name: str, data_dir: Optional[str] = None, download_missing: bo
     key = (name, str(folder.resolve()))
     if key not in _CACHE:
         arrays = _LOADERS[name](folder, name) if name in ("mnist", "fashion_mnist") else _LOADERS[name](folder)
-        _CACHE[key] = ImageData(name, torch.from_numpy(np.ascontiguousarray(arrays["train_x"])),
-                                torch.from_numpy(arrays["train_y"].astype(np.int64)),
-                                torch.from_numpy(np.ascontiguousarray(arrays["test_x"])),
-                                torch.from_numpy(arrays["test_y"].astype(np.int64)))
+        _CACHE[key] = ImageData(
+            name,
+            torch.from_numpy(np.ascontiguousarray(arrays["train_x"])),
+            torch.from_numpy(arrays["train_y"].astype(np.int64)),
+            torch.from_numpy(np.ascontiguousarray(arrays["test_x"])),
+            torch.from_numpy(arrays["test_y"].astype(np.int64)),
+        )
     d = _CACHE[key]
     return ImageData(d.name, d.train_images, d.train_labels, d.test_images, d.test_labels, d.num_classes)
 
@@ -380,24 +424,31 @@ def balanced_labeled_indices(labels: Sequence[int], num_labeled: int, num_classe
     for c in range(num_classes):
         of_class = perm[labels[perm] == c][:per_class]
         if len(of_class) < per_class:
-            raise UsageError(f"class {c} has only {len(of_class)} training examples, {per_class} labeled ones "
-                             f"requested; lower num_labeled or raise max_train_samples")
+            raise UsageError(
+                f"class {c} has only {len(of_class)} training examples, {per_class} labeled ones "
+                f"requested; lower num_labeled or raise max_train_samples"
+            )
         chosen.append(of_class)
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
-def labeled_subset(labels: Sequence[int], num_labeled: int, num_classes: int, seed: int,
-                   path: Optional[Path] = None) -> np.ndarray:
+def labeled_subset(
+    labels: Sequence[int], num_labeled: int, num_classes: int, seed: int, path: Optional[Path] = None
+) -> np.ndarray:
     """Like ``balanced_labeled_indices``, but reused from ``path`` (.npy) when it exists, saved there otherwise."""
     if path is not None and Path(path).exists():
         idx = np.load(path)
         if len(idx) != num_labeled:
-            raise UsageError(f"{path} holds {len(idx)} labeled indices but num_labeled={num_labeled}; "
-                             f"delete it or use another run dir")
+            raise UsageError(
+                f"{path} holds {len(idx)} labeled indices but num_labeled={num_labeled}; "
+                f"delete it or use another run dir"
+            )
         if len(idx) and not 0 <= int(idx.min()) <= int(idx.max()) < len(labels):
-            raise UsageError(f"{path} holds labeled indices up to {int(idx.max())}, outside the {len(labels)} "
-                             f"training images (max_train_samples / val_samples changed?); delete it or use "
-                             f"another run dir")
+            raise UsageError(
+                f"{path} holds labeled indices up to {int(idx.max())}, outside the {len(labels)} "
+                f"training images (max_train_samples / val_samples changed?); delete it or use "
+                f"another run dir"
+            )
         return idx.astype(np.int64)
     idx = balanced_labeled_indices(labels, num_labeled, num_classes, seed)
     if path is not None:
@@ -438,5 +489,18 @@ def augment(x: Tensor, generator: torch.Generator, crop_pad: int = 4, flip: bool
     return x
 
 
-__all__ = ["DATASETS", "ImageData", "DataNotFoundError", "CorruptDataError", "DOWNLOAD_TIMEOUT_S", "load_dataset",
-           "read_idx", "download", "balanced_labeled_indices", "labeled_subset", "unlabeled_pool", "augment", "data_root"]
+__all__ = [
+    "DATASETS",
+    "ImageData",
+    "DataNotFoundError",
+    "CorruptDataError",
+    "DOWNLOAD_TIMEOUT_S",
+    "load_dataset",
+    "read_idx",
+    "download",
+    "balanced_labeled_indices",
+    "labeled_subset",
+    "unlabeled_pool",
+    "augment",
+    "data_root",
+]

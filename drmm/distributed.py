@@ -32,8 +32,7 @@ from .config import resolve_device
 
 def rank_and_world() -> Tuple[int, int, int]:
     """(rank, world size, local rank) from the torchrun environment; (0, 1, 0) without it."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def is_distributed() -> bool:
@@ -61,10 +60,12 @@ def setup(device_name: str) -> Tuple[torch.device, bool]:
 def shard(indices: Tensor, rank: int, world: int, what: str) -> Tensor:
     """This rank's equal contiguous slice of a batch's indices."""
     if len(indices) % world:
-        raise ValueError(f"{what} has {len(indices)} examples, not divisible by the {world} ranks; choose "
-                         f"batch_size (and num_labeled) so every rank gets an equal share")
+        raise ValueError(
+            f"{what} has {len(indices)} examples, not divisible by the {world} ranks; choose "
+            f"batch_size (and num_labeled) so every rank gets an equal share"
+        )
     per = len(indices) // world
-    return indices[rank * per:(rank + 1) * per]
+    return indices[rank * per : (rank + 1) * per]
 
 
 class SyncFusedConvBNReLUPool2d(dk.FusedConvBNReLUPool2d):
@@ -74,17 +75,17 @@ class SyncFusedConvBNReLUPool2d(dk.FusedConvBNReLUPool2d):
         bn = self.bn
         if not (bn.training and is_distributed()):
             return super().forward(x, return_switches, shift)
-        import torch.distributed.nn.functional as dist_nn   # the differentiable all_reduce (backward = all_reduce)
+        import torch.distributed.nn.functional as dist_nn  # the differentiable all_reduce (backward = all_reduce)
 
         warnings.filterwarnings("ignore", message=".*all_reduce is deprecated", category=FutureWarning)
         z = F.conv2d(x, self.conv.weight, None, self.conv.stride, self.conv.padding)
         count = dist_nn.all_reduce(z.new_tensor([float(z.numel() // z.shape[1])]))
         mean = dist_nn.all_reduce(z.sum((0, 2, 3))) / count
         centered = z - mean.view(1, -1, 1, 1)
-        var = dist_nn.all_reduce(centered.pow(2).sum((0, 2, 3))) / count     # biased, two-pass like var_mean
+        var = dist_nn.all_reduce(centered.pow(2).sum((0, 2, 3))) / count  # biased, two-pass like var_mean
         v = centered * torch.rsqrt(var + bn.eps).view(1, -1, 1, 1)
         v = v * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
-        if shift is not None:   # an extra bias after the BN (BiasAdder)
+        if shift is not None:  # an extra bias after the BN (BiasAdder)
             v = v + shift.view(1, -1, 1, 1)
         y, switches = kref.pool_switches(v, self.pool, self.negative_slope)
         if bn.track_running_stats and bn.running_mean is not None:
@@ -103,6 +104,6 @@ def convert_sync_fused_bn(model: nn.Module) -> int:
     n = 0
     for module in model.modules():
         if type(module) is dk.FusedConvBNReLUPool2d:
-            module.__class__ = SyncFusedConvBNReLUPool2d   # same state, only the forward changes
+            module.__class__ = SyncFusedConvBNReLUPool2d  # same state, only the forward changes
             n += 1
     return n

@@ -33,8 +33,16 @@ from .model import DRMM, LayerSpec, Latents, preset_layers
 class DRFM(DRMM):
     """A DRMM whose top is a per-class factor analyser: ``z^(L) = mu_c + Lambda_c z``, ``z ~ N(0, I)``."""
 
-    def __init__(self, layers: Sequence[LayerSpec], in_channels: int, image_size: Tuple[int, int],
-                 num_classes: int = 10, factor_dim: int = 8, noise_var: float = 1.0, **drmm_kwargs):
+    def __init__(
+        self,
+        layers: Sequence[LayerSpec],
+        in_channels: int,
+        image_size: Tuple[int, int],
+        num_classes: int = 10,
+        factor_dim: int = 8,
+        noise_var: float = 1.0,
+        **drmm_kwargs,
+    ):
         super().__init__(layers, in_channels, image_size, num_classes, **drmm_kwargs)
         if factor_dim < 0:
             raise ValueError(f"factor_dim must be >= 0, got {factor_dim}")
@@ -47,9 +55,9 @@ class DRFM(DRMM):
 
     def _factor_solve(self, h: Tensor) -> Tuple[Tensor, Tensor]:
         """(MAP factors z (N, C, d), projections Lambda_c^T (h - mu_c) (N, C, d)), never forming (N, C, D)."""
-        lam, mu = self.factor_loadings, self.readout.weight          # (C, D, d), (C, D)
+        lam, mu = self.factor_loadings, self.readout.weight  # (C, D, d), (C, D)
         eye = torch.eye(self.factor_dim, dtype=lam.dtype, device=lam.device)
-        gram = lam.transpose(1, 2) @ lam + self.noise_var * eye       # (C, d, d), positive definite
+        gram = lam.transpose(1, 2) @ lam + self.noise_var * eye  # (C, d, d), positive definite
         proj = torch.einsum("cdk,nd->nck", lam, h) - torch.einsum("cdk,cd->ck", lam, mu)
         chol = torch.linalg.cholesky(gram)
         z = torch.cholesky_solve(proj.permute(1, 2, 0), chol).permute(2, 0, 1)
@@ -63,13 +71,13 @@ class DRFM(DRMM):
         """(logits (N, C), MAP factors (N, C, d)) for flat top features ``h``."""
         z, proj = self._factor_solve(h)
         mu = self.readout.weight
-        dist = h.pow(2).sum(1, keepdim=True) - 2 * h @ mu.t() + mu.pow(2).sum(1)   # |h - mu_c|^2
+        dist = h.pow(2).sum(1, keepdim=True) - 2 * h @ mu.t() + mu.pow(2).sum(1)  # |h - mu_c|^2
         # min_z |h - mu_c - Lambda_c z|^2 + s2 |z|^2 = |h - mu_c|^2 - z^T proj, since (Lambda^T Lambda + s2) z = proj
         err = dist - (z * proj).sum(-1)
         return -err / (2 * self.noise_var) + self.readout.bias, z
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Latents]:
-        _, latents = super().forward(x)   # the DRMM's dense logits are discarded: the factor model reads out
+        _, latents = super().forward(x)  # the DRMM's dense logits are discarded: the factor model reads out
         logits, _ = self.factor_logits(latents.features.flatten(1))
         return logits, latents
 
@@ -77,7 +85,7 @@ class DRFM(DRMM):
         """mu_c + Lambda_c z_c per example, with z_c the example's MAP factor for its class (an E-step constant)."""
         h = latents.features.flatten(1)
         with torch.no_grad():
-            z = self.infer_factors(h)[torch.arange(len(classes), device=h.device), classes]   # (N, d)
+            z = self.infer_factors(h)[torch.arange(len(classes), device=h.device), classes]  # (N, d)
         mu = self.readout.weight[classes] + torch.einsum("ndk,nk->nd", self.factor_loadings[classes], z)
         return mu.view(len(classes), *self.top_shape)
 
@@ -92,9 +100,26 @@ class DRFM(DRMM):
         return super().extra_repr() + f", factor_dim={self.factor_dim}, noise_var={self.noise_var}"
 
 
-def build_drfm(name: str, in_channels: int, image_size: Tuple[int, int], num_classes: int = 10, *,
-               factor_dim: int = 8, noise_var: float = 1.0, norm: Optional[str] = None,
-               activation: Optional[str] = None, tail_kernel: Optional[int] = None, **drmm_kwargs) -> DRFM:
+def build_drfm(
+    name: str,
+    in_channels: int,
+    image_size: Tuple[int, int],
+    num_classes: int = 10,
+    *,
+    factor_dim: int = 8,
+    noise_var: float = 1.0,
+    norm: Optional[str] = None,
+    activation: Optional[str] = None,
+    tail_kernel: Optional[int] = None,
+    **drmm_kwargs,
+) -> DRFM:
     """A DRFM from DRMM preset ``name`` (``rfm`` + factor top = the paper's RFM)."""
-    return DRFM(preset_layers(name, norm, activation, tail_kernel), in_channels, image_size, num_classes,
-                factor_dim=factor_dim, noise_var=noise_var, **drmm_kwargs)
+    return DRFM(
+        preset_layers(name, norm, activation, tail_kernel),
+        in_channels,
+        image_size,
+        num_classes,
+        factor_dim=factor_dim,
+        noise_var=noise_var,
+        **drmm_kwargs,
+    )

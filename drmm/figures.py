@@ -24,6 +24,7 @@ def _to_display(img: Tensor):
 
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -33,6 +34,7 @@ def _save(fig, path: Path) -> Path:
 def save_reconstruction_grid(x: Tensor, x_hat: Tensor, path: Path, data=None) -> Path:
     """Two rows: the inputs and their reconstructions (each image scaled to its own range)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -59,7 +61,7 @@ def _vector_display(v: Tensor):
     cols = int(np.ceil(np.sqrt(len(v))))
     rows = (len(v) + cols - 1) // cols
     grid = np.full(rows * cols, np.nan, dtype=np.float32)
-    grid[:len(v)] = v.numpy()
+    grid[: len(v)] = v.numpy()
     return grid.reshape(rows, cols)
 
 
@@ -77,8 +79,13 @@ def level_panels(levels: Sequence[Tensor], max_images: int = 8):
         if level.shape[-2:] == (1, 1) and level.shape[1] > 1:
             name += f"\n({level.shape[1]} channels)"
         titles.append(name)
-    rows = [[_vector_display(level[i]) if level.shape[-2:] == (1, 1) and level.shape[1] > 1
-             else _to_display(level[i]) for level in levels] for i in range(n)]
+    rows = [
+        [
+            _vector_display(level[i]) if level.shape[-2:] == (1, 1) and level.shape[1] > 1 else _to_display(level[i])
+            for level in levels
+        ]
+        for i in range(n)
+    ]
     return titles, rows
 
 
@@ -88,11 +95,12 @@ def save_level_grid(levels: Sequence[Tensor], path: Path, max_images: int = 8) -
     rendered down through the example's switches, the rendered image at the right. Each panel is min-max scaled on
     its own (renders have arbitrary scale)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     titles, rows = level_panels(levels, max_images)
-    cmap = plt.get_cmap("gray").with_extremes(bad="#f2c4c4")   # the unused cells of a template grid: pale red
+    cmap = plt.get_cmap("gray").with_extremes(bad="#f2c4c4")  # the unused cells of a template grid: pale red
     n = len(rows)
     fig, axes = plt.subplots(n, len(levels), figsize=(1.4 * len(levels), 1.4 * n + 0.2), squeeze=False)
     for i, row in enumerate(rows):
@@ -108,6 +116,7 @@ def save_level_grid(levels: Sequence[Tensor], path: Path, max_images: int = 8) -
 def save_image_grid(images: Tensor, path: Path, titles: Optional[Sequence[str]] = None, ncols: int = 8) -> Path:
     """A grid of images, each scaled to its own range (renders have arbitrary scale)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -130,6 +139,7 @@ def plot_learning_curve(rows: Sequence[Dict[str, Any]], path: Path) -> None:
     """Validation error (test error when the run has no validation split) and the training loss parts against the
     step, from metrics.csv rows (written atomically)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -138,8 +148,11 @@ def plot_learning_curve(rows: Sequence[Dict[str, Any]], path: Path) -> None:
     steps = [int(r["step"]) for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     split = "val" if rows[-1].get("val_error") not in ("", None) else "test"
-    ax1.plot(steps, [float(r[f"{split}_error"]) if r[f"{split}_error"] not in ("", None) else float("nan")
-                     for r in rows], marker="o")
+    ax1.plot(
+        steps,
+        [float(r[f"{split}_error"]) if r[f"{split}_error"] not in ("", None) else float("nan") for r in rows],
+        marker="o",
+    )
     ax1.set_xlabel("step"), ax1.set_ylabel(f"{split} error (%)"), ax1.set_title(f"{split} error")
     ax1.grid(alpha=0.3)
     for key in ("loss", "ce", "rc", "kl", "klm", "nn"):

@@ -29,7 +29,7 @@ normalise bottom-up; their running averages are updated by the E-step forwards, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,7 @@ def design_rows(model: DRMM, i: int, mu_tilde: Tensor) -> Tensor:
     (cout, ky', kx') with ky' = k-1-ky; ``flat_to_weight`` undoes the flip.
     """
     k, pad = model.specs[i].kernel, model.specs[i].pad
-    cols = F.unfold(mu_tilde, k, padding=k - 1 - pad)            # (N, Cout*k*k, H_in*W_in)
+    cols = F.unfold(mu_tilde, k, padding=k - 1 - pad)  # (N, Cout*k*k, H_in*W_in)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
@@ -115,6 +115,7 @@ def layer_inputs_bottom_up(model: DRMM, x: Tensor, forward=None) -> Tuple[Tensor
 
 def dist_ready() -> bool:
     import torch.distributed as dist
+
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -123,8 +124,8 @@ def dist_ready() -> bool:
 
 @dataclass
 class HardEMConfig:
-    ridge: float = 1e-4       # relative ridge: lam = ridge * mean diagonal of the normal matrix
-    window: int = 10          # batches whose statistics one M-step solves
+    ridge: float = 1e-4  # relative ridge: lam = ridge * mean diagonal of the normal matrix
+    window: int = 10  # batches whose statistics one M-step solves
     template_class: str = "true_if_labeled"
     row_fraction: float = 1.0  # < 1: regress on this random fraction of each layer's input positions (cheaper)
 
@@ -147,7 +148,7 @@ class HardEM:
         self.generator = torch.Generator().manual_seed(seed)
         self.batches = 0
         self.stats: Dict[str, Tensor] = {}
-        self.window_data: List[Tuple[Tensor, Tensor]] = []   # (x, E-step classes) of the window's batches
+        self.window_data: List[Tuple[Tensor, Tensor]] = []  # (x, E-step classes) of the window's batches
 
     # -- statistics
 
@@ -155,10 +156,10 @@ class HardEM:
         model = self.model
         one_hot = F.one_hot(classes, model.num_classes).to(h.dtype)
         self._add("count", one_hot.sum(0))
-        self._add("sq", one_hot.t() @ h.pow(2).sum(1, keepdim=True))        # per class sum |h|^2
+        self._add("sq", one_hot.t() @ h.pow(2).sum(1, keepdim=True))  # per class sum |h|^2
         if isinstance(model, DRFM):
-            z = model.infer_factors(h)[torch.arange(len(h), device=h.device), classes]   # (N, d)
-            design = torch.cat([torch.ones_like(z[:, :1]), z], 1)                         # [1, z]
+            z = model.infer_factors(h)[torch.arange(len(h), device=h.device), classes]  # (N, d)
+            design = torch.cat([torch.ones_like(z[:, :1]), z], 1)  # [1, z]
             # per class: sum [1,z][1,z]^T and sum [1,z] h^T
             self._add("top_gram", torch.einsum("nc,ni,nj->cij", one_hot, design, design))
             self._add("top_rhs", torch.einsum("nc,ni,nd->cid", one_hot, design, h))
@@ -181,7 +182,7 @@ class HardEM:
         x_hat, levels = model.render(latents, classes, return_levels=True)
         num_layers = len(model.specs)
         for i in range(num_layers):
-            mu = levels[num_layers - 1 - i]          # the signal entering layer i from above (its output space)
+            mu = levels[num_layers - 1 - i]  # the signal entering layer i from above (its output space)
             a = design_rows(model, i, masked_unpooled(model, i, mu, latents.switches[i]))
             t = targets_rows(inputs[i])
             if self.cfg.row_fraction < 1:
@@ -189,7 +190,7 @@ class HardEM:
                 a, t = a[keep], t[keep]
             self._add(f"gram_{i}", a.t() @ a)
             self._add(f"rhs_{i}", a.t() @ t)
-        self.window_data.append((x, classes))   # for the top refit and the BN re-estimate after the M-step
+        self.window_data.append((x, classes))  # for the top refit and the BN re-estimate after the M-step
         self.batches += 1
         rc = reconstruction_per_example(x, x_hat).mean()
         return {"loss": rc, "rc": rc}, logits
@@ -219,7 +220,7 @@ class HardEM:
             bn.reset_running_stats()
             bn.momentum = None
         if prior_momentum is not None:
-            model.switch_prior_momentum = 0.0   # the E-step forwards already counted these switches
+            model.switch_prior_momentum = 0.0  # the E-step forwards already counted these switches
         try:
             for x, classes in self.window_data:
                 _, latents = model(x)
@@ -237,12 +238,12 @@ class HardEM:
         """Solve every layer's regression and the templates from the accumulated statistics, then reset them."""
         if not self.stats:
             raise RuntimeError("HardEM.m_step: no statistics accumulated (call accumulate first)")
-        self.reduce_across_ranks()   # the layers' normal equations (the top ones are added by refit_pass)
+        self.reduce_across_ranks()  # the layers' normal equations (the top ones are added by refit_pass)
         model, ridge = self.model, self.cfg.ridge
         info = {}
         for i, layer in enumerate(model.convs):
             gram, rhs = self.stats[f"gram_{i}"], self.stats[f"rhs_{i}"]
-            if not gram.diagonal().sum() > 0:    # nothing rendered into this layer: keep its weight
+            if not gram.diagonal().sum() > 0:  # nothing rendered into this layer: keep its weight
                 continue
             solution, lam = solve_ridge(gram, rhs, ridge)
             weight = model.conv_weight(layer)
@@ -252,6 +253,7 @@ class HardEM:
         top_names = [n for n in self.stats if not n.startswith(("gram_", "rhs_"))]
         if dist_ready():
             import torch.distributed as dist
+
             for name in sorted(top_names):
                 dist.all_reduce(self.stats[name])
         self._solve_top()
@@ -264,7 +266,7 @@ class HardEM:
         seen = count > 0
         mu = model.readout.weight.detach().double().clone()
         if isinstance(model, DRFM):
-            gram, rhs = self.stats["top_gram"], self.stats["top_rhs"]       # (C, 1+d, 1+d), (C, 1+d, D)
+            gram, rhs = self.stats["top_gram"], self.stats["top_rhs"]  # (C, 1+d, 1+d), (C, 1+d, D)
             lam = ridge * gram.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-12)
             eye = torch.eye(gram.shape[1], dtype=gram.dtype, device=gram.device)
             coef = torch.linalg.solve(gram + lam.view(-1, 1, 1) * eye, rhs)  # rows: mu_c, Lambda_c^T
@@ -278,10 +280,10 @@ class HardEM:
             # top noise variance s2: mean squared residual per feature, over all assigned examples
             resid = sq - 2 * (mu * self.stats["sum_h"]).sum(1) + count * mu.pow(2).sum(1)
             s2 = float(resid.sum() / (count.sum() * mu.shape[1]).clamp(min=1)) or 1.0
-        log_prior = torch.log((count + 1.0) / (count.sum() + len(count)))   # add-one smoothing: no -inf
+        log_prior = torch.log((count + 1.0) / (count.sum() + len(count)))  # add-one smoothing: no -inf
         model.readout.weight.copy_(mu.to(model.readout.weight))
         if isinstance(model, DRFM):
-            model.readout.bias.copy_(log_prior.to(model.readout.bias))      # DRFM logits: ... + ln pi_c
+            model.readout.bias.copy_(log_prior.to(model.readout.bias))  # DRFM logits: ... + ln pi_c
         else:
             model.readout.bias.copy_((-0.5 * mu.pow(2).sum(1) + s2 * log_prior).to(model.readout.bias))
 
@@ -294,8 +296,12 @@ class HardEM:
     # -- checkpointing of a half-accumulated window
 
     def state_dict(self) -> Dict:
-        return {"batches": self.batches, "stats": dict(self.stats), "generator": self.generator.get_state(),
-                "window_data": list(self.window_data)}
+        return {
+            "batches": self.batches,
+            "stats": dict(self.stats),
+            "generator": self.generator.get_state(),
+            "window_data": list(self.window_data),
+        }
 
     def load_state_dict(self, state: Dict) -> None:
         self.batches, self.stats = state["batches"], dict(state["stats"])
@@ -303,8 +309,9 @@ class HardEM:
         self.generator.set_state(state["generator"])
 
 
-def layer_objective(model: DRMM, i: int, mu: Tensor, switches: Tensor, x_in: Tensor, weight: Tensor,
-                    lam: float) -> Tensor:
+def layer_objective(
+    model: DRMM, i: int, mu: Tensor, switches: Tensor, x_in: Tensor, weight: Tensor, lam: float
+) -> Tensor:
     """The ridge least-squares objective layer ``i``'s M-step minimises, evaluated with the real render op."""
     import drmm_kernels as dk
 
@@ -313,10 +320,28 @@ def layer_objective(model: DRMM, i: int, mu: Tensor, switches: Tensor, x_in: Ten
         mu = F.relu(mu)
     if spec.pool == "mean":
         mu = model.mean_unpool(mu, model.map_sizes[i])
-    x_hat = dk.render(mu, switches, weight, None, padding=spec.pad, pool=spec.fused_pool,
-                      out_size=tuple(x_in.shape[-2:]), negative_slope=spec.negative_slope)
+    x_hat = dk.render(
+        mu,
+        switches,
+        weight,
+        None,
+        padding=spec.pad,
+        pool=spec.fused_pool,
+        out_size=tuple(x_in.shape[-2:]),
+        negative_slope=spec.negative_slope,
+    )
     return (x_in - x_hat).pow(2).sum() + lam * weight.pow(2).sum()
 
 
-__all__ = ["HardEM", "HardEMConfig", "masked_unpooled", "design_rows", "targets_rows", "flat_to_weight",
-           "weight_to_flat", "solve_ridge", "layer_inputs_bottom_up", "layer_objective"]
+__all__ = [
+    "HardEM",
+    "HardEMConfig",
+    "masked_unpooled",
+    "design_rows",
+    "targets_rows",
+    "flat_to_weight",
+    "weight_to_flat",
+    "solve_ridge",
+    "layer_inputs_bottom_up",
+    "layer_objective",
+]

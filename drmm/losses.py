@@ -20,24 +20,26 @@ from torch import Tensor
 @dataclass
 class ObjectiveConfig:
     ce_weight: float = 1.0
-    rc_weight: float = 0.5        # a_RC; [TF] leaves it unset (0.0), NRM notebooks 0.2-1.0 (docs/model.md#loss-weights)
-    kl_weight: float = 0.5        # a_KL; [TF] main.py --kl 0.5
-    nn_weight: float = 0.5        # a_NN; [TF] main.py --cw 0.5
-    kl_sign: int = -1             # -1 = code: minimise -KL(q||U) = entropy minimisation; +1 = paper's KL to uniform
+    rc_weight: float = 0.5  # a_RC; [TF] leaves it unset (0.0), NRM notebooks 0.2-1.0 (docs/model.md#loss-weights)
+    kl_weight: float = 0.5  # a_KL; [TF] main.py --kl 0.5
+    nn_weight: float = 0.5  # a_NN; [TF] main.py --cw 0.5
+    kl_sign: int = -1  # -1 = code: minimise -KL(q||U) = entropy minimisation; +1 = paper's KL to uniform
     kl_marginal_weight: float = 0.0  # > 0: + this * KL(mean q || U), the batch-averaged posterior against the
-                                     # uniform class prior (class balance); 0 = paper/code (no such term)
-    td_nonneg: str = "penalty"    # penalty ([TF]) | relu ([P16] §3.2) | both | none
-    rc_reduction: str = "mean_all"        # mean_all ([TF]) | half_mean_per_sample ([DGM] L2Loss)
-    unsup_terms_on: str = "unlabeled"     # unlabeled ([TF] 'unsup') | labeled | both_avg | both_sum ([DGM])
+    # uniform class prior (class balance); 0 = paper/code (no such term)
+    td_nonneg: str = "penalty"  # penalty ([TF]) | relu ([P16] §3.2) | both | none
+    rc_reduction: str = "mean_all"  # mean_all ([TF]) | half_mean_per_sample ([DGM] L2Loss)
+    unsup_terms_on: str = "unlabeled"  # unlabeled ([TF] 'unsup') | labeled | both_avg | both_sum ([DGM])
     nonneg_term: str = "penalty"  # penalty | moment_matching (NRM with BN, replaces NN; docs/model.md#loss-terms)
-    rpn_weight: float = 0.0       # a_PN of NRM's rendering-path normalisation (docs/model.md#loss-terms); 0 = off
+    rpn_weight: float = 0.0  # a_PN of NRM's rendering-path normalisation (docs/model.md#loss-terms); 0 = off
     rpn_class_prior: bool = False  # RPN: add |ln pi_c - ln pi_c_pn| (ln pi = readout bias), as lenet_ld_opt.py
 
     def __post_init__(self):
-        choices = {"td_nonneg": ("penalty", "relu", "both", "none"),
-                   "rc_reduction": ("mean_all", "half_mean_per_sample"),
-                   "unsup_terms_on": ("unlabeled", "labeled", "both_avg", "both_sum"),
-                   "nonneg_term": ("penalty", "moment_matching")}
+        choices = {
+            "td_nonneg": ("penalty", "relu", "both", "none"),
+            "rc_reduction": ("mean_all", "half_mean_per_sample"),
+            "unsup_terms_on": ("unlabeled", "labeled", "both_avg", "both_sum"),
+            "nonneg_term": ("penalty", "moment_matching"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -140,8 +142,9 @@ def moment_pairs(levels: Sequence[Tensor], forward_convs: Sequence[Tensor]) -> L
     return pairs
 
 
-def rpn_per_example(model, latents, levels: Sequence[Tensor], pn_latents, pn_levels: Sequence[Tensor],
-                    classes: Optional[Tensor] = None) -> Tensor:
+def rpn_per_example(
+    model, latents, levels: Sequence[Tensor], pn_latents, pn_levels: Sequence[Tensor], classes: Optional[Tensor] = None
+) -> Tensor:
     """Rendering-path normalisation (docs/model.md#loss-terms):
     sum_l mean_{C,H,W} |b_l * (mu_l * a_l - mu_pn_l * a_pn_l)|.
 
@@ -187,11 +190,6 @@ class MinBranch:
     moments: Optional[Sequence[Tuple[Tensor, Tensor]]] = None
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    n = mask.sum()
-    return (values * mask).sum() / n.clamp(min=1)
-
-
 def unsup_weights(labeled: Tensor, unsup_terms_on: str) -> Tensor:
     """Per-example weights for the unsupervised terms (RC, KL, NN); each half is averaged over itself.
 
@@ -217,11 +215,18 @@ def unsup_weights(labeled: Tensor, unsup_terms_on: str) -> Tensor:
 # ---------------------------------------------------------------- the full objective
 
 
-def drmm_objective(cfg: ObjectiveConfig, logits: Tensor, labels: Tensor, labeled: Tensor, x: Tensor,
-                   x_hat: Optional[Tensor], signals: Optional[Sequence[Tensor]],
-                   moments: Optional[Sequence[Tuple[Tensor, Tensor]]] = None,
-                   rpn: Optional[Tensor] = None, min_branch: Optional[MinBranch] = None
-                   ) -> Tuple[Tensor, Dict[str, Tensor]]:
+def drmm_objective(
+    cfg: ObjectiveConfig,
+    logits: Tensor,
+    labels: Tensor,
+    labeled: Tensor,
+    x: Tensor,
+    x_hat: Optional[Tensor],
+    signals: Optional[Sequence[Tensor]],
+    moments: Optional[Sequence[Tuple[Tensor, Tensor]]] = None,
+    rpn: Optional[Tensor] = None,
+    min_branch: Optional[MinBranch] = None,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Total loss and its parts (detached 0-d tensors; ``as_floats`` turns them into numbers for logging).
 
     ``labeled`` is a bool mask; ``labels`` is ignored where it is False. ``x_hat``/``signals`` may be None
@@ -256,8 +261,12 @@ def drmm_objective(cfg: ObjectiveConfig, logits: Tensor, labels: Tensor, labeled
         parts["kl"] = cfg.kl_sign * (w * kl_of_probs_per_example(q)).sum()
     else:
         parts["kl"] = zero
-    total = (cfg.ce_weight * parts["ce"] + cfg.rc_weight * parts["rc"] + cfg.kl_weight * parts["kl"]
-             + cfg.nn_weight * parts["nn"])
+    total = (
+        cfg.ce_weight * parts["ce"]
+        + cfg.rc_weight * parts["rc"]
+        + cfg.kl_weight * parts["kl"]
+        + cfg.nn_weight * parts["nn"]
+    )
     if cfg.kl_marginal_weight:
         parts["klm"] = kl_marginal(q, w, cfg.unsup_terms_on)
         total = total + cfg.kl_marginal_weight * parts["klm"]
@@ -274,8 +283,9 @@ def as_floats(logs: Dict[str, Tensor]) -> Dict[str, float]:
     return dict(zip(logs.keys(), values))
 
 
-def template_classes(logits: Tensor, labels: Tensor, labeled: Tensor, template_class: str = "true_if_labeled"
-                     ) -> Tensor:
+def template_classes(
+    logits: Tensor, labels: Tensor, labeled: Tensor, template_class: str = "true_if_labeled"
+) -> Tensor:
     """The class whose template is rendered (E-step, a constant): true label where labeled, else the argmax.
 
     ``template_class='predicted'`` uses the argmax everywhere, as the TF port does (docs/model.md#class-templates).
@@ -288,6 +298,19 @@ def template_classes(logits: Tensor, labels: Tensor, labeled: Tensor, template_c
     return torch.where(labeled, labels, predicted)
 
 
-__all__ = ["ObjectiveConfig", "drmm_objective", "as_floats", "template_classes", "reconstruction_per_example",
-           "kl_to_uniform_per_example", "nonneg_penalty_per_example", "unsup_weights", "moment_matching_per_example",
-           "moment_pairs", "rpn_per_example", "MinBranch", "kl_of_probs_per_example", "kl_marginal"]
+__all__ = [
+    "ObjectiveConfig",
+    "drmm_objective",
+    "as_floats",
+    "template_classes",
+    "reconstruction_per_example",
+    "kl_to_uniform_per_example",
+    "nonneg_penalty_per_example",
+    "unsup_weights",
+    "moment_matching_per_example",
+    "moment_pairs",
+    "rpn_per_example",
+    "MinBranch",
+    "kl_of_probs_per_example",
+    "kl_marginal",
+]

@@ -43,7 +43,7 @@ def normalized_mutual_info(labels, clusters) -> float:
     n = table.sum()
     h_labels, h_clusters = _entropy(table.sum(1)), _entropy(table.sum(0))
     if h_labels == 0 and h_clusters == 0:
-        return 1.0   # both a single group: identical partitions
+        return 1.0  # both a single group: identical partitions
     nz = table > 0
     outer = np.outer(table.sum(1), table.sum(0))
     mi = float((table[nz] / n * np.log(table[nz] * n / outer[nz])).sum())
@@ -61,13 +61,16 @@ def adjusted_rand_index(labels, clusters) -> float:
     expected = a * b / (n * (n - 1) / 2) if n > 1 else 0.0
     maximum = 0.5 * (a + b)
     if maximum == expected:
-        return 1.0   # both partitions trivial (all in one group, or all singletons): they agree
+        return 1.0  # both partitions trivial (all in one group, or all singletons): they agree
     return float((index - expected) / (maximum - expected))
 
 
 def clustering_report(labels, clusters) -> Dict[str, float]:
-    return {"cluster_acc": cluster_accuracy(labels, clusters), "nmi": normalized_mutual_info(labels, clusters),
-            "ari": adjusted_rand_index(labels, clusters)}
+    return {
+        "cluster_acc": cluster_accuracy(labels, clusters),
+        "nmi": normalized_mutual_info(labels, clusters),
+        "ari": adjusted_rand_index(labels, clusters),
+    }
 
 
 def predict_test(model, data, batch_size: int = 1000) -> np.ndarray:
@@ -79,7 +82,7 @@ def predict_test(model, data, batch_size: int = 1000) -> np.ndarray:
     preds = []
     with torch.no_grad():
         for i in range(0, len(data.test_labels), batch_size):
-            logits, _ = model(data.normalize(data.test_images[i:i + batch_size]))
+            logits, _ = model(data.normalize(data.test_images[i : i + batch_size]))
             preds.append(logits.argmax(1).cpu())
     model.train(was_training)
     return torch.cat(preds).numpy()

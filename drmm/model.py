@@ -38,14 +38,18 @@ class LayerSpec:
 
     channels: int
     kernel: int
-    padding: str = "valid"   # valid = 0, same = k//2 (Theano "half"), full = k-1
-    pool: str = "none"       # max = 2x2/stride 2 with switches, mean = global mean over the map, none
+    padding: str = "valid"  # valid = 0, same = k//2 (Theano "half"), full = k-1
+    pool: str = "none"  # max = 2x2/stride 2 with switches, mean = global mean over the map, none
     norm: str = "batch"
     activation: str = "relu"
 
     def __post_init__(self):
-        for name, value, allowed in (("padding", self.padding, PADDINGS), ("pool", self.pool, POOLS),
-                                     ("norm", self.norm, NORMS), ("activation", self.activation, ACTIVATIONS)):
+        for name, value, allowed in (
+            ("padding", self.padding, PADDINGS),
+            ("pool", self.pool, POOLS),
+            ("norm", self.norm, NORMS),
+            ("activation", self.activation, ACTIVATIONS),
+        ):
             if value not in allowed:
                 raise ValueError(f"LayerSpec.{name} must be one of {allowed}, got {value!r}")
         if self.channels < 1 or self.kernel < 1:
@@ -80,22 +84,45 @@ PRESETS = {
     "drmm2": [_L(32, 5, "full", "max"), _L(64, 3, "full", "max")],
     # The 5-layer MNIST DRMM = Ladder Conv-Small (docs/model.md#architectures-and-protocol):
     # 28->32->16->14->16->8->6->1.
-    "conv_small": [_L(32, 5, "full", "max"), _L(64, 3, "valid"), _L(64, 3, "full", "max"), _L(128, 3, "valid"),
-                   _L(10, 1, "valid", "mean")],
+    "conv_small": [
+        _L(32, 5, "full", "max"),
+        _L(64, 3, "valid"),
+        _L(64, 3, "full", "max"),
+        _L(128, 3, "valid"),
+        _L(10, 1, "valid", "mean"),
+    ],
     # The 9-layer CIFAR-10 DRMM = Conv-Large with even maps (docs/model.md#architectures-and-protocol):
     # 32->32->34->36/18->16->18->16/8->6->6->1.
-    "conv_large": [_L(96, 3, "same"), _L(96, 3, "full"), _L(96, 3, "full", "max"), _L(192, 3, "valid"),
-                   _L(192, 3, "full"), _L(192, 3, "valid", "max"), _L(192, 3, "valid"), _L(192, 1, "valid"),
-                   _L(10, 1, "valid", "mean")],
+    "conv_large": [
+        _L(96, 3, "same"),
+        _L(96, 3, "full"),
+        _L(96, 3, "full", "max"),
+        _L(192, 3, "valid"),
+        _L(192, 3, "full"),
+        _L(192, 3, "valid", "max"),
+        _L(192, 3, "valid"),
+        _L(192, 1, "valid"),
+        _L(10, 1, "valid", "mean"),
+    ],
     # NRM AllConv13 ([DGM] nrm.py, tail kernels 3x3 as in the code; docs/model.md#nrm-architectures):
     # 32->16->8->6->1, with the NRM's LeakyReLU(0.1). The NRM's BiasAdder, dropout and top-down BN are the model
     # options bias_adder, dropout/td_dropout and td_batchnorm (off by default); its 1x1-conv classifier on the 1x1
     # pooled map is the dense readout. ``tail_kernel=1`` gives the standard conv-large's 1x1 convs for the 256/128
     # layers.
-    "allconv13": [LayerSpec(c, 3, p, pool, activation="leaky") for c, p, pool in (
-        (128, "same", "none"), (128, "same", "none"), (128, "same", "max"), (256, "same", "none"),
-        (256, "same", "none"), (256, "same", "max"), (512, "valid", "none"), (256, "same", "none"),
-        (128, "same", "mean"))],
+    "allconv13": [
+        LayerSpec(c, 3, p, pool, activation="leaky")
+        for c, p, pool in (
+            (128, "same", "none"),
+            (128, "same", "none"),
+            (128, "same", "max"),
+            (256, "same", "none"),
+            (256, "same", "none"),
+            (256, "same", "max"),
+            (512, "valid", "none"),
+            (256, "same", "none"),
+            (128, "same", "mean"),
+        )
+    ],
 }
 
 
@@ -103,8 +130,9 @@ PRESETS = {
 ALLCONV13_TAIL = (7, 8)
 
 
-def preset_layers(name: str, norm: Optional[str] = None, activation: Optional[str] = None,
-                  tail_kernel: Optional[int] = None) -> List[LayerSpec]:
+def preset_layers(
+    name: str, norm: Optional[str] = None, activation: Optional[str] = None, tail_kernel: Optional[int] = None
+) -> List[LayerSpec]:
     """The layer list of preset ``name``; ``norm``/``activation`` override every layer when given.
 
     ``tail_kernel`` (allconv13 only): kernel of the two layers after the 512 conv, 3 ([DGM] code, the preset) or 1
@@ -182,10 +210,21 @@ class DRMM(nn.Module):
             offsets are the window argmin (the [DGM] code takes the argmax there, a quirk not copied).
     """
 
-    def __init__(self, layers: Sequence[LayerSpec], in_channels: int, image_size: Tuple[int, int],
-                 num_classes: int = 10, mean_unpool_scale: str = "none", td_relu: bool = False,
-                 bn_momentum: float = 0.1, td_batchnorm: bool = False, bias_adder: bool = False,
-                 dropout: float = 0.0, td_dropout: float = 0.0, maxmin: bool = False):
+    def __init__(
+        self,
+        layers: Sequence[LayerSpec],
+        in_channels: int,
+        image_size: Tuple[int, int],
+        num_classes: int = 10,
+        mean_unpool_scale: str = "none",
+        td_relu: bool = False,
+        bn_momentum: float = 0.1,
+        td_batchnorm: bool = False,
+        bias_adder: bool = False,
+        dropout: float = 0.0,
+        td_dropout: float = 0.0,
+        maxmin: bool = False,
+    ):
         super().__init__()
         if not layers:
             raise ValueError("layers must hold at least one LayerSpec")
@@ -206,12 +245,25 @@ class DRMM(nn.Module):
             if spec.pool == "mean" and i != len(self.specs) - 1:
                 raise ValueError(f"layer {i}: a global mean pool is only allowed on the last layer")
             if spec.norm == "batch":
-                layer = dk.FusedConvBNReLUPool2d(c, spec.channels, spec.kernel, padding=spec.pad,
-                                                 pool=spec.fused_pool, negative_slope=spec.negative_slope,
-                                                 momentum=bn_momentum)
+                layer = dk.FusedConvBNReLUPool2d(
+                    c,
+                    spec.channels,
+                    spec.kernel,
+                    padding=spec.pad,
+                    pool=spec.fused_pool,
+                    negative_slope=spec.negative_slope,
+                    momentum=bn_momentum,
+                )
             else:
-                layer = dk.FusedConvReLUPool2d(c, spec.channels, spec.kernel, padding=spec.pad, bias=True,
-                                               pool=spec.fused_pool, negative_slope=spec.negative_slope)
+                layer = dk.FusedConvReLUPool2d(
+                    c,
+                    spec.channels,
+                    spec.kernel,
+                    padding=spec.pad,
+                    bias=True,
+                    pool=spec.fused_pool,
+                    negative_slope=spec.negative_slope,
+                )
             self.convs.append(layer)
             conv_hw = tuple(s + 2 * spec.pad - spec.kernel + 1 for s in hw)
             self.map_sizes.append(conv_hw)
@@ -224,23 +276,38 @@ class DRMM(nn.Module):
         # latents (references only; autograd keeps these tensors alive for the backward pass anyway).
         self.record_layer_inputs = False
         self.readout = nn.Linear(c * hw[0] * hw[1], num_classes)
-        self.dropout, self.td_dropout, self.td_batchnorm, self.maxmin = float(dropout), float(td_dropout), \
-            bool(td_batchnorm), bool(maxmin)
+        self.dropout, self.td_dropout, self.td_batchnorm, self.maxmin = (
+            float(dropout),
+            float(td_dropout),
+            bool(td_batchnorm),
+            bool(maxmin),
+        )
         bn_layers = [str(i) for i, layer in enumerate(self.convs) if isinstance(layer, dk.FusedConvBNReLUPool2d)]
         if bias_adder and not bn_layers:
-            raise ValueError("bias_adder needs BatchNorm layers (norm='batch'); layers without normalisation "
-                             "already have a conv bias")
-        self.bias_adders = nn.ParameterDict(
-            {i: nn.Parameter(torch.zeros(self.specs[int(i)].channels)) for i in bn_layers}) if bias_adder else None
+            raise ValueError(
+                "bias_adder needs BatchNorm layers (norm='batch'); layers without normalisation "
+                "already have a conv bias"
+            )
+        self.bias_adders = (
+            nn.ParameterDict({i: nn.Parameter(torch.zeros(self.specs[int(i)].channels)) for i in bn_layers})
+            if bias_adder
+            else None
+        )
         self.td_norms = self._top_down_norms(bn_momentum) if td_batchnorm else None
         self.min_convs = self.min_td_norms = None
         if maxmin:
-            self.min_convs = nn.ModuleDict()   # the min branch's own BNs around the shared (tied) conv modules
+            self.min_convs = nn.ModuleDict()  # the min branch's own BNs around the shared (tied) conv modules
             for i in bn_layers:
                 layer = self.convs[int(i)]
-                twin = dk.FusedConvBNReLUPool2d(layer.conv.in_channels, layer.conv.out_channels, 1,
-                                                pool=layer.pool, negative_slope=layer.negative_slope,
-                                                momentum=bn_momentum, eps=layer.bn.eps)
+                twin = dk.FusedConvBNReLUPool2d(
+                    layer.conv.in_channels,
+                    layer.conv.out_channels,
+                    1,
+                    pool=layer.pool,
+                    negative_slope=layer.negative_slope,
+                    momentum=bn_momentum,
+                    eps=layer.bn.eps,
+                )
                 twin.conv = layer.conv  # the same module: weights tied, geometry taken from it
                 self.min_convs[i] = twin
             self.min_td_norms = self._top_down_norms(bn_momentum) if td_batchnorm else None
@@ -248,8 +315,9 @@ class DRMM(nn.Module):
 
     def _top_down_norms(self, momentum: float) -> nn.ModuleList:
         """One BatchNorm2d per rendered level: the template, then the input of layers L-1 .. 0 (the image)."""
-        chans = [self.top_shape[0]] + [self.in_channels if i == 0 else self.specs[i - 1].channels
-                                       for i in reversed(range(len(self.specs)))]
+        chans = [self.top_shape[0]] + [
+            self.in_channels if i == 0 else self.specs[i - 1].channels for i in reversed(range(len(self.specs)))
+        ]
         return nn.ModuleList(nn.BatchNorm2d(c, momentum=momentum) for c in chans)
 
     def reset_parameters(self):
@@ -270,8 +338,10 @@ class DRMM(nn.Module):
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Latents]:
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, *self.image_size):
-            raise ValueError(f"x must have shape (N, {self.in_channels}, {self.image_size[0]}, "
-                             f"{self.image_size[1]}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape (N, {self.in_channels}, {self.image_size[0]}, "
+                f"{self.image_size[1]}), got {tuple(x.shape)}"
+            )
         logits, latents = self._bottom_up(x, "max")
         if self.maxmin:
             # Prediction = the average of the two branches' logits ([DGM] nrm_maxmin.py); each keeps its own latents.
@@ -317,9 +387,16 @@ class DRMM(nn.Module):
                 return self.min_convs[str(i)](h, return_switches=True, shift=None if b is None else -b)
             return layer(h, return_switches=True, shift=b)
         if negated:
-            return dk.conv_relu_pool(h, layer.weight, None, None if layer.bias is None else -layer.bias,
-                                     stride=layer.stride, padding=layer.padding, pool=layer.pool,
-                                     negative_slope=layer.negative_slope)
+            return dk.conv_relu_pool(
+                h,
+                layer.weight,
+                None,
+                None if layer.bias is None else -layer.bias,
+                stride=layer.stride,
+                padding=layer.padding,
+                pool=layer.pool,
+                negative_slope=layer.negative_slope,
+            )
         return layer(h, return_switches=True)
 
     # ------------------------------------------------------------------ NRM objective helpers (MM, RPN)
@@ -372,7 +449,7 @@ class DRMM(nn.Module):
                 v = F.batch_norm(v, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
                 if self.bias_adders is not None:
                     v = v + self.bias_adders[str(i)].view(1, -1, 1, 1)
-            on = (v > 0).to(torch.uint8)                       # (1, C, H, W) a-switch of the zero image
+            on = (v > 0).to(torch.uint8)  # (1, C, H, W) a-switch of the zero image
             sw = latents.switches[i]
             p = spec.fused_pool
             if p > 1:
@@ -381,7 +458,7 @@ class DRMM(nn.Module):
                 hp, wp = sw.shape[-2:]
                 rows = torch.arange(hp, device=ref).view(hp, 1) * p + dy
                 cols = torch.arange(wp, device=ref).view(1, wp) * p + dx
-                idx = rows * v.shape[-1] + cols                    # flat index into the conv map, (N, C, hp, wp)
+                idx = rows * v.shape[-1] + cols  # flat index into the conv map, (N, C, hp, wp)
                 a = on.flatten(2).expand(n, -1, -1).gather(2, idx.flatten(2)).view_as(sw)
             else:
                 a = on.expand_as(sw)
@@ -414,8 +491,14 @@ class DRMM(nn.Module):
         """The signal rendered from the top for each example: mu_c here; a factor model adds its factors."""
         return self.class_templates(classes)
 
-    def render(self, latents: Latents, classes: Tensor, return_levels: bool = False,
-               templates: Optional[Tensor] = None, frozen_norms: bool = False):
+    def render(
+        self,
+        latents: Latents,
+        classes: Tensor,
+        return_levels: bool = False,
+        templates: Optional[Tensor] = None,
+        frozen_norms: bool = False,
+    ):
         """Render class templates top-down through the switches: returns x_hat (and the levels on request).
 
         ``levels[0]`` is the class template, ``levels[i]`` the signal rendered down to the input of layer L-i
@@ -428,8 +511,10 @@ class DRMM(nn.Module):
         untouched (the RPN prior path, which must not feed its statistics into the BNs of the real path).
         """
         if len(classes) != latents.switches[0].shape[0]:
-            raise ValueError(f"classes has {len(classes)} entries but the latents hold "
-                             f"{latents.switches[0].shape[0]} examples")
+            raise ValueError(
+                f"classes has {len(classes)} entries but the latents hold {latents.switches[0].shape[0]} examples"
+            )
+
         def normalise(j: int, t: Tensor) -> Tensor:
             return self.top_down_norm(j, t, latents.branch, frozen_norms)
 
@@ -443,9 +528,16 @@ class DRMM(nn.Module):
                 mu = self.mean_unpool(mu, latents.map_sizes[i])
             elif spec.pool == "max" and self.td_dropout:
                 mu = F.dropout(mu, self.td_dropout, self.training)
-            mu = dk.render(mu, latents.switches[i], self.conv_weight(layer), None, padding=spec.pad,
-                           pool=spec.fused_pool, out_size=latents.input_sizes[i],
-                           negative_slope=spec.negative_slope)
+            mu = dk.render(
+                mu,
+                latents.switches[i],
+                self.conv_weight(layer),
+                None,
+                padding=spec.pad,
+                pool=spec.fused_pool,
+                out_size=latents.input_sizes[i],
+                negative_slope=spec.negative_slope,
+            )
             mu = normalise(j, mu)
             levels.append(mu)
         x_hat = F.relu(mu) if self.td_relu else mu
@@ -488,16 +580,34 @@ class DRMM(nn.Module):
         return signals
 
     def extra_repr(self) -> str:
-        extra = [f"{k}={v}" for k, v in (("td_batchnorm", self.td_batchnorm), ("bias_adder", self.bias_adders is not None),
-                                         ("dropout", self.dropout), ("td_dropout", self.td_dropout),
-                                         ("maxmin", self.maxmin)) if v]
-        return ", ".join([f"top_shape={self.top_shape}, mean_unpool_scale={self.mean_unpool_scale}, "
-                          f"td_relu={self.td_relu}"] + extra)
+        extra = [
+            f"{k}={v}"
+            for k, v in (
+                ("td_batchnorm", self.td_batchnorm),
+                ("bias_adder", self.bias_adders is not None),
+                ("dropout", self.dropout),
+                ("td_dropout", self.td_dropout),
+                ("maxmin", self.maxmin),
+            )
+            if v
+        ]
+        return ", ".join(
+            [f"top_shape={self.top_shape}, mean_unpool_scale={self.mean_unpool_scale}, td_relu={self.td_relu}"] + extra
+        )
 
 
-def build_model(name: str, in_channels: int, image_size: Tuple[int, int], num_classes: int = 10, *,
-                norm: Optional[str] = None, activation: Optional[str] = None, tail_kernel: Optional[int] = None,
-                **model_kwargs) -> DRMM:
+def build_model(
+    name: str,
+    in_channels: int,
+    image_size: Tuple[int, int],
+    num_classes: int = 10,
+    *,
+    norm: Optional[str] = None,
+    activation: Optional[str] = None,
+    tail_kernel: Optional[int] = None,
+    **model_kwargs,
+) -> DRMM:
     """A DRMM from preset ``name`` (see PRESETS); ``model_kwargs`` go to ``DRMM`` (mean_unpool_scale, td_relu, ...)."""
-    return DRMM(preset_layers(name, norm, activation, tail_kernel), in_channels, image_size, num_classes,
-                **model_kwargs)
+    return DRMM(
+        preset_layers(name, norm, activation, tail_kernel), in_channels, image_size, num_classes, **model_kwargs
+    )

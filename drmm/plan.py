@@ -29,8 +29,8 @@ def load_data(cfg: TrainConfig, device: torch.device) -> data_lib.ImageData:
     """The data set of ``cfg`` on ``device``: the training prefix it asks for, the validation split held out."""
     data = data_lib.load_dataset(cfg.dataset, cfg.data_dir, download_missing=cfg.download)
     if cfg.max_train_samples and cfg.max_train_samples < len(data.train_labels):
-        data.train_images = data.train_images[:cfg.max_train_samples]
-        data.train_labels = data.train_labels[:cfg.max_train_samples]
+        data.train_images = data.train_images[: cfg.max_train_samples]
+        data.train_labels = data.train_labels[: cfg.max_train_samples]
     if cfg.val_samples:
         data.hold_out_validation(cfg.val_samples)
     return data.to(device)
@@ -40,7 +40,7 @@ def load_data(cfg: TrainConfig, device: torch.device) -> data_lib.ImageData:
 class DataPlan:
     """Index pools (device tensors) the epochs draw from."""
 
-    labeled: torch.Tensor     # indices into the training set
+    labeled: torch.Tensor  # indices into the training set
     unlabeled: torch.Tensor
     all_train: torch.Tensor
 
@@ -50,13 +50,17 @@ def make_plan(cfg: TrainConfig, data: data_lib.ImageData, run_dir: Path) -> Data
     n = len(data.train_labels)
     dev = data.train_labels.device
     if cfg.num_labeled:
-        labeled = data_lib.labeled_subset(data.train_labels.cpu().numpy(), cfg.num_labeled, data.num_classes,
-                                          cfg.labeled_seed, run_dir / "labeled_indices.npy")
+        labeled = data_lib.labeled_subset(
+            data.train_labels.cpu().numpy(),
+            cfg.num_labeled,
+            data.num_classes,
+            cfg.labeled_seed,
+            run_dir / "labeled_indices.npy",
+        )
     else:
         labeled = np.arange(n, dtype=np.int64)
     unlabeled = data_lib.unlabeled_pool(n, labeled, cfg.include_labeled_in_unlabeled or not cfg.num_labeled)
-    return DataPlan(torch.from_numpy(labeled).to(dev), torch.from_numpy(unlabeled).to(dev),
-                    torch.arange(n, device=dev))
+    return DataPlan(torch.from_numpy(labeled).to(dev), torch.from_numpy(unlabeled).to(dev), torch.arange(n, device=dev))
 
 
 def phase(cfg: TrainConfig, epoch: int) -> str:
@@ -94,11 +98,11 @@ def epoch_batches(cfg: TrainConfig, plan: DataPlan, epoch: int) -> List[Tuple[to
     if mode == "unsupervised":
         b = min(cfg.batch_size, len(plan.all_train))
         order = plan.all_train[torch.randperm(len(plan.all_train), generator=g).to(dev)]
-        return [(empty, order[i * b:(i + 1) * b]) for i in range(steps)]
+        return [(empty, order[i * b : (i + 1) * b]) for i in range(steps)]
     if mode == "supervised":
         b = min(cfg.batch_size, len(plan.labeled))
         order = plan.labeled[torch.randperm(len(plan.labeled), generator=g).to(dev)]
-        return [(order[i * b:(i + 1) * b], empty) for i in range(steps)]
+        return [(order[i * b : (i + 1) * b], empty) for i in range(steps)]
     n_lab = labeled_per_batch(cfg)
     n_unl = cfg.batch_size - n_lab
     unl = plan.unlabeled[torch.randperm(len(plan.unlabeled), generator=g).to(dev)]
@@ -106,8 +110,16 @@ def epoch_batches(cfg: TrainConfig, plan: DataPlan, epoch: int) -> List[Tuple[to
     cycles = math.ceil(steps * n_lab / len(plan.labeled))
     lab = torch.cat([torch.randperm(len(plan.labeled), generator=g) for _ in range(cycles)]).to(dev)
     lab = plan.labeled[lab]
-    return [(lab[i * n_lab:(i + 1) * n_lab], unl[i * n_unl:(i + 1) * n_unl]) for i in range(steps)]
+    return [(lab[i * n_lab : (i + 1) * n_lab], unl[i * n_unl : (i + 1) * n_unl]) for i in range(steps)]
 
 
-__all__ = ["DataPlan", "load_data", "make_plan", "phase", "steps_in_epoch", "labeled_per_batch", "epoch_generator",
-           "epoch_batches"]
+__all__ = [
+    "DataPlan",
+    "load_data",
+    "make_plan",
+    "phase",
+    "steps_in_epoch",
+    "labeled_per_batch",
+    "epoch_generator",
+    "epoch_batches",
+]

@@ -60,7 +60,7 @@ def attach_switch_priors(model: DRMM, momentum: float = 0.01) -> DRMM:
         return model
     ref = model.readout.weight
     for i, (spec, (h, w)) in enumerate(zip(model.specs, pooled_sizes(model))):
-        p2 = spec.fused_pool ** 2
+        p2 = spec.fused_pool**2
         model.register_buffer(f"{PRIOR_PREFIX}t_{i}", torch.full((spec.channels, h, w, p2), 1.0 / p2).to(ref))
         model.register_buffer(f"{PRIOR_PREFIX}a_{i}", torch.full((spec.channels, h, w), 0.5).to(ref))
     model._switch_prior_hook = model.register_forward_hook(_update_priors_hook)
@@ -78,7 +78,7 @@ def update_switch_priors(model: DRMM, latents: Latents) -> None:
             both = torch.cat([freq_t.flatten(), freq_a.flatten()])
             dist.all_reduce(both)
             both /= dist.get_world_size()
-            freq_t, freq_a = both[:freq_t.numel()].view_as(freq_t), both[freq_t.numel():].view_as(freq_a)
+            freq_t, freq_a = both[: freq_t.numel()].view_as(freq_t), both[freq_t.numel() :].view_as(freq_a)
         pi_t, pi_a = prior_buffers(model, i)
         pi_t.mul_(1 - m).add_(freq_t.to(pi_t), alpha=m)
         pi_a.mul_(1 - m).add_(freq_a.to(pi_a), alpha=m)

@@ -60,11 +60,14 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
     """A new run needs a folder without a run in it; ``resume`` needs one with a last.pt."""
     ckpt_path = run_dir / LAST
     if resume and not ckpt_path.exists():
-        raise RunDirError(f"--resume: no checkpoint {ckpt_path} to resume from; drop --resume to start a new run "
-                          f"there, or point --run-dir at the run to continue")
+        raise RunDirError(
+            f"--resume: no checkpoint {ckpt_path} to resume from; drop --resume to start a new run "
+            f"there, or point --run-dir at the run to continue"
+        )
     if not resume and ckpt_path.exists():
-        raise RunExistsError(f"{run_dir} already holds a run (last.pt); pass --resume to continue it or choose "
-                             f"another --run-dir")
+        raise RunExistsError(
+            f"{run_dir} already holds a run (last.pt); pass --resume to continue it or choose another --run-dir"
+        )
 
 
 def write_config(run_dir: Path, cfg: TrainConfig) -> None:
@@ -93,11 +96,17 @@ def rng_state() -> Dict[str, Any]:
     ``weights_only=True``."""
     np_state = np.random.get_state(legacy=False)
     version, mt, gauss_next = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"bit_generator": np_state["bit_generator"], "pos": int(np_state["state"]["pos"]),
-                       "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                       "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
-             "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss_next}}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "pos": int(np_state["state"]["pos"]),
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -108,9 +117,12 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
     if isinstance(np_state, dict):
-        np_state = {"bit_generator": np_state["bit_generator"], "has_gauss": np_state["has_gauss"],
-                    "gauss": np_state["gauss"],
-                    "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]}}
+        np_state = {
+            "bit_generator": np_state["bit_generator"],
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+            "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+        }
     np.random.set_state(np_state)
     py_state = state["python"]
     if isinstance(py_state, dict):
@@ -138,7 +150,7 @@ _FORBIDDEN = re.compile(r"GLOBAL (\S+) was not an allowed global|but got <class 
 def _allow_old_numpy_rng():
     if hasattr(torch.serialization, "safe_globals"):
         return torch.serialization.safe_globals(_OLD_NUMPY_RNG_GLOBALS)
-    torch.serialization.add_safe_globals(_OLD_NUMPY_RNG_GLOBALS)   # torch 2.4 has no context manager
+    torch.serialization.add_safe_globals(_OLD_NUMPY_RNG_GLOBALS)  # torch 2.4 has no context manager
     return contextlib.nullcontext()
 
 
@@ -150,27 +162,36 @@ def load_checkpoint(path: Path, device: Any = "cpu") -> Dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise RunDirError(f"{path} not found: the run has no such checkpoint (training writes last.pt at its first "
-                          f"evaluation, best.pt at its best one); check the run directory or pass --checkpoint")
+        raise RunDirError(
+            f"{path} not found: the run has no such checkpoint (training writes last.pt at its first "
+            f"evaluation, best.pt at its best one); check the run directory or pass --checkpoint"
+        )
     try:
         with _allow_old_numpy_rng():
             ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # a torn zip (OSError/RuntimeError), a forbidden object, a file from a newer torch ...
         forbidden = _FORBIDDEN.search(str(e)) if isinstance(e, pickle.UnpicklingError) else None
         if forbidden:
-            raise CheckpointError(f"{path}: refused: it holds a pickled Python object "
-                                  f"({forbidden.group(1) or forbidden.group(2)}) and unpickling it could run "
-                                  f"arbitrary code; drmm loads only checkpoints of tensors and plain values, as "
-                                  f"`drmm train` writes them") from None
+            raise CheckpointError(
+                f"{path}: refused: it holds a pickled Python object "
+                f"({forbidden.group(1) or forbidden.group(2)}) and unpickling it could run "
+                f"arbitrary code; drmm loads only checkpoints of tensors and plain values, as "
+                f"`drmm train` writes them"
+            ) from None
         reason = (str(e).split("WeightsUnpickler error:")[-1].strip().splitlines() or [""])[0].split(". ")[0][:120]
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({e.__class__.__name__}: {reason}); "
-                              f"the file is truncated or corrupt: use the run's other checkpoint (--checkpoint "
-                              f"best|last) or train again") from None
+        raise CheckpointError(
+            f"{path}: cannot be read as a PyTorch checkpoint ({e.__class__.__name__}: {reason}); "
+            f"the file is truncated or corrupt: use the run's other checkpoint (--checkpoint "
+            f"best|last) or train again"
+        ) from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or "step" not in ckpt:
-        what = f"a {type(ckpt).__name__}" + (f" with keys {sorted(map(str, ckpt))[:6]}" if isinstance(ckpt, dict)
-                                             else "")
-        raise CheckpointError(f"{path}: not a drmm checkpoint ({what}; a drmm checkpoint is a dict with 'model' "
-                              f"and 'step'); point the command at a run directory made by `drmm train`")
+        what = f"a {type(ckpt).__name__}" + (
+            f" with keys {sorted(map(str, ckpt))[:6]}" if isinstance(ckpt, dict) else ""
+        )
+        raise CheckpointError(
+            f"{path}: not a drmm checkpoint ({what}; a drmm checkpoint is a dict with 'model' "
+            f"and 'step'); point the command at a run directory made by `drmm train`"
+        )
     return ckpt
 
 
@@ -180,16 +201,33 @@ def read_checkpoint(run_dir: Path, cfg: TrainConfig, device: torch.device) -> Di
     saved = ckpt.get("config", {})
     for key in RESUME_KEYS:
         if key in saved and saved[key] != getattr(cfg, key):
-            raise UsageError(f"--resume: config key {key!r} is {getattr(cfg, key)!r} but the checkpoint was "
-                             f"trained with {saved[key]!r}; resume with the run's own config")
+            raise UsageError(
+                f"--resume: config key {key!r} is {getattr(cfg, key)!r} but the checkpoint was "
+                f"trained with {saved[key]!r}; resume with the run's own config"
+            )
     return ckpt
 
 
 # ---------------------------------------------------------------- metrics
 
 
-METRIC_FIELDS = ["epoch", "step", "phase", "lr", "loss", "ce", "rc", "kl", "klm", "nn", "train_acc", "val_error",
-                 "test_error", "best_error", "elapsed_s"]
+METRIC_FIELDS = [
+    "epoch",
+    "step",
+    "phase",
+    "lr",
+    "loss",
+    "ce",
+    "rc",
+    "kl",
+    "klm",
+    "nn",
+    "train_acc",
+    "val_error",
+    "test_error",
+    "best_error",
+    "elapsed_s",
+]
 
 
 class MetricsLog:
@@ -210,6 +248,7 @@ class MetricsLog:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
             except Exception as e:  # tensorboard not installed: CSV only
                 print(f"[drmm] TensorBoard disabled ({e.__class__.__name__}: {e})", file=sys.stderr)
@@ -224,8 +263,11 @@ class MetricsLog:
         self.rows.append(row)
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=METRIC_FIELDS).writerow(row)
-        self.scalars(int(row["step"]), {k: float(row[k]) for k in ("val_error", "test_error", "train_acc", "loss", "lr")
-                                        if row[k] != ""}, "eval")
+        self.scalars(
+            int(row["step"]),
+            {k: float(row[k]) for k in ("val_error", "test_error", "train_acc", "loss", "lr") if row[k] != ""},
+            "eval",
+        )
         plot_learning_curve(self.rows, self.path.with_name(LEARNING_CURVE))
 
     def close(self) -> None:
@@ -248,7 +290,27 @@ class NullLog:
         pass
 
 
-__all__ = ["CONFIG", "METRICS", "SUMMARY", "LEARNING_CURVE", "LAST", "BEST", "RESUME_KEYS", "METRIC_FIELDS",
-           "RunDirError", "RunExistsError", "CheckpointError", "load_checkpoint", "check_run_dir", "write_config",
-           "write_summary", "atomic_save", "rng_state", "set_rng_state",
-           "write_checkpoint", "read_checkpoint", "MetricsLog", "NullLog"]
+__all__ = [
+    "CONFIG",
+    "METRICS",
+    "SUMMARY",
+    "LEARNING_CURVE",
+    "LAST",
+    "BEST",
+    "RESUME_KEYS",
+    "METRIC_FIELDS",
+    "RunDirError",
+    "RunExistsError",
+    "CheckpointError",
+    "load_checkpoint",
+    "check_run_dir",
+    "write_config",
+    "write_summary",
+    "atomic_save",
+    "rng_state",
+    "set_rng_state",
+    "write_checkpoint",
+    "read_checkpoint",
+    "MetricsLog",
+    "NullLog",
+]

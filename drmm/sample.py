@@ -40,8 +40,9 @@ def input_sizes(model: DRMM) -> List[tuple]:
 
 
 @torch.no_grad()
-def draw_switches(model: DRMM, num: int, generator: Optional[torch.Generator] = None,
-                  most_probable: bool = False) -> List[Tensor]:
+def draw_switches(
+    model: DRMM, num: int, generator: Optional[torch.Generator] = None, most_probable: bool = False
+) -> List[Tensor]:
     """Per layer, (num, C, H, W) uint8 switch maps drawn from the priors (or their mode)."""
     switches = []
     for i, spec in enumerate(model.specs):
@@ -51,7 +52,7 @@ def draw_switches(model: DRMM, num: int, generator: Optional[torch.Generator] = 
             on = (pi_a > 0.5).expand(num, *pi_a.shape)
         else:
             flat = pi_t.reshape(-1, pi_t.shape[-1]).float().cpu()
-            offsets = torch.multinomial(flat, num, replacement=True, generator=generator)   # (C*H*W, num)
+            offsets = torch.multinomial(flat, num, replacement=True, generator=generator)  # (C*H*W, num)
             offsets = offsets.t().reshape(num, *pi_a.shape)
             on = torch.rand(num, *pi_a.shape, generator=generator) < pi_a.float().cpu()
         sw = offsets.to(torch.uint8) | (on.to(torch.uint8) * ON_BIT)
@@ -60,8 +61,9 @@ def draw_switches(model: DRMM, num: int, generator: Optional[torch.Generator] = 
 
 
 @torch.no_grad()
-def render_with_switches(model: DRMM, templates: Tensor, switches: Sequence[Tensor], relu_between: bool = True
-                         ) -> Tensor:
+def render_with_switches(
+    model: DRMM, templates: Tensor, switches: Sequence[Tensor], relu_between: bool = True
+) -> Tensor:
     """Render top signals (N, *top_shape) through the given switches, ReLU between layers (NN-DRMM).
 
     A model with top-down BNs (``td_batchnorm``) renders through them with their running statistics. Max-Min
@@ -75,8 +77,16 @@ def render_with_switches(model: DRMM, templates: Tensor, switches: Sequence[Tens
             mu = F.relu(mu)
         if spec.pool == "mean":
             mu = model.mean_unpool(mu, model.map_sizes[i])
-        mu = dk.render(mu, switches[i], model.conv_weight(layer), None, padding=spec.pad, pool=spec.fused_pool,
-                       out_size=sizes[i], negative_slope=spec.negative_slope)
+        mu = dk.render(
+            mu,
+            switches[i],
+            model.conv_weight(layer),
+            None,
+            padding=spec.pad,
+            pool=spec.fused_pool,
+            out_size=sizes[i],
+            negative_slope=spec.negative_slope,
+        )
         mu = model.top_down_norm(j, mu, frozen=True)
     return mu
 

@@ -30,22 +30,65 @@ from . import distributed as dist_lib
 from .config import MODES, TOP_MODELS, TRAINERS, TrainConfig, config_from_dict, load_config, resolve_device
 from .drfm import build_drfm
 from .hard_em import HardEM, HardEMConfig
-from .losses import (MinBranch, ObjectiveConfig, as_floats, drmm_objective, moment_pairs, rpn_per_example,
-                     template_classes)
+from .losses import (
+    MinBranch,
+    ObjectiveConfig,
+    as_floats,
+    drmm_objective,
+    moment_pairs,
+    rpn_per_example,
+    template_classes,
+)
 from .model import DRMM, Latents, build_model
 from .plan import DataPlan, epoch_batches, epoch_generator, load_data, make_plan, phase, steps_in_epoch
 from .priors import attach_switch_priors, load_model_state
 from .figures import plot_learning_curve
-from .run_dir import (METRIC_FIELDS, MetricsLog, NullLog, atomic_save, check_run_dir, read_checkpoint, rng_state,
-                      set_rng_state, write_checkpoint, write_config, write_summary)
+from .run_dir import (
+    METRIC_FIELDS,
+    MetricsLog,
+    NullLog,
+    atomic_save,
+    check_run_dir,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+    write_config,
+    write_summary,
+)
 
 # drmm.train.X still names what this module defined before the config, the data plan, the run folder and the
 # figures moved to their own modules.
-__all__ = ["MODES", "TRAINERS", "TOP_MODELS", "TrainConfig", "config_from_dict", "load_config", "resolve_device",
-           "DataPlan", "load_data", "make_plan", "phase", "steps_in_epoch", "epoch_generator", "epoch_batches",
-           "METRIC_FIELDS", "MetricsLog", "atomic_save", "rng_state", "set_rng_state", "plot_learning_curve",
-           "model_from_config", "train_step", "evaluate", "lr_lambda_for", "rampup", "ramped_objective",
-           "TrainState", "train"]
+__all__ = [
+    "MODES",
+    "TRAINERS",
+    "TOP_MODELS",
+    "TrainConfig",
+    "config_from_dict",
+    "load_config",
+    "resolve_device",
+    "DataPlan",
+    "load_data",
+    "make_plan",
+    "phase",
+    "steps_in_epoch",
+    "epoch_generator",
+    "epoch_batches",
+    "METRIC_FIELDS",
+    "MetricsLog",
+    "atomic_save",
+    "rng_state",
+    "set_rng_state",
+    "plot_learning_curve",
+    "model_from_config",
+    "train_step",
+    "evaluate",
+    "lr_lambda_for",
+    "rampup",
+    "ramped_objective",
+    "TrainState",
+    "train",
+]
 
 
 # ---------------------------------------------------------------- the model, one step, evaluation
@@ -54,17 +97,32 @@ __all__ = ["MODES", "TRAINERS", "TOP_MODELS", "TrainConfig", "config_from_dict",
 def model_from_config(cfg: TrainConfig, image_shape: Sequence[int], num_classes: int) -> DRMM:
     """The DRMM (or DRFM, ``top_model: factor``) that ``cfg`` describes, with its switch priors attached."""
     objective = cfg.objective()
-    kwargs = dict(norm=cfg.norm, activation=cfg.activation, mean_unpool_scale=cfg.mean_unpool_scale,
-                  td_relu=objective.td_relu, bn_momentum=cfg.bn_momentum, td_batchnorm=cfg.td_batchnorm,
-                  bias_adder=cfg.bias_adder, dropout=cfg.dropout, td_dropout=cfg.td_dropout, maxmin=cfg.maxmin,
-                  tail_kernel=cfg.allconv13_tail_kernel if cfg.model == "allconv13" else None)
+    kwargs = dict(
+        norm=cfg.norm,
+        activation=cfg.activation,
+        mean_unpool_scale=cfg.mean_unpool_scale,
+        td_relu=objective.td_relu,
+        bn_momentum=cfg.bn_momentum,
+        td_batchnorm=cfg.td_batchnorm,
+        bias_adder=cfg.bias_adder,
+        dropout=cfg.dropout,
+        td_dropout=cfg.td_dropout,
+        maxmin=cfg.maxmin,
+        tail_kernel=cfg.allconv13_tail_kernel if cfg.model == "allconv13" else None,
+    )
     if cfg.top_model == "factor":
-        model = build_drfm(cfg.model, image_shape[0], tuple(image_shape[1:]), num_classes,
-                           factor_dim=cfg.factor_dim, noise_var=cfg.factor_noise_var, **kwargs)
+        model = build_drfm(
+            cfg.model,
+            image_shape[0],
+            tuple(image_shape[1:]),
+            num_classes,
+            factor_dim=cfg.factor_dim,
+            noise_var=cfg.factor_noise_var,
+            **kwargs,
+        )
     else:
         model = build_model(cfg.model, image_shape[0], tuple(image_shape[1:]), num_classes, **kwargs)
     return attach_switch_priors(model, cfg.switch_prior_momentum)
-
 
 
 def render_branch(model: DRMM, latents: Latents, classes: torch.Tensor, moment_matching: bool):
@@ -74,44 +132,50 @@ def render_branch(model: DRMM, latents: Latents, classes: torch.Tensor, moment_m
     return x_hat, levels, model.unpooled_signals(levels[:-1]), moments
 
 
-def train_step(model: DRMM, cfg: TrainConfig, objective: ObjectiveConfig, x: torch.Tensor, y: torch.Tensor,
-               labeled: torch.Tensor, forward=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
+def train_step(
+    model: DRMM,
+    cfg: TrainConfig,
+    objective: ObjectiveConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    labeled: torch.Tensor,
+    forward=None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
     """Loss of one batch (E-step inside); returns (loss, detached loss parts, logits).
 
     ``forward`` is what runs the bottom-up pass (a DistributedDataParallel wrapper of ``model``); default ``model``.
     """
     mm = objective.moment_matching and cfg.trainer != "backprop"
     if mm or getattr(model, "record_layer_inputs", False):
-        model.record_layer_inputs = mm                   # MM recomputes the pre-BN convs from the layer inputs
-    logits, latents = (forward or model)(x)              # bottom-up: switches are recorded, not differentiated
+        model.record_layer_inputs = mm  # MM recomputes the pre-BN convs from the layer inputs
+    logits, latents = (forward or model)(x)  # bottom-up: switches are recorded, not differentiated
     # Max-Min: the objective sees each branch's logits; ``logits`` (their average) is the prediction.
     branch_logits = latents.branch_logits or (logits,)
-    if cfg.trainer == "backprop":                        # the baseline: CE only, no top-down pass
-        loss = sum(torch.nn.functional.cross_entropy(z[labeled], y[labeled]) for z in branch_logits) \
-            / len(branch_logits)
+    if cfg.trainer == "backprop":  # the baseline: CE only, no top-down pass
+        loss = sum(torch.nn.functional.cross_entropy(z[labeled], y[labeled]) for z in branch_logits) / len(
+            branch_logits
+        )
         return loss, {"loss": loss.detach(), "ce": loss.detach()}, logits
-    classes = template_classes(logits, y, labeled, cfg.template_class)   # E-step: a constant class choice
+    classes = template_classes(logits, y, labeled, cfg.template_class)  # E-step: a constant class choice
     x_hat, levels, signals, moments = render_branch(model, latents, classes, mm)
     rpn = None
-    if objective.rpn_weight:                             # second (prior) top-down path, docs/model.md#loss-terms (RPN)
+    if objective.rpn_weight:  # second (prior) top-down path, docs/model.md#loss-terms (RPN)
         pn_latents = model.prior_path_latents(latents)
         pn_templates = model.prior_template().expand(len(classes), *model.top_shape)
-        _, pn_levels = model.render(pn_latents, classes, return_levels=True, templates=pn_templates,
-                                    frozen_norms=True)
-        rpn = rpn_per_example(model, latents, levels, pn_latents, pn_levels,
-                              classes if objective.rpn_class_prior else None)
+        _, pn_levels = model.render(pn_latents, classes, return_levels=True, templates=pn_templates, frozen_norms=True)
+        rpn = rpn_per_example(
+            model, latents, levels, pn_latents, pn_levels, classes if objective.rpn_class_prior else None
+        )
     min_branch = None
-    if latents.min_branch is not None:                   # Max-Min: the min branch renders through its own switches
+    if latents.min_branch is not None:  # Max-Min: the min branch renders through its own switches
         m_x_hat, _, m_signals, m_moments = render_branch(model, latents.min_branch, classes, mm)
         min_branch = MinBranch(branch_logits[1], m_x_hat, m_signals, m_moments)
-    loss, logs = drmm_objective(objective, branch_logits[0], y, labeled, x, x_hat, signals, moments, rpn,
-                                min_branch)
+    loss, logs = drmm_objective(objective, branch_logits[0], y, labeled, x, x_hat, signals, moments, rpn, min_branch)
     return loss, logs, logits
 
 
 @torch.no_grad()
-def evaluate(model: DRMM, data: data_lib.ImageData, num: int = 0, batch_size: int = 1000,
-             split: str = "test") -> float:
+def evaluate(model: DRMM, data: data_lib.ImageData, num: int = 0, batch_size: int = 1000, split: str = "test") -> float:
     """Error in percent over the first ``num`` images (0 = all) of the ``test`` or ``val`` split."""
     images, labels = (data.test_images, data.test_labels) if split == "test" else (data.val_images, data.val_labels)
     if images is None:
@@ -121,8 +185,8 @@ def evaluate(model: DRMM, data: data_lib.ImageData, num: int = 0, batch_size: in
     n = len(labels) if num <= 0 else min(num, len(labels))
     wrong = torch.zeros((), dtype=torch.long, device=labels.device)
     for i in range(0, n, batch_size):
-        logits, _ = model(data.normalize(images[i:min(i + batch_size, n)]))
-        wrong += (logits.argmax(1) != labels[i:min(i + batch_size, n)]).sum()
+        logits, _ = model(data.normalize(images[i : min(i + batch_size, n)]))
+        wrong += (logits.argmax(1) != labels[i : min(i + batch_size, n)]).sum()
     model.train(was_training)
     return 100.0 * int(wrong) / n
 
@@ -139,6 +203,7 @@ def lr_lambda_for(cfg: TrainConfig, total_steps: int, pretrain_steps: int = 0) -
     def lr_factor(step: int) -> float:
         start, length = (0, pretrain_steps) if step < pretrain_steps else (pretrain_steps, total_steps - pretrain_steps)
         return ratio ** (min(step - start, length) / max(1, length))
+
     return lr_factor
 
 
@@ -156,11 +221,18 @@ def ramped_objective(cfg: TrainConfig, objective: ObjectiveConfig, step: int) ->
     global ``step`` (0-based); the same object when no ramp-up is on."""
     if not (cfg.kl_rampup_steps or cfg.rc_rampup_steps or cfg.nn_rampup_steps):
         return objective
-    kl, rc, nn = (rampup(step, cfg.kl_rampup_steps), rampup(step, cfg.rc_rampup_steps),
-                  rampup(step, cfg.nn_rampup_steps))
-    return dataclasses.replace(objective, kl_weight=objective.kl_weight * kl, rc_weight=objective.rc_weight * rc,
-                               nn_weight=objective.nn_weight * nn,
-                               kl_marginal_weight=objective.kl_marginal_weight * kl)
+    kl, rc, nn = (
+        rampup(step, cfg.kl_rampup_steps),
+        rampup(step, cfg.rc_rampup_steps),
+        rampup(step, cfg.nn_rampup_steps),
+    )
+    return dataclasses.replace(
+        objective,
+        kl_weight=objective.kl_weight * kl,
+        rc_weight=objective.rc_weight * rc,
+        nn_weight=objective.nn_weight * nn,
+        kl_marginal_weight=objective.kl_marginal_weight * kl,
+    )
 
 
 # ---------------------------------------------------------------- the training state
@@ -173,28 +245,28 @@ class TrainState:
     cfg: TrainConfig
     run_dir: Path
     device: torch.device
-    rank: int                     # data parallel: this process's rank (0 alone writes the run folder)
-    world: int                    # number of ranks (1 = a single process)
-    joined_group: bool            # whether setup() joined a torchrun process group (and must leave it)
+    rank: int  # data parallel: this process's rank (0 alone writes the run folder)
+    world: int  # number of ranks (1 = a single process)
+    joined_group: bool  # whether setup() joined a torchrun process group (and must leave it)
     data: data_lib.ImageData
     plan: DataPlan
     model: DRMM
-    forward: Optional[torch.nn.Module]   # what runs the bottom-up pass: None = the model, else its DDP wrapper
-    em: Optional[HardEM]          # trainer hard_em: its statistics and M-step
+    forward: Optional[torch.nn.Module]  # what runs the bottom-up pass: None = the model, else its DDP wrapper
+    em: Optional[HardEM]  # trainer hard_em: its statistics and M-step
     objective: ObjectiveConfig
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    log: Any = None               # run_dir.MetricsLog on rank 0, run_dir.NullLog elsewhere
+    log: Any = None  # run_dir.MetricsLog on rank 0, run_dir.NullLog elsewhere
     # counters (restored on resume)
     epoch: int = 0
     step_in_epoch: int = 0
     step: int = 0
-    best_error: float = float("inf")     # the selection error of best.pt (validation if val_samples, else test)
-    test_at_best: float = float("nan")   # the test error at that checkpoint
-    elapsed_before: float = 0.0          # seconds trained before this process started (resume)
-    t_start: float = 0.0                 # time.time() when this process entered the loop
-    test_error: Optional[float] = None   # the latest evaluation's
-    trained_phase: str = ""              # the mode of the epoch being trained (metrics.csv's "phase")
+    best_error: float = float("inf")  # the selection error of best.pt (validation if val_samples, else test)
+    test_at_best: float = float("nan")  # the test error at that checkpoint
+    elapsed_before: float = 0.0  # seconds trained before this process started (resume)
+    t_start: float = 0.0  # time.time() when this process entered the loop
+    test_error: Optional[float] = None  # the latest evaluation's
+    trained_phase: str = ""  # the mode of the epoch being trained (metrics.csv's "phase")
     # training statistics since the last evaluation: host-side sums, and device-side ones fetched once per log
     # interval (no per-step host sync, so the host keeps queueing steps while the device runs)
     sums: Dict[str, float] = field(default_factory=dict)
@@ -214,7 +286,7 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> TrainState:
     device, joined_group = dist_lib.setup(cfg.device)  # torchrun: join the process group (after the checks)
     rank, world, _ = dist_lib.rank_and_world()
     data = load_data(cfg, device)  # before touching the run dir: a missing data set leaves no empty run behind
-    if rank == 0:                  # data parallel: rank 0 alone writes to the run dir
+    if rank == 0:  # data parallel: rank 0 alone writes to the run dir
         write_config(run_dir, cfg)
 
     torch.manual_seed(cfg.seed)
@@ -228,28 +300,46 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> TrainState:
         plan = make_plan(cfg, data, run_dir)
     model = model_from_config(cfg, data.image_shape, data.num_classes).to(device)
     forward = data_parallel(cfg, model, device) if world > 1 else None
-    em = HardEM(model, HardEMConfig(cfg.em_ridge, cfg.em_window, cfg.template_class, cfg.em_row_fraction),
-                seed=cfg.seed) if cfg.trainer == "hard_em" else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr_init, betas=(0.9, cfg.adam_beta2),
-                                 weight_decay=cfg.weight_decay)
+    em = (
+        HardEM(model, HardEMConfig(cfg.em_ridge, cfg.em_window, cfg.template_class, cfg.em_row_fraction), seed=cfg.seed)
+        if cfg.trainer == "hard_em"
+        else None
+    )
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=cfg.lr_init, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay
+    )
     total_steps = sum(steps_in_epoch(cfg, plan, e) for e in range(cfg.epochs))
-    pretrain_steps = sum(steps_in_epoch(cfg, plan, e) for e in range(cfg.pretrain_epochs)) \
-        if cfg.mode == "pretrain_finetune" else 0
+    pretrain_steps = (
+        sum(steps_in_epoch(cfg, plan, e) for e in range(cfg.pretrain_epochs)) if cfg.mode == "pretrain_finetune" else 0
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(cfg, total_steps, pretrain_steps))
-    state = TrainState(cfg, run_dir, device, rank, world, joined_group, data, plan, model, forward, em,
-                       cfg.objective(), optimizer, scheduler)
+    state = TrainState(
+        cfg,
+        run_dir,
+        device,
+        rank,
+        world,
+        joined_group,
+        data,
+        plan,
+        model,
+        forward,
+        em,
+        cfg.objective(),
+        optimizer,
+        scheduler,
+    )
     if resume:
         restore(state, read_checkpoint(run_dir, cfg, device))
         print(f"[drmm] resumed {run_dir} at epoch {state.epoch}, step {state.step}")
-    state.log = MetricsLog(run_dir, state.step if resume else None, cfg.tensorboard) if rank == 0 \
-        else NullLog()
+    state.log = MetricsLog(run_dir, state.step if resume else None, cfg.tensorboard) if rank == 0 else NullLog()
     return state
 
 
 def data_parallel(cfg: TrainConfig, model: DRMM, device: torch.device) -> Optional[torch.nn.Module]:
     """Synchronise the model's BNs across ranks; the DDP wrapper that runs its forward (None for hard EM)."""
     dist_lib.convert_sync_fused_bn(model)
-    if cfg.td_batchnorm:   # the top-down BNs are plain BatchNorm2d: synchronise them too (CUDA only)
+    if cfg.td_batchnorm:  # the top-down BNs are plain BatchNorm2d: synchronise them too (CUDA only)
         if device.type != "cuda":
             raise ValueError("td_batchnorm with data parallelism needs CUDA devices (torch's SyncBatchNorm)")
         for name in ("td_norms", "min_td_norms"):
@@ -257,8 +347,9 @@ def data_parallel(cfg: TrainConfig, model: DRMM, device: torch.device) -> Option
                 setattr(model, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(model, name)))
     if cfg.trainer == "hard_em":
         return None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                     else None)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def restore(s: TrainState, ckpt: Dict[str, Any]) -> None:
@@ -278,19 +369,30 @@ def save_checkpoint(s: TrainState, test_error: Optional[float], score: Optional[
     """last.pt always; best.pt too when ``score`` (the selection error) is the best so far. Rank 0 only."""
     if s.rank != 0:
         return
-    ckpt = {"hard_em": s.em.state_dict() if s.em is not None else None, "model": s.model.state_dict(),
-            "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(), "epoch": s.epoch,
-            "step_in_epoch": s.step_in_epoch, "step": s.step, "best_error": s.best_error,
-            "test_at_best": s.test_at_best, "elapsed_s": s.elapsed_s(), "rng": rng_state(),
-            "config": dataclasses.asdict(s.cfg), "test_error": test_error}
+    ckpt = {
+        "hard_em": s.em.state_dict() if s.em is not None else None,
+        "model": s.model.state_dict(),
+        "optimizer": s.optimizer.state_dict(),
+        "scheduler": s.scheduler.state_dict(),
+        "epoch": s.epoch,
+        "step_in_epoch": s.step_in_epoch,
+        "step": s.step,
+        "best_error": s.best_error,
+        "test_at_best": s.test_at_best,
+        "elapsed_s": s.elapsed_s(),
+        "rng": rng_state(),
+        "config": dataclasses.asdict(s.cfg),
+        "test_error": test_error,
+    }
     write_checkpoint(s.run_dir, ckpt, best=score is not None and score <= s.best_error)
 
 
 # ---------------------------------------------------------------- what the loop does each step
 
 
-def batch(s: TrainState, lab_idx: torch.Tensor, unl_idx: torch.Tensor
-          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def batch(
+    s: TrainState, lab_idx: torch.Tensor, unl_idx: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(images, labels, labeled mask, number labeled) of this rank's part of one step's batch."""
     cfg, data = s.cfg, s.data
     if s.world > 1:
@@ -303,16 +405,17 @@ def batch(s: TrainState, lab_idx: torch.Tensor, unl_idx: torch.Tensor
     if cfg.augment:
         x = data_lib.augment(x, epoch_generator(cfg.seed, s.step, salt=1), flip=cfg.dataset != "svhn")
     labeled = torch.zeros(len(idx), dtype=torch.bool, device=idx.device)
-    labeled[:len(lab_idx)] = True
+    labeled[: len(lab_idx)] = True
     return x, data.train_labels[idx], labeled, len(lab_idx)
 
 
-def optimize(s: TrainState, x: torch.Tensor, y: torch.Tensor, labeled: torch.Tensor
-             ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+def optimize(
+    s: TrainState, x: torch.Tensor, y: torch.Tensor, labeled: torch.Tensor
+) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
     """One training step on a batch; returns (loss parts, logits)."""
     if s.em is not None:  # hard EM: E-step statistics, closed-form M-step every em_window batches
         return s.em.step(x, y, labeled)
-    objective = ramped_objective(s.cfg, s.objective, s.step)   # s.step: the global step, restored on resume
+    objective = ramped_objective(s.cfg, s.objective, s.step)  # s.step: the global step, restored on resume
     loss, logs, logits = train_step(s.model, s.cfg, objective, x, y, labeled, s.forward)
     s.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -321,8 +424,9 @@ def optimize(s: TrainState, x: torch.Tensor, y: torch.Tensor, labeled: torch.Ten
     return logs, logits
 
 
-def accumulate(s: TrainState, logs: Dict[str, torch.Tensor], logits: torch.Tensor, y: torch.Tensor,
-               num_labeled: int) -> None:
+def accumulate(
+    s: TrainState, logs: Dict[str, torch.Tensor], logits: torch.Tensor, y: torch.Tensor, num_labeled: int
+) -> None:
     """Add one step's loss parts and labeled hits to the device-side sums (no host sync)."""
     for k, v in logs.items():
         s.pending[k] = s.pending[k] + v.detach().float() if k in s.pending else v.detach().float()
@@ -346,8 +450,9 @@ def fetch_pending(s: TrainState) -> Dict[str, float]:
     s.pending.clear()
     s.pending_steps = 0
     if not math.isfinite(means["loss"]):
-        raise FloatingPointError(f"loss became {means['loss']} in the steps up to {s.step} ({means}); lower "
-                                 f"lr_init or the loss weights")
+        raise FloatingPointError(
+            f"loss became {means['loss']} in the steps up to {s.step} ({means}); lower lr_init or the loss weights"
+        )
     return means
 
 
@@ -364,13 +469,20 @@ def evaluate_and_log(s: TrainState) -> Tuple[Optional[float], float]:
         s.best_error, s.test_at_best = score, float("nan") if test_error is None else test_error
     n = max(1, s.counts["n"])
     labeled = s.counts["labeled"]
-    s.log.append({"epoch": s.epoch, "step": s.step, "phase": s.trained_phase,
-                  "lr": s.optimizer.param_groups[0]["lr"],
-                  **{k: f"{v / n:.6g}" for k, v in s.sums.items()},
-                  "train_acc": f"{100.0 * s.counts['correct'] / max(1, labeled):.3f}" if labeled else "",
-                  "val_error": "" if val_error is None else f"{val_error:.4f}",
-                  "test_error": "" if test_error is None else f"{test_error:.4f}", "best_error": f"{s.best_error:.4f}",
-                  "elapsed_s": f"{s.elapsed_s():.1f}"})
+    s.log.append(
+        {
+            "epoch": s.epoch,
+            "step": s.step,
+            "phase": s.trained_phase,
+            "lr": s.optimizer.param_groups[0]["lr"],
+            **{k: f"{v / n:.6g}" for k, v in s.sums.items()},
+            "train_acc": f"{100.0 * s.counts['correct'] / max(1, labeled):.3f}" if labeled else "",
+            "val_error": "" if val_error is None else f"{val_error:.4f}",
+            "test_error": "" if test_error is None else f"{test_error:.4f}",
+            "best_error": f"{s.best_error:.4f}",
+            "elapsed_s": f"{s.elapsed_s():.1f}",
+        }
+    )
     s.sums.clear()
     s.counts.update(n=0, correct=0, labeled=0)
     return test_error, score
@@ -380,6 +492,7 @@ def progress_bar(cfg: TrainConfig, total: int, initial: int, desc: str):
     if not cfg.progress:
         return None
     from tqdm import tqdm
+
     return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
 
 
@@ -446,11 +559,16 @@ def finish(s: TrainState, score_test: bool = True) -> Dict[str, Any]:
     if s.test_error is None and score_test:
         s.test_error = evaluate(s.model, s.data, cfg.eval_samples, cfg.eval_batch_size)
     s.log.close()
-    summary = {"test_error": s.test_error, "best_error": s.best_error,
-               "best_on": "validation" if cfg.val_samples else "test",
-               **({} if cfg.val_samples else {"test_error_at_best": s.test_at_best}),
-               "steps": s.step, "epochs_done": s.epoch,
-               "eval_images": cfg.eval_samples or len(s.data.test_labels), "train_seconds": s.elapsed_s()}
+    summary = {
+        "test_error": s.test_error,
+        "best_error": s.best_error,
+        "best_on": "validation" if cfg.val_samples else "test",
+        **({} if cfg.val_samples else {"test_error_at_best": s.test_at_best}),
+        "steps": s.step,
+        "epochs_done": s.epoch,
+        "eval_images": cfg.eval_samples or len(s.data.test_labels),
+        "train_seconds": s.elapsed_s(),
+    }
     if s.rank == 0:
         write_summary(s.run_dir, summary)
     if s.joined_group:

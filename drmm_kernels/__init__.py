@@ -31,7 +31,19 @@ from . import export  # noqa: F401,E402  (gives the ops their ATen composites: t
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendStatus", "available_backends", "backend", "get_backend", "set_backend",
-    "conv_relu_pool", "conv_bn_relu_pool", "render", "switches_to_indices",
-    "FusedConvReLUPool2d", "FusedConvBNReLUPool2d", "Render2d", "fuse_conv_relu_pool", "fuse", "attribution",
+    "BackendStatus",
+    "available_backends",
+    "backend",
+    "get_backend",
+    "set_backend",
+    "conv_relu_pool",
+    "conv_bn_relu_pool",
+    "render",
+    "switches_to_indices",
+    "FusedConvReLUPool2d",
+    "FusedConvBNReLUPool2d",
+    "Render2d",
+    "fuse_conv_relu_pool",
+    "fuse",
+    "attribution",
 ]

@@ -80,14 +80,14 @@ Rule = Tuple[str, str]
 
 class _State(threading.local):
     def __init__(self) -> None:
-        self.modes: List[str] = []       # open contexts of this thread, innermost last
+        self.modes: List[str] = []  # open contexts of this thread, innermost last
         # One entry per module call in progress that the hooks act on: (module, fused block rule or ReLU slot).
         self.calls: List[tuple] = []
 
 
 _tls = _State()
 _lock = threading.Lock()
-_open = 0               # contexts open in the process (all threads); the hooks are installed while > 0
+_open = 0  # contexts open in the process (all threads); the hooks are installed while > 0
 _handles: list = []
 
 
@@ -114,8 +114,9 @@ class attribution:  # noqa: N801 -- a context manager used like torch.no_grad
 
     def __init__(self, mode: str) -> None:
         if not isinstance(mode, str) or mode not in MODES:
-            raise ValueError(f"drmm_kernels.attribution: mode must be one of {', '.join(map(repr, MODES))}, "
-                             f"got {mode!r}")
+            raise ValueError(
+                f"drmm_kernels.attribution: mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}"
+            )
         self.mode = mode
 
     def __enter__(self) -> "attribution":
@@ -161,8 +162,9 @@ def block_rule(module: nn.Module, mode: Optional[str] = None) -> Optional[Rule]:
         return None
     order = getattr(module, "order", "act-pool")
     if order not in ("act-pool", "pool-act"):
-        raise ValueError(f"drmm_kernels.attribution: {type(module).__name__}.order must be 'act-pool' or "
-                         f"'pool-act', got {order!r}")
+        raise ValueError(
+            f"drmm_kernels.attribution: {type(module).__name__}.order must be 'act-pool' or 'pool-act', got {order!r}"
+        )
     return mode, order
 
 
@@ -190,7 +192,7 @@ def rewrite(gy: Tensor, switches: Tensor, rule: Optional[Rule]) -> Tuple[Tensor,
     if mode == "guided":
         return gy, switches
     if order == "act-pool":
-        switches = switches.masked_fill(switches < ON_BIT, ON_BIT)   # off: offset 0, on bit set
+        switches = switches.masked_fill(switches < ON_BIT, ON_BIT)  # off: offset 0, on bit set
     else:
         switches = switches | ON_BIT
     return gy, switches
@@ -201,6 +203,7 @@ def rewrite(gy: Tensor, switches: Tensor, rule: Optional[Rule]) -> Tuple[Tensor,
 
 class _Slot:
     """What one ReLU call's backward needs: the mode, and in deconvnet mode the gradient at its output."""
+
     __slots__ = ("mode", "grad_out")
 
     def __init__(self, mode: str) -> None:
@@ -257,14 +260,14 @@ def _post_hook(module: nn.Module, args, output):
     if not calls or calls[-1][0] is not module:
         return None
     _, entry = calls.pop()
-    if isinstance(entry, _Slot) and entry.mode == "deconvnet" and isinstance(output, Tensor) \
-            and output.requires_grad:
+    if isinstance(entry, _Slot) and entry.mode == "deconvnet" and isinstance(output, Tensor) and output.requires_grad:
         output.register_hook(entry.store)
     return None
 
 
 def _install_hooks() -> None:
     from torch.nn.modules import module as module_mod
+
     _handles.append(module_mod.register_module_forward_pre_hook(_pre_hook))
     _handles.append(module_mod.register_module_forward_hook(_post_hook, always_call=True))
 

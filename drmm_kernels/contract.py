@@ -61,8 +61,9 @@ class Checker:
 
     def floating(self, name: str, t: Tensor) -> None:
         if t.dtype not in FLOAT_DTYPES:
-            raise self.type_error(f"{name} must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), "
-                                  f"got {t.dtype}")
+            raise self.type_error(
+                f"{name} must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), got {t.dtype}"
+            )
 
     def integer(self, name: str, v, lo: int, hi: Optional[int] = None) -> int:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
@@ -92,14 +93,19 @@ class Checker:
             return
         self.tensor(name, t, 1)
         if t.shape[0] != channels:
-            raise self.value_error(f"{name} must have {channels} elements (one per output channel of weight), "
-                                   f"got shape ({shape_str(t)})")
+            raise self.value_error(
+                f"{name} must have {channels} elements (one per output channel of weight), got shape ({shape_str(t)})"
+            )
         self.like(name, t, ref_name, ref)
 
     def layer(self, stride, padding, pool, negative_slope) -> Tuple[int, int, int, float]:
         """The hyper-parameters every op takes, as (int, int, int, float)."""
-        return (self.integer("stride", stride, 1), self.integer("padding", padding, 0),
-                self.integer("pool", pool, 1, MAX_POOL), self.slope(negative_slope))
+        return (
+            self.integer("stride", stride, 1),
+            self.integer("padding", padding, 0),
+            self.integer("pool", pool, 1, MAX_POOL),
+            self.slope(negative_slope),
+        )
 
     def conv_input(self, x_name: str, x, weight) -> None:
         """A 4-D floating input and a weight of its dtype, device and channel count."""
@@ -108,23 +114,29 @@ class Checker:
         self.floating(x_name, x)
         self.like("weight", weight, x_name, x)
         if weight.shape[1] != x.shape[1]:
-            raise self.value_error(f"weight expects {weight.shape[1]} input channels (shape ({shape_str(weight)})) "
-                                   f"but {x_name} has {x.shape[1]} (shape ({shape_str(x)}))")
+            raise self.value_error(
+                f"weight expects {weight.shape[1]} input channels (shape ({shape_str(weight)})) "
+                f"but {x_name} has {x.shape[1]} (shape ({shape_str(x)}))"
+            )
 
-    def geometry(self, what: str, in_hw: Sequence[int], weight: Tensor, stride: int, padding: int,
-                 pool: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    def geometry(
+        self, what: str, in_hw: Sequence[int], weight: Tensor, stride: int, padding: int, pool: int
+    ) -> Tuple[Tuple[int, int], Tuple[int, int]]:
         """(conv size, pooled size) of an input of spatial size ``in_hw``; both must be non-empty."""
         in_hw = tuple(int(s) for s in in_hw)
         kernel = tuple(weight.shape[-2:])
         chw = conv_size(in_hw, kernel, stride, padding)
         if min(chw) < 1:
-            raise self.value_error(f"{what} of spatial size {in_hw} with padding {padding} is smaller than the "
-                                   f"kernel {kernel}")
+            raise self.value_error(
+                f"{what} of spatial size {in_hw} with padding {padding} is smaller than the kernel {kernel}"
+            )
         phw = pooled_size(chw, pool)
         if min(phw) < 1:
-            raise self.value_error(f"pooled size is zero: conv output {chw} is smaller than pool={pool} "
-                                   f"({what} spatial size {in_hw}, kernel {kernel}, stride {stride}, "
-                                   f"padding {padding})")
+            raise self.value_error(
+                f"pooled size is zero: conv output {chw} is smaller than pool={pool} "
+                f"({what} spatial size {in_hw}, kernel {kernel}, stride {stride}, "
+                f"padding {padding})"
+            )
         return chw, phw
 
     def switches(self, switches, ref_name: str, ref: Tensor) -> None:
@@ -132,8 +144,9 @@ class Checker:
         self.tensor("switches", switches, ref.dim())
         self.uint8_switches(switches)
         if switches.shape != ref.shape:
-            raise self.value_error(f"switches shape ({shape_str(switches)}) does not match {ref_name} shape "
-                                   f"({shape_str(ref)})")
+            raise self.value_error(
+                f"switches shape ({shape_str(switches)}) does not match {ref_name} shape ({shape_str(ref)})"
+            )
         if switches.device != ref.device:
             raise self.value_error(f"switches is on {switches.device} but {ref_name} is on {ref.device}")
 

@@ -13,6 +13,7 @@ from . import reference
 
 _DTYPES = (torch.float32, torch.float64)
 
+
 def status() -> Tuple[bool, str]:
     return True, "C++ kernels (drmm_kernels._C); float32/float64, other dtypes via reference"
 
@@ -30,11 +31,28 @@ def _native(*tensors: Optional[Tensor]) -> bool:
 # here against the schema): torch's argument parser takes microseconds longer for keywords.
 
 
-def conv_relu_pool(*, x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], stride: int,
-                   padding: int, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
+def conv_relu_pool(
+    *,
+    x: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    stride: int,
+    padding: int,
+    pool: int,
+    negative_slope: float,
+) -> Tuple[Tensor, Tensor]:
     if not _native(x, weight, scale, shift):
-        return reference.conv_relu_pool(x=x, weight=weight, scale=scale, shift=shift, stride=stride, padding=padding,
-                                        pool=pool, negative_slope=negative_slope)
+        return reference.conv_relu_pool(
+            x=x,
+            weight=weight,
+            scale=scale,
+            shift=shift,
+            stride=stride,
+            padding=padding,
+            pool=pool,
+            negative_slope=negative_slope,
+        )
     return torch.ops.drmm_C.conv_relu_pool(x, weight, scale, shift, stride, padding, pool, negative_slope)
 
 
@@ -44,29 +62,74 @@ def bn_pool(*, z: Tensor, scale: Tensor, shift: Tensor, pool: int, negative_slop
     return torch.ops.drmm_C.bn_pool(z, scale, shift, pool, negative_slope)
 
 
-def render(*, mu: Tensor, switches: Tensor, weight: Tensor, scale: Optional[Tensor], stride: int, padding: int,
-           pool: int, out_h: int, out_w: int, negative_slope: float) -> Tensor:
+def render(
+    *,
+    mu: Tensor,
+    switches: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor],
+    stride: int,
+    padding: int,
+    pool: int,
+    out_h: int,
+    out_w: int,
+    negative_slope: float,
+) -> Tensor:
     if not _native(mu, weight, scale):
-        return reference.render(mu=mu, switches=switches, weight=weight, scale=scale, stride=stride, padding=padding,
-                                pool=pool, out_h=out_h, out_w=out_w, negative_slope=negative_slope)
-    return torch.ops.drmm_C.render(mu, switches, weight, scale, stride, padding, pool, int(out_h), int(out_w),
-                                   negative_slope)
+        return reference.render(
+            mu=mu,
+            switches=switches,
+            weight=weight,
+            scale=scale,
+            stride=stride,
+            padding=padding,
+            pool=pool,
+            out_h=out_h,
+            out_w=out_w,
+            negative_slope=negative_slope,
+        )
+    return torch.ops.drmm_C.render(
+        mu, switches, weight, scale, stride, padding, pool, int(out_h), int(out_w), negative_slope
+    )
 
 
 def gather_conv(*, src: Tensor, weight: Tensor, switches: Tensor, stride: int, padding: int, pool: int) -> Tensor:
     if not _native(src, weight):
-        return reference.gather_conv(src=src, weight=weight, switches=switches, stride=stride, padding=padding,
-                                     pool=pool)
+        return reference.gather_conv(
+            src=src, weight=weight, switches=switches, stride=stride, padding=padding, pool=pool
+        )
     return torch.ops.drmm_C.gather_conv(src, weight, switches, stride, padding, pool)
 
 
-def render_wgrad(*, src: Tensor, mu: Tensor, switches: Tensor, scale: Optional[Tensor], stride: int, padding: int,
-                 pool: int, negative_slope: float, kernel_h: int, kernel_w: int) -> Tensor:
+def render_wgrad(
+    *,
+    src: Tensor,
+    mu: Tensor,
+    switches: Tensor,
+    scale: Optional[Tensor],
+    stride: int,
+    padding: int,
+    pool: int,
+    negative_slope: float,
+    kernel_h: int,
+    kernel_w: int,
+) -> Tensor:
     if not _native(src, mu, scale):
-        return reference.render_wgrad(src=src, mu=mu, switches=switches, scale=scale, stride=stride, padding=padding,
-                                      pool=pool, negative_slope=negative_slope, kernel_h=kernel_h, kernel_w=kernel_w)
-    return torch.ops.drmm_C.render_wgrad(src, mu, switches, scale, stride, padding, pool, negative_slope,
-                                         int(kernel_h), int(kernel_w))
+        return reference.render_wgrad(
+            src=src,
+            mu=mu,
+            switches=switches,
+            scale=scale,
+            stride=stride,
+            padding=padding,
+            pool=pool,
+            negative_slope=negative_slope,
+            kernel_h=kernel_h,
+            kernel_w=kernel_w,
+        )
+    return torch.ops.drmm_C.render_wgrad(
+        src, mu, switches, scale, stride, padding, pool, negative_slope, int(kernel_h), int(kernel_w)
+    )
 
 
 def masked_values(*, mu: Tensor, switches: Tensor, scale: Optional[Tensor], negative_slope: float) -> Tensor:

@@ -22,7 +22,10 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def status() -> Tuple[bool, str]:
     if not torch.ops.drmm_C.built_with_cuda():
-        return False, "drmm_kernels._C was built without CUDA sources (CPU-only torch, no nvcc, or DRMM_SKIP_CUDA_BUILD=1)"
+        return (
+            False,
+            "drmm_kernels._C was built without CUDA sources (CPU-only torch, no nvcc, or DRMM_SKIP_CUDA_BUILD=1)",
+        )
     if not torch.cuda.is_available():
         return False, "built with CUDA kernels, but no CUDA device is visible"
     return True, "CUDA C++ kernels in drmm_kernels._C"
@@ -40,38 +43,100 @@ def _native(t: Tensor) -> bool:
 # here against the schema): torch's argument parser takes microseconds longer for keywords.
 
 
-def conv_relu_pool(*, x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], stride: int,
-                   padding: int, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
+def conv_relu_pool(
+    *,
+    x: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    stride: int,
+    padding: int,
+    pool: int,
+    negative_slope: float,
+) -> Tuple[Tensor, Tensor]:
     if not _native(x):
-        return reference.conv_relu_pool(x=x, weight=weight, scale=scale, shift=shift, stride=stride, padding=padding,
-                                        pool=pool, negative_slope=negative_slope)
+        return reference.conv_relu_pool(
+            x=x,
+            weight=weight,
+            scale=scale,
+            shift=shift,
+            stride=stride,
+            padding=padding,
+            pool=pool,
+            negative_slope=negative_slope,
+        )
     y, sw = torch.ops.drmm_C.conv_relu_pool(x, weight, scale, shift, stride, padding, pool, float(negative_slope))
     return y, sw
 
 
-def render(*, mu: Tensor, switches: Tensor, weight: Tensor, scale: Optional[Tensor], stride: int, padding: int,
-           pool: int, out_h: int, out_w: int, negative_slope: float) -> Tensor:
+def render(
+    *,
+    mu: Tensor,
+    switches: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor],
+    stride: int,
+    padding: int,
+    pool: int,
+    out_h: int,
+    out_w: int,
+    negative_slope: float,
+) -> Tensor:
     if not _native(mu):
-        return reference.render(mu=mu, switches=switches, weight=weight, scale=scale, stride=stride, padding=padding,
-                                pool=pool, out_h=out_h, out_w=out_w, negative_slope=negative_slope)
-    return torch.ops.drmm_C.render(mu, switches, weight, scale, stride, padding, pool, int(out_h), int(out_w),
-                                   float(negative_slope))
+        return reference.render(
+            mu=mu,
+            switches=switches,
+            weight=weight,
+            scale=scale,
+            stride=stride,
+            padding=padding,
+            pool=pool,
+            out_h=out_h,
+            out_w=out_w,
+            negative_slope=negative_slope,
+        )
+    return torch.ops.drmm_C.render(
+        mu, switches, weight, scale, stride, padding, pool, int(out_h), int(out_w), float(negative_slope)
+    )
 
 
 def gather_conv(*, src: Tensor, weight: Tensor, switches: Tensor, stride: int, padding: int, pool: int) -> Tensor:
     if not _native(src):
-        return reference.gather_conv(src=src, weight=weight, switches=switches, stride=stride, padding=padding,
-                                     pool=pool)
+        return reference.gather_conv(
+            src=src, weight=weight, switches=switches, stride=stride, padding=padding, pool=pool
+        )
     return torch.ops.drmm_C.gather_conv(src, weight, switches, stride, padding, pool)
 
 
-def render_wgrad(*, src: Tensor, mu: Tensor, switches: Tensor, scale: Optional[Tensor], stride: int, padding: int,
-                 pool: int, negative_slope: float, kernel_h: int, kernel_w: int) -> Tensor:
+def render_wgrad(
+    *,
+    src: Tensor,
+    mu: Tensor,
+    switches: Tensor,
+    scale: Optional[Tensor],
+    stride: int,
+    padding: int,
+    pool: int,
+    negative_slope: float,
+    kernel_h: int,
+    kernel_w: int,
+) -> Tensor:
     if not _native(src):
-        return reference.render_wgrad(src=src, mu=mu, switches=switches, scale=scale, stride=stride, padding=padding,
-                                      pool=pool, negative_slope=negative_slope, kernel_h=kernel_h, kernel_w=kernel_w)
-    return torch.ops.drmm_C.render_wgrad(src, mu, switches, scale, stride, padding, pool, float(negative_slope),
-                                         int(kernel_h), int(kernel_w))
+        return reference.render_wgrad(
+            src=src,
+            mu=mu,
+            switches=switches,
+            scale=scale,
+            stride=stride,
+            padding=padding,
+            pool=pool,
+            negative_slope=negative_slope,
+            kernel_h=kernel_h,
+            kernel_w=kernel_w,
+        )
+    return torch.ops.drmm_C.render_wgrad(
+        src, mu, switches, scale, stride, padding, pool, float(negative_slope), int(kernel_h), int(kernel_w)
+    )
 
 
 def bn_pool(*, z: Tensor, scale: Tensor, shift: Tensor, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:

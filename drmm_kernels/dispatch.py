@@ -61,10 +61,12 @@ def load_extension() -> bool:
     if _ext_loaded is None:
         try:
             from . import _C  # noqa: F401
+
             _ext_loaded = True
         except Exception as exc:
             missing = f"compiled extension drmm_kernels._C not loadable ({type(exc).__name__}: {exc})"
             from . import jit
+
             try:
                 jit.load()
                 _ext_loaded = True
@@ -174,8 +176,8 @@ def backend(name: str) -> Iterator[None]:
         _selection.name = previous
 
 
-# Preference order of `auto` per device type. The cuda/triton order on GPUs is
-# decided by bench/kernels.py (see `auto_table.json` when it exists).
+# Preference order of `auto` per device type. On GPUs it is a default until a device check measures the two
+# GPU backends against each other (bench/kernels.py).
 _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 
 
@@ -225,11 +227,19 @@ def _plain_eager(tensors: Sequence[Tensor]) -> bool:
     (``torch.func.grad``, ``vmap``, ...), no torch function or dispatch mode active (fake tensors,
     ``with torch.device(...)``, ...), only plain dense tensors (``nn.Parameter`` included: it disables
     ``__torch_function__``, so it is a plain tensor to every op)."""
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled() or \
-            _python_dispatch.is_in_torch_dispatch_mode() or torch._C._are_functorch_transforms_active():
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._is_torch_function_mode_enabled()
+        or _python_dispatch.is_in_torch_dispatch_mode()
+        or torch._C._are_functorch_transforms_active()
+    ):
         return False
-    return all((type(t) is Tensor or type(t) is torch.nn.Parameter) and not t.is_meta
-               and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    return all(
+        (type(t) is Tensor or type(t) is torch.nn.Parameter)
+        and not t.is_meta
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+        for t in tensors
+    )
 
 
 #: Every ``drmm::`` custom op built by ``CustomOp``, by name.
@@ -265,11 +275,15 @@ class CustomOp:
 
         def ordered(grads):
             if not isinstance(grads, dict):
-                raise TypeError(f"drmm::{schema.name}: backward must return a dict of gradients by argument name, "
-                                f"got {type(grads).__name__}")
+                raise TypeError(
+                    f"drmm::{schema.name}: backward must return a dict of gradients by argument name, "
+                    f"got {type(grads).__name__}"
+                )
             if not grads.keys() <= grads_for:
-                raise TypeError(f"drmm::{schema.name}: backward returned gradients for "
-                                f"{sorted(grads.keys() - grads_for)}, not tensor arguments of {schema}")
+                raise TypeError(
+                    f"drmm::{schema.name}: backward returned gradients for "
+                    f"{sorted(grads.keys() - grads_for)}, not tensor arguments of {schema}"
+                )
             return tuple(map(grads.get, names))
 
         def op_backward(ctx, *grads):
@@ -286,8 +300,9 @@ class CustomOp:
         def op_setup(ctx, inputs, output):
             setup(ctx, dict(zip(names, inputs)), output)
 
-        self.op = torch.library.custom_op(f"drmm::{schema.name}", op_impl, mutates_args=(),
-                                          schema=schema.torch_library())
+        self.op = torch.library.custom_op(
+            f"drmm::{schema.name}", op_impl, mutates_args=(), schema=schema.torch_library()
+        )
         self.op.register_fake(op_fake)
         self.op.register_autograd(op_backward, setup_context=op_setup)
 
@@ -299,8 +314,11 @@ class CustomOp:
             setup(ctx, a, output)
             return output
 
-        self.function = type(f"{schema.name}_function", (torch.autograd.Function,), {
-            "forward": staticmethod(forward), "backward": staticmethod(op_backward)})
+        self.function = type(
+            f"{schema.name}_function",
+            (torch.autograd.Function,),
+            {"forward": staticmethod(forward), "backward": staticmethod(op_backward)},
+        )
         CUSTOM_OPS[schema.name] = self
 
     #: The op in standard ATen ops (drmm_kernels/export.py), or None: what ``torch.jit.trace`` and
@@ -324,6 +342,7 @@ class CustomOp:
     def _call_error(self, kwargs) -> TypeError:
         missing = [n for n in self.names if n not in kwargs]
         unknown = [n for n in kwargs if n not in self._names]
-        why = "; ".join(f"{what} {', '.join(names)}" for what, names in (("missing", missing), ("unknown", unknown))
-                        if names)
+        why = "; ".join(
+            f"{what} {', '.join(names)}" for what, names in (("missing", missing), ("unknown", unknown)) if names
+        )
         return TypeError(f"drmm::{self.name}: {why} (takes keywords {self.schema})")

@@ -51,8 +51,16 @@ def _act_pool(v: Tensor, pool: int, negative_slope: float) -> Tuple[Tensor, Tens
     return y, switches
 
 
-def conv_relu_pool(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], stride: int,
-                   padding: int, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
+def conv_relu_pool(
+    x: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    stride: int,
+    padding: int,
+    pool: int,
+    negative_slope: float,
+) -> Tuple[Tensor, Tensor]:
     """``drmm::conv_relu_pool`` in ATen ops (arguments in schema order)."""
     if scale is None:  # the shift is the conv's bias: one Conv node
         v = F.conv2d(x, weight, shift, stride, padding)
@@ -63,10 +71,20 @@ def conv_relu_pool(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Op
     return _act_pool(v, pool, negative_slope)
 
 
-def conv_bn_relu_pool(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                      running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float,
-                      stride: int, padding: int, pool: int,
-                      negative_slope: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def conv_bn_relu_pool(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    eps: float,
+    stride: int,
+    padding: int,
+    pool: int,
+    negative_slope: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``drmm::conv_bn_relu_pool`` in ATen ops: ``(y, switches, mean, var, z)`` as the op returns them (the
     statistics used, biased variance; z the conv output in training mode, empty in eval mode)."""
     z = F.conv2d(x, weight, None, stride, padding)
@@ -88,8 +106,10 @@ def decompositions() -> Dict[torch._ops.OpOverload, Callable]:
     >>> sorted(op.name() for op in decompositions())
     ['drmm::conv_bn_relu_pool', 'drmm::conv_relu_pool']
     """
-    return {torch.ops.drmm.conv_relu_pool.default: conv_relu_pool,
-            torch.ops.drmm.conv_bn_relu_pool.default: conv_bn_relu_pool}
+    return {
+        torch.ops.drmm.conv_relu_pool.default: conv_relu_pool,
+        torch.ops.drmm.conv_bn_relu_pool.default: conv_bn_relu_pool,
+    }
 
 
 # The ops run their composite while a model is traced for export (drmm_kernels/dispatch.py CustomOp.__call__).

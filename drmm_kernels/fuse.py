@@ -45,8 +45,15 @@ import drmm_kernels as _dk  # the public ops are looked up at call time (the pac
 from .fusion_rules import FxView, Match, Refusal, is_member_module, match, reason, sequential_matches
 from .layers import FusedConvBNReLUPool2d, FusedConvReLUPool2d
 
-__all__ = ["fuse", "fuse_conv_relu_pool", "FuseReport", "FusedBlock", "RefusedBlock", "FusedConvActPool2d",
-           "FusedConvBNActPool2d"]
+__all__ = [
+    "fuse",
+    "fuse_conv_relu_pool",
+    "FuseReport",
+    "FusedBlock",
+    "RefusedBlock",
+    "FusedConvActPool2d",
+    "FusedConvBNActPool2d",
+]
 
 # --------------------------------------------------------------------------- report
 
@@ -54,6 +61,7 @@ __all__ = ["fuse", "fuse_conv_relu_pool", "FuseReport", "FusedBlock", "RefusedBl
 @dataclass
 class FusedBlock:
     """One fused module: its path, the chain it replaced, and how many call sites use it."""
+
     name: str
     chain: str
     module: str
@@ -67,6 +75,7 @@ class FusedBlock:
 @dataclass
 class RefusedBlock:
     """A conv (or the pool after it) left unfused, and why."""
+
     name: str
     chain: str
     reason: str
@@ -78,6 +87,7 @@ class RefusedBlock:
 @dataclass
 class FuseReport:
     """What ``fuse`` did: ``mode`` is ``"fx"`` (traced) or ``"modules"`` (nn.Sequential fallback)."""
+
     model: str
     mode: str
     fused: List[FusedBlock] = field(default_factory=list)
@@ -121,10 +131,16 @@ class _BuiltByFuse:
     fused_path = ""
     chain = ""
 
-    def _setup(self, path: str, chain: str, act_module: Optional[nn.Module], pool_module: Optional[nn.Module],
-               as_children: bool = False) -> None:
+    def _setup(
+        self,
+        path: str,
+        chain: str,
+        act_module: Optional[nn.Module],
+        pool_module: Optional[nn.Module],
+        as_children: bool = False,
+    ) -> None:
         self.fused_path, self.chain = path, chain
-        object.__setattr__(self, "_act_module", act_module)   # not children: they keep their own paths
+        object.__setattr__(self, "_act_module", act_module)  # not children: they keep their own paths
         object.__setattr__(self, "_pool_module", pool_module)
         if as_children:  # nn.Sequential fallback: their slots hold nn.Identity, so Captum finds them here
             if act_module is not None:
@@ -135,13 +151,17 @@ class _BuiltByFuse:
     def _replaced(self) -> List[nn.Module]:
         d = self.__dict__
         # a FusedAwayBatchNorm2d slot is not one: it raises on hooks of its own
-        return [m for m in (d.get("_bn_module"), d.get("_act_module"), d.get("_pool_module"))
-                if m is not None and not isinstance(m, FusedAwayBatchNorm2d)]
+        return [
+            m
+            for m in (d.get("_bn_module"), d.get("_act_module"), d.get("_pool_module"))
+            if m is not None and not isinstance(m, FusedAwayBatchNorm2d)
+        ]
 
     def _route(self, want_switches: bool) -> bool:
         """True where the chain must run unfused (a replaced module is hooked); raises for hooks on the block."""
-        if (self._forward_hooks or self._backward_hooks or self._backward_pre_hooks) \
-                and not self.hooks_see_block_output:
+        if (
+            self._forward_hooks or self._backward_hooks or self._backward_pre_hooks
+        ) and not self.hooks_see_block_output:
             where = self.fused_path or type(self).__name__
             kept = [p for p in self._replaced_paths() if p]
             raise RuntimeError(
@@ -149,12 +169,17 @@ class _BuiltByFuse:
                 f"({self.chain or 'conv -> activation -> pool'}); the block outputs the whole chain, where the "
                 f"original module at {where!r} output the conv alone, so the hook (e.g. a Captum layer method such "
                 f"as LayerGradCam) would see another tensor than on the unfused model. Hook "
-                + (f"the activation or pool module ({', '.join(repr(p) for p in kept)}: the block then runs "
-                   f"unfused through it) " if kept else "a module of the unfused model ")
+                + (
+                    f"the activation or pool module ({', '.join(repr(p) for p in kept)}: the block then runs "
+                    f"unfused through it) "
+                    if kept
+                    else "a module of the unfused model "
+                )
                 + "instead, or use the unfused model; for input attributions use "
-                  "`with drmm_kernels.attribution(mode):` (or Captum's GuidedBackprop / Deconvolution / Saliency, "
-                  "which work on the fused model). Set hooks_see_block_output = True on the block to hook its "
-                  "output knowingly.")
+                "`with drmm_kernels.attribution(mode):` (or Captum's GuidedBackprop / Deconvolution / Saliency, "
+                "which work on the fused model). Set hooks_see_block_output = True on the block to hook its "
+                "output knowingly."
+            )
         return not want_switches and any(_hooked(m) for m in self._replaced())
 
     def _replaced_paths(self) -> List[str]:
@@ -193,10 +218,21 @@ class FusedConvActPool2d(_BuiltByFuse, FusedConvReLUPool2d):
     """
 
     @classmethod
-    def _build(cls, conv: nn.Conv2d, padding: int, slope: float, pool: int, order: str,
-               relu_module: bool, path: str = "", chain: str = "", act_module: Optional[nn.Module] = None,
-               pool_module: Optional[nn.Module] = None, replaced_paths: Sequence[str] = (),
-               as_children: bool = False) -> "FusedConvActPool2d":
+    def _build(
+        cls,
+        conv: nn.Conv2d,
+        padding: int,
+        slope: float,
+        pool: int,
+        order: str,
+        relu_module: bool,
+        path: str = "",
+        chain: str = "",
+        act_module: Optional[nn.Module] = None,
+        pool_module: Optional[nn.Module] = None,
+        replaced_paths: Sequence[str] = (),
+        as_children: bool = False,
+    ) -> "FusedConvActPool2d":
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         kh, kw = conv.kernel_size
@@ -220,9 +256,11 @@ class FusedConvActPool2d(_BuiltByFuse, FusedConvReLUPool2d):
     # render is FusedConvReLUPool2d's: same weight, bias and geometry attributes.
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, bias={self.bias is not None}, pool={self.pool}, "
-                f"act={_act_name(self.negative_slope)}, order={self.order}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, bias={self.bias is not None}, pool={self.pool}, "
+            f"act={_act_name(self.negative_slope)}, order={self.order}"
+        )
 
 
 class FusedConvBNActPool2d(_BuiltByFuse, FusedConvBNReLUPool2d):
@@ -239,10 +277,23 @@ class FusedConvBNActPool2d(_BuiltByFuse, FusedConvBNReLUPool2d):
     """
 
     @classmethod
-    def _build(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, bn_path: str, padding: int, slope: float, pool: int,
-               order: str, relu_module: bool, path: str = "", chain: str = "",
-               act_module: Optional[nn.Module] = None, pool_module: Optional[nn.Module] = None,
-               replaced_paths: Sequence[str] = (), as_children: bool = False) -> "FusedConvBNActPool2d":
+    def _build(
+        cls,
+        conv: nn.Conv2d,
+        bn: nn.BatchNorm2d,
+        bn_path: str,
+        padding: int,
+        slope: float,
+        pool: int,
+        order: str,
+        relu_module: bool,
+        path: str = "",
+        chain: str = "",
+        act_module: Optional[nn.Module] = None,
+        pool_module: Optional[nn.Module] = None,
+        replaced_paths: Sequence[str] = (),
+        as_children: bool = False,
+    ) -> "FusedConvBNActPool2d":
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         kh, kw = conv.kernel_size
@@ -284,9 +335,21 @@ class FusedConvBNActPool2d(_BuiltByFuse, FusedConvBNReLUPool2d):
                 extra = b * torch.rsqrt(var + bn.eps)
                 extra = extra if bn.weight is None else extra * bn.weight
             shift = extra if shift is None else shift + extra
-        y, switches = _dk.conv_bn_relu_pool(x, self.weight, bn.weight, shift, mean, var, training=bool(batch_stats),
-                                            momentum=float(momentum), eps=bn.eps, stride=self.stride,
-                                            padding=self.padding, pool=self.pool, negative_slope=self.negative_slope)
+        y, switches = _dk.conv_bn_relu_pool(
+            x,
+            self.weight,
+            bn.weight,
+            shift,
+            mean,
+            var,
+            training=bool(batch_stats),
+            momentum=float(momentum),
+            eps=bn.eps,
+            stride=self.stride,
+            padding=self.padding,
+            pool=self.pool,
+            negative_slope=self.negative_slope,
+        )
         if b is not None and batch_stats and mean is not None:
             with torch.no_grad():  # the op averaged the conv output without the bias
                 mean.add_(b.detach().to(mean.dtype), alpha=float(momentum))
@@ -294,13 +357,23 @@ class FusedConvBNActPool2d(_BuiltByFuse, FusedConvBNReLUPool2d):
 
     def render(self, mu: Tensor, switches: Tensor, out_size) -> Tensor:
         """Top-down pass through the raw conv weight (the BN is not inverted)."""
-        return _dk.render(mu, switches, self.weight, stride=self.stride, padding=self.padding, pool=self.pool,
-                          out_size=out_size, negative_slope=self.negative_slope)
+        return _dk.render(
+            mu,
+            switches,
+            self.weight,
+            stride=self.stride,
+            padding=self.padding,
+            pool=self.pool,
+            out_size=out_size,
+            negative_slope=self.negative_slope,
+        )
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, bias={self.bias is not None}, bn={self.bn_path}, pool={self.pool}, "
-                f"act={_act_name(self.negative_slope)}, order={self.order}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, bias={self.bias is not None}, bn={self.bn_path}, pool={self.pool}, "
+            f"act={_act_name(self.negative_slope)}, order={self.order}"
+        )
 
 
 class FusedAwayBatchNorm2d(nn.BatchNorm2d):
@@ -326,9 +399,11 @@ class FusedAwayBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: Tensor) -> Tensor:
         if _hooked(self):  # the slot sees the fused block's output, not this BatchNorm's input and output
-            raise RuntimeError(f"drmm_kernels.fuse: a hook is registered on a BatchNorm2d that fuse folded into "
-                               f"{self.fused_into!r} (this slot passes the fused block's output through); hook "
-                               f"the unfused model, or fuse after registering nothing on it")
+            raise RuntimeError(
+                f"drmm_kernels.fuse: a hook is registered on a BatchNorm2d that fuse folded into "
+                f"{self.fused_into!r} (this slot passes the fused block's output through); hook "
+                f"the unfused model, or fuse after registering nothing on it"
+            )
         return x
 
     def extra_repr(self) -> str:
@@ -345,8 +420,15 @@ def _site_key(ch: Match):
     """What must agree between the calls of one conv for one fused block to serve them all: relu_module too (a
     conv shared by an nn.ReLU chain and an F.relu chain attributes differently), and the activation and pool
     modules (the block runs unfused through them while they are hooked)."""
-    return (ch.bn.target if ch.bn is not None else None, ch.slope, ch.pool_size, ch.order, ch.relu_module,
-            _module_target(ch.act), _module_target(ch.pool))
+    return (
+        ch.bn.target if ch.bn is not None else None,
+        ch.slope,
+        ch.pool_size,
+        ch.order,
+        ch.relu_module,
+        _module_target(ch.act),
+        _module_target(ch.pool),
+    )
 
 
 def _replaced_paths(ch: Match) -> List[str]:
@@ -381,8 +463,10 @@ def _example_ranks(gm: fx.GraphModule, example_inputs, notes: List[str]) -> Dict
             ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
     except Exception as e:  # shapes are a check, not a requirement
         cause = e.__cause__ or e
-        notes.append(f"example_inputs: shape propagation failed ({type(cause).__name__}: {_first_line(cause)}); "
-                     f"conv input ranks not checked")
+        notes.append(
+            f"example_inputs: shape propagation failed ({type(cause).__name__}: {_first_line(cause)}); "
+            f"conv input ranks not checked"
+        )
         return {}
     out = {}
     for n in gm.graph.nodes:
@@ -403,8 +487,9 @@ def _mode_name(training: bool) -> str:
     return "training" if training else "eval"
 
 
-def _fuse_fx(model: nn.Module, graphs: Dict[bool, fx.Graph], report: FuseReport, example_inputs,
-             name: str) -> fx.GraphModule:
+def _fuse_fx(
+    model: nn.Module, graphs: Dict[bool, fx.Graph], report: FuseReport, example_inputs, name: str
+) -> fx.GraphModule:
     """Fuse the chains of ``graphs`` (one trace, or one per mode where the traces differ) consistently: a
     module is fused only where every call of it, in every graph, is the same chain."""
     primary = bool(model.training)
@@ -501,14 +586,29 @@ def _fuse_fx(model: nn.Module, graphs: Dict[bool, fx.Graph], report: FuseReport,
         gm = gms[mode_of[id(ch.conv.graph)]]
         if target not in built:
             conv = gm.get_submodule(target)
-            extra = dict(path=target, chain=ch.desc, replaced_paths=_replaced_paths(ch),
-                         act_module=ch.module("act"), pool_module=ch.module("pool"))
+            extra = dict(
+                path=target,
+                chain=ch.desc,
+                replaced_paths=_replaced_paths(ch),
+                act_module=ch.module("act"),
+                pool_module=ch.module("pool"),
+            )
             if ch.bn is None:
-                fused = FusedConvActPool2d._build(conv, ch.padding, ch.slope, ch.pool_size, ch.order, ch.relu_module,
-                                                  **extra)
+                fused = FusedConvActPool2d._build(
+                    conv, ch.padding, ch.slope, ch.pool_size, ch.order, ch.relu_module, **extra
+                )
             else:
-                fused = FusedConvBNActPool2d._build(conv, ch.module("bn"), ch.bn.target, ch.padding,
-                                                    ch.slope, ch.pool_size, ch.order, ch.relu_module, **extra)
+                fused = FusedConvBNActPool2d._build(
+                    conv,
+                    ch.module("bn"),
+                    ch.bn.target,
+                    ch.padding,
+                    ch.slope,
+                    ch.pool_size,
+                    ch.order,
+                    ch.relu_module,
+                    **extra,
+                )
             built[target] = fused
             done[target] = FusedBlock(target, ch.desc, type(fused).__name__)
         if not _has_module(gm, target) or gm.get_submodule(target) is not built[target]:
@@ -537,9 +637,11 @@ def _fuse_fx(model: nn.Module, graphs: Dict[bool, fx.Graph], report: FuseReport,
         fused_gm.recompile()
     _restore_unused_state(model, fused_gm, notes)
     if two:
-        notes.append(f"forward traces differently in training and eval mode (it reads self.training): the fused "
-                     f"model keeps one graph per mode and runs the one of its own training flag at every call, "
-                     f"as {name} reads its flag")
+        notes.append(
+            f"forward traces differently in training and eval mode (it reads self.training): the fused "
+            f"model keeps one graph per mode and runs the one of its own training flag at every call, "
+            f"as {name} reads its flag"
+        )
     for n in notes:
         if n not in report.notes:
             report.notes.append(n)
@@ -595,7 +697,7 @@ def _restore_unused_state(model: nn.Module, gm: fx.GraphModule, notes: List[str]
     registered under several names (or used from two containers) holds the same object at each of them -- the
     fused block where it was fused -- and modules the graph no longer calls (unused ones, and the ReLU / pool
     modules a block replaced) are the original objects."""
-    mapped: Dict[int, nn.Module] = {}   # id of a module of ``model`` -> what stands for it in ``gm``
+    mapped: Dict[int, nn.Module] = {}  # id of a module of ``model`` -> what stands for it in ``gm``
     have = dict(gm.named_modules(remove_duplicate=False))
     everything = list(model.named_modules(remove_duplicate=False))
     for path, m in everything:
@@ -652,7 +754,7 @@ class _TwoModeGraphModule(fx.GraphModule):
     ``fuse`` ran in; ``mode_graphs`` has both. Copies, deep copies and pickles keep both graphs."""
 
     def _set_other(self, graph: fx.Graph, graph_training: bool) -> None:
-        self.__dict__["_graph_training"] = bool(graph_training)   # the mode of self.graph
+        self.__dict__["_graph_training"] = bool(graph_training)  # the mode of self.graph
         self.__dict__["_other_graph"] = graph
         self.recompile()
 
@@ -684,7 +786,7 @@ class _TwoModeGraphModule(fx.GraphModule):
 
     def __copy__(self):
         res = _TwoModeGraphModule(self, self.graph, type(self).__name__)
-        res._modules.update(self._modules)   # the whole tree, shared as a shallow copy shares it
+        res._modules.update(self._modules)  # the whole tree, shared as a shallow copy shares it
         res._parameters.update(self._parameters)
         res._buffers.update(self._buffers)
         res._non_persistent_buffers_set |= self._non_persistent_buffers_set
@@ -703,16 +805,21 @@ class _TwoModeGraphModule(fx.GraphModule):
         return _rebuild_two_mode, (body, imports, pc.src, other_imports, t)
 
     def __reduce_package__(self, exporter):
-        raise NotImplementedError("drmm_kernels.fuse: torch.package cannot keep the fused model's second graph "
-                                  "(one per training/eval mode); save its state_dict and fuse again on load")
+        raise NotImplementedError(
+            "drmm_kernels.fuse: torch.package cannot keep the fused model's second graph "
+            "(one per training/eval mode); save its state_dict and fuse again on load"
+        )
 
 
 def _rebuild_two_mode(body, imports, other_src, other_imports, graph_training):
     """Unpickle a ``_TwoModeGraphModule``: each graph re-traced from its code, as fx does for one."""
     primary = fx.graph_module.reduce_graph_module(dict(body), imports)
     other = fx.graph_module.reduce_graph_module({**body, "_code": other_src}, other_imports)
-    res = _TwoModeGraphModule(fx.graph_module._CodeOnlyModule(dict(body)), primary.graph,
-                              body.get("_graphmodule_cls_name", type(primary).__name__))
+    res = _TwoModeGraphModule(
+        fx.graph_module._CodeOnlyModule(dict(body)),
+        primary.graph,
+        body.get("_graphmodule_cls_name", type(primary).__name__),
+    )
     for k, v in body.items():
         if not hasattr(res, k):
             setattr(res, k, v)
@@ -745,8 +852,10 @@ def _dispatcher(like, train_forward, eval_forward):
             text += f"=_drmm_default_{i}"
         params.append(text)
         call.append(f"{p.name}={p.name}" if p.kind is p.KEYWORD_ONLY else p.name)
-    src = (f"def forward({', '.join([me] + params)}):\n"
-           f"    return (_drmm_train_forward if {me}.training else _drmm_eval_forward)({', '.join([me] + call)})\n")
+    src = (
+        f"def forward({', '.join([me] + params)}):\n"
+        f"    return (_drmm_train_forward if {me}.training else _drmm_eval_forward)({', '.join([me] + call)})\n"
+    )
     exec(compile(src, "<drmm_kernels.fuse: forward by training flag>", "exec"), glb)
     return glb["forward"]
 
@@ -780,11 +889,13 @@ def _trace_modes(model: nn.Module, name: str, report_notes: List[str]) -> Dict[b
     mixed = sorted({p for p, m in model.named_modules() if p and m.training != mode and not leaf(m, p)})
     if mixed and _code(_trace(model, None)) != _code(graphs[mode]):
         # the graph of a mode is what model.train(mode) makes: modules fx traces through follow the model's flag
-        msg = (f"{name} is in {_mode_name(mode)} mode but {len(mixed)} of its modules are not "
-               f"({', '.join(mixed[:4])}{', ...' if len(mixed) > 4 else ''}), and forward traces differently for "
-               f"that: the fused model reproduces {name} after {'.train()' if mode else '.eval()'}, where every "
-               f"module has the model's flag (modules called as a whole, such as BatchNorm or Dropout, keep their "
-               f"own)")
+        msg = (
+            f"{name} is in {_mode_name(mode)} mode but {len(mixed)} of its modules are not "
+            f"({', '.join(mixed[:4])}{', ...' if len(mixed) > 4 else ''}), and forward traces differently for "
+            f"that: the fused model reproduces {name} after {'.train()' if mode else '.eval()'}, where every "
+            f"module has the model's flag (modules called as a whole, such as BatchNorm or Dropout, keep their "
+            f"own)"
+        )
         warnings.warn("drmm_kernels.fuse: " + msg, stacklevel=3)
         report_notes.append(msg)
     return graphs
@@ -802,24 +913,34 @@ def _fuse_sequential(model: nn.Module, report: FuseReport, strict: Optional[str]
     if strict:
         bad = [f"{r.chain}: {r.reason}" for _, r in refused if r.found]
         if bad:
-            raise ValueError(f"drmm_kernels.{strict}: nothing fused, the fused ops cannot compute "
-                             + ("; ".join(bad) if len(bad) == 1 else "\n  " + "\n  ".join(bad)))
+            raise ValueError(
+                f"drmm_kernels.{strict}: nothing fused, the fused ops cannot compute "
+                + ("; ".join(bad) if len(bad) == 1 else "\n  " + "\n  ".join(bad))
+            )
     for view, r in refused:
         report.refused.append(_refused(view, r))
     for seq, view, ch in found:
         where = view.path(ch.conv)
         replaced = [f"{where}.unfused_act"] + ([f"{where}.unfused_pool"] if ch.pool is not None else [])
-        extra = dict(path=where, chain=ch.desc, act_module=ch.module("act"), pool_module=ch.module("pool"),
-                     replaced_paths=replaced, as_children=True)
+        extra = dict(
+            path=where,
+            chain=ch.desc,
+            act_module=ch.module("act"),
+            pool_module=ch.module("pool"),
+            replaced_paths=replaced,
+            as_children=True,
+        )
         conv, bn = ch.module("conv"), ch.module("bn")
         if bn is None:
-            fused = FusedConvActPool2d._build(conv, ch.padding, ch.slope, ch.pool_size, ch.order, ch.relu_module,
-                                              **extra)
+            fused = FusedConvActPool2d._build(
+                conv, ch.padding, ch.slope, ch.pool_size, ch.order, ch.relu_module, **extra
+            )
         else:
             slot = FusedAwayBatchNorm2d._from(bn, where)
             setattr(seq, view.children[ch.bn][0], slot)
-            fused = FusedConvBNActPool2d._build(conv, slot, view.path(ch.bn), ch.padding, ch.slope, ch.pool_size,
-                                                ch.order, ch.relu_module, **extra)
+            fused = FusedConvBNActPool2d._build(
+                conv, slot, view.path(ch.bn), ch.padding, ch.slope, ch.pool_size, ch.order, ch.relu_module, **extra
+            )
         setattr(seq, view.children[ch.conv][0], fused)
         for i in (ch.act, ch.pool):
             if i is not None:
@@ -902,9 +1023,11 @@ def fuse(model: nn.Module, example_inputs: Union[Tensor, Sequence[Any], None] = 
         graphs = _trace_modes(model, name, notes)
     except Exception as e:  # data-dependent control flow, untraceable calls, ...
         report = FuseReport(name, "modules")
-        report.notes.append(f"torch.fx could not trace {name} ({type(e).__name__}: {_first_line(e)}); "
-                            f"fused the chains inside nn.Sequential containers only, assuming nothing else "
-                            f"calls their modules")
+        report.notes.append(
+            f"torch.fx could not trace {name} ({type(e).__name__}: {_first_line(e)}); "
+            f"fused the chains inside nn.Sequential containers only, assuming nothing else "
+            f"calls their modules"
+        )
         if example_inputs is not None:
             report.notes.append("example_inputs not used (no trace)")
         fused = _fuse_sequential(model, report)

@@ -35,25 +35,34 @@ from .contract import MAX_POOL
 #: The chains the fused ops compute, by role, in the order the model applies them. For a monotone activation
 #: ``act(max(v)) == max(act(v))``, so the pool may come before or after it.
 PATTERNS: Tuple[Tuple[str, ...], ...] = (
-    ("conv", "act"), ("conv", "act", "pool"), ("conv", "pool", "act"),
-    ("conv", "bn", "act"), ("conv", "bn", "act", "pool"), ("conv", "bn", "pool", "act"),
+    ("conv", "act"),
+    ("conv", "act", "pool"),
+    ("conv", "pool", "act"),
+    ("conv", "bn", "act"),
+    ("conv", "bn", "act", "pool"),
+    ("conv", "bn", "pool", "act"),
 )
 
 
 @dataclass(frozen=True)
 class Role:
     """What fills one role of a chain: module classes, and (in a traced graph) functions and tensor methods."""
-    name: str                                   # as refusals name it
+
+    name: str  # as refusals name it
     modules: Tuple[type, ...]
     functions: Tuple[Callable, ...] = ()
     methods: Tuple[str, ...] = ()
 
 
 ROLES: Dict[str, Role] = {
-    "conv": Role("conv", (nn.Conv2d,)),           # a module: the fused block takes over its parameters and path
+    "conv": Role("conv", (nn.Conv2d,)),  # a module: the fused block takes over its parameters and path
     "bn": Role("batch_norm", (nn.BatchNorm2d,)),  # a module: the block reads its statistics from it
-    "act": Role("activation", (nn.ReLU, nn.LeakyReLU),
-                (F.relu, torch.relu, torch.relu_, F.relu_, F.leaky_relu, F.leaky_relu_), ("relu", "relu_")),
+    "act": Role(
+        "activation",
+        (nn.ReLU, nn.LeakyReLU),
+        (F.relu, torch.relu, torch.relu_, F.relu_, F.leaky_relu, F.leaky_relu_),
+        ("relu", "relu_"),
+    ),
     "pool": Role("max_pool2d", (nn.MaxPool2d,), (F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d)),
 }
 
@@ -62,10 +71,32 @@ _POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mod
 _FORWARDS = {nn.Conv2d: ("forward", "_conv_forward")}  # Conv2d.forward calls _conv_forward: both must be Conv2d's
 
 # activations the fused ops do not compute, named in refusals instead of "no activation follows"
-OTHER_ACTIVATIONS = frozenset({
-    "relu6", "silu", "gelu", "hardswish", "hardtanh", "hardsigmoid", "elu", "selu", "celu", "prelu", "rrelu", "mish",
-    "softplus", "sigmoid", "tanh", "logsigmoid", "softsign", "tanhshrink", "threshold", "glu", "softmax",
-    "log_softmax"})
+OTHER_ACTIVATIONS = frozenset(
+    {
+        "relu6",
+        "silu",
+        "gelu",
+        "hardswish",
+        "hardtanh",
+        "hardsigmoid",
+        "elu",
+        "selu",
+        "celu",
+        "prelu",
+        "rrelu",
+        "mish",
+        "softplus",
+        "sigmoid",
+        "tanh",
+        "logsigmoid",
+        "softsign",
+        "tanhshrink",
+        "threshold",
+        "glu",
+        "softmax",
+        "log_softmax",
+    }
+)
 
 # --------------------------------------------------------------------------- refusal reasons
 
@@ -94,7 +125,7 @@ REASONS: Dict[str, str] = {
     # the chain's shape
     "not_followed": "no {expected} follows{subject} ({where})",
     "other_activation": "the {subject} is followed by {named}, an activation the fused ops do not compute "
-                        "(ReLU / LeakyReLU only)",
+    "(ReLU / LeakyReLU only)",
     "also_used": "the {subject} output{before} is also used by {users}",
     "pool_left_out": "{reason}; the conv -> activation before it is fused with pool=1",
     "not_one_chain": "{chain} is not one conv -> activation [-> max_pool2d] chain",
@@ -106,7 +137,7 @@ REASONS: Dict[str, str] = {
     "called_unfused": "{module} is also called unfused ({sites})",
     "chain_per_mode": "{module} is in a different chain in training and in eval mode",
     "through_other_modules": "{module} is called in {n} chains through different activation / pool modules "
-                             "({through}): one fused block runs unfused through one set of them when they are hooked",
+    "({through}): one fused block runs unfused through one set of them when they are hooked",
     "different_chains": "{module} is called in {n} different chains",
     "bn_called_unfused": "batch norm {module} is also called unfused ({sites})",
 }
@@ -123,11 +154,12 @@ def reason(key: str, **fields: Any) -> str:
 @dataclass(frozen=True)
 class Member:
     """One element of a model as the rules see it."""
-    role: Optional[str]                   # a key of ROLES, or None: no member of any chain
-    desc: str                             # as chain descriptions show it
-    reason: Optional[str] = None          # why the ops cannot compute it (None: they can)
-    value: Any = None                     # conv: padding (int); act: negative slope; pool: window
-    module: Optional[nn.Module] = None    # the module called, if it is one
+
+    role: Optional[str]  # a key of ROLES, or None: no member of any chain
+    desc: str  # as chain descriptions show it
+    reason: Optional[str] = None  # why the ops cannot compute it (None: they can)
+    value: Any = None  # conv: padding (int); act: negative slope; pool: window
+    module: Optional[nn.Module] = None  # the module called, if it is one
     other_activation: Optional[str] = None  # role None: the name of an activation the ops do not compute
 
 
@@ -180,9 +212,16 @@ def member_of_module(m: nn.Module, path: str) -> Member:
         elif why is None and key == "act":
             why, value = _act_slope(m.negative_slope if base is nn.LeakyReLU else 0.0)
         elif why is None and key == "pool":
-            why, value = _pool_reason(dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
-                                           dilation=m.dilation, ceil_mode=m.ceil_mode,
-                                           return_indices=m.return_indices))
+            why, value = _pool_reason(
+                dict(
+                    kernel_size=m.kernel_size,
+                    stride=m.stride,
+                    padding=m.padding,
+                    dilation=m.dilation,
+                    ceil_mode=m.ceil_mode,
+                    return_indices=m.return_indices,
+                )
+            )
         return Member(key, desc, why, value, m)
     if type(m).__module__ == "torch.nn.modules.activation":
         return Member(None, desc, module=m, other_activation=type(m).__name__)
@@ -343,8 +382,9 @@ class SequentialView:
     child. ``paths`` (id of a module -> every path it is registered at) refuses chains whose conv or batch norm is
     registered elsewhere too, since other calls of it cannot be seen."""
 
-    def __init__(self, prefix: str, children: Sequence[Tuple[str, nn.Module]],
-                 paths: Optional[Dict[int, List[str]]] = None):
+    def __init__(
+        self, prefix: str, children: Sequence[Tuple[str, nn.Module]], paths: Optional[Dict[int, List[str]]] = None
+    ):
         self.prefix, self.children, self.paths = prefix, list(children), paths
         self._members: Dict[int, Member] = {}
 
@@ -366,8 +406,11 @@ class SequentialView:
         return ", ".join(self.path(i) for i in items)
 
     def where(self, users: Sequence[int]) -> str:
-        return (f"its output goes to {self.names(users)}" if users
-                else f"it is the last module of {self.prefix or 'the model'}")
+        return (
+            f"its output goes to {self.names(users)}"
+            if users
+            else f"it is the last module of {self.prefix or 'the model'}"
+        )
 
     def other_named(self, i: int) -> str:
         return self.member(i).other_activation
@@ -376,8 +419,13 @@ class SequentialView:
         if self.paths is None:
             return None
         here = {self.path(i) for i in elems}
-        shared = [p for i in elems if self.member(i).role in ("conv", "bn")
-                  for p in self.paths[id(self.children[i][1])] if p not in here]
+        shared = [
+            p
+            for i in elems
+            if self.member(i).role in ("conv", "bn")
+            for p in self.paths[id(self.children[i][1])]
+            if p not in here
+        ]
         return reason("registered_elsewhere", paths=", ".join(shared)) if shared else None
 
 
@@ -390,7 +438,8 @@ View = Union[FxView, SequentialView]
 class Refusal:
     """A chain (or the pool after one) left unfused. ``found``: its members form a chain of ``PATTERNS`` that a
     rule refused (``fuse_conv_relu_pool`` raises for these), as against a conv that nothing fusable follows."""
-    at: Any              # the element the refusal is listed under: the conv, or the pool left out
+
+    at: Any  # the element the refusal is listed under: the conv, or the pool left out
     chain: str
     reason: str
     found: bool
@@ -404,6 +453,7 @@ class Refusal:
 @dataclass
 class Match:
     """A chain the fused ops compute exactly: its elements in the order the model applies them, by role."""
+
     elems: List[Any]
     roles: Tuple[str, ...]
     members: List[Member]
@@ -492,14 +542,22 @@ def match(view: View, head) -> Union[Match, Refusal]:
                 named = ", ".join(view.other_named(u) for u in lacking)
                 text = reason("other_activation", subject=subject, named=named)
             else:
-                text = reason("not_followed", expected="/".join(ROLES[r].name for r in _next_roles(roles)),
-                              subject="" if len(roles) == 1 else f" the {subject}", where=view.where(users))
+                text = reason(
+                    "not_followed",
+                    expected="/".join(ROLES[r].name for r in _next_roles(roles)),
+                    subject="" if len(roles) == 1 else f" the {subject}",
+                    where=view.where(users),
+                )
             shape = (desc(elems), text)
             break
         if len(users) > 1:
             before = " (before the activation)" if roles[-1] == "pool" else ""
-            shape = (desc(elems + [nxt]), reason("also_used", subject=subject, before=before,
-                                                  users=view.names([u for u in users if u is not nxt])))
+            shape = (
+                desc(elems + [nxt]),
+                reason(
+                    "also_used", subject=subject, before=before, users=view.names([u for u in users if u is not nxt])
+                ),
+            )
             break
         elems.append(nxt)
         members.append(view.member(nxt))
@@ -528,8 +586,12 @@ def match(view: View, head) -> Union[Match, Refusal]:
             break
         why = view.member(nxt).reason
         if why is None and len(users) > 1:
-            why = reason("also_used", subject=ROLES[roles[-1]].name, before="",
-                         users=view.names([u for u in users if u is not nxt]))
+            why = reason(
+                "also_used",
+                subject=ROLES[roles[-1]].name,
+                before="",
+                users=view.names([u for u in users if u is not nxt]),
+            )
         if why is not None:
             left_out = Refusal(nxt, desc(elems + [nxt]), why, found=True, pool_left_out=True)
             break
@@ -539,8 +601,9 @@ def match(view: View, head) -> Union[Match, Refusal]:
     return Match(elems, roles, members, desc(elems), left_out)
 
 
-def sequential_matches(model: nn.Module) -> Tuple[List[Tuple[nn.Sequential, SequentialView, Match]],
-                                                   List[Tuple[SequentialView, Refusal]]]:
+def sequential_matches(
+    model: nn.Module,
+) -> Tuple[List[Tuple[nn.Sequential, SequentialView, Match]], List[Tuple[SequentialView, Refusal]]]:
     """Every chain inside the plain ``nn.Sequential`` containers of ``model`` (walked in order; a chain's
     members are not heads of another), and every refusal, each with its view. Changes nothing."""
     paths: Dict[int, List[str]] = {}

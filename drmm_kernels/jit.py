@@ -119,6 +119,7 @@ def _extensions_root() -> str:
         return root
     import torch
     from torch.utils import cpp_extension
+
     accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
     return os.path.join(cpp_extension.get_default_build_root(), f"py{sys.version_info[0]}{sys.version_info[1]}_{accel}")
 
@@ -127,6 +128,7 @@ def build_directory(sources: List[str], cflags: List[str]) -> str:
     """One folder per (sources, flags, torch, Python): a build is reused only when all of them match, so a changed
     source or a new torch gets a fresh build instead of a stale or ABI-broken one."""
     import torch
+
     h = hashlib.sha256()
     for key in (torch.__version__, sys.version, " ".join(cflags + LDFLAGS)):
         h.update(key.encode() + b"\0")
@@ -153,8 +155,11 @@ def _exclusive(directory: str) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            print(f"drmm_kernels: waiting for another process building the C++ CPU kernels in {directory}...",
-                  file=sys.stderr, flush=True)
+            print(
+                f"drmm_kernels: waiting for another process building the C++ CPU kernels in {directory}...",
+                file=sys.stderr,
+                flush=True,
+            )
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             stale = os.path.join(directory, "lock")
@@ -172,8 +177,10 @@ def load():
         raise Unavailable("building it on first use is turned off (DRMM_JIT=0)")
     root = source_root()
     if root is None:
-        raise Unavailable("the C++ sources are not installed (drmm_kernels/_csrc missing): reinstall drmm from a "
-                          "wheel or sdist made by this version's setup.py")
+        raise Unavailable(
+            "the C++ sources are not installed (drmm_kernels/_csrc missing): reinstall drmm from a "
+            "wheel or sdist made by this version's setup.py"
+        )
     missing = missing_tools()
     if missing:
         raise Unavailable("cannot build it on first use: " + "; ".join(missing))
@@ -189,19 +196,30 @@ def load():
     failed = os.path.join(directory, "build_error.log")
     with _exclusive(directory):
         if os.path.exists(failed):
-            raise Unavailable(f"its first-use build failed before (compiler output: {failed}; delete that file to "
-                              "retry)")
+            raise Unavailable(
+                f"its first-use build failed before (compiler output: {failed}; delete that file to retry)"
+            )
         if not os.path.exists(library):
             print(MESSAGE, file=sys.stderr, flush=True)
         try:
-            cpp_extension.load(name=_NAME, sources=sources, extra_cflags=cflags, extra_ldflags=LDFLAGS,
-                               extra_include_paths=[root], build_directory=directory, with_cuda=False,
-                               is_python_module=False, verbose=False)
+            cpp_extension.load(
+                name=_NAME,
+                sources=sources,
+                extra_cflags=cflags,
+                extra_ldflags=LDFLAGS,
+                extra_include_paths=[root],
+                build_directory=directory,
+                with_cuda=False,
+                is_python_module=False,
+                verbose=False,
+            )
         except Exception as exc:
             with open(failed, "w") as f:
                 f.write(f"{type(exc).__name__}: {exc}\n")
-            raise Unavailable(f"its first-use build failed ({type(exc).__name__}; compiler output: {failed}; "
-                              "delete that file to retry)") from exc
+            raise Unavailable(
+                f"its first-use build failed ({type(exc).__name__}; compiler output: {failed}; "
+                "delete that file to retry)"
+            ) from exc
     # The library is loaded (its ops are registered); import it as the package's _C, whose init is PyInit__C.
     spec = importlib.util.spec_from_file_location("drmm_kernels._C", library)
     module = importlib.util.module_from_spec(spec)
@@ -222,6 +240,10 @@ def warn_once(reason: str) -> None:
     if _warned or not enabled():
         return
     _warned = True
-    warnings.warn(f"drmm_kernels: the C++ CPU kernels are unavailable, CPU tensors use the slow reference backend: "
-                  f"{reason}. Fix that, or install with torch present (`pip install --no-build-isolation .`); "
-                  "DRMM_JIT=0 silences this.", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"drmm_kernels: the C++ CPU kernels are unavailable, CPU tensors use the slow reference backend: "
+        f"{reason}. Fix that, or install with torch present (`pip install --no-build-isolation .`); "
+        "DRMM_JIT=0 silences this.",
+        RuntimeWarning,
+        stacklevel=3,
+    )

@@ -42,9 +42,20 @@ class FusedConvReLUPool2d(nn.Module):
     attribution_block = True  # drmm_kernels.attribution applies its rule to this block's ReLU
     drmm_kernels_fused = True  # never a member of a chain drmm_kernels.fusion_rules matches
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntPair, stride: _IntPair = 1,
-                 padding: _IntPair = 0, bias: bool = True, pool: int = 2, negative_slope: float = 0.0,
-                 return_switches: bool = False, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _IntPair,
+        stride: _IntPair = 1,
+        padding: _IntPair = 0,
+        bias: bool = True,
+        pool: int = 2,
+        negative_slope: float = 0.0,
+        return_switches: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         k = _single("kernel_size", kernel_size, type(self).__name__)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
@@ -64,8 +75,9 @@ class FusedConvReLUPool2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_modules(cls, conv: nn.Conv2d, act: nn.Module, pool: Optional[nn.Module],
-                     where: str = "") -> "FusedConvReLUPool2d":
+    def from_modules(
+        cls, conv: nn.Conv2d, act: nn.Module, pool: Optional[nn.Module], where: str = ""
+    ) -> "FusedConvReLUPool2d":
         """Build a fused layer holding ``conv``'s parameters (shared, not copied) for ``conv → act → [pool]``;
         ``ValueError`` with the reason where the fused ops cannot compute that chain (``drmm_kernels.fusion_rules``)."""
         where = where or "from_modules"
@@ -93,20 +105,38 @@ class FusedConvReLUPool2d(nn.Module):
         return layer
 
     def forward(self, x: Tensor, return_switches: Optional[bool] = None):
-        y, switches = ops.conv_relu_pool(x, self.weight, None, self.bias, stride=self.stride, padding=self.padding,
-                                         pool=self.pool, negative_slope=self.negative_slope)
+        y, switches = ops.conv_relu_pool(
+            x,
+            self.weight,
+            None,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            pool=self.pool,
+            negative_slope=self.negative_slope,
+        )
         want = self.return_switches if return_switches is None else return_switches
         return (y, switches) if want else y
 
     def render(self, mu: Tensor, switches: Tensor, out_size) -> Tensor:
         """Top-down pass through this layer's raw weight (no bias, no scale)."""
-        return ops.render(mu, switches, self.weight, stride=self.stride, padding=self.padding, pool=self.pool,
-                          out_size=out_size, negative_slope=self.negative_slope)
+        return ops.render(
+            mu,
+            switches,
+            self.weight,
+            stride=self.stride,
+            padding=self.padding,
+            pool=self.pool,
+            out_size=out_size,
+            negative_slope=self.negative_slope,
+        )
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, bias={self.bias is not None}, pool={self.pool}, "
-                f"negative_slope={self.negative_slope}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, bias={self.bias is not None}, pool={self.pool}, "
+            f"negative_slope={self.negative_slope}"
+        )
 
 
 class FusedConvBNReLUPool2d(nn.Module):
@@ -126,9 +156,21 @@ class FusedConvBNReLUPool2d(nn.Module):
     attribution_block = True  # drmm_kernels.attribution applies its rule to this block's ReLU
     drmm_kernels_fused = True  # never a member of a chain drmm_kernels.fusion_rules matches
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                 pool: int = 2, negative_slope: float = 0.0, momentum: float = 0.1, eps: float = 1e-5,
-                 return_switches: bool = False, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        pool: int = 2,
+        negative_slope: float = 0.0,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        return_switches: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False, **factory)
@@ -151,17 +193,35 @@ class FusedConvBNReLUPool2d(nn.Module):
             if bn.momentum is None:  # cumulative moving average, as nn.BatchNorm2d does
                 momentum = 1.0 / float(bn.num_batches_tracked)
         y, switches = ops.conv_bn_relu_pool(
-            x, self.conv.weight, bn.weight, bias, bn.running_mean if bn.track_running_stats else None,
-            bn.running_var if bn.track_running_stats else None, training=training, momentum=momentum, eps=bn.eps,
-            stride=self.conv.stride[0], padding=self.conv.padding[0], pool=self.pool,
-            negative_slope=self.negative_slope)
+            x,
+            self.conv.weight,
+            bn.weight,
+            bias,
+            bn.running_mean if bn.track_running_stats else None,
+            bn.running_var if bn.track_running_stats else None,
+            training=training,
+            momentum=momentum,
+            eps=bn.eps,
+            stride=self.conv.stride[0],
+            padding=self.conv.padding[0],
+            pool=self.pool,
+            negative_slope=self.negative_slope,
+        )
         want = self.return_switches if return_switches is None else return_switches
         return (y, switches) if want else y
 
     def render(self, mu: Tensor, switches: Tensor, out_size) -> Tensor:
         """Top-down pass through the raw conv weight (the BN is not inverted)."""
-        return ops.render(mu, switches, self.conv.weight, stride=self.conv.stride[0], padding=self.conv.padding[0],
-                          pool=self.pool, out_size=out_size, negative_slope=self.negative_slope)
+        return ops.render(
+            mu,
+            switches,
+            self.conv.weight,
+            stride=self.conv.stride[0],
+            padding=self.conv.padding[0],
+            pool=self.pool,
+            out_size=out_size,
+            negative_slope=self.negative_slope,
+        )
 
 
 class Render2d(nn.Module):

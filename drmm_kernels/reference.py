@@ -23,8 +23,11 @@ from .contract import OFFSET_MASK, ON_BIT, conv_size  # noqa: F401  (the switch 
 def activation_factor(switches: Tensor, negative_slope: float, dtype: torch.dtype) -> Tensor:
     """Derivative of the activation at each window maximum: 1 where the ``a`` bit is on, else the slope."""
     on = (switches & ON_BIT) != 0
-    return torch.where(on, torch.ones((), dtype=dtype, device=switches.device),
-                       torch.full((), negative_slope, dtype=dtype, device=switches.device))
+    return torch.where(
+        on,
+        torch.ones((), dtype=dtype, device=switches.device),
+        torch.full((), negative_slope, dtype=dtype, device=switches.device),
+    )
 
 
 def switches_to_indices(switches: Tensor, pool: int, conv_hw: Tuple[int, int]) -> Tensor:
@@ -61,8 +64,17 @@ def scale_shift(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor]) -> 
     return z
 
 
-def conv_relu_pool(*, x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
-                   stride: int, padding: int, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
+def conv_relu_pool(
+    *,
+    x: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    stride: int,
+    padding: int,
+    pool: int,
+    negative_slope: float,
+) -> Tuple[Tensor, Tensor]:
     z = F.conv2d(x, weight, None, stride, padding)
     return pool_switches(scale_shift(z, scale, shift), pool, negative_slope)
 
@@ -89,15 +101,27 @@ def masked_values(*, mu: Tensor, switches: Tensor, scale: Optional[Tensor], nega
     return g
 
 
-def _unpooled_gradient(mu: Tensor, switches: Tensor, scale: Optional[Tensor], negative_slope: float, pool: int,
-                       conv_hw: Tuple[int, int]) -> Tensor:
+def _unpooled_gradient(
+    mu: Tensor, switches: Tensor, scale: Optional[Tensor], negative_slope: float, pool: int, conv_hw: Tuple[int, int]
+) -> Tensor:
     """The masked, scaled ``mu`` at its recorded offsets of a zero ``conv_hw`` map: what render convolves."""
     masked = masked_values(mu=mu, switches=switches, scale=scale, negative_slope=negative_slope)
     return unpool(values=masked, switches=switches, pool=pool, out_h=conv_hw[0], out_w=conv_hw[1])
 
 
-def render(*, mu: Tensor, switches: Tensor, weight: Tensor, scale: Optional[Tensor], stride: int, padding: int,
-           pool: int, out_h: int, out_w: int, negative_slope: float) -> Tensor:
+def render(
+    *,
+    mu: Tensor,
+    switches: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor],
+    stride: int,
+    padding: int,
+    pool: int,
+    out_h: int,
+    out_w: int,
+    negative_slope: float,
+) -> Tensor:
     kh, kw = weight.shape[-2:]
     chw = conv_size((out_h, out_w), (kh, kw), stride, padding)
     g = _unpooled_gradient(mu, switches, scale, negative_slope, pool, chw)
@@ -113,8 +137,19 @@ def gather_conv(*, src: Tensor, weight: Tensor, switches: Tensor, stride: int, p
     return z.reshape(n, c, -1).gather(2, idx).view(switches.shape)
 
 
-def render_wgrad(*, src: Tensor, mu: Tensor, switches: Tensor, scale: Optional[Tensor], stride: int, padding: int,
-                 pool: int, negative_slope: float, kernel_h: int, kernel_w: int) -> Tensor:
+def render_wgrad(
+    *,
+    src: Tensor,
+    mu: Tensor,
+    switches: Tensor,
+    scale: Optional[Tensor],
+    stride: int,
+    padding: int,
+    pool: int,
+    negative_slope: float,
+    kernel_h: int,
+    kernel_w: int,
+) -> Tensor:
     """Weight gradient of ``conv2d(src, W)`` for the unpooled, masked, scaled gradient built from ``mu``."""
     chw = conv_size(src.shape[-2:], (kernel_h, kernel_w), stride, padding)
     g = _unpooled_gradient(mu, switches, scale, negative_slope, pool, chw)
@@ -136,10 +171,21 @@ def bn_pool(*, z: Tensor, scale: Tensor, shift: Tensor, pool: int, negative_slop
     return pool_switches(scale_shift(z, scale, shift), pool, negative_slope)
 
 
-def conv_bn_relu_pool(*, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                      running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float,
-                      stride: int, padding: int, pool: int,
-                      negative_slope: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def conv_bn_relu_pool(
+    *,
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    eps: float,
+    stride: int,
+    padding: int,
+    pool: int,
+    negative_slope: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(y, switches, mean, var, z)``: the statistics used (batch or running, biased variance) and,
     in training mode, the conv output z the backward needs (empty in eval mode).
 

@@ -80,26 +80,40 @@ def parse(text: str) -> Schema:
 
 
 # Argument meanings: drmm_kernels/dispatch.py (the primitives) and docs/ops.md (the public ops).
-SCHEMAS: Dict[str, Schema] = {s.name: s for s in map(parse, (
-    # the backend primitives, as in csrc/schema.cpp
-    "conv_relu_pool(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, int stride, int padding, int pool, "
-    "float negative_slope) -> (Tensor, Tensor)",
-    "bn_pool(Tensor z, Tensor scale, Tensor shift, int pool, float negative_slope) -> (Tensor, Tensor)",
-    "render(Tensor mu, Tensor switches, Tensor weight, Tensor? scale, int stride, int padding, int pool, "
-    "int out_h, int out_w, float negative_slope) -> Tensor",
-    "gather_conv(Tensor src, Tensor weight, Tensor switches, int stride, int padding, int pool) -> Tensor",
-    "masked_values(Tensor mu, Tensor switches, Tensor? scale, float negative_slope) -> Tensor",
-    "unpool(Tensor values, Tensor switches, int pool, int out_h, int out_w) -> Tensor",
-    "batch_stats(Tensor z) -> (Tensor, Tensor)",
-    "render_wgrad(Tensor src, Tensor mu, Tensor switches, Tensor? scale, int stride, int padding, int pool, "
-    "float negative_slope, int kernel_h, int kernel_w) -> Tensor",
-    # a custom op and the reference backend's whole-op function, no C++ op: the fast backends compose it from
-    # batch_stats and bn_pool (drmm_kernels/ops/conv_bn_relu_pool.py); returns y, switches, mean, var, z
-    "conv_bn_relu_pool(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, "
-    "Tensor? running_var, bool training, float eps, int stride, int padding, int pool, float negative_slope) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-))}
+SCHEMAS: Dict[str, Schema] = {
+    s.name: s
+    for s in map(
+        parse,
+        (
+            # the backend primitives, as in csrc/schema.cpp
+            "conv_relu_pool(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, int stride, int padding, int pool, "
+            "float negative_slope) -> (Tensor, Tensor)",
+            "bn_pool(Tensor z, Tensor scale, Tensor shift, int pool, float negative_slope) -> (Tensor, Tensor)",
+            "render(Tensor mu, Tensor switches, Tensor weight, Tensor? scale, int stride, int padding, int pool, "
+            "int out_h, int out_w, float negative_slope) -> Tensor",
+            "gather_conv(Tensor src, Tensor weight, Tensor switches, int stride, int padding, int pool) -> Tensor",
+            "masked_values(Tensor mu, Tensor switches, Tensor? scale, float negative_slope) -> Tensor",
+            "unpool(Tensor values, Tensor switches, int pool, int out_h, int out_w) -> Tensor",
+            "batch_stats(Tensor z) -> (Tensor, Tensor)",
+            "render_wgrad(Tensor src, Tensor mu, Tensor switches, Tensor? scale, int stride, int padding, int pool, "
+            "float negative_slope, int kernel_h, int kernel_w) -> Tensor",
+            # a custom op and the reference backend's whole-op function, no C++ op: the fast backends compose it from
+            # batch_stats and bn_pool (drmm_kernels/ops/conv_bn_relu_pool.py); returns y, switches, mean, var, z
+            "conv_bn_relu_pool(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, "
+            "Tensor? running_var, bool training, float eps, int stride, int padding, int pool, float negative_slope) "
+            "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        ),
+    )
+}
 
 #: The primitives a backend may implement (the rest come from the reference); each is a ``drmm_C`` op in C++.
-PRIMITIVES = ("conv_relu_pool", "render", "gather_conv", "render_wgrad", "bn_pool", "masked_values", "unpool",
-              "batch_stats")
+PRIMITIVES = (
+    "conv_relu_pool",
+    "render",
+    "gather_conv",
+    "render_wgrad",
+    "bn_pool",
+    "masked_values",
+    "unpool",
+    "batch_stats",
+)

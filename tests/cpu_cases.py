@@ -59,10 +59,23 @@ def geometry(draw):
     w = draw(st.integers(1, 13))
     hc, wc = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     assume(h + 2 * pad >= k and w + 2 * pad >= k and hc >= pool and wc >= pool)
-    return dict(n=draw(st.integers(1, 3)), cin=draw(st.integers(1, 6)), cout=draw(st.integers(1, 6)), k=k,
-                pad=pad, stride=stride, pool=pool, h=h, w=w, hc=hc, wc=wc,
-                slope=draw(st.sampled_from([0.0, 0.1])), dtype=draw(st.sampled_from([torch.float32, torch.float64])),
-                layout=draw(st.sampled_from(LAYOUTS)), seed=draw(st.integers(0, 2**31 - 1)))
+    return dict(
+        n=draw(st.integers(1, 3)),
+        cin=draw(st.integers(1, 6)),
+        cout=draw(st.integers(1, 6)),
+        k=k,
+        pad=pad,
+        stride=stride,
+        pool=pool,
+        h=h,
+        w=w,
+        hc=hc,
+        wc=wc,
+        slope=draw(st.sampled_from([0.0, 0.1])),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+        layout=draw(st.sampled_from(LAYOUTS)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
 
 
 def make_inputs(g):

@@ -39,9 +39,12 @@ class Case:
 
     def __str__(self):
         dt = str(self.dtype).replace("torch.", "") + ("-tf32" if self.tf32 else "")
-        return (f"n{self.n}c{self.cin}-{self.cout}_{self.h}x{self.w}_k{self.k}p{self.pad}s{self.stride}"
-                f"q{self.pool}_sl{self.slope}_{'sc' if self.scale else ''}{'sh' if self.shift else ''}_{dt}"
-                f"_{self.layout}")
+        return (
+            f"n{self.n}c{self.cin}-{self.cout}_{self.h}x{self.w}_k{self.k}p{self.pad}s{self.stride}"
+            f"q{self.pool}_sl{self.slope}_{'sc' if self.scale else ''}{'sh' if self.shift else ''}_{dt}"
+            f"_{self.layout}"
+        )
+
 
 BASE = [
     Case(),
@@ -62,8 +65,13 @@ BASE = [
     Case(n=3, cin=70, cout=66, h=10, w=9, k=3, pad=1, slope=0.1),  # two N tiles, two K tiles
 ]
 
-DTYPES = [dict(dtype=torch.float64), dict(dtype=torch.float32), dict(dtype=torch.float32, tf32=True),
-          dict(dtype=torch.bfloat16), dict(dtype=torch.float16)]
+DTYPES = [
+    dict(dtype=torch.float64),
+    dict(dtype=torch.float32),
+    dict(dtype=torch.float32, tf32=True),
+    dict(dtype=torch.bfloat16),
+    dict(dtype=torch.float16),
+]
 
 CASES = [replace(c, **d) for c in BASE for d in DTYPES]
 
@@ -99,10 +107,13 @@ def inputs(case: Case, seed: int = 0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     kw = dict(device="cuda", generator=g)
     x = torch.randn(case.n, case.cin, case.h, case.w, dtype=torch.float64, **kw)
-    w = torch.randn(case.cout, case.cin, case.k, case.k, dtype=torch.float64, **kw) / (case.k * case.cin ** 0.5)
+    w = torch.randn(case.cout, case.cin, case.k, case.k, dtype=torch.float64, **kw) / (case.k * case.cin**0.5)
     scale = torch.randn(case.cout, dtype=torch.float64, **kw) if case.scale else None  # negative entries too
     shift = 0.3 * torch.randn(case.cout, dtype=torch.float64, **kw) if case.shift else None
-    cast = (lambda t: None if t is None else t.to(case.dtype))
+
+    def cast(t):
+        return None if t is None else t.to(case.dtype)
+
     return layout(cast(x), case.layout), cast(w), cast(scale), cast(shift)
 
 
@@ -113,6 +124,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def d(t: Optional[torch.Tensor]):
     return None if t is None else t.detach().double()
+
 
 GRAD_CASES = [replace(c, dtype=dt) for c in BASE for dt in (torch.float64, torch.float32)]
 
@@ -136,14 +148,13 @@ def check_forward_primitives(case: Case):
     with tf32(case.tf32), dk.backend("cuda"):
         from drmm_kernels import cuda as cb
 
-        y, sw = cb.conv_relu_pool(x=x, weight=w, scale=scale, shift=shift, negative_slope=case.slope,
-                                  **geometry(case))
+        y, sw = cb.conv_relu_pool(x=x, weight=w, scale=scale, shift=shift, negative_slope=case.slope, **geometry(case))
     assert y.dtype == case.dtype and sw.dtype == torch.uint8 and y.is_contiguous()
     v = eager.pre_activation(d(x), d(w), d(scale), d(shift), case.stride, case.pad)
     y_ref, sw_ref = reference.pool_switches(v, case.pool, case.slope)
     assert y.shape == y_ref.shape
     assert rel_err(y, y_ref) < tol
-    assert ((sw & 0x0F) < case.pool ** 2).all()
+    assert ((sw & 0x0F) < case.pool**2).all()
     eager.assert_switches_agree(sw, sw_ref, v, case.pool, 4 * tol * v.abs().max().item(), "conv_relu_pool")
 
     # bn_pool: the same epilogue on a precomputed conv output, scale and shift both given
@@ -152,12 +163,14 @@ def check_forward_primitives(case: Case):
     sh = shift if shift is not None else torch.zeros(case.cout, dtype=case.dtype, device="cuda")
     with dk.backend("cuda"):
         yb, swb = cb.bn_pool(z=layout(z, case.layout), scale=sc, shift=sh, pool=case.pool, negative_slope=case.slope)
-    yb_ref, swb_ref = reference.bn_pool(z=z.double(), scale=sc.double(), shift=sh.double(), pool=case.pool,
-                                        negative_slope=case.slope)
+    yb_ref, swb_ref = reference.bn_pool(
+        z=z.double(), scale=sc.double(), shift=sh.double(), pool=case.pool, negative_slope=case.slope
+    )
     assert rel_err(yb, yb_ref) < TOL[case.dtype]  # no conv inside: TF32 plays no part
     vb = reference.scale_shift(z.double(), sc.double(), sh.double())
-    eager.assert_switches_agree(swb, swb_ref, vb, case.pool, 4 * TOL[case.dtype] * max(1.0, vb.abs().max().item()),
-                                "bn_pool")
+    eager.assert_switches_agree(
+        swb, swb_ref, vb, case.pool, 4 * TOL[case.dtype] * max(1.0, vb.abs().max().item()), "bn_pool"
+    )
 
 
 def check_backward_primitives(case: Case):
@@ -165,8 +178,7 @@ def check_backward_primitives(case: Case):
     x, w, scale, _ = inputs(case)
     tol = case_tol(case)
     geo = geometry(case)
-    _, sw = reference.conv_relu_pool(x=d(x), weight=d(w), scale=d(scale), shift=None, negative_slope=case.slope,
-                                     **geo)
+    _, sw = reference.conv_relu_pool(x=d(x), weight=d(w), scale=d(scale), shift=None, negative_slope=case.slope, **geo)
     g = torch.Generator(device="cuda").manual_seed(1)
     mu = torch.randn(sw.shape, dtype=torch.float64, device="cuda", generator=g)
     mu_t = layout(mu.to(case.dtype), case.layout)
@@ -184,8 +196,12 @@ def check_backward_primitives(case: Case):
     r_raw_ref = reference.render(mu=mu, switches=sw, weight=d(w), scale=None, **render)
     r_sc_ref = reference.render(mu=mu, switches=sw, weight=d(w), scale=d(scale), **render)
     dw_ref = reference.render_wgrad(src=d(x), mu=mu, switches=sw, scale=d(scale), **wgrad)
-    for name, got, exp in (("gather_conv", gc, gc_ref), ("render", r_raw, r_raw_ref), ("render+scale", r_sc, r_sc_ref),
-                           ("render_wgrad", dw, dw_ref)):
+    for name, got, exp in (
+        ("gather_conv", gc, gc_ref),
+        ("render", r_raw, r_raw_ref),
+        ("render+scale", r_sc, r_sc_ref),
+        ("render_wgrad", dw, dw_ref),
+    ):
         assert got.shape == exp.shape and got.dtype == case.dtype, name
         assert got.is_contiguous(), name
         err = rel_err(got, exp)

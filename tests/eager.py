@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-4),
-       torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}
+TOL = {
+    torch.float64: dict(rtol=1e-9, atol=1e-9),
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+    torch.float16: dict(rtol=5e-3, atol=5e-3),
+}
 
 
 def pre_activation(x, w, scale=None, shift=None, stride=1, padding=0):
@@ -50,7 +54,7 @@ def window_gap(v, pool):
     hp, wp = h // pool, w // pool
     if pool == 1:
         return torch.full((n, c, hp, wp), float("inf"), dtype=v.dtype, device=v.device)
-    win = v[..., :hp * pool, :wp * pool].reshape(n, c, hp, pool, wp, pool).permute(0, 1, 2, 4, 3, 5)
+    win = v[..., : hp * pool, : wp * pool].reshape(n, c, hp, pool, wp, pool).permute(0, 1, 2, 4, 3, 5)
     win = win.reshape(n, c, hp, wp, pool * pool)
     top2 = win.topk(2, dim=-1).values
     return top2[..., 0] - top2[..., 1]

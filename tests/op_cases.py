@@ -46,10 +46,22 @@ def conv_cases(draw, max_size=33):
     w = draw(st.integers(5, max_size))
     hc, wc = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
     assume(hc >= pool and wc >= pool)
-    return dict(n=n, cin=cin, cout=cout, k=k, padding=padding, stride=stride, pool=pool, h=h, w=w,
-                slope=draw(st.sampled_from([0.0, 0.1])), dtype=draw(st.sampled_from([torch.float32, torch.float64])),
-                layout=draw(st.sampled_from(["contiguous", "channels_last", "noncontig"])),
-                affine=draw(st.sampled_from(["none", "shift", "scale_shift"])), seed=draw(st.integers(0, 2**16)))
+    return dict(
+        n=n,
+        cin=cin,
+        cout=cout,
+        k=k,
+        padding=padding,
+        stride=stride,
+        pool=pool,
+        h=h,
+        w=w,
+        slope=draw(st.sampled_from([0.0, 0.1])),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+        layout=draw(st.sampled_from(["contiguous", "channels_last", "noncontig"])),
+        affine=draw(st.sampled_from(["none", "shift", "scale_shift"])),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 def make(case, requires_grad=True):

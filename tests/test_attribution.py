@@ -20,8 +20,11 @@ attribution_module = importlib.import_module("drmm_kernels.attribution")
 pytestmark = pytest.mark.filterwarnings("ignore:Setting backward hooks on ReLU activations")
 
 MODES = ("gradient", "guided", "deconvnet")
-CAPTUM = {"gradient": captum_attr.Saliency, "guided": captum_attr.GuidedBackprop,
-          "deconvnet": captum_attr.Deconvolution}
+CAPTUM = {
+    "gradient": captum_attr.Saliency,
+    "guided": captum_attr.GuidedBackprop,
+    "deconvnet": captum_attr.Deconvolution,
+}
 CPU_BACKENDS = [b for b in ("reference", "cpu") if dk.available_backends()[b].available]
 
 
@@ -57,8 +60,15 @@ def _vgg11(bn: bool = False) -> nn.Module:
     modules (the 25088x4096 classifier would take seconds to initialise)."""
     with torch.device("meta"):
         model = (torchvision.models.vgg11_bn if bn else torchvision.models.vgg11)()
-    model.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 16), nn.ReLU(inplace=True), nn.Dropout(),
-                                     nn.Linear(16, 16), nn.ReLU(inplace=True), nn.Dropout(), nn.Linear(16, 10))
+    model.classifier = nn.Sequential(
+        nn.Linear(512 * 7 * 7, 16),
+        nn.ReLU(inplace=True),
+        nn.Dropout(),
+        nn.Linear(16, 16),
+        nn.ReLU(inplace=True),
+        nn.Dropout(),
+        nn.Linear(16, 10),
+    )
     model.to_empty(device="cpu")
     torch.manual_seed(0)
     for m in model.modules():
@@ -66,7 +76,7 @@ def _vgg11(bn: bool = False) -> nn.Module:
             m.reset_parameters()
         if isinstance(m, nn.BatchNorm2d):
             with torch.no_grad():
-                m.weight.uniform_(-1.5, 1.5)   # negative gammas too: the switch then records a minimum of z
+                m.weight.uniform_(-1.5, 1.5)  # negative gammas too: the switch then records a minimum of z
                 m.bias.normal_()
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 2.0)
@@ -160,10 +170,13 @@ def test_batch_norm_blocks_match_captum(mode, training):
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             with torch.no_grad():
-                m.weight.uniform_(-1.5, 1.5), m.bias.normal_(), m.running_mean.normal_(), m.running_var.uniform_(.5, 2)
+                m.weight.uniform_(-1.5, 1.5), m.bias.normal_(), m.running_mean.normal_(), m.running_var.uniform_(0.5, 2)
     fused = dk.fuse(copy.deepcopy(model))
-    assert [(m.order, m.relu_module) for m in fused.modules() if hasattr(m, "order")] == \
-        [("act-pool", True), ("pool-act", True), ("act-pool", True)]
+    assert [(m.order, m.relu_module) for m in fused.modules() if hasattr(m, "order")] == [
+        ("act-pool", True),
+        ("pool-act", True),
+        ("act-pool", True),
+    ]
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     _assert_close(_ours(fused, x, mode, 1), _captum(model, x, mode, 1), f"{mode}, training={training}")
     # conv weights and biases, BN gammas and betas: the unfused model's (through the ReLU hooks)
@@ -196,7 +209,7 @@ def test_deconvnet_routes_off_windows_as_the_block_order_does(backend):
         assert fused.get_submodule("0").order == order
         with dk.backend(backend):
             _, sw = fused.get_submodule("0")(x, return_switches=True)
-            off = (sw < 0x80) & ((sw & 0x0F) != 0)   # off windows whose recorded argmax is not offset 0
+            off = (sw < 0x80) & ((sw & 0x0F) != 0)  # off windows whose recorded argmax is not offset 0
             assert off.sum() >= 5, "the case must have off windows whose argmax is not the first element"
             got[order] = _ours(fused, x, "deconvnet", 0)
         _assert_close(got[order], _captum(model, x, "deconvnet", 0), f"deconvnet, {order}, {backend}")
@@ -279,8 +292,9 @@ def test_a_conv_shared_by_a_relu_module_and_f_relu_is_not_fused_as_one():
 
 def test_hand_built_fused_layer_counts_as_a_relu_module():
     torch.manual_seed(6)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(4 * 4 * 4, 3)).double()
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+    ).double()
     with torch.no_grad():
         model[0].bias.fill_(-0.5)
     layer = dk.FusedConvReLUPool2d(2, 4, 3, padding=1, dtype=torch.float64)
@@ -335,19 +349,28 @@ def test_captum_layer_method_on_a_fused_block_raises(vgg11_64):
     not the conv's output, so it raises, naming the ways out; hooks on its input are the conv's and work."""
     model, fused, x = vgg11_64
     block = fused.get_submodule("features.18")
-    with pytest.raises(RuntimeError, match=r"fused block 'features\.18' .*'features\.19', 'features\.20'.*"
-                                           r"drmm_kernels\.attribution"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"fused block 'features\.18' .*'features\.19', 'features\.20'.*"
+        r"drmm_kernels\.attribution",
+    ):
         captum_attr.LayerGradCam(fused, block).attribute(x, target=3)
     assert _no_hooks_left(fused)
     with pytest.raises(RuntimeError, match="hook is registered on the fused block"):
         captum_attr.LayerActivation(fused, block).attribute(x)
-    _assert_rel(captum_attr.LayerGradCam(fused, block).attribute(x, target=3, attribute_to_layer_input=True),
-                captum_attr.LayerGradCam(model, model.get_submodule("features.18")).attribute(
-                    x, target=3, attribute_to_layer_input=True), "layer input")
+    _assert_rel(
+        captum_attr.LayerGradCam(fused, block).attribute(x, target=3, attribute_to_layer_input=True),
+        captum_attr.LayerGradCam(model, model.get_submodule("features.18")).attribute(
+            x, target=3, attribute_to_layer_input=True
+        ),
+        "layer input",
+    )
     block.hooks_see_block_output = True  # knowingly: the block's output is the pool's
     try:
-        _assert_rel(captum_attr.LayerGradCam(fused, block).attribute(x, target=3),
-                    captum_attr.LayerGradCam(model, model.get_submodule("features.20")).attribute(x, target=3))
+        _assert_rel(
+            captum_attr.LayerGradCam(fused, block).attribute(x, target=3),
+            captum_attr.LayerGradCam(model, model.get_submodule("features.20")).attribute(x, target=3),
+        )
     finally:
         block.hooks_see_block_output = False
 
@@ -358,8 +381,15 @@ class _Untraceable(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(6, 8, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(inplace=True))
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 8, 3, padding=1),
+            nn.MaxPool2d(2),
+            nn.ReLU(inplace=True),
+        )
         self.fc = nn.Linear(8 * 4 * 4, 5)
 
     def forward(self, x):
@@ -389,8 +419,14 @@ def _bn_net(training):
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 with torch.no_grad():
-                    m.weight.uniform_(-1.5, 1.5), m.bias.normal_(), m.running_mean.normal_(), m.running_var.uniform_(.5, 2)
+                    (
+                        m.weight.uniform_(-1.5, 1.5),
+                        m.bias.normal_(),
+                        m.running_mean.normal_(),
+                        m.running_var.uniform_(0.5, 2),
+                    )
         return model
+
     return make
 
 
@@ -437,7 +473,7 @@ def test_gradients_are_plain_after_the_context_and_on_exception(vgg11, vgg11_cap
             raise RuntimeError("boom")
     with pytest.raises(ValueError, match="input channels"):
         with dk.attribution("guided"):
-            fused(x[:, :2])    # the forward itself fails inside a fused block
+            fused(x[:, :2])  # the forward itself fails inside a fused block
     assert dk.attribution.current_mode() == "gradient"
     assert attribution_module._open == 0 and not attribution_module._handles and not attribution_module._tls.calls
     _assert_close(_plain(fused, x, 3), plain, "after exception")
@@ -468,8 +504,9 @@ def test_contexts_nest_and_stay_on_their_thread(vgg11, vgg11_captum):
             _assert_close(_plain(fused, x, 3), vgg11_captum["gradient"], "inner gradient")
         assert dk.attribution.current_mode() == "guided"
         seen = {}
-        worker = threading.Thread(target=lambda: seen.update(mode=dk.attribution.current_mode(),
-                                                             grad=_plain(fused, x, 3)))
+        worker = threading.Thread(
+            target=lambda: seen.update(mode=dk.attribution.current_mode(), grad=_plain(fused, x, 3))
+        )
         worker.start()
         worker.join()
     assert seen["mode"] == "gradient"
@@ -477,8 +514,11 @@ def test_contexts_nest_and_stay_on_their_thread(vgg11, vgg11_captum):
 
 
 def test_bad_mode():
-    with pytest.raises(ValueError, match=r"^drmm_kernels.attribution: mode must be one of 'gradient', 'guided', "
-                                         r"'deconvnet', got 'saliency'$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^drmm_kernels.attribution: mode must be one of 'gradient', 'guided', "
+        r"'deconvnet', got 'saliency'$",
+    ):
         dk.attribution("saliency")
     assert dk.attribution.current_mode() == "gradient"
 

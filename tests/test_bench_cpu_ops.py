@@ -25,8 +25,25 @@ def test_cpu_ops_benchmark_runs_and_reports(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "RESULTS", str(tmp_path))
     threads = torch.get_num_threads()
     try:
-        assert bench.main(["--batch", "2", "--repeats", "3", "--warmup", "0", "--layers", "2,5", "--threads", "1",
-                           "--out", "smoke"]) == 0
+        assert (
+            bench.main(
+                [
+                    "--batch",
+                    "2",
+                    "--repeats",
+                    "3",
+                    "--warmup",
+                    "0",
+                    "--layers",
+                    "2,5",
+                    "--threads",
+                    "1",
+                    "--out",
+                    "smoke",
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)  # main() sets the process-wide count
     out = capsys.readouterr().out

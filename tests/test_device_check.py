@@ -14,8 +14,9 @@ SCRIPT = os.path.join(ROOT, "bench", "device_check.sh")
 
 def run(*args, env=None, timeout=120):
     full_env = dict(os.environ, PYTHON=sys.executable, **(env or {}))
-    return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, env=full_env, timeout=timeout,
-                          cwd=ROOT)
+    return subprocess.run(
+        ["bash", SCRIPT, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT
+    )
 
 
 def plan(stdout: str):

@@ -29,6 +29,7 @@ def test_backend_selection():
 def test_environment_variable_selects_backend(tmp_path):
     import subprocess
     import sys
+
     code = "import drmm_kernels as dk; print(dk.get_backend())"
     env = dict(os.environ, DRMM_KERNELS_BACKEND="reference")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -47,20 +48,30 @@ def _opcheck_samples():
     bn = dict(x=x, weight=w, bn_weight=scale, bn_bias=shift, eps=1e-5, negative_slope=0.0, **geo)
     return [
         (ops.conv_relu_pool.default, dict(x=x, weight=w, scale=scale, shift=shift, negative_slope=0.0, **geo)),
-        (ops.conv_relu_pool.default, dict(x=x, weight=w, scale=None, shift=None, stride=2, padding=0, pool=1,
-                                          negative_slope=0.1)),
-        (ops.render.default, dict(mu=mu, switches=sw, weight=w, scale=scale, out_h=7, out_w=6, negative_slope=0.1,
-                                  **geo)),
-        (ops.render.default, dict(mu=mu, switches=sw, weight=w, scale=None, out_h=7, out_w=6, negative_slope=0.0,
-                                  **geo)),
+        (
+            ops.conv_relu_pool.default,
+            dict(x=x, weight=w, scale=None, shift=None, stride=2, padding=0, pool=1, negative_slope=0.1),
+        ),
+        (
+            ops.render.default,
+            dict(mu=mu, switches=sw, weight=w, scale=scale, out_h=7, out_w=6, negative_slope=0.1, **geo),
+        ),
+        (
+            ops.render.default,
+            dict(mu=mu, switches=sw, weight=w, scale=None, out_h=7, out_w=6, negative_slope=0.0, **geo),
+        ),
         (ops.gather_conv.default, dict(src=x, weight=w, switches=sw, **geo)),
-        (ops.render_wgrad.default, dict(src=x, mu=mu, switches=sw, scale=scale, negative_slope=0.0, kernel_h=3,
-                                        kernel_w=3, **geo)),
+        (
+            ops.render_wgrad.default,
+            dict(src=x, mu=mu, switches=sw, scale=scale, negative_slope=0.0, kernel_h=3, kernel_w=3, **geo),
+        ),
         (ops.masked_values.default, dict(mu=mu, switches=sw, scale=scale, negative_slope=0.1)),
         (ops.masked_values.default, dict(mu=mu, switches=sw, scale=None, negative_slope=0.0)),
         (ops.conv_bn_relu_pool.default, dict(running_mean=None, running_var=None, training=True, **bn)),
-        (ops.conv_bn_relu_pool.default, dict(running_mean=torch.zeros(3), running_var=torch.ones(3), training=False,
-                                             **bn)),
+        (
+            ops.conv_bn_relu_pool.default,
+            dict(running_mean=torch.zeros(3), running_var=torch.ones(3), training=False, **bn),
+        ),
     ]
 
 
@@ -109,18 +120,32 @@ def test_eager_fast_path_matches_the_custom_op(backend):
             xx = x.clone().requires_grad_()
             ww, bb = torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())  # as in a model: fast path too
             if via_op:
-                y, sw = torch.ops.drmm.conv_relu_pool(x=xx, weight=ww, scale=None, shift=bb, stride=1, padding=1,
-                                                      pool=2, negative_slope=0.1)
+                y, sw = torch.ops.drmm.conv_relu_pool(
+                    x=xx, weight=ww, scale=None, shift=bb, stride=1, padding=1, pool=2, negative_slope=0.1
+                )
                 assert "function" not in type(y.grad_fn).__name__
             else:
                 y, sw = dk.conv_relu_pool(xx, ww, None, bb, padding=1, pool=2, negative_slope=0.1)
                 assert type(y.grad_fn).__name__.startswith("conv_relu_pool_function")
             gx, gw = torch.autograd.grad((y * y).sum(), (xx, ww), create_graph=True)
-            ggw, = torch.autograd.grad(gx.pow(2).sum(), ww)
+            (ggw,) = torch.autograd.grad(gx.pow(2).sum(), ww)
             with torch.no_grad():
-                r = dk.render(y, sw, ww, padding=1, pool=2, out_size=(9, 9), negative_slope=0.1) if not via_op \
-                    else torch.ops.drmm.render(mu=y, switches=sw, weight=ww, scale=None, stride=1, padding=1, pool=2,
-                                               out_h=9, out_w=9, negative_slope=0.1)
+                r = (
+                    dk.render(y, sw, ww, padding=1, pool=2, out_size=(9, 9), negative_slope=0.1)
+                    if not via_op
+                    else torch.ops.drmm.render(
+                        mu=y,
+                        switches=sw,
+                        weight=ww,
+                        scale=None,
+                        stride=1,
+                        padding=1,
+                        pool=2,
+                        out_h=9,
+                        out_w=9,
+                        negative_slope=0.1,
+                    )
+                )
             results.append((y, sw, gx, gw, ggw, r))
     for a, b_ in zip(*results):
         assert torch.equal(a, b_)
@@ -137,5 +162,6 @@ def test_fast_path_steps_aside_under_functorch_transforms():
         return dk.conv_relu_pool(x, w, padding=1)[0].sum() * s
 
     torch.testing.assert_close(torch.func.grad(f)(torch.tensor(2.0)), y_ref.detach())
-    torch.testing.assert_close(torch.func.vmap(f)(torch.tensor([1.0, 2.0])).detach(),
-                               torch.stack([y_ref, 2 * y_ref]).detach())
+    torch.testing.assert_close(
+        torch.func.vmap(f)(torch.tensor([1.0, 2.0])).detach(), torch.stack([y_ref, 2 * y_ref]).detach()
+    )

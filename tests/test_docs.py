@@ -42,8 +42,11 @@ def test_examples_found():
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
     module = importlib.import_module(name)
-    result = doctest.testmod(module, extraglobs={"torch": importlib.import_module("torch"),
-                                                 "nn": importlib.import_module("torch.nn")}, verbose=False)
+    result = doctest.testmod(
+        module,
+        extraglobs={"torch": importlib.import_module("torch"), "nn": importlib.import_module("torch.nn")},
+        verbose=False,
+    )
     assert result.attempted > 0 and result.failed == 0, result
 
 
@@ -75,21 +78,24 @@ def test_public_api_has_examples():
 # `<!-- docs-test: skip (reason) -->` on the line before a fence runs nothing of that block: a python block is only
 # compiled, a bash block's commands are only checked; the reason is the skip message.
 
-DOC_FILES = ("README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")),
-             "experiments/README.md")
+DOC_FILES = (
+    "README.md",
+    *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")),
+    "experiments/README.md",
+)
 FENCE = re.compile(r"^(\s*)(```+|~~~+)\s*([\w+-]*)\s*$")
-MARKER = re.compile(r"^\s*<!--\s*docs-test:(.*?)-->\s*$")   # a line of its own
+MARKER = re.compile(r"^\s*<!--\s*docs-test:(.*?)-->\s*$")  # a line of its own
 SKIP_MARKER = re.compile(r"\s*skip\s*\((.+)\)\s*$")
-LANGUAGES = {"python", "bash", ""}   # "" = plain text (diagrams, output), never run
+LANGUAGES = {"python", "bash", ""}  # "" = plain text (diagrams, output), never run
 
 
 @dataclasses.dataclass(frozen=True)
 class Block:
-    path: str                 # relative to ROOT
-    line: int                 # line number of the block's first line of code
+    path: str  # relative to ROOT
+    line: int  # line number of the block's first line of code
     lang: str
     text: str
-    skip: Optional[str]       # the marker's reason, or None
+    skip: Optional[str]  # the marker's reason, or None
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line}"
@@ -111,7 +117,7 @@ def code_blocks(rel: str, text: Optional[str] = None) -> Tuple[List[Block], List
             j += 1
         if j == len(lines):
             problems.append(f"{rel}:{i + 1}: code fence never closed")
-        body = [line[len(indent):] if line.startswith(indent) else line.lstrip() for line in lines[i + 1:j]]
+        body = [line[len(indent) :] if line.startswith(indent) else line.lstrip() for line in lines[i + 1 : j]]
         k = i - 1
         while k >= 0 and not lines[k].strip():
             k -= 1
@@ -122,8 +128,9 @@ def code_blocks(rel: str, text: Optional[str] = None) -> Tuple[List[Block], List
             if s:
                 skip = s.group(1).strip()
             else:
-                problems.append(f"{rel}:{k + 1}: a marker reads `<!-- docs-test: skip (reason) -->`, "
-                                f"got {markers[k]!r}")
+                problems.append(
+                    f"{rel}:{k + 1}: a marker reads `<!-- docs-test: skip (reason) -->`, got {markers[k]!r}"
+                )
         blocks.append(Block(rel, i + 2, lang.lower(), "\n".join(body) + "\n", skip))
         i = j + 1
     problems += [f"{rel}:{k + 1}: docs-test marker not on the line before a code fence" for k in set(markers) - used]
@@ -154,11 +161,16 @@ def test_doc_blocks_found():
 
 
 def test_code_blocks_and_markers():
-    text = ("<!-- docs-test: skip (needs a GPU) -->\n```python\nx = 1\n```\n\n- item\n\n  ```bash\n"
-            "  drmm --help   # a comment\n  make \\\n    demo\n  ```\n<!-- docs-test: run -->\n\n```\ntext\n```\n")
+    text = (
+        "<!-- docs-test: skip (needs a GPU) -->\n```python\nx = 1\n```\n\n- item\n\n  ```bash\n"
+        "  drmm --help   # a comment\n  make \\\n    demo\n  ```\n<!-- docs-test: run -->\n\n```\ntext\n```\n"
+    )
     blocks, problems = code_blocks("x.md", text)
-    assert [(b.line, b.lang, b.skip) for b in blocks] == [(3, "python", "needs a GPU"), (9, "bash", None),
-                                                          (16, "", None)]
+    assert [(b.line, b.lang, b.skip) for b in blocks] == [
+        (3, "python", "needs a GPU"),
+        (9, "bash", None),
+        (16, "", None),
+    ]
     assert [c.argv for c in shell_commands(blocks[1])] == [("drmm", "--help"), ("make", "demo")]
     assert problems == ["x.md:13: a marker reads `<!-- docs-test: skip (reason) -->`, got ' run '"]
 
@@ -166,7 +178,7 @@ def test_code_blocks_and_markers():
 @pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=str)
 def test_python_block(block):
     """Each python block runs alone: a block that needs a name from the one above it fails."""
-    code = compile("\n" * (block.line - 1) + block.text, block.path, "exec")   # tracebacks give the doc's lines
+    code = compile("\n" * (block.line - 1) + block.text, block.path, "exec")  # tracebacks give the doc's lines
     if block.skip:
         pytest.skip(f"{block}: not run ({block.skip})")
     scope = {"__name__": "__main__"}
@@ -181,7 +193,7 @@ def test_python_block(block):
 class Command:
     block: Block
     line: int
-    argv: Tuple[str, ...]     # as the shell splits it, comments dropped
+    argv: Tuple[str, ...]  # as the shell splits it, comments dropped
 
     def __str__(self) -> str:
         return f"{self.block.path}:{self.line}"
@@ -234,7 +246,7 @@ RUN_DRMM = ("train", "eval", "render", "sample")
 TRAIN_OVERRIDES = ("max_steps=2", "batch_size=20", "progress=false", "tensorboard=false")
 TEST_IMAGES = 100
 REPO_TOP = {p.name for p in ROOT.iterdir() if not p.name.startswith(".")} - {"runs", "data", "build", "dist"}
-OUTPUT_OPTIONS = {"--out", "--out-dir", "--run-dir", "--benchmark-json", "BENCH_JSON"}   # a path that may not exist
+OUTPUT_OPTIONS = {"--out", "--out-dir", "--run-dir", "--benchmark-json", "BENCH_JSON"}  # a path that may not exist
 
 
 def how(command: Command) -> Tuple[str, Optional[str]]:
@@ -246,7 +258,7 @@ def how(command: Command) -> Tuple[str, Optional[str]]:
         return "run", None
     if words[:2] in (["pytest-benchmark", "compare"], ["pytest-benchmark", "list"]):
         return "run", None
-    keys = [k for k in NOT_RUN if words[:len(k.split())] == k.split()]
+    keys = [k for k in NOT_RUN if words[: len(k.split())] == k.split()]
     return "check", NOT_RUN[max(keys, key=len)] if keys else None
 
 
@@ -269,6 +281,7 @@ def check_problems(command: Command, pytestconfig) -> List[str]:
     flags = [f for f in map(_flag, words[1:]) if f]
     if words[0] == "drmm":
         from drmm.cli import build_parser
+
         err = io.StringIO()
         try:
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -276,9 +289,10 @@ def check_problems(command: Command, pytestconfig) -> List[str]:
         except SystemExit as e:
             if e.code not in (0, None):
                 problems.append(err.getvalue().strip())
-        if words[1:2] == ["train"] and not problems:   # the config file and its --set keys
+        if words[1:2] == ["train"] and not problems:  # the config file and its --set keys
             from drmm.config import load_config
             from drmm.errors import UsageError
+
             args = build_parser().parse_args(words[1:])
             try:
                 load_config(args.config, args.set or [])
@@ -295,8 +309,11 @@ def check_problems(command: Command, pytestconfig) -> List[str]:
             elif not word.startswith("-") and word not in targets:
                 problems.append(f"the Makefile has no target {word}")
     elif words[:3] == ["python", "-m", "pytest"]:
-        conftests = "".join((ROOT / w / "conftest.py").read_text() for w in words[3:]
-                            if not w.startswith("-") and (ROOT / w / "conftest.py").is_file())
+        conftests = "".join(
+            (ROOT / w / "conftest.py").read_text()
+            for w in words[3:]
+            if not w.startswith("-") and (ROOT / w / "conftest.py").is_file()
+        )
         for flag in flags:
             try:
                 pytestconfig.getoption(flag)
@@ -313,7 +330,7 @@ def check_problems(command: Command, pytestconfig) -> List[str]:
         script = ROOT / words[1]
         if not script.is_file():
             problems.append(f"no script {words[1]}")
-        else:   # the script's own options: each flag appears in its source
+        else:  # the script's own options: each flag appears in its source
             source = script.read_text()
             problems += [f"{words[1]} has no option {f}" for f in flags if not _in_text(f, source)]
     elif words[0] != "export":
@@ -335,14 +352,18 @@ _DATASETS: Dict[Tuple[str, str], object] = {}
 
 def _cut_test_set(load_dataset):
     """drmm.data.load_dataset with the test set cut to its first TEST_IMAGES images (each data set read once)."""
+
     def load(name, data_dir=None, download_missing=False):
         from drmm.data import data_root
+
         key = (name, str(data_root(data_dir)))
         if key not in _DATASETS:
             _DATASETS[key] = load_dataset(name, data_dir, download_missing=False)
         data = _DATASETS[key]
-        return dataclasses.replace(data, test_images=data.test_images[:TEST_IMAGES],
-                                   test_labels=data.test_labels[:TEST_IMAGES])
+        return dataclasses.replace(
+            data, test_images=data.test_images[:TEST_IMAGES], test_labels=data.test_labels[:TEST_IMAGES]
+        )
+
     return load
 
 
@@ -353,7 +374,7 @@ def workdir(block: Block, tmp_path_factory) -> pathlib.Path:
     """The block's working folder, shared by its commands (in order: a run trained above is there for eval)."""
     if block not in _WORKDIRS:
         wd = tmp_path_factory.mktemp(re.sub(r"\W", "_", str(block)))
-        for name in REPO_TOP - {"tests"}:   # folders only: without pyproject.toml, pytest-benchmark loads no conftest
+        for name in REPO_TOP - {"tests"}:  # folders only: without pyproject.toml, pytest-benchmark loads no conftest
             if (ROOT / name).is_dir():
                 (wd / name).symlink_to(ROOT / name)
         _WORKDIRS[block] = wd
@@ -362,21 +383,54 @@ def workdir(block: Block, tmp_path_factory) -> pathlib.Path:
 
 def _benchmark_json(path: pathlib.Path) -> None:
     """A pytest-benchmark JSON file with one benchmark."""
-    stats = dict(min=1e-3, max=2e-3, mean=1.5e-3, stddev=1e-4, rounds=3, median=1.5e-3, iqr=2e-4, q1=1.4e-3,
-                 q3=1.6e-3, iqr_outliers=0, stddev_outliers=0, outliers="0;0", ld15iqr=1e-3, hd15iqr=2e-3,
-                 ops=666.7, total=4.5e-3, iterations=1)
-    bench = {"group": "docs", "name": "test_docs", "fullname": "docs.py::test_docs", "params": None,
-             "param": None, "extra_info": {}, "options": {}, "stats": stats}
+    stats = dict(
+        min=1e-3,
+        max=2e-3,
+        mean=1.5e-3,
+        stddev=1e-4,
+        rounds=3,
+        median=1.5e-3,
+        iqr=2e-4,
+        q1=1.4e-3,
+        q3=1.6e-3,
+        iqr_outliers=0,
+        stddev_outliers=0,
+        outliers="0;0",
+        ld15iqr=1e-3,
+        hd15iqr=2e-3,
+        ops=666.7,
+        total=4.5e-3,
+        iterations=1,
+    )
+    bench = {
+        "group": "docs",
+        "name": "test_docs",
+        "fullname": "docs.py::test_docs",
+        "params": None,
+        "param": None,
+        "extra_info": {},
+        "options": {},
+        "stats": stats,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine_info": {"node": "docs", "cpu": {}}, "commit_info": {}, "benchmarks": [bench],
-                                "datetime": "2000-01-01T00:00:00", "version": "5.0.0"}))
+    path.write_text(
+        json.dumps(
+            {
+                "machine_info": {"node": "docs", "cpu": {}},
+                "commit_info": {},
+                "benchmarks": [bench],
+                "datetime": "2000-01-01T00:00:00",
+                "version": "5.0.0",
+            }
+        )
+    )
 
 
 def run_pytest_benchmark(command: Command, wd: pathlib.Path) -> None:
     args = command.words[1:]
     for i, arg in enumerate(args):
         if args[0] == "compare" and arg.endswith(".json"):
-            name = f"{i}-{pathlib.Path(arg).name}"   # small files, the doc's paths' form kept (relative or absolute)
+            name = f"{i}-{pathlib.Path(arg).name}"  # small files, the doc's paths' form kept (relative or absolute)
             args[i] = str(wd / "abs" / name) if pathlib.Path(arg).is_absolute() else f"json/{name}"
             _benchmark_json(wd / args[i])
     exe = pathlib.Path(sys.executable).parent / "pytest-benchmark"
@@ -384,11 +438,12 @@ def run_pytest_benchmark(command: Command, wd: pathlib.Path) -> None:
     assert r.returncode == 0, f"{command}: `{command.text}` failed:\n{r.stdout}\n{r.stderr}"
 
 
-_TRAINED: Dict[Block, List[str]] = {}   # the runs each block's `drmm train` commands made, oldest first
+_TRAINED: Dict[Block, List[str]] = {}  # the runs each block's `drmm train` commands made, oldest first
 
 
 def _has_mnist() -> bool:
     from drmm.data import data_root
+
     return (data_root(None) / "mnist").is_dir()
 
 
@@ -400,7 +455,7 @@ def run_drmm(command: Command, wd: pathlib.Path, monkeypatch) -> None:
     args = command.words[1:]
     trained = _TRAINED.setdefault(command.block, [])
     for i, arg in enumerate(args):
-        if re.search(r"<[^>]*>", arg):   # runs/<name>: the run the block trained last
+        if re.search(r"<[^>]*>", arg):  # runs/<name>: the run the block trained last
             assert arg.startswith("runs/") and trained, f"{command}: no run for {arg}: the block trains none above it"
             args[i] = trained[-1]
     before = set(os.listdir(wd / "runs")) if (wd / "runs").is_dir() else set()
@@ -409,7 +464,7 @@ def run_drmm(command: Command, wd: pathlib.Path, monkeypatch) -> None:
     monkeypatch.chdir(wd)
     monkeypatch.setattr(data_lib, "load_dataset", _cut_test_set(data_lib.load_dataset))
     try:
-        if command.argv[1:3] == ("-m", "drmm"):   # python -m drmm: through drmm/__main__.py
+        if command.argv[1:3] == ("-m", "drmm"):  # python -m drmm: through drmm/__main__.py
             monkeypatch.setattr(sys, "argv", ["drmm", *args])
             runpy.run_module("drmm", run_name="__main__")
             status = 0
@@ -429,8 +484,10 @@ def test_shell_command(command, pytestconfig, tmp_path_factory, monkeypatch):
     if action == "run" and words[0] == "drmm" and not ("-h" in words or "--help" in words) and not _has_mnist():
         action, reason = "check", "needs MNIST: DRMM_DATA_DIR with mnist/"
     if action == "check":
-        assert reason, (f"{command}: `{command.text}` is neither run nor said why not: add the words it starts with "
-                        f"to NOT_RUN in tests/test_docs.py, or mark its block")
+        assert reason, (
+            f"{command}: `{command.text}` is neither run nor said why not: add the words it starts with "
+            f"to NOT_RUN in tests/test_docs.py, or mark its block"
+        )
         problems = check_problems(command, pytestconfig)
         assert not problems, f"{command}: `{command.text}`:\n" + "\n".join(problems)
         pytest.skip(f"{command}: checked, not run ({reason})")
@@ -499,12 +556,35 @@ def test_github_slug():
 
 
 # Sections other files cite by anchor; renaming one of these headings breaks links across the code base.
-MODEL_SECTIONS = ("the-generative-model", "bottom-up-inference", "switches", "top-down-rendering", "class-templates",
-                  "nrm-flavour", "loss-terms", "total-loss-and-batch-composition", "loss-weights", "eg-training",
-                  "hard-em", "architectures-and-protocol", "nrm-architectures", "reported-results", "variants",
-                  "sampling-and-generation", "implementation-pitfalls", "paper-vs-code", "evaluation-protocol")
-KERNEL_SECTIONS = ("code-layout", "roofline", "triton-interpreter", "building-the-cuda-extension", "benchmarking",
-                   "pitfalls")
+MODEL_SECTIONS = (
+    "the-generative-model",
+    "bottom-up-inference",
+    "switches",
+    "top-down-rendering",
+    "class-templates",
+    "nrm-flavour",
+    "loss-terms",
+    "total-loss-and-batch-composition",
+    "loss-weights",
+    "eg-training",
+    "hard-em",
+    "architectures-and-protocol",
+    "nrm-architectures",
+    "reported-results",
+    "variants",
+    "sampling-and-generation",
+    "implementation-pitfalls",
+    "paper-vs-code",
+    "evaluation-protocol",
+)
+KERNEL_SECTIONS = (
+    "code-layout",
+    "roofline",
+    "triton-interpreter",
+    "building-the-cuda-extension",
+    "benchmarking",
+    "pitfalls",
+)
 
 
 def test_cited_sections_exist():

@@ -36,8 +36,9 @@ def test_cli_train_eval_render(tmp_path, capsys):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY)
     run = tmp_path / "run"
-    assert main(["train", "--config", str(cfg), "--run-dir", str(run), "--set", "kl_sign=1",
-                 "--data-dir", DATA_DIR]) == 0
+    assert (
+        main(["train", "--config", str(cfg), "--run-dir", str(run), "--set", "kl_sign=1", "--data-dir", DATA_DIR]) == 0
+    )
     out = capsys.readouterr().out
     assert "final test error" in out
     for name in ("config.yaml", "metrics.csv", "last.pt", "best.pt", "learning_curve.png", "labeled_indices.npy"):
@@ -54,8 +55,25 @@ def test_cli_train_eval_render(tmp_path, capsys):
         assert (run / name).stat().st_size > 1000
 
     # continue the same run for more steps
-    assert main(["train", "--config", str(cfg), "--run-dir", str(run), "--resume", "--set", "kl_sign=1",
-                 "--set", "max_steps=8", "--data-dir", DATA_DIR]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(cfg),
+                "--run-dir",
+                str(run),
+                "--resume",
+                "--set",
+                "kl_sign=1",
+                "--set",
+                "max_steps=8",
+                "--data-dir",
+                DATA_DIR,
+            ]
+        )
+        == 0
+    )
     assert "after 8 steps" in capsys.readouterr().out
 
 
@@ -71,8 +89,14 @@ def test_cli_errors(tmp_path):
 
 def test_python_dash_m_entry_point():
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-m", "drmm", "train", "--help"], capture_output=True, text=True, env=env,
-                       cwd=REPO, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "drmm", "train", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
     assert r.returncode == 0 and "--resume" in r.stdout and "--set" in r.stdout
 
 
@@ -92,5 +116,5 @@ def test_level_grid_template_column_is_visible(tmp_path, model):
             assert panel.ndim == 2 and np.nanstd(panel) > 0.05, title
             assert np.nanmin(panel) == 0.0 and np.nanmax(panel) == 1.0
     if model == "conv_small":
-        assert titles[0] == "template\n(10 channels)" and rows[0][0].shape == (3, 4)   # 10 values, 4 per row
+        assert titles[0] == "template\n(10 channels)" and rows[0][0].shape == (3, 4)  # 10 values, 4 per row
     assert save_level_grid(levels, tmp_path / "levels.png").stat().st_size > 1000

@@ -63,49 +63,59 @@ def fake_mnist(root: Path, first: bytes) -> Path:
 @pytest.fixture
 def config(tmp_path):
     p = tmp_path / "tiny.yaml"
-    p.write_text("dataset: mnist\nmodel: drmm2\nmax_train_samples: 40\nnum_labeled: 20\nbatch_size: 20\n"
-                 "epochs: 1\nmax_steps: 1\nprogress: false\ntensorboard: false\ndownload: false\n")
+    p.write_text(
+        "dataset: mnist\nmodel: drmm2\nmax_train_samples: 40\nnum_labeled: 20\nbatch_size: 20\n"
+        "epochs: 1\nmax_steps: 1\nprogress: false\ntensorboard: false\ndownload: false\n"
+    )
     return p
 
 
 def good_images_gz(n=3) -> bytes:
     """A well-formed IDX image file of ``n`` random images (random: incompressible, so a cut truncates data)."""
     import io
+
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb") as f:
         f.write(idx_bytes(np.random.RandomState(0).randint(0, 256, (n, 28, 28)).astype(np.uint8)))
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("case, first, words", [
-    ("truncated gzip", good_images_gz()[:1000], ["truncated or corrupt gzip", "end-of-stream"]),
-    ("not gzip", b"this is not a gzip file at all", ["truncated or corrupt gzip"]),
-    ("bad magic", None, ["bad magic 12345678"]),
-    ("size", None, ["does not match its header"]),
-    ("count", good_images_gz(), ["holds 3 items, expected 60000"]),
-], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "case, first, words",
+    [
+        ("truncated gzip", good_images_gz()[:1000], ["truncated or corrupt gzip", "end-of-stream"]),
+        ("not gzip", b"this is not a gzip file at all", ["truncated or corrupt gzip"]),
+        ("bad magic", None, ["bad magic 12345678"]),
+        ("size", None, ["does not match its header"]),
+        ("count", good_images_gz(), ["holds 3 items, expected 60000"]),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
 def test_corrupt_idx_file_names_it_and_says_redownload(tmp_path, capsys, config, case, first, words):
     if case == "bad magic":
         gz = tmp_path / "x.gz"
         write_gz(gz, b"\x12\x34\x56\x78" + bytes(16))
         first = gz.read_bytes()
-    if case == "size":   # the header says 3 images, 2 are there
+    if case == "size":  # the header says 3 images, 2 are there
         gz = tmp_path / "x.gz"
         write_gz(gz, idx_bytes(np.zeros((3, 28, 28), np.uint8))[:-784])
         first = gz.read_bytes()
     root = fake_mnist(tmp_path / "data", first)
-    line = fails(["train", "--config", str(config), "--run-dir", str(tmp_path / "run"), "--data-dir", str(root)],
-                 capsys)
+    line = fails(
+        ["train", "--config", str(config), "--run-dir", str(tmp_path / "run"), "--data-dir", str(root)], capsys
+    )
     assert f"{STEMS[0]}.gz" in line and "download it again" in line and "md5 f68b3c2d" in line
     for w in words:
         assert w in line
-    assert not (tmp_path / "run").exists()   # a bad data set leaves no run folder behind
+    assert not (tmp_path / "run").exists()  # a bad data set leaves no run folder behind
 
 
 def test_missing_data_without_download_names_files_folder_and_both_ways(tmp_path, capsys, config):
     (tmp_path / "empty").mkdir()
-    line = fails(["train", "--config", str(config), "--run-dir", str(tmp_path / "run"),
-                  "--data-dir", str(tmp_path / "empty")], capsys)
+    line = fails(
+        ["train", "--config", str(config), "--run-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "empty")],
+        capsys,
+    )
     assert "download is off" in line and str(tmp_path / "empty") in line
     for stem in STEMS:
         assert stem in line
@@ -116,16 +126,29 @@ def test_download_that_cannot_connect_fails_fast(tmp_path, capsys, config, monke
     import socket
     import time
 
-    server = socket.socket()   # listens, never answers: the read must time out
+    server = socket.socket()  # listens, never answers: the read must time out
     server.bind(("127.0.0.1", 0))
     server.listen(8)
     try:
-        monkeypatch.setitem(D._DOWNLOADS, "mnist", (f"http://127.0.0.1:{server.getsockname()[1]}/",
-                                                     D._DOWNLOADS["mnist"][1]))
+        monkeypatch.setitem(
+            D._DOWNLOADS, "mnist", (f"http://127.0.0.1:{server.getsockname()[1]}/", D._DOWNLOADS["mnist"][1])
+        )
         monkeypatch.setattr(D, "DOWNLOAD_TIMEOUT_S", 0.5)
         t0 = time.perf_counter()
-        line = fails(["train", "--config", str(config), "--set", "download=true", "--run-dir",
-                      str(tmp_path / "run"), "--data-dir", str(tmp_path / "empty")], capsys)
+        line = fails(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--set",
+                "download=true",
+                "--run-dir",
+                str(tmp_path / "run"),
+                "--data-dir",
+                str(tmp_path / "empty"),
+            ],
+            capsys,
+        )
         assert time.perf_counter() - t0 < 10
     finally:
         server.close()
@@ -165,14 +188,14 @@ def tiny_data(monkeypatch):
 def test_truncated_checkpoint(tmp_path, capsys):
     run = make_run(tmp_path / "run")
     data = (run / "last.pt").read_bytes()
-    (run / "last.pt").write_bytes(data[:len(data) // 3])
+    (run / "last.pt").write_bytes(data[: len(data) // 3])
     line = fails(["eval", str(run), "--checkpoint", "last"], capsys, "eval")
     assert str(run / "last.pt") in line and "truncated or corrupt" in line and "--checkpoint" in line
 
 
 def test_foreign_checkpoint(tmp_path, capsys):
     run = make_run(tmp_path / "run", checkpoints=())
-    torch.save({"state_dict": {}, "epoch": 3}, run / "last.pt")   # some other program's checkpoint
+    torch.save({"state_dict": {}, "epoch": 3}, run / "last.pt")  # some other program's checkpoint
     line = fails(["eval", str(run)], capsys, "eval")
     assert str(run / "last.pt") in line and "not a drmm checkpoint" in line and "'epoch'" in line
 
@@ -190,17 +213,23 @@ class _RunsCode:
 def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
     run = make_run(tmp_path / "run", checkpoints=())
     marker = tmp_path / "code-ran"
-    torch.save({"model": model_from_config(TINY_CFG, (1, 28, 28), 10).state_dict(), "step": 7,
-                "extra": _RunsCode(marker)}, run / "last.pt")
-    for argv, command in ((["eval", str(run)], "eval"), (["render", str(run)], "render"),
-                          (["sample", str(run)], "sample")):
+    torch.save(
+        {"model": model_from_config(TINY_CFG, (1, 28, 28), 10).state_dict(), "step": 7, "extra": _RunsCode(marker)},
+        run / "last.pt",
+    )
+    for argv, command in (
+        (["eval", str(run)], "eval"),
+        (["render", str(run)], "render"),
+        (["sample", str(run)], "sample"),
+    ):
         line = fails(argv, capsys, command)
         assert str(run / "last.pt") in line and "refused" in line and "exec" in line, line
     from drmm.paper import resume_point
+
     with pytest.raises(CheckpointError, match="could run arbitrary code"):
         resume_point(run)
     assert not marker.exists()
-    torch.load(run / "last.pt", weights_only=False)   # the file really does run code when fully unpickled
+    torch.load(run / "last.pt", weights_only=False)  # the file really does run code when fully unpickled
     assert marker.exists()
 
 
@@ -236,23 +265,26 @@ def test_unknown_config_key_suggests_the_close_one(tmp_path, capsys, config, whe
     line = fails(argv, capsys)
     assert "unknown config key 'lr_intt' (did you mean 'lr_init'?)" in line
     assert (str(config) if where == "yaml" else "--set lr_intt=0.01") in line
-    assert "num_labeled" not in line   # no list of every key
+    assert "num_labeled" not in line  # no list of every key
 
 
-@pytest.mark.parametrize("override, words", [
-    ("epochs=ten", ["--set epochs=ten", "'epochs' must be an integer"]),
-    ("tensorboard=maybe", ["'tensorboard' must be true or false"]),
-    ("lr_init=fast", ["'lr_init' must be a number"]),
-    ("epochs=0", ["epochs must be >= 1"]),
-    ("dropout=1.5", ["dropout must be a probability"]),
-    ("val_samples=-3", ["val_samples must be >= 0"]),
-    ("mode=semisupervise", ["mode must be one of", "(did you mean 'semisupervised'?)"]),
-    ("model=conv_smal", ["model must be one of", "(did you mean 'conv_small'?)"]),
-    ("dataset=fashion", ["dataset must be one of", "fashion_mnist"]),
-    ("norm=layer", ["norm must be one of"]),
-    ("td_nonneg=never", ["td_nonneg must be one of"]),
-    ("epochs", ["--set expects key=value"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("epochs=ten", ["--set epochs=ten", "'epochs' must be an integer"]),
+        ("tensorboard=maybe", ["'tensorboard' must be true or false"]),
+        ("lr_init=fast", ["'lr_init' must be a number"]),
+        ("epochs=0", ["epochs must be >= 1"]),
+        ("dropout=1.5", ["dropout must be a probability"]),
+        ("val_samples=-3", ["val_samples must be >= 0"]),
+        ("mode=semisupervise", ["mode must be one of", "(did you mean 'semisupervised'?)"]),
+        ("model=conv_smal", ["model must be one of", "(did you mean 'conv_small'?)"]),
+        ("dataset=fashion", ["dataset must be one of", "fashion_mnist"]),
+        ("norm=layer", ["norm must be one of"]),
+        ("td_nonneg=never", ["td_nonneg must be one of"]),
+        ("epochs", ["--set expects key=value"]),
+    ],
+)
 def test_invalid_values(tmp_path, capsys, config, override, words):
     line = fails(["train", "--config", str(config), "--set", override], capsys)
     for w in words:
@@ -292,23 +324,31 @@ def test_subprocess_exit_status_and_stderr(tmp_path):
     cmd = [sys.executable, "-m", "drmm", "eval", str(tmp_path / "nowhere")]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.strip().splitlines() == [f"drmm eval: error: {tmp_path / 'nowhere'}: no such folder; pass a run "
-                                             f"directory made by `drmm train` (runs/<name>-<time>)"]
-    r = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], capture_output=True, text=True, env=env, cwd=REPO,
-                       timeout=300)
+    assert r.stderr.strip().splitlines() == [
+        f"drmm eval: error: {tmp_path / 'nowhere'}: no such folder; pass a run "
+        f"directory made by `drmm train` (runs/<name>-<time>)"
+    ]
+    r = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert r.returncode == 1 and "Traceback" in r.stderr and "RunDirError" in r.stderr
 
 
 # ---------------------------------------------------------------- which checkpoint eval scores
 
 
-@pytest.mark.parametrize("val_samples, asked, scored, how", [
-    (0, None, "last", "final weights, step 7; the run has no validation split"),
-    (10, None, "best", "lowest validation error, step 5"),
-    (0, "best", "best", "lowest test error, step 5: the run has no validation split, so best.pt was chosen on the "
-                        "test set"),
-    (10, "last", "last", "final weights, step 7)"),
-])
+@pytest.mark.parametrize(
+    "val_samples, asked, scored, how",
+    [
+        (0, None, "last", "final weights, step 7; the run has no validation split"),
+        (10, None, "best", "lowest validation error, step 5"),
+        (
+            0,
+            "best",
+            "best",
+            "lowest test error, step 5: the run has no validation split, so best.pt was chosen on the test set",
+        ),
+        (10, "last", "last", "final weights, step 7)"),
+    ],
+)
 def test_eval_says_which_checkpoint_and_why(tmp_path, capsys, tiny_data, val_samples, asked, scored, how):
     run = make_run(tmp_path / "run", val_samples=val_samples)
     argv = ["eval", str(run)] + (["--checkpoint", asked] if asked else [])

@@ -184,13 +184,13 @@ def test_idx_reader_names_a_truncated_or_foreign_file(tmp_path):
     with gzip.open(tmp_path / "a.gz", "wb") as f:
         f.write(raw)
     data = (tmp_path / "a.gz").read_bytes()
-    (tmp_path / "a.gz").write_bytes(data[:len(data) // 2])
+    (tmp_path / "a.gz").write_bytes(data[: len(data) // 2])
     with pytest.raises(D.CorruptDataError, match=r"a\.gz: truncated or corrupt gzip file .*download it again"):
         D.read_idx(tmp_path / "a.gz")
-    (tmp_path / "b.gz").write_bytes(b"<html>404</html>")   # what a proxy may serve instead of the archive
+    (tmp_path / "b.gz").write_bytes(b"<html>404</html>")  # what a proxy may serve instead of the archive
     with pytest.raises(D.CorruptDataError, match=r"b\.gz: truncated or corrupt gzip"):
         D.read_idx(tmp_path / "b.gz")
-    (tmp_path / "c").write_bytes(raw[:-10])                  # uncompressed, cut short
+    (tmp_path / "c").write_bytes(raw[:-10])  # uncompressed, cut short
     with pytest.raises(D.CorruptDataError, match="does not match its header"):
         D.read_idx(tmp_path / "c", fix="replace it")
 
@@ -214,4 +214,4 @@ def test_unreachable_host_fails_within_the_timeout(monkeypatch):
     with pytest.raises(TimeoutError, match="no network"):
         D._check_reachable("https://example.invalid/x.gz", timeout=0.3)
     assert time.perf_counter() - t0 < 5
-    D._check_reachable((Path("/") / "x").as_uri(), timeout=0.3)   # file:// URLs need no lookup
+    D._check_reachable((Path("/") / "x").as_uri(), timeout=0.3)  # file:// URLs need no lookup

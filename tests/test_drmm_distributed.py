@@ -15,8 +15,7 @@ pytestmark = needs_mnist
 RUNS = {  # semi-supervised EG (DDP gradients + synchronised BN) and hard EM (all-reduced normal equations)
     "eg": dict(trainer="eg", mode="semisupervised", num_labeled=20, model="drmm2"),
     # NRM options: the BiasAdder rides on the synchronised BN; the Max-Min min branch has its own synchronised BNs
-    "eg_maxmin": dict(trainer="eg", mode="semisupervised", num_labeled=20, model="drmm2", bias_adder=True,
-                      maxmin=True),
+    "eg_maxmin": dict(trainer="eg", mode="semisupervised", num_labeled=20, model="drmm2", bias_adder=True, maxmin=True),
     # one M-step over all 4 batches: a second E-step would start from weights that differ by float rounding, and
     # hard switches can flip on such differences (hard EM is not continuous in its inputs)
     "hard_em": dict(trainer="hard_em", mode="supervised", num_labeled=0, model="drmm2", em_window=4, em_ridge=1e-3),
@@ -24,16 +23,30 @@ RUNS = {  # semi-supervised EG (DDP gradients + synchronised BN) and hard EM (al
 
 
 def tiny(kind):
-    base = dict(name="dp", dataset="mnist", data_dir=DATA_DIR, download=False, max_train_samples=200,
-                eval_samples=100, batch_size=20, epochs=1, max_steps=4, progress=False, tensorboard=False,
-                lr_init=2e-3, lr_final=1e-4, switch_prior_momentum=0.5)
+    base = dict(
+        name="dp",
+        dataset="mnist",
+        data_dir=DATA_DIR,
+        download=False,
+        max_train_samples=200,
+        eval_samples=100,
+        batch_size=20,
+        epochs=1,
+        max_steps=4,
+        progress=False,
+        tensorboard=False,
+        lr_init=2e-3,
+        lr_final=1e-4,
+        switch_prior_momentum=0.5,
+    )
     return T.config_from_dict({**base, **RUNS[kind]})
 
 
 def _rank_main(rank, world, port, out):
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     # one process group for both runs (train() joins one only when none exists, and leaves it to its creator)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:

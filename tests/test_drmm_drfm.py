@@ -16,14 +16,14 @@ def _model(d=2):
 def test_factor_logits_are_the_map_joint_log_posterior_per_class():
     model = _model()
     with torch.no_grad():
-        model.factor_loadings.normal_()   # far from the near-zero init, so the factors matter
+        model.factor_loadings.normal_()  # far from the near-zero init, so the factors matter
     logits, latents = model(torch.rand(3, 1, 28, 28, dtype=torch.float64))
     h = latents.features.flatten(1)
     for c in range(4):
         lam, mu = model.factor_loadings[c], model.readout.weight[c]
         # brute force: min over z of |h - mu - lam z|^2 + s2 |z|^2 by a direct solve
         z = torch.linalg.solve(lam.T @ lam + 0.5 * torch.eye(2, dtype=h.dtype), lam.T @ (h - mu).T).T
-        err = ((h - mu - z @ lam.T) ** 2).sum(1) + 0.5 * (z ** 2).sum(1)
+        err = ((h - mu - z @ lam.T) ** 2).sum(1) + 0.5 * (z**2).sum(1)
         torch.testing.assert_close(logits[:, c], -err / (2 * 0.5) + model.readout.bias[c])
         torch.testing.assert_close(model.infer_factors(h)[:, c], z)
 

@@ -14,15 +14,40 @@ from drmm.paper import rows, runner
 from drmm.cli import main
 from drmm_cases import DATA_DIR, needs_mnist
 
-TINY = ["--set", "max_steps=3", "--set", "max_train_samples=300", "--set", "eval_samples=100",
-        "--set", "eval_every_steps=2"]
+TINY = [
+    "--set",
+    "max_steps=3",
+    "--set",
+    "max_train_samples=300",
+    "--set",
+    "eval_samples=100",
+    "--set",
+    "eval_every_steps=2",
+]
 
 
 @needs_mnist
 def test_table1_row_appends_a_well_formed_csv_row(tmp_path, capsys):
     out = tmp_path / "results"
-    argv = ["experiment", "table1", "--row", "drmm2", "--labels", "100", "--seeds", "0,1", "--schedule", "smoke",
-            "--test-images", "200", "--out", str(out), "--data-dir", DATA_DIR, *TINY]
+    argv = [
+        "experiment",
+        "table1",
+        "--row",
+        "drmm2",
+        "--labels",
+        "100",
+        "--seeds",
+        "0,1",
+        "--schedule",
+        "smoke",
+        "--test-images",
+        "200",
+        "--out",
+        str(out),
+        "--data-dir",
+        DATA_DIR,
+        *TINY,
+    ]
     assert main(argv) == 0
     with open(out / "table1.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -50,10 +75,34 @@ def test_table1_row_appends_a_well_formed_csv_row(tmp_path, capsys):
 @needs_mnist
 def test_table1_cpu_schedule_resumes_a_killed_run_and_scores_the_test_set_once(tmp_path, monkeypatch, capsys):
     out = tmp_path / "results"
-    tiny = ["--set", "max_steps=4", "--set", "max_train_samples=400", "--set", "val_samples=100",
-            "--set", "eval_every_steps=2"]
-    argv = ["experiment", "table1", "--row", "drmm5-nn-kl", "--labels", "100", "--out", str(out), "--data-dir",
-            DATA_DIR, "--test-images", "100", "--checkpoint", "best-val", "--no-report", *tiny]
+    tiny = [
+        "--set",
+        "max_steps=4",
+        "--set",
+        "max_train_samples=400",
+        "--set",
+        "val_samples=100",
+        "--set",
+        "eval_every_steps=2",
+    ]
+    argv = [
+        "experiment",
+        "table1",
+        "--row",
+        "drmm5-nn-kl",
+        "--labels",
+        "100",
+        "--out",
+        str(out),
+        "--data-dir",
+        DATA_DIR,
+        "--test-images",
+        "100",
+        "--checkpoint",
+        "best-val",
+        "--no-report",
+        *tiny,
+    ]
     real_train = runner.train
 
     def killed_after_two_steps(cfg, run_dir, resume=False):
@@ -81,7 +130,7 @@ def test_table1_cpu_schedules_exist_for_every_row_and_label():
     for row in E.ROWS.values():
         if row.supervised:
             continue
-        for labels in (("100",) if row.name == "drmm5-nn-kl" else E.SSL_LABELS):
+        for labels in ("100",) if row.name == "drmm5-nn-kl" else E.SSL_LABELS:
             cfg = E.row_config(row, labels, 1, "cpu")
             assert cfg.num_labeled == int(labels) and cfg.seed == cfg.labeled_seed == 1
             assert cfg.val_samples > 0, row.name  # settings are chosen on validation images, never the test set
@@ -96,11 +145,26 @@ def test_table1_config_replaces_the_rows_cpu_schedule(tmp_path):
     assert E.row_config(E.ROWS["rfm"], "600", 0, "cpu", config=str(path)).epochs == 3
     assert E.schedule_label("cpu", own, None, [], str(rows.cpu_config_path(E.ROWS["rfm"], "600", str(path)))) == "mine"
     with pytest.raises(SystemExit, match="--config: no such file"):
-        main(["experiment", "table1", "--row", "rfm", "--labels", "600", "--config", "nope.yaml",
-              "--out", str(tmp_path)])
+        main(
+            ["experiment", "table1", "--row", "rfm", "--labels", "600", "--config", "nope.yaml", "--out", str(tmp_path)]
+        )
     with pytest.raises(SystemExit, match="--schedule cpu"):
-        main(["experiment", "table1", "--row", "rfm", "--labels", "600", "--config", str(path), "--schedule",
-              "smoke", "--out", str(tmp_path)])
+        main(
+            [
+                "experiment",
+                "table1",
+                "--row",
+                "rfm",
+                "--labels",
+                "600",
+                "--config",
+                str(path),
+                "--schedule",
+                "smoke",
+                "--out",
+                str(tmp_path),
+            ]
+        )
 
 
 def test_table1_rejects_labels_without_a_config(tmp_path):
@@ -111,11 +175,27 @@ def test_table1_rejects_labels_without_a_config(tmp_path):
 
 
 def _fake_record(row, labels, seed, error, schedule="smoke-300steps-10k", run_dir="runs/x"):
-    return {"row": row, "labels": labels, "seed": seed, "test_error": error, "objective": "CE+RC",
-            "final_val_error": "", "best_val_error": "",
-            "test_images": 10000, "epochs": 1, "steps": 300, "wall_s": 100, "device": "cpu:2 cores",
-            "threads": 2, "checkpoint": "last", "val_samples": 0,
-            "schedule": schedule, "commit": "abc1234", "config_hash": "0" * 12, "run_dir": run_dir}
+    return {
+        "row": row,
+        "labels": labels,
+        "seed": seed,
+        "test_error": error,
+        "objective": "CE+RC",
+        "final_val_error": "",
+        "best_val_error": "",
+        "test_images": 10000,
+        "epochs": 1,
+        "steps": 300,
+        "wall_s": 100,
+        "device": "cpu:2 cores",
+        "threads": 2,
+        "checkpoint": "last",
+        "val_samples": 0,
+        "schedule": schedule,
+        "commit": "abc1234",
+        "config_hash": "0" * 12,
+        "run_dir": run_dir,
+    }
 
 
 def test_report_puts_paper_numbers_beside_ours_and_never_invents_one(tmp_path):
@@ -132,8 +212,12 @@ def test_report_puts_paper_numbers_beside_ours_and_never_invents_one(tmp_path):
     assert "smoke-300steps-10k" in row and "| 100–140 s |" in row
     assert next(line for line in lines if line.startswith("| rfm-sup | all |")).count("3.00 (1 seed: 0)") == 1
     # every paper number we did not measure is listed as "not run", with no measured value
-    for name, labels, paper in (("drmm5", "100", "3.50"), ("drmm2", "3000", "1.72"), ("drmm5-convnet", "all", "0.81"),
-                                ("drmm5-unsup-pretr", "600", "3.61")):
+    for name, labels, paper in (
+        ("drmm5", "100", "3.50"),
+        ("drmm2", "3000", "1.72"),
+        ("drmm5-convnet", "all", "0.81"),
+        ("drmm5-unsup-pretr", "600", "3.61"),
+    ):
         line = next(line for line in lines if line.startswith(f"| {name} | {labels} |"))
         assert f"| {paper} | | not run |" in line
     table = [line for line in lines if line.startswith("| ")]
@@ -146,11 +230,13 @@ def test_a_row_can_take_another_schedule_at_one_n_l_and_the_report_marks_it(tmp_
     assert (row.cpu_config_file("100"), row.cpu_config_file("600")) == ("a-100.yaml", "b.yaml")
     drmm5 = E.ROWS["drmm5"]
     at_600 = Path(drmm5.cpu_config_file("600")).stem
-    other = next(Path(f).stem for f in (drmm5.cpu_config, *dict(drmm5.cpu_config_at).values())
-                 if Path(f).stem != at_600)
+    other = next(
+        Path(f).stem for f in (drmm5.cpu_config, *dict(drmm5.cpu_config_at).values()) if Path(f).stem != at_600
+    )
     for schedule, err in ((at_600, "4.00"), (other, "5.00")):
-        E.append_csv(tmp_path / "table1.csv", _fake_record("drmm5", "600", 0, err, schedule=schedule,
-                                                           run_dir=f"runs/{schedule}"))
+        E.append_csv(
+            tmp_path / "table1.csv", _fake_record("drmm5", "600", 0, err, schedule=schedule, run_dir=f"runs/{schedule}")
+        )
     lines = E.table1_lines(E.read_csv(tmp_path / "table1.csv"))
     marked = [line for line in lines if "**row schedule**" in line]
     assert len(marked) == 1 and at_600 in marked[0] and "4.00" in marked[0]
@@ -158,18 +244,31 @@ def test_a_row_can_take_another_schedule_at_one_n_l_and_the_report_marks_it(tmp_
 
 def test_first_crossing_finds_the_first_evaluation_under_the_threshold(tmp_path):
     path = tmp_path / "metrics.csv"
-    path.write_text("epoch,step,test_error,elapsed_s\n0,300,4.0,10\n1,600,1.6,20\n1,900,1.5,30\n2,1200,1.2,40\n"
-                    "3,1800,1.7,60\n")
+    path.write_text(
+        "epoch,step,test_error,elapsed_s\n0,300,4.0,10\n1,600,1.6,20\n1,900,1.5,30\n2,1200,1.2,40\n3,1800,1.7,60\n"
+    )
     rows = E.read_csv(path)
     assert E.first_crossing(rows, 1.5, steps_per_epoch=600) == {"step": 900, "epochs": 1.5, "elapsed_s": 30.0}
     assert E.first_crossing(rows, 1.3, steps_per_epoch=600)["step"] == 1200
     assert E.first_crossing(rows, 1.0, steps_per_epoch=600) is None
-    lines = E.convergence_lines({"model": "rfm", "threshold": 1.5, "device": "cpu",
-                                 "git_commit": "x", "load_average": "1.0", "trainers": {
-                                     "eg": {"reached": {"step": 900, "epochs": 1.5, "elapsed_s": 30.0},
-                                            "epochs_run": 3.0, "final_error": 1.7, "eval_images": 10000},
-                                     "backprop": {"reached": None, "epochs_run": 3.0, "final_error": 2.0,
-                                                  "eval_images": 10000}}})
+    lines = E.convergence_lines(
+        {
+            "model": "rfm",
+            "threshold": 1.5,
+            "device": "cpu",
+            "git_commit": "x",
+            "load_average": "1.0",
+            "trainers": {
+                "eg": {
+                    "reached": {"step": 900, "epochs": 1.5, "elapsed_s": 30.0},
+                    "epochs_run": 3.0,
+                    "final_error": 1.7,
+                    "eval_images": 10000,
+                },
+                "backprop": {"reached": None, "epochs_run": 3.0, "final_error": 2.0, "eval_images": 10000},
+            },
+        }
+    )
     assert any("epoch 1.50 (step 900) | 30 s" in line for line in lines)
     assert any("not reached within 3.00 epochs" in line for line in lines)
 
@@ -205,17 +304,24 @@ def test_throughput_writes_images_per_second(tmp_path):
 
 @needs_mnist
 def test_convergence_runs_eg_and_backprop_on_the_same_schedule(tmp_path):
-    result = E.run_convergence("rfm", "smoke", tmp_path, threshold=99.0, data_dir=DATA_DIR,
-                               extra=["max_steps=2", "max_train_samples=200", "eval_samples=100",
-                                      "eval_every_steps=1"])
+    result = E.run_convergence(
+        "rfm",
+        "smoke",
+        tmp_path,
+        threshold=99.0,
+        data_dir=DATA_DIR,
+        extra=["max_steps=2", "max_train_samples=200", "eval_samples=100", "eval_every_steps=1"],
+    )
     assert set(result["trainers"]) == {"eg", "backprop"}
     for t in result["trainers"].values():
         assert t["steps"] == 2 and t["reached"] is not None and t["reached"]["step"] == 1
     assert json.loads((tmp_path / "convergence-rfm.json").read_text())["model"] == "rfm"
     # each trainer's final weights are a supervised row of Table 1
     rows = list(csv.DictReader(open(tmp_path / "table1.csv")))
-    assert [(r["row"], r["labels"], r["checkpoint"]) for r in rows] == [("rfm-sup", "all", "last"),
-                                                                        ("rfm-convnet", "all", "last")]
+    assert [(r["row"], r["labels"], r["checkpoint"]) for r in rows] == [
+        ("rfm-sup", "all", "last"),
+        ("rfm-convnet", "all", "last"),
+    ]
     assert [float(r["test_error"]) for r in rows] == [round(t["final_error"], 2) for t in result["trainers"].values()]
 
 
@@ -224,8 +330,9 @@ def test_convergence_cpu_schedule_records_its_overrides(tmp_path):
     extra = ["max_steps=2", "max_train_samples=200", "eval_samples=100", "eval_every_steps=1"]
     result = E.run_convergence("rfm", "cpu", tmp_path, threshold=99.0, data_dir=DATA_DIR, extra=extra)
     # each trainer names its own config (the backprop one must not overwrite the EG one's)
-    assert [t["schedule"] for t in result["trainers"].values()] == \
-        [f"mnist-sup-rfm{s}-cpu+" + ",".join(extra) for s in ("", "-backprop")]
+    assert [t["schedule"] for t in result["trainers"].values()] == [
+        f"mnist-sup-rfm{s}-cpu+" + ",".join(extra) for s in ("", "-backprop")
+    ]
     assert any("`mnist-sup-rfm-cpu+" in line for line in E.convergence_lines(result))
     rows = list(csv.DictReader(open(tmp_path / "table1.csv")))
     assert [r["schedule"] for r in rows] == [f"mnist-sup-rfm{s}-cpu+" + ",".join(extra) for s in ("", "-backprop")]
@@ -234,6 +341,7 @@ def test_convergence_cpu_schedule_records_its_overrides(tmp_path):
 @needs_mnist
 def test_study_trial_logs_its_validation_curve_and_never_looks_at_the_test_set(tmp_path, monkeypatch):
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("study", Path(rows.REPO) / "experiments" / "study.py")
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
@@ -246,9 +354,25 @@ def test_study_trial_logs_its_validation_curve_and_never_looks_at_the_test_set(t
 
     monkeypatch.setitem(study.train.__globals__, "evaluate", spy)
     out = tmp_path / "study.csv"
-    argv = ["T99", "--config", str(Path(rows.REPO) / "configs" / "mnist-rfm-ssl-cpu.yaml"), "--out", str(out),
-            "--runs", str(tmp_path / "runs"), "--set", f"data_dir={DATA_DIR}", "--set", "max_steps=4",
-            "--set", "eval_every_steps=2", "--set", "max_train_samples=600", "--set", "val_samples=100"]
+    argv = [
+        "T99",
+        "--config",
+        str(Path(rows.REPO) / "configs" / "mnist-rfm-ssl-cpu.yaml"),
+        "--out",
+        str(out),
+        "--runs",
+        str(tmp_path / "runs"),
+        "--set",
+        f"data_dir={DATA_DIR}",
+        "--set",
+        "max_steps=4",
+        "--set",
+        "eval_every_steps=2",
+        "--set",
+        "max_train_samples=600",
+        "--set",
+        "val_samples=100",
+    ]
     assert study.main(argv) == 0
     assert splits == ["val", "val"]
     (rec,) = csv.DictReader(open(out))
@@ -290,9 +414,12 @@ def test_curve_axes_end_on_labelled_values():
 
 
 def test_every_row_names_its_objective():
-    labels = {name: E.row_config(row, E.ALL_LABELS if row.supervised else "100", 0,
-                                 "cpu" if row.cpu_config else "smoke").objective_label()
-              for name, row in E.ROWS.items()}
+    labels = {
+        name: E.row_config(
+            row, E.ALL_LABELS if row.supervised else "100", 0, "cpu" if row.cpu_config else "smoke"
+        ).objective_label()
+        for name, row in E.ROWS.items()
+    }
     assert labels["drmm5"] == labels["drmm2"] == labels["rfm"] == "CE+RC"
     assert labels["drmm5-nn-kl"] == "CE+RC+NN+KLent+KLmarg"
     assert labels["drmm5-unsup-pretr"] == "RC+NN+KLent>CE+RC+NN+KLent"
@@ -301,8 +428,13 @@ def test_every_row_names_its_objective():
         assert labels[name] in row.description, name
     cfg = E.row_config(E.ROWS["drmm5"], "100", 0, "smoke", extra=["kl_weight=0.1", "kl_sign=1"])
     assert cfg.objective_label() == "CE+RC+KLprior"
-    cfg = E.row_config(E.ROWS["drmm5"], "100", 0, "smoke", extra=["kl_marginal_weight=1", "nonneg_term=moment_matching",
-                                                                  "nn_weight=0.5"])
+    cfg = E.row_config(
+        E.ROWS["drmm5"],
+        "100",
+        0,
+        "smoke",
+        extra=["kl_marginal_weight=1", "nonneg_term=moment_matching", "nn_weight=0.5"],
+    )
     assert cfg.objective_label() == "CE+RC+MM+KLmarg"
 
 
@@ -323,6 +455,7 @@ def test_a_csv_of_the_old_layout_is_upgraded_and_a_run_under_an_old_hash_is_reco
     run.mkdir(parents=True)
     cfg = E.row_config(E.ROWS["drmm2"], "100", 0, "cpu")
     from drmm.run_dir import write_config
+
     write_config(run, cfg)
     (run / "metrics.csv").write_text("step,val_error\n10,9.5\n20,8.25\n")
     old_fields = [f for f in E.CSV_FIELDS if f not in ("objective", "final_val_error", "best_val_error")]
@@ -330,8 +463,17 @@ def test_a_csv_of_the_old_layout_is_upgraded_and_a_run_under_an_old_hash_is_reco
     with open(tmp_path / "table1.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=old_fields)
         w.writeheader()
-        w.writerow({**{k: "" for k in old_fields}, "row": "drmm2", "labels": "100", "seed": "0", "val_error": "8.00",
-                    "run_dir": "runs/old-run", "test_error": "9.00"})
+        w.writerow(
+            {
+                **{k: "" for k in old_fields},
+                "row": "drmm2",
+                "labels": "100",
+                "seed": "0",
+                "val_error": "8.00",
+                "run_dir": "runs/old-run",
+                "test_error": "9.00",
+            }
+        )
     E.append_csv(tmp_path / "table1.csv", _fake_record("rfm", "600", 0, "5.00", run_dir="runs/new"))
     old, new = E.read_csv(tmp_path / "table1.csv")
     assert list(old) == E.CSV_FIELDS and new["row"] == "rfm"
@@ -339,8 +481,12 @@ def test_a_csv_of_the_old_layout_is_upgraded_and_a_run_under_an_old_hash_is_reco
     # the folder name does not match today's hash, but its saved config trains the same thing: not trained again
     records = E.read_csv(tmp_path / "table1.csv")
     assert E.recorded_run(records, tmp_path, "runs/other-name", "drmm2", "100", 0, cfg)["run_dir"] == "runs/old-run"
-    assert E.recorded_run(records, tmp_path, "runs/other-name", "drmm2", "100", 1,
-                          E.row_config(E.ROWS["drmm2"], "100", 1, "cpu")) is None
+    assert (
+        E.recorded_run(
+            records, tmp_path, "runs/other-name", "drmm2", "100", 1, E.row_config(E.ROWS["drmm2"], "100", 1, "cpu")
+        )
+        is None
+    )
 
 
 def test_the_report_gives_held_out_seeds_a_line_of_their_own(tmp_path):

@@ -15,8 +15,11 @@ from drmm_cases import DATA_DIR, needs_mnist
 
 def tiny_model(leaky=False, cls=DRMM, **kwargs):
     act = "leaky" if leaky else "relu"
-    layers = [LayerSpec(2, 3, "full", "max", activation=act), LayerSpec(3, 3, "same", "none", activation=act),
-              LayerSpec(3, 3, "valid", "mean", activation=act)]
+    layers = [
+        LayerSpec(2, 3, "full", "max", activation=act),
+        LayerSpec(3, 3, "same", "none", activation=act),
+        LayerSpec(3, 3, "valid", "mean", activation=act),
+    ]
     torch.manual_seed(0)
     return cls(layers, 2, (10, 10), num_classes=3, **kwargs).double()
 
@@ -47,8 +50,15 @@ def test_design_matrix_reproduces_the_render_op(leaky):
         rendered = (a @ H.weight_to_flat(w)).view(x_in.shape[0], *x_in.shape[2:], -1).permute(0, 3, 1, 2)
         spec = model.specs[i]
         mu_in = model.mean_unpool(mu, model.map_sizes[i]) if spec.pool == "mean" else mu
-        ref = dk.render(mu_in, sw, w, padding=spec.pad, pool=spec.fused_pool, out_size=tuple(x_in.shape[-2:]),
-                        negative_slope=spec.negative_slope)
+        ref = dk.render(
+            mu_in,
+            sw,
+            w,
+            padding=spec.pad,
+            pool=spec.fused_pool,
+            out_size=tuple(x_in.shape[-2:]),
+            negative_slope=spec.negative_slope,
+        )
         torch.testing.assert_close(rendered, ref)
         assert torch.equal(H.flat_to_weight(H.weight_to_flat(w), w.shape[0], w.shape[-1]), w)
 
@@ -81,11 +91,13 @@ def test_m_step_decreases_the_objective_and_matches_its_minimiser():
     model = tiny_model()
     em = H.HardEM(model, H.HardEMConfig(ridge=1e-3, window=2))
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.rand(4, 2, 10, 10, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g))
-               for _ in range(2)]
+    batches = [
+        (torch.rand(4, 2, 10, 10, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g))
+        for _ in range(2)
+    ]
     labeled = torch.tensor([True, True, False, False])
     snaps = []
-    for x, y in batches:          # the E-step is fixed: snapshot it with the parameters the M-step starts from
+    for x, y in batches:  # the E-step is fixed: snapshot it with the parameters the M-step starts from
         snaps.append(e_step_snapshot(model, x, y, labeled)[0])
         em.accumulate(x, y, labeled)
     old = [model.conv_weight(layer).detach().clone() for layer in model.convs]
@@ -138,22 +150,22 @@ def test_templates_are_ridge_class_means_and_readout_is_the_max_sum_rule():
     # squared top residual per feature and pi_c the add-one-smoothed class frequencies
     s2 = ((h - mu[y]) ** 2).sum() / h.numel()
     log_prior = torch.log(torch.tensor([3.0, 4.0, 2.0], dtype=h.dtype) / 9)
-    torch.testing.assert_close(model.readout.bias.detach(), -0.5 * (mu ** 2).sum(1) + s2 * log_prior)
+    torch.testing.assert_close(model.readout.bias.detach(), -0.5 * (mu**2).sum(1) + s2 * log_prior)
 
 
 def test_drfm_top_regression_matches_lstsq_per_class():
-    model = tiny_model(cls=DRFM, factor_dim=2)   # [1, z] has 3 columns: 4 examples per class overdetermine it
+    model = tiny_model(cls=DRFM, factor_dim=2)  # [1, z] has 3 columns: 4 examples per class overdetermine it
     em = H.HardEM(model, H.HardEMConfig(ridge=1e-3, window=1))
     x, y = torch.rand(12, 2, 10, 10, dtype=torch.float64), torch.arange(3).repeat_interleave(4)
     labeled = torch.ones(12, dtype=torch.bool)
     em.accumulate(x, y, labeled)
-    old_model = copy.deepcopy(model)   # the factors are inferred with the old top, the features of the new layers
+    old_model = copy.deepcopy(model)  # the factors are inferred with the old top, the features of the new layers
     em.m_step()
     h = H.layer_inputs_bottom_up(model, x)[1].features.flatten(1).detach()
     z = old_model.infer_factors(h)[torch.arange(12), y].detach()
     for c in range(3):
         design = torch.cat([torch.ones(int((y == c).sum()), 1, dtype=h.dtype), z[y == c]], 1)
-        lam = 1e-3 * (design ** 2).sum(0).mean()        # the relative ridge: ridge * mean diag of design^T design
+        lam = 1e-3 * (design**2).sum(0).mean()  # the relative ridge: ridge * mean diag of design^T design
         augmented = torch.cat([design, lam.sqrt() * torch.eye(3, dtype=h.dtype)])
         target = torch.cat([h[y == c].detach(), torch.zeros(3, h.shape[1], dtype=h.dtype)])
         coef = torch.linalg.lstsq(augmented, target).solution
@@ -172,14 +184,30 @@ def test_hard_em_config_errors():
 
 
 @needs_mnist
-@pytest.mark.parametrize("model_name,top", [("drmm2", "factor")])   # rfm: the M-step tests above (time budget)
+@pytest.mark.parametrize("model_name,top", [("drmm2", "factor")])  # rfm: the M-step tests above (time budget)
 def test_hard_em_trainer_learns_and_resumes(tmp_path, model_name, top):
-    base = dict(name="tiny", dataset="mnist", data_dir=DATA_DIR, download=False, model=model_name, top_model=top,
-                num_labeled=0, mode="supervised", max_train_samples=240, eval_samples=200, batch_size=40,
-                epochs=1, trainer="hard_em", em_window=2, em_row_fraction=0.25, progress=False, tensorboard=False)
+    base = dict(
+        name="tiny",
+        dataset="mnist",
+        data_dir=DATA_DIR,
+        download=False,
+        model=model_name,
+        top_model=top,
+        num_labeled=0,
+        mode="supervised",
+        max_train_samples=240,
+        eval_samples=200,
+        batch_size=40,
+        epochs=1,
+        trainer="hard_em",
+        em_window=2,
+        em_row_fraction=0.25,
+        progress=False,
+        tensorboard=False,
+    )
     summary = T.train(T.config_from_dict(base), tmp_path / "run")
     assert summary["steps"] == 6
-    assert summary["test_error"] < 50, summary   # chance is 90 %; 3 M-steps on 240 images
+    assert summary["test_error"] < 50, summary  # chance is 90 %; 3 M-steps on 240 images
     # resume from a checkpoint taken mid-window carries the half-accumulated statistics
     half = T.train(T.config_from_dict({**base, "max_steps": 3, "ckpt_every_steps": 3}), tmp_path / "split")
     ck = torch.load(tmp_path / "split" / "last.pt", weights_only=True)

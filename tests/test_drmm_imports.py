@@ -49,10 +49,10 @@ def import_graph(root: Path, packages: List[str]) -> Dict[str, Set[str]]:
         own_parents = set(_parents(name)) | ({name} if is_package else set())
 
         def add(target: str) -> None:
-            while target and target not in modules:   # `from pkg.mod import function`: the module runs
+            while target and target not in modules:  # `from pkg.mod import function`: the module runs
                 target = target.rpartition(".")[0]
             if not target:
-                return                                 # outside the packages we check (torch, numpy, ...)
+                return  # outside the packages we check (torch, numpy, ...)
             for t in [*_parents(target), target]:
                 if t in modules and t not in own_parents and t != name:
                     graph[name].add(t)
@@ -62,13 +62,13 @@ def import_graph(root: Path, packages: List[str]) -> Dict[str, Set[str]]:
                 for alias in node.names:
                     add(alias.name)
             elif isinstance(node, ast.ImportFrom):
-                if node.level:                          # relative: resolve against this module's package
+                if node.level:  # relative: resolve against this module's package
                     base_parts = name.split(".") if is_package else name.split(".")[:-1]
-                    base_parts = base_parts[:len(base_parts) - (node.level - 1)]
+                    base_parts = base_parts[: len(base_parts) - (node.level - 1)]
                     base = ".".join(base_parts + ([node.module] if node.module else []))
                 else:
                     base = node.module or ""
-                for alias in node.names:               # `from pkg import submodule` imports the submodule
+                for alias in node.names:  # `from pkg import submodule` imports the submodule
                     add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
     return graph
 
@@ -127,7 +127,7 @@ def test_no_import_cycle_within_package(package):
 def test_no_import_cycle_between_packages():
     graph = import_graph(REPO, PACKAGES)
     own = {p: import_graph(REPO, [p]) for p in PACKAGES}
-    within = {tuple(c) for p in PACKAGES for c in cycles(own[p])}   # reported by the per-package test
+    within = {tuple(c) for p in PACKAGES for c in cycles(own[p])}  # reported by the per-package test
     found = [c for c in cycles(graph) if tuple(c) not in within]
     assert not found, "import cycles across packages: " + " | ".join(_describe(graph, c) for c in found)
 
@@ -144,7 +144,7 @@ def test_the_checker_sees_lazy_and_type_checking_imports(tmp_path):
     graph = import_graph(tmp_path, ["pkg"])
     assert graph["pkg.a"] == {"pkg.b"}
     assert graph["pkg.b"] == {"pkg.sub", "pkg.sub.c"}
-    assert graph["pkg.sub.c"] == {"pkg.a"}     # its parents pkg and pkg.sub run before it: no edge
+    assert graph["pkg.sub.c"] == {"pkg.a"}  # its parents pkg and pkg.sub run before it: no edge
     assert graph["pkg.d"] == {"pkg.sub", "pkg.sub.c"}
     assert cycles(graph) == [["pkg.a", "pkg.b", "pkg.sub.c"]]
     (pkg / "a.py").write_text("def f():\n    pass\n")

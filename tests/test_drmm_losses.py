@@ -5,8 +5,16 @@ import math
 import pytest
 import torch
 
-from drmm.losses import (ObjectiveConfig, as_floats, drmm_objective, kl_to_uniform_per_example, nonneg_penalty_per_example,
-                         reconstruction_per_example, template_classes, unsup_weights)
+from drmm.losses import (
+    ObjectiveConfig,
+    as_floats,
+    drmm_objective,
+    kl_to_uniform_per_example,
+    nonneg_penalty_per_example,
+    reconstruction_per_example,
+    template_classes,
+    unsup_weights,
+)
 
 
 def test_kl_to_uniform_values():
@@ -32,12 +40,12 @@ def test_kl_sign_decides_whether_descent_sharpens_or_flattens(kl_sign):
     before = entropy(logits.detach())
     for _ in range(20):
         loss, _ = drmm_objective(cfg, logits, labels, labeled, torch.zeros(8, 1), None, None)
-        g, = torch.autograd.grad(loss, logits)
+        (g,) = torch.autograd.grad(loss, logits)
         logits = (logits - 0.5 * g).detach().requires_grad_(True)
     after = entropy(logits.detach())
-    if kl_sign == -1:   # the authors' code: -KL(q||U) = H(q) - log C, so descent minimises the entropy
+    if kl_sign == -1:  # the authors' code: -KL(q||U) = H(q) - log C, so descent minimises the entropy
         assert after < before - 0.1
-    else:               # the paper's reading: KL toward the uniform prior, descent raises the entropy
+    else:  # the paper's reading: KL toward the uniform prior, descent raises the entropy
         assert after > before + 0.1
 
 
@@ -45,11 +53,12 @@ def test_kl_term_value_matches_code_formula():
     torch.manual_seed(1)
     logits = torch.randn(5, 10)
     cfg = ObjectiveConfig(ce_weight=0, rc_weight=0, nn_weight=0, kl_weight=1.0)
-    _, logs = drmm_objective(cfg, logits, torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.bool),
-                             torch.zeros(5, 1), None, None)
+    _, logs = drmm_objective(
+        cfg, logits, torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.bool), torch.zeros(5, 1), None, None
+    )
     logs = as_floats(logs)
     q = torch.softmax(logits, 1)
-    code = -(q * torch.log(10 * q + 1e-8)).sum(1).mean()   # [TF] model.py / DGM notebooks
+    code = -(q * torch.log(10 * q + 1e-8)).sum(1).mean()  # [TF] model.py / DGM notebooks
     assert logs["kl"] == pytest.approx(code.item(), rel=1e-5)
 
 
@@ -70,8 +79,8 @@ def test_rc_reductions():
 def test_unsup_weights_select_the_right_examples():
     labeled = torch.tensor([True, True, False, False, False, False])
     w = unsup_weights(labeled, "unlabeled")
-    assert torch.allclose(w, torch.tensor([0, 0, .25, .25, .25, .25]))
-    assert torch.allclose(unsup_weights(labeled, "labeled"), torch.tensor([.5, .5, 0, 0, 0, 0]))
+    assert torch.allclose(w, torch.tensor([0, 0, 0.25, 0.25, 0.25, 0.25]))
+    assert torch.allclose(unsup_weights(labeled, "labeled"), torch.tensor([0.5, 0.5, 0, 0, 0, 0]))
     assert unsup_weights(labeled, "both_avg").sum().item() == pytest.approx(1.0)
     assert unsup_weights(labeled, "both_sum").sum().item() == pytest.approx(2.0)
     # supervised EG (no unlabeled example): the labeled ones carry the generative terms
@@ -102,9 +111,15 @@ def test_objective_combines_weighted_terms():
 
 def test_ce_without_labeled_examples_is_zero():
     logits = torch.randn(3, 10, requires_grad=True)
-    total, logs = drmm_objective(ObjectiveConfig(rc_weight=0, kl_weight=0, nn_weight=0), logits,
-                                 torch.tensor([1, 2, 3]), torch.zeros(3, dtype=torch.bool), torch.zeros(3, 1),
-                                 None, None)
+    total, logs = drmm_objective(
+        ObjectiveConfig(rc_weight=0, kl_weight=0, nn_weight=0),
+        logits,
+        torch.tensor([1, 2, 3]),
+        torch.zeros(3, dtype=torch.bool),
+        torch.zeros(3, 1),
+        None,
+        None,
+    )
     assert total.item() == 0.0 and as_floats(logs)["ce"] == 0.0
 
 

@@ -7,10 +7,20 @@ import torch.nn.functional as F
 import drmm_kernels as dk
 from drmm.model import DRMM, PRESETS, LayerSpec, build_model
 
-SHAPES = {"rfm": (1, 28, 28), "drmm2": (1, 28, 28), "conv_small": (1, 28, 28), "conv_large": (3, 32, 32),
-          "allconv13": (3, 32, 32)}
-TOP_SHAPES = {"rfm": (64, 16, 16), "drmm2": (64, 9, 9), "conv_small": (10, 1, 1), "conv_large": (10, 1, 1),
-              "allconv13": (128, 1, 1)}
+SHAPES = {
+    "rfm": (1, 28, 28),
+    "drmm2": (1, 28, 28),
+    "conv_small": (1, 28, 28),
+    "conv_large": (3, 32, 32),
+    "allconv13": (3, 32, 32),
+}
+TOP_SHAPES = {
+    "rfm": (64, 16, 16),
+    "drmm2": (64, 9, 9),
+    "conv_small": (10, 1, 1),
+    "conv_large": (10, 1, 1),
+    "allconv13": (128, 1, 1),
+}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -41,8 +51,15 @@ def _manual_render(model, latents, classes):
         spec = model.specs[i]
         if spec.pool == "mean":
             mu = mu.expand(-1, -1, *latents.map_sizes[i])
-        mu = dk.render(mu, latents.switches[i], model.conv_weight(model.convs[i]), padding=spec.pad,
-                       pool=spec.fused_pool, out_size=latents.input_sizes[i], negative_slope=spec.negative_slope)
+        mu = dk.render(
+            mu,
+            latents.switches[i],
+            model.conv_weight(model.convs[i]),
+            padding=spec.pad,
+            pool=spec.fused_pool,
+            out_size=latents.input_sizes[i],
+            negative_slope=spec.negative_slope,
+        )
     return mu
 
 

@@ -11,8 +11,11 @@ from drmm.losses import MinBranch, ObjectiveConfig, drmm_objective
 from drmm.model import DRMM, LayerSpec, build_model
 
 # A small net with every kind of layer: max-pooled, unpooled, mean-pooled, BN and leaky.
-SMALL = [LayerSpec(6, 3, "same", "max", activation="leaky"), LayerSpec(8, 3, "valid"),
-         LayerSpec(5, 1, "valid", "mean", activation="leaky")]
+SMALL = [
+    LayerSpec(6, 3, "same", "max", activation="leaky"),
+    LayerSpec(8, 3, "valid"),
+    LayerSpec(5, 1, "valid", "mean", activation="leaky"),
+]
 
 
 def _small(**kw):
@@ -29,16 +32,17 @@ def test_render_equals_gradient_of_the_class_logit(name, activation, branch):
     # image and rendering class c through the image's own switches is the transpose of that map: render = the
     # gradient of the class-c logit (before softmax; the readout bias drops out) with respect to the image.
     torch.manual_seed(0)
-    model = build_model(name, 1, (28, 28), norm="none", activation=activation, mean_unpool_scale="inv_area",
-                        maxmin=branch == "min").double()
-    for layer in model.convs:   # nonzero biases: the gradient is still the linear part, which render computes
+    model = build_model(
+        name, 1, (28, 28), norm="none", activation=activation, mean_unpool_scale="inv_area", maxmin=branch == "min"
+    ).double()
+    for layer in model.convs:  # nonzero biases: the gradient is still the linear part, which render computes
         torch.nn.init.normal_(layer.bias, std=0.1)
     x = torch.rand(3, 1, 28, 28, dtype=torch.float64, requires_grad=True)
     logits, latents = model(x)
     if branch == "min":
         logits, latents = latents.branch_logits[1], latents.min_branch
     classes = torch.tensor([2, 5, 7])
-    grad, = torch.autograd.grad(logits.gather(1, classes[:, None]).sum(), x)
+    (grad,) = torch.autograd.grad(logits.gather(1, classes[:, None]).sum(), x)
     rendered = model.render(latents, classes)
     assert rendered.abs().max() > 0
     torch.testing.assert_close(rendered, grad, rtol=1e-9, atol=1e-12)
@@ -50,7 +54,7 @@ def test_render_equals_gradient_of_the_class_logit(name, activation, branch):
 def test_td_batchnorm_follows_the_template_and_every_transposed_conv():
     torch.manual_seed(1)
     model = _small(td_batchnorm=True)
-    assert [bn.num_features for bn in model.td_norms] == [5, 8, 6, 1]   # template, inputs of layers 2, 1, 0
+    assert [bn.num_features for bn in model.td_norms] == [5, 8, 6, 1]  # template, inputs of layers 2, 1, 0
     for bn in model.td_norms:  # non-trivial affine parameters and running statistics
         torch.nn.init.normal_(bn.weight, 1.0, 0.3), torch.nn.init.normal_(bn.bias, 0.0, 0.3)
         bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0)
@@ -65,8 +69,15 @@ def test_td_batchnorm_follows_the_template_and_every_transposed_conv():
         spec = model.specs[i]
         if spec.pool == "mean":
             mu = mu.expand(-1, -1, *latents.map_sizes[i])
-        mu = dk.render(mu, latents.switches[i], model.conv_weight(model.convs[i]), padding=spec.pad,
-                       pool=spec.fused_pool, out_size=latents.input_sizes[i], negative_slope=spec.negative_slope)
+        mu = dk.render(
+            mu,
+            latents.switches[i],
+            model.conv_weight(model.convs[i]),
+            padding=spec.pad,
+            pool=spec.fused_pool,
+            out_size=latents.input_sizes[i],
+            negative_slope=spec.negative_slope,
+        )
         mu = model.td_norms[j](mu)
         expected.append(mu)
     for got, want in zip(levels, expected):
@@ -76,6 +87,7 @@ def test_td_batchnorm_follows_the_template_and_every_transposed_conv():
 
 def test_sampling_renders_through_the_top_down_bns():
     from drmm.sample import render_with_switches
+
     torch.manual_seed(13)
     model = _small(td_batchnorm=True)
     for bn in model.td_norms:
@@ -100,7 +112,9 @@ def test_td_batchnorm_trains_its_own_statistics_and_parameters():
     for bn, old in zip(model.td_norms, before):
         assert not torch.equal(bn.running_mean, old)
         assert bn.weight.grad is not None and bn.weight.grad.abs().sum() > 0
-    assert model.td_norms is not None and all(bn not in list(model.td_norms) for bn in [layer.bn for layer in model.convs])
+    assert model.td_norms is not None and all(
+        bn not in list(model.td_norms) for bn in [layer.bn for layer in model.convs]
+    )
 
 
 def test_rpn_prior_path_leaves_the_top_down_bn_statistics_alone():
@@ -109,7 +123,7 @@ def test_rpn_prior_path_leaves_the_top_down_bn_statistics_alone():
     model = T.model_from_config(cfg, (1, 28, 28), 10)
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
     labeled = torch.arange(8) < 4
-    model.eval()   # frozen = eval-mode normalisation
+    model.eval()  # frozen = eval-mode normalisation
     _, latents = model(x)
     classes = torch.arange(8) % 10
     torch.testing.assert_close(model.render(latents, classes, frozen_norms=True), model.render(latents, classes))
@@ -120,7 +134,7 @@ def test_rpn_prior_path_leaves_the_top_down_bn_statistics_alone():
         bn.reset_running_stats()
     plain = T.config_from_dict({"model": "drmm2", "td_batchnorm": True, "bias_adder": True})
     T.train_step(model, plain, plain.objective(), x, y, labeled)
-    for bn, rm in zip(model.td_norms, after_rpn):   # one update each, from the real path only
+    for bn, rm in zip(model.td_norms, after_rpn):  # one update each, from the real path only
         torch.testing.assert_close(bn.running_mean, rm)
 
 
@@ -135,7 +149,7 @@ def test_bias_adder_is_an_extra_bias_after_the_batch_norm():
     plain.load_state_dict(state)
     for key, b in with_adder.bias_adders.items():
         b.data.normal_()
-        plain.convs[int(key)].bn.bias.data += b.data   # BN beta + BiasAdder = one shift
+        plain.convs[int(key)].bn.bias.data += b.data  # BN beta + BiasAdder = one shift
     assert sorted(with_adder.bias_adders) == ["0", "1", "2"]
     x = torch.rand(4, 1, 10, 10)
     logits_a, lat_a = with_adder(x)
@@ -143,7 +157,7 @@ def test_bias_adder_is_an_extra_bias_after_the_batch_norm():
     torch.testing.assert_close(logits_a, logits_p)
     for sa, sp in zip(lat_a.switches, lat_p.switches):
         assert torch.equal(sa, sp)
-    assert with_adder.layer_bias(1) is with_adder.bias_adders["1"]   # the RPN's b is the BiasAdder
+    assert with_adder.layer_bias(1) is with_adder.bias_adders["1"]  # the RPN's b is the BiasAdder
     for sa, sp in zip(with_adder.prior_path_latents(lat_a).switches, plain.prior_path_latents(lat_p).switches):
         assert torch.equal(sa, sp)
     logits_a.sum().backward()
@@ -174,13 +188,13 @@ def test_dropout_and_td_dropout_act_in_training_only():
     _, lat_p = plain(x)
     torch.manual_seed(5)
     _, lat_d = dropped(x)
-    assert torch.equal(lat_d.switches[0], lat_p.switches[0])        # dropout comes after the first pool ...
-    assert not torch.equal(lat_d.switches[1], lat_p.switches[1])    # ... and changes what the next layer sees
+    assert torch.equal(lat_d.switches[0], lat_p.switches[0])  # dropout comes after the first pool ...
+    assert not torch.equal(lat_d.switches[1], lat_p.switches[1])  # ... and changes what the next layer sees
     torch.manual_seed(6)
     a = dropped.render(lat_p, classes)
     torch.manual_seed(6)
     b = dropped.render(lat_p, classes)
-    torch.testing.assert_close(a, b)                                 # seeded: reproducible
+    torch.testing.assert_close(a, b)  # seeded: reproducible
     assert not torch.allclose(a, plain.render(lat_p, classes))
     with pytest.raises(ValueError, match="td_dropout"):
         _small(td_dropout=1.0)
@@ -216,7 +230,7 @@ def _eager_min_branch(model, x):
 def test_maxmin_min_branch_matches_eager_min_pooling():
     torch.manual_seed(7)
     model = _small(maxmin=True, bias_adder=True).double()
-    for twin in model.min_convs.values():   # the min branch has its own, here distinct, BN parameters
+    for twin in model.min_convs.values():  # the min branch has its own, here distinct, BN parameters
         torch.nn.init.normal_(twin.bn.weight, 1.0, 0.3), torch.nn.init.normal_(twin.bn.bias, 0.0, 0.3)
     for b in model.bias_adders.values():
         b.data.normal_(0, 0.3)
@@ -228,10 +242,10 @@ def test_maxmin_min_branch_matches_eager_min_pooling():
     torch.testing.assert_close(logits, 0.5 * (z_max + z_min))
     max_only = _small(bias_adder=True).double()
     max_only.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("min_")})
-    torch.testing.assert_close(z_max, max_only(x)[0])   # the max branch is the plain model
+    torch.testing.assert_close(z_max, max_only(x)[0])  # the max branch is the plain model
     for i, (v, idx) in enumerate(record):
         sw = latents.min_branch.switches[i]
-        if idx is not None:   # offsets = window argmin of the min activation, on-bit = v < 0 there
+        if idx is not None:  # offsets = window argmin of the min activation, on-bit = v < 0 there
             assert torch.equal(dk.switches_to_indices(sw, pool=2, conv_size=v.shape[-2:]), idx)
             on = v.flatten(2).gather(2, idx.flatten(2)).view_as(idx) < 0
         else:
@@ -263,15 +277,22 @@ def test_maxmin_min_branch_in_eval_mode_uses_its_own_running_statistics():
     model = _small(maxmin=True).double()
     x = torch.rand(6, 1, 10, 10, dtype=torch.float64)
     for _ in range(3):
-        model(x)                      # training-mode passes fill the running statistics
+        model(x)  # training-mode passes fill the running statistics
     model.eval()
     _, latents = model(x)
     h = x
     for i, spec in enumerate(model.specs):
         twin = model.min_convs[str(i)]
         z = F.conv2d(h, model.convs[i].conv.weight, padding=spec.pad)
-        v = F.batch_norm(z, -twin.bn.running_mean, twin.bn.running_var, twin.bn.weight, -twin.bn.bias,
-                         training=False, eps=twin.bn.eps)
+        v = F.batch_norm(
+            z,
+            -twin.bn.running_mean,
+            twin.bn.running_var,
+            twin.bn.weight,
+            -twin.bn.bias,
+            training=False,
+            eps=twin.bn.eps,
+        )
         act = torch.minimum(v, torch.zeros(())) + spec.negative_slope * torch.clamp(v, min=0)
         h = -F.max_pool2d(-act, 2) if spec.pool == "max" else act
     torch.testing.assert_close(latents.branch_logits[1], model.readout(h.mean(dim=(2, 3)).flatten(1)))
@@ -329,18 +350,21 @@ def test_allconv13_tail_kernel():
         build_model("allconv13", 3, (32, 32), tail_kernel=5)
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"allconv13_tail_kernel": 1}, "allconv13_tail_kernel"),            # model conv_small
-    ({"model": "allconv13", "allconv13_tail_kernel": 2}, "allconv13_tail_kernel"),
-    ({"dropout": 1.0}, "dropout"),
-    ({"td_dropout": -0.1}, "td_dropout"),
-    ({"trainer": "hard_em", "maxmin": True}, "maxmin"),
-    ({"trainer": "hard_em", "td_batchnorm": True}, "td_batchnorm"),
-    ({"top_model": "factor", "maxmin": True}, "maxmin"),
-    ({"trainer": "hard_em", "dropout": 0.5}, "dropout"),
-    ({"trainer": "backprop", "td_batchnorm": True}, "td_batchnorm"),
-    ({"td_batchnorm": "yes"}, "td_batchnorm"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"allconv13_tail_kernel": 1}, "allconv13_tail_kernel"),  # model conv_small
+        ({"model": "allconv13", "allconv13_tail_kernel": 2}, "allconv13_tail_kernel"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"td_dropout": -0.1}, "td_dropout"),
+        ({"trainer": "hard_em", "maxmin": True}, "maxmin"),
+        ({"trainer": "hard_em", "td_batchnorm": True}, "td_batchnorm"),
+        ({"top_model": "factor", "maxmin": True}, "maxmin"),
+        ({"trainer": "hard_em", "dropout": 0.5}, "dropout"),
+        ({"trainer": "backprop", "td_batchnorm": True}, "td_batchnorm"),
+        ({"td_batchnorm": "yes"}, "td_batchnorm"),
+    ],
+)
 def test_nrm_option_values_are_checked(bad, match):
     with pytest.raises(ValueError, match=match):
         T.config_from_dict(bad).validate()

@@ -5,7 +5,7 @@ import torch
 
 from drmm import train as T
 from drmm.cli import main
-from drmm.priors import attach_switch_priors, prior_buffers, switch_frequencies
+from drmm.priors import prior_buffers, switch_frequencies
 from drmm.sample import class_appearance, draw_switches, sample_images
 from drmm_cases import DATA_DIR, needs_mnist
 
@@ -16,7 +16,7 @@ def _model(momentum=0.5, name="drmm2"):
 
 
 def test_priors_are_distributions_tracked_in_training_mode_only_and_checkpointed():
-    model = _model(momentum=1.0)   # momentum 1: the priors are exactly the last batch's frequencies
+    model = _model(momentum=1.0)  # momentum 1: the priors are exactly the last batch's frequencies
     x = torch.rand(6, 1, 28, 28)
     _, latents = model(x)
     for i, (spec, sw) in enumerate(zip(model.specs, latents.switches)):
@@ -32,7 +32,7 @@ def test_priors_are_distributions_tracked_in_training_mode_only_and_checkpointed
     assert len(before) == 2 * len(model.specs)
     model.eval()
     model(torch.rand(6, 1, 28, 28))
-    assert all(torch.equal(before[k], model.state_dict()[k]) for k in before)   # eval forwards do not count
+    assert all(torch.equal(before[k], model.state_dict()[k]) for k in before)  # eval forwards do not count
 
 
 def test_ema_mixes_batches():
@@ -63,19 +63,21 @@ def test_sampler_shapes_and_draws_follow_the_priors():
     torch.testing.assert_close(freq_t[0], torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.03, rtol=0)
     assert abs(freq_a.item() - 0.8) < 0.03
     mode = draw_switches(model, 2, most_probable=True)[1][:, 0, 0, 0]
-    assert mode.tolist() == [0x83, 0x83]   # argmax offset 3, a on
+    assert mode.tolist() == [0x83, 0x83]  # argmax offset 3, a on
 
 
 @needs_mnist
 def test_cli_sample_and_eval_clustering(tmp_path, capsys):
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text("dataset: mnist\nmodel: drmm2\nmode: unsupervised\nnum_labeled: 0\nmax_train_samples: 100\neval_samples: 100\n"
-                   "batch_size: 20\nepochs: 1\nmax_steps: 3\nprogress: false\ntensorboard: false\n")
+    cfg.write_text(
+        "dataset: mnist\nmodel: drmm2\nmode: unsupervised\nnum_labeled: 0\nmax_train_samples: 100\neval_samples: 100\n"
+        "batch_size: 20\nepochs: 1\nmax_steps: 3\nprogress: false\ntensorboard: false\n"
+    )
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--run-dir", str(run), "--data-dir", DATA_DIR]) == 0
     ck = torch.load(run / "last.pt", weights_only=True)
     assert ck["model"]["switch_prior_a_0"].shape == (32, 16, 16)
-    assert not torch.all(ck["model"]["switch_prior_a_0"] == 0.5)   # trained, not the initial value
+    assert not torch.all(ck["model"]["switch_prior_a_0"] == 0.5)  # trained, not the initial value
     assert main(["sample", str(run), "--class", "3", "--num", "4", "--data-dir", DATA_DIR]) == 0
     assert (run / "samples_class3.png").stat().st_size > 1000
     assert (run / "class_appearance.png").stat().st_size > 1000

@@ -24,23 +24,34 @@ def test_rampup_goes_from_exp_minus_5_to_1_and_stays():
     assert T.rampup(50, 100) == pytest.approx(math.exp(-1.25))
     assert T.rampup(90, 100) == pytest.approx(math.exp(-0.05))
     values = [T.rampup(s, 100) for s in range(101)]
-    assert all(a < b for a, b in zip(values, values[1:]))           # strictly increasing up to N
-    assert T.rampup(100, 100) == T.rampup(101, 100) == T.rampup(10 ** 6, 100) == 1.0
-    assert T.rampup(0, 0) == T.rampup(7, 0) == 1.0                  # 0 = no ramp-up
+    assert all(a < b for a, b in zip(values, values[1:]))  # strictly increasing up to N
+    assert T.rampup(100, 100) == T.rampup(101, 100) == T.rampup(10**6, 100) == 1.0
+    assert T.rampup(0, 0) == T.rampup(7, 0) == 1.0  # 0 = no ramp-up
 
 
 def test_ramped_objective_scales_each_weight_by_its_own_rampup():
-    cfg = tiny_config(kl_rampup_steps=10, rc_rampup_steps=20, nn_rampup_steps=0, kl_marginal_weight=0.4,
-                      rc_weight=0.7, kl_weight=0.3, nn_weight=0.6)
+    cfg = tiny_config(
+        kl_rampup_steps=10,
+        rc_rampup_steps=20,
+        nn_rampup_steps=0,
+        kl_marginal_weight=0.4,
+        rc_weight=0.7,
+        kl_weight=0.3,
+        nn_weight=0.6,
+    )
     base = cfg.objective()
     e5 = math.exp(-5.0)
-    for step, (kl, rc) in {0: (e5, e5), 5: (math.exp(-1.25), math.exp(-5 * 0.75 ** 2)),
-                           10: (1.0, math.exp(-1.25)), 25: (1.0, 1.0)}.items():
+    for step, (kl, rc) in {
+        0: (e5, e5),
+        5: (math.exp(-1.25), math.exp(-5 * 0.75**2)),
+        10: (1.0, math.exp(-1.25)),
+        25: (1.0, 1.0),
+    }.items():
         o = T.ramped_objective(cfg, base, step)
         assert o.kl_weight == pytest.approx(0.3 * kl) and o.kl_marginal_weight == pytest.approx(0.4 * kl)
         assert o.rc_weight == pytest.approx(0.7 * rc) and o.nn_weight == 0.6
         assert o.ce_weight == base.ce_weight and o.kl_sign == base.kl_sign and o.td_nonneg == base.td_nonneg
-    assert base.kl_weight == 0.3 and base.rc_weight == 0.7   # the configured objective is left alone
+    assert base.kl_weight == 0.3 and base.rc_weight == 0.7  # the configured objective is left alone
     only_nn = tiny_config(nn_rampup_steps=4)
     o = T.ramped_objective(only_nn, only_nn.objective(), 2)
     assert o.nn_weight == pytest.approx(0.5 * math.exp(-1.25)) and (o.kl_weight, o.rc_weight) == (0.5, 0.5)
@@ -57,9 +68,9 @@ def test_labeled_per_batch_sets_the_split_of_each_batch_and_the_epoch_length():
     assert all(len(l) == 2 and len(u) == 8 for l, u in batches)
     assert all((l < 20).all() and (u >= 20).all() for l, u in batches)
     unl = torch.cat([u for _, u in batches]).tolist()
-    assert len(set(unl)) == 176                                    # no unlabeled image twice in an epoch
+    assert len(set(unl)) == 176  # no unlabeled image twice in an epoch
     counts = torch.bincount(torch.cat([l for l, _ in batches]), minlength=20)[:20]
-    assert counts.sum() == 44 and set(counts.tolist()) <= {2, 3}   # 44 draws from 3 permutations of 20
+    assert counts.sum() == 44 and set(counts.tolist()) <= {2, 3}  # 44 draws from 3 permutations of 20
     many = tiny_config(batch_size=10, labeled_per_batch=9, seed=5)  # 1 unlabeled per batch: 180 steps
     assert T.steps_in_epoch(many, plan, 1) == 180
     assert all(len(l) == 9 and len(u) == 1 for l, u in T.epoch_batches(many, plan, 1))
@@ -71,7 +82,7 @@ def test_labeled_per_batch_0_is_half_the_batch_bitwise():
     assert T.steps_in_epoch(default, plan, 0) == T.steps_in_epoch(half, plan, 0) == 36
     a, b = T.epoch_batches(default, plan, 0), T.epoch_batches(half, plan, 0)
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
-    odd = tiny_config(batch_size=11)                               # odd batch: 5 labeled + 6 unlabeled
+    odd = tiny_config(batch_size=11)  # odd batch: 5 labeled + 6 unlabeled
     assert [(len(l), len(u)) for l, u in T.epoch_batches(odd, plan, 0)][:2] == [(5, 6), (5, 6)]
 
 
@@ -84,7 +95,7 @@ def test_kl_marginal_is_kl_of_the_mean_posterior_to_uniform_by_hand():
     logits, labels = q.log(), torch.tensor([1, 0, 0])
     labeled = torch.tensor([True, False, False])
     x = torch.zeros(3, 1, 2, 2, dtype=torch.float64)
-    hand = 0.7 * math.log(2 * 0.7) + 0.3 * math.log(2 * 0.3)       # KL([0.7, 0.3] || [0.5, 0.5])
+    hand = 0.7 * math.log(2 * 0.7) + 0.3 * math.log(2 * 0.3)  # KL([0.7, 0.3] || [0.5, 0.5])
     off = ObjectiveConfig(ce_weight=1.0, rc_weight=0.0, kl_weight=0.5, nn_weight=0.0)
     on = dataclasses.replace(off, kl_marginal_weight=2.0)
     total_off, logs_off = drmm_objective(off, logits, labels, labeled, x, None, None)
@@ -97,29 +108,33 @@ def test_kl_marginal_is_kl_of_the_mean_posterior_to_uniform_by_hand():
     alone = ObjectiveConfig(kl_weight=0.0, rc_weight=0.0, nn_weight=0.0, kl_marginal_weight=1.0)
     assert drmm_objective(alone, logits, labels, labeled, x, None, None)[1]["klm"].item() == pytest.approx(hand)
     both = dataclasses.replace(alone, unsup_terms_on="both_sum")
-    m = (0.5 * q[0] + 0.25 * q[1] + 0.25 * q[2]).tolist()         # mean(labeled) + mean(unlabeled), halved
+    m = (0.5 * q[0] + 0.25 * q[1] + 0.25 * q[2]).tolist()  # mean(labeled) + mean(unlabeled), halved
     assert drmm_objective(both, logits, labels, labeled, x, None, None)[1]["klm"].item() == pytest.approx(
-        sum(p * math.log(2 * p) for p in m), rel=1e-6)
+        sum(p * math.log(2 * p) for p in m), rel=1e-6
+    )
     uniform = kl_marginal(torch.tensor([[0.9, 0.1], [0.1, 0.9]]), torch.tensor([0.5, 0.5]))
-    assert uniform.item() == pytest.approx(0.0, abs=1e-6)          # balanced batch: no pull
+    assert uniform.item() == pytest.approx(0.0, abs=1e-6)  # balanced batch: no pull
 
 
 # ---------------------------------------------------------------- validation and defaults
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("labeled_per_batch", -1, "labeled_per_batch must be >= 0"),
-    ("labeled_per_batch", 20, "labeled_per_batch must be < batch_size (20)"),
-    ("labeled_per_batch", 25, "labeled_per_batch must be < batch_size (20)"),
-    ("kl_rampup_steps", -1, "kl_rampup_steps must be >= 0"),
-    ("rc_rampup_steps", -5, "rc_rampup_steps must be >= 0"),
-    ("nn_rampup_steps", -1, "nn_rampup_steps must be >= 0"),
-    ("kl_marginal_weight", -0.1, "kl_marginal_weight must be >= 0"),
-    ("kl_marginal_weight", float("nan"), "kl_marginal_weight must be >= 0"),
-    ("adam_beta2", 1.0, "adam_beta2 must be in [0, 1)"),
-    ("adam_beta2", -0.1, "adam_beta2 must be in [0, 1)"),
-    ("adam_beta2", float("nan"), "adam_beta2 must be in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("labeled_per_batch", -1, "labeled_per_batch must be >= 0"),
+        ("labeled_per_batch", 20, "labeled_per_batch must be < batch_size (20)"),
+        ("labeled_per_batch", 25, "labeled_per_batch must be < batch_size (20)"),
+        ("kl_rampup_steps", -1, "kl_rampup_steps must be >= 0"),
+        ("rc_rampup_steps", -5, "rc_rampup_steps must be >= 0"),
+        ("nn_rampup_steps", -1, "nn_rampup_steps must be >= 0"),
+        ("kl_marginal_weight", -0.1, "kl_marginal_weight must be >= 0"),
+        ("kl_marginal_weight", float("nan"), "kl_marginal_weight must be >= 0"),
+        ("adam_beta2", 1.0, "adam_beta2 must be in [0, 1)"),
+        ("adam_beta2", -0.1, "adam_beta2 must be in [0, 1)"),
+        ("adam_beta2", float("nan"), "adam_beta2 must be in [0, 1)"),
+    ],
+)
 def test_bad_values_are_refused_in_one_line(key, value, message):
     with pytest.raises(UsageError) as e:
         tiny_config(**{key: value}).validate()
@@ -131,15 +146,21 @@ def test_set_overrides_reach_the_options_and_labeled_per_batch_is_free_outside_s
     assert (cfg.labeled_per_batch, cfg.kl_rampup_steps, cfg.kl_marginal_weight) == (30, 500, 0.1)
     with pytest.raises(UsageError, match="labeled_per_batch must be < batch_size"):
         load_config(None, ["labeled_per_batch=200"])
-    tiny_config(mode="supervised", labeled_per_batch=50).validate()   # ignored there, as batch_size's halving is
+    tiny_config(mode="supervised", labeled_per_batch=50).validate()  # ignored there, as batch_size's halving is
 
 
 def test_defaults_are_the_paper_code_behaviour():
     cfg, objective = TrainConfig(), ObjectiveConfig()
-    assert (cfg.kl_marginal_weight, cfg.labeled_per_batch, cfg.kl_rampup_steps, cfg.rc_rampup_steps,
-            cfg.nn_rampup_steps, cfg.adam_beta2) == (0.0, 0, 0, 0, 0, 0.999)
+    assert (
+        cfg.kl_marginal_weight,
+        cfg.labeled_per_batch,
+        cfg.kl_rampup_steps,
+        cfg.rc_rampup_steps,
+        cfg.nn_rampup_steps,
+        cfg.adam_beta2,
+    ) == (0.0, 0, 0, 0, 0, 0.999)
     assert objective.kl_marginal_weight == 0.0 and cfg.objective() == objective
-    assert T.ramped_objective(cfg, objective, 0) is objective    # no ramp-up: the very same objective
+    assert T.ramped_objective(cfg, objective, 0) is objective  # no ramp-up: the very same objective
     torch.manual_seed(0)
     logits, x = torch.randn(6, 10), torch.rand(6, 1, 4, 4)
     y, labeled = torch.randint(0, 10, (6,)), torch.arange(6) < 3
@@ -164,8 +185,9 @@ def test_ramped_weights_follow_the_global_step_across_resume(tmp_path, monkeypat
 
     def spy(model, cfg, objective, *args, **kwargs):
         loss, logs, logits = real_step(model, cfg, objective, *args, **kwargs)
-        seen.append((objective.kl_weight, objective.rc_weight, objective.nn_weight, objective.kl_marginal_weight,
-                     "klm" in logs))
+        seen.append(
+            (objective.kl_weight, objective.rc_weight, objective.nn_weight, objective.kl_marginal_weight, "klm" in logs)
+        )
         return loss, logs, logits
 
     monkeypatch.setattr(T, "train_step", spy)
@@ -182,8 +204,15 @@ def test_ramped_weights_follow_the_global_step_across_resume(tmp_path, monkeypat
 
 def _train_straight_and_split(tmp_path, seen):
     # 180 unlabeled / 16 per batch = 11 steps per epoch: the run crosses an epoch boundary while still ramping
-    opts = dict(kl_rampup_steps=12, rc_rampup_steps=16, nn_rampup_steps=3, kl_marginal_weight=0.2,
-                labeled_per_batch=4, epochs=2, ckpt_every_steps=2)
+    opts = dict(
+        kl_rampup_steps=12,
+        rc_rampup_steps=16,
+        nn_rampup_steps=3,
+        kl_marginal_weight=0.2,
+        labeled_per_batch=4,
+        epochs=2,
+        ckpt_every_steps=2,
+    )
     T.train(tiny_config(max_steps=14, **opts), tmp_path / "straight")
     straight, seen[:] = list(seen), []
     T.train(tiny_config(max_steps=5, **opts), tmp_path / "split")

@@ -52,7 +52,7 @@ def test_epoch_batches_semisupervised_are_half_labeled_deterministic_and_disjoin
     assert all(len(l) == 5 and len(u) == 5 for l, u in batches)
     assert all((l < 20).all() and (u >= 20).all() for l, u in batches)
     unl = torch.cat([u for _, u in batches])
-    assert sorted(unl.tolist()) == list(range(20, 200))          # one pass over the unlabeled pool
+    assert sorted(unl.tolist()) == list(range(20, 200))  # one pass over the unlabeled pool
     lab = torch.cat([l for l, _ in batches])
     assert torch.bincount(lab, minlength=20)[:20].tolist() == [9] * 20  # labeled set cycled 9 times
     again = T.epoch_batches(cfg, plan, epoch=1)
@@ -70,8 +70,10 @@ def test_lr_schedule_decays_exponentially_from_init_to_final():
 
 
 @needs_mnist
-@pytest.mark.parametrize("mode,trainer", [("supervised", "eg"), ("unsupervised", "eg"),
-                                          ("pretrain_finetune", "eg"), ("semisupervised", "backprop")])
+@pytest.mark.parametrize(
+    "mode,trainer",
+    [("supervised", "eg"), ("unsupervised", "eg"), ("pretrain_finetune", "eg"), ("semisupervised", "backprop")],
+)
 def test_modes_run(tmp_path, mode, trainer):
     # supervised epochs are one pass over the 20 labels (1 step); unsupervised/semi-supervised over 180-200 images
     cfg = tiny_config(mode=mode, trainer=trainer, pretrain_epochs=1, max_steps=4, epochs=4)
@@ -107,8 +109,9 @@ def test_checkpoint_resume_is_exact(tmp_path):
     assert {"last.pt", "best.pt", "config.yaml", "metrics.csv", "labeled_indices.npy", "learning_curve.png"} <= files
     steps = [int(line.split(",")[1]) for line in (tmp_path / "split" / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == sorted(steps) and steps[-1] == 24
-    assert np.array_equal(np.load(tmp_path / "split" / "labeled_indices.npy"),
-                          np.load(tmp_path / "straight" / "labeled_indices.npy"))
+    assert np.array_equal(
+        np.load(tmp_path / "split" / "labeled_indices.npy"), np.load(tmp_path / "straight" / "labeled_indices.npy")
+    )
 
 
 @needs_mnist
@@ -131,7 +134,7 @@ def test_validation_split_selects_best_checkpoint_without_the_test_set(tmp_path,
     assert [r["test_error"] for r in rows] == ["", "", ""]
     assert len(rows) == 3 and all(0 <= v <= 100 for v in val)
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
-    k = max(i for i, v in enumerate(val) if v == min(val))   # ties: the later checkpoint wins (<=)
+    k = max(i for i, v in enumerate(val) if v == min(val))  # ties: the later checkpoint wins (<=)
     assert best["best_error"] == min(val) and best["step"] == int(rows[k]["step"])
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     model = T.model_from_config(cfg, (1, 28, 28), 10)
@@ -146,11 +149,11 @@ def test_validation_split_selects_best_checkpoint_without_the_test_set(tmp_path,
         T.load_data(tiny_config(val_samples=200), torch.device("cpu"))
     # resuming with another split would mix validation- and test-selected checkpoints: refused, naming the key
     with pytest.raises(ValueError, match="val_samples"):
-        T.train(tiny_config(epochs=1, max_steps=8, eval_every_steps=2, val_samples=20), tmp_path / "run",
-                resume=True)
+        T.train(tiny_config(epochs=1, max_steps=8, eval_every_steps=2, val_samples=20), tmp_path / "run", resume=True)
     # a saved labeled subset that reaches into images no longer in the training set is refused too
     np.save(tmp_path / "far.npy", np.arange(150, 170))
     from drmm.data import labeled_subset
+
     with pytest.raises(ValueError, match="outside the 160 training images"):
         labeled_subset(np.zeros(160, dtype=np.int64), 20, 10, 0, tmp_path / "far.npy")
 
@@ -163,16 +166,22 @@ def test_atomic_save_replaces_in_place(tmp_path):
 
 
 def _draws():
-    return (torch.rand(3).tolist(), np.random.rand(3).tolist(), np.random.randn(), [random.random() for _ in range(3)],
-            random.gauss(0, 1))
+    return (
+        torch.rand(3).tolist(),
+        np.random.rand(3).tolist(),
+        np.random.randn(),
+        [random.random() for _ in range(3)],
+        random.gauss(0, 1),
+    )
 
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     from drmm.run_dir import load_checkpoint
+
     torch.manual_seed(1)
     np.random.seed(2)
     random.seed(3)
-    np.random.randn(), random.gauss(0, 1)   # leave cached Gaussians behind: they are part of the state too
+    np.random.randn(), random.gauss(0, 1)  # leave cached Gaussians behind: they are part of the state too
     T.atomic_save({"model": {}, "step": 0, "rng": T.rng_state()}, tmp_path / "last.pt")
     expected = _draws()
     assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "last.pt") == []
@@ -183,6 +192,7 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 def test_checkpoint_with_the_old_numpy_rng_tuple_still_loads(tmp_path):
     # before RNG states were stored as tensors, checkpoints held np.random.get_state() and random.getstate()
     from drmm.run_dir import load_checkpoint
+
     np.random.seed(5)
     random.seed(6)
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}

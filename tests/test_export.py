@@ -19,8 +19,10 @@ torchvision = pytest.importorskip("torchvision")
 
 # The ops' argument checks compare traced sizes (TracerWarning), and TorchScript is deprecated (FutureWarning):
 # neither says anything about the export.
-pytestmark = [pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
-              pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning"),
+]
 
 # name -> input size: the smallest square input the model's pools allow (alexnet's stride-4 stem needs 64).
 MODELS = {"vgg11": 32, "vgg16_bn": 32, "alexnet": 64, "resnet18": 32}
@@ -67,8 +69,9 @@ def _ort_run(onnx_program, *inputs):
     ort = pytest.importorskip("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    session = ort.InferenceSession(onnx_program.model_proto.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        onnx_program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
     return [torch.from_numpy(o) for o in session.run(None, feeds)]
 
@@ -117,8 +120,9 @@ class _Blocks(nn.Module):
     def forward(self, x):
         y, sw1 = dk.conv_relu_pool(x, self.w1, self.scale, self.shift, padding=1, pool=2, negative_slope=0.1)
         bn = self.bn
-        y, sw2 = dk.conv_bn_relu_pool(y, self.w2, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                      training=False, padding=1, pool=3)
+        y, sw2 = dk.conv_bn_relu_pool(
+            y, self.w2, bn.weight, bn.bias, bn.running_mean, bn.running_var, training=False, padding=1, pool=3
+        )
         return y, sw1, sw2
 
 
@@ -188,13 +192,23 @@ def test_jit_trace_save_load(grad):
 # --------------------------------------------------------------------------- the composites
 
 
-@pytest.mark.parametrize("scale,shift,pool,slope", [(False, True, 2, 0.0), (True, True, 3, 0.2),
-                                                    (True, False, 1, 0.0), (False, False, 4, 0.05)])
+@pytest.mark.parametrize(
+    "scale,shift,pool,slope",
+    [(False, True, 2, 0.0), (True, True, 3, 0.2), (True, False, 1, 0.0), (False, False, 4, 0.05)],
+)
 def test_conv_relu_pool_composite_is_the_op(scale, shift, pool, slope):
     torch.manual_seed(1)
     x, w = torch.randn(2, 3, 13, 13), torch.randn(4, 3, 3, 3)
-    a = dict(x=x, weight=w, scale=torch.rand(4) + 0.5 if scale else None, shift=torch.randn(4) if shift else None,
-             stride=1, padding=1, pool=pool, negative_slope=slope)
+    a = dict(
+        x=x,
+        weight=w,
+        scale=torch.rand(4) + 0.5 if scale else None,
+        shift=torch.randn(4) if shift else None,
+        stride=1,
+        padding=1,
+        pool=pool,
+        negative_slope=slope,
+    )
     with dk.backend("reference"):
         want = conv_relu_pool_op(**a)
     got = dk_export.conv_relu_pool(**a)
@@ -206,9 +220,20 @@ def test_conv_relu_pool_composite_is_the_op(scale, shift, pool, slope):
 def test_conv_bn_relu_pool_composite_is_the_op(training):
     torch.manual_seed(2)
     x, w = torch.randn(3, 3, 12, 12), torch.randn(5, 3, 3, 3)
-    a = dict(x=x, weight=w, bn_weight=torch.randn(5), bn_bias=torch.randn(5), running_mean=torch.randn(5),
-             running_var=torch.rand(5) + 0.5, training=training, eps=1e-5, stride=2, padding=1, pool=2,
-             negative_slope=0.1)
+    a = dict(
+        x=x,
+        weight=w,
+        bn_weight=torch.randn(5),
+        bn_bias=torch.randn(5),
+        running_mean=torch.randn(5),
+        running_var=torch.rand(5) + 0.5,
+        training=training,
+        eps=1e-5,
+        stride=2,
+        padding=1,
+        pool=2,
+        negative_slope=0.1,
+    )
     with dk.backend("reference"):
         want = conv_bn_relu_pool_op(**a)
     got = dk_export.conv_bn_relu_pool(**a)

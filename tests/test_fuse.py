@@ -64,8 +64,9 @@ def _assert_same(ref: nn.Module, fused: nn.Module, x: torch.Tensor, steps: int =
     for k, p in g_ref.items():
         assert (p.grad is None) == (g_fused[k].grad is None), k
         if p.grad is not None:
-            torch.testing.assert_close(g_fused[k].grad, p.grad, atol=1e-5 * scale, rtol=1e-4,
-                                       msg=lambda m, k=k: f"{k}: {m}")
+            torch.testing.assert_close(
+                g_fused[k].grad, p.grad, atol=1e-5 * scale, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}"
+            )
     s_ref, s_fused = ref.state_dict(), fused.state_dict()
     assert list(s_fused.keys()) == list(s_ref.keys()) or sorted(s_fused) == sorted(s_ref)
     for k in s_ref:
@@ -84,10 +85,26 @@ def _reasons(report):
 # --------------------------------------------------------------------------- torchvision VGG11 / VGG11-BN
 
 
-VGG11_FUSED = [("features.0", 2), ("features.3", 2), ("features.6", 1), ("features.8", 2), ("features.11", 1),
-               ("features.13", 2), ("features.16", 1), ("features.18", 2)]
-VGG11_BN_FUSED = [("features.0", 2), ("features.4", 2), ("features.8", 1), ("features.11", 2), ("features.15", 1),
-                  ("features.18", 2), ("features.22", 1), ("features.25", 2)]
+VGG11_FUSED = [
+    ("features.0", 2),
+    ("features.3", 2),
+    ("features.6", 1),
+    ("features.8", 2),
+    ("features.11", 1),
+    ("features.13", 2),
+    ("features.16", 1),
+    ("features.18", 2),
+]
+VGG11_BN_FUSED = [
+    ("features.0", 2),
+    ("features.4", 2),
+    ("features.8", 1),
+    ("features.11", 2),
+    ("features.15", 1),
+    ("features.18", 2),
+    ("features.22", 1),
+    ("features.25", 2),
+]
 
 
 def test_vgg11():
@@ -182,7 +199,9 @@ def test_functional_lenet():
     ref, fused = _fused(LeNet())
     report = fused.fuse_report
     assert [(b.name, b.chain) for b in report.fused] == [
-        ("conv1", "conv1 (Conv2d) -> max_pool2d(2) -> relu"), ("conv2", "conv2 (Conv2d) -> relu -> max_pool2d(2)")]
+        ("conv1", "conv1 (Conv2d) -> max_pool2d(2) -> relu"),
+        ("conv2", "conv2 (Conv2d) -> relu -> max_pool2d(2)"),
+    ]
     assert fused.conv1.order == "pool-act" and fused.conv2.order == "act-pool" and not report.refused
     _assert_same(ref, fused, torch.randn(3, 1, 28, 28))
 
@@ -237,32 +256,69 @@ REFUSALS = {
     "return_indices module": (lambda: Chain(pool=nn.MaxPool2d(2, return_indices=True)), "pool", "return_indices", 1),
     "return_indices functional": (
         lambda: Functional(lambda s, x: F.max_pool2d(F.relu(s.conv(x)), 2, return_indices=True)),
-        "max_pool2d_with_indices", "return_indices", 1),
-    "pool stride, pool first": (lambda: Chain(pool=nn.MaxPool2d(2, stride=1), order="pool-act"), "conv",
-                                "stride (1, 1) != kernel (2, 2)", 0),
+        "max_pool2d_with_indices",
+        "return_indices",
+        1,
+    ),
+    "pool stride, pool first": (
+        lambda: Chain(pool=nn.MaxPool2d(2, stride=1), order="pool-act"),
+        "conv",
+        "stride (1, 1) != kernel (2, 2)",
+        0,
+    ),
     "dilation": (lambda: Chain(nn.Conv2d(3, 4, 3, dilation=2)), "conv", "dilated convolution", 0),
     "groups": (lambda: Chain(nn.Conv2d(4, 4, 3, groups=2)), "conv", "grouped convolution", 0),
-    "padding mode": (lambda: Chain(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")), "conv",
-                     "padding_mode='reflect'", 0),
+    "padding mode": (
+        lambda: Chain(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")),
+        "conv",
+        "padding_mode='reflect'",
+        0,
+    ),
     "non-square stride": (lambda: Chain(nn.Conv2d(3, 4, 3, stride=(1, 2))), "conv", "non-square conv stride", 0),
     "non-square padding": (lambda: Chain(nn.Conv2d(3, 4, 3, padding=(1, 0))), "conv", "non-square conv padding", 0),
     "leaky slope": (lambda: Chain(act=nn.LeakyReLU(-0.1)), "conv", "outside [0, 1)", 0),
-    "conv output used": (lambda: Functional(lambda s, x: (lambda z: (F.max_pool2d(F.relu(z), 2), z.mean()))(
-        s.conv(x))), "conv", "conv output is also used by mean", 0),
-    "bn output used": (lambda: Functional(lambda s, x: (lambda v: (F.max_pool2d(F.relu(v), 2), v.sum()))(
-        s.bn(s.conv(x))), bn=True), "conv", "batch_norm output is also used by sum", 0),
-    "relu output used": (lambda: Functional(lambda s, x: (lambda r: F.max_pool2d(r, 2).sum() + r.mean())(
-        F.relu(s.conv(x)))), "max_pool2d", "activation output is also used by mean", 1),
-    "pool output used": (lambda: Functional(lambda s, x: (lambda p: (F.relu(p), p))(F.max_pool2d(s.conv(x), 2))),
-                         "conv", "max_pool2d output (before the activation) is also used", 0),
-    "conv shared with unfused use": (lambda: Functional(lambda s, x: (F.max_pool2d(F.relu(s.conv(x)), 2),
-                                                                      s.conv(x))), "conv", "also called unfused", 0),
-    "conv in two different chains": (lambda: Functional(lambda s, x: (F.max_pool2d(F.relu(s.conv(x)), 2),
-                                                                      F.relu(s.conv(x)))),
-                                     "conv", "called in 2 different chains", 0),
-    "bn shared with unfused use": (lambda: Functional(lambda s, x: (F.max_pool2d(F.relu(s.bn(s.conv(x))), 2),
-                                                                    s.bn(s.conv2(x))), bn=True),
-                                   "conv", "batch norm module bn is also called unfused", 0),
+    "conv output used": (
+        lambda: Functional(lambda s, x: (lambda z: (F.max_pool2d(F.relu(z), 2), z.mean()))(s.conv(x))),
+        "conv",
+        "conv output is also used by mean",
+        0,
+    ),
+    "bn output used": (
+        lambda: Functional(lambda s, x: (lambda v: (F.max_pool2d(F.relu(v), 2), v.sum()))(s.bn(s.conv(x))), bn=True),
+        "conv",
+        "batch_norm output is also used by sum",
+        0,
+    ),
+    "relu output used": (
+        lambda: Functional(lambda s, x: (lambda r: F.max_pool2d(r, 2).sum() + r.mean())(F.relu(s.conv(x)))),
+        "max_pool2d",
+        "activation output is also used by mean",
+        1,
+    ),
+    "pool output used": (
+        lambda: Functional(lambda s, x: (lambda p: (F.relu(p), p))(F.max_pool2d(s.conv(x), 2))),
+        "conv",
+        "max_pool2d output (before the activation) is also used",
+        0,
+    ),
+    "conv shared with unfused use": (
+        lambda: Functional(lambda s, x: (F.max_pool2d(F.relu(s.conv(x)), 2), s.conv(x))),
+        "conv",
+        "also called unfused",
+        0,
+    ),
+    "conv in two different chains": (
+        lambda: Functional(lambda s, x: (F.max_pool2d(F.relu(s.conv(x)), 2), F.relu(s.conv(x)))),
+        "conv",
+        "called in 2 different chains",
+        0,
+    ),
+    "bn shared with unfused use": (
+        lambda: Functional(lambda s, x: (F.max_pool2d(F.relu(s.bn(s.conv(x))), 2), s.bn(s.conv2(x))), bn=True),
+        "conv",
+        "batch norm module bn is also called unfused",
+        0,
+    ),
 }
 
 
@@ -270,16 +326,27 @@ REFUSALS = {
 # case: (model, reason in the fx trace, reason in the nn.Sequential fallback or None for functional ones)
 LACKS = "an activation the fused ops do not compute (ReLU / LeakyReLU only)"
 NAMED = {
-    "ReLU6 module": (lambda: Chain(act=nn.ReLU6()), f"the conv is followed by act (ReLU6), {LACKS}",
-                     f"the conv is followed by ReLU6, {LACKS}"),
-    "SiLU after BN": (lambda: Chain(act=nn.SiLU(), bn=True), f"the batch_norm is followed by act (SiLU), {LACKS}",
-                      f"the batch_norm is followed by SiLU, {LACKS}"),
+    "ReLU6 module": (
+        lambda: Chain(act=nn.ReLU6()),
+        f"the conv is followed by act (ReLU6), {LACKS}",
+        f"the conv is followed by ReLU6, {LACKS}",
+    ),
+    "SiLU after BN": (
+        lambda: Chain(act=nn.SiLU(), bn=True),
+        f"the batch_norm is followed by act (SiLU), {LACKS}",
+        f"the batch_norm is followed by SiLU, {LACKS}",
+    ),
     "F.silu": (lambda: Functional(lambda s, x: F.silu(s.conv(x))), f"the conv is followed by silu, {LACKS}", None),
-    "F.relu6 after pool": (lambda: Functional(lambda s, x: F.relu6(F.max_pool2d(s.conv(x), 2))),
-                           f"the max_pool2d is followed by relu6, {LACKS}", None),
-    "depthwise -> BN -> ReLU6": (lambda: Chain(nn.Conv2d(4, 4, 3, groups=4), act=nn.ReLU6(), bn=True),
-                                 "grouped convolution (groups=4, depthwise) is outside the op contract",
-                                 "grouped convolution (groups=4, depthwise) is outside the op contract"),
+    "F.relu6 after pool": (
+        lambda: Functional(lambda s, x: F.relu6(F.max_pool2d(s.conv(x), 2))),
+        f"the max_pool2d is followed by relu6, {LACKS}",
+        None,
+    ),
+    "depthwise -> BN -> ReLU6": (
+        lambda: Chain(nn.Conv2d(4, 4, 3, groups=4), act=nn.ReLU6(), bn=True),
+        "grouped convolution (groups=4, depthwise) is outside the op contract",
+        "grouped convolution (groups=4, depthwise) is outside the op contract",
+    ),
 }
 
 
@@ -301,8 +368,10 @@ def test_refusal_names_the_activation_or_groups(case, traced):
 def test_bad_example_inputs_print_nothing(capfd):
     fused = dk.fuse(Chain(), example_inputs=torch.randn(1, 5, 8, 8))  # 5 channels for a 3-channel conv
     assert capfd.readouterr().err == ""
-    assert "example_inputs: shape propagation failed (RuntimeError: Given groups=1, weight of size [4, 3, 3, 3], " \
-           "expected input[1, 5, 8, 8] to have 3 channels" in str(fused.fuse_report)
+    assert (
+        "example_inputs: shape propagation failed (RuntimeError: Given groups=1, weight of size [4, 3, 3, 3], "
+        "expected input[1, 5, 8, 8] to have 3 channels" in str(fused.fuse_report)
+    )
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
@@ -320,8 +389,9 @@ def test_refusals(case):
 
 
 def test_shared_conv_fused_at_two_sites():
-    ref, fused = _fused(Functional(lambda s, x: F.max_pool2d(F.relu(s.conv(x)), 2)
-                                   + F.max_pool2d(F.relu(s.conv(2 * x)), 2)))
+    ref, fused = _fused(
+        Functional(lambda s, x: F.max_pool2d(F.relu(s.conv(x)), 2) + F.max_pool2d(F.relu(s.conv(2 * x)), 2))
+    )
     (block,) = fused.fuse_report.fused
     assert block.name == "conv" and block.sites == 2 and not fused.fuse_report.refused
     _assert_same(ref, fused, torch.randn(2, 3, 8, 8))
@@ -329,17 +399,21 @@ def test_shared_conv_fused_at_two_sites():
 
 def test_conv_without_activation_is_listed():
     ref, fused = _fused(Functional(lambda s, x: s.conv(x) + 1))
-    assert _reasons(fused.fuse_report) == [("conv", "no batch_norm/activation/max_pool2d follows (its output goes "
-                                                    "to add)")]
+    assert _reasons(fused.fuse_report) == [
+        ("conv", "no batch_norm/activation/max_pool2d follows (its output goes to add)")
+    ]
 
 
-@pytest.mark.parametrize("make", [
-    lambda: Chain(act=nn.LeakyReLU(0.2), order="pool-act"),
-    lambda: Chain(nn.Conv2d(3, 4, (3, 1), padding=1)),  # non-square kernel, square padding
-    lambda: Chain(nn.Conv2d(3, 4, 3, padding="same"), pool=nn.MaxPool2d(4)),
-    lambda: Functional(lambda s, x: F.leaky_relu(F.max_pool2d(s.conv(x), 2), 0.1)),
-    lambda: Functional(lambda s, x: torch.max_pool2d(s.conv(x).relu(), 2)),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Chain(act=nn.LeakyReLU(0.2), order="pool-act"),
+        lambda: Chain(nn.Conv2d(3, 4, (3, 1), padding=1)),  # non-square kernel, square padding
+        lambda: Chain(nn.Conv2d(3, 4, 3, padding="same"), pool=nn.MaxPool2d(4)),
+        lambda: Functional(lambda s, x: F.leaky_relu(F.max_pool2d(s.conv(x), 2), 0.1)),
+        lambda: Functional(lambda s, x: torch.max_pool2d(s.conv(x).relu(), 2)),
+    ],
+)
 def test_more_chains_fuse(make):
     torch.manual_seed(0)
     ref, fused = _fused(make())
@@ -404,9 +478,11 @@ class TwoSequentials(nn.Module):
         super().__init__()
         conv, relu, pool = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
         self.s1 = nn.Sequential(conv, relu, pool)
-        self.s2 = {"shared": lambda: nn.Sequential(conv, relu, pool),
-                   "own modules": lambda: nn.Sequential(conv, nn.ReLU(), nn.MaxPool2d(2)),
-                   "other chain": lambda: nn.Sequential(conv, relu)}[kind]()
+        self.s2 = {
+            "shared": lambda: nn.Sequential(conv, relu, pool),
+            "own modules": lambda: nn.Sequential(conv, nn.ReLU(), nn.MaxPool2d(2)),
+            "other chain": lambda: nn.Sequential(conv, relu),
+        }[kind]()
 
     def forward(self, x):
         return self.s1(x).sum((2, 3)) + self.s2(2 * x).sum((2, 3))
@@ -419,12 +495,18 @@ class TwoSequentialsUntraceable(TwoSequentials):
         return super().forward(x)
 
 
-@pytest.mark.parametrize("kind, reason", [
-    ("shared", None),
-    ("own modules", "module s1.0 (also registered as s2.0) is called in 2 chains through different activation / "
-                    "pool modules (s1.1, s1.2, s2.1, s2.2)"),
-    ("other chain", "module s1.0 (also registered as s2.0) is called in 2 different chains"),
-])
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("shared", None),
+        (
+            "own modules",
+            "module s1.0 (also registered as s2.0) is called in 2 chains through different activation / "
+            "pool modules (s1.1, s1.2, s2.1, s2.2)",
+        ),
+        ("other chain", "module s1.0 (also registered as s2.0) is called in 2 different chains"),
+    ],
+)
 def test_conv_in_two_sequentials(kind, reason):
     """Fused alike at both paths (one block, two call sites), or refused with the reason; never a crash."""
     torch.manual_seed(0)
@@ -445,8 +527,10 @@ def test_conv_in_two_sequentials_untraceable():
     torch.manual_seed(0)
     ref, fused = _fused(TwoSequentialsUntraceable("shared"))
     assert fused.fuse_report.mode == "modules" and not fused.fuse_report.fused
-    assert _reasons(fused.fuse_report) == [("s1.0", "module also registered at s2.0 (its other uses cannot be seen)"),
-                                           ("s2.0", "module also registered at s1.0 (its other uses cannot be seen)")]
+    assert _reasons(fused.fuse_report) == [
+        ("s1.0", "module also registered at s2.0 (its other uses cannot be seen)"),
+        ("s2.0", "module also registered at s1.0 (its other uses cannot be seen)"),
+    ]
     _assert_same(ref, fused, torch.randn(2, 3, 8, 8))
 
 
@@ -531,7 +615,8 @@ def test_training_branches(fused_in):
     ref, fused = _fused(getattr(TrainingBranch(), fused_in)())
     assert [b.name for b in fused.fuse_report.fused] == ["c1"]
     assert {(r.name, r.reason) for r in fused.fuse_report.refused} == {
-        ("c2", "module c2 is in a different chain in training and in eval mode")}
+        ("c2", "module c2 is in a different chain in training and in eval mode")
+    }
     _same_in_modes(ref, fused, torch.randn(2, 3, 8, 8))
 
 
@@ -598,17 +683,25 @@ class FeaturesUntraceable(Features):
 # case: (layers, pool of the fused block at features.0, or the reason every path refuses it for)
 RULE_CASES = {
     "padding same, 3x3": (lambda: [nn.Conv2d(3, 4, 3, padding="same"), nn.ReLU(), nn.MaxPool2d(2)], 2),
-    "padding same, 5x3, leaky": (lambda: [nn.Conv2d(3, 4, (5, 3), padding="same"), nn.LeakyReLU(0.2),
-                                          nn.MaxPool2d(2)], "non-square conv padding (2, 1)"),
+    "padding same, 5x3, leaky": (
+        lambda: [nn.Conv2d(3, 4, (5, 3), padding="same"), nn.LeakyReLU(0.2), nn.MaxPool2d(2)],
+        "non-square conv padding (2, 1)",
+    ),
     "padding same, 5x5, pool first": (lambda: [nn.Conv2d(3, 4, 5, padding="same"), nn.MaxPool2d(2), nn.ReLU()], 2),
     "padding valid": (lambda: [nn.Conv2d(3, 4, 3, padding="valid"), nn.ReLU(), nn.MaxPool2d(2)], 2),
-    "padding same, even kernel": (lambda: [nn.Conv2d(3, 4, 2, padding="same"), nn.ReLU(), nn.MaxPool2d(2)],
-                                  "padding='same' with an even kernel (2, 2) pads asymmetrically"),
+    "padding same, even kernel": (
+        lambda: [nn.Conv2d(3, 4, 2, padding="same"), nn.ReLU(), nn.MaxPool2d(2)],
+        "padding='same' with an even kernel (2, 2) pads asymmetrically",
+    ),
     "ReLU subclass": (lambda: [nn.Conv2d(3, 4, 3, padding=1), PlainReLU(), nn.MaxPool2d(2)], 2),
-    "LeakyReLU subclass, batch norm": (lambda: [nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
-                                                PlainLeakyReLU(0.1), nn.MaxPool2d(2)], 2),
-    "ReLU subclass overriding forward": (lambda: [nn.Conv2d(3, 4, 3, padding=1), ClippedReLU(), nn.MaxPool2d(2)],
-                                         "ClippedReLU overrides ReLU's forward"),
+    "LeakyReLU subclass, batch norm": (
+        lambda: [nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), PlainLeakyReLU(0.1), nn.MaxPool2d(2)],
+        2,
+    ),
+    "ReLU subclass overriding forward": (
+        lambda: [nn.Conv2d(3, 4, 3, padding=1), ClippedReLU(), nn.MaxPool2d(2)],
+        "ClippedReLU overrides ReLU's forward",
+    ),
     "non-square kernel": (lambda: [nn.Conv2d(3, 4, (3, 1), padding=1), nn.ReLU(), nn.MaxPool2d(2)], 2),
     "avg-pool after": (lambda: [nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)], 1),
 }
@@ -644,8 +737,10 @@ def test_every_path_follows_the_same_rules(case, way):
     if isinstance(conv.padding, str):  # the int the block pads by gives the very values of the string padding
         assert block.padding == (conv.kernel_size[0] - 1) // 2 if conv.padding == "same" else block.padding == 0
         x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
-        assert torch.equal(F.conv2d(x, conv.weight, conv.bias, padding=conv.padding),
-                           F.conv2d(x, conv.weight, conv.bias, padding=block.padding))
+        assert torch.equal(
+            F.conv2d(x, conv.weight, conv.bias, padding=conv.padding),
+            F.conv2d(x, conv.weight, conv.bias, padding=block.padding),
+        )
     _assert_same(ref, fused, torch.randn(2, 3, 8, 8, dtype=torch.float64), steps=2)
 
 
@@ -654,8 +749,13 @@ def test_relu_subclass_is_hooked_as_a_relu():
     hooks every nn.ReLU, reaches it in the fused model as in the original."""
     captum_attr = pytest.importorskip("captum.attr")
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), PlainReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(4 * 4 * 4, 6)).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1), PlainReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 6)
+        )
+        .double()
+        .eval()
+    )
     with torch.no_grad():
         model[0].bias.fill_(-0.3)
     fused = dk.fuse(copy.deepcopy(model))
@@ -678,9 +778,15 @@ def test_relu_subclass_is_hooked_as_a_relu():
 class Untraceable(nn.Module):
     def __init__(self, bn: bool):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), *([nn.BatchNorm2d(4)] if bn else []),
-                                      nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
-                                      nn.MaxPool2d(3, stride=1))
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            *([nn.BatchNorm2d(4)] if bn else []),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(3, stride=1),
+        )
 
     def forward(self, x):
         if x.sum() > 0:  # data-dependent control flow: fx cannot trace this
@@ -700,8 +806,13 @@ def test_untraceable_falls_back_to_sequential(bn):
     assert "torch.fx could not trace Untraceable" in report.notes[0]
     conv2 = "features.4" if bn else "features.3"
     assert [b.name for b in report.fused] == ["features.0", conv2]
-    assert _reasons(report) == [(f"features.{6 if bn else 5}", "pool stride (1, 1) != kernel (3, 3) (overlapping or "
-                                 "gapped windows); the conv -> activation before it is fused with pool=1")]
+    assert _reasons(report) == [
+        (
+            f"features.{6 if bn else 5}",
+            "pool stride (1, 1) != kernel (3, 3) (overlapping or "
+            "gapped windows); the conv -> activation before it is fused with pool=1",
+        )
+    ]
     assert (fused.get_submodule("features.0").pool, fused.get_submodule(conv2).pool) == (2, 1)
     _assert_same(ref, fused, torch.randn(2, 3, 8, 8), steps=2)
     assert "nn.Sequential chains only" in str(report)
@@ -710,8 +821,9 @@ def test_untraceable_falls_back_to_sequential(bn):
 def test_example_inputs_check_conv_input_rank():
     model = Chain()
     fused = dk.fuse(copy.deepcopy(model), example_inputs=(torch.randn(3, 8, 8),))  # unbatched
-    assert _reasons(fused.fuse_report) == [("conv", "the conv input is 3-D in example_inputs (the fused ops take "
-                                                    "NCHW batches)")]
+    assert _reasons(fused.fuse_report) == [
+        ("conv", "the conv input is 3-D in example_inputs (the fused ops take NCHW batches)")
+    ]
     fused = dk.fuse(copy.deepcopy(model), example_inputs=torch.randn(1, 3, 8, 8))
     assert len(fused.fuse_report.fused) == 1 and "checked" in fused.fuse_report.notes[0]
 

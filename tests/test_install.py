@@ -92,10 +92,18 @@ def test_arch_defaults(monkeypatch):
 def test_setup_py_arch_per_command():
     # A wheel may be installed on another machine (portable); an editable build runs where it was compiled.
     for command, arch in (("bdist_wheel", jit.PORTABLE_ARCH), ("editable_wheel", "native")):
-        out = subprocess.run([sys.executable, "setup.py", command, "--help"], cwd=ROOT, capture_output=True,
-                             text=True, env=_env(DRMM_SKIP_CUDA_BUILD="1"))
-        assert out.returncode == 0 and f"-march={arch})" in out.stdout, (command, out.stdout[-2000:],
-                                                                         out.stderr[-2000:])
+        out = subprocess.run(
+            [sys.executable, "setup.py", command, "--help"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=_env(DRMM_SKIP_CUDA_BUILD="1"),
+        )
+        assert out.returncode == 0 and f"-march={arch})" in out.stdout, (
+            command,
+            out.stdout[-2000:],
+            out.stderr[-2000:],
+        )
 
 
 def test_checkout_sources_are_complete():
@@ -157,8 +165,7 @@ def test_concurrent_first_uses_wait_for_one_build(tmp_path):
     """)
     with jit._exclusive(str(tmp_path)):
         assert not (tmp_path / "lock").exists()
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(1.5)
         assert proc.poll() is None, proc.communicate()  # still waiting for us
     out, err = proc.communicate(timeout=60)
@@ -202,8 +209,9 @@ def test_without_extension_and_compiler_warns_once_and_falls_back():
         assert y.shape == (1, 1, 2, 2)
         print('ok')
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=_env(CXX="/nonexistent/drmm-test-cxx"))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(CXX="/nonexistent/drmm-test-cxx")
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
@@ -240,12 +248,17 @@ def test_isolated_install_builds_on_first_use(tmp_path):
     for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"):
         shutil.copy2(os.path.join(ROOT, name), src)
     for name in ("csrc", "drmm", "drmm_kernels"):
-        shutil.copytree(os.path.join(ROOT, name), src / name,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyc", "_csrc"))
+        shutil.copytree(
+            os.path.join(ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyc", "_csrc")
+        )
     # 1. sdist (no torch needed to make one); it must carry the C++ sources.
-    out = subprocess.run([sys.executable, "-c", f"from setuptools import build_meta; "
-                          f"build_meta.build_sdist({str(dist)!r})"], cwd=src, capture_output=True, text=True,
-                         env=_env(DRMM_NO_EXTENSION="1"))
+    out = subprocess.run(
+        [sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(dist)!r})"],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        env=_env(DRMM_NO_EXTENSION="1"),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     (sdist,) = glob.glob(str(dist / "*.tar.gz"))
     with tarfile.open(sdist) as tar:
@@ -253,8 +266,12 @@ def test_isolated_install_builds_on_first_use(tmp_path):
     assert any(n.endswith("/csrc/schema.cpp") for n in names) and any(n.endswith("/csrc/cpu/simd.h") for n in names)
     # 2. The wheel, as `pip install <sdist or git url>` makes it: in an isolated build env (setuptools from the
     # package registry, no torch), so without drmm_kernels._C.
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-w", str(dist),
-                          sdist], capture_output=True, text=True, env=_env())
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-w", str(dist), sdist],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
     if out.returncode != 0 and "No matching distribution found for setuptools" in out.stdout + out.stderr:
         pytest.skip("no package registry for pip's isolated build environment")
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
@@ -268,21 +285,40 @@ def test_isolated_install_builds_on_first_use(tmp_path):
     # 3. A fresh venv that shares this torch (and ninja) through a .pth line, the wheel installed into it.
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     vpy = str(venv / "bin" / "python")
-    site = subprocess.run([vpy, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [vpy, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     import torch
+
     with open(os.path.join(site, "shared_torch.pth"), "w") as f:
         f.write(os.path.dirname(os.path.dirname(torch.__file__)) + "\n")
-    out = subprocess.run([vpy, "-m", "pip", "install", "--no-deps", "--no-index", "--no-cache-dir",
-                          "--target", site, wheel], capture_output=True, text=True, env=_env())
+    out = subprocess.run(
+        [vpy, "-m", "pip", "install", "--no-deps", "--no-index", "--no-cache-dir", "--target", site, wheel],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     installed = time.monotonic()
     # 4. Two processes use it at once: one builds (x86-64-v3, the wheels' portable target: this also checks that
     # the kernels are right without AVX-512), the other waits and loads the same library; one message in all.
-    env = _env(TORCH_EXTENSIONS_DIR=str(ext), DRMM_CPU_ARCH=jit.PORTABLE_ARCH if platform.machine() == "x86_64"
-               else "none")
-    procs = [subprocess.Popen([vpy, "-c", _FIRST_USE, str(venv), str(ext)], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    env = _env(
+        TORCH_EXTENSIONS_DIR=str(ext), DRMM_CPU_ARCH=jit.PORTABLE_ARCH if platform.machine() == "x86_64" else "none"
+    )
+    procs = [
+        subprocess.Popen(
+            [vpy, "-c", _FIRST_USE, str(venv), str(ext)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     results = [p.communicate(timeout=900) for p in procs]
     for p, (out_, err) in zip(procs, results):
         assert p.returncode == 0 and out_.startswith("ok"), err[-3000:]
@@ -291,5 +327,7 @@ def test_isolated_install_builds_on_first_use(tmp_path):
     if platform.machine() == "x86_64" and shutil.which("objdump"):
         asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", lib], capture_output=True, text=True).stdout
         assert "ymm" in asm and "zmm" not in asm, "the x86-64-v3 build must use AVX2 and no AVX-512"
-    print(f"isolated install: {installed - start:.0f} s; first use (build + check, two processes): "
-          f"{time.monotonic() - installed:.0f} s")
+    print(
+        f"isolated install: {installed - start:.0f} s; first use (build + check, two processes): "
+        f"{time.monotonic() - installed:.0f} s"
+    )

@@ -13,9 +13,16 @@ from drmm_kernels import FusedConvBNReLUPool2d, FusedConvReLUPool2d, Render2d, f
 
 def _vgg_block():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(8, 16, 3, padding=1), nn.LeakyReLU(0.1), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(16 * 4 * 4, 10)).double()
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.LeakyReLU(0.1),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 10),
+    ).double()
 
 
 def test_fused_layer_loads_conv_state_dict_and_matches():
@@ -37,7 +44,7 @@ def test_fuse_swaps_every_triple_and_keeps_outputs_and_gradients():
     assert names == ["0", "3"]
     assert isinstance(fused[0], FusedConvReLUPool2d) and isinstance(fused[1], nn.Identity)
     assert fused[3].negative_slope == pytest.approx(0.1)
-    assert set(fused.state_dict()) == keys_before   # checkpoints load unchanged
+    assert set(fused.state_dict()) == keys_before  # checkpoints load unchanged
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     torch.testing.assert_close(fused(x), model(x))
     model(x).square().sum().backward()
@@ -52,14 +59,22 @@ def test_fuse_walks_nested_containers():
     assert fuse_conv_relu_pool(model) == ["features.0.0"]
 
 
-@pytest.mark.parametrize("pool, words", [
-    (nn.MaxPool2d(3, 2), ["features.0 (Conv2d) -> features.1 (ReLU) -> features.2 (MaxPool2d 3)",
-                          "pool stride (2, 2) != kernel (3, 3) (overlapping or gapped windows)"]),
-    (nn.MaxPool2d(2, ceil_mode=True), ["ceil_mode=True (partial windows at the border)"]),
-    (nn.MaxPool2d(2, padding=1), ["pool padding 1 (padded windows)"]),
-    (nn.MaxPool2d(5), ["pool kernel 5 > 4"]),
-    (nn.MaxPool2d(2, return_indices=True), ["return_indices=True"]),
-])
+@pytest.mark.parametrize(
+    "pool, words",
+    [
+        (
+            nn.MaxPool2d(3, 2),
+            [
+                "features.0 (Conv2d) -> features.1 (ReLU) -> features.2 (MaxPool2d 3)",
+                "pool stride (2, 2) != kernel (3, 3) (overlapping or gapped windows)",
+            ],
+        ),
+        (nn.MaxPool2d(2, ceil_mode=True), ["ceil_mode=True (partial windows at the border)"]),
+        (nn.MaxPool2d(2, padding=1), ["pool padding 1 (padded windows)"]),
+        (nn.MaxPool2d(5), ["pool kernel 5 > 4"]),
+        (nn.MaxPool2d(2, return_indices=True), ["return_indices=True"]),
+    ],
+)
 def test_fuse_refuses_poolings_it_cannot_express(pool, words):
     """The reasons are fuse()'s (one table, drmm_kernels.fusion_rules); the helper raises before changing anything."""
     model = nn.Module()
@@ -78,15 +93,22 @@ class ClippedReLU(nn.ReLU):
         return super().forward(x).clamp(max=1.0)
 
 
-@pytest.mark.parametrize("conv, act, word", [
-    (nn.Conv2d(2, 2, 3, groups=2), nn.ReLU(), "grouped convolution (groups=2, depthwise)"),
-    (nn.Conv2d(1, 2, 3, dilation=2), nn.ReLU(), "dilated convolution"),
-    (nn.Conv2d(1, 2, 3, stride=(1, 2)), nn.ReLU(), "non-square conv stride (1, 2)"),
-    (nn.Conv2d(1, 2, 3, padding_mode="reflect"), nn.ReLU(), "padding_mode='reflect'"),
-    (nn.Conv2d(1, 2, 2, padding="same"), nn.ReLU(), "padding='same' with an even kernel (2, 2) pads asymmetrically"),
-    (nn.Conv2d(1, 2, 3), nn.LeakyReLU(1.5), "negative_slope=1.5 outside [0, 1)"),
-    (nn.Conv2d(1, 2, 3), ClippedReLU(), "ClippedReLU overrides ReLU's forward"),
-])
+@pytest.mark.parametrize(
+    "conv, act, word",
+    [
+        (nn.Conv2d(2, 2, 3, groups=2), nn.ReLU(), "grouped convolution (groups=2, depthwise)"),
+        (nn.Conv2d(1, 2, 3, dilation=2), nn.ReLU(), "dilated convolution"),
+        (nn.Conv2d(1, 2, 3, stride=(1, 2)), nn.ReLU(), "non-square conv stride (1, 2)"),
+        (nn.Conv2d(1, 2, 3, padding_mode="reflect"), nn.ReLU(), "padding_mode='reflect'"),
+        (
+            nn.Conv2d(1, 2, 2, padding="same"),
+            nn.ReLU(),
+            "padding='same' with an even kernel (2, 2) pads asymmetrically",
+        ),
+        (nn.Conv2d(1, 2, 3), nn.LeakyReLU(1.5), "negative_slope=1.5 outside [0, 1)"),
+        (nn.Conv2d(1, 2, 3), ClippedReLU(), "ClippedReLU overrides ReLU's forward"),
+    ],
+)
 def test_fuse_refuses_convs_and_activations_it_cannot_express(conv, act, word):
     model = nn.Sequential(conv, act, nn.MaxPool2d(2))
     with pytest.raises(ValueError, match=re.escape(word)):
@@ -98,18 +120,29 @@ class PlainReLU(nn.ReLU):
     """A ReLU subclass that keeps ReLU's forward: it computes ReLU, so it fuses."""
 
 
-@pytest.mark.parametrize("layers, pools", [
-    # what fuse() fuses in nn.Sequential containers, the helper fuses too
-    (lambda: [nn.Conv2d(3, 4, 3, padding="same"), nn.ReLU(), nn.MaxPool2d(2)], [2]),
-    (lambda: [nn.Conv2d(3, 4, 5, padding="same"), nn.LeakyReLU(0.2), nn.MaxPool2d(2)], [2]),
-    (lambda: [nn.Conv2d(3, 4, 3, padding="valid"), PlainReLU(), nn.MaxPool2d(2)], [2]),
-    (lambda: [nn.Conv2d(3, 4, (3, 1), padding=1), nn.ReLU(), nn.MaxPool2d(2)], [2]),   # non-square kernel
-    (lambda: [nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)], [1]),         # the avg-pool stays
-    (lambda: [nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(inplace=True)], [2]),  # pool first
-    (lambda: [nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2)], [2]),
-    (lambda: [nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
-              nn.MaxPool2d(2)], [1, 2]),
-])
+@pytest.mark.parametrize(
+    "layers, pools",
+    [
+        # what fuse() fuses in nn.Sequential containers, the helper fuses too
+        (lambda: [nn.Conv2d(3, 4, 3, padding="same"), nn.ReLU(), nn.MaxPool2d(2)], [2]),
+        (lambda: [nn.Conv2d(3, 4, 5, padding="same"), nn.LeakyReLU(0.2), nn.MaxPool2d(2)], [2]),
+        (lambda: [nn.Conv2d(3, 4, 3, padding="valid"), PlainReLU(), nn.MaxPool2d(2)], [2]),
+        (lambda: [nn.Conv2d(3, 4, (3, 1), padding=1), nn.ReLU(), nn.MaxPool2d(2)], [2]),  # non-square kernel
+        (lambda: [nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)], [1]),  # the avg-pool stays
+        (lambda: [nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(inplace=True)], [2]),  # pool first
+        (lambda: [nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2)], [2]),
+        (
+            lambda: [
+                nn.Conv2d(3, 4, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(4, 4, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ],
+            [1, 2],
+        ),
+    ],
+)
 def test_fuse_fuses_what_fuse_fuses(layers, pools):
     torch.manual_seed(3)
     model = nn.Sequential(*layers(), nn.Flatten()).double().train()
@@ -140,8 +173,9 @@ def test_render2d_uses_the_layer_weight_and_matches_op():
 def test_bn_layer_matches_conv_bn_relu_pool_modules_in_train_and_eval():
     torch.manual_seed(1)
     layer = FusedConvBNReLUPool2d(3, 4, 3, padding=1).double()
-    ref = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                        nn.MaxPool2d(2)).double()
+    ref = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2)
+    ).double()
     ref[0].load_state_dict(layer.conv.state_dict())
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     for _ in range(2):
@@ -162,8 +196,9 @@ def test_bn_layer_cumulative_average_momentum_none():
     torch.manual_seed(2)
     layer = FusedConvBNReLUPool2d(2, 3, 3, padding=1).double()
     layer.bn.momentum = None
-    ref = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3, momentum=None), nn.ReLU(),
-                        nn.MaxPool2d(2)).double()
+    ref = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3, momentum=None), nn.ReLU(), nn.MaxPool2d(2)
+    ).double()
     ref[0].load_state_dict(layer.conv.state_dict())
     for seed in range(3):
         x = torch.randn(4, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
@@ -194,9 +229,21 @@ def test_bn_layer_shift_is_an_extra_bias_after_the_norm():
 
 def _small_net():
     torch.manual_seed(6)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.MaxPool2d(2), nn.ReLU(inplace=True),
-                          nn.Flatten(), nn.Linear(6 * 2 * 2, 3)).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(4, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.MaxPool2d(2),
+            nn.ReLU(inplace=True),
+            nn.Flatten(),
+            nn.Linear(6 * 2 * 2, 3),
+        )
+        .double()
+        .eval()
+    )
     with torch.no_grad():
         model[0].bias.fill_(-0.5)  # negative pre-activations: guided backprop and the plain gradient differ
         model[4].running_mean.normal_(), model[4].running_var.uniform_(0.5, 2.0)

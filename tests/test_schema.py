@@ -15,8 +15,12 @@ from drmm_kernels.schema import PRIMITIVES, SCHEMAS, parse
 
 import op_cases as oc
 
-BACKEND_MODULES = {"reference": "drmm_kernels.reference", "cpu": "drmm_kernels.cpu", "cuda": "drmm_kernels.cuda",
-                   "triton": "drmm_kernels.triton"}
+BACKEND_MODULES = {
+    "reference": "drmm_kernels.reference",
+    "cpu": "drmm_kernels.cpu",
+    "cuda": "drmm_kernels.cuda",
+    "triton": "drmm_kernels.triton",
+}
 
 
 def _backend(name):
@@ -45,8 +49,10 @@ def _functions(name):
 
 
 def test_schema_is_parsed_and_printed_alike():
-    text = ("render(Tensor mu, Tensor switches, Tensor weight, Tensor? scale, int stride, int padding, int pool, "
-            "int out_h, int out_w, float negative_slope) -> Tensor")
+    text = (
+        "render(Tensor mu, Tensor switches, Tensor weight, Tensor? scale, int stride, int padding, int pool, "
+        "int out_h, int out_w, float negative_slope) -> Tensor"
+    )
     assert str(parse(text)) == text == str(SCHEMAS["render"])
     assert SCHEMAS["render"].tensors == ("mu", "switches", "weight", "scale")
     with pytest.raises(ValueError, match="type 'int\\[\\]'"):
@@ -64,8 +70,9 @@ def test_backend_signatures_match_the_schema(backend):
         names = tuple(p.name for p in params)
         assert names == SCHEMAS[op].names, f"{backend}.{op}{names} is not {SCHEMAS[op]}"
         for p in params:
-            assert p.kind is p.KEYWORD_ONLY and p.default is p.empty, \
+            assert p.kind is p.KEYWORD_ONLY and p.default is p.empty, (
                 f"{backend}.{op}: parameter {p.name} must be keyword-only without a default (callers name every one)"
+            )
 
 
 def test_cpp_op_schemas_match_the_python_ones():
@@ -123,16 +130,24 @@ def _samples():
     c = w.shape[0]
     bn = dict(x=x, weight=w, bn_weight=scale, bn_bias=shift, eps=1e-5, negative_slope=0.1, **geo)
     return {
-        "conv_relu_pool": [dict(x=x, weight=w, scale=scale, shift=shift, negative_slope=0.1, **geo),
-                           dict(x=x, weight=w, scale=scale, shift=shift, stride=1, padding=0, pool=1,
-                                negative_slope=0.0)],
-        "conv_bn_relu_pool": [dict(running_mean=None, running_var=None, training=True, **bn),
-                              dict(running_mean=torch.zeros(c, dtype=x.dtype), running_var=torch.ones(c, dtype=x.dtype),
-                                   training=False, **bn)],
+        "conv_relu_pool": [
+            dict(x=x, weight=w, scale=scale, shift=shift, negative_slope=0.1, **geo),
+            dict(x=x, weight=w, scale=scale, shift=shift, stride=1, padding=0, pool=1, negative_slope=0.0),
+        ],
+        "conv_bn_relu_pool": [
+            dict(running_mean=None, running_var=None, training=True, **bn),
+            dict(
+                running_mean=torch.zeros(c, dtype=x.dtype),
+                running_var=torch.ones(c, dtype=x.dtype),
+                training=False,
+                **bn,
+            ),
+        ],
         "render": [dict(mu=mu, switches=sw, weight=w, scale=scale, out_h=7, out_w=6, negative_slope=0.1, **geo)],
         "gather_conv": [dict(src=x, weight=w, switches=sw, **geo)],
-        "render_wgrad": [dict(src=x, mu=mu, switches=sw, scale=scale, negative_slope=0.1, kernel_h=3, kernel_w=3,
-                              **geo)],
+        "render_wgrad": [
+            dict(src=x, mu=mu, switches=sw, scale=scale, negative_slope=0.1, kernel_h=3, kernel_w=3, **geo)
+        ],
         "masked_values": [dict(mu=mu, switches=sw, scale=scale, negative_slope=0.1)],
         "unpool": [dict(values=mu, switches=sw, pool=2, out_h=7, out_w=6)],
     }
@@ -148,8 +163,10 @@ def test_every_backward_names_only_its_arguments(name, via):
     that is not a tensor argument of the op's schema, through the eager path and the torch.library one."""
     op = dispatch.CUSTOM_OPS[name]
     for sample in _SAMPLES[name]:
-        kwargs = {k: v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point()
-                  else v for k, v in sample.items()}
+        kwargs = {
+            k: v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in sample.items()
+        }
         out = op(**kwargs) if via == "eager" else getattr(torch.ops.drmm, name)(**kwargs)
         out = out[0] if isinstance(out, tuple) else out
         leaves = [v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.requires_grad]
@@ -167,8 +184,13 @@ def test_backward_by_name_is_checked():
     def backward(ctx, g):
         return {"x": g * ctx.factor, "y": g}
 
-    op = dispatch.CustomOp(parse("schema_test_scale(Tensor x, float factor) -> Tensor"), impl,
-                           lambda a: torch.empty_like(a["x"]), setup, backward)
+    op = dispatch.CustomOp(
+        parse("schema_test_scale(Tensor x, float factor) -> Tensor"),
+        impl,
+        lambda a: torch.empty_like(a["x"]),
+        setup,
+        backward,
+    )
     x = torch.ones(3, requires_grad=True)
     with pytest.raises(TypeError, match="drmm::schema_test_scale: backward returned gradients for \\['y'\\]"):
         op(x=x, factor=2.0).sum().backward()
@@ -179,7 +201,12 @@ def test_backward_by_name_is_checked():
 
 
 def test_backward_must_return_a_dict():
-    op = dispatch.CustomOp(parse("schema_test_tuple(Tensor x) -> Tensor"), lambda a: a["x"].clone(),
-                           lambda a: torch.empty_like(a["x"]), lambda ctx, a, out: None, lambda ctx, g: (g,))
+    op = dispatch.CustomOp(
+        parse("schema_test_tuple(Tensor x) -> Tensor"),
+        lambda a: a["x"].clone(),
+        lambda a: torch.empty_like(a["x"]),
+        lambda ctx, a, out: None,
+        lambda ctx, g: (g,),
+    )
     with pytest.raises(TypeError, match="backward must return a dict of gradients by argument name, got tuple"):
         op(x=torch.ones(2, requires_grad=True)).sum().backward()

@@ -37,23 +37,26 @@ class Case:
     stride: int = 1
     pool: int = 2
     slope: float = 0.0
-    scale: bool = True          # scale with negative entries + shift
+    scale: bool = True  # scale with negative entries + shift
     channels_last: bool = False
     dtype: torch.dtype = torch.float32
 
     def __str__(self):
         dt = str(self.dtype).split(".")[-1]
-        return (f"n{self.n}c{self.cin}-{self.cout}_{self.h}x{self.w}_k{self.k}p{self.pad}s{self.stride}"
-                f"pool{self.pool}{'_leaky' if self.slope else ''}{'_cl' if self.channels_last else ''}"
-                f"{'' if self.scale else '_noscale'}_{dt}")
+        return (
+            f"n{self.n}c{self.cin}-{self.cout}_{self.h}x{self.w}_k{self.k}p{self.pad}s{self.stride}"
+            f"pool{self.pool}{'_leaky' if self.slope else ''}{'_cl' if self.channels_last else ''}"
+            f"{'' if self.scale else '_noscale'}_{dt}"
+        )
+
 
 CASES = [
-    Case(2, 3, 8, 9, 10, 3, 1),                                    # small C_in (flattened K), odd width
-    Case(2, 1, 16, 7, 8, 5, 4),                                    # MNIST layer 1: C_in = 1, 5x5, full padding
-    Case(2, 18, 20, 9, 9, 3, 2, stride=2),                         # channel blocks with a masked tail, stride 2
-    Case(2, 16, 12, 8, 7, 3, 0, slope=0.1, channels_last=True),   # valid conv, leaky, channels_last
-    Case(1, 20, 10, 5, 6, 1, 0, pool=1, scale=False),              # 1x1, no pooling, C_out = 10
-    Case(2, 4, 6, 11, 10, 3, 1, stride=2, pool=3, slope=0.2),      # pool 3 with dropped trailing rows
+    Case(2, 3, 8, 9, 10, 3, 1),  # small C_in (flattened K), odd width
+    Case(2, 1, 16, 7, 8, 5, 4),  # MNIST layer 1: C_in = 1, 5x5, full padding
+    Case(2, 18, 20, 9, 9, 3, 2, stride=2),  # channel blocks with a masked tail, stride 2
+    Case(2, 16, 12, 8, 7, 3, 0, slope=0.1, channels_last=True),  # valid conv, leaky, channels_last
+    Case(1, 20, 10, 5, 6, 1, 0, pool=1, scale=False),  # 1x1, no pooling, C_out = 10
+    Case(2, 4, 6, 11, 10, 3, 1, stride=2, pool=3, slope=0.2),  # pool 3 with dropped trailing rows
     Case(2, 16, 16, 6, 7, 3, 1, dtype=torch.bfloat16),
     Case(2, 3, 16, 7, 6, 5, 2, dtype=torch.float16, channels_last=True),
 ]
@@ -65,7 +68,7 @@ def inputs(c: Case, seed: int = 0, device: str = DEV):
     w = torch.randn(c.cout, c.cin, c.k, c.k, generator=g) / (c.cin * c.k * c.k) ** 0.5
     scale = shift = None
     if c.scale:
-        scale = torch.randn(c.cout, generator=g)          # about half negative
+        scale = torch.randn(c.cout, generator=g)  # about half negative
         shift = 0.3 * torch.randn(c.cout, generator=g)
     cast = lambda t: None if t is None else t.to(device=device, dtype=c.dtype)  # noqa: E731
     x, w, scale, shift = cast(x), cast(w), cast(scale), cast(shift)
@@ -112,6 +115,7 @@ def at(v, sw, pool):
 
 def selected(v, sw, pool, slope):
     return eager.act(at(v, sw, pool), slope)
+
 
 GPU_CASES = [
     # MNIST conv_small layer 2-like at 28x28, and layer 1 (C_in = 1, 5x5 full)

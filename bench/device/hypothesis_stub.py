@@ -1,4 +1,5 @@
 """Stand-in for hypothesis on machines without it: property tests are skipped, the rest runs."""
+
 import pytest
 
 

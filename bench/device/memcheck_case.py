@@ -105,9 +105,14 @@ def check_layer(name, device, dtype, tol, geom, gen):
         dMU, dWR = grads(XR, gr.double().cpu(), (MU, W))
         results.append(("render dmu (gathered conv)", rel_err(dmu, dMU)))
         results.append(("render dW (weight gradient)", rel_err(dwr, dWR)))
-    for label, t in (("conv_relu_pool dW", dw), ("conv_bn_relu_pool train y", yb),
-                     ("conv_bn_relu_pool train dx", dxb), ("conv_bn_relu_pool train dW", dwb),
-                     ("conv_bn_relu_pool eval y", ye), ("running_var", rv)):
+    for label, t in (
+        ("conv_relu_pool dW", dw),
+        ("conv_bn_relu_pool train y", yb),
+        ("conv_bn_relu_pool train dx", dxb),
+        ("conv_bn_relu_pool train dW", dwb),
+        ("conv_bn_relu_pool eval y", ye),
+        ("running_var", rv),
+    ):
         # No float64 twin with the same switches for these (the batch statistics decide the windows);
         # the tests compare them; here they must at least be finite, and the sanitizer watches the access.
         results.append((label + " finite", 0.0 if torch.isfinite(t.float()).all() else float("inf")))
@@ -118,8 +123,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("backend", choices=("cuda", "triton", "cpu", "reference"))
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--precisions", default=",".join(p_[0] for p_ in PRECISIONS),
-                   help="comma-separated subset of " + ",".join(p_[0] for p_ in PRECISIONS))
+    p.add_argument(
+        "--precisions",
+        default=",".join(p_[0] for p_ in PRECISIONS),
+        help="comma-separated subset of " + ",".join(p_[0] for p_ in PRECISIONS),
+    )
     args = p.parse_args()
     status = dk.available_backends()[args.backend]
     if not status.available:
@@ -139,7 +147,7 @@ def main() -> int:
         for geom in GEOMETRIES:
             for what, err, ok in check_layer(args.backend, args.device, dtype, tol, geom, gen):
                 bad += not ok
-                detail = ("" if what.endswith(" finite") else f": rel err {err:.1e}")
+                detail = "" if what.endswith(" finite") else f": rel err {err:.1e}"
                 verdict = "ok" if ok else ("NOT FINITE" if err == float("inf") else f"MISMATCH (tol {tol:.0e})")
                 print(f"{args.backend} {label} geom={geom}: {what}{detail} {verdict}")
     print(f"memcheck_case {args.backend}: {'FAILED, %d mismatches' % bad if bad else 'all ok'}")

@@ -22,14 +22,24 @@ CHECK_COMPILED_LAYERS = "L3,L5"
 
 def pytest_addoption(parser):
     group = parser.getgroup("drmm benchmarks")
-    group.addoption("--drmm-batch", type=int, default=None,
-                    help=f"batch size (default {TIMED_BATCH}, as bench/cpu_ops.py; {CHECK_BATCH} with "
-                         f"--benchmark-disable)")
-    group.addoption("--drmm-compiled-layers", default=None,
-                    help=f"layers on which to run the torch.compile baseline, comma-separated, or 'all' (default "
-                         f"all; {CHECK_COMPILED_LAYERS} with --benchmark-disable)")
-    group.addoption("--drmm-threads", type=int, default=2,
-                    help="torch CPU threads (default 2, as bench/cpu_ops.py; 0 keeps torch's default)")
+    group.addoption(
+        "--drmm-batch",
+        type=int,
+        default=None,
+        help=f"batch size (default {TIMED_BATCH}, as bench/cpu_ops.py; {CHECK_BATCH} with --benchmark-disable)",
+    )
+    group.addoption(
+        "--drmm-compiled-layers",
+        default=None,
+        help=f"layers on which to run the torch.compile baseline, comma-separated, or 'all' (default "
+        f"all; {CHECK_COMPILED_LAYERS} with --benchmark-disable)",
+    )
+    group.addoption(
+        "--drmm-threads",
+        type=int,
+        default=2,
+        help="torch CPU threads (default 2, as bench/cpu_ops.py; 0 keeps torch's default)",
+    )
 
 
 def pytest_configure(config):
@@ -58,15 +68,18 @@ def _compiled_layers(config) -> list:
     names = [s.strip() for s in chosen.split(",") if s.strip()]
     unknown = [n for n in names if n not in LAYER_IDS]
     if unknown:
-        raise pytest.UsageError(f"--drmm-compiled-layers: unknown layer {', '.join(unknown)} (layers: "
-                                f"{', '.join(LAYER_IDS)})")
+        raise pytest.UsageError(
+            f"--drmm-compiled-layers: unknown layer {', '.join(unknown)} (layers: {', '.join(LAYER_IDS)})"
+        )
     return names
 
 
 def pytest_collection_modifyitems(config, items):
     keep = _compiled_layers(config)
-    why = pytest.mark.skip(reason=f"compiled baseline run on {','.join(keep) or 'no layer'} only "
-                                  f"(--drmm-compiled-layers; a cold torch.compile costs 5-20 s per graph)")
+    why = pytest.mark.skip(
+        reason=f"compiled baseline run on {','.join(keep) or 'no layer'} only "
+        f"(--drmm-compiled-layers; a cold torch.compile costs 5-20 s per graph)"
+    )
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         impl, layer = params.get("impl"), params.get("layer")

@@ -8,8 +8,21 @@ import pytest
 import torch
 
 import drmm_kernels as dk
-from workloads import (BASELINES, IMPL_IDS, IMPLS, LAYER_IDS, LAYERS, assert_close, assert_close_norm, baseline,
-                       conv_inputs, eager_bn_forward, group, timed, with_grad)
+from workloads import (
+    BASELINES,
+    IMPL_IDS,
+    IMPLS,
+    LAYER_IDS,
+    LAYERS,
+    assert_close,
+    assert_close_norm,
+    baseline,
+    conv_inputs,
+    eager_bn_forward,
+    group,
+    timed,
+    with_grad,
+)
 
 
 def _stats(layer, device):
@@ -23,6 +36,7 @@ def _step(forward, params, stats, gy):
         y, _ = forward(*params, *stats)
         y.backward(gy)
         return y
+
     return step
 
 
@@ -33,10 +47,23 @@ def test_conv_bn_relu_pool_forward_backward(benchmark, layer, impl, batch):
     if impl.name in BASELINES:
         forward = baseline("bn_forward_backward", layer, impl)
     else:
+
         def forward(x, w, gamma, beta, running_mean, running_var):
             with dk.backend(impl.name):
-                return dk.conv_bn_relu_pool(x, w, gamma, beta, running_mean, running_var, training=True,
-                                            momentum=0.1, eps=1e-5, stride=1, padding=layer.pad, pool=layer.pool)
+                return dk.conv_bn_relu_pool(
+                    x,
+                    w,
+                    gamma,
+                    beta,
+                    running_mean,
+                    running_var,
+                    training=True,
+                    momentum=0.1,
+                    eps=1e-5,
+                    stride=1,
+                    padding=layer.pad,
+                    pool=layer.pool,
+                )
 
     params = with_grad(t["x"], t["w"], t["gamma"], t["beta"])
     stats = _stats(layer, impl.device)

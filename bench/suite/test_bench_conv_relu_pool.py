@@ -7,8 +7,20 @@ import pytest
 import torch
 
 import drmm_kernels as dk
-from workloads import (BASELINES, IMPL_IDS, IMPLS, LAYER_IDS, LAYERS, assert_close, assert_switches, baseline,
-                       conv_inputs, eager_forward, group, timed)
+from workloads import (
+    BASELINES,
+    IMPL_IDS,
+    IMPLS,
+    LAYER_IDS,
+    LAYERS,
+    assert_close,
+    assert_switches,
+    baseline,
+    conv_inputs,
+    eager_forward,
+    group,
+    timed,
+)
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=IMPL_IDS)
@@ -22,6 +34,7 @@ def test_conv_relu_pool_forward(benchmark, layer, impl, batch):
         def run():
             return fn(x, w, b)
     else:
+
         def run():
             with dk.backend(impl.name):
                 return dk.conv_relu_pool(x, w, None, b, stride=1, padding=layer.pad, pool=layer.pool)

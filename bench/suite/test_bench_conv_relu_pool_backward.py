@@ -6,8 +6,21 @@ from __future__ import annotations
 import pytest
 
 import drmm_kernels as dk
-from workloads import (BASELINES, IMPL_IDS, IMPLS, LAYER_IDS, LAYERS, assert_close, assert_close_norm, baseline,
-                       conv_inputs, eager_forward, group, timed, with_grad)
+from workloads import (
+    BASELINES,
+    IMPL_IDS,
+    IMPLS,
+    LAYER_IDS,
+    LAYERS,
+    assert_close,
+    assert_close_norm,
+    baseline,
+    conv_inputs,
+    eager_forward,
+    group,
+    timed,
+    with_grad,
+)
 
 
 def _step(forward, params, gy):
@@ -17,6 +30,7 @@ def _step(forward, params, gy):
         y, _ = forward(*params)
         y.backward(gy)
         return y
+
     return step
 
 
@@ -27,6 +41,7 @@ def test_conv_relu_pool_forward_backward(benchmark, layer, impl, batch):
     if impl.name in BASELINES:
         forward = baseline("forward_backward", layer, impl)
     else:
+
         def forward(x, w, b):
             with dk.backend(impl.name):
                 return dk.conv_relu_pool(x, w, None, b, stride=1, padding=layer.pad, pool=layer.pool)

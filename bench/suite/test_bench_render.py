@@ -8,8 +8,20 @@ import pytest
 import torch
 
 import drmm_kernels as dk
-from workloads import (BASELINES, IMPL_IDS, IMPLS, LAYER_IDS, LAYERS, assert_close, baseline, conv_inputs,
-                       eager_forward, eager_render, group, timed)
+from workloads import (
+    BASELINES,
+    IMPL_IDS,
+    IMPLS,
+    LAYER_IDS,
+    LAYERS,
+    assert_close,
+    baseline,
+    conv_inputs,
+    eager_forward,
+    eager_render,
+    group,
+    timed,
+)
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=IMPL_IDS)
@@ -35,8 +47,9 @@ def test_render(benchmark, layer, impl, batch):
 
             def run():
                 with dk.backend(impl.name):
-                    return dk.render(mu, sw, w, stride=1, padding=layer.pad, pool=layer.pool,
-                                     out_size=(layer.hw, layer.hw))
+                    return dk.render(
+                        mu, sw, w, stride=1, padding=layer.pad, pool=layer.pool, out_size=(layer.hw, layer.hw)
+                    )
 
         # First call outside the timing: compiles the baseline, and checks the result once.
         expected = eager_render(layer)(mu, mask, idx, w)

@@ -38,7 +38,7 @@ LAYER_IDS = [L.name.split(".", 1)[1] for L in LAYERS]
 
 
 class Impl(NamedTuple):
-    name: str    # "eager", "compiled" or a drmm_kernels backend
+    name: str  # "eager", "compiled" or a drmm_kernels backend
     device: str  # where its tensors live
 
     @property
@@ -83,6 +83,7 @@ def timed(fn: Callable[[], object], device: str) -> Callable[[], object]:
         out = fn()
         torch.cuda.synchronize()
         return out
+
     return synced
 
 
@@ -92,7 +93,7 @@ def timed(fn: Callable[[], object], device: str) -> Callable[[], object]:
 def conv_inputs(layer, batch: int, device: str, seed: int = 0) -> Dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, layer.cin, layer.hw, layer.hw, generator=g)
-    w = torch.randn(layer.cout, layer.cin, layer.k, layer.k, generator=g) * (2.0 / (layer.cin * layer.k ** 2)) ** 0.5
+    w = torch.randn(layer.cout, layer.cin, layer.k, layer.k, generator=g) * (2.0 / (layer.cin * layer.k**2)) ** 0.5
     b = torch.randn(layer.cout, generator=g) * 0.1
     gy = torch.randn(batch, layer.cout, layer.pooled_hw, layer.pooled_hw, generator=g)
     mu = torch.randn(batch, layer.cout, layer.pooled_hw, layer.pooled_hw, generator=g)
@@ -118,6 +119,7 @@ def eager_forward(layer) -> Callable:
         if pool == 1:
             return z, None
         return F.max_pool2d(z, pool, pool, return_indices=True)
+
     return forward
 
 
@@ -130,6 +132,7 @@ def eager_render(layer) -> Callable:
         m = mu * mask
         up = m if pool == 1 else F.max_unpool2d(m, idx, pool, pool, output_size=conv_hw)
         return F.conv_transpose2d(up, w, None, 1, pad)
+
     return render
 
 
@@ -143,11 +146,16 @@ def eager_bn_forward(layer) -> Callable:
         if pool == 1:
             return z, None
         return F.max_pool2d(z, pool, pool, return_indices=True)
+
     return forward
 
 
-EAGER = {"forward": eager_forward, "forward_backward": eager_forward, "render": eager_render,
-         "bn_forward_backward": eager_bn_forward}
+EAGER = {
+    "forward": eager_forward,
+    "forward_backward": eager_forward,
+    "render": eager_render,
+    "bn_forward_backward": eager_bn_forward,
+}
 
 # One compiled function per (op, layer, device), shared by every test that needs it, dynamic=False: a graph
 # specialised to each layer, the fair baseline. (dynamic=True was tried to share graphs between layers of the same
@@ -175,8 +183,9 @@ def baseline(op: str, layer, impl: Impl) -> Callable:
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float = 1e-4) -> None:
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, \
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (
         f"{what}: {actual.dtype} {tuple(actual.shape)} vs expected {expected.dtype} {tuple(expected.shape)}"
+    )
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
 
 

@@ -31,15 +31,65 @@ commands).
 from .cli import add_experiment_parser
 from .convergence import convergence_lines, first_crossing, run_convergence
 from .report import curve_color_marker, curve_style, log_axis_ends, plot_curves, render_report, table1_lines
-from .rows import (ALL_LABELS, CPU_STEPS, CPU_TRAIN_IMAGES, ROWS, SSL_LABELS, Row, config_hash, epochs_run,
-                   row_config, schedule_label, schedule_overrides)
-from .runner import (CSV_FIELDS, append_csv, git_commit, read_csv, record_run, recorded_run, resume_point,
-                     rewrite_csv, run_row, upgrade_record)
+from .rows import (
+    ALL_LABELS,
+    CPU_STEPS,
+    CPU_TRAIN_IMAGES,
+    ROWS,
+    SSL_LABELS,
+    Row,
+    config_hash,
+    epochs_run,
+    row_config,
+    schedule_label,
+    schedule_overrides,
+)
+from .runner import (
+    CSV_FIELDS,
+    append_csv,
+    git_commit,
+    read_csv,
+    record_run,
+    recorded_run,
+    resume_point,
+    rewrite_csv,
+    run_row,
+    upgrade_record,
+)
 from .throughput import run_throughput, throughput_lines
 
-__all__ = ["ALL_LABELS", "CPU_STEPS", "CPU_TRAIN_IMAGES", "CSV_FIELDS", "ROWS", "SSL_LABELS", "Row",
-           "add_experiment_parser", "append_csv", "config_hash", "convergence_lines", "curve_color_marker",
-           "curve_style", "epochs_run", "first_crossing", "git_commit", "log_axis_ends", "plot_curves", "read_csv",
-           "record_run", "recorded_run", "render_report", "resume_point", "rewrite_csv", "row_config", "run_convergence",
-           "run_row", "run_throughput", "schedule_label", "schedule_overrides", "table1_lines", "throughput_lines",
-           "upgrade_record"]
+__all__ = [
+    "ALL_LABELS",
+    "CPU_STEPS",
+    "CPU_TRAIN_IMAGES",
+    "CSV_FIELDS",
+    "ROWS",
+    "SSL_LABELS",
+    "Row",
+    "add_experiment_parser",
+    "append_csv",
+    "config_hash",
+    "convergence_lines",
+    "curve_color_marker",
+    "curve_style",
+    "epochs_run",
+    "first_crossing",
+    "git_commit",
+    "log_axis_ends",
+    "plot_curves",
+    "read_csv",
+    "record_run",
+    "recorded_run",
+    "render_report",
+    "resume_point",
+    "rewrite_csv",
+    "row_config",
+    "run_convergence",
+    "run_row",
+    "run_throughput",
+    "schedule_label",
+    "schedule_overrides",
+    "table1_lines",
+    "throughput_lines",
+    "upgrade_record",
+]

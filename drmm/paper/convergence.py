@@ -26,8 +26,9 @@ from .runner import device_description, git_commit, load_average, read_csv, reco
 # ---------------------------------------------------------------- supervised convergence: EG vs backprop
 
 
-def first_crossing(metrics: Sequence[Dict[str, str]], threshold: float, steps_per_epoch: int
-                   ) -> Optional[Dict[str, float]]:
+def first_crossing(
+    metrics: Sequence[Dict[str, str]], threshold: float, steps_per_epoch: int
+) -> Optional[Dict[str, float]]:
     """The first evaluation at or under ``threshold`` % test error: its step, epochs (fractional) and seconds."""
     for m in metrics:
         if float(m["test_error"]) <= threshold:
@@ -36,9 +37,17 @@ def first_crossing(metrics: Sequence[Dict[str, str]], threshold: float, steps_pe
     return None
 
 
-def run_convergence(model: str, schedule: str, out_dir: Path, seed: int = 0, epochs: Optional[int] = None,
-                    threshold: float = 1.5, data_dir: Optional[str] = None, extra: Sequence[str] = (),
-                    progress: bool = False) -> Dict[str, Any]:
+def run_convergence(
+    model: str,
+    schedule: str,
+    out_dir: Path,
+    seed: int = 0,
+    epochs: Optional[int] = None,
+    threshold: float = 1.5,
+    data_dir: Optional[str] = None,
+    extra: Sequence[str] = (),
+    progress: bool = False,
+) -> Dict[str, Any]:
     """[P16] §4: epochs (and seconds) to reach ``threshold`` % test error, EG vs a backprop convnet.
 
     Same architecture, same seed (so the same init and the same data order), same schedule; only the trainer
@@ -50,8 +59,10 @@ def run_convergence(model: str, schedule: str, out_dir: Path, seed: int = 0, epo
     for trainer, suffix in (("eg", ""), ("backprop", "-backprop")):
         path = CONFIG_DIR / f"mnist-sup-{model}{suffix}{'-cpu' if schedule == 'cpu' else ''}.yaml"
         if not path.is_file():
-            raise ValueError(f"no {schedule} schedule of the supervised comparison for model {model!r} "
-                             f"(configs/{path.name} is missing)")
+            raise ValueError(
+                f"no {schedule} schedule of the supervised comparison for model {model!r} "
+                f"(configs/{path.name} is missing)"
+            )
         base = [f"seed={seed}", f"labeled_seed={seed}", "tensorboard=false", f"progress={progress}"]
         cfg = load_config(str(path), base)
         changes = {} if schedule == "cpu" else schedule_overrides(cfg, schedule, epochs)
@@ -63,28 +74,52 @@ def run_convergence(model: str, schedule: str, out_dir: Path, seed: int = 0, epo
         if data_dir is not None:
             cfg.data_dir = data_dir
         label = schedule_label(schedule, cfg, epochs, extra, path.name)
-        run_dir = out_dir / "runs" / f"convergence-{model}-{trainer}-s{seed}-{label.split('+')[0]}-" \
-                                     f"{config_hash(cfg)[:6]}"
+        run_dir = (
+            out_dir / "runs" / f"convergence-{model}-{trainer}-s{seed}-{label.split('+')[0]}-{config_hash(cfg)[:6]}"
+        )
         resume, before = resume_point(run_dir)  # a killed comparison continues where it stopped
-        print(f"[experiment] convergence {model} {trainer} schedule={label} -> {run_dir}"
-              + (f" (resuming at {before:.0f} s)" if resume else ""), flush=True)
+        print(
+            f"[experiment] convergence {model} {trainer} schedule={label} -> {run_dir}"
+            + (f" (resuming at {before:.0f} s)" if resume else ""),
+            flush=True,
+        )
         commit = git_commit()
         t0 = time.time()
         summary = train(cfg, run_dir, resume=resume)
         wall = before + time.time() - t0
         row = SUPERVISED_ROWS.get((model, trainer))
         if row is not None:
-            record_run(out_dir, row, ALL_LABELS, seed, label, cfg, summary, summary["test_error"],
-                       summary["eval_images"], "last", wall, commit, run_dir)
+            record_run(
+                out_dir,
+                row,
+                ALL_LABELS,
+                seed,
+                label,
+                cfg,
+                summary,
+                summary["test_error"],
+                summary["eval_images"],
+                "last",
+                wall,
+                commit,
+                run_dir,
+            )
         num_train = min(cfg.max_train_samples or 60_000, 60_000) - cfg.val_samples
         crossing = first_crossing(read_csv(run_dir / "metrics.csv"), threshold, _steps_per_epoch(cfg, num_train, 0))
         result["trainers"][trainer] = {
-            "reached": crossing, "epochs_run": epochs_run(cfg, summary["steps"]),
-            "steps": summary["steps"], "final_error": summary["test_error"], "best_error": summary["best_error"],
-            "eval_images": summary["eval_images"], "wall_s": round(wall, 1), "schedule": label,
-            "run_dir": os.path.relpath(run_dir, out_dir)}
-        result.update(device=device_description(resolve_device(cfg.device)),
-                      git_commit=commit, load_average=load_average())
+            "reached": crossing,
+            "epochs_run": epochs_run(cfg, summary["steps"]),
+            "steps": summary["steps"],
+            "final_error": summary["test_error"],
+            "best_error": summary["best_error"],
+            "eval_images": summary["eval_images"],
+            "wall_s": round(wall, 1),
+            "schedule": label,
+            "run_dir": os.path.relpath(run_dir, out_dir),
+        }
+        result.update(
+            device=device_description(resolve_device(cfg.device)), git_commit=commit, load_average=load_average()
+        )
     path = out_dir / f"convergence-{model}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -92,18 +127,28 @@ def run_convergence(model: str, schedule: str, out_dir: Path, seed: int = 0, epo
 
 
 def convergence_lines(result: Dict[str, Any]) -> List[str]:
-    lines = [f"## Supervised convergence: EG vs backprop ({result['model']}, threshold {result['threshold']} %)", "",
-             "Paper ([P16] §4, Fig. 2): the RFM trained by EG reaches 1.5 % test error in 18 epochs, the same-config "
-             "convnet trained by backprop in 40.", "",
-             "| trainer | reaches the threshold at | wall time to it | epochs run | wall time of the run | "
-             "final error % | eval images | schedule |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## Supervised convergence: EG vs backprop ({result['model']}, threshold {result['threshold']} %)",
+        "",
+        "Paper ([P16] §4, Fig. 2): the RFM trained by EG reaches 1.5 % test error in 18 epochs, the same-config "
+        "convnet trained by backprop in 40.",
+        "",
+        "| trainer | reaches the threshold at | wall time to it | epochs run | wall time of the run | "
+        "final error % | eval images | schedule |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for trainer, t in result["trainers"].items():
         r = t["reached"]
-        when = (f"epoch {r['epochs']:.2f} (step {r['step']})" if r
-                else f"not reached within {t['epochs_run']:.2f} epochs")
+        when = (
+            f"epoch {r['epochs']:.2f} (step {r['step']})" if r else f"not reached within {t['epochs_run']:.2f} epochs"
+        )
         seconds = f"{r['elapsed_s']:.0f} s" if r else "–"
-        lines.append(f"| {trainer} | {when} | {seconds} | {t['epochs_run']:.2f} | {t.get('wall_s', 0):.0f} s | "
-                     f"{t['final_error']:.2f} | {t['eval_images']} | `{t.get('schedule', '')}` |")
-    lines += ["", f"Device {result['device']}, commit {result['git_commit']}, "
-                  f"load average at the end {result['load_average']}."]
+        lines.append(
+            f"| {trainer} | {when} | {seconds} | {t['epochs_run']:.2f} | {t.get('wall_s', 0):.0f} s | "
+            f"{t['final_error']:.2f} | {t['eval_images']} | `{t.get('schedule', '')}` |"
+        )
+    lines += [
+        "",
+        f"Device {result['device']}, commit {result['git_commit']}, load average at the end {result['load_average']}.",
+    ]
     return lines

@@ -24,16 +24,16 @@ ALL_LABELS = "all"  # the supervised rows train on every training label
 class Row:
     name: str
     description: str
-    config: str                       # file in configs/; "{labels}" is replaced by N_L
-    paper: Dict[str, float]           # N_L (as a string, or "all") -> the paper's test error in %
-    overrides: Tuple[str, ...] = ()   # key=value on top of the config
-    supervised: bool = False          # trains on all 60K labels; --labels is "all"
-    cpu_config: str = ""              # configs/ file of the CPU schedule; "{labels}" is replaced by N_L, and
-                                      # num_labeled is set to N_L either way
+    config: str  # file in configs/; "{labels}" is replaced by N_L
+    paper: Dict[str, float]  # N_L (as a string, or "all") -> the paper's test error in %
+    overrides: Tuple[str, ...] = ()  # key=value on top of the config
+    supervised: bool = False  # trains on all 60K labels; --labels is "all"
+    cpu_config: str = ""  # configs/ file of the CPU schedule; "{labels}" is replaced by N_L, and
+    # num_labeled is set to N_L either way
     cpu_config_at: Tuple[Tuple[str, str], ...] = ()  # (N_L, file) pairs: another CPU schedule at that N_L,
-                                                     # where validation chose it over cpu_config
+    # where validation chose it over cpu_config
     held_out_from: Optional[int] = None  # seeds >= this were never used while the row's recipe was chosen: the
-                                         # report gives their mean on a line of its own ("held-out seeds")
+    # report gives their mean on a line of its own ("held-out seeds")
 
     def cpu_config_file(self, labels: str) -> str:
         """The configs/ file name of the CPU schedule at ``labels`` ("" when the row has none)."""
@@ -47,54 +47,114 @@ class Row:
 # switch both off.
 WITHOUT_NN_KL = ("kl_weight=0", "nn_weight=0")
 
-ROWS: Dict[str, Row] = {r.name: r for r in [
-    Row("drmm5", "5-layer DRMM (Conv-Small), EG, semi-supervised; CE+RC (the paper also names KLprior)",
-        "mnist-ssl-{labels}.yaml", {"100": 3.50, "600": 1.56, "1000": 1.67, "3000": 0.91}, WITHOUT_NN_KL,
-        cpu_config="mnist-drmm5-ssl-b09-cpu.yaml",
-        # chosen per N_L by the lower final validation error of the two schedules' runs (docs/results.md)
-        cpu_config_at=(("100", "mnist-drmm5-ssl-lpb20x2-cpu.yaml"), ("600", "mnist-drmm5-ssl-lpb20x2-cpu.yaml"))),
-    Row("drmm5-nn-kl", "5-layer DRMM, EG, semi-supervised; CE+RC+NN+KLent+KLmarg on the CPU schedule, "
-        "CE+RC+NN+KLent on the full one (the headline row; the paper names CE, RC, NN and a KL to the prior, not "
-        "the entropy sign nor KLmarg)",
-        "mnist-ssl-{labels}.yaml", {"100": 0.57}, cpu_config="mnist-ssl-{labels}-cpu30m.yaml",
-        held_out_from=3),  # the recipe was chosen on validation with labeled subsets 0 and 1
-    Row("drmm2", "2-layer DRMM (stand-in architecture), EG, semi-supervised; CE+RC (the paper also names KLprior)",
-        "mnist-drmm2-ssl-{labels}.yaml", {"100": 11.81, "600": 3.73, "1000": 2.88, "3000": 1.72}, WITHOUT_NN_KL,
-        cpu_config="mnist-drmm2-ssl-b09-cpu.yaml",
-        # at N_L = 3000 the 20-labeled-per-step schedule ended lower on validation (docs/results.md)
-        cpu_config_at=(("3000", "mnist-drmm2-ssl-lpb20x4-cpu.yaml"),)),
-    Row("rfm", "RFM (1 layer, stand-in architecture), EG, semi-supervised; CE+RC (the paper also names KLprior)",
-        "mnist-rfm-ssl-{labels}.yaml", {"100": 14.47, "600": 5.61, "1000": 4.67, "3000": 2.96}, WITHOUT_NN_KL,
-        cpu_config="mnist-rfm-ssl-b09-cpu.yaml",
-        # at N_L = 3000 the 20-labeled-per-step schedule ended lower on validation (docs/results.md)
-        cpu_config_at=(("3000", "mnist-rfm-ssl-lpb20x4-cpu.yaml"),)),
-    Row("drmm5-unsup-pretr", "5-layer DRMM, unsupervised EG on all images, then supervised EG on the N_L labels; "
-        "RC+NN+KLent>CE+RC+NN+KLent (the paper names the pre-training, not its terms)",
-        "mnist-unsup-pretr-{labels}.yaml", {"100": 12.03, "600": 3.61, "1000": 2.73, "3000": 1.68},
-        cpu_config="mnist-unsup-pretr-{labels}-cpu.yaml"),
-    Row("rfm-sup", "RFM, EG, supervised (all labels); CE+RC+NN+KLent", "mnist-sup-rfm.yaml", {ALL_LABELS: 1.21},
-        supervised=True, cpu_config="mnist-sup-rfm-cpu.yaml"),
-    Row("rfm-convnet", "RFM architecture as a convnet, backprop, supervised; CE",
-        "mnist-sup-rfm-backprop.yaml", {ALL_LABELS: 1.30}, supervised=True,
-        cpu_config="mnist-sup-rfm-backprop-cpu.yaml"),
-    Row("drmm5-sup", "5-layer DRMM, EG, supervised (all labels); CE+RC+NN+KLent", "mnist-sup-conv_small.yaml",
-        {ALL_LABELS: 0.89}, supervised=True, cpu_config="mnist-sup-conv_small-cpu.yaml"),
-    Row("drmm5-convnet", "Conv-Small convnet (DCN), backprop, supervised; CE",
-        "mnist-sup-conv_small-backprop.yaml", {ALL_LABELS: 0.81}, supervised=True,
-        cpu_config="mnist-sup-conv_small-backprop-cpu.yaml"),
-]}
+ROWS: Dict[str, Row] = {
+    r.name: r
+    for r in [
+        Row(
+            "drmm5",
+            "5-layer DRMM (Conv-Small), EG, semi-supervised; CE+RC (the paper also names KLprior)",
+            "mnist-ssl-{labels}.yaml",
+            {"100": 3.50, "600": 1.56, "1000": 1.67, "3000": 0.91},
+            WITHOUT_NN_KL,
+            cpu_config="mnist-drmm5-ssl-b09-cpu.yaml",
+            # chosen per N_L by the lower final validation error of the two schedules' runs (docs/results.md)
+            cpu_config_at=(("100", "mnist-drmm5-ssl-lpb20x2-cpu.yaml"), ("600", "mnist-drmm5-ssl-lpb20x2-cpu.yaml")),
+        ),
+        Row(
+            "drmm5-nn-kl",
+            "5-layer DRMM, EG, semi-supervised; CE+RC+NN+KLent+KLmarg on the CPU schedule, "
+            "CE+RC+NN+KLent on the full one (the headline row; the paper names CE, RC, NN and a KL to the prior, not "
+            "the entropy sign nor KLmarg)",
+            "mnist-ssl-{labels}.yaml",
+            {"100": 0.57},
+            cpu_config="mnist-ssl-{labels}-cpu30m.yaml",
+            held_out_from=3,
+        ),  # the recipe was chosen on validation with labeled subsets 0 and 1
+        Row(
+            "drmm2",
+            "2-layer DRMM (stand-in architecture), EG, semi-supervised; CE+RC (the paper also names KLprior)",
+            "mnist-drmm2-ssl-{labels}.yaml",
+            {"100": 11.81, "600": 3.73, "1000": 2.88, "3000": 1.72},
+            WITHOUT_NN_KL,
+            cpu_config="mnist-drmm2-ssl-b09-cpu.yaml",
+            # at N_L = 3000 the 20-labeled-per-step schedule ended lower on validation (docs/results.md)
+            cpu_config_at=(("3000", "mnist-drmm2-ssl-lpb20x4-cpu.yaml"),),
+        ),
+        Row(
+            "rfm",
+            "RFM (1 layer, stand-in architecture), EG, semi-supervised; CE+RC (the paper also names KLprior)",
+            "mnist-rfm-ssl-{labels}.yaml",
+            {"100": 14.47, "600": 5.61, "1000": 4.67, "3000": 2.96},
+            WITHOUT_NN_KL,
+            cpu_config="mnist-rfm-ssl-b09-cpu.yaml",
+            # at N_L = 3000 the 20-labeled-per-step schedule ended lower on validation (docs/results.md)
+            cpu_config_at=(("3000", "mnist-rfm-ssl-lpb20x4-cpu.yaml"),),
+        ),
+        Row(
+            "drmm5-unsup-pretr",
+            "5-layer DRMM, unsupervised EG on all images, then supervised EG on the N_L labels; "
+            "RC+NN+KLent>CE+RC+NN+KLent (the paper names the pre-training, not its terms)",
+            "mnist-unsup-pretr-{labels}.yaml",
+            {"100": 12.03, "600": 3.61, "1000": 2.73, "3000": 1.68},
+            cpu_config="mnist-unsup-pretr-{labels}-cpu.yaml",
+        ),
+        Row(
+            "rfm-sup",
+            "RFM, EG, supervised (all labels); CE+RC+NN+KLent",
+            "mnist-sup-rfm.yaml",
+            {ALL_LABELS: 1.21},
+            supervised=True,
+            cpu_config="mnist-sup-rfm-cpu.yaml",
+        ),
+        Row(
+            "rfm-convnet",
+            "RFM architecture as a convnet, backprop, supervised; CE",
+            "mnist-sup-rfm-backprop.yaml",
+            {ALL_LABELS: 1.30},
+            supervised=True,
+            cpu_config="mnist-sup-rfm-backprop-cpu.yaml",
+        ),
+        Row(
+            "drmm5-sup",
+            "5-layer DRMM, EG, supervised (all labels); CE+RC+NN+KLent",
+            "mnist-sup-conv_small.yaml",
+            {ALL_LABELS: 0.89},
+            supervised=True,
+            cpu_config="mnist-sup-conv_small-cpu.yaml",
+        ),
+        Row(
+            "drmm5-convnet",
+            "Conv-Small convnet (DCN), backprop, supervised; CE",
+            "mnist-sup-conv_small-backprop.yaml",
+            {ALL_LABELS: 0.81},
+            supervised=True,
+            cpu_config="mnist-sup-conv_small-backprop-cpu.yaml",
+        ),
+    ]
+}
 SSL_LABELS = ("100", "600", "1000", "3000")
 # (model, trainer) of the supervised comparison -> the Table 1 row its final weights measure
-SUPERVISED_ROWS = {("rfm", "eg"): "rfm-sup", ("rfm", "backprop"): "rfm-convnet",
-                   ("conv_small", "eg"): "drmm5-sup", ("conv_small", "backprop"): "drmm5-convnet"}
+SUPERVISED_ROWS = {
+    ("rfm", "eg"): "rfm-sup",
+    ("rfm", "backprop"): "rfm-convnet",
+    ("conv_small", "eg"): "drmm5-sup",
+    ("conv_small", "backprop"): "drmm5-convnet",
+}
 
 # The smoke schedule: CPU_STEPS steps on the first CPU_TRAIN_IMAGES training images, batch 64 (32 + 32 in
 # semi-supervised mode), a faster lr decay (3e-3 -> 3e-4) because there are so few steps,
 # evaluations on the first 2000 test images during the run; the final weights are scored on the full test set.
 CPU_STEPS = 300
 CPU_TRAIN_IMAGES = 10_000
-CPU_OVERRIDES = {"max_train_samples": CPU_TRAIN_IMAGES, "batch_size": 64, "lr_init": 3e-3, "lr_final": 3e-4,
-                 "eval_samples": 2000, "eval_every_steps": 50, "max_steps": CPU_STEPS}
+CPU_OVERRIDES = {
+    "max_train_samples": CPU_TRAIN_IMAGES,
+    "batch_size": 64,
+    "lr_init": 3e-3,
+    "lr_final": 3e-4,
+    "eval_samples": 2000,
+    "eval_every_steps": 50,
+    "max_steps": CPU_STEPS,
+}
 
 SCHEDULES = ("cpu", "smoke", "full")
 
@@ -144,7 +204,7 @@ def schedule_overrides(cfg: TrainConfig, schedule: str, epochs: Optional[int] = 
     # Enough epochs that the lr decay spans (about) the CPU_STEPS steps the run takes: the lr schedule is set by
     # the epoch count, max_steps only cuts the run.
     if cfg.mode == "pretrain_finetune":
-        short.pretrain_epochs = changes["pretrain_epochs"] = 1   # one unsupervised pass over the subset
+        short.pretrain_epochs = changes["pretrain_epochs"] = 1  # one unsupervised pass over the subset
         pretrain_steps = _steps_per_epoch(short, CPU_TRAIN_IMAGES, 0)
         finetune_steps = _steps_per_epoch(short, CPU_TRAIN_IMAGES, 1)
         changes["epochs"] = 1 + max(1, math.ceil((CPU_STEPS - pretrain_steps) / finetune_steps))
@@ -153,8 +213,9 @@ def schedule_overrides(cfg: TrainConfig, schedule: str, epochs: Optional[int] = 
     return changes
 
 
-def schedule_label(schedule: str, cfg: TrainConfig, epochs: Optional[int], extra: Sequence[str],
-                   cpu_config: str = "") -> str:
+def schedule_label(
+    schedule: str, cfg: TrainConfig, epochs: Optional[int], extra: Sequence[str], cpu_config: str = ""
+) -> str:
     """The CSV's schedule column: the CPU config's name (``cpu``), ``smoke-…`` or ``full[-Nep]``, then
     ``+overrides`` when there are any."""
     if schedule == "cpu":
@@ -173,9 +234,17 @@ def cpu_config_path(row: Row, labels: str, config: Optional[str] = None) -> Opti
     return CONFIG_DIR / row.cpu_config_file(labels) if row.cpu_config else None
 
 
-def row_config(row: Row, labels: str, seed: int, schedule: str, epochs: Optional[int] = None,
-               extra: Sequence[str] = (), data_dir: Optional[str] = None, progress: bool = False,
-               config: Optional[str] = None) -> TrainConfig:
+def row_config(
+    row: Row,
+    labels: str,
+    seed: int,
+    schedule: str,
+    epochs: Optional[int] = None,
+    extra: Sequence[str] = (),
+    data_dir: Optional[str] = None,
+    progress: bool = False,
+    config: Optional[str] = None,
+) -> TrainConfig:
     """The TrainConfig of one (row, N_L, seed, schedule) run; ``config`` replaces the row's CPU schedule."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
@@ -186,8 +255,11 @@ def row_config(row: Row, labels: str, seed: int, schedule: str, epochs: Optional
         if config and not path.is_file():
             raise ValueError(f"--config: no such file {config!r} (nor configs/{Path(config).name})")
         if path is None or not path.is_file():
-            raise ValueError(f"row {row.name} has no CPU schedule for --labels {labels}"
-                             + (f" (no configs/{path.name})" if path else "") + "; use --schedule smoke or full")
+            raise ValueError(
+                f"row {row.name} has no CPU schedule for --labels {labels}"
+                + (f" (no configs/{path.name})" if path else "")
+                + "; use --schedule smoke or full"
+            )
         base = [f"seed={seed}", f"labeled_seed={seed}", "tensorboard=false", f"progress={progress}"]
         if not row.supervised:
             base.append(f"num_labeled={labels}")
@@ -210,20 +282,81 @@ def row_config(row: Row, labels: str, seed: int, schedule: str, epochs: Optional
 
 
 # Fields that never change what is trained: where data lives, how progress is shown, how often it is saved.
-UNHASHED_FIELDS = frozenset({"name", "data_dir", "download", "device", "progress", "tensorboard", "ckpt_every_steps",
-                             "log_every_steps", "eval_batch_size"})
+UNHASHED_FIELDS = frozenset(
+    {
+        "name",
+        "data_dir",
+        "download",
+        "device",
+        "progress",
+        "tensorboard",
+        "ckpt_every_steps",
+        "log_every_steps",
+        "eval_batch_size",
+    }
+)
 # The TrainConfig fields when the hash was fixed: these are hashed whatever their value. A field added since is
 # hashed only when it differs from its default, so adding a field (with a default that keeps today's behaviour)
 # leaves every existing hash, run folder name and table1.csv key unchanged (tests pin one shipped config's hash).
-HASHED_ALWAYS = frozenset({
-    "dataset", "num_labeled", "labeled_seed", "include_labeled_in_unlabeled", "max_train_samples", "eval_samples",
-    "val_samples", "augment", "model", "norm", "activation", "bn_momentum", "mean_unpool_scale", "td_batchnorm",
-    "bias_adder", "dropout", "td_dropout", "maxmin", "allconv13_tail_kernel", "template_class", "top_model",
-    "factor_dim", "factor_noise_var", "switch_prior_momentum", "ce_weight", "rc_weight", "kl_weight", "nn_weight",
-    "kl_sign", "kl_marginal_weight", "td_nonneg", "rc_reduction", "unsup_terms_on", "nonneg_term", "rpn_weight",
-    "rpn_class_prior", "trainer", "em_ridge", "em_window", "em_row_fraction", "mode", "pretrain_epochs", "epochs",
-    "batch_size", "max_steps", "labeled_per_batch", "kl_rampup_steps", "rc_rampup_steps", "nn_rampup_steps",
-    "lr_init", "lr_final", "weight_decay", "adam_beta2", "seed", "eval_every_steps"})
+HASHED_ALWAYS = frozenset(
+    {
+        "dataset",
+        "num_labeled",
+        "labeled_seed",
+        "include_labeled_in_unlabeled",
+        "max_train_samples",
+        "eval_samples",
+        "val_samples",
+        "augment",
+        "model",
+        "norm",
+        "activation",
+        "bn_momentum",
+        "mean_unpool_scale",
+        "td_batchnorm",
+        "bias_adder",
+        "dropout",
+        "td_dropout",
+        "maxmin",
+        "allconv13_tail_kernel",
+        "template_class",
+        "top_model",
+        "factor_dim",
+        "factor_noise_var",
+        "switch_prior_momentum",
+        "ce_weight",
+        "rc_weight",
+        "kl_weight",
+        "nn_weight",
+        "kl_sign",
+        "kl_marginal_weight",
+        "td_nonneg",
+        "rc_reduction",
+        "unsup_terms_on",
+        "nonneg_term",
+        "rpn_weight",
+        "rpn_class_prior",
+        "trainer",
+        "em_ridge",
+        "em_window",
+        "em_row_fraction",
+        "mode",
+        "pretrain_epochs",
+        "epochs",
+        "batch_size",
+        "max_steps",
+        "labeled_per_batch",
+        "kl_rampup_steps",
+        "rc_rampup_steps",
+        "nn_rampup_steps",
+        "lr_init",
+        "lr_final",
+        "weight_decay",
+        "adam_beta2",
+        "seed",
+        "eval_every_steps",
+    }
+)
 
 
 def config_hash(cfg: TrainConfig) -> str:

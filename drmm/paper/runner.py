@@ -34,14 +34,34 @@ from .rows import (
 # start to its final evaluation (summed over resumes); final_val_error is the validation error of the final
 # weights, best_val_error the lowest one seen during training (both empty without a split); load_average is the
 # machine's at the end.
-CSV_FIELDS = ["row", "labels", "seed", "schedule", "objective", "device", "threads", "wall_s", "epochs", "steps",
-              "test_error", "test_images", "checkpoint", "val_samples", "final_val_error", "best_val_error",
-              "commit", "config_hash", "run_dir", "finished_at", "load_average"]
+CSV_FIELDS = [
+    "row",
+    "labels",
+    "seed",
+    "schedule",
+    "objective",
+    "device",
+    "threads",
+    "wall_s",
+    "epochs",
+    "steps",
+    "test_error",
+    "test_images",
+    "checkpoint",
+    "val_samples",
+    "final_val_error",
+    "best_val_error",
+    "commit",
+    "config_hash",
+    "run_dir",
+    "finished_at",
+    "load_average",
+]
 
 
-
-def recorded_run(records: Sequence[Dict[str, str]], out_dir: Path, rel: str, row: str, labels: str, seed: int,
-                 cfg: TrainConfig) -> Optional[Dict[str, str]]:
+def recorded_run(
+    records: Sequence[Dict[str, str]], out_dir: Path, rel: str, row: str, labels: str, seed: int, cfg: TrainConfig
+) -> Optional[Dict[str, str]]:
     """The table1.csv line of this run, if there is one: the same run folder, or a run of the same row, N_L and
     seed whose saved config trains the same thing (a run recorded under an older hash scheme)."""
     for rec in records:
@@ -49,8 +69,11 @@ def recorded_run(records: Sequence[Dict[str, str]], out_dir: Path, rel: str, row
             return rec
     for rec in records:
         saved = out_dir / rec.get("run_dir", "") / "config.yaml"
-        if (rec["row"], rec["labels"], rec["seed"]) == (row, labels, str(seed)) and saved.is_file() \
-                and training_fields(config_from_dict(read_yaml_mapping(saved))) == training_fields(cfg):
+        if (
+            (rec["row"], rec["labels"], rec["seed"]) == (row, labels, str(seed))
+            and saved.is_file()
+            and training_fields(config_from_dict(read_yaml_mapping(saved))) == training_fields(cfg)
+        ):
             return rec
     return None
 
@@ -67,11 +90,16 @@ def git_commit() -> str:
     if os.environ.get("DRMM_GIT_COMMIT"):
         return os.environ["DRMM_GIT_COMMIT"]
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)results"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head or "unknown") + ("-dirty" if dirty else "")
@@ -127,7 +155,7 @@ def upgrade_record(rec: Dict[str, str], out_dir: Path) -> Dict[str, str]:
     if not rec.get("final_val_error") and rec.get("best_val_error"):
         rec["final_val_error"] = final_val_error(run_dir)
     if not rec.get("objective") and (run_dir / "config.yaml").is_file():
-            rec["objective"] = config_from_dict(read_yaml_mapping(run_dir / "config.yaml")).objective_label()
+        rec["objective"] = config_from_dict(read_yaml_mapping(run_dir / "config.yaml")).objective_label()
     return {k: rec.get(k, "") for k in CSV_FIELDS}
 
 
@@ -165,27 +193,63 @@ def resume_point(run_dir: Path) -> Tuple[bool, float]:
     return True, float(load_checkpoint(run_dir / "last.pt")["elapsed_s"])
 
 
-def record_run(out_dir: Path, row: str, labels: str, seed: int, schedule: str, cfg: TrainConfig,
-               summary: Dict[str, Any], error: float, test_images: int, checkpoint: str, wall: float, commit: str,
-               run_dir: Path) -> Dict[str, Any]:
+def record_run(
+    out_dir: Path,
+    row: str,
+    labels: str,
+    seed: int,
+    schedule: str,
+    cfg: TrainConfig,
+    summary: Dict[str, Any],
+    error: float,
+    test_images: int,
+    checkpoint: str,
+    wall: float,
+    commit: str,
+    run_dir: Path,
+) -> Dict[str, Any]:
     """Append one run's line to ``out_dir/table1.csv``; returns it."""
-    record = {"row": row, "labels": labels, "seed": seed, "schedule": schedule, "objective": cfg.objective_label(),
-              "device": device_description(resolve_device(cfg.device)), "threads": torch.get_num_threads(),
-              "wall_s": f"{wall:.0f}", "epochs": f"{epochs_run(cfg, summary['steps']):.2f}",
-              "steps": summary["steps"], "test_error": f"{error:.2f}", "test_images": test_images,
-              "checkpoint": checkpoint, "val_samples": cfg.val_samples,
-              "final_val_error": final_val_error(run_dir) if cfg.val_samples else "",
-              "best_val_error": f"{summary['best_error']:.2f}" if cfg.val_samples else "",
-              "commit": commit, "config_hash": config_hash(cfg), "run_dir": os.path.relpath(run_dir, out_dir),
-              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_average": load_average()}
+    record = {
+        "row": row,
+        "labels": labels,
+        "seed": seed,
+        "schedule": schedule,
+        "objective": cfg.objective_label(),
+        "device": device_description(resolve_device(cfg.device)),
+        "threads": torch.get_num_threads(),
+        "wall_s": f"{wall:.0f}",
+        "epochs": f"{epochs_run(cfg, summary['steps']):.2f}",
+        "steps": summary["steps"],
+        "test_error": f"{error:.2f}",
+        "test_images": test_images,
+        "checkpoint": checkpoint,
+        "val_samples": cfg.val_samples,
+        "final_val_error": final_val_error(run_dir) if cfg.val_samples else "",
+        "best_val_error": f"{summary['best_error']:.2f}" if cfg.val_samples else "",
+        "commit": commit,
+        "config_hash": config_hash(cfg),
+        "run_dir": os.path.relpath(run_dir, out_dir),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "load_average": load_average(),
+    }
     append_csv(out_dir / "table1.csv", record)
     return record
 
 
-def run_row(row: Row, labels: str, seed: int, schedule: str, out_dir: Path, epochs: Optional[int] = None,
-            extra: Sequence[str] = (), data_dir: Optional[str] = None, test_images: int = 10_000,
-            progress: bool = False, checkpoint: str = "last", config: Optional[str] = None
-            ) -> Optional[Dict[str, Any]]:
+def run_row(
+    row: Row,
+    labels: str,
+    seed: int,
+    schedule: str,
+    out_dir: Path,
+    epochs: Optional[int] = None,
+    extra: Sequence[str] = (),
+    data_dir: Optional[str] = None,
+    test_images: int = 10_000,
+    progress: bool = False,
+    checkpoint: str = "last",
+    config: Optional[str] = None,
+) -> Optional[Dict[str, Any]]:
     """Train one seed of one row (or resume it), score it on the test set, append the result to
     ``out_dir/table1.csv``. Returns the record, or None when table1.csv already has this run. ``config``
     replaces the row's CPU schedule (the CSV's schedule column names it)."""
@@ -200,22 +264,44 @@ def run_row(row: Row, labels: str, seed: int, schedule: str, out_dir: Path, epoc
     rel = os.path.relpath(run_dir, out_dir)
     done = recorded_run(read_csv(out_dir / "table1.csv"), out_dir, rel, row.name, labels, seed, cfg)
     if done is not None:
-        print(f"[experiment] {done['run_dir']} is already in {out_dir / 'table1.csv'}; delete its line and folder to "
-              f"rerun", flush=True)
+        print(
+            f"[experiment] {done['run_dir']} is already in {out_dir / 'table1.csv'}; delete its line and folder to "
+            f"rerun",
+            flush=True,
+        )
         return None
     resume, before = resume_point(run_dir)
-    print(f"[experiment] {row.name} N_L={labels} seed={seed} schedule={label} -> {run_dir}"
-          + (f" (resuming at {before:.0f} s)" if resume else ""), flush=True)
+    print(
+        f"[experiment] {row.name} N_L={labels} seed={seed} schedule={label} -> {run_dir}"
+        + (f" (resuming at {before:.0f} s)" if resume else ""),
+        flush=True,
+    )
     commit = git_commit()  # the code the run starts with (HEAD may move while it trains)
     t0 = time.time()
     summary = train(cfg, run_dir, resume=resume)
     error = score_checkpoint(cfg, run_dir, test_images, checkpoint)
     wall = before + time.time() - t0
-    record = record_run(out_dir, row.name, labels, seed, label, cfg, summary, error, test_images or 10_000,
-                        checkpoint, wall, commit, run_dir)
-    print(f"[experiment] {row.name} N_L={labels} seed={seed}: test error {error:.2f} % ({checkpoint} weights, "
-          f"{record['test_images']} test images; paper: {row.paper.get(labels, '–')}), {summary['steps']} steps, "
-          f"{wall:.0f} s, schedule {label}", flush=True)
+    record = record_run(
+        out_dir,
+        row.name,
+        labels,
+        seed,
+        label,
+        cfg,
+        summary,
+        error,
+        test_images or 10_000,
+        checkpoint,
+        wall,
+        commit,
+        run_dir,
+    )
+    print(
+        f"[experiment] {row.name} N_L={labels} seed={seed}: test error {error:.2f} % ({checkpoint} weights, "
+        f"{record['test_images']} test images; paper: {row.paper.get(labels, '–')}), {summary['steps']} steps, "
+        f"{wall:.0f} s, schedule {label}",
+        flush=True,
+    )
     return record
 
 

@@ -26,15 +26,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_step(model_name: str, trainer: str, batch: int, device: torch.device, warmup: int, repeats: int,
-                 data_dir: Optional[str] = None) -> Dict[str, Any]:
+def measure_step(
+    model_name: str,
+    trainer: str,
+    batch: int,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    data_dir: Optional[str] = None,
+) -> Dict[str, Any]:
     """Images/s of one training step (forward, [render,] backward, Adam), median over ``repeats`` timed steps.
 
     The batch is half labeled, half unlabeled, as in semi-supervised training (backprop uses the labeled half only,
     as the trainer does). MNIST images when available, else uniform noise (the speed does not depend on them).
     """
-    cfg = config_from_dict({"model": model_name, "trainer": trainer, "batch_size": batch, "data_dir": data_dir,
-                              "download": False})
+    cfg = config_from_dict(
+        {"model": model_name, "trainer": trainer, "batch_size": batch, "data_dir": data_dir, "download": False}
+    )
     try:
         data = load_data(dataclasses.replace(cfg, max_train_samples=batch), device)
         x, y = data.normalize(data.train_images[:batch]), data.train_labels[:batch]
@@ -66,21 +74,46 @@ def measure_step(model_name: str, trainer: str, batch: int, device: torch.device
         _sync(device)
         seconds.append(time.perf_counter() - t0)
     median = statistics.median(seconds)
-    return {"model": model_name, "trainer": trainer, "batch": batch, "images_per_step": len(x),
-            "median_step_s": median, "images_per_s": batch / median, "min_step_s": min(seconds),
-            "max_step_s": max(seconds), "warmup": warmup, "repeats": repeats, "data": source}
+    return {
+        "model": model_name,
+        "trainer": trainer,
+        "batch": batch,
+        "images_per_step": len(x),
+        "median_step_s": median,
+        "images_per_s": batch / median,
+        "min_step_s": min(seconds),
+        "max_step_s": max(seconds),
+        "warmup": warmup,
+        "repeats": repeats,
+        "data": source,
+    }
 
 
-def run_throughput(model_name: str, batch: int, out_dir: Path, warmup: int = 3, repeats: int = 10,
-                   device_name: str = "auto", data_dir: Optional[str] = None) -> Dict[str, Any]:
+def run_throughput(
+    model_name: str,
+    batch: int,
+    out_dir: Path,
+    warmup: int = 3,
+    repeats: int = 10,
+    device_name: str = "auto",
+    data_dir: Optional[str] = None,
+) -> Dict[str, Any]:
     device = resolve_device(device_name)
     load_before = load_average()
-    steps = [measure_step(model_name, trainer, batch, device, warmup, repeats, data_dir)
-             for trainer in ("eg", "backprop")]
-    measurement = {"device": device_description(device), "torch": torch.__version__, "host": platform.node(),
-                   "cpu_count": os.cpu_count(), "load_average_before": load_before,
-                   "load_average_after": load_average(), "git_commit": git_commit(),
-                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": steps}
+    steps = [
+        measure_step(model_name, trainer, batch, device, warmup, repeats, data_dir) for trainer in ("eg", "backprop")
+    ]
+    measurement = {
+        "device": device_description(device),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "git_commit": git_commit(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "steps": steps,
+    }
     path = out_dir / "throughput.json"
     history = json.loads(path.read_text()) if path.exists() else {"measurements": []}
     history["measurements"].append(measurement)  # keep the other devices' figures
@@ -90,17 +123,24 @@ def run_throughput(model_name: str, batch: int, out_dir: Path, warmup: int = 3, 
 
 
 def throughput_lines(history: Dict[str, Any]) -> List[str]:
-    lines = ["## Training-step throughput", "",
-             "One training step on a semi-supervised batch (half labeled, half unlabeled), median over the timed "
-             "repeats (`drmm experiment throughput`). Images/s counts the whole batch for both trainers, as both "
-             "consume one batch per step; the EG step runs all of it bottom-up and top-down, the backprop step "
-             "only its labeled half, bottom-up.", "",
-             "| device | model | batch | EG: images/s (median step) | backprop: images/s (median step) | "
-             "load average before (1, 5, 15 min) | when |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Training-step throughput",
+        "",
+        "One training step on a semi-supervised batch (half labeled, half unlabeled), median over the timed "
+        "repeats (`drmm experiment throughput`). Images/s counts the whole batch for both trainers, as both "
+        "consume one batch per step; the EG step runs all of it bottom-up and top-down, the backprop step "
+        "only its labeled half, bottom-up.",
+        "",
+        "| device | model | batch | EG: images/s (median step) | backprop: images/s (median step) | "
+        "load average before (1, 5, 15 min) | when |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in history["measurements"]:
         by = {s["trainer"]: s for s in m["steps"]}
         eg, bp = by["eg"], by["backprop"]
-        lines.append(f"| {m['device']} | {eg['model']} | {eg['batch']} | {eg['images_per_s']:.0f} "
-                     f"({1000 * eg['median_step_s']:.0f} ms) | {bp['images_per_s']:.0f} "
-                     f"({1000 * bp['median_step_s']:.0f} ms) | {m['load_average_before']} | {m['measured_at']} |")
+        lines.append(
+            f"| {m['device']} | {eg['model']} | {eg['batch']} | {eg['images_per_s']:.0f} "
+            f"({1000 * eg['median_step_s']:.0f} ms) | {bp['images_per_s']:.0f} "
+            f"({1000 * bp['median_step_s']:.0f} ms) | {m['load_average_before']} | {m['measured_at']} |"
+        )
     return lines

@@ -55,8 +55,9 @@ def _bn_forward_generic(a, bn_pool, batch_stats):
     shift = -mean * scale
     if a["bn_bias"] is not None:
         shift = shift + a["bn_bias"]
-    y, sw = bn_pool(z=z, scale=scale.to(z.dtype), shift=shift.to(z.dtype), pool=a["pool"],
-                    negative_slope=a["negative_slope"])
+    y, sw = bn_pool(
+        z=z, scale=scale.to(z.dtype), shift=shift.to(z.dtype), pool=a["pool"], negative_slope=a["negative_slope"]
+    )
     return y, sw, mean.to(x.dtype), var.to(x.dtype), z.contiguous() if a["training"] else z.new_empty(0)
 
 
@@ -73,8 +74,13 @@ def _conv_bn_relu_pool_fake(a):
     shape = (x.shape[0], weight.shape[0], *pooled_size(chw, a["pool"]))
     c = weight.shape[0]
     z_shape = (x.shape[0], c, *chw) if a["training"] else (0,)
-    return (x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8), x.new_empty((c,)), x.new_empty((c,)),
-            x.new_empty(z_shape))
+    return (
+        x.new_empty(shape),
+        x.new_empty(shape, dtype=torch.uint8),
+        x.new_empty((c,)),
+        x.new_empty((c,)),
+        x.new_empty(z_shape),
+    )
 
 
 def _bn_setup(ctx, a, output):
@@ -115,27 +121,67 @@ def _bn_backward(ctx, gy, _gsw, _gmean, _gvar, _gz):
             dv = unpool(values=dv, switches=switches, pool=pool, out_h=z.shape[-2], out_w=z.shape[-1])
         # The weight in the statistics' dtype: ATen's mixed-precision path (half z, float statistics) needs them alike.
         dz, ggamma_, gbeta_ = torch.ops.aten.native_batch_norm_backward(
-            dv, z, bn_weight.to(acc) if bn_weight is not None else None, None, None, mean.to(acc), invstd, True, eps,
-            [need_x or need_w, True, True])
+            dv,
+            z,
+            bn_weight.to(acc) if bn_weight is not None else None,
+            None,
+            None,
+            mean.to(acc),
+            invstd,
+            True,
+            eps,
+            [need_x or need_w, True, True],
+        )
         s1, s2 = gbeta_, ggamma_  # = sum of dL/dv, and of dL/dv * xhat, per channel
         if (need_x or need_w) and _bn_pointwise(x, weight, stride, padding):
             gx, gw, _ = pointwise_conv_backward(dz, x, weight, need_x, need_w, False)
         elif need_x or need_w:
             gx, gw, _ = torch.ops.aten.convolution_backward(
-                dz, x, weight, None, [stride, stride], [padding, padding], [1, 1], False, [0, 0], 1,
-                [need_x, need_w, False])
+                dz,
+                x,
+                weight,
+                None,
+                [stride, stride],
+                [padding, padding],
+                [1, 1],
+                False,
+                [0, 0],
+                1,
+                [need_x, need_w, False],
+            )
     else:
-        s1 = channel_sum(gact)                                      # = d beta
+        s1 = channel_sum(gact)  # = d beta
         scale = (gamma * invstd).to(x.dtype)
         if need_x:
-            gx = render_op(mu=gy, switches=switches, weight=weight, scale=scale, stride=stride, padding=padding,
-                           pool=pool, out_h=x.shape[-2], out_w=x.shape[-1], negative_slope=slope)
+            gx = render_op(
+                mu=gy,
+                switches=switches,
+                weight=weight,
+                scale=scale,
+                stride=stride,
+                padding=padding,
+                pool=pool,
+                out_h=x.shape[-2],
+                out_w=x.shape[-1],
+                negative_slope=slope,
+            )
         if need_w:
-            gw = render_wgrad(src=x, mu=gy, switches=switches, scale=scale, stride=stride, padding=padding, pool=pool,
-                              negative_slope=slope, kernel_h=weight.shape[-2], kernel_w=weight.shape[-1])
+            gw = render_wgrad(
+                src=x,
+                mu=gy,
+                switches=switches,
+                scale=scale,
+                stride=stride,
+                padding=padding,
+                pool=pool,
+                negative_slope=slope,
+                kernel_h=weight.shape[-2],
+                kernel_w=weight.shape[-1],
+            )
         if need["bn_weight"] and bn_weight is not None:
-            z_at = gather_conv(src=x, weight=weight, switches=switches, stride=stride, padding=padding,
-                               pool=pool).to(acc)
+            z_at = gather_conv(src=x, weight=weight, switches=switches, stride=stride, padding=padding, pool=pool).to(
+                acc
+            )
             s2 = channel_sum(gact * (z_at - mean.to(acc).view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1))
     if need["bn_weight"] and bn_weight is not None:
         ggamma = s2.to(bn_weight.dtype)
@@ -144,14 +190,27 @@ def _bn_backward(ctx, gy, _gsw, _gmean, _gvar, _gz):
     return {"x": gx, "weight": gw, "bn_weight": ggamma, "bn_bias": gbeta}
 
 
-conv_bn_relu_pool_op = dispatch.CustomOp(SCHEMAS["conv_bn_relu_pool"], _conv_bn_relu_pool_impl,
-                                         _conv_bn_relu_pool_fake, _bn_setup, _bn_backward)
+conv_bn_relu_pool_op = dispatch.CustomOp(
+    SCHEMAS["conv_bn_relu_pool"], _conv_bn_relu_pool_impl, _conv_bn_relu_pool_fake, _bn_setup, _bn_backward
+)
 
 
-def conv_bn_relu_pool(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                      running_mean: Optional[Tensor], running_var: Optional[Tensor], *, training: bool,
-                      momentum: float = 0.1, eps: float = 1e-5, stride: int = 1, padding: int = 0, pool: int = 2,
-                      negative_slope: float = 0.0) -> Tuple[Tensor, Tensor]:
+def conv_bn_relu_pool(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    stride: int = 1,
+    padding: int = 0,
+    pool: int = 2,
+    negative_slope: float = 0.0,
+) -> Tuple[Tensor, Tensor]:
     """``conv2d`` → ``batch_norm`` (as ``F.batch_norm`` computes it) → activation → max-pool with switches.
 
     In training mode the batch statistics are used, gradients flow through them, and
@@ -162,8 +221,12 @@ def conv_bn_relu_pool(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn
     check.conv_input("x", x, weight)
     stride, padding, pool, negative_slope = check.layer(stride, padding, pool, negative_slope)
     c = weight.shape[0]
-    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
+    for name, t in (
+        ("bn_weight", bn_weight),
+        ("bn_bias", bn_bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
         check.channel_vector(name, t, c, "x", x)
     if not isinstance(training, bool):
         raise check.type_error(f"training must be a bool, got {type(training).__name__}")
@@ -175,12 +238,24 @@ def conv_bn_relu_pool(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn
         raise check.value_error(f"eps must be a non-negative float, got {eps!r}")
     chw, _ = check.geometry("x", x.shape[-2:], weight, stride, padding, pool)
     if training and x.shape[0] * chw[0] * chw[1] < 2:
-        raise check.value_error(f"training-mode batch norm needs more than one value per channel, got x of "
-                                f"shape ({shape_str(x)}) with conv output {chw}")
-    y, sw, mean, var, _ = conv_bn_relu_pool_op(x=x, weight=weight, bn_weight=bn_weight, bn_bias=bn_bias,
-                                               running_mean=running_mean, running_var=running_var, training=training,
-                                               eps=float(eps), stride=stride, padding=padding, pool=pool,
-                                               negative_slope=negative_slope)
+        raise check.value_error(
+            f"training-mode batch norm needs more than one value per channel, got x of "
+            f"shape ({shape_str(x)}) with conv output {chw}"
+        )
+    y, sw, mean, var, _ = conv_bn_relu_pool_op(
+        x=x,
+        weight=weight,
+        bn_weight=bn_weight,
+        bn_bias=bn_bias,
+        running_mean=running_mean,
+        running_var=running_var,
+        training=training,
+        eps=float(eps),
+        stride=stride,
+        padding=padding,
+        pool=pool,
+        negative_slope=negative_slope,
+    )
     if training and running_mean is not None and running_var is not None:
         m = x.shape[0] * chw[0] * chw[1]
         with torch.no_grad():

@@ -93,35 +93,75 @@ def _crp_backward(ctx, gy, _gsw):
             gx, gw, gb = pointwise_conv_backward(gz, x, weight, need["x"], need["weight"], bias_grad)
         else:
             gx, gw, gb = torch.ops.aten.convolution_backward(
-                gz, x, weight, [weight.shape[0]] if bias_grad else None, [stride, stride], [padding, padding],
-                [1, 1], False, [0, 0], 1, [need["x"], need["weight"], bias_grad])
+                gz,
+                x,
+                weight,
+                [weight.shape[0]] if bias_grad else None,
+                [stride, stride],
+                [padding, padding],
+                [1, 1],
+                False,
+                [0, 0],
+                1,
+                [need["x"], need["weight"], bias_grad],
+            )
         if bias_grad:
             gshift, need_shift = gb, False
     else:
         if need["x"]:
-            gx = render_op(mu=gy, switches=switches, weight=weight, scale=scale, stride=stride, padding=padding,
-                           pool=pool, out_h=x.shape[-2], out_w=x.shape[-1], negative_slope=slope)
+            gx = render_op(
+                mu=gy,
+                switches=switches,
+                weight=weight,
+                scale=scale,
+                stride=stride,
+                padding=padding,
+                pool=pool,
+                out_h=x.shape[-2],
+                out_w=x.shape[-1],
+                negative_slope=slope,
+            )
         if need["weight"]:
-            gw = render_wgrad(src=x, mu=gy, switches=switches, scale=scale, stride=stride, padding=padding, pool=pool,
-                              negative_slope=slope, kernel_h=weight.shape[-2], kernel_w=weight.shape[-1])
+            gw = render_wgrad(
+                src=x,
+                mu=gy,
+                switches=switches,
+                scale=scale,
+                stride=stride,
+                padding=padding,
+                pool=pool,
+                negative_slope=slope,
+                kernel_h=weight.shape[-2],
+                kernel_w=weight.shape[-1],
+            )
     if need["scale"] or need_shift:
         if gact is None:
             gact = masked_values(mu=gy, switches=switches, scale=None, negative_slope=slope)
         if need_shift and ctx.has_shift:
             gshift = channel_sum(gact)
         if need["scale"] and scale is not None:
-            gscale = channel_sum(gact * gather_conv(src=x, weight=weight, switches=switches, stride=stride,
-                                                    padding=padding, pool=pool))
+            gscale = channel_sum(
+                gact * gather_conv(src=x, weight=weight, switches=switches, stride=stride, padding=padding, pool=pool)
+            )
     return {"x": gx, "weight": gw, "scale": gscale, "shift": gshift}
 
 
-conv_relu_pool_op = dispatch.CustomOp(SCHEMAS["conv_relu_pool"], _conv_relu_pool_impl, _conv_relu_pool_fake,
-                                      _crp_setup, _crp_backward)
+conv_relu_pool_op = dispatch.CustomOp(
+    SCHEMAS["conv_relu_pool"], _conv_relu_pool_impl, _conv_relu_pool_fake, _crp_setup, _crp_backward
+)
 
 
-def conv_relu_pool(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None, *,
-                   stride: int = 1, padding: int = 0, pool: int = 2,
-                   negative_slope: float = 0.0) -> Tuple[Tensor, Tensor]:
+def conv_relu_pool(
+    x: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor] = None,
+    shift: Optional[Tensor] = None,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    pool: int = 2,
+    negative_slope: float = 0.0,
+) -> Tuple[Tensor, Tensor]:
     """Fused ``act(max_pool(conv2d(x, weight) * scale + shift))`` that also records the switches.
 
     Returns ``(y, switches)``: ``y`` has shape ``(N, C_out, H_conv // pool, W_conv // pool)``;
@@ -139,5 +179,13 @@ def conv_relu_pool(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None, sh
     check.channel_vector("scale", scale, weight.shape[0], "x", x)
     check.channel_vector("shift", shift, weight.shape[0], "x", x)
     check.geometry("x", x.shape[-2:], weight, stride, padding, pool)
-    return conv_relu_pool_op(x=x, weight=weight, scale=scale, shift=shift, stride=stride, padding=padding, pool=pool,
-                             negative_slope=negative_slope)
+    return conv_relu_pool_op(
+        x=x,
+        weight=weight,
+        scale=scale,
+        shift=shift,
+        stride=stride,
+        padding=padding,
+        pool=pool,
+        negative_slope=negative_slope,
+    )

@@ -43,12 +43,22 @@ def _render_backward(ctx, gout):
     gout = gout.contiguous()
     grads = {}
     if need["mu"] or need["scale"]:
-        grads["mu"], grads["scale"] = mu_scale_grads(gout, weight, mu, switches, scale, stride, padding, pool, slope,
-                                                     need["mu"], need["scale"])
+        grads["mu"], grads["scale"] = mu_scale_grads(
+            gout, weight, mu, switches, scale, stride, padding, pool, slope, need["mu"], need["scale"]
+        )
     if need["weight"]:
-        grads["weight"] = render_wgrad(src=gout, mu=mu, switches=switches, scale=scale, stride=stride,
-                                       padding=padding, pool=pool, negative_slope=slope, kernel_h=weight.shape[-2],
-                                       kernel_w=weight.shape[-1])
+        grads["weight"] = render_wgrad(
+            src=gout,
+            mu=mu,
+            switches=switches,
+            scale=scale,
+            stride=stride,
+            padding=padding,
+            pool=pool,
+            negative_slope=slope,
+            kernel_h=weight.shape[-2],
+            kernel_w=weight.shape[-1],
+        )
     return grads
 
 
@@ -80,25 +90,48 @@ def _gather_backward(ctx, g):
     g = g.contiguous()
     grads = {}
     if ctx.needs_grad["src"]:
-        grads["src"] = render_op(mu=g, switches=on, weight=weight, scale=None, stride=stride, padding=padding,
-                                 pool=pool, out_h=h, out_w=w, negative_slope=0.0)
+        grads["src"] = render_op(
+            mu=g,
+            switches=on,
+            weight=weight,
+            scale=None,
+            stride=stride,
+            padding=padding,
+            pool=pool,
+            out_h=h,
+            out_w=w,
+            negative_slope=0.0,
+        )
     if ctx.needs_grad["weight"]:
-        grads["weight"] = render_wgrad(src=src, mu=g, switches=on, scale=None, stride=stride, padding=padding,
-                                       pool=pool, negative_slope=0.0, kernel_h=weight.shape[-2],
-                                       kernel_w=weight.shape[-1])
+        grads["weight"] = render_wgrad(
+            src=src,
+            mu=g,
+            switches=on,
+            scale=None,
+            stride=stride,
+            padding=padding,
+            pool=pool,
+            negative_slope=0.0,
+            kernel_h=weight.shape[-2],
+            kernel_w=weight.shape[-1],
+        )
     return grads
 
 
-gather_conv = dispatch.CustomOp(SCHEMAS["gather_conv"], _gather_conv_impl, _gather_conv_fake, _gather_setup,
-                                _gather_backward)
+gather_conv = dispatch.CustomOp(
+    SCHEMAS["gather_conv"], _gather_conv_impl, _gather_conv_fake, _gather_setup, _gather_backward
+)
 
 
 def mu_scale_grads(src, weight, mu, switches, scale, stride, padding, pool, slope, need_mu, need_scale):
     """Gradients of <conv2d(src, weight), render-map of mu> in mu and scale: the conv read at the recorded
     offsets (gather_conv), times the activation derivative, times scale for mu / mu for scale."""
-    at = masked_values(mu=gather_conv(src=src, weight=weight, switches=switches, stride=stride, padding=padding,
-                                      pool=pool),
-                       switches=switches, scale=None, negative_slope=slope)
+    at = masked_values(
+        mu=gather_conv(src=src, weight=weight, switches=switches, stride=stride, padding=padding, pool=pool),
+        switches=switches,
+        scale=None,
+        negative_slope=slope,
+    )
     gmu = gscale = None
     if need_mu:
         gmu = at if scale is None else at * scale.view(1, -1, 1, 1)
@@ -131,23 +164,45 @@ def _wgrad_backward(ctx, gw):
     gw = gw.contiguous()
     grads = {}
     if need["src"]:
-        grads["src"] = render_op(mu=mu, switches=switches, weight=gw, scale=scale, stride=stride, padding=padding,
-                                 pool=pool, out_h=h, out_w=w, negative_slope=slope)
+        grads["src"] = render_op(
+            mu=mu,
+            switches=switches,
+            weight=gw,
+            scale=scale,
+            stride=stride,
+            padding=padding,
+            pool=pool,
+            out_h=h,
+            out_w=w,
+            negative_slope=slope,
+        )
     if need["mu"] or need["scale"]:
-        grads["mu"], grads["scale"] = mu_scale_grads(src, gw, mu, switches, scale, stride, padding, pool, slope,
-                                                     need["mu"], need["scale"])
+        grads["mu"], grads["scale"] = mu_scale_grads(
+            src, gw, mu, switches, scale, stride, padding, pool, slope, need["mu"], need["scale"]
+        )
     return grads
 
 
-render_wgrad = dispatch.CustomOp(SCHEMAS["render_wgrad"], _render_wgrad_impl, _render_wgrad_fake, _wgrad_setup,
-                                 _wgrad_backward)
+render_wgrad = dispatch.CustomOp(
+    SCHEMAS["render_wgrad"], _render_wgrad_impl, _render_wgrad_fake, _wgrad_setup, _wgrad_backward
+)
 
 
 # --------------------------------------------------------------------------- the public op
 
 
-def render(mu: Tensor, switches: Tensor, weight: Tensor, scale: Optional[Tensor] = None, *, stride: int = 1,
-           padding: int = 0, pool: int = 2, out_size, negative_slope: float = 0.0) -> Tensor:
+def render(
+    mu: Tensor,
+    switches: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor] = None,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    pool: int = 2,
+    out_size,
+    negative_slope: float = 0.0,
+) -> Tensor:
     """Top-down pass: unpool ``mu`` at the recorded offsets, mask by ``a``, scale, transposed conv.
 
     ``out_size`` is the (H, W) of the bottom-up layer's input. With ``scale`` given this is the
@@ -165,16 +220,30 @@ def render(mu: Tensor, switches: Tensor, weight: Tensor, scale: Optional[Tensor]
     check.tensor("weight", weight, 4)
     check.like("weight", weight, "mu", mu)
     if weight.shape[0] != mu.shape[1]:
-        raise check.value_error(f"weight has {weight.shape[0]} output channels (shape ({shape_str(weight)})) but "
-                                f"mu has {mu.shape[1]} channels (shape ({shape_str(mu)}))")
+        raise check.value_error(
+            f"weight has {weight.shape[0]} output channels (shape ({shape_str(weight)})) but "
+            f"mu has {mu.shape[1]} channels (shape ({shape_str(mu)}))"
+        )
     check.switches(switches, "mu", mu)
     stride, padding, pool, negative_slope = check.layer(stride, padding, pool, negative_slope)
     check.channel_vector("scale", scale, weight.shape[0], "mu", mu)
     out_hw = check.size_pair("out_size", out_size, "(H, W) of the layer's input")
     _, phw = check.geometry("out_size", out_hw, weight, stride, padding, pool)
     if phw != tuple(mu.shape[-2:]):
-        raise check.value_error(f"out_size {out_hw} gives pooled size {phw} with kernel "
-                                f"{tuple(weight.shape[-2:])}, stride {stride}, padding {padding}, pool {pool}, but "
-                                f"mu has spatial size {tuple(mu.shape[-2:])} (shape ({shape_str(mu)}))")
-    return render_op(mu=mu, switches=switches, weight=weight, scale=scale, stride=stride, padding=padding, pool=pool,
-                     out_h=out_hw[0], out_w=out_hw[1], negative_slope=negative_slope)
+        raise check.value_error(
+            f"out_size {out_hw} gives pooled size {phw} with kernel "
+            f"{tuple(weight.shape[-2:])}, stride {stride}, padding {padding}, pool {pool}, but "
+            f"mu has spatial size {tuple(mu.shape[-2:])} (shape ({shape_str(mu)}))"
+        )
+    return render_op(
+        mu=mu,
+        switches=switches,
+        weight=weight,
+        scale=scale,
+        stride=stride,
+        padding=padding,
+        pool=pool,
+        out_h=out_hw[0],
+        out_w=out_hw[1],
+        negative_slope=negative_slope,
+    )

@@ -43,14 +43,14 @@ def _masked_values_backward(ctx, g):
     if ctx.needs_grad["mu"]:
         grads["mu"] = masked_values(mu=g, switches=switches, scale=scale, negative_slope=ctx.slope)
     if ctx.needs_grad["scale"] and scale is not None:
-        grads["scale"] = channel_sum(g * masked_values(mu=mu, switches=switches, scale=None,
-                                                       negative_slope=ctx.slope))
+        grads["scale"] = channel_sum(g * masked_values(mu=mu, switches=switches, scale=None, negative_slope=ctx.slope))
     return grads
 
 
 #: ``mu * a'(switches) * scale``: the pooled gradient through the activation (internal, validated arguments).
-masked_values = dispatch.CustomOp(SCHEMAS["masked_values"], _masked_values_impl, _masked_values_fake,
-                                  _masked_values_setup, _masked_values_backward)
+masked_values = dispatch.CustomOp(
+    SCHEMAS["masked_values"], _masked_values_impl, _masked_values_fake, _masked_values_setup, _masked_values_backward
+)
 
 
 # --------------------------------------------------------------------------- unpool
@@ -99,6 +99,8 @@ def switches_to_indices(switches: Tensor, *, pool: int, conv_size) -> Tensor:
     pool = check.integer("pool", pool, 1, 4)
     hc, wc = check.size_pair("conv_size", conv_size, "(H_conv, W_conv)")
     if hc // pool != switches.shape[-2] or wc // pool != switches.shape[-1]:
-        raise check.value_error(f"conv_size {(hc, wc)} with pool {pool} gives pooled size "
-                                f"{(hc // pool, wc // pool)}, but switches has shape ({shape_str(switches)})")
+        raise check.value_error(
+            f"conv_size {(hc, wc)} with pool {pool} gives pooled size "
+            f"{(hc // pool, wc // pool)}, but switches has shape ({shape_str(switches)})"
+        )
     return reference.switches_to_indices(switches, pool, (hc, wc))

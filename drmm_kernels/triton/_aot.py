@@ -21,30 +21,141 @@ H100_SMEM = 227 * 1024  # max dynamic shared memory per block on sm_90
 def _variants():
     """(label, kernel, arg types, constexprs) for every kernel family, fp32 and bf16."""
     from . import conv_bn_relu_pool_kernel, conv_relu_pool_kernel, render_kernel, render_wgrad_kernel
+
     for dt in ("fp32", "bf16"):
         p, tf32 = f"*{dt}", dt == "fp32"
         i = "i32"
-        fwd_types = dict(x_ptr=p, w_ptr=p, scale_ptr=p, shift_ptr=p, sw_ptr="*u8", y_ptr=p, P=i, C_in=i, C_out=i,
-                         Hin=i, Win=i, Hp=i, Wp=i, pad=i, slope="fp32", sxn="i64", sxc=i, sxh=i, sxw=i,
-                         swo=i, swi=i, swh=i, sww=i)
+        fwd_types = dict(
+            x_ptr=p,
+            w_ptr=p,
+            scale_ptr=p,
+            shift_ptr=p,
+            sw_ptr="*u8",
+            y_ptr=p,
+            P=i,
+            C_in=i,
+            C_out=i,
+            Hin=i,
+            Win=i,
+            Hp=i,
+            Wp=i,
+            pad=i,
+            slope="fp32",
+            sxn="i64",
+            sxc=i,
+            sxh=i,
+            sxw=i,
+            swo=i,
+            swi=i,
+            swh=i,
+            sww=i,
+        )
         for gather in (False, True):
             for flat in (False, True):
-                yield (f"conv_relu_pool {dt} gather={gather} flat_k={flat}", conv_relu_pool_kernel._conv_pool_kernel,
-                       fwd_types, dict(KH=3, KW=3, STRIDE=1, POOL=2, HAS_SCALE=True, HAS_SHIFT=True, LEAKY=False,
-                                       GATHER=gather, FLAT_K=flat, TF32=tf32, UPCAST=False))
-        dg_types = dict(mu_ptr=p, sw_ptr="*u8", w_ptr=p, scale_ptr=p, out_ptr=p, M=i, C_in=i, C_out=i, H=i, W=i,
-                        Hp=i, Wp=i, pad=i, slope="fp32", smn=i, smc=i, smh=i, smw=i, ssn=i, ssc=i, ssh=i, ssw=i,
-                        swo=i, swi=i, swh=i, sww=i)
+                yield (
+                    f"conv_relu_pool {dt} gather={gather} flat_k={flat}",
+                    conv_relu_pool_kernel._conv_pool_kernel,
+                    fwd_types,
+                    dict(
+                        KH=3,
+                        KW=3,
+                        STRIDE=1,
+                        POOL=2,
+                        HAS_SCALE=True,
+                        HAS_SHIFT=True,
+                        LEAKY=False,
+                        GATHER=gather,
+                        FLAT_K=flat,
+                        TF32=tf32,
+                        UPCAST=False,
+                    ),
+                )
+        dg_types = dict(
+            mu_ptr=p,
+            sw_ptr="*u8",
+            w_ptr=p,
+            scale_ptr=p,
+            out_ptr=p,
+            M=i,
+            C_in=i,
+            C_out=i,
+            H=i,
+            W=i,
+            Hp=i,
+            Wp=i,
+            pad=i,
+            slope="fp32",
+            smn=i,
+            smc=i,
+            smh=i,
+            smw=i,
+            ssn=i,
+            ssc=i,
+            ssh=i,
+            ssw=i,
+            swo=i,
+            swi=i,
+            swh=i,
+            sww=i,
+        )
         for stride in (1, 2):
-            yield (f"render {dt} stride={stride}", render_kernel._render_kernel, dg_types,
-                   dict(KH=3, KW=3, STRIDE=stride, POOL=2, HAS_SCALE=True, TF32=tf32, UPCAST=False))
-        wg_types = dict(src_ptr=p, mu_ptr=p, sw_ptr="*u8", scale_ptr=p, part_ptr="*fp32", P=i, C_in=i, C_out=i,
-                        Hin=i, Win=i, Hp=i, Wp=i, pad=i, slope="fp32", chunk=i, sxn=i, sxc=i, sxh=i, sxw=i,
-                        smn=i, smc=i, smh=i, smw=i, ssn=i, ssc=i, ssh=i, ssw=i)
-        yield (f"render_wgrad {dt}", render_wgrad_kernel._wgrad_kernel, wg_types,
-               dict(KH=3, KW=3, STRIDE=1, POOL=2, HAS_SCALE=True, TF32=tf32, UPCAST=False))
-        ep_types = dict(z_ptr=p, scale_ptr=p, shift_ptr=p, y_ptr=p, sw_ptr="*u8", P=i, C=i, Hp=i, Wp=i,
-                        slope="fp32", szn=i, szc=i, szh=i, szw=i)
+            yield (
+                f"render {dt} stride={stride}",
+                render_kernel._render_kernel,
+                dg_types,
+                dict(KH=3, KW=3, STRIDE=stride, POOL=2, HAS_SCALE=True, TF32=tf32, UPCAST=False),
+            )
+        wg_types = dict(
+            src_ptr=p,
+            mu_ptr=p,
+            sw_ptr="*u8",
+            scale_ptr=p,
+            part_ptr="*fp32",
+            P=i,
+            C_in=i,
+            C_out=i,
+            Hin=i,
+            Win=i,
+            Hp=i,
+            Wp=i,
+            pad=i,
+            slope="fp32",
+            chunk=i,
+            sxn=i,
+            sxc=i,
+            sxh=i,
+            sxw=i,
+            smn=i,
+            smc=i,
+            smh=i,
+            smw=i,
+            ssn=i,
+            ssc=i,
+            ssh=i,
+            ssw=i,
+        )
+        yield (
+            f"render_wgrad {dt}",
+            render_wgrad_kernel._wgrad_kernel,
+            wg_types,
+            dict(KH=3, KW=3, STRIDE=1, POOL=2, HAS_SCALE=True, TF32=tf32, UPCAST=False),
+        )
+        ep_types = dict(
+            z_ptr=p,
+            scale_ptr=p,
+            shift_ptr=p,
+            y_ptr=p,
+            sw_ptr="*u8",
+            P=i,
+            C=i,
+            Hp=i,
+            Wp=i,
+            slope="fp32",
+            szn=i,
+            szc=i,
+            szh=i,
+            szw=i,
+        )
         yield f"bn_pool {dt}", conv_bn_relu_pool_kernel._bn_pool_kernel, ep_types, dict(POOL=2, LEAKY=True)
 
 
@@ -63,12 +174,15 @@ def compile_all(all_configs: bool, arch: int = 90) -> int:
             src = ASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in c.items()})
             t0 = time.time()
             try:
-                k = triton.compile(src, target=target,
-                                   options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                k = triton.compile(
+                    src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                )
                 smem = k.metadata.shared
                 note = "" if smem <= H100_SMEM else "  (exceeds sm_90 shared memory: autotune will skip it)"
-                print(f"ok   {label:36s} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: shared {smem} B, "
-                      f"{time.time() - t0:.1f} s{note}")
+                print(
+                    f"ok   {label:36s} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: shared {smem} B, "
+                    f"{time.time() - t0:.1f} s{note}"
+                )
             except Exception as exc:  # noqa: BLE001
                 failures += 1
                 print(f"FAIL {label} {cfg.kwargs}: {type(exc).__name__}: {str(exc)[:1500]}")
@@ -77,6 +191,7 @@ def compile_all(all_configs: bool, arch: int = 90) -> int:
 
 def main(argv=None) -> int:
     from ._status import is_interpreting
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--all", action="store_true", help="every autotune config, not only the first")
     ap.add_argument("--arch", type=int, default=90)

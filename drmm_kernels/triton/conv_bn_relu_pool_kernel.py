@@ -28,10 +28,24 @@ _CONFIGS = [
 @triton.autotune(configs=pick_configs(_CONFIGS), key=["P", "C", "POOL"])
 @triton.jit
 def _bn_pool_kernel(
-    z_ptr, scale_ptr, shift_ptr, y_ptr, sw_ptr,
-    P, C, Hp, Wp, slope,
-    szn, szc, szh, szw,
-    POOL: tl.constexpr, LEAKY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    z_ptr,
+    scale_ptr,
+    shift_ptr,
+    y_ptr,
+    sw_ptr,
+    P,
+    C,
+    Hp,
+    Wp,
+    slope,
+    szn,
+    szc,
+    szh,
+    szw,
+    POOL: tl.constexpr,
+    LEAKY: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -56,8 +70,9 @@ def _bn_pool_kernel(
     store_pooled(y_ptr, sw_ptr, out, mask, m, arg, slope, LEAKY)
 
 
-def bn_pool(*, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, pool: int,
-            negative_slope: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def bn_pool(
+    *, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, pool: int, negative_slope: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
     if z.dtype not in KERNEL_DTYPES:
         return reference.bn_pool(z=z, scale=scale, shift=shift, pool=pool, negative_slope=negative_slope)
     n, c, hc, wc = z.shape
@@ -69,6 +84,19 @@ def bn_pool(*, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, pool: 
         return y, sw
     grid = lambda meta: (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
     with device_guard(z):
-        _bn_pool_kernel[grid](z, scale, shift, y, sw, p, c, hp, wp, float(negative_slope), *z.stride(),
-                              POOL=pool, LEAKY=negative_slope > 0)
+        _bn_pool_kernel[grid](
+            z,
+            scale,
+            shift,
+            y,
+            sw,
+            p,
+            c,
+            hp,
+            wp,
+            float(negative_slope),
+            *z.stride(),
+            POOL=pool,
+            LEAKY=negative_slope > 0,
+        )
     return y, sw

@@ -20,8 +20,17 @@ import triton.language as tl
 
 from .. import reference
 from ..contract import conv_size, pooled_size
-from ._common import (KERNEL_DTYPES, OFFSET_MASK, device_guard, mma, pick_configs, store_pooled, upcast_dot,
-                      use_tf32, window_update)
+from ._common import (
+    KERNEL_DTYPES,
+    OFFSET_MASK,
+    device_guard,
+    mma,
+    pick_configs,
+    store_pooled,
+    upcast_dot,
+    use_tf32,
+    window_update,
+)
 
 _CONFIGS = [
     # interpreter uses the first one: few, large programs are what make the interpreter fast
@@ -41,18 +50,50 @@ def _prune(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
-@triton.autotune(configs=pick_configs(_CONFIGS),
-                 key=["P", "C_in", "C_out", "Hin", "Win", "KH", "KW", "STRIDE", "POOL", "GATHER", "FLAT_K"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(
+    configs=pick_configs(_CONFIGS),
+    key=["P", "C_in", "C_out", "Hin", "Win", "KH", "KW", "STRIDE", "POOL", "GATHER", "FLAT_K"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _conv_pool_kernel(
-    x_ptr, w_ptr, scale_ptr, shift_ptr, sw_ptr, y_ptr,
-    P, C_in, C_out, Hin, Win, Hp, Wp, pad, slope,
-    sxn, sxc, sxh, sxw, swo, swi, swh, sww,
-    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, POOL: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, LEAKY: tl.constexpr, GATHER: tl.constexpr,
-    FLAT_K: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    shift_ptr,
+    sw_ptr,
+    y_ptr,
+    P,
+    C_in,
+    C_out,
+    Hin,
+    Win,
+    Hp,
+    Wp,
+    pad,
+    slope,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    swo,
+    swi,
+    swh,
+    sww,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE: tl.constexpr,
+    POOL: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    LEAKY: tl.constexpr,
+    GATHER: tl.constexpr,
+    FLAT_K: tl.constexpr,
+    TF32: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_CO: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -102,7 +143,7 @@ def _conv_pool_kernel(
                 kw = tap % KW
                 ih = ih0[:, None] + kh[None, :]
                 iw = iw0[:, None] + kw[None, :]
-                a_mask = (mask_p[:, None] & mask_k[None, :] & (ih >= 0) & (ih < Hin) & (iw >= 0) & (iw < Win))
+                a_mask = mask_p[:, None] & mask_k[None, :] & (ih >= 0) & (ih < Hin) & (iw >= 0) & (iw < Win)
                 a = tl.load(x_ptr + x_base[:, None] + ci[None, :] * sxc + ih * sxh + iw * sxw, mask=a_mask, other=0.0)
                 b_offs = w_base[None, :] + (ci * swi + kh * swh + kw * sww)[:, None]
                 b = tl.load(w_ptr + b_offs, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
@@ -122,10 +163,14 @@ def _conv_pool_kernel(
                 a_row = x_base + ih * sxh + iw * sxw
                 ci = c0 + offs_k
                 mask_k = ci < C_in
-                a = tl.load(x_ptr + a_row[:, None] + ci[None, :] * sxc,
-                            mask=mask_a[:, None] & mask_k[None, :], other=0.0)
-                b = tl.load(w_ptr + (w_base + kh * swh + kw * sww)[None, :] + ci[:, None] * swi,
-                            mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+                a = tl.load(
+                    x_ptr + a_row[:, None] + ci[None, :] * sxc, mask=mask_a[:, None] & mask_k[None, :], other=0.0
+                )
+                b = tl.load(
+                    w_ptr + (w_base + kh * swh + kw * sww)[None, :] + ci[:, None] * swi,
+                    mask=mask_k[:, None] & mask_c[None, :],
+                    other=0.0,
+                )
                 acc = mma(a, b, acc, TF32, UPCAST)
         if GATHER:
             res = tl.where(code == t, acc, res)
@@ -143,8 +188,19 @@ def _conv_pool_kernel(
         store_pooled(y_ptr, sw_ptr, out_offs, out_mask, m, arg, slope, LEAKY)
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, scale, shift, switches, out, stride: int, padding: int,
-            pool: int, negative_slope: float, gather: bool) -> None:
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale,
+    shift,
+    switches,
+    out,
+    stride: int,
+    padding: int,
+    pool: int,
+    negative_slope: float,
+    gather: bool,
+) -> None:
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     hp, wp = out.shape[-2:]
@@ -155,13 +211,34 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale, shift, switches, out, 
     dummy = out  # never read: HAS_SCALE/HAS_SHIFT are False
     with device_guard(x):
         _conv_pool_kernel[grid](
-            x, weight, scale if scale is not None else dummy, shift if shift is not None else dummy,
-            switches, out,
-            p, c_in, c_out, h, w, hp, wp, padding, float(negative_slope),
-            *x.stride(), *weight.stride(),
-            KH=kh, KW=kw, STRIDE=stride, POOL=pool,
-            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, LEAKY=negative_slope > 0, GATHER=gather,
-            FLAT_K=c_in < 16, TF32=use_tf32(x.dtype), UPCAST=upcast_dot(x.dtype),
+            x,
+            weight,
+            scale if scale is not None else dummy,
+            shift if shift is not None else dummy,
+            switches,
+            out,
+            p,
+            c_in,
+            c_out,
+            h,
+            w,
+            hp,
+            wp,
+            padding,
+            float(negative_slope),
+            *x.stride(),
+            *weight.stride(),
+            KH=kh,
+            KW=kw,
+            STRIDE=stride,
+            POOL=pool,
+            HAS_SCALE=scale is not None,
+            HAS_SHIFT=shift is not None,
+            LEAKY=negative_slope > 0,
+            GATHER=gather,
+            FLAT_K=c_in < 16,
+            TF32=use_tf32(x.dtype),
+            UPCAST=upcast_dot(x.dtype),
         )
 
 
@@ -170,12 +247,28 @@ def _pooled_shape(x, weight, stride, padding, pool):
     return (x.shape[0], weight.shape[0], hp, wp)
 
 
-def conv_relu_pool(*, x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor],
-                   shift: Optional[torch.Tensor], stride: int, padding: int, pool: int,
-                   negative_slope: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def conv_relu_pool(
+    *,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    stride: int,
+    padding: int,
+    pool: int,
+    negative_slope: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     if x.dtype not in KERNEL_DTYPES:
-        return reference.conv_relu_pool(x=x, weight=weight, scale=scale, shift=shift, stride=stride, padding=padding,
-                                        pool=pool, negative_slope=negative_slope)
+        return reference.conv_relu_pool(
+            x=x,
+            weight=weight,
+            scale=scale,
+            shift=shift,
+            stride=stride,
+            padding=padding,
+            pool=pool,
+            negative_slope=negative_slope,
+        )
     shape = _pooled_shape(x, weight, stride, padding, pool)
     y = torch.empty(shape, dtype=x.dtype, device=x.device)
     sw = torch.empty(shape, dtype=torch.uint8, device=x.device)
@@ -183,11 +276,13 @@ def conv_relu_pool(*, x: torch.Tensor, weight: torch.Tensor, scale: Optional[tor
     return y, sw
 
 
-def gather_conv(*, src: torch.Tensor, weight: torch.Tensor, switches: torch.Tensor, stride: int, padding: int,
-                pool: int) -> torch.Tensor:
+def gather_conv(
+    *, src: torch.Tensor, weight: torch.Tensor, switches: torch.Tensor, stride: int, padding: int, pool: int
+) -> torch.Tensor:
     if src.dtype not in KERNEL_DTYPES:
-        return reference.gather_conv(src=src, weight=weight, switches=switches, stride=stride, padding=padding,
-                                     pool=pool)
+        return reference.gather_conv(
+            src=src, weight=weight, switches=switches, stride=stride, padding=padding, pool=pool
+        )
     out = torch.empty(switches.shape, dtype=src.dtype, device=src.device)
     _launch(src, weight, None, None, switches.contiguous(), out, stride, padding, pool, 0.0, gather=True)
     return out

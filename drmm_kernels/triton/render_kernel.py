@@ -38,17 +38,49 @@ def _prune(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
-@triton.autotune(configs=pick_configs(_CONFIGS),
-                 key=["M", "C_in", "C_out", "H", "W", "KH", "KW", "STRIDE", "POOL"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(
+    configs=pick_configs(_CONFIGS),
+    key=["M", "C_in", "C_out", "H", "W", "KH", "KW", "STRIDE", "POOL"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _render_kernel(
-    mu_ptr, sw_ptr, w_ptr, scale_ptr, out_ptr,
-    M, C_in, C_out, H, W, Hp, Wp, pad, slope,
-    smn, smc, smh, smw, ssn, ssc, ssh, ssw, swo, swi, swh, sww,
-    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, POOL: tl.constexpr,
-    HAS_SCALE: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
+    mu_ptr,
+    sw_ptr,
+    w_ptr,
+    scale_ptr,
+    out_ptr,
+    M,
+    C_in,
+    C_out,
+    H,
+    W,
+    Hp,
+    Wp,
+    pad,
+    slope,
+    smn,
+    smc,
+    smh,
+    smw,
+    ssn,
+    ssc,
+    ssh,
+    ssw,
+    swo,
+    swi,
+    swh,
+    sww,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE: tl.constexpr,
+    POOL: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    TF32: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_CI: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -101,19 +133,43 @@ def _render_kernel(
         if HAS_SCALE:
             s = tl.load(scale_ptr + co, mask=mask_k, other=0.0).to(tl.float32)
             g = g * s[None, :]
-        b = tl.load(w_ptr + (w_ci + kh * swh + kw * sww)[None, :] + co.to(tl.int64)[:, None] * swo,
-                    mask=mask_k[:, None] & mask_ci[None, :], other=0.0)
+        b = tl.load(
+            w_ptr + (w_ci + kh * swh + kw * sww)[None, :] + co.to(tl.int64)[:, None] * swo,
+            mask=mask_k[:, None] & mask_ci[None, :],
+            other=0.0,
+        )
         acc = mma(g.to(b.dtype), b, acc, TF32, UPCAST)
 
     out_offs = (n[:, None] * C_in + offs_ci[None, :]) * (H * W) + (ih * W + iw)[:, None]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_ci[None, :])
 
 
-def render(*, mu: torch.Tensor, switches: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor],
-           stride: int, padding: int, pool: int, out_h: int, out_w: int, negative_slope: float) -> torch.Tensor:
+def render(
+    *,
+    mu: torch.Tensor,
+    switches: torch.Tensor,
+    weight: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    stride: int,
+    padding: int,
+    pool: int,
+    out_h: int,
+    out_w: int,
+    negative_slope: float,
+) -> torch.Tensor:
     if mu.dtype not in KERNEL_DTYPES:
-        return reference.render(mu=mu, switches=switches, weight=weight, scale=scale, stride=stride, padding=padding,
-                                pool=pool, out_h=out_h, out_w=out_w, negative_slope=negative_slope)
+        return reference.render(
+            mu=mu,
+            switches=switches,
+            weight=weight,
+            scale=scale,
+            stride=stride,
+            padding=padding,
+            pool=pool,
+            out_h=out_h,
+            out_w=out_w,
+            negative_slope=negative_slope,
+        )
     n, c_out, hp, wp = mu.shape
     c_in, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3]
     h, w = out_h, out_w
@@ -124,10 +180,29 @@ def render(*, mu: torch.Tensor, switches: torch.Tensor, weight: torch.Tensor, sc
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_CI"]))  # noqa: E731
     with device_guard(mu):
         _render_kernel[grid](
-            mu, switches, weight, scale if scale is not None else mu, out,
-            m, c_in, c_out, h, w, hp, wp, padding, float(negative_slope),
-            *mu.stride(), *switches.stride(), *weight.stride(),
-            KH=kh, KW=kw, STRIDE=stride, POOL=pool, HAS_SCALE=scale is not None,
-            TF32=use_tf32(mu.dtype), UPCAST=upcast_dot(mu.dtype),
+            mu,
+            switches,
+            weight,
+            scale if scale is not None else mu,
+            out,
+            m,
+            c_in,
+            c_out,
+            h,
+            w,
+            hp,
+            wp,
+            padding,
+            float(negative_slope),
+            *mu.stride(),
+            *switches.stride(),
+            *weight.stride(),
+            KH=kh,
+            KW=kw,
+            STRIDE=stride,
+            POOL=pool,
+            HAS_SCALE=scale is not None,
+            TF32=use_tf32(mu.dtype),
+            UPCAST=upcast_dot(mu.dtype),
         )
     return out

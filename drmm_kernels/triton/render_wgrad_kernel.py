@@ -20,8 +20,18 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import (KERNEL_DTYPES, OFFSET_MASK, ON_BIT, device_guard, is_interpreting, mma, num_sms,
-                      pick_configs, upcast_dot, use_tf32)
+from ._common import (
+    KERNEL_DTYPES,
+    OFFSET_MASK,
+    ON_BIT,
+    device_guard,
+    is_interpreting,
+    mma,
+    num_sms,
+    pick_configs,
+    upcast_dot,
+    use_tf32,
+)
 
 _CONFIGS = [
     triton.Config({"BLOCK_CO": 32, "BLOCK_CI": 32, "BLOCK_P": 32}, num_warps=4, num_stages=3),
@@ -35,23 +45,59 @@ _CONFIGS = [
 
 def _prune(configs, named_args, **kwargs):
     c_in, c_out = named_args["C_in"], named_args["C_out"]
-    keep = [c for c in configs
-            if c.kwargs["BLOCK_CI"] <= max(16, triton.next_power_of_2(c_in))
-            and c.kwargs["BLOCK_CO"] <= max(32, triton.next_power_of_2(c_out))]
+    keep = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_CI"] <= max(16, triton.next_power_of_2(c_in))
+        and c.kwargs["BLOCK_CO"] <= max(32, triton.next_power_of_2(c_out))
+    ]
     return keep or configs[:1]
 
 
-@triton.autotune(configs=pick_configs(_CONFIGS),
-                 key=["P", "C_in", "C_out", "Hin", "Win", "KH", "KW", "STRIDE", "POOL"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(
+    configs=pick_configs(_CONFIGS),
+    key=["P", "C_in", "C_out", "Hin", "Win", "KH", "KW", "STRIDE", "POOL"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _wgrad_kernel(
-    src_ptr, mu_ptr, sw_ptr, scale_ptr, part_ptr,
-    P, C_in, C_out, Hin, Win, Hp, Wp, pad, slope, chunk,
-    sxn, sxc, sxh, sxw, smn, smc, smh, smw, ssn, ssc, ssh, ssw,
-    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, POOL: tl.constexpr,
-    HAS_SCALE: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr,
+    src_ptr,
+    mu_ptr,
+    sw_ptr,
+    scale_ptr,
+    part_ptr,
+    P,
+    C_in,
+    C_out,
+    Hin,
+    Win,
+    Hp,
+    Wp,
+    pad,
+    slope,
+    chunk,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    smn,
+    smc,
+    smh,
+    smw,
+    ssn,
+    ssc,
+    ssh,
+    ssw,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE: tl.constexpr,
+    POOL: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    TF32: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_CO: tl.constexpr,
+    BLOCK_CI: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tap = tl.program_id(1)
@@ -94,8 +140,11 @@ def _wgrad_kernel(
             ih = (hp * POOL + t // POOL) * STRIDE - pad + kh
             iw = (wp * POOL + t % POOL) * STRIDE - pad + kw
             ok = mask_p & (ih >= 0) & (ih < Hin) & (iw >= 0) & (iw < Win)
-            b = tl.load(src_ptr + (src_n + ih * sxh + iw * sxw)[:, None] + offs_ci[None, :] * sxc,
-                        mask=ok[:, None] & mask_ci[None, :], other=0.0)
+            b = tl.load(
+                src_ptr + (src_n + ih * sxh + iw * sxw)[:, None] + offs_ci[None, :] * sxc,
+                mask=ok[:, None] & mask_ci[None, :],
+                other=0.0,
+            )
             a = tl.where(gmask & (code == t), g, 0.0).to(b.dtype)
             acc = mma(a, b, acc, TF32, UPCAST)
 
@@ -103,12 +152,32 @@ def _wgrad_kernel(
     tl.store(part_ptr + out, acc, mask=mask_co[:, None] & mask_ci[None, :])
 
 
-def render_wgrad(*, src: torch.Tensor, mu: torch.Tensor, switches: torch.Tensor, scale: Optional[torch.Tensor],
-                 stride: int, padding: int, pool: int, negative_slope: float, kernel_h: int,
-                 kernel_w: int) -> torch.Tensor:
+def render_wgrad(
+    *,
+    src: torch.Tensor,
+    mu: torch.Tensor,
+    switches: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    stride: int,
+    padding: int,
+    pool: int,
+    negative_slope: float,
+    kernel_h: int,
+    kernel_w: int,
+) -> torch.Tensor:
     if src.dtype not in KERNEL_DTYPES:
-        return reference.render_wgrad(src=src, mu=mu, switches=switches, scale=scale, stride=stride, padding=padding,
-                                      pool=pool, negative_slope=negative_slope, kernel_h=kernel_h, kernel_w=kernel_w)
+        return reference.render_wgrad(
+            src=src,
+            mu=mu,
+            switches=switches,
+            scale=scale,
+            stride=stride,
+            padding=padding,
+            pool=pool,
+            negative_slope=negative_slope,
+            kernel_h=kernel_h,
+            kernel_w=kernel_w,
+        )
     n, c_in, h, w = src.shape
     c_out, hp, wp = mu.shape[1], mu.shape[2], mu.shape[3]
     kh, kw = kernel_h, kernel_w
@@ -125,14 +194,37 @@ def render_wgrad(*, src: torch.Tensor, mu: torch.Tensor, switches: torch.Tensor,
     chunk = triton.cdiv(triton.cdiv(p, split), 64) * 64
     split = triton.cdiv(p, chunk)
     part = torch.empty((split, c_out, c_in, kh, kw), dtype=torch.float32, device=src.device)
-    grid = lambda meta: (triton.cdiv(c_out, meta["BLOCK_CO"]) * triton.cdiv(c_in, meta["BLOCK_CI"]),  # noqa: E731
-                         kh * kw, split)
+    grid = lambda meta: (  # noqa: E731
+        triton.cdiv(c_out, meta["BLOCK_CO"]) * triton.cdiv(c_in, meta["BLOCK_CI"]),
+        kh * kw,
+        split,
+    )
     with device_guard(src):
         _wgrad_kernel[grid](
-            src, mu, switches, scale if scale is not None else mu, part,
-            p, c_in, c_out, h, w, hp, wp, padding, float(negative_slope), chunk,
-            *src.stride(), *mu.stride(), *switches.stride(),
-            KH=kh, KW=kw, STRIDE=stride, POOL=pool, HAS_SCALE=scale is not None,
-            TF32=use_tf32(src.dtype), UPCAST=upcast_dot(src.dtype),
+            src,
+            mu,
+            switches,
+            scale if scale is not None else mu,
+            part,
+            p,
+            c_in,
+            c_out,
+            h,
+            w,
+            hp,
+            wp,
+            padding,
+            float(negative_slope),
+            chunk,
+            *src.stride(),
+            *mu.stride(),
+            *switches.stride(),
+            KH=kh,
+            KW=kw,
+            STRIDE=stride,
+            POOL=pool,
+            HAS_SCALE=scale is not None,
+            TF32=use_tf32(src.dtype),
+            UPCAST=upcast_dot(src.dtype),
         )
     return part.sum(0).to(src.dtype)

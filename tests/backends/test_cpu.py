@@ -39,8 +39,9 @@ def test_cpu_invalid_switch_offset_is_an_error():
     sw = torch.full((1, 2, 3, 3), 0x85, dtype=torch.uint8)  # offset 5 >= pool*pool = 4
     wt = torch.randn(2, 3, 3, 3)
     with pytest.raises(RuntimeError, match="drmm_kernels.render: switches hold a window offset"):
-        cpu.kernels.render(mu=mu, switches=sw, weight=wt, scale=None, stride=1, padding=1, pool=2, out_h=6, out_w=6,
-                           negative_slope=0.0)
+        cpu.kernels.render(
+            mu=mu, switches=sw, weight=wt, scale=None, stride=1, padding=1, pool=2, out_h=6, out_w=6, negative_slope=0.0
+        )
     with pytest.raises(RuntimeError, match="drmm_kernels.gather_conv: switches hold a window offset"):
         cpu.kernels.gather_conv(src=torch.randn(1, 3, 6, 6), weight=wt, switches=sw, stride=1, padding=1, pool=2)
 
@@ -49,14 +50,16 @@ def test_cpu_invalid_switch_offset_is_an_error():
 def test_cpu_shape_errors_name_the_argument():
     x, wt = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
     with pytest.raises(RuntimeError, match="drmm_kernels.conv_relu_pool: scale must have shape"):
-        torch.ops.drmm_C.conv_relu_pool(x=x, weight=wt, scale=torch.ones(3), shift=None, stride=1, padding=1, pool=2,
-                                        negative_slope=0.0)
+        torch.ops.drmm_C.conv_relu_pool(
+            x=x, weight=wt, scale=torch.ones(3), shift=None, stride=1, padding=1, pool=2, negative_slope=0.0
+        )
     render = dict(weight=wt, scale=None, stride=1, padding=1, pool=2, out_h=8, out_w=8, negative_slope=0.0)
     with pytest.raises(RuntimeError, match="drmm_kernels.render: switches must be uint8"):
         torch.ops.drmm_C.render(mu=torch.randn(1, 4, 4, 4), switches=torch.zeros(1, 4, 4, 4), **render)
     with pytest.raises(RuntimeError, match="drmm_kernels.render: mu/switches must have shape"):
-        torch.ops.drmm_C.render(mu=torch.randn(1, 4, 3, 4), switches=torch.zeros(1, 4, 3, 4, dtype=torch.uint8),
-                                **render)
+        torch.ops.drmm_C.render(
+            mu=torch.randn(1, 4, 3, 4), switches=torch.zeros(1, 4, 3, 4, dtype=torch.uint8), **render
+        )
 
 
 @pytest.mark.cpu_backend
@@ -65,11 +68,16 @@ def test_cpu_backend_is_used_by_public_ops():
     with dk.backend("cpu"):
         y, sw = dk.conv_relu_pool(x, wt, padding=1)
         xh = dk.render(y, sw, wt, padding=1, out_size=(9, 9))
-    yr, swr = reference.conv_relu_pool(x=x, weight=wt, scale=None, shift=None, stride=1, padding=1, pool=2,
-                                       negative_slope=0.0)
+    yr, swr = reference.conv_relu_pool(
+        x=x, weight=wt, scale=None, shift=None, stride=1, padding=1, pool=2, negative_slope=0.0
+    )
     torch.testing.assert_close(y, yr)
-    torch.testing.assert_close(xh, reference.render(mu=y, switches=sw, weight=wt, scale=None, stride=1, padding=1,
-                                                    pool=2, out_h=9, out_w=9, negative_slope=0.0))
+    torch.testing.assert_close(
+        xh,
+        reference.render(
+            mu=y, switches=sw, weight=wt, scale=None, stride=1, padding=1, pool=2, out_h=9, out_w=9, negative_slope=0.0
+        ),
+    )
 
 
 @pytest.mark.cpu_backend
@@ -88,9 +96,14 @@ def test_cpu_results_are_bitwise_independent_of_threads_and_scheduling():
         try:
             for threads in (1, 2, 2, 2):
                 torch.set_num_threads(threads)
-                outs.append((cpu.kernels.render(mu=mu, switches=sw, weight=wt, scale=None, out_h=9, out_w=9, **geo),
-                             cpu.kernels.render_wgrad(src=x, mu=mu, switches=sw, scale=None, kernel_h=kernel[0],
-                                                      kernel_w=kernel[1], **geo)))
+                outs.append(
+                    (
+                        cpu.kernels.render(mu=mu, switches=sw, weight=wt, scale=None, out_h=9, out_w=9, **geo),
+                        cpu.kernels.render_wgrad(
+                            src=x, mu=mu, switches=sw, scale=None, kernel_h=kernel[0], kernel_w=kernel[1], **geo
+                        ),
+                    )
+                )
         finally:
             torch.set_num_threads(before)
         for other in outs[1:]:
@@ -127,6 +140,11 @@ assert len({o.untyped_storage().data_ptr() for o in outs}) == len(outs)
 print("ok")
 """
     env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=65536")
-    res = subprocess.run([sys.executable, "-c", "import drmm_kernels.cpu\n" + script], env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", "import drmm_kernels.cpu\n" + script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr

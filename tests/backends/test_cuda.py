@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import drmm_kernels as dk
-from drmm_kernels import reference
 
 import cuda_cases as cuda
 import eager
@@ -23,16 +22,27 @@ def test_cuda_public_op_gradients(case: cuda.Case):
         x, w, scale, shift = cuda.inputs(case)
         leaves = [t.requires_grad_() for t in (x, w, scale, shift) if t is not None]
         with cuda.tf32(False), dk.backend(backend):
-            y, sw = dk.conv_relu_pool(x, w, scale, shift, stride=case.stride, padding=case.pad, pool=case.pool,
-                                      negative_slope=case.slope)
+            y, sw = dk.conv_relu_pool(
+                x, w, scale, shift, stride=case.stride, padding=case.pad, pool=case.pool, negative_slope=case.slope
+            )
             gy = torch.randn(y.shape, dtype=y.dtype, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
             (y * gy).sum().backward()
-            mu = torch.randn(y.shape, dtype=y.dtype, device="cuda",
-                             generator=torch.Generator("cuda").manual_seed(3)).requires_grad_()
+            mu = torch.randn(
+                y.shape, dtype=y.dtype, device="cuda", generator=torch.Generator("cuda").manual_seed(3)
+            ).requires_grad_()
             sc = None if scale is None else scale.detach().clone().requires_grad_()
             wr = w.detach().clone().requires_grad_()
-            xh = dk.render(mu, sw if render_switches is None else render_switches, wr, sc, stride=case.stride,
-                           padding=case.pad, pool=case.pool, out_size=(case.h, case.w), negative_slope=case.slope)
+            xh = dk.render(
+                mu,
+                sw if render_switches is None else render_switches,
+                wr,
+                sc,
+                stride=case.stride,
+                padding=case.pad,
+                pool=case.pool,
+                out_size=(case.h, case.w),
+                negative_slope=case.slope,
+            )
             go = torch.randn(xh.shape, dtype=xh.dtype, device="cuda", generator=torch.Generator("cuda").manual_seed(4))
             (xh * go).sum().backward()
         grads = [t.grad for t in leaves] + [mu.grad, wr.grad] + ([sc.grad] if sc is not None else [])

@@ -24,8 +24,16 @@ CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
 ARCH = "sm_90a"
 
 # Kernels whose spills would cost real performance (the implicit-GEMM main loops and the exact paths).
-MAIN_KERNELS = ("crp_tc_kernel", "crp_simple_kernel", "bn_pool_kernel", "render_tc_kernel", "render_simple_kernel",
-                "wgrad_tc_kernel", "wgrad_simple_kernel", "wgrad_reduce_kernel")
+MAIN_KERNELS = (
+    "crp_tc_kernel",
+    "crp_simple_kernel",
+    "bn_pool_kernel",
+    "render_tc_kernel",
+    "render_simple_kernel",
+    "wgrad_tc_kernel",
+    "wgrad_simple_kernel",
+    "wgrad_reduce_kernel",
+)
 
 
 def _nvcc():
@@ -40,8 +48,10 @@ def _nvcc():
 
 
 NVCC = _nvcc()
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA_HOME/bin, /usr/local/cuda/bin, PATH): "
-                                                      "the CUDA compile check needs the CUDA toolkit")
+needs_nvcc = pytest.mark.skipif(
+    NVCC is None,
+    reason="nvcc not found (CUDA_HOME/bin, /usr/local/cuda/bin, PATH): the CUDA compile check needs the CUDA toolkit",
+)
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -61,8 +71,7 @@ def parse_ptxas(log: str):
             continue
         m = _SPILL.search(line)
         if m:
-            kernels[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
-                                    spill_loads=int(m.group(3)))
+            kernels[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
         m = _REGS.search(line)
         if m:
             kernels[current]["regs"] = int(m.group(1))
@@ -71,9 +80,22 @@ def parse_ptxas(log: str):
 
 def _compile(cu: Path, out_dir: str):
     obj = os.path.join(out_dir, cu.stem + ".o")
-    cmd = [NVCC, "-c", "-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr",
-           f"-gencode=arch=compute_{ARCH[3:]},code={ARCH}", "-Xptxas", "-v", "-I", str(ROOT / "csrc"),
-           str(cu), "-o", obj]
+    cmd = [
+        NVCC,
+        "-c",
+        "-std=c++17",
+        "-O3",
+        "-DNDEBUG",
+        "--expt-relaxed-constexpr",
+        f"-gencode=arch=compute_{ARCH[3:]},code={ARCH}",
+        "-Xptxas",
+        "-v",
+        "-I",
+        str(ROOT / "csrc"),
+        str(cu),
+        "-o",
+        obj,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     return cu.name, proc.returncode, proc.stdout + proc.stderr, " ".join(cmd)
 
@@ -118,7 +140,8 @@ def test_compiles_without_spills(ptxas_reports, cu):
         assert "spill_stores" in info, f"{name}: no spill line in the ptxas report"
         if any(k in name for k in MAIN_KERNELS):
             assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (
-                f"{cu}: {name} spills registers ({info}); see build/ptxas/{Path(cu).stem}.log")
+                f"{cu}: {name} spills registers ({info}); see build/ptxas/{Path(cu).stem}.log"
+            )
 
 
 @needs_nvcc
@@ -147,11 +170,12 @@ def test_extension_built_with_cuda():
 
     assert dispatch.load_extension(), dispatch.extension_error()
     assert torch.ops.drmm_C.built_with_cuda(), (
-        "torch is a CUDA build and nvcc is present, but drmm_kernels._C was built without csrc/cuda "
-        "(run `make build`)")
+        "torch is a CUDA build and nvcc is present, but drmm_kernels._C was built without csrc/cuda (run `make build`)"
+    )
     for op in ("conv_relu_pool", "bn_pool", "render", "gather_conv", "render_wgrad"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"drmm_C::{op}", "CUDA"), (
-            f"drmm_C::{op} has no CUDA kernel registered")
+            f"drmm_C::{op} has no CUDA kernel registered"
+        )
 
 
 def test_cuda_backend_reports_status():

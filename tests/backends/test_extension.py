@@ -9,7 +9,16 @@ import drmm_kernels as dk
 from drmm_kernels import dispatch
 
 REQUIRED = os.environ.get("DRMM_REQUIRE_EXTENSION") == "1"
-CPU_OPS = ("conv_relu_pool", "bn_pool", "render", "gather_conv", "render_wgrad", "masked_values", "unpool", "batch_stats")
+CPU_OPS = (
+    "conv_relu_pool",
+    "bn_pool",
+    "render",
+    "gather_conv",
+    "render_wgrad",
+    "masked_values",
+    "unpool",
+    "batch_stats",
+)
 
 
 def test_extension_state_is_reported():
@@ -36,6 +45,7 @@ def test_extension_registers_cpu_kernels():
 def test_import_without_extension_falls_back_to_reference(tmp_path):
     import subprocess
     import sys
+
     # Shadow drmm_kernels._C with a module that fails to import: the package must still work.
     code = (
         "import sys, types, importlib.abc\n"
@@ -54,6 +64,7 @@ def test_import_without_extension_falls_back_to_reference(tmp_path):
         "    assert 'not available' in str(e); print('ok')\n"
     )
     # DRMM_JIT=0: without it the missing extension would be compiled on first use (tests/test_install.py).
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=dict(os.environ, DRMM_JIT="0"))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, DRMM_JIT="0")
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

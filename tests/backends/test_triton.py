@@ -29,10 +29,12 @@ def test_triton_kernels_compile_for_sm90():
     import os
     import subprocess
     import sys
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["DRMM_TRITON_AUTOTUNE"] = "0"
-    proc = subprocess.run([sys.executable, "-m", "drmm_kernels.triton._aot"], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "drmm_kernels.triton._aot"], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
@@ -44,10 +46,12 @@ def test_triton_gpu_realistic(case: trt.Case):
     tol = 2e-2 if case.dtype != torch.float32 else 5e-3  # TF32 (cudnn default) on both sides
     leaves = [t.requires_grad_() for t in (x, w, scale, shift) if t is not None]
     with dk.backend("triton"):
-        y, sw = dk.conv_relu_pool(x, w, scale, shift, stride=case.stride, padding=case.pad, pool=case.pool,
-                                  negative_slope=case.slope)
-    v = eager.pre_activation(x.detach().double(), w.detach().double(), trt.dc(scale), trt.dc(shift), case.stride,
-                             case.pad)
+        y, sw = dk.conv_relu_pool(
+            x, w, scale, shift, stride=case.stride, padding=case.pad, pool=case.pool, negative_slope=case.slope
+        )
+    v = eager.pre_activation(
+        x.detach().double(), w.detach().double(), trt.dc(scale), trt.dc(shift), case.stride, case.pad
+    )
     y_ref, sw_ref = reference.pool_switches(v, case.pool, case.slope)
     assert trt.rel_err(y, y_ref) < tol
     eager.assert_switches_agree(sw, sw_ref, v, case.pool, 2e-2 * v.abs().max().item(), "conv_relu_pool")
@@ -70,10 +74,28 @@ def test_triton_gpu_realistic(case: trt.Case):
     # the top-down pass (raw weight), against max_unpool2d + mask + conv_transpose2d in float64
     mu = torch.randn_like(y).detach()
     with dk.backend("triton"):
-        xh = dk.render(mu, sw, w.detach(), stride=case.stride, padding=case.pad, pool=case.pool,
-                       out_size=(case.h, case.w), negative_slope=case.slope)
-    xh_ref = reference.render(mu=mu.double(), switches=sw, weight=w.detach().double(), scale=None, stride=case.stride,
-                              padding=case.pad, pool=case.pool, out_h=case.h, out_w=case.w, negative_slope=case.slope)
+        xh = dk.render(
+            mu,
+            sw,
+            w.detach(),
+            stride=case.stride,
+            padding=case.pad,
+            pool=case.pool,
+            out_size=(case.h, case.w),
+            negative_slope=case.slope,
+        )
+    xh_ref = reference.render(
+        mu=mu.double(),
+        switches=sw,
+        weight=w.detach().double(),
+        scale=None,
+        stride=case.stride,
+        padding=case.pad,
+        pool=case.pool,
+        out_h=case.h,
+        out_w=case.w,
+        negative_slope=case.slope,
+    )
     assert trt.rel_err(xh, xh_ref) < tol
 
 
@@ -103,15 +125,19 @@ def test_autotune_can_be_switched_off():
     import os
     import subprocess
     import sys
-    code = ("from drmm_kernels.triton import conv_bn_relu_pool_kernel as b, conv_relu_pool_kernel as c, "
-            "render_kernel as r, render_wgrad_kernel as w\n"
-            "print(*(len(k.configs) for k in (c._conv_pool_kernel, r._render_kernel, w._wgrad_kernel, "
-            "b._bn_pool_kernel)))")
+
+    code = (
+        "from drmm_kernels.triton import conv_bn_relu_pool_kernel as b, conv_relu_pool_kernel as c, "
+        "render_kernel as r, render_wgrad_kernel as w\n"
+        "print(*(len(k.configs) for k in (c._conv_pool_kernel, r._render_kernel, w._wgrad_kernel, "
+        "b._bn_pool_kernel)))"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DRMM_TRITON_AUTOTUNE")}
 
     def counts(**extra):
-        out = subprocess.run([sys.executable, "-c", code], env=dict(env, **extra), capture_output=True, text=True,
-                             timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=dict(env, **extra), capture_output=True, text=True, timeout=300
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         return [int(n) for n in out.stdout.split()]
 

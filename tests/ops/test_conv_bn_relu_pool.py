@@ -18,6 +18,7 @@ import triton_cases as trt
 
 # --------------------------------------------------------------------------- public op vs eager, every backend
 
+
 @pytest.mark.parametrize("backend", oc.BACKENDS)
 @pytest.mark.parametrize("training", [True, False])
 @given(case=oc.conv_cases(max_size=17))
@@ -43,8 +44,11 @@ def test_conv_bn_relu_pool_matches_eager(backend, training, case):
     oc.check_switches(sw, y_e, idx_e, v, case)
     gy = torch.randn_like(y_e)
     leaves = [x, w, gamma, beta]
-    for name, a, b in zip(("x", "weight", "bn_weight", "bn_bias"), torch.autograd.grad((y * gy).sum(), leaves),
-                          torch.autograd.grad((y_e * gy).sum(), leaves)):
+    for name, a, b in zip(
+        ("x", "weight", "bn_weight", "bn_bias"),
+        torch.autograd.grad((y * gy).sum(), leaves),
+        torch.autograd.grad((y_e * gy).sum(), leaves),
+    ):
         torch.testing.assert_close(a, b, **tol, msg=lambda m: f"d{name}: {m}")
 
 
@@ -55,8 +59,11 @@ def test_gradcheck_conv_bn_relu_pool(backend, training):
     rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
     with dk.backend(backend):
         assert torch.autograd.gradcheck(
-            lambda *a: dk.conv_bn_relu_pool(*a, None if training else rm, None if training else rv,
-                                            training=training, padding=1)[0], (x, w, gamma, beta))
+            lambda *a: dk.conv_bn_relu_pool(
+                *a, None if training else rm, None if training else rv, training=training, padding=1
+            )[0],
+            (x, w, gamma, beta),
+        )
 
 
 @pytest.mark.parametrize("backend", oc.BACKENDS)
@@ -66,8 +73,9 @@ def test_gradgradcheck_conv_bn_relu_pool_training(backend, pool):
     x, w, gamma, beta = oc.small(cin=1, cout=2, h=5, w=4, n=2)
     with dk.backend(backend):
         assert torch.autograd.gradgradcheck(
-            lambda *a: dk.conv_bn_relu_pool(*a, None, None, training=True, padding=1, pool=pool,
-                                            negative_slope=0.1)[0], (x, w, gamma, beta))
+            lambda *a: dk.conv_bn_relu_pool(*a, None, None, training=True, padding=1, pool=pool, negative_slope=0.1)[0],
+            (x, w, gamma, beta),
+        )
 
 
 @pytest.mark.parametrize("backend", oc.BACKENDS)
@@ -121,6 +129,7 @@ def test_conv_bn_relu_pool_bad_input():
 
 # --------------------------------------------------------------------------- cpu kernels
 
+
 @pytest.mark.cpu_backend
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
@@ -163,7 +172,7 @@ def test_cpu_bn_pool_ties_nan_negative_exact(dtype, fmt, case):
 def test_cpu_batch_stats_matches_float64(dtype, shape, offset):
     # A large common offset (|mean| >> std) is where one-pass sums of squares lose everything without the shift.
     torch.manual_seed(0)
-    z = (torch.randn(*shape, dtype=torch.float64) * 0.5 + offset + torch.arange(shape[1]).view(1, -1, 1, 1))
+    z = torch.randn(*shape, dtype=torch.float64) * 0.5 + offset + torch.arange(shape[1]).view(1, -1, 1, 1)
     var_ref, mean_ref = torch.var_mean(z, dim=(0, 2, 3), unbiased=False)
     z = z.to(dtype)
     mean, var = cpu.kernels.batch_stats(z=z)
@@ -186,6 +195,7 @@ def test_cpu_batch_stats_matches_float64(dtype, shape, offset):
 
 # --------------------------------------------------------------------------- triton kernels
 
+
 @pytest.mark.triton
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("slope", [0.0, 0.1])
@@ -205,14 +215,21 @@ def test_triton_bn_pool_and_conv_bn_relu_pool(channels_last, slope):
         for name in ("triton", "reference"):
             leaves = [t.detach().clone().requires_grad_() for t in (x, w, scale, shift)]
             with dk.backend(name):
-                yb, swb = dk.conv_bn_relu_pool(*leaves, rm.clone(), rv.clone(), training=training, padding=1,
-                                               negative_slope=slope)
+                yb, swb = dk.conv_bn_relu_pool(
+                    *leaves, rm.clone(), rv.clone(), training=training, padding=1, negative_slope=slope
+                )
             (yb * torch.linspace(-1, 1, yb.numel(), device=trt.DEV).view_as(yb)).sum().backward()
             outs[name] = (yb, swb, [t.grad for t in leaves])
         (yt, swt, gt), (yr, swr, gr) = outs["triton"], outs["reference"]
         zd = F.conv2d(trt.d(x), trt.d(w), None, 1, 1)
-        vd = F.batch_norm(zd, None if training else rm.double().cpu(), None if training else rv.double().cpu(),
-                          trt.d(scale), trt.d(shift), training)
+        vd = F.batch_norm(
+            zd,
+            None if training else rm.double().cpu(),
+            None if training else rv.double().cpu(),
+            trt.d(scale),
+            trt.d(shift),
+            training,
+        )
         eager.assert_switches_agree(swt, swr, vd, 2, trt.switch_tol(vd, torch.float32), "conv_bn_relu_pool")
         trt.close(yt, yr, torch.float32, f"conv_bn_relu_pool training={training}")
         if not torch.equal(swt, swr):

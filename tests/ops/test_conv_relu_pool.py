@@ -6,7 +6,7 @@ a GPU; cuda: GPU only).
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 import drmm_kernels as dk
@@ -21,14 +21,16 @@ import triton_cases as trt
 
 # --------------------------------------------------------------------------- public op vs eager, every backend
 
+
 @pytest.mark.parametrize("backend", oc.BACKENDS)
 @given(case=oc.conv_cases())
 def test_conv_relu_pool_matches_eager(backend, case):
     x, w, scale, shift = oc.make(case)
     with dk.backend(backend):
         y, sw = dk.conv_relu_pool(x, w, scale, shift, **oc.kwargs(case))
-    y_e, idx_e, v = eager.conv_relu_pool(x, w, scale, shift, case["stride"], case["padding"], case["pool"],
-                                         case["slope"])
+    y_e, idx_e, v = eager.conv_relu_pool(
+        x, w, scale, shift, case["stride"], case["padding"], case["pool"], case["slope"]
+    )
     tol = eager.TOL[case["dtype"]]
     assert y.shape == y_e.shape and sw.shape == y.shape and sw.dtype == torch.uint8
     torch.testing.assert_close(y, y_e, **tol)
@@ -49,7 +51,8 @@ def test_gradcheck_conv_relu_pool(backend, slope):
     x, w, scale, shift = oc.small()
     with dk.backend(backend):
         assert torch.autograd.gradcheck(
-            lambda *a: dk.conv_relu_pool(*a, padding=1, negative_slope=slope)[0], (x, w, scale, shift))
+            lambda *a: dk.conv_relu_pool(*a, padding=1, negative_slope=slope)[0], (x, w, scale, shift)
+        )
 
 
 @pytest.mark.parametrize("backend", oc.BACKENDS)
@@ -79,21 +82,22 @@ def test_gradgradcheck(backend):
     with dk.backend(backend):
         y, sw = dk.conv_relu_pool(x, w, scale, shift, padding=1, negative_slope=0.1)
         assert torch.autograd.gradgradcheck(
-            lambda *a: dk.conv_relu_pool(*a, padding=1, negative_slope=0.1)[0], (x, w, scale, shift))
+            lambda *a: dk.conv_relu_pool(*a, padding=1, negative_slope=0.1)[0], (x, w, scale, shift)
+        )
         mu = torch.randn_like(y).requires_grad_(True)
         assert torch.autograd.gradgradcheck(
             lambda m, wt, s: dk.render(m, sw, wt, s, padding=1, out_size=x.shape[-2:], negative_slope=0.1),
-            (mu, w, scale))
+            (mu, w, scale),
+        )
 
 
 @pytest.mark.parametrize("backend", oc.BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_ties_pick_first_maximum(backend, dtype):
     # A 1x1 identity conv makes v = x exactly; ties inside windows must resolve to the first (row-major).
-    x = torch.tensor([[[[1.0, 1.0, 2.0, 0.5],
-                        [1.0, 0.0, 2.0, 2.0],
-                        [-1.0, -1.0, 0.0, 0.0],
-                        [-1.0, -1.0, 0.0, 0.0]]]], dtype=dtype)
+    x = torch.tensor(
+        [[[[1.0, 1.0, 2.0, 0.5], [1.0, 0.0, 2.0, 2.0], [-1.0, -1.0, 0.0, 0.0], [-1.0, -1.0, 0.0, 0.0]]]], dtype=dtype
+    )
     w = torch.ones(1, 1, 1, 1, dtype=dtype)
     with dk.backend(backend):
         y, sw = dk.conv_relu_pool(x, w)
@@ -110,15 +114,14 @@ def test_all_negative_windows_record_offset_and_off_bit(backend):
     with dk.backend(backend):
         y, sw = dk.conv_relu_pool(x, w)
         y_l, sw_l = dk.conv_relu_pool(x, w, negative_slope=0.1)
-    assert sw.item() == 1 and y.item() == 0.0          # offset of the max (-1.0), a bit off
+    assert sw.item() == 1 and y.item() == 0.0  # offset of the max (-1.0), a bit off
     assert sw_l.item() == 1 and y_l.item() == pytest.approx(-0.1)
     assert F.max_pool2d(x, 2, return_indices=True)[1].item() == 1
 
 
 @pytest.mark.parametrize("backend", oc.BACKENDS)
 def test_nan_propagates_like_max_pool2d(backend):
-    x = torch.tensor([[[[1.0, float("nan"), 5.0, 2.0],
-                        [3.0, 4.0, 1.0, 0.0]]]])
+    x = torch.tensor([[[[1.0, float("nan"), 5.0, 2.0], [3.0, 4.0, 1.0, 0.0]]]])
     w = torch.ones(1, 1, 1, 1)
     with dk.backend(backend):
         y, sw = dk.conv_relu_pool(x, w)
@@ -128,22 +131,25 @@ def test_nan_propagates_like_max_pool2d(backend):
     assert (sw[0, 0, 0, 0] & 0x80) == 0 and y[0, 0, 0, 1] == 5.0
 
 
-@pytest.mark.parametrize("mutate, exc, words", [
-    (lambda x, w: (x[0], w, {}), ValueError, ["x", "4-D", "3x8x8"]),
-    (lambda x, w: (x, w[:, :2], {}), ValueError, ["weight", "input channels", "4x2x3x3", "2x3x8x8"]),
-    (lambda x, w: (x, w.double(), {}), TypeError, ["weight", "float64", "float32"]),
-    (lambda x, w: (x.int(), w, {}), TypeError, ["x", "floating", "int32"]),
-    (lambda x, w: (x, w, {"pool": 5}), ValueError, ["pool", "[1, 4]", "5"]),
-    (lambda x, w: (x, w, {"pool": 0}), ValueError, ["pool"]),
-    (lambda x, w: (x, w, {"negative_slope": 1.5}), ValueError, ["negative_slope", "[0, 1)"]),
-    (lambda x, w: (x, w, {"stride": 0}), ValueError, ["stride"]),
-    (lambda x, w: (x, w, {"padding": -1}), ValueError, ["padding"]),
-    (lambda x, w: (x, w, {"stride": 1.5}), TypeError, ["stride", "int"]),
-    (lambda x, w: (x[..., :2, :2], w, {"padding": 0}), ValueError, ["smaller than the kernel"]),
-    (lambda x, w: (x[..., :4, :4], w, {"pool": 4}), ValueError, ["pooled size is zero", "pool=4"]),
-    (lambda x, w: (x, w, {"scale": torch.ones(3)}), ValueError, ["scale", "4 elements", "(3)"]),
-    (lambda x, w: (x, w, {"shift": torch.ones(4, dtype=torch.float64)}), TypeError, ["shift", "float64"]),
-])
+@pytest.mark.parametrize(
+    "mutate, exc, words",
+    [
+        (lambda x, w: (x[0], w, {}), ValueError, ["x", "4-D", "3x8x8"]),
+        (lambda x, w: (x, w[:, :2], {}), ValueError, ["weight", "input channels", "4x2x3x3", "2x3x8x8"]),
+        (lambda x, w: (x, w.double(), {}), TypeError, ["weight", "float64", "float32"]),
+        (lambda x, w: (x.int(), w, {}), TypeError, ["x", "floating", "int32"]),
+        (lambda x, w: (x, w, {"pool": 5}), ValueError, ["pool", "[1, 4]", "5"]),
+        (lambda x, w: (x, w, {"pool": 0}), ValueError, ["pool"]),
+        (lambda x, w: (x, w, {"negative_slope": 1.5}), ValueError, ["negative_slope", "[0, 1)"]),
+        (lambda x, w: (x, w, {"stride": 0}), ValueError, ["stride"]),
+        (lambda x, w: (x, w, {"padding": -1}), ValueError, ["padding"]),
+        (lambda x, w: (x, w, {"stride": 1.5}), TypeError, ["stride", "int"]),
+        (lambda x, w: (x[..., :2, :2], w, {"padding": 0}), ValueError, ["smaller than the kernel"]),
+        (lambda x, w: (x[..., :4, :4], w, {"pool": 4}), ValueError, ["pooled size is zero", "pool=4"]),
+        (lambda x, w: (x, w, {"scale": torch.ones(3)}), ValueError, ["scale", "4 elements", "(3)"]),
+        (lambda x, w: (x, w, {"shift": torch.ones(4, dtype=torch.float64)}), TypeError, ["shift", "float64"]),
+    ],
+)
 def test_conv_relu_pool_bad_input(mutate, exc, words):
     x, w, kw = mutate(*oc.base())
     scale, shift = kw.pop("scale", None), kw.pop("shift", None)
@@ -156,14 +162,22 @@ def test_conv_relu_pool_bad_input(mutate, exc, words):
 
 # --------------------------------------------------------------------------- cpu kernels
 
+
 @pytest.mark.cpu_backend
 @given(cpu.geometry(), st.booleans(), st.booleans())
 def test_cpu_conv_relu_pool_matches_reference(g, use_scale, use_shift):
     gen, x, wt, scale, shift = cpu.make_inputs(g)
     scale = scale if use_scale else None
     shift = shift if use_shift else None
-    args = dict(weight=wt, scale=scale, shift=shift, stride=g["stride"], padding=g["pad"], pool=g["pool"],
-                negative_slope=g["slope"])
+    args = dict(
+        weight=wt,
+        scale=scale,
+        shift=shift,
+        stride=g["stride"],
+        padding=g["pad"],
+        pool=g["pool"],
+        negative_slope=g["slope"],
+    )
     y, sw = cpu.kernels.conv_relu_pool(x=cpu.layout(x, g["layout"]), **args)
     yr, swr = reference.conv_relu_pool(x=x, **args)
     assert y.is_contiguous() and y.dtype == x.dtype
@@ -229,8 +243,9 @@ def test_cpu_non_square_and_even_kernels(kernel):
     mu = torch.randn(y.shape, generator=gen, dtype=torch.float64)
     render = dict(mu=mu, switches=sw, weight=wt, scale=None, out_h=10, out_w=11, negative_slope=0.1, **geo)
     torch.testing.assert_close(cpu.kernels.render(**render), reference.render(**render))
-    wgrad = dict(src=x, mu=mu, switches=sw, scale=None, negative_slope=0.1, kernel_h=kernel[0], kernel_w=kernel[1],
-                 **geo)
+    wgrad = dict(
+        src=x, mu=mu, switches=sw, scale=None, negative_slope=0.1, kernel_h=kernel[0], kernel_w=kernel[1], **geo
+    )
     torch.testing.assert_close(cpu.kernels.render_wgrad(**wgrad), reference.render_wgrad(**wgrad))
     gather = dict(src=x, weight=wt, switches=sw, **geo)
     torch.testing.assert_close(cpu.kernels.gather_conv(**gather), reference.gather_conv(**gather))
@@ -238,14 +253,16 @@ def test_cpu_non_square_and_even_kernels(kernel):
 
 # --------------------------------------------------------------------------- triton kernels
 
+
 @pytest.mark.triton
 @pytest.mark.parametrize("case", trt.CASES, ids=str)
 def test_triton_conv_relu_pool_forward_and_gradients(case: trt.Case):
     x, w, scale, shift = trt.inputs(case)
     leaves = [t.requires_grad_() for t in (x, w, scale, shift) if t is not None]
     with dk.backend("triton"):
-        y, sw = dk.conv_relu_pool(x, w, scale, shift, stride=case.stride, padding=case.pad, pool=case.pool,
-                                  negative_slope=case.slope)
+        y, sw = dk.conv_relu_pool(
+            x, w, scale, shift, stride=case.stride, padding=case.pad, pool=case.pool, negative_slope=case.slope
+        )
     assert y.dtype == case.dtype and sw.dtype == torch.uint8 and y.is_contiguous()
     v, y_ref, sw_ref = trt.expected_forward(case, x, w, scale, shift)
     assert y.shape == y_ref.shape and sw.shape == y.shape
@@ -276,9 +293,10 @@ def test_triton_all_negative_windows_and_nan():
     case = trt.Case(1, 3, 4, 6, 6, 3, 1)
     x, w, _, _ = trt.inputs(case)
     shift = torch.full((4,), -50.0, device=trt.DEV)  # every window max < 0: y = 0, a bit off, argmax still recorded
-    x[0, 1, 2, 3] = float("nan")                  # NaN wins its windows, as in max_pool2d
-    y, sw = trt.kernels.conv_relu_pool(x=x, weight=w, scale=None, shift=shift, stride=1, padding=1, pool=2,
-                                       negative_slope=0.0)
+    x[0, 1, 2, 3] = float("nan")  # NaN wins its windows, as in max_pool2d
+    y, sw = trt.kernels.conv_relu_pool(
+        x=x, weight=w, scale=None, shift=shift, stride=1, padding=1, pool=2, negative_slope=0.0
+    )
     v = eager.pre_activation(trt.d(x), trt.d(w), None, trt.d(shift), 1, 1)
     y_ref, sw_ref = reference.pool_switches(v, 2, 0.0)
     nan = torch.isnan(y_ref)
@@ -291,6 +309,7 @@ def test_triton_all_negative_windows_and_nan():
 
 
 # --------------------------------------------------------------------------- cuda kernels
+
 
 @pytest.mark.gpu
 @pytest.mark.cuda
@@ -308,8 +327,9 @@ def test_cuda_nan_propagates_like_max_pool(dtype):
     x[0, 1, 4, 4] = float("nan")
     with cuda.tf32(False), dk.backend("cuda"):
         y, sw = dk.conv_relu_pool(x, w, padding=1)
-    y_ref, sw_ref = reference.conv_relu_pool(x=x, weight=w, scale=None, shift=None, stride=1, padding=1, pool=2,
-                                             negative_slope=0.0)
+    y_ref, sw_ref = reference.conv_relu_pool(
+        x=x, weight=w, scale=None, shift=None, stride=1, padding=1, pool=2, negative_slope=0.0
+    )
     assert torch.equal(torch.isnan(y), torch.isnan(y_ref)) and torch.isnan(y).any()
     nan = torch.isnan(y_ref)
     assert torch.equal(sw[nan], sw_ref[nan])

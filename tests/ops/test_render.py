@@ -19,24 +19,39 @@ import triton_cases as trt
 
 # --------------------------------------------------------------------------- public op vs eager, every backend
 
+
 @pytest.mark.parametrize("backend", oc.BACKENDS)
 @given(case=oc.conv_cases())
 def test_render_is_the_eager_input_gradient(backend, case):
     """render(g, switches, w, scale) == d/dx of <g, max_pool2d(act(conv2d(x)*scale+shift))>, eager autograd."""
     x, w, scale, shift = oc.make(case)
     with dk.backend(backend):
-        y, sw = dk.conv_relu_pool(x.detach(), w.detach(), None if scale is None else scale.detach(),
-                                  None if shift is None else shift.detach(), **oc.kwargs(case))
+        y, sw = dk.conv_relu_pool(
+            x.detach(),
+            w.detach(),
+            None if scale is None else scale.detach(),
+            None if shift is None else shift.detach(),
+            **oc.kwargs(case),
+        )
         g = torch.randn_like(y)
-        x_hat = dk.render(g, sw, w.detach(), None if scale is None else scale.detach(), stride=case["stride"],
-                          padding=case["padding"], pool=case["pool"], out_size=x.shape[-2:],
-                          negative_slope=case["slope"])
-    y_e, idx_e, v = eager.conv_relu_pool(x, w, scale, shift, case["stride"], case["padding"], case["pool"],
-                                         case["slope"])
+        x_hat = dk.render(
+            g,
+            sw,
+            w.detach(),
+            None if scale is None else scale.detach(),
+            stride=case["stride"],
+            padding=case["padding"],
+            pool=case["pool"],
+            out_size=x.shape[-2:],
+            negative_slope=case["slope"],
+        )
+    y_e, idx_e, v = eager.conv_relu_pool(
+        x, w, scale, shift, case["stride"], case["padding"], case["pool"], case["slope"]
+    )
     # Only where both implementations picked the same window position is the gradient comparable.
     idx = dk.switches_to_indices(sw, pool=case["pool"], conv_size=tuple(v.shape[-2:]))
     assume(torch.equal(idx, idx_e))
-    gx_e, = torch.autograd.grad(y_e, x, g)
+    (gx_e,) = torch.autograd.grad(y_e, x, g)
     torch.testing.assert_close(x_hat, gx_e, **eager.TOL[case["dtype"]])
 
 
@@ -55,15 +70,27 @@ def test_render_matches_unpool_mask_conv_transpose(backend, case):
     w = w.clone().requires_grad_(True)
     s = None if scale is None else scale.clone().requires_grad_(True)
     with dk.backend(backend):
-        out = dk.render(mu, sw, w, s, stride=case["stride"], padding=case["padding"], pool=case["pool"],
-                        out_size=x.shape[-2:], negative_slope=case["slope"])
+        out = dk.render(
+            mu,
+            sw,
+            w,
+            s,
+            stride=case["stride"],
+            padding=case["padding"],
+            pool=case["pool"],
+            out_size=x.shape[-2:],
+            negative_slope=case["slope"],
+        )
     out_e = eager.render(mu, idx, w, x.shape[-2:], a, s, case["stride"], case["padding"], case["pool"], conv_hw)
     tol = eager.TOL[case["dtype"]]
     torch.testing.assert_close(out, out_e, **tol)
     go = torch.randn_like(out_e)
     leaves = [t for t in (mu, w, s) if t is not None]
-    for name, a_, b_ in zip(("mu", "weight", "scale"), torch.autograd.grad((out * go).sum(), leaves),
-                            torch.autograd.grad((out_e * go).sum(), leaves)):
+    for name, a_, b_ in zip(
+        ("mu", "weight", "scale"),
+        torch.autograd.grad((out * go).sum(), leaves),
+        torch.autograd.grad((out_e * go).sum(), leaves),
+    ):
         torch.testing.assert_close(a_, b_, **tol, msg=lambda m: f"d{name}: {m}")
 
 
@@ -75,8 +102,11 @@ def test_gradcheck_render(backend, stride):
         y, sw = dk.conv_relu_pool(x, w, scale, shift, stride=stride, padding=1, negative_slope=0.1)
         mu = torch.randn_like(y).requires_grad_(True)
         assert torch.autograd.gradcheck(
-            lambda m, wt, s: dk.render(m, sw, wt, s, stride=stride, padding=1, out_size=x.shape[-2:],
-                                       negative_slope=0.1), (mu, w, scale))
+            lambda m, wt, s: dk.render(
+                m, sw, wt, s, stride=stride, padding=1, out_size=x.shape[-2:], negative_slope=0.1
+            ),
+            (mu, w, scale),
+        )
 
 
 @pytest.mark.parametrize("backend", oc.BACKENDS)
@@ -85,8 +115,7 @@ def test_odd_sizes_drop_trailing_rows_and_render_zeros_them(backend):
     w = torch.randn(3, 2, 1, 1, dtype=torch.float64)
     with dk.backend(backend):
         y, sw = dk.conv_relu_pool(x, w)
-        out = dk.render(torch.ones_like(y), sw, torch.eye(3, 2, dtype=torch.float64).view(3, 2, 1, 1),
-                        out_size=(7, 9))
+        out = dk.render(torch.ones_like(y), sw, torch.eye(3, 2, dtype=torch.float64).view(3, 2, 1, 1), out_size=(7, 9))
     assert y.shape == (1, 3, 3, 4)
     assert out[..., 6, :].abs().sum() == 0 and out[..., :, 8].abs().sum() == 0
 
@@ -107,14 +136,14 @@ def test_render_bad_input():
         args = dict(mu=y, switches=sw, weight=w, scale=None, out_size=(8, 8))
         args.update(change)
         with pytest.raises(exc) as info:
-            dk.render(args["mu"], args["switches"], args["weight"], args["scale"], padding=1,
-                      out_size=args["out_size"])
+            dk.render(args["mu"], args["switches"], args["weight"], args["scale"], padding=1, out_size=args["out_size"])
         for word in words:
             assert word in str(info.value), (word, str(info.value))
         assert str(info.value).startswith("drmm_kernels.render: "), str(info.value)
 
 
 # --------------------------------------------------------------------------- cpu kernels
+
 
 @pytest.mark.cpu_backend
 @given(cpu.geometry(), st.booleans())
@@ -125,10 +154,18 @@ def test_cpu_render_matches_reference(g, use_scale):
     sw = cpu.random_switches(mu.shape, g["pool"], gen)
     scale = scale if use_scale else None
     # Any output size that maps back to this conv size (output_padding up to stride - 1).
-    args = dict(stride=g["stride"], padding=g["pad"], pool=g["pool"], out_h=g["h"], out_w=g["w"],
-                negative_slope=g["slope"], scale=scale)
-    out = cpu.kernels.render(mu=cpu.layout(mu, g["layout"]), switches=cpu.layout(sw, g["layout"]),
-                             weight=cpu.layout(wt, g["layout"]), **args)
+    args = dict(
+        stride=g["stride"],
+        padding=g["pad"],
+        pool=g["pool"],
+        out_h=g["h"],
+        out_w=g["w"],
+        negative_slope=g["slope"],
+        scale=scale,
+    )
+    out = cpu.kernels.render(
+        mu=cpu.layout(mu, g["layout"]), switches=cpu.layout(sw, g["layout"]), weight=cpu.layout(wt, g["layout"]), **args
+    )
     ref = reference.render(mu=mu, switches=sw, weight=wt, **args)
     assert out.shape == (g["n"], g["cin"], g["h"], g["w"]) and out.is_contiguous()
     torch.testing.assert_close(out, ref, **cpu.TOL[g["dtype"]])
@@ -153,8 +190,16 @@ def test_cpu_render_wgrad_matches_reference(g, use_scale):
     mu = torch.randn(g["n"], g["cout"], hp, wp, generator=gen, dtype=g["dtype"])
     sw = cpu.random_switches(mu.shape, g["pool"], gen)
     scale = scale if use_scale else None
-    args = dict(switches=sw, scale=scale, stride=g["stride"], padding=g["pad"], pool=g["pool"],
-                negative_slope=g["slope"], kernel_h=g["k"], kernel_w=g["k"])
+    args = dict(
+        switches=sw,
+        scale=scale,
+        stride=g["stride"],
+        padding=g["pad"],
+        pool=g["pool"],
+        negative_slope=g["slope"],
+        kernel_h=g["k"],
+        kernel_w=g["k"],
+    )
     out = cpu.kernels.render_wgrad(src=cpu.layout(x, g["layout"]), mu=cpu.layout(mu, g["layout"]), **args)
     ref = reference.render_wgrad(src=x, mu=mu, **args)
     assert out.shape == wt.shape and out.is_contiguous()
@@ -163,8 +208,9 @@ def test_cpu_render_wgrad_matches_reference(g, use_scale):
 
 @pytest.mark.cpu_backend
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("cin,k,pool,stride,pad", [(20, 3, 2, 1, 1), (64, 3, 2, 1, 2), (33, 5, 3, 2, 2),
-                                                   (40, 1, 2, 1, 0), (17, 3, 1, 1, 1)])
+@pytest.mark.parametrize(
+    "cin,k,pool,stride,pad", [(20, 3, 2, 1, 1), (64, 3, 2, 1, 2), (33, 5, 3, 2, 2), (40, 1, 2, 1, 0), (17, 3, 1, 1, 1)]
+)
 def test_cpu_sparse_kernels_vector_paths(dtype, cin, k, pool, stride, pad):
     # Rows of k*C_in values long enough for the 16/8/4/2/1-vector blocks and their scalar tails.
     gen = torch.Generator().manual_seed(cin)
@@ -199,19 +245,20 @@ def test_cpu_render_of_forward_switches_is_input_gradient():
     gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
     yr, _ = reference.conv_relu_pool(x=x, weight=wt, scale=scale, shift=shift, **geo)
     (gx,) = torch.autograd.grad(yr, x, gy)
-    torch.testing.assert_close(cpu.kernels.render(mu=gy, switches=sw, weight=wt, scale=scale, out_h=12, out_w=12,
-                                                  **geo), gx)
+    torch.testing.assert_close(
+        cpu.kernels.render(mu=gy, switches=sw, weight=wt, scale=scale, out_h=12, out_w=12, **geo), gx
+    )
 
 
 # --------------------------------------------------------------------------- triton kernels
+
 
 @pytest.mark.triton
 @pytest.mark.parametrize("case", [trt.CASES[0], trt.CASES[2], trt.CASES[3], trt.CASES[5], trt.CASES[6]], ids=str)
 def test_triton_render_and_gradients(case: trt.Case):
     x, w, scale, _ = trt.inputs(case)
     with dk.backend("triton"):
-        y, sw = dk.conv_relu_pool(x, w, stride=case.stride, padding=case.pad, pool=case.pool,
-                                  negative_slope=case.slope)
+        y, sw = dk.conv_relu_pool(x, w, stride=case.stride, padding=case.pad, pool=case.pool, negative_slope=case.slope)
     g = torch.Generator().manual_seed(2)
     mu = torch.randn(y.shape, generator=g).to(y).requires_grad_()
     w.requires_grad_()
@@ -219,13 +266,32 @@ def test_triton_render_and_gradients(case: trt.Case):
         scale.requires_grad_()
     out_hw = (case.h, case.w)
     with dk.backend("triton"):
-        xh = dk.render(mu, sw, w, scale, stride=case.stride, padding=case.pad, pool=case.pool, out_size=out_hw,
-                       negative_slope=case.slope)
+        xh = dk.render(
+            mu,
+            sw,
+            w,
+            scale,
+            stride=case.stride,
+            padding=case.pad,
+            pool=case.pool,
+            out_size=out_hw,
+            negative_slope=case.slope,
+        )
     assert xh.shape == (case.n, case.cin, case.h, case.w) and xh.is_contiguous()
     mud, wd = trt.d(mu).requires_grad_(), trt.d(w).requires_grad_()
     sd = trt.d(scale).requires_grad_() if scale is not None else None
-    xh_ref = reference.render(mu=mud, switches=sw.cpu(), weight=wd, scale=sd, stride=case.stride, padding=case.pad,
-                              pool=case.pool, out_h=case.h, out_w=case.w, negative_slope=case.slope)
+    xh_ref = reference.render(
+        mu=mud,
+        switches=sw.cpu(),
+        weight=wd,
+        scale=sd,
+        stride=case.stride,
+        padding=case.pad,
+        pool=case.pool,
+        out_h=case.h,
+        out_w=case.w,
+        negative_slope=case.slope,
+    )
     trt.close(xh, xh_ref, case.dtype, "render")
 
     # against the eager composition as well (max_unpool2d + mask + conv_transpose2d)
@@ -287,6 +353,7 @@ def test_triton_render_and_wgrad_select_like_relu_backward(slope):
 
 # --------------------------------------------------------------------------- cuda kernels
 
+
 @pytest.mark.gpu
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", cuda.CASES, ids=str)
@@ -300,6 +367,7 @@ def test_cuda_backward_primitives(case):
 def test_cuda_render_and_wgrad_select_like_relu_backward(dtype):
     """An infinite pooled gradient where the a bit is off (ReLU) contributes 0, not inf * 0 = NaN."""
     from drmm_kernels import cuda as cb
+
     case = cuda.Case(dtype=dtype, scale=False, shift=False)
     x, w, _, _ = cuda.inputs(case)
     geo = dict(stride=1, padding=1, pool=2, negative_slope=0.0)
@@ -311,8 +379,9 @@ def test_cuda_render_and_wgrad_select_like_relu_backward(dtype):
         mu[off] = float("inf")
         render = dict(mu=mu, switches=sw, weight=w, scale=None, out_h=x.shape[-2], out_w=x.shape[-1], **geo)
         got_r = cb.render(**render)
-        got_w = cb.render_wgrad(src=x, mu=mu, switches=sw, scale=None, kernel_h=w.shape[-2], kernel_w=w.shape[-1],
-                                **geo)
+        got_w = cb.render_wgrad(
+            src=x, mu=mu, switches=sw, scale=None, kernel_h=w.shape[-2], kernel_w=w.shape[-1], **geo
+        )
     assert torch.isfinite(got_r).all() and torch.isfinite(got_w).all()
     exp_r = reference.render(**render)
     torch.testing.assert_close(got_r, exp_r, rtol=1e-4, atol=1e-4)

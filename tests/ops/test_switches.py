@@ -15,6 +15,7 @@ import eager
 
 # --------------------------------------------------------------------------- public op
 
+
 def test_switches_to_indices_are_max_pool2d_indices():
     x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
     for pool in (1, 2, 3):
@@ -30,14 +31,18 @@ def test_switches_to_indices_bad_input():
     sw = torch.zeros(1, 1, 2, 2, dtype=torch.uint8)
     with pytest.raises(TypeError, match="^drmm_kernels.switches_to_indices: switches must be torch.uint8"):
         dk.switches_to_indices(sw.int(), pool=2, conv_size=(4, 4))
-    with pytest.raises(ValueError, match=r"^drmm_kernels.switches_to_indices: conv_size \(6, 6\) with pool 2 gives "
-                                         r"pooled size \(3, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^drmm_kernels.switches_to_indices: conv_size \(6, 6\) with pool 2 gives "
+        r"pooled size \(3, 3\)",
+    ):
         dk.switches_to_indices(sw, pool=2, conv_size=(6, 6))
     with pytest.raises(ValueError, match="^drmm_kernels.switches_to_indices: pool must be in"):
         dk.switches_to_indices(sw, pool=5, conv_size=(4, 4))
 
 
 # --------------------------------------------------------------------------- the tests' switch comparison
+
 
 @pytest.mark.parametrize("pool", [1, 2])
 def test_window_gap_stays_on_the_input_device(pool):
@@ -48,22 +53,22 @@ def test_window_gap_stays_on_the_input_device(pool):
 
 
 def test_switch_comparison_ignores_near_ties_only():
-    v = torch.tensor([[[[1.0, 1.0 + 1e-7, 5.0, 2.0],
-                        [0.0, 0.0, 1.0, -3.0]]]], dtype=torch.float64)
+    v = torch.tensor([[[[1.0, 1.0 + 1e-7, 5.0, 2.0], [0.0, 0.0, 1.0, -3.0]]]], dtype=torch.float64)
     _, sw = reference.pool_switches(v, 2, 0.0)
     flipped = sw.clone()
-    flipped[0, 0, 0, 0] ^= 1                      # near-tied window (gap 1e-7): either offset is right
+    flipped[0, 0, 0, 0] ^= 1  # near-tied window (gap 1e-7): either offset is right
     eager.assert_switches_agree(flipped, sw, v, 2, tol=1e-4)
-    flipped[0, 0, 0, 1] ^= 1                      # clear window (gap 3): a real difference
+    flipped[0, 0, 0, 1] ^= 1  # clear window (gap 3): a real difference
     with pytest.raises(AssertionError, match="1 window offsets differ"):
         eager.assert_switches_agree(flipped, sw, v, 2, tol=1e-4)
     on_off = sw.clone()
-    on_off[0, 0, 0, 1] ^= contract.ON_BIT         # window max 5, far from 0: the a bit is decided
+    on_off[0, 0, 0, 1] ^= contract.ON_BIT  # window max 5, far from 0: the a bit is decided
     with pytest.raises(AssertionError, match="a bits differ"):
         eager.assert_switches_agree(on_off, sw, v, 2, tol=1e-4)
 
 
 # --------------------------------------------------------------------------- cpu kernels
+
 
 @pytest.mark.cpu_backend
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -88,8 +93,7 @@ def test_cpu_unpool_matches_reference(dtype, pool, conv_hw):
 def test_cpu_unpool_errors_name_the_problem():
     v = torch.randn(1, 2, 3, 3)
     with pytest.raises(RuntimeError, match="drmm_kernels.unpool: switches hold a window offset"):
-        cpu.kernels.unpool(values=v, switches=torch.full((1, 2, 3, 3), 4, dtype=torch.uint8), pool=2, out_h=6,
-                           out_w=6)
+        cpu.kernels.unpool(values=v, switches=torch.full((1, 2, 3, 3), 4, dtype=torch.uint8), pool=2, out_h=6, out_w=6)
     with pytest.raises(RuntimeError, match="drmm_kernels.unpool: output size"):
         cpu.kernels.unpool(values=v, switches=torch.zeros(1, 2, 3, 3, dtype=torch.uint8), pool=2, out_h=8, out_w=6)
     with pytest.raises(RuntimeError, match="drmm_kernels.unpool: switches shape"):
@@ -113,5 +117,4 @@ def test_cpu_masked_values_selects_like_relu_backward(dtype, slope):
     for got in (cpu.kernels.masked_values(scale=None, **args), reference.masked_values(scale=None, **args)):
         torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
     scale = torch.full((1,), 2.0, dtype=dtype)
-    torch.testing.assert_close(cpu.kernels.masked_values(scale=scale, **args), want * 2, equal_nan=True, rtol=0,
-                               atol=0)
+    torch.testing.assert_close(cpu.kernels.masked_values(scale=scale, **args), want * 2, equal_nan=True, rtol=0, atol=0)
