@@ -118,6 +118,10 @@ class Checker:
                 f"weight expects {weight.shape[1]} input channels (shape ({shape_str(weight)})) "
                 f"but {x_name} has {x.shape[1]} (shape ({shape_str(x)}))"
             )
+        if x.shape[1] == 0:
+            # conv2d with no input channels returns no output channels either (not C_out maps of the bias):
+            # refused rather than reproduced, so the declared output shape is always (N, C_out, ...)
+            raise self.value_error(f"{x_name} has no channels (shape ({shape_str(x)})); a conv needs at least one")
 
     def geometry(
         self, what: str, in_hw: Sequence[int], weight: Tensor, stride: int, padding: int, pool: int

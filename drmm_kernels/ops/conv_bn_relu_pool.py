@@ -236,7 +236,13 @@ def conv_bn_relu_pool(
         raise check.value_error(f"momentum must be a float in [0, 1], got {momentum!r}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or eps < 0:
         raise check.value_error(f"eps must be a non-negative float, got {eps!r}")
-    chw, _ = check.geometry("x", x.shape[-2:], weight, stride, padding, pool)
+    chw, phw = check.geometry("x", x.shape[-2:], weight, stride, padding, pool)
+    if training and x.shape[0] == 0:
+        # As F.batch_norm: an empty batch gives an empty output and leaves the running statistics alone. The
+        # zero-weighted sum keeps the output in the graph of every input, so backward gives zero gradients.
+        anchor = sum(t.sum() * 0 for t in (x, weight, bn_weight, bn_bias) if t is not None)
+        y = x.new_zeros((0, c, *phw)) + anchor
+        return y, torch.zeros(y.shape, dtype=torch.uint8, device=x.device)
     if training and x.shape[0] * chw[0] * chw[1] < 2:
         raise check.value_error(
             f"training-mode batch norm needs more than one value per channel, got x of "

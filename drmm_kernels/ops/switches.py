@@ -103,4 +103,14 @@ def switches_to_indices(switches: Tensor, *, pool: int, conv_size) -> Tensor:
             f"conv_size {(hc, wc)} with pool {pool} gives pooled size "
             f"{(hc // pool, wc // pool)}, but switches has shape ({shape_str(switches)})"
         )
+    # The conversion trusts nothing it cannot check: an offset outside the pool x pool window (or a set bit 4-6)
+    # would index another window's position. Skipped while compiling, where the values are not known.
+    if not torch.compiler.is_compiling() and switches.numel():
+        bad = (switches & 0x7F) >= pool * pool
+        if bool(bad.any()):
+            value = int(switches[bad][0])
+            raise check.value_error(
+                f"switches holds byte {value:#04x}, whose offset bits (0-6) give {value & 0x7F}, outside the "
+                f"{pool}x{pool} window (offsets 0..{pool * pool - 1}); were they recorded with pool={pool}?"
+            )
     return reference.switches_to_indices(switches, pool, (hc, wc))

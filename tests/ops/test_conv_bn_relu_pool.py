@@ -236,3 +236,18 @@ def test_triton_bn_pool_and_conv_bn_relu_pool(channels_last, slope):
             continue  # a switch flipped at a near-tie moves that window's gradient: nothing to compare
         for name, a, b in zip(("x", "weight", "bn_weight", "bn_bias"), gt, gr):
             trt.close(a, b, torch.float32, f"grad {name} training={training}")
+
+
+def test_training_mode_with_an_empty_batch_is_empty_as_in_pytorch():
+    bn = torch.nn.BatchNorm2d(4).train()
+    x = torch.randn(0, 3, 8, 8, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    before = bn.running_mean.clone(), bn.running_var.clone()
+    y, sw = dk.conv_bn_relu_pool(
+        x, w, bn.weight, bn.bias, bn.running_mean, bn.running_var, training=True, padding=1, pool=2
+    )
+    ref = F.max_pool2d(F.relu(bn(F.conv2d(x, w, padding=1))), 2)
+    assert y.shape == ref.shape == (0, 4, 4, 4) and sw.shape == y.shape and sw.dtype == torch.uint8
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    y.sum().backward()  # still in the graph: zero gradients, as PyTorch gives
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(bn.weight.grad, torch.zeros(4))

@@ -345,3 +345,15 @@ def test_cuda_all_negative_and_tied_windows():
         with cuda.tf32(tf32), dk.backend("cuda"):
             y, sw = dk.conv_relu_pool(x.to(dt), w.to(dt), None, -torch.ones(4, device="cuda", dtype=dt), padding=1)
         assert (y == 0).all() and (sw == 0).all(), dt
+
+
+def test_zero_input_channels_are_refused_in_eager_and_fake_mode():
+    # conv2d with no input channels returns no output channels; the op refuses the input rather than declare a
+    # (N, C_out, ...) shape its kernels would not produce
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w = torch.randn(2, 0, 8, 8), torch.randn(4, 0, 3, 3)
+    with pytest.raises(ValueError, match=r"^drmm_kernels.conv_relu_pool: x has no channels \(shape \(2x0x8x8\)\)"):
+        dk.conv_relu_pool(x, w, padding=1)
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match="x has no channels"):
+        dk.conv_relu_pool(mode.from_tensor(x), mode.from_tensor(w), padding=1)
