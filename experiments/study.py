@@ -1,6 +1,6 @@
 """One trial of the Table 1 study: train a config with overrides, log its validation curve to results/study.csv.
 
-    python experiments/study.py T10-drmm2-base --config configs/mnist-drmm2-ssl-cpu.yaml --set num_labeled=100 \
+    python experiments/study.py T10-drmm2-base --config configs/archive/mnist-drmm2-ssl-cpu.yaml --set num_labeled=100 \
         --notes "the CPU schedule as shipped"
 
 Trials choose settings, so they are compared on the validation split only: a config without ``val_samples`` is

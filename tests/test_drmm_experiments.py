@@ -357,7 +357,7 @@ def test_study_trial_logs_its_validation_curve_and_never_looks_at_the_test_set(t
     argv = [
         "T99",
         "--config",
-        str(Path(rows.REPO) / "configs" / "mnist-rfm-ssl-cpu.yaml"),
+        str(Path(rows.REPO) / "configs" / "mnist-rfm-ssl-b09-cpu.yaml"),
         "--out",
         str(out),
         "--runs",
