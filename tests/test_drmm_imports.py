@@ -1,4 +1,5 @@
-"""No import cycles inside the repository's packages, nor between them.
+"""No import cycles inside the repository's packages, nor between them; and ``drmm`` takes from ``drmm_kernels``
+only its public API and the internal names docs/kernels.md lists.
 
 Every ``import`` statement counts, wherever it sits: at module level, inside a function (a "lazy" import only
 hides a cycle until someone calls that function first) and under ``if TYPE_CHECKING:``. The graph is built from
@@ -149,3 +150,94 @@ def test_the_checker_sees_lazy_and_type_checking_imports(tmp_path):
     assert cycles(graph) == [["pkg.a", "pkg.b", "pkg.sub.c"]]
     (pkg / "a.py").write_text("def f():\n    pass\n")
     assert cycles(import_graph(tmp_path, ["pkg"])) == []
+
+
+# ---------------------------------------------------------------- what drmm takes from drmm_kernels
+
+# The internal modules of drmm_kernels that drmm may use, with the names it takes from each; docs/kernels.md
+# ("Internal modules drmm uses") lists the same and says why. Anything else drmm takes from drmm_kernels is public
+# (drmm_kernels.__all__).
+DRMM_KERNELS_INTERNALS = {
+    "drmm_kernels.contract": {"ON_BIT", "OFFSET_MASK"},
+    "drmm_kernels.reference": {"pool_switches", "masked_values", "unpool", "activation_factor"},
+}
+
+
+def _public_names() -> Set[str]:
+    tree = ast.parse((REPO / "drmm_kernels" / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    raise AssertionError("drmm_kernels/__init__.py has no __all__")
+
+
+def drmm_kernels_uses(path: Path) -> List[str]:
+    """What ``path`` takes from drmm_kernels and is neither public nor listed in DRMM_KERNELS_INTERNALS."""
+    public, bad = _public_names(), []
+    aliases: Dict[str, str] = {}  # local name -> the drmm_kernels module it is bound to
+
+    def module(name: str, line: int) -> bool:
+        if name == "drmm_kernels" or name in DRMM_KERNELS_INTERNALS:
+            return True
+        bad.append(f"{path.name}:{line}: imports {name}")
+        return False
+
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "drmm_kernels" and module(alias.name, node.lineno):
+                    aliases[alias.asname or alias.name] = alias.name
+        elif (
+            isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "drmm_kernels"
+        ):
+            if not module(node.module, node.lineno):
+                continue
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                if full in DRMM_KERNELS_INTERNALS:
+                    aliases[alias.asname or alias.name] = full
+                elif alias.name not in (
+                    public if node.module == "drmm_kernels" else DRMM_KERNELS_INTERNALS[node.module]
+                ):
+                    bad.append(f"{path.name}:{node.lineno}: takes {alias.name} from {node.module}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            base, name = aliases[node.value.id], node.attr
+            if base == "drmm_kernels" and f"{base}.{name}" in DRMM_KERNELS_INTERNALS:
+                continue  # dk.reference.X: X is checked below
+            if name not in (public if base == "drmm_kernels" else DRMM_KERNELS_INTERNALS[base]):
+                bad.append(f"{path.name}:{node.lineno}: uses {base}.{name}")
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and isinstance(node.value.value, ast.Name)
+            and aliases.get(node.value.value.id) == "drmm_kernels"
+            and f"drmm_kernels.{node.value.attr}" in DRMM_KERNELS_INTERNALS
+            and node.attr not in DRMM_KERNELS_INTERNALS[f"drmm_kernels.{node.value.attr}"]
+        ):
+            bad.append(f"{path.name}:{node.lineno}: uses drmm_kernels.{node.value.attr}.{node.attr}")
+    return bad
+
+
+def test_drmm_uses_only_the_public_api_of_drmm_kernels_and_the_listed_internals():
+    bad = [b for path in sorted((REPO / "drmm").rglob("*.py")) for b in drmm_kernels_uses(path)]
+    assert not bad, "drmm takes internals of drmm_kernels that docs/kernels.md does not list: " + "; ".join(bad)
+    doc = (REPO / "docs" / "kernels.md").read_text()
+    for name, names in DRMM_KERNELS_INTERNALS.items():
+        assert f"`{name}`" in doc and all(f"`{n}`" in doc for n in names), name
+
+
+def test_the_drmm_kernels_checker_sees_internal_uses(tmp_path):
+    (tmp_path / "m.py").write_text(
+        "import drmm_kernels as dk\nfrom drmm_kernels import reference as kref, render\n"
+        "from drmm_kernels.dispatch import load\nfrom drmm_kernels.contract import conv_size\n"
+        "dk.render; dk.reference.pool_switches; dk.reference.render; kref.unpool; kref.gather_conv; dk.cpu\n"
+    )
+    assert drmm_kernels_uses(tmp_path / "m.py") == [
+        "m.py:3: imports drmm_kernels.dispatch",
+        "m.py:4: takes conv_size from drmm_kernels.contract",
+        "m.py:5: uses drmm_kernels.reference.render",
+        "m.py:5: uses drmm_kernels.reference.gather_conv",
+        "m.py:5: uses drmm_kernels.cpu",
+    ]
