@@ -26,7 +26,6 @@ from torch import Tensor
 import drmm_kernels as dk
 
 from .drfm import DRFM
-from .figures import save_image_grid  # noqa: F401  (drmm.sample.save_image_grid, as before)
 from .model import DRMM
 from .priors import ON_BIT, pooled_sizes, prior_buffers
 

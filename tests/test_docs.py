@@ -513,8 +513,6 @@ def _tracked_files():
     return [ROOT / p for p in out.decode().split("\0") if p]
 
 
-# The files below were fixed in the working tree by the helpers restructuring them, but not yet committed when this
-# test was; remove the mark once `git grep` finds nothing at HEAD.
 def test_no_citations_of_files_outside_the_repository():
     """No tracked file outside .ci/ names the background notes that are not part of the repository."""
     offenders = []

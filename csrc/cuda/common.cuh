@@ -5,9 +5,9 @@
 // tf32 (m16n16k16 / m16n16k8) with documented, layout-independent fragment semantics. Every epilogue
 // here is a per-element reduction over the pool window that needs (row, col) coordinates, so the
 // accumulators go through shared memory anyway; mma.sync's known register layout would only save that
-// round trip, at the price of hand-coded fragment maps that could not be checked on a GPU when this
-// was written. WMMA compiles to the same HMMA instructions on sm_90 (not to wgmma; a Hopper
-// wgmma/TMA kernel is the next step if the benchmark warrants it).
+// round trip, at the price of hand-coded fragment maps that no CPU-side test can check. WMMA compiles
+// to the same HMMA instructions on sm_90 (not to wgmma; a Hopper wgmma/TMA kernel is the next step if
+// the benchmark warrants it).
 #pragma once
 
 #include <cuda_bf16.h>
