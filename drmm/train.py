@@ -27,7 +27,7 @@ import torch
 
 from . import data as data_lib
 from . import distributed as dist_lib
-from .config import MODES, TOP_MODELS, TRAINERS, TrainConfig, config_from_dict, load_config, resolve_device
+from .config import TrainConfig
 from .drfm import build_drfm
 from .hard_em import HardEM, HardEMConfig
 from .losses import (
@@ -42,12 +42,9 @@ from .losses import (
 from .model import DRMM, Latents, build_model
 from .plan import DataPlan, epoch_batches, epoch_generator, load_data, make_plan, phase, steps_in_epoch
 from .priors import attach_switch_priors, load_model_state
-from .figures import plot_learning_curve
 from .run_dir import (
-    METRIC_FIELDS,
     MetricsLog,
     NullLog,
-    atomic_save,
     check_run_dir,
     read_checkpoint,
     rng_state,
@@ -56,39 +53,6 @@ from .run_dir import (
     write_config,
     write_summary,
 )
-
-# drmm.train.X still names what this module defined before the config, the data plan, the run folder and the
-# figures moved to their own modules.
-__all__ = [
-    "MODES",
-    "TRAINERS",
-    "TOP_MODELS",
-    "TrainConfig",
-    "config_from_dict",
-    "load_config",
-    "resolve_device",
-    "DataPlan",
-    "load_data",
-    "make_plan",
-    "phase",
-    "steps_in_epoch",
-    "epoch_generator",
-    "epoch_batches",
-    "METRIC_FIELDS",
-    "MetricsLog",
-    "atomic_save",
-    "rng_state",
-    "set_rng_state",
-    "plot_learning_curve",
-    "model_from_config",
-    "train_step",
-    "evaluate",
-    "lr_lambda_for",
-    "rampup",
-    "ramped_objective",
-    "TrainState",
-    "train",
-]
 
 
 # ---------------------------------------------------------------- the model, one step, evaluation

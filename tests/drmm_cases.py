@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from drmm import train as T
+from drmm.config import TrainConfig, config_from_dict
 
 DATA_DIR = os.environ.get("DRMM_DATA_DIR")
 needs_mnist = pytest.mark.skipif(
@@ -13,7 +13,7 @@ needs_mnist = pytest.mark.skipif(
 )
 
 
-def tiny_config(**overrides) -> T.TrainConfig:
+def tiny_config(**overrides) -> TrainConfig:
     """An rfm run on 200 training images (20 labeled), batch 20, 2 epochs; ``overrides`` win."""
     base = dict(
         name="tiny",
@@ -32,4 +32,4 @@ def tiny_config(**overrides) -> T.TrainConfig:
         lr_final=1e-4,
     )
     base.update(overrides)
-    return T.config_from_dict(base)
+    return config_from_dict(base)

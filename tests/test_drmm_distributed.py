@@ -8,6 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from drmm import train as T
+from drmm.config import config_from_dict
 from drmm_cases import DATA_DIR, needs_mnist
 
 pytestmark = needs_mnist
@@ -39,7 +40,7 @@ def tiny(kind):
         lr_final=1e-4,
         switch_prior_momentum=0.5,
     )
-    return T.config_from_dict({**base, **RUNS[kind]})
+    return config_from_dict({**base, **RUNS[kind]})
 
 
 def _rank_main(rank, world, port, out):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from drmm import train as T
+from drmm.config import config_from_dict
 from drmm.drfm import DRFM, build_drfm
 from drmm.losses import ObjectiveConfig
 
@@ -51,7 +52,7 @@ def test_render_starts_from_the_class_template_plus_the_inferred_factor():
 def test_eg_step_trains_the_factor_loadings_and_lowers_the_loss():
     torch.manual_seed(0)
     model = build_drfm("rfm", 1, (28, 28), factor_dim=3)
-    cfg = T.config_from_dict(dict(model="rfm", top_model="factor", progress=False, tensorboard=False))
+    cfg = config_from_dict(dict(model="rfm", top_model="factor", progress=False, tensorboard=False))
     objective = ObjectiveConfig(rc_weight=1.0)
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
     labeled = torch.arange(8) < 4
@@ -68,11 +69,11 @@ def test_eg_step_trains_the_factor_loadings_and_lowers_the_loss():
 
 
 def test_config_builds_a_drfm_and_validates():
-    cfg = T.config_from_dict(dict(model="rfm", top_model="factor", factor_dim=4))
+    cfg = config_from_dict(dict(model="rfm", top_model="factor", factor_dim=4))
     model = T.model_from_config(cfg, (1, 28, 28), 10)
     assert isinstance(model, DRFM) and model.factor_loadings.shape == (10, 64 * 16 * 16, 4)
-    assert not isinstance(T.model_from_config(T.config_from_dict(dict(model="rfm")), (1, 28, 28), 10), DRFM)
+    assert not isinstance(T.model_from_config(config_from_dict(dict(model="rfm")), (1, 28, 28), 10), DRFM)
     with pytest.raises(ValueError, match="top_model"):
-        T.config_from_dict(dict(top_model="gaussian")).validate()
+        config_from_dict(dict(top_model="gaussian")).validate()
     with pytest.raises(ValueError, match="noise_var"):
         build_drfm("rfm", 1, (28, 28), noise_var=0.0)

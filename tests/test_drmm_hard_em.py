@@ -8,6 +8,7 @@ import torch
 import drmm_kernels as dk
 from drmm import hard_em as H
 from drmm import train as T
+from drmm.config import config_from_dict
 from drmm.drfm import DRFM
 from drmm.model import DRMM, LayerSpec, build_model
 from drmm_cases import DATA_DIR, needs_mnist
@@ -205,14 +206,14 @@ def test_hard_em_trainer_learns_and_resumes(tmp_path, model_name, top):
         progress=False,
         tensorboard=False,
     )
-    summary = T.train(T.config_from_dict(base), tmp_path / "run")
+    summary = T.train(config_from_dict(base), tmp_path / "run")
     assert summary["steps"] == 6
     assert summary["test_error"] < 50, summary  # chance is 90 %; 3 M-steps on 240 images
     # resume from a checkpoint taken mid-window carries the half-accumulated statistics
-    half = T.train(T.config_from_dict({**base, "max_steps": 3, "ckpt_every_steps": 3}), tmp_path / "split")
+    half = T.train(config_from_dict({**base, "max_steps": 3, "ckpt_every_steps": 3}), tmp_path / "split")
     ck = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     assert half["steps"] == 3 and ck["hard_em"]["batches"] == 1
-    T.train(T.config_from_dict(base), tmp_path / "split", resume=True)
+    T.train(config_from_dict(base), tmp_path / "split", resume=True)
     a = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

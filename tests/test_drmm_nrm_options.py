@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import drmm_kernels as dk
 from drmm import train as T
+from drmm.config import config_from_dict
 from drmm.losses import MinBranch, ObjectiveConfig, drmm_objective
 from drmm.model import DRMM, LayerSpec, build_model
 
@@ -119,7 +120,7 @@ def test_td_batchnorm_trains_its_own_statistics_and_parameters():
 
 def test_rpn_prior_path_leaves_the_top_down_bn_statistics_alone():
     torch.manual_seed(11)
-    cfg = T.config_from_dict({"model": "drmm2", "td_batchnorm": True, "bias_adder": True, "rpn_weight": 1.0})
+    cfg = config_from_dict({"model": "drmm2", "td_batchnorm": True, "bias_adder": True, "rpn_weight": 1.0})
     model = T.model_from_config(cfg, (1, 28, 28), 10)
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
     labeled = torch.arange(8) < 4
@@ -132,7 +133,7 @@ def test_rpn_prior_path_leaves_the_top_down_bn_statistics_alone():
     after_rpn = [bn.running_mean.clone() for bn in model.td_norms]
     for bn in model.td_norms:
         bn.reset_running_stats()
-    plain = T.config_from_dict({"model": "drmm2", "td_batchnorm": True, "bias_adder": True})
+    plain = config_from_dict({"model": "drmm2", "td_batchnorm": True, "bias_adder": True})
     T.train_step(model, plain, plain.objective(), x, y, labeled)
     for bn, rm in zip(model.td_norms, after_rpn):  # one update each, from the real path only
         torch.testing.assert_close(bn.running_mean, rm)
@@ -323,7 +324,7 @@ def test_maxmin_objective_averages_the_two_branches():
 @pytest.mark.parametrize("extra", [{}, {"nonneg_term": "moment_matching", "td_batchnorm": True}])
 def test_maxmin_train_step_reaches_both_branches(extra):
     torch.manual_seed(10)
-    cfg = T.config_from_dict({"model": "drmm2", "maxmin": True, "bias_adder": True, **extra})
+    cfg = config_from_dict({"model": "drmm2", "maxmin": True, "bias_adder": True, **extra})
     cfg.validate()
     model = T.model_from_config(cfg, (1, 28, 28), 10)
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
@@ -367,4 +368,4 @@ def test_allconv13_tail_kernel():
 )
 def test_nrm_option_values_are_checked(bad, match):
     with pytest.raises(ValueError, match=match):
-        T.config_from_dict(bad).validate()
+        config_from_dict(bad).validate()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from drmm import train as T
+from drmm.config import TrainConfig
 from drmm.losses import moment_matching_per_example, moment_pairs, rpn_per_example
 from drmm.model import build_model
 
@@ -108,7 +109,7 @@ def test_rpn_zero_for_identical_paths_positive_otherwise():
 )
 def test_train_step_with_nrm_options_is_finite(opts):
     model = _model("conv_small", "leaky")
-    cfg = T.TrainConfig(**opts)
+    cfg = TrainConfig(**opts)
     x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
     labeled = torch.arange(6) < 3
     loss, logs, _ = T.train_step(model, cfg, cfg.objective(), x, y, labeled)
@@ -121,6 +122,6 @@ def test_train_step_with_nrm_options_is_finite(opts):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     # switching the option off again restores the plain forward (no recorded inputs)
-    plain = T.TrainConfig()
+    plain = TrainConfig()
     T.train_step(model, plain, plain.objective(), x, y, labeled)
     assert model.record_layer_inputs is False

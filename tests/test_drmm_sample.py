@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from drmm import train as T
+from drmm.config import config_from_dict
 from drmm.cli import main
 from drmm.priors import prior_buffers, switch_frequencies
 from drmm.sample import class_appearance, draw_switches, sample_images
@@ -12,7 +13,7 @@ from drmm_cases import DATA_DIR, needs_mnist
 
 def _model(momentum=0.5, name="drmm2"):
     torch.manual_seed(0)
-    return T.model_from_config(T.config_from_dict(dict(model=name, switch_prior_momentum=momentum)), (1, 28, 28), 10)
+    return T.model_from_config(config_from_dict(dict(model=name, switch_prior_momentum=momentum)), (1, 28, 28), 10)
 
 
 def test_priors_are_distributions_tracked_in_training_mode_only_and_checkpointed():

@@ -12,6 +12,7 @@ from drmm import train as T
 from drmm.config import TrainConfig, load_config
 from drmm.errors import UsageError
 from drmm.losses import ObjectiveConfig, drmm_objective, kl_marginal
+from drmm.plan import DataPlan, epoch_batches, steps_in_epoch
 
 from drmm_cases import needs_mnist, tiny_config
 
@@ -61,10 +62,10 @@ def test_ramped_objective_scales_each_weight_by_its_own_rampup():
 
 
 def test_labeled_per_batch_sets_the_split_of_each_batch_and_the_epoch_length():
-    plan = T.DataPlan(labeled=torch.arange(0, 20), unlabeled=torch.arange(20, 200), all_train=torch.arange(200))
+    plan = DataPlan(labeled=torch.arange(0, 20), unlabeled=torch.arange(20, 200), all_train=torch.arange(200))
     cfg = tiny_config(batch_size=10, labeled_per_batch=2, seed=5)
-    batches = T.epoch_batches(cfg, plan, epoch=1)
-    assert len(batches) == T.steps_in_epoch(cfg, plan, 1) == 180 // 8 == 22
+    batches = epoch_batches(cfg, plan, epoch=1)
+    assert len(batches) == steps_in_epoch(cfg, plan, 1) == 180 // 8 == 22
     assert all(len(l) == 2 and len(u) == 8 for l, u in batches)
     assert all((l < 20).all() and (u >= 20).all() for l, u in batches)
     unl = torch.cat([u for _, u in batches]).tolist()
@@ -72,18 +73,18 @@ def test_labeled_per_batch_sets_the_split_of_each_batch_and_the_epoch_length():
     counts = torch.bincount(torch.cat([l for l, _ in batches]), minlength=20)[:20]
     assert counts.sum() == 44 and set(counts.tolist()) <= {2, 3}  # 44 draws from 3 permutations of 20
     many = tiny_config(batch_size=10, labeled_per_batch=9, seed=5)  # 1 unlabeled per batch: 180 steps
-    assert T.steps_in_epoch(many, plan, 1) == 180
-    assert all(len(l) == 9 and len(u) == 1 for l, u in T.epoch_batches(many, plan, 1))
+    assert steps_in_epoch(many, plan, 1) == 180
+    assert all(len(l) == 9 and len(u) == 1 for l, u in epoch_batches(many, plan, 1))
 
 
 def test_labeled_per_batch_0_is_half_the_batch_bitwise():
-    plan = T.DataPlan(labeled=torch.arange(0, 20), unlabeled=torch.arange(20, 200), all_train=torch.arange(200))
+    plan = DataPlan(labeled=torch.arange(0, 20), unlabeled=torch.arange(20, 200), all_train=torch.arange(200))
     default, half = tiny_config(batch_size=10, seed=3), tiny_config(batch_size=10, labeled_per_batch=5, seed=3)
-    assert T.steps_in_epoch(default, plan, 0) == T.steps_in_epoch(half, plan, 0) == 36
-    a, b = T.epoch_batches(default, plan, 0), T.epoch_batches(half, plan, 0)
+    assert steps_in_epoch(default, plan, 0) == steps_in_epoch(half, plan, 0) == 36
+    a, b = epoch_batches(default, plan, 0), epoch_batches(half, plan, 0)
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
     odd = tiny_config(batch_size=11)  # odd batch: 5 labeled + 6 unlabeled
-    assert [(len(l), len(u)) for l, u in T.epoch_batches(odd, plan, 0)][:2] == [(5, 6), (5, 6)]
+    assert [(len(l), len(u)) for l, u in epoch_batches(odd, plan, 0)][:2] == [(5, 6), (5, 6)]
 
 
 # ---------------------------------------------------------------- the KL-marginal term

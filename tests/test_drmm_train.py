@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from drmm import train as T
+from drmm.config import load_config
 from drmm.losses import ObjectiveConfig
 from drmm.model import build_model
+from drmm.plan import DataPlan, epoch_batches, load_data, steps_in_epoch
+from drmm.run_dir import atomic_save, rng_state, set_rng_state
 
 from drmm_cases import needs_mnist, tiny_config
 
@@ -46,18 +49,18 @@ def test_backprop_trainer_uses_ce_only():
 
 def test_epoch_batches_semisupervised_are_half_labeled_deterministic_and_disjoint():
     cfg = tiny_config(batch_size=10, seed=5)
-    plan = T.DataPlan(labeled=torch.arange(0, 20), unlabeled=torch.arange(20, 200), all_train=torch.arange(200))
-    batches = T.epoch_batches(cfg, plan, epoch=1)
-    assert len(batches) == T.steps_in_epoch(cfg, plan, 1) == 36
+    plan = DataPlan(labeled=torch.arange(0, 20), unlabeled=torch.arange(20, 200), all_train=torch.arange(200))
+    batches = epoch_batches(cfg, plan, epoch=1)
+    assert len(batches) == steps_in_epoch(cfg, plan, 1) == 36
     assert all(len(l) == 5 and len(u) == 5 for l, u in batches)
     assert all((l < 20).all() and (u >= 20).all() for l, u in batches)
     unl = torch.cat([u for _, u in batches])
     assert sorted(unl.tolist()) == list(range(20, 200))  # one pass over the unlabeled pool
     lab = torch.cat([l for l, _ in batches])
     assert torch.bincount(lab, minlength=20)[:20].tolist() == [9] * 20  # labeled set cycled 9 times
-    again = T.epoch_batches(cfg, plan, epoch=1)
+    again = epoch_batches(cfg, plan, epoch=1)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
-    other = T.epoch_batches(cfg, plan, epoch=2)
+    other = epoch_batches(cfg, plan, epoch=2)
     assert not torch.equal(batches[0][1], other[0][1])
 
 
@@ -139,14 +142,14 @@ def test_validation_split_selects_best_checkpoint_without_the_test_set(tmp_path,
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     model = T.model_from_config(cfg, (1, 28, 28), 10)
     model.load_state_dict(last["model"])
-    assert summary["test_error"] == pytest.approx(evaluate(model, T.load_data(cfg, torch.device("cpu")), 100), abs=1e-3)
+    assert summary["test_error"] == pytest.approx(evaluate(model, load_data(cfg, torch.device("cpu")), 100), abs=1e-3)
     # the held-out images are neither labeled nor unlabeled training data
     labeled = np.load(tmp_path / "run" / "labeled_indices.npy")
     assert labeled.max() < 200 - 40
-    data = T.load_data(cfg, torch.device("cpu"))
+    data = load_data(cfg, torch.device("cpu"))
     assert len(data.train_labels) == 160 and len(data.val_labels) == 40
     with pytest.raises(ValueError, match="val_samples"):
-        T.load_data(tiny_config(val_samples=200), torch.device("cpu"))
+        load_data(tiny_config(val_samples=200), torch.device("cpu"))
     # resuming with another split would mix validation- and test-selected checkpoints: refused, naming the key
     with pytest.raises(ValueError, match="val_samples"):
         T.train(tiny_config(epochs=1, max_steps=8, eval_every_steps=2, val_samples=20), tmp_path / "run", resume=True)
@@ -160,8 +163,8 @@ def test_validation_split_selects_best_checkpoint_without_the_test_set(tmp_path,
 
 def test_atomic_save_replaces_in_place(tmp_path):
     path = tmp_path / "x.pt"
-    T.atomic_save({"a": 1}, path)
-    T.atomic_save({"a": 2}, path)
+    atomic_save({"a": 1}, path)
+    atomic_save({"a": 2}, path)
     assert torch.load(path)["a"] == 2 and [p.name for p in tmp_path.iterdir()] == ["x.pt"]
 
 
@@ -182,10 +185,10 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     np.random.seed(2)
     random.seed(3)
     np.random.randn(), random.gauss(0, 1)  # leave cached Gaussians behind: they are part of the state too
-    T.atomic_save({"model": {}, "step": 0, "rng": T.rng_state()}, tmp_path / "last.pt")
+    atomic_save({"model": {}, "step": 0, "rng": rng_state()}, tmp_path / "last.pt")
     expected = _draws()
     assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "last.pt") == []
-    T.set_rng_state(load_checkpoint(tmp_path / "last.pt")["rng"])
+    set_rng_state(load_checkpoint(tmp_path / "last.pt")["rng"])
     assert _draws() == expected
 
 
@@ -200,31 +203,31 @@ def test_checkpoint_with_the_old_numpy_rng_tuple_still_loads(tmp_path):
     expected = _draws()
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert ckpt["rng"]["numpy"][1].dtype == np.uint32
-    T.set_rng_state(ckpt["rng"])
+    set_rng_state(ckpt["rng"])
     assert _draws() == expected
 
 
 def test_load_config_with_overrides_and_errors(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("model: drmm2\nrc_weight: 1\nnum_labeled: 100\n")
-    cfg = T.load_config(str(p), ["kl_sign=1", "lr_init=0.01", "norm=none", "tensorboard=false"])
+    cfg = load_config(str(p), ["kl_sign=1", "lr_init=0.01", "norm=none", "tensorboard=false"])
     assert cfg.name == "c" and cfg.model == "drmm2" and cfg.kl_sign == 1 and cfg.lr_init == 0.01
     assert isinstance(cfg.rc_weight, float) and cfg.norm == "none" and cfg.tensorboard is False
     with pytest.raises(ValueError, match="unknown config key"):
-        T.load_config(str(p), ["learning_rate=0.1"])
+        load_config(str(p), ["learning_rate=0.1"])
     with pytest.raises(ValueError, match="num_labeled"):
-        T.load_config(str(p), ["num_labeled=lots"])
+        load_config(str(p), ["num_labeled=lots"])
     with pytest.raises(ValueError, match="mode must be one of"):
-        T.load_config(str(p), ["mode=selfsupervised"])
+        load_config(str(p), ["mode=selfsupervised"])
     with pytest.raises(ValueError, match="key=value"):
-        T.load_config(str(p), ["kl_sign"])
+        load_config(str(p), ["kl_sign"])
 
 
 def test_shipped_configs_load():
-    configs = sorted(Path(__file__).resolve().parent.parent.glob("configs/*.yaml"))
+    configs = sorted(Path(__file__).resolve().parent.parent.glob("configs/**/*.yaml"))  # configs/archive/ too
     assert any(c.name == "demo.yaml" for c in configs)
     for c in configs:
-        T.load_config(str(c))
+        load_config(str(c))
 
 
 @needs_mnist
