@@ -8,13 +8,13 @@ Per mode, three ways of computing the same input map (one forward and one backwa
 - ``fused``: ``with drmm_kernels.attribution(mode)`` on ``drmm_kernels.fuse(model)`` (the modes applied in the
   fused ops' backward, on the default CPU backend).
 
-The three alternate within each repeat, so a change of machine load affects all alike; times are medians over
-``--repeats`` after ``--warmup`` rounds; ``Captum / fused`` is the median of the per-round ratios (a paired
-measure, robust to load that drifts between rounds). ``max rel diff`` is the largest difference of the fused map from
-Captum's, relative to Captum's largest value (float32; a near-tie in a pooling window can route a whole window
-elsewhere, which would show here). Random weights, frozen (no weight gradients on any side), eval mode; the
-classifier is shrunk to 512*7*7 -> 64 -> 64 -> 10 (same layer types) unless ``--full-head``, because its
-25088x4096 matrix would dominate both sides alike.
+The three alternate within each repeat, the order reversed every other round (bench/timing.py), so a change of
+machine load affects all alike; times are medians over ``--repeats`` after ``--warmup`` rounds; ``Captum / fused``
+is the median of the per-round ratios (a paired measure, robust to load that drifts between rounds). ``max rel
+diff`` is the largest difference of the fused map from Captum's, relative to Captum's largest value (float32; a
+near-tie in a pooling window can route a whole window elsewhere, which would show here). Random weights, frozen (no
+weight gradients on any side), eval mode; the classifier is shrunk to 512*7*7 -> 64 -> 64 -> 10 (same layer types)
+unless ``--full-head``, because its 25088x4096 matrix would dominate both sides alike.
 
 Prints a markdown table and writes ``<results>/<out>.md`` and ``.json`` (``--results``, default bench/results;
 ``--out``, default ``attribution``).
@@ -32,15 +32,18 @@ import os
 import platform
 import statistics
 import sys
-import time
 import warnings
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import torch
 from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
+if os.path.join(ROOT, "bench") not in sys.path:  # tests run this file by path (runpy)
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+from timing import alternated, pair_ratios  # noqa: E402
+
 MODES = ("gradient", "guided", "deconvnet")
 
 
@@ -88,18 +91,6 @@ def runners(model: nn.Module, fused: nn.Module, mode: str, x: torch.Tensor, targ
     return {"captum": run_captum, "hooks": ours(model), "fused": ours(fused)}
 
 
-def measure(fns: Dict[str, Callable], repeats: int, warmup: int) -> Dict[str, List[float]]:
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    for i in range(warmup + repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            if i >= warmup:
-                times[name].append(dt)
-    return times
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=2)
@@ -130,10 +121,10 @@ def main(argv=None) -> int:
         fns = runners(model, fused, mode, x, target)
         ref, got = fns["captum"](), fns["fused"]()
         rel = ((got - ref).abs().max() / ref.abs().max()).item()
-        times = measure(fns, args.repeats, args.warmup)
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        times, _ = alternated(fns, args.warmup, args.repeats)
+        med = {k: statistics.median(v) for k, v in times.items()}
         # the ratio of each round's pair, then the median: robust to load that drifts between rounds
-        paired = statistics.median(c / f for c, f in zip(times["captum"], times["fused"]))
+        paired = pair_ratios(times["captum"], times["fused"])["median"]
         rows.append(
             {
                 "mode": mode,

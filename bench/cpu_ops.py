@@ -27,16 +27,14 @@ import argparse
 import json
 import os
 import platform
-import resource
-import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List
 
 import torch
-import torch.nn.functional as F
 
 import drmm_kernels
+from drmm_kernels import testing as eager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -45,6 +43,7 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 # layer table of the benchmarks (bench/kernels.py; bench/suite reads it too).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels import LAYERS as _ALL_LAYERS  # noqa: E402
+from timing import paired  # noqa: E402
 
 LAYERS = [
     (layer.name.split(".", 1)[1], layer.cin, layer.cout, layer.k, layer.pad, layer.hw, layer.pool)
@@ -60,45 +59,6 @@ TARGETS = {"pooled": {"fwd_bwd": 1.3, "render": 1.5, "saved_ratio": 1 / 3}, "unp
 def _shape_label(spec) -> str:
     name, cin, cout, k, pad, size, pool = spec
     return f"{cin}->{cout} k{k} p{pad} {size}x{size} pool{pool}"
-
-
-def _summary(times: List[float]) -> Dict[str, float]:
-    times = sorted(times)
-    q = len(times) // 4
-    return {"median_ms": statistics.median(times), "q1_ms": times[q], "q3_ms": times[-1 - q], "min_ms": times[0]}
-
-
-def _minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def paired_ms(
-    eager: Callable[[], object], fused: Callable[[], object], warmup: int, repeats: int
-) -> Tuple[Dict[str, float], Dict[str, float], Dict[str, float]]:
-    """Times both, back to back in alternating order, so a change of machine load hits both alike.
-
-    Returns the two time summaries (each with the minor page faults per run) and the quartiles of the
-    per-pair speedup eager_i / fused_i, whose spread says how far a ratio near 1 can be trusted.
-    """
-    for _ in range(warmup):
-        eager()
-        fused()
-    te, tf = [], []
-    faults = [0, 0]
-    pair = ((0, eager, te), (1, fused, tf))
-    for i in range(repeats):
-        # Alternate which side goes first (ABBA): the second of a pair inherits the first's cache and allocator
-        # state, which would otherwise bias every pair the same way.
-        for k, fn, acc in pair if i % 2 == 0 else pair[::-1]:
-            f0 = _minor_faults()
-            t0 = time.perf_counter()
-            fn()
-            acc.append((time.perf_counter() - t0) * 1e3)
-            faults[k] += _minor_faults() - f0
-    se, sf = _summary(te), _summary(tf)
-    se["faults"], sf["faults"] = faults[0] / repeats, faults[1] / repeats
-    ratio = _summary([a / b for a, b in zip(te, tf)])
-    return se, sf, {"median": ratio["median_ms"], "q1": ratio["q1_ms"], "q3": ratio["q3_ms"]}
 
 
 def saved_bytes(fn: Callable[[], object], exclude: List[torch.Tensor]) -> int:
@@ -129,10 +89,7 @@ def bench_layer(spec, batch: int, warmup: int, repeats: int, dtype: torch.dtype)
     gy = torch.randn(batch, cout, *out_hw, generator=g, dtype=dtype)
 
     def eager_fwd(xx, ww, bb):
-        z = F.relu(F.conv2d(xx, ww, bb, 1, pad))
-        if pool == 1:
-            return z, None
-        return F.max_pool2d(z, pool, pool, return_indices=True)
+        return eager.conv_relu_pool(xx, ww, stride=1, padding=pad, pool=pool, bias=bb)
 
     def fused_fwd(xx, ww, bb):
         with drmm_kernels.backend("cpu"):
@@ -157,10 +114,10 @@ def bench_layer(spec, batch: int, warmup: int, repeats: int, dtype: torch.dtype)
 
     res: Dict[str, object] = {"layer": name, "shape": _shape_label(spec), "pool": pool}
     with torch.no_grad():
-        res["fwd_eager"], res["fwd_cpu"], res["fwd_pair_x"] = paired_ms(
+        res["fwd_eager"], res["fwd_cpu"], res["fwd_pair_x"] = paired(
             lambda: eager_fwd(x, w, b), lambda: fused_fwd(x, w, b), warmup, repeats
         )
-    res["fwd_bwd_eager"], res["fwd_bwd_cpu"], res["fwd_bwd_pair_x"] = paired_ms(
+    res["fwd_bwd_eager"], res["fwd_bwd_cpu"], res["fwd_bwd_pair_x"] = paired(
         run_bwd(eager_fwd), run_bwd(fused_fwd), warmup, repeats
     )
 
@@ -170,9 +127,7 @@ def bench_layer(spec, batch: int, warmup: int, repeats: int, dtype: torch.dtype)
     mask = (ye > 0).to(dtype)
 
     def eager_render():
-        m = mu * mask
-        up = m if pool == 1 else F.max_unpool2d(m, idx, pool, pool, output_size=conv_hw)
-        return F.conv_transpose2d(up, w, None, 1, pad)
+        return eager.render(mu, idx, w, (size, size), mask, None, 1, pad, pool, conv_hw)
 
     def fused_render():
         with drmm_kernels.backend("cpu"):
@@ -180,7 +135,7 @@ def bench_layer(spec, batch: int, warmup: int, repeats: int, dtype: torch.dtype)
 
     with torch.no_grad():
         torch.testing.assert_close(fused_render(), eager_render(), rtol=1e-3, atol=1e-3)
-        res["render_eager"], res["render_cpu"], res["render_pair_x"] = paired_ms(
+        res["render_eager"], res["render_cpu"], res["render_pair_x"] = paired(
             eager_render, fused_render, warmup, repeats
         )
 
@@ -220,8 +175,7 @@ def bench_bn_layer(spec, batch: int, warmup: int, repeats: int, dtype: torch.dty
 
     def eager_fwd():
         rm, rv = stats["eager"]
-        v = F.relu(F.batch_norm(F.conv2d(x, w, None, 1, pad), rm, rv, gamma, beta, True, 0.1, 1e-5))
-        return v if pool == 1 else F.max_pool2d(v, pool, pool, return_indices=True)[0]
+        return eager.conv_bn_relu_pool(x, w, gamma, beta, rm, rv, True, 0.1, 1e-5, padding=pad, pool=pool)[0]
 
     def fused_fwd():
         rm, rv = stats["cpu"]
@@ -240,7 +194,7 @@ def bench_bn_layer(spec, batch: int, warmup: int, repeats: int, dtype: torch.dty
 
     torch.testing.assert_close(fused_fwd(), eager_fwd(), rtol=1e-4, atol=1e-4)
     res: Dict[str, object] = {"layer": name, "shape": _shape_label(spec)}
-    res["bn_fwd_bwd_eager"], res["bn_fwd_bwd_cpu"], res["bn_fwd_bwd_pair_x"] = paired_ms(
+    res["bn_fwd_bwd_eager"], res["bn_fwd_bwd_cpu"], res["bn_fwd_bwd_pair_x"] = paired(
         step(eager_fwd), step(fused_fwd), warmup, repeats
     )
     res["bn_fwd_bwd_speedup"] = res["bn_fwd_bwd_pair_x"]["median"]

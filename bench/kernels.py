@@ -41,11 +41,16 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+BENCH = os.path.join(ROOT, "bench")
+for _path in (ROOT, BENCH):  # bench/suite loads this file by path: bench/ is then not on sys.path
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from drmm_kernels import testing as eager  # noqa: E402
+from timing import gpu_quantiles_us  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -209,23 +214,15 @@ class Workload:
         self.idx = idx
         self.amask = (y > 0).to(dtype)  # the `a` switch, as eager would compute it
         self.conv_size = (L.conv_hw, L.conv_hw)
-        out_pad = L.hw - ((L.conv_hw - 1) * L.stride - 2 * L.pad + L.k)
-        self.out_pad = (out_pad, out_pad)
 
-    # eager PyTorch -------------------------------------------------------------------------
+    # eager PyTorch (drmm_kernels.testing) ----------------------------------------------------
     def eager_fwd(self, x, w, b):
         L = self.layer
-        r = F.relu(F.conv2d(x, w, b, L.stride, L.pad))
-        if L.pool == 1:
-            return r, None
-        return F.max_pool2d(r, L.pool, L.pool, return_indices=True)
+        return eager.conv_relu_pool(x, w, stride=L.stride, padding=L.pad, pool=L.pool, bias=b)
 
     def eager_render(self, mu, idx, amask, w):
         L = self.layer
-        g = mu * amask
-        if L.pool > 1:
-            g = F.max_unpool2d(g, idx, L.pool, L.pool, output_size=self.conv_size)
-        return F.conv_transpose2d(g, w, None, L.stride, L.pad, self.out_pad)
+        return eager.render(mu, idx, w, (L.hw, L.hw), amask, None, L.stride, L.pad, L.pool, self.conv_size)
 
     # drmm_kernels ops --------------------------------------------------------------------
     def fused_fwd(self, x, w, b):
@@ -308,11 +305,7 @@ def check(wl: Workload, backend: str) -> List[str]:
         problems.append(f"fwd y rel err {e:.2e} > {tol:.0e}")
     if L.pool > 1:
         vv = v.detach()
-        n, c, h, ww = vv.shape
-        hp, wp = h // L.pool, ww // L.pool
-        win = vv[..., : hp * L.pool, : wp * L.pool].reshape(n, c, hp, L.pool, wp, L.pool)
-        top2 = win.permute(0, 1, 2, 4, 3, 5).reshape(n, c, hp, wp, -1).topk(2, dim=-1).values
-        clear = (top2[..., 0] - top2[..., 1]) > 2e-2 * vv.abs().max()
+        clear = eager.window_gap(vv, L.pool) > 2e-2 * vv.abs().max()
         bad = ((sw & 0x0F) != (sw_ref & 0x0F)) & clear
         if bad.any():
             problems.append(f"switch offsets differ in {int(bad.sum())} of {int(clear.sum())} clear windows")
@@ -346,20 +339,6 @@ def check(wl: Workload, backend: str) -> List[str]:
     return problems
 
 
-# --------------------------------------------------------------------------- timing
-
-
-def timer(quick: bool):
-    from triton.testing import do_bench
-
-    def bench(fn, grads):
-        warm, rep = (10, 40) if quick else (25, 100)
-        med, p20, p80 = do_bench(fn, warmup=warm, rep=rep, grad_to_none=grads, quantiles=[0.5, 0.2, 0.8])
-        return med * 1e3, p20 * 1e3, p80 * 1e3  # microseconds
-
-    return bench
-
-
 def run(args) -> int:
     env = environment()
     peak_name, peaks = peaks_for(env.get("gpu", ""))
@@ -390,7 +369,6 @@ def run(args) -> int:
         flush=True,
     )
 
-    bench = timer(args.quick)
     rows, failures = [], []
     for lname in args.layers:
         layer = next(L for L in LAYERS if L.name == lname)
@@ -423,7 +401,8 @@ def run(args) -> int:
                         if impl == "max-autotune" and op not in args.max_autotune_ops:
                             continue
                         try:
-                            med, p20, p80 = bench(fns[op], fns["_grads"] if op == "fwdbwd" else None)
+                            grads = fns["_grads"] if op == "fwdbwd" else None
+                            med, p20, p80 = gpu_quantiles_us(fns[op], grads, quick=args.quick)
                         except Exception as exc:  # noqa: BLE001
                             print(f"# {impl} {lname} {op}: failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                             continue

@@ -7,8 +7,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 from drmm_kernels import dispatch
-
-import eager
+from drmm_kernels import testing as eager
 
 
 # The cpu backend module (the C++ kernels' Python side); None when the extension is not built.

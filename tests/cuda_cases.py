@@ -15,8 +15,7 @@ import torch
 
 import drmm_kernels as dk
 from drmm_kernels import reference
-
-import eager
+from drmm_kernels import testing as eager
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Shared pieces of the public-op tests (tests/ops/): the backends they run on, hypothesis cases and inputs.
 
-Eager compositions (tests/eager.py) are the ground truth of those tests, never the package's own code.
+Eager compositions (drmm_kernels/testing.py) are the ground truth of those tests, never the package's own code.
 """
 
 import os
@@ -11,8 +11,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 import drmm_kernels as dk
-
-import eager
+from drmm_kernels import testing as eager
 
 
 # The backends the public-op tests run on: those that take CPU tensors. (The Triton interpreter is too slow for
@@ -89,6 +88,8 @@ def check_switches(sw, y_e, idx_e, v, case):
     tol = eager.TOL[case["dtype"]]
     conv_hw = v.shape[-2:]
     idx = dk.switches_to_indices(sw, pool=case["pool"], conv_size=tuple(conv_hw))
+    if idx_e is None:  # pool 1: eager pools nothing, so each element's index is its own position
+        idx_e = torch.arange(idx.shape[-2] * idx.shape[-1], device=idx.device).view(idx.shape[-2:]).expand_as(idx)
     gap = eager.window_gap(v.detach(), case["pool"])
     clear = gap > 1e3 * tol["atol"]
     # PyTorch's index is comparable wherever the output is > 0 (ReLU) or for any clear window (leaky).

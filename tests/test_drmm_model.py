@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
-
 import drmm_kernels as dk
+from drmm_kernels import testing as eager
 from drmm.model import DRMM, PRESETS, LayerSpec, build_model
 
 SHAPES = {
@@ -75,18 +74,17 @@ def test_render_equals_drmm_kernels_composition(name):
 
 def test_render_matches_plain_torch_unpool_and_transposed_conv():
     # Independent of drmm_kernels.render: unpool at the recorded argmax, mask by the a-switch, conv_transpose2d
-    # with the same weight (docs/model.md#top-down-rendering), for a one-layer model without BN.
+    # with the same weight (docs/model.md#top-down-rendering; drmm_kernels.testing's eager composition), for a
+    # one-layer model without BN.
     torch.manual_seed(2)
     model = DRMM([LayerSpec(6, 3, "same", "max", norm="none")], 1, (8, 8), num_classes=4)
     x = torch.randn(2, 1, 8, 8)
     logits, latents = model(x)
     classes = torch.tensor([1, 2])
     layer = model.convs[0]
-    z = F.conv2d(x, layer.weight, layer.bias, padding=1)
-    pooled, indices = F.max_pool2d(z, 2, return_indices=True)
+    pooled, indices = eager.conv_relu_pool(x, layer.weight, padding=1, pool=2, bias=layer.bias)
     mu = model.readout.weight[classes].view(2, 6, 4, 4)
-    unpooled = F.max_unpool2d(mu * (pooled > 0), indices, 2, output_size=(8, 8))
-    expected = F.conv_transpose2d(unpooled, layer.weight, padding=1)
+    expected = eager.render(mu, indices, layer.weight, (8, 8), (pooled > 0).to(mu.dtype), padding=1, pool=2)
     torch.testing.assert_close(model.render(latents, classes), expected)
 
 

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from drmm_kernels import dispatch, reference
-
-import eager
+from drmm_kernels import testing as eager
 
 # The triton backend module; its kernels are imported on first use (dispatch never imports triton itself).
 kernels = dispatch.backend_module("triton")

@@ -20,7 +20,7 @@ from workloads import (
     conv_inputs,
     eager_bn_forward,
     group,
-    timed,
+    synchronized,
     with_grad,
 )
 
@@ -84,4 +84,4 @@ def test_conv_bn_relu_pool_forward_backward(benchmark, layer, impl, batch):
         assert_close(s, r, f"{impl.id} {name}")
 
     benchmark.group = group("conv_bn_relu_pool training forward+backward", layer, impl, batch)
-    benchmark(timed(step, impl.device))
+    benchmark(synchronized(step, impl.device))

@@ -19,7 +19,7 @@ from workloads import (
     conv_inputs,
     eager_forward,
     group,
-    timed,
+    synchronized,
 )
 
 
@@ -50,4 +50,4 @@ def test_conv_relu_pool_forward(benchmark, layer, impl, batch):
             assert_switches(y, extra, f"{impl.id} forward")
 
         benchmark.group = group("conv_relu_pool forward", layer, impl, batch)
-        benchmark(timed(run, impl.device))
+        benchmark(synchronized(run, impl.device))

@@ -18,7 +18,7 @@ from workloads import (
     conv_inputs,
     eager_forward,
     group,
-    timed,
+    synchronized,
     with_grad,
 )
 
@@ -60,4 +60,4 @@ def test_conv_relu_pool_forward_backward(benchmark, layer, impl, batch):
         assert_close_norm(p.grad, r.grad, f"{impl.id} grad {name}", tol=1e-3)
 
     benchmark.group = group("conv_relu_pool forward+backward", layer, impl, batch)
-    benchmark(timed(step, impl.device))
+    benchmark(synchronized(step, impl.device))

@@ -20,7 +20,7 @@ from workloads import (
     eager_forward,
     eager_render,
     group,
-    timed,
+    synchronized,
 )
 
 
@@ -57,4 +57,4 @@ def test_render(benchmark, layer, impl, batch):
         assert_close(run(), expected, f"{impl.id} render", tol=1e-3)
 
         benchmark.group = group("render", layer, impl, batch)
-        benchmark(timed(run, impl.device))
+        benchmark(synchronized(run, impl.device))

@@ -1,7 +1,9 @@
 """What the pytest-benchmark suite times: layer shapes, implementations, inputs and the eager baselines.
 
-Only the public API of ``drmm_kernels`` is used. The layer table is the one of ``bench/kernels.py`` (loaded by
-file path, since ``bench/`` is not a package), restricted to the 5-layer MNIST net ``conv_small``.
+Only the public API of ``drmm_kernels`` is used; the eager baselines are ``drmm_kernels.testing``'s, wrapped per
+layer. The layer table is the one of ``bench/kernels.py`` (loaded by file path, since ``bench/`` is not a
+package), restricted to the 5-layer MNIST net ``conv_small``; what a timed call waits for is
+``bench/timing.py``'s.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import sys
 from typing import Callable, Dict, List, NamedTuple, Tuple
 
 import torch
-import torch.nn.functional as F
 
 import drmm_kernels as dk
+from drmm_kernels import testing as eager
 
 BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if BENCH_DIR not in sys.path:  # bench/timing.py, imported here and by bench/kernels.py
+    sys.path.insert(0, BENCH_DIR)
+from timing import synchronized  # noqa: E402,F401  (the suite's tests import it from here)
+
 COMPILE_MODE = "max-autotune-no-cudagraphs"
 BASELINES = ("eager", "compiled")
 GPU_BACKENDS = ("cuda", "triton")
@@ -74,19 +80,6 @@ def group(op: str, layer, impl: Impl, batch: int) -> str:
     return f"{op} {short} ({shape}) batch {batch} {impl.device}"
 
 
-def timed(fn: Callable[[], object], device: str) -> Callable[[], object]:
-    """On a GPU the timed call waits for its kernels, or the timer would only see the launches."""
-    if device == "cpu":
-        return fn
-
-    def synced():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return synced
-
-
 # ---------------------------------------------------------------------------------------------- inputs
 
 
@@ -115,10 +108,7 @@ def eager_forward(layer) -> Callable:
     pad, pool = layer.pad, layer.pool
 
     def forward(x, w, b):
-        z = F.relu(F.conv2d(x, w, b, 1, pad))
-        if pool == 1:
-            return z, None
-        return F.max_pool2d(z, pool, pool, return_indices=True)
+        return eager.conv_relu_pool(x, w, stride=1, padding=pad, pool=pool, bias=b)
 
     return forward
 
@@ -126,12 +116,10 @@ def eager_forward(layer) -> Callable:
 def eager_render(layer) -> Callable:
     """The top-down pass from eager's saved state: mask by ``y > 0``, ``max_unpool2d`` by the int64 indices,
     ``conv_transpose2d`` with the forward's weight."""
-    pad, pool, conv_hw = layer.pad, layer.pool, (layer.conv_hw, layer.conv_hw)
+    pad, pool, hw, conv_hw = layer.pad, layer.pool, (layer.hw, layer.hw), (layer.conv_hw, layer.conv_hw)
 
     def render(mu, mask, idx, w):
-        m = mu * mask
-        up = m if pool == 1 else F.max_unpool2d(m, idx, pool, pool, output_size=conv_hw)
-        return F.conv_transpose2d(up, w, None, 1, pad)
+        return eager.render(mu, idx, w, hw, mask, None, 1, pad, pool, conv_hw)
 
     return render
 
@@ -141,11 +129,9 @@ def eager_bn_forward(layer) -> Callable:
     pad, pool = layer.pad, layer.pool
 
     def forward(x, w, gamma, beta, running_mean, running_var):
-        v = F.conv2d(x, w, None, 1, pad)
-        z = F.relu(F.batch_norm(v, running_mean, running_var, gamma, beta, True, 0.1, 1e-5))
-        if pool == 1:
-            return z, None
-        return F.max_pool2d(z, pool, pool, return_indices=True)
+        return eager.conv_bn_relu_pool(
+            x, w, gamma, beta, running_mean, running_var, True, 0.1, 1e-5, stride=1, padding=pad, pool=pool
+        )
 
     return forward
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import drmm_kernels as dk
+from drmm_kernels import testing as eager
 
 import cuda_cases as cuda
-import eager
 
 
 @pytest.mark.gpu

@@ -7,8 +7,8 @@ import torch
 
 import drmm_kernels as dk
 from drmm_kernels import reference
+from drmm_kernels import testing as eager
 
-import eager
 import triton_cases as trt
 
 

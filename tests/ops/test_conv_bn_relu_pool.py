@@ -9,9 +9,9 @@ from hypothesis import assume, given
 
 import drmm_kernels as dk
 from drmm_kernels import reference
+from drmm_kernels import testing as eager
 
 import cpu_cases as cpu
-import eager
 import op_cases as oc
 import triton_cases as trt
 

@@ -1,5 +1,5 @@
 """Switch maps: switches_to_indices, the unpool and masked_values primitives, and the tests' own switch
-comparison (tests/eager.py), which every cross-backend switch check goes through.
+comparison (drmm_kernels/testing.py), which every cross-backend switch check goes through.
 """
 
 import pytest
@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 import drmm_kernels as dk
 from drmm_kernels import contract, reference
+from drmm_kernels import testing as eager
 
 import cpu_cases as cpu
-import eager
 
 
 # --------------------------------------------------------------------------- public op
