@@ -39,6 +39,14 @@ def test_switches_to_indices_bad_input():
         dk.switches_to_indices(sw, pool=2, conv_size=(6, 6))
     with pytest.raises(ValueError, match="^drmm_kernels.switches_to_indices: pool must be in"):
         dk.switches_to_indices(sw, pool=5, conv_size=(4, 4))
+    # an offset outside the window would index another window's position (0x8F: offset 15, on, with pool=2)
+    for byte in (0x8F, 0x04, 0x90):
+        bad = sw.clone()
+        bad[0, 0, 1, 0] = byte
+        with pytest.raises(ValueError, match=rf"^drmm_kernels.switches_to_indices: switches holds byte {byte:#04x}"):
+            dk.switches_to_indices(bad, pool=2, conv_size=(4, 4))
+    ok = torch.tensor([[[[0x83, 0x00], [0x01, 0x82]]]], dtype=torch.uint8)
+    assert dk.switches_to_indices(ok, pool=2, conv_size=(4, 4)).tolist() == [[[[5, 2], [9, 14]]]]
 
 
 # --------------------------------------------------------------------------- the tests' switch comparison
