@@ -461,6 +461,8 @@ def run_drmm(command: Command, wd: pathlib.Path, monkeypatch) -> None:
     before = set(os.listdir(wd / "runs")) if (wd / "runs").is_dir() else set()
     if args[:1] == ["train"]:
         args += [a for o in TRAIN_OVERRIDES for a in ("--set", o)]
+    # the command runs in its own folder: a relative DRMM_DATA_DIR (CI passes ../shared/data) must not move with it
+    monkeypatch.setenv("DRMM_DATA_DIR", str(data_lib.data_root(None).resolve()))
     monkeypatch.chdir(wd)
     monkeypatch.setattr(data_lib, "load_dataset", _cut_test_set(data_lib.load_dataset))
     try:
