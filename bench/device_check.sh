@@ -165,9 +165,9 @@ status_of() {  # exit code of a time-boxed command -> status word
   case $1 in 0) echo passed ;; 124|137) echo timeout ;; *) echo failed ;; esac
 }
 
-# Kernel tests: tests/ops (every layer of each op) and tests/backends (backend quirks). The backend
+# Kernel tests: tests/kernels/ops (every layer of each op) and tests/kernels/backends (backend quirks). The backend
 # markers of tests/conftest.py select them: -m triton (interpreter-sized and GPU ones), -m cuda.
-kernel_tests() { ls -d tests/ops tests/backends; }
+kernel_tests() { ls -d tests/kernels/ops tests/kernels/backends; }
 
 # pytest over shards: sharded_pytest STAGE MARKER EXTRA_ARGS... ; node ids are dealt round-robin to
 # $SHARDS processes that share Triton's on-disk cache; each writes junit-STAGE-<i>.xml.

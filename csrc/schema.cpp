@@ -20,8 +20,8 @@ bool built_with_cuda() {
 }
 }  // namespace
 
-// Written the same in drmm_kernels/schema.py (tests/test_schema.py keeps the two equal, and checks that the Python
-// backends pass the arguments in this order); argument meanings: drmm_kernels/dispatch.py.
+// Written the same in drmm_kernels/schema.py (tests/kernels/test_schema.py keeps the two equal, and checks that the
+// Python backends pass the arguments in this order); argument meanings: drmm_kernels/dispatch.py.
 TORCH_LIBRARY(drmm_C, m) {
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def(

@@ -25,18 +25,19 @@ This module imports no op: the ops (drmm_kernels/ops/) import it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils import _python_dispatch
 
 from . import reference
-from .schema import PRIMITIVES, Schema  # noqa: F401  (PRIMITIVES: re-exported, defined with the schemas)
+from .schema import PRIMITIVES, SCHEMAS, Schema  # noqa: F401  (PRIMITIVES: re-exported, defined with the schemas)
 
 NAMES = ("reference", "cpu", "cuda", "triton")
 
@@ -212,6 +213,28 @@ def primitive_source(name: str, op: str) -> str:
     """Which backend actually computes primitive ``op`` when ``name`` is selected."""
     mod = reference if name == "reference" else backend_module(name)
     return name if mod is not None and hasattr(mod, op) else "reference"
+
+
+def native_or_reference(native: Callable[[Tensor], bool]):
+    """Decorates a backend primitive so that it runs only when ``native(t)`` holds for every floating-point tensor
+    argument (its dtypes); otherwise the reference primitive of the same name computes the call. One rule per
+    backend, instead of each primitive re-listing its arguments for the fallback call."""
+
+    def wrap(fn):
+        fallback = getattr(reference, fn.__name__)
+        tensors = SCHEMAS[fn.__name__].tensors
+
+        @functools.wraps(fn)
+        def run(**arguments):
+            for name in tensors:
+                t = arguments[name]
+                if t is not None and t.is_floating_point() and not native(t):
+                    return fallback(**arguments)
+            return fn(**arguments)
+
+        return run
+
+    return wrap
 
 
 def implementation(device: torch.device, op: str):

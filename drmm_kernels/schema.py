@@ -1,7 +1,7 @@
 """The argument lists of the ops, one definition each (the Python counterpart of csrc/schema.cpp).
 
 Each entry is written in the syntax of a ``torch.library`` schema, with the names, types and order of the C++
-``drmm_C`` op of the same name (tests/test_schema.py compares them). Everything else follows from it or is
+``drmm_C`` op of the same name (tests/kernels/test_schema.py compares them). Everything else follows from it or is
 checked against it:
 
 - the ``drmm::`` custom ops (drmm_kernels/dispatch.py ``CustomOp``) take their schema from here, are called with
@@ -9,7 +9,7 @@ checked against it:
   backward returns (a dict by name) from here;
 - every backend primitive (reference.py, cpu.py, cuda.py, triton/) takes keyword-only parameters with these
   names and is called with keywords; cpu.py and cuda.py pass them on to the C++ op in this order
-  (tests/test_schema.py checks both).
+  (tests/kernels/test_schema.py checks both).
 
 So moving, adding or renaming an argument changes the entry here and the one in csrc/schema.cpp, and a call
 site that does not follow fails with a ``TypeError`` naming the argument instead of binding a value to the

@@ -70,16 +70,3 @@ def _restore_backend():
     before = drmm_kernels.get_backend()
     yield
     drmm_kernels.dispatch._selection.name = before
-
-
-@pytest.fixture(autouse=True)
-def _exact_fp32_for_small_triton_cases(request):
-    """The small Triton cases compare fp32 at 1e-4, so TF32 (which the kernels follow from cuDNN's flag) is off
-    for them on a GPU; the realistic-shape ``gpu`` tests keep the default and their wider tolerance."""
-    if not request.node.get_closest_marker("triton") or request.node.get_closest_marker("gpu"):
-        yield
-        return
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = before

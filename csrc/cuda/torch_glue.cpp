@@ -1,6 +1,6 @@
 // The torch side of the CUDA kernels, and the only one: registers the drmm_C:: CUDA implementations and turns
 // tensors into the raw pointers, sizes, element strides and current stream of csrc/cuda/launchers.h (the .cu
-// files include no torch header, so nvcc compiles them alone; tests/backends/test_cuda_build.py checks that).
+// files include no torch header, so nvcc compiles them alone; tests/kernels/backends/test_cuda_build.py checks that).
 // c10/cuda/CUDAStream.h rather than ATen/cuda/CUDAContext.h: the latter pulls in cuBLAS/cuSPARSE headers.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>

@@ -21,8 +21,8 @@ from .. import dispatch, reference
 from ..attribution import capture, rewrite
 from ..contract import Checker, conv_size, pooled_size, shape_str
 from ..schema import SCHEMAS
-from .conv_relu_pool import is_pointwise, pointwise_conv_backward
-from .render import gather_conv, render_op, render_wgrad
+from .conv_relu_pool import conv_backward, is_pointwise
+from .render import gather_conv, switch_backward
 from .switches import channel_sum, masked_values, unpool
 
 
@@ -133,51 +133,34 @@ def _bn_backward(ctx, gy, _gsw, _gmean, _gvar, _gz):
             [need_x or need_w, True, True],
         )
         s1, s2 = gbeta_, ggamma_  # = sum of dL/dv, and of dL/dv * xhat, per channel
-        if (need_x or need_w) and _bn_pointwise(x, weight, stride, padding):
-            gx, gw, _ = pointwise_conv_backward(dz, x, weight, need_x, need_w, False)
-        elif need_x or need_w:
-            gx, gw, _ = torch.ops.aten.convolution_backward(
+        if need_x or need_w:
+            gx, gw, _ = conv_backward(
                 dz,
                 x,
                 weight,
-                None,
-                [stride, stride],
-                [padding, padding],
-                [1, 1],
-                False,
-                [0, 0],
-                1,
-                [need_x, need_w, False],
+                stride=stride,
+                padding=padding,
+                need_x=need_x,
+                need_w=need_w,
+                need_b=False,
+                pointwise=_bn_pointwise(x, weight, stride, padding),
             )
     else:
         s1 = channel_sum(gact)  # = d beta
         scale = (gamma * invstd).to(x.dtype)
-        if need_x:
-            gx = render_op(
-                mu=gy,
-                switches=switches,
-                weight=weight,
-                scale=scale,
-                stride=stride,
-                padding=padding,
-                pool=pool,
-                out_h=x.shape[-2],
-                out_w=x.shape[-1],
-                negative_slope=slope,
-            )
-        if need_w:
-            gw = render_wgrad(
-                src=x,
-                mu=gy,
-                switches=switches,
-                scale=scale,
-                stride=stride,
-                padding=padding,
-                pool=pool,
-                negative_slope=slope,
-                kernel_h=weight.shape[-2],
-                kernel_w=weight.shape[-1],
-            )
+        gx, gw = switch_backward(
+            gy,
+            switches,
+            x,
+            weight,
+            scale,
+            stride=stride,
+            padding=padding,
+            pool=pool,
+            negative_slope=slope,
+            need_x=need_x,
+            need_w=need_w,
+        )
         if need["bn_weight"] and bn_weight is not None:
             z_at = gather_conv(src=x, weight=weight, switches=switches, stride=stride, padding=padding, pool=pool).to(
                 acc

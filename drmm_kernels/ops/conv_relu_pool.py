@@ -20,7 +20,7 @@ from .. import dispatch
 from ..attribution import capture, rewrite
 from ..contract import Checker, conv_size, pooled_size
 from ..schema import SCHEMAS
-from .render import gather_conv, render_op, render_wgrad
+from .render import gather_conv, switch_backward
 from .switches import channel_sum, masked_values
 
 
@@ -49,6 +49,27 @@ def pointwise_conv_backward(gz: Tensor, x: Tensor, weight: Tensor, need_x: bool,
         gw = gw.view(co, ci, 1, 1)
     gb = g3.sum((0, 2)) if need_b else None
     return gx, gw, gb
+
+
+def conv_backward(gz, x, weight, *, stride, padding, need_x, need_w, need_b, pointwise):
+    """``(dx, dW, db)`` of ``conv2d(x, weight, stride=stride, padding=padding)`` for the output gradient ``gz``
+    (None where not needed): batched matrix products when ``pointwise`` (see pointwise_conv_backward), else
+    ATen's ``convolution_backward``. The dense backward of both fused ops."""
+    if pointwise:
+        return pointwise_conv_backward(gz, x, weight, need_x, need_w, need_b)
+    return torch.ops.aten.convolution_backward(
+        gz,
+        x,
+        weight,
+        [weight.shape[0]] if need_b else None,
+        [stride, stride],
+        [padding, padding],
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+        [need_x, need_w, need_b],
+    )
 
 
 def _conv_relu_pool_impl(a) -> Tuple[Tensor, Tensor]:
@@ -89,51 +110,33 @@ def _crp_backward(ctx, gy, _gsw):
         gact = masked_values(mu=gy, switches=switches, scale=None, negative_slope=slope)
         gz = gact if scale is None else gact * scale.view(1, -1, 1, 1)
         bias_grad = bool(need_shift and ctx.has_shift and scale is None)
-        if is_pointwise(x, weight, stride, padding):
-            gx, gw, gb = pointwise_conv_backward(gz, x, weight, need["x"], need["weight"], bias_grad)
-        else:
-            gx, gw, gb = torch.ops.aten.convolution_backward(
-                gz,
-                x,
-                weight,
-                [weight.shape[0]] if bias_grad else None,
-                [stride, stride],
-                [padding, padding],
-                [1, 1],
-                False,
-                [0, 0],
-                1,
-                [need["x"], need["weight"], bias_grad],
-            )
+        gx, gw, gb = conv_backward(
+            gz,
+            x,
+            weight,
+            stride=stride,
+            padding=padding,
+            need_x=need["x"],
+            need_w=need["weight"],
+            need_b=bias_grad,
+            pointwise=is_pointwise(x, weight, stride, padding),
+        )
         if bias_grad:
             gshift, need_shift = gb, False
     else:
-        if need["x"]:
-            gx = render_op(
-                mu=gy,
-                switches=switches,
-                weight=weight,
-                scale=scale,
-                stride=stride,
-                padding=padding,
-                pool=pool,
-                out_h=x.shape[-2],
-                out_w=x.shape[-1],
-                negative_slope=slope,
-            )
-        if need["weight"]:
-            gw = render_wgrad(
-                src=x,
-                mu=gy,
-                switches=switches,
-                scale=scale,
-                stride=stride,
-                padding=padding,
-                pool=pool,
-                negative_slope=slope,
-                kernel_h=weight.shape[-2],
-                kernel_w=weight.shape[-1],
-            )
+        gx, gw = switch_backward(
+            gy,
+            switches,
+            x,
+            weight,
+            scale,
+            stride=stride,
+            padding=padding,
+            pool=pool,
+            negative_slope=slope,
+            need_x=need["x"],
+            need_w=need["weight"],
+        )
     if need["scale"] or need_shift:
         if gact is None:
             gact = masked_values(mu=gy, switches=switches, scale=None, negative_slope=slope)

@@ -247,3 +247,18 @@ def render(
         out_w=out_hw[1],
         negative_slope=negative_slope,
     )
+
+
+def switch_backward(gy, switches, x, weight, scale, *, stride, padding, pool, negative_slope, need_x, need_w):
+    """``(dx, dW)`` of a conv (times ``scale``) -> activation -> max-pool layer whose pooled output has gradient
+    ``gy``, over the recorded offsets only: render for the input, render_wgrad for the weight (None where not
+    needed). The one place the fused ops' sparse backward spells out the geometry."""
+    geometry = dict(
+        switches=switches, scale=scale, stride=stride, padding=padding, pool=pool, negative_slope=negative_slope
+    )
+    gx = gw = None
+    if need_x:
+        gx = render_op(mu=gy, weight=weight, out_h=x.shape[-2], out_w=x.shape[-1], **geometry)
+    if need_w:
+        gw = render_wgrad(src=x, mu=gy, kernel_h=weight.shape[-2], kernel_w=weight.shape[-1], **geometry)
+    return gx, gw

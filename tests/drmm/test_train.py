@@ -224,7 +224,7 @@ def test_load_config_with_overrides_and_errors(tmp_path):
 
 
 def test_shipped_configs_load():
-    configs = sorted(Path(__file__).resolve().parent.parent.glob("configs/**/*.yaml"))  # configs/archive/ too
+    configs = sorted(Path(__file__).resolve().parents[2].glob("configs/**/*.yaml"))  # configs/archive/ too
     assert any(c.name == "demo.yaml" for c in configs)
     for c in configs:
         load_config(str(c))

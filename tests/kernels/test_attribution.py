@@ -542,7 +542,7 @@ def test_bench_runs(tmp_path, capsys):
     import pathlib
     import runpy
 
-    bench = runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "bench" / "attribution.py"))
+    bench = runpy.run_path(str(pathlib.Path(__file__).resolve().parents[2] / "bench" / "attribution.py"))
     threads = torch.get_num_threads()
     try:
         assert bench["main"](["--batch", "1", "--repeats", "1", "--warmup", "0", "--results", str(tmp_path)]) == 0

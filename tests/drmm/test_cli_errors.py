@@ -20,7 +20,7 @@ from drmm.config import TrainConfig
 from drmm.run_dir import CheckpointError
 from drmm.train import model_from_config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 

@@ -1,5 +1,5 @@
 """The `drmm` CLI end to end on a tiny config: train, eval, render, resume; `python -m drmm` works; the level grid
-of `drmm render` shows every column. (Bad input: tests/test_drmm_cli_errors.py.)"""
+of `drmm render` shows every column. (Bad input: tests/drmm/test_cli_errors.py.)"""
 
 import os
 import subprocess
@@ -15,7 +15,7 @@ from drmm.figures import level_panels, save_level_grid
 from drmm.model import build_model
 from drmm_cases import DATA_DIR, needs_mnist
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 TINY = """\
 dataset: mnist

@@ -1,4 +1,4 @@
-"""Shared pieces of the public-op tests (tests/ops/): the backends they run on, hypothesis cases and inputs.
+"""Shared pieces of the public-op tests (tests/kernels/ops/): the backends they run on, hypothesis cases and inputs.
 
 Eager compositions (drmm_kernels/testing.py) are the ground truth of those tests, never the package's own code.
 """
@@ -15,8 +15,8 @@ from drmm_kernels import testing as eager
 
 
 # The backends the public-op tests run on: those that take CPU tensors. (The Triton interpreter is too slow for
-# these hypothesis cases; its own tests in tests/ops/ use small fixed cases. Triton and CUDA on a GPU are checked
-# against the reference backend by their own tests there.)
+# these hypothesis cases; its own tests in tests/kernels/ops/ use small fixed cases. Triton and CUDA on a GPU are
+# checked against the reference backend by their own tests there.)
 BACKENDS = ["reference", "cpu"]
 if os.environ.get("DRMM_REQUIRE_EXTENSION") != "1" and not dk.available_backends()["cpu"]:
     BACKENDS = ["reference"]  # outside `make test` the extension may legitimately be absent

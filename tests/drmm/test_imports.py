@@ -19,7 +19,7 @@ from typing import Dict, List, Set
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PACKAGES = sorted(p.parent.name for p in REPO.glob("*/__init__.py"))
 
 
