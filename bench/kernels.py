@@ -51,6 +51,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from drmm_kernels import testing as eager  # noqa: E402
 from timing import gpu_quantiles_us  # noqa: E402
+from drmm_kernels.contract import plain_pool  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -329,7 +330,7 @@ def check(wl: Workload, backend: str) -> List[str]:
         scale=None,
         stride=L.stride,
         padding=L.pad,
-        pool=L.pool,
+        **plain_pool(L.pool),
         out_h=L.hw,
         out_w=L.hw,
         negative_slope=0.0,

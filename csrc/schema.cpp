@@ -26,16 +26,23 @@ TORCH_LIBRARY(drmm_C, m) {
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def(
       "conv_relu_pool(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, int stride, int padding, int pool, "
+      "int pool_stride, int pool_padding, bool ceil_mode, float negative_slope) -> (Tensor, Tensor)");
+  m.def(
+      "bn_pool(Tensor z, Tensor scale, Tensor shift, int pool, int pool_stride, int pool_padding, bool ceil_mode, "
       "float negative_slope) -> (Tensor, Tensor)");
-  m.def("bn_pool(Tensor z, Tensor scale, Tensor shift, int pool, float negative_slope) -> (Tensor, Tensor)");
   m.def(
       "render(Tensor mu, Tensor switches, Tensor weight, Tensor? scale, int stride, int padding, int pool, "
-      "int out_h, int out_w, float negative_slope) -> Tensor");
-  m.def("gather_conv(Tensor src, Tensor weight, Tensor switches, int stride, int padding, int pool) -> Tensor");
+      "int pool_stride, int pool_padding, bool ceil_mode, int out_h, int out_w, float negative_slope) -> Tensor");
+  m.def(
+      "gather_conv(Tensor src, Tensor weight, Tensor switches, int stride, int padding, int pool, int pool_stride, "
+      "int pool_padding, bool ceil_mode) -> Tensor");
   m.def("masked_values(Tensor mu, Tensor switches, Tensor? scale, float negative_slope) -> Tensor");
-  m.def("unpool(Tensor values, Tensor switches, int pool, int out_h, int out_w) -> Tensor");
+  m.def(
+      "unpool(Tensor values, Tensor switches, int pool, int pool_stride, int pool_padding, bool ceil_mode, "
+      "int out_h, int out_w) -> Tensor");
   m.def("batch_stats(Tensor z) -> (Tensor, Tensor)");
   m.def(
       "render_wgrad(Tensor src, Tensor mu, Tensor switches, Tensor? scale, int stride, int padding, int pool, "
-      "float negative_slope, int kernel_h, int kernel_w) -> Tensor");
+      "int pool_stride, int pool_padding, bool ceil_mode, float negative_slope, int kernel_h, int kernel_w) "
+      "-> Tensor");
 }

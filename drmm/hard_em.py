@@ -40,6 +40,7 @@ from drmm_kernels import reference as kref
 from .drfm import DRFM
 from .losses import reconstruction_per_example, template_classes
 from .model import DRMM, Latents
+from drmm_kernels.contract import plain_pool  # noqa: E402
 
 
 # ---------------------------------------------------------------- the pieces of one layer's regression
@@ -60,7 +61,7 @@ def masked_unpooled(model: DRMM, i: int, mu: Tensor, switches: Tensor) -> Tensor
     if spec.fused_pool == 1:
         return masked
     out_h, out_w = model.map_sizes[i]
-    return kref.unpool(values=masked, switches=switches, pool=spec.fused_pool, out_h=out_h, out_w=out_w)
+    return kref.unpool(values=masked, switches=switches, **plain_pool(spec.fused_pool), out_h=out_h, out_w=out_w)
 
 
 def design_rows(model: DRMM, i: int, mu_tilde: Tensor) -> Tensor:

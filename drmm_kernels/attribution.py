@@ -180,19 +180,32 @@ def capture() -> Optional[Rule]:
     return calls[-1][1]
 
 
-def rewrite(gy: Tensor, switches: Tensor, rule: Optional[Rule]) -> Tuple[Tensor, Tensor]:
+def rewrite(gy: Tensor, switches: Tensor, rule: Optional[Rule], window: dict) -> Tuple[Tensor, Tensor]:
     """The pooled signal and the switches a fused op's backward uses under ``rule``: guided keeps the
     switches and rectifies the signal (the on/off bit still masks); deconvnet also turns every window on,
-    with off windows routed to offset 0 where the block applied its ReLU before the pool ("act-pool": the
-    pool then saw an all-zero window) and to the recorded argmax where after ("pool-act")."""
+    with off windows routed to the window's first element (offset 0, or the first one past the padding of a
+    padded pool) where the block applied its ReLU before the pool ("act-pool": the pool then saw an all-zero
+    window, and max_pool2d's backward picks that element) and to the recorded argmax where after ("pool-act")."""
     if rule is None:
         return gy, switches
     mode, order = rule
+    if order == "act-pool" and window["pool_stride"] < window["pool"]:
+        # The ReLU came before an overlapping pool: the rule applies at the ReLU, to the sum of what the windows
+        # route to a position, not per window. Blocks built by drmm_kernels.fuse run unfused in this case.
+        raise RuntimeError(
+            "drmm_kernels.attribution: a fused block built by hand applies its ReLU before an overlapping pool "
+            f"(pool {window['pool']}, stride {window['pool_stride']}); the guided / deconvnet rule then acts on the "
+            "sum over windows, which the fused op cannot reproduce. Fuse the unfused model with drmm_kernels.fuse "
+            "instead (its blocks run unfused under this rule), or use a non-overlapping pool."
+        )
     gy = gy.clamp_min(0)
     if mode == "guided":
         return gy, switches
     if order == "act-pool":
-        switches = switches.masked_fill(switches < ON_BIT, ON_BIT)  # off: offset 0, on bit set
+        first = ON_BIT
+        if window["pool_padding"]:
+            first = first_offsets(switches.shape[-2], switches.shape[-1], window, switches.device) | ON_BIT
+        switches = torch.where(switches < ON_BIT, first, switches)  # off: the first element, on bit set
     else:
         switches = switches | ON_BIT
     return gy, switches
@@ -275,3 +288,12 @@ def _install_hooks() -> None:
 def _remove_hooks() -> None:
     while _handles:
         _handles.pop().remove()
+
+
+def first_offsets(hp: int, wp: int, window: dict, device) -> Tensor:
+    """The offset of each window's first element inside the map (uint8, ``(hp, wp)``): 0 but for the border
+    windows of a padded pool, whose first rows / columns lie in the padding."""
+    k, s, p = window["pool"], window["pool_stride"], window["pool_padding"]
+    rows = (torch.arange(hp, device=device) * s - p).clamp_max(0).neg()  # padded rows skipped
+    cols = (torch.arange(wp, device=device) * s - p).clamp_max(0).neg()
+    return (rows.view(hp, 1) * k + cols.view(1, wp)).to(torch.uint8)

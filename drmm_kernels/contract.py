@@ -17,7 +17,8 @@ from torch import Tensor
 
 #: Bit 7: the ``a`` switch, set where the window's maximum (after scale and shift) is > 0.
 ON_BIT = 0x80
-#: Bits 0-3: the row-major offset ``dy * pool + dx`` of the window's maximum. Bits 4-6 are zero.
+#: Bits 0-3: the row-major offset ``dy * pool + dx`` of the window's maximum, counted from the window's first row
+#: and column (which lie in the padding for a padded pool's border windows). Bits 4-6 are zero.
 OFFSET_MASK = 0x0F
 #: Largest pooling window the byte can encode (offsets 0..15).
 MAX_POOL = 4
@@ -33,9 +34,41 @@ def conv_size(in_size: Sequence[int], kernel: Sequence[int], stride: int, paddin
     return tuple((s + 2 * padding - k) // stride + 1 for s, k in zip(in_size, kernel))  # type: ignore[return-value]
 
 
-def pooled_size(conv_hw: Sequence[int], pool: int) -> Tuple[int, int]:
-    """Non-overlapping ``pool`` windows; trailing rows and columns that do not fill a window are dropped."""
-    return conv_hw[0] // pool, conv_hw[1] // pool
+def pooled_size(
+    conv_hw: Sequence[int], pool: int, pool_stride: Optional[int] = None, pool_padding: int = 0, ceil_mode: bool = False
+) -> Tuple[int, int]:
+    """``max_pool2d``'s output size: ``pool x pool`` windows every ``pool_stride`` (default ``pool``: non-overlapping)
+    over the map padded by ``pool_padding``; in floor mode trailing rows and columns that do not fill a window are
+    dropped, in ceil mode a last partial window is kept unless it would start in the right / bottom padding."""
+    s = pool if pool_stride is None else pool_stride
+    return tuple(_pooled_len(n, pool, s, pool_padding, ceil_mode) for n in conv_hw)  # type: ignore[return-value]
+
+
+def _pooled_len(n: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
+    # PyTorch's pooling_output_shape (floor division, as its div_rtn); a ceil-mode window may overhang the map
+    out = (n + 2 * p - k + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= n + p:
+        out -= 1
+    return max(out, 0)
+
+
+def plain_pool(pool: int) -> dict:
+    """The pool arguments of non-overlapping ``pool x pool`` windows (the default of every op)."""
+    return dict(pool=pool, pool_stride=pool, pool_padding=0, ceil_mode=False)
+
+
+#: The arguments that describe a pool window, in schema order.
+WINDOW = ("pool", "pool_stride", "pool_padding", "ceil_mode")
+
+
+def window_of(arguments: dict) -> dict:
+    """The pool-window arguments of an op's argument dict (to pass on with ``**``)."""
+    return {k: arguments[k] for k in WINDOW}
+
+
+def is_plain_pool(pool: int, pool_stride: int, pool_padding: int, ceil_mode: bool) -> bool:
+    """Whether a pool is the non-overlapping kind the compiled kernels take (stride = size, no padding, floor)."""
+    return pool_stride == pool and pool_padding == 0 and not ceil_mode
 
 
 # --------------------------------------------------------------------------- checks
@@ -107,6 +140,19 @@ class Checker:
             self.slope(negative_slope),
         )
 
+    def window(self, pool: int, pool_stride, pool_padding, ceil_mode) -> dict:
+        """The pool-window arguments (``WINDOW``) checked against the (already checked) ``pool``, as ``max_pool2d``
+        takes them (``pool_stride`` None means ``pool``), as a dict to pass on with ``**``."""
+        pool_stride = pool if pool_stride is None else self.integer("pool_stride", pool_stride, 1, pool)
+        pool_padding = self.integer("pool_padding", pool_padding, 0)
+        if pool_padding > pool // 2:
+            raise self.value_error(
+                f"pool_padding must be at most pool // 2 = {pool // 2} (pool={pool}), got {pool_padding}"
+            )
+        if not isinstance(ceil_mode, bool):
+            raise self.type_error(f"ceil_mode must be a bool, got {type(ceil_mode).__name__}")
+        return dict(pool=pool, pool_stride=pool_stride, pool_padding=pool_padding, ceil_mode=ceil_mode)
+
     def conv_input(self, x_name: str, x, weight) -> None:
         """A 4-D floating input and a weight of its dtype, device and channel count."""
         self.tensor(x_name, x, 4)
@@ -124,7 +170,16 @@ class Checker:
             raise self.value_error(f"{x_name} has no channels (shape ({shape_str(x)})); a conv needs at least one")
 
     def geometry(
-        self, what: str, in_hw: Sequence[int], weight: Tensor, stride: int, padding: int, pool: int
+        self,
+        what: str,
+        in_hw: Sequence[int],
+        weight: Tensor,
+        stride: int,
+        padding: int,
+        pool: int,
+        pool_stride: Optional[int] = None,
+        pool_padding: int = 0,
+        ceil_mode: bool = False,
     ) -> Tuple[Tuple[int, int], Tuple[int, int]]:
         """(conv size, pooled size) of an input of spatial size ``in_hw``; both must be non-empty."""
         in_hw = tuple(int(s) for s in in_hw)
@@ -134,10 +189,10 @@ class Checker:
             raise self.value_error(
                 f"{what} of spatial size {in_hw} with padding {padding} is smaller than the kernel {kernel}"
             )
-        phw = pooled_size(chw, pool)
+        phw = pooled_size(chw, pool, pool_stride, pool_padding, ceil_mode)
         if min(phw) < 1:
             raise self.value_error(
-                f"pooled size is zero: conv output {chw} is smaller than pool={pool} "
+                f"pooled size is zero: conv output {chw} is smaller than pool={pool} (pool_padding {pool_padding}) "
                 f"({what} spatial size {in_hw}, kernel {kernel}, stride {stride}, "
                 f"padding {padding})"
             )

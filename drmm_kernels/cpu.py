@@ -23,8 +23,10 @@ def supports(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-# The C++ kernels cover float32/float64; the reference computes any other dtype.
-_native = native_or_reference(lambda t: t.dtype in _DTYPES)
+# The C++ kernels cover float32/float64 and every max_pool2d window (the switch-sparse render, gather and weight
+# gradient place each window's value at its recorded position, so overlapping windows add up); the reference
+# computes any other dtype.
+_native = native_or_reference(lambda t: t.dtype in _DTYPES, any_window=True)
 
 
 # The drmm_C ops are called positionally, their arguments in schema order
@@ -42,14 +44,29 @@ def conv_relu_pool(
     stride: int,
     padding: int,
     pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
     negative_slope: float,
 ) -> Tuple[Tensor, Tensor]:
-    return torch.ops.drmm_C.conv_relu_pool(x, weight, scale, shift, stride, padding, pool, negative_slope)
+    return torch.ops.drmm_C.conv_relu_pool(
+        x, weight, scale, shift, stride, padding, pool, pool_stride, pool_padding, ceil_mode, negative_slope
+    )
 
 
 @_native
-def bn_pool(*, z: Tensor, scale: Tensor, shift: Tensor, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
-    return torch.ops.drmm_C.bn_pool(z, scale, shift, pool, negative_slope)
+def bn_pool(
+    *,
+    z: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
+    negative_slope: float,
+) -> Tuple[Tensor, Tensor]:
+    return torch.ops.drmm_C.bn_pool(z, scale, shift, pool, pool_stride, pool_padding, ceil_mode, negative_slope)
 
 
 @_native
@@ -62,18 +79,46 @@ def render(
     stride: int,
     padding: int,
     pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
     out_h: int,
     out_w: int,
     negative_slope: float,
 ) -> Tensor:
     return torch.ops.drmm_C.render(
-        mu, switches, weight, scale, stride, padding, pool, int(out_h), int(out_w), negative_slope
+        mu,
+        switches,
+        weight,
+        scale,
+        stride,
+        padding,
+        pool,
+        pool_stride,
+        pool_padding,
+        ceil_mode,
+        int(out_h),
+        int(out_w),
+        negative_slope,
     )
 
 
 @_native
-def gather_conv(*, src: Tensor, weight: Tensor, switches: Tensor, stride: int, padding: int, pool: int) -> Tensor:
-    return torch.ops.drmm_C.gather_conv(src, weight, switches, stride, padding, pool)
+def gather_conv(
+    *,
+    src: Tensor,
+    weight: Tensor,
+    switches: Tensor,
+    stride: int,
+    padding: int,
+    pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
+) -> Tensor:
+    return torch.ops.drmm_C.gather_conv(
+        src, weight, switches, stride, padding, pool, pool_stride, pool_padding, ceil_mode
+    )
 
 
 @_native
@@ -86,12 +131,27 @@ def render_wgrad(
     stride: int,
     padding: int,
     pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
     negative_slope: float,
     kernel_h: int,
     kernel_w: int,
 ) -> Tensor:
     return torch.ops.drmm_C.render_wgrad(
-        src, mu, switches, scale, stride, padding, pool, negative_slope, int(kernel_h), int(kernel_w)
+        src,
+        mu,
+        switches,
+        scale,
+        stride,
+        padding,
+        pool,
+        pool_stride,
+        pool_padding,
+        ceil_mode,
+        negative_slope,
+        int(kernel_h),
+        int(kernel_w),
     )
 
 
@@ -101,8 +161,18 @@ def masked_values(*, mu: Tensor, switches: Tensor, scale: Optional[Tensor], nega
 
 
 @_native
-def unpool(*, values: Tensor, switches: Tensor, pool: int, out_h: int, out_w: int) -> Tensor:
-    return torch.ops.drmm_C.unpool(values, switches, pool, int(out_h), int(out_w))
+def unpool(
+    *,
+    values: Tensor,
+    switches: Tensor,
+    pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
+    out_h: int,
+    out_w: int,
+) -> Tensor:
+    return torch.ops.drmm_C.unpool(values, switches, pool, pool_stride, pool_padding, ceil_mode, int(out_h), int(out_w))
 
 
 def batch_stats(*, z: Tensor) -> Tuple[Tensor, Tensor]:

@@ -54,9 +54,14 @@ def conv_relu_pool(
     stride: int,
     padding: int,
     pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
     negative_slope: float,
 ) -> Tuple[Tensor, Tensor]:
-    y, sw = torch.ops.drmm_C.conv_relu_pool(x, weight, scale, shift, stride, padding, pool, float(negative_slope))
+    y, sw = torch.ops.drmm_C.conv_relu_pool(
+        x, weight, scale, shift, stride, padding, pool, pool_stride, pool_padding, ceil_mode, float(negative_slope)
+    )
     return y, sw
 
 
@@ -70,18 +75,46 @@ def render(
     stride: int,
     padding: int,
     pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
     out_h: int,
     out_w: int,
     negative_slope: float,
 ) -> Tensor:
     return torch.ops.drmm_C.render(
-        mu, switches, weight, scale, stride, padding, pool, int(out_h), int(out_w), float(negative_slope)
+        mu,
+        switches,
+        weight,
+        scale,
+        stride,
+        padding,
+        pool,
+        pool_stride,
+        pool_padding,
+        ceil_mode,
+        int(out_h),
+        int(out_w),
+        float(negative_slope),
     )
 
 
 @_native
-def gather_conv(*, src: Tensor, weight: Tensor, switches: Tensor, stride: int, padding: int, pool: int) -> Tensor:
-    return torch.ops.drmm_C.gather_conv(src, weight, switches, stride, padding, pool)
+def gather_conv(
+    *,
+    src: Tensor,
+    weight: Tensor,
+    switches: Tensor,
+    stride: int,
+    padding: int,
+    pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
+) -> Tensor:
+    return torch.ops.drmm_C.gather_conv(
+        src, weight, switches, stride, padding, pool, pool_stride, pool_padding, ceil_mode
+    )
 
 
 @_native
@@ -94,18 +127,43 @@ def render_wgrad(
     stride: int,
     padding: int,
     pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
     negative_slope: float,
     kernel_h: int,
     kernel_w: int,
 ) -> Tensor:
     return torch.ops.drmm_C.render_wgrad(
-        src, mu, switches, scale, stride, padding, pool, float(negative_slope), int(kernel_h), int(kernel_w)
+        src,
+        mu,
+        switches,
+        scale,
+        stride,
+        padding,
+        pool,
+        pool_stride,
+        pool_padding,
+        ceil_mode,
+        float(negative_slope),
+        int(kernel_h),
+        int(kernel_w),
     )
 
 
 @_native
-def bn_pool(*, z: Tensor, scale: Tensor, shift: Tensor, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
-    y, sw = torch.ops.drmm_C.bn_pool(z, scale, shift, pool, float(negative_slope))
+def bn_pool(
+    *,
+    z: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
+    negative_slope: float,
+) -> Tuple[Tensor, Tensor]:
+    y, sw = torch.ops.drmm_C.bn_pool(z, scale, shift, pool, pool_stride, pool_padding, ceil_mode, float(negative_slope))
     return y, sw
 
 

@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.utils import _python_dispatch
 
 from . import reference
+from .contract import WINDOW, is_plain_pool
 from .schema import PRIMITIVES, SCHEMAS, Schema  # noqa: F401  (PRIMITIVES: re-exported, defined with the schemas)
 
 NAMES = ("reference", "cpu", "cuda", "triton")
@@ -215,17 +216,22 @@ def primitive_source(name: str, op: str) -> str:
     return name if mod is not None and hasattr(mod, op) else "reference"
 
 
-def native_or_reference(native: Callable[[Tensor], bool]):
+def native_or_reference(native: Callable[[Tensor], bool], *, any_window: bool = False):
     """Decorates a backend primitive so that it runs only when ``native(t)`` holds for every floating-point tensor
-    argument (its dtypes); otherwise the reference primitive of the same name computes the call. One rule per
-    backend, instead of each primitive re-listing its arguments for the fallback call."""
+    argument (its dtypes) and its pool, if it takes one, is of non-overlapping windows (``contract.is_plain_pool``:
+    what the compiled and Triton kernels take) unless ``any_window``; otherwise the reference primitive of the same
+    name computes the call. One rule per backend, instead of each primitive re-listing its arguments for the
+    fallback call."""
 
     def wrap(fn):
         fallback = getattr(reference, fn.__name__)
         tensors = SCHEMAS[fn.__name__].tensors
+        pooled = not any_window and "pool_stride" in SCHEMAS[fn.__name__].names
 
         @functools.wraps(fn)
         def run(**arguments):
+            if pooled and not is_plain_pool(*(arguments[k] for k in WINDOW)):
+                return fallback(**arguments)
             for name in tensors:
                 t = arguments[name]
                 if t is not None and t.is_floating_point() and not native(t):
@@ -240,6 +246,11 @@ def native_or_reference(native: Callable[[Tensor], bool]):
 def implementation(device: torch.device, op: str):
     """The function that runs primitive ``op`` for tensors on ``device`` under the current selection."""
     return primitive(resolve(device), op)
+
+
+def call(op: str, device: torch.device, arguments: dict):
+    """Run primitive ``op`` on ``arguments`` (a dict by name) with the backend selected for ``device``."""
+    return primitive(resolve(device), op)(**arguments)
 
 
 # --------------------------------------------------------------------------- custom ops with an eager fast path

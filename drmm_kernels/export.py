@@ -21,7 +21,7 @@ imported); ``ep.run_decompositions(decompositions())`` replaces them by the comp
 >>> import torch, drmm_kernels as dk
 >>> _ = torch.manual_seed(0)
 >>> x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
->>> y, sw = conv_relu_pool(x, w, None, None, 1, 1, 2, 0.0)       # the arguments in schema order
+>>> y, sw = conv_relu_pool(x, w, None, None, 1, 1, 2, 2, 0, False, 0.0)       # the arguments in schema order
 >>> y_op, sw_op = dk.conv_relu_pool(x, w, padding=1)
 >>> torch.allclose(y, y_op, atol=1e-5), torch.equal(sw, sw_op)
 (True, True)
@@ -42,12 +42,14 @@ from .reference import pool_switches
 __all__ = ["conv_relu_pool", "conv_bn_relu_pool", "decompositions"]
 
 
-def _act_pool(v: Tensor, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
+def _act_pool(
+    v: Tensor, pool: int, pool_stride: int, pool_padding: int, ceil_mode: bool, negative_slope: float
+) -> Tuple[Tensor, Tensor]:
     """``act(max_pool(v))`` and the switches of ``v``, on two paths: when nothing reads the switches, export's
     dead-code elimination leaves a plain ``MaxPool`` (no indices) before the activation."""
-    pooled = F.max_pool2d(v, pool, pool) if pool > 1 else v
+    pooled = F.max_pool2d(v, pool, pool_stride, pool_padding, ceil_mode=ceil_mode) if pool > 1 else v
     y = F.relu(pooled) if negative_slope == 0.0 else F.leaky_relu(pooled, negative_slope)
-    _, switches = pool_switches(v, pool, negative_slope)
+    _, switches = pool_switches(v, pool, negative_slope, pool_stride, pool_padding, ceil_mode)
     return y, switches
 
 
@@ -59,6 +61,9 @@ def conv_relu_pool(
     stride: int,
     padding: int,
     pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
     negative_slope: float,
 ) -> Tuple[Tensor, Tensor]:
     """``drmm::conv_relu_pool`` in ATen ops (arguments in schema order)."""
@@ -68,7 +73,7 @@ def conv_relu_pool(
         v = F.conv2d(x, weight, None, stride, padding) * scale.view(1, -1, 1, 1)
         if shift is not None:
             v = v + shift.view(1, -1, 1, 1)
-    return _act_pool(v, pool, negative_slope)
+    return _act_pool(v, pool, pool_stride, pool_padding, ceil_mode, negative_slope)
 
 
 def conv_bn_relu_pool(
@@ -83,6 +88,9 @@ def conv_bn_relu_pool(
     stride: int,
     padding: int,
     pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
     negative_slope: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``drmm::conv_bn_relu_pool`` in ATen ops: ``(y, switches, mean, var, z)`` as the op returns them (the
@@ -96,7 +104,7 @@ def conv_bn_relu_pool(
         v = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, False, 0.0, eps)
         mean, var = running_mean.clone(), running_var.clone()  # outputs must not alias the inputs
         z_out = z.new_empty(0)
-    y, switches = _act_pool(v, pool, negative_slope)
+    y, switches = _act_pool(v, pool, pool_stride, pool_padding, ceil_mode, negative_slope)
     return y, switches, mean.to(x.dtype), var.to(x.dtype), z_out
 
 

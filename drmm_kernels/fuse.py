@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import drmm_kernels as _dk  # the public ops are looked up at call time (the package is still importing here)
+
+from .attribution import block_rule
 from .fusion_rules import FxView, Match, Refusal, is_member_module, match, reason, sequential_matches
 from .layers import FusedConvBNReLUPool2d, FusedConvReLUPool2d
 
@@ -180,7 +182,17 @@ class _BuiltByFuse:
                 "which work on the fused model). Set hooks_see_block_output = True on the block to hook its "
                 "output knowingly."
             )
-        return not want_switches and any(_hooked(m) for m in self._replaced())
+        return not want_switches and (any(_hooked(m) for m in self._replaced()) or self._rule_after_the_sum())
+
+    def _rule_after_the_sum(self) -> bool:
+        """Under a guided / deconvnet ``drmm_kernels.attribution`` rule, a block whose ReLU came before an
+        overlapping pool runs unfused: the rule clamps the gradient at the ReLU, after the windows' contributions
+        to a position are summed, which the fused op's pooled-level rule cannot reproduce."""
+        w = self.pool_window
+        if w["pool_stride"] >= w["pool"] or self.__dict__.get("_act_module") is None:
+            return False
+        rule = block_rule(self)
+        return rule is not None and rule[1] == "act-pool"
 
     def _replaced_paths(self) -> List[str]:
         return list(getattr(self, "replaced_paths", ()))
@@ -201,7 +213,12 @@ class _BuiltByFuse:
         def max_pool(v):
             if pool is not None:
                 return pool(v)
-            return F.max_pool2d(v, self.pool) if self.pool > 1 else v
+            w = self.pool_window
+            return (
+                F.max_pool2d(v, w["pool"], w["pool_stride"], w["pool_padding"], ceil_mode=w["ceil_mode"])
+                if w["pool"] > 1
+                else v
+            )
 
         return max_pool(activate(z)) if self.order == "act-pool" else activate(max_pool(z))
 
@@ -223,7 +240,7 @@ class FusedConvActPool2d(_BuiltByFuse, FusedConvReLUPool2d):
         conv: nn.Conv2d,
         padding: int,
         slope: float,
-        pool: int,
+        window: dict,
         order: str,
         relu_module: bool,
         path: str = "",
@@ -238,7 +255,8 @@ class FusedConvActPool2d(_BuiltByFuse, FusedConvReLUPool2d):
         kh, kw = conv.kernel_size
         layer.in_channels, layer.out_channels = conv.in_channels, conv.out_channels
         layer.kernel_size = kh if kh == kw else (kh, kw)
-        layer.stride, layer.padding, layer.pool = conv.stride[0], padding, pool
+        layer.stride, layer.padding = conv.stride[0], padding
+        layer._set_window(**window)
         layer.negative_slope, layer.return_switches, layer.order = float(slope), False, order
         layer.relu_module = bool(relu_module)
         layer.replaced_paths = tuple(replaced_paths)
@@ -258,7 +276,7 @@ class FusedConvActPool2d(_BuiltByFuse, FusedConvReLUPool2d):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, bias={self.bias is not None}, pool={self.pool}, "
+            f"padding={self.padding}, bias={self.bias is not None}, {self._window_repr()}, "
             f"act={_act_name(self.negative_slope)}, order={self.order}"
         )
 
@@ -284,7 +302,7 @@ class FusedConvBNActPool2d(_BuiltByFuse, FusedConvBNReLUPool2d):
         bn_path: str,
         padding: int,
         slope: float,
-        pool: int,
+        window: dict,
         order: str,
         relu_module: bool,
         path: str = "",
@@ -299,7 +317,8 @@ class FusedConvBNActPool2d(_BuiltByFuse, FusedConvBNReLUPool2d):
         kh, kw = conv.kernel_size
         layer.in_channels, layer.out_channels = conv.in_channels, conv.out_channels
         layer.kernel_size = kh if kh == kw else (kh, kw)
-        layer.stride, layer.padding, layer.pool = conv.stride[0], padding, pool
+        layer.stride, layer.padding = conv.stride[0], padding
+        layer._set_window(**window)
         layer.negative_slope, layer.return_switches, layer.order = float(slope), False, order
         layer.relu_module = bool(relu_module)
         layer.replaced_paths = tuple(replaced_paths)
@@ -347,8 +366,8 @@ class FusedConvBNActPool2d(_BuiltByFuse, FusedConvBNReLUPool2d):
             eps=bn.eps,
             stride=self.stride,
             padding=self.padding,
-            pool=self.pool,
             negative_slope=self.negative_slope,
+            **self.pool_window,
         )
         if b is not None and batch_stats and mean is not None:
             with torch.no_grad():  # the op averaged the conv output without the bias
@@ -363,15 +382,15 @@ class FusedConvBNActPool2d(_BuiltByFuse, FusedConvBNReLUPool2d):
             self.weight,
             stride=self.stride,
             padding=self.padding,
-            pool=self.pool,
             out_size=out_size,
             negative_slope=self.negative_slope,
+            **self.pool_window,
         )
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, bias={self.bias is not None}, bn={self.bn_path}, pool={self.pool}, "
+            f"padding={self.padding}, bias={self.bias is not None}, bn={self.bn_path}, {self._window_repr()}, "
             f"act={_act_name(self.negative_slope)}, order={self.order}"
         )
 
@@ -423,7 +442,7 @@ def _site_key(ch: Match):
     return (
         ch.bn.target if ch.bn is not None else None,
         ch.slope,
-        ch.pool_size,
+        tuple(ch.pool_window.values()),
         ch.order,
         ch.relu_module,
         _module_target(ch.act),
@@ -595,7 +614,7 @@ def _fuse_fx(
             )
             if ch.bn is None:
                 fused = FusedConvActPool2d._build(
-                    conv, ch.padding, ch.slope, ch.pool_size, ch.order, ch.relu_module, **extra
+                    conv, ch.padding, ch.slope, ch.pool_window, ch.order, ch.relu_module, **extra
                 )
             else:
                 fused = FusedConvBNActPool2d._build(
@@ -604,7 +623,7 @@ def _fuse_fx(
                     ch.bn.target,
                     ch.padding,
                     ch.slope,
-                    ch.pool_size,
+                    ch.pool_window,
                     ch.order,
                     ch.relu_module,
                     **extra,
@@ -933,13 +952,13 @@ def _fuse_sequential(model: nn.Module, report: FuseReport, strict: Optional[str]
         conv, bn = ch.module("conv"), ch.module("bn")
         if bn is None:
             fused = FusedConvActPool2d._build(
-                conv, ch.padding, ch.slope, ch.pool_size, ch.order, ch.relu_module, **extra
+                conv, ch.padding, ch.slope, ch.pool_window, ch.order, ch.relu_module, **extra
             )
         else:
             slot = FusedAwayBatchNorm2d._from(bn, where)
             setattr(seq, view.children[ch.bn][0], slot)
             fused = FusedConvBNActPool2d._build(
-                conv, slot, view.path(ch.bn), ch.padding, ch.slope, ch.pool_size, ch.order, ch.relu_module, **extra
+                conv, slot, view.path(ch.bn), ch.padding, ch.slope, ch.pool_window, ch.order, ch.relu_module, **extra
             )
         setattr(seq, view.children[ch.conv][0], fused)
         for i in (ch.act, ch.pool):
@@ -972,14 +991,16 @@ def fuse(model: nn.Module, example_inputs: Union[Tensor, Sequence[Any], None] = 
     statistics like ``BatchNorm2d``; in eval mode its running statistics are folded.
 
     Chains are refused (and reported) where fusing would change the result or lose a value, or the op
-    contract does not cover them (``drmm_kernels.fusion_rules``): pool stride != kernel, pool padding or
-    dilation, pool > 4, ``ceil_mode=True``, ``return_indices=True``, conv dilation or groups, a padding mode
-    other than zeros, non-square stride or padding (``padding="same"`` is ``(k - 1) // 2`` for an odd kernel and
-    refused for an even one), a leaky_relu slope outside [0, 1), a subclass of Conv2d / BatchNorm2d / ReLU /
-    LeakyReLU / MaxPool2d that overrides its class's forward (one that keeps it is fused as the class), an
-    intermediate used elsewhere, a conv or BN module also called outside a fusable chain (or in another chain,
-    or in another mode). A conv → activation whose pool is refused is fused with ``pool=1``. A module
-    registered under several names is fused at all of them alike.
+    contract does not cover them (``drmm_kernels.fusion_rules``): a pool stride above its kernel size (gapped windows),
+    pool padding above kernel // 2, pool dilation, pool > 4, non-square pools, ``return_indices=True``, conv
+    dilation or groups, a padding mode other than zeros, non-square stride or padding (``padding="same"`` is ``(k -
+    1) // 2`` for an odd kernel and refused for an even one), a leaky_relu slope outside [0, 1), a subclass of
+    Conv2d / BatchNorm2d / ReLU / LeakyReLU / MaxPool2d that overrides its class's forward (one that keeps it is
+    fused as the class), an intermediate used elsewhere, a conv or BN module also called outside a fusable chain (or
+    in another chain, or in another mode). A conv → activation whose pool is refused is fused with ``pool=1``. A module
+    registered under several names is fused at all of them alike. Inside ``drmm_kernels.attribution("guided")`` or
+    ``("deconvnet")`` a block whose ReLU comes before an overlapping pool runs unfused, because the rule acts on the
+    sum the overlapping windows route to a position.
 
     Hooks on the modules a block replaced (the ``nn.ReLU``, ``nn.MaxPool2d``, ``BatchNorm2d``, kept at their
     paths) make the block run unfused through them, so Captum's ``GuidedBackprop``, ``Deconvolution``,
@@ -994,21 +1015,22 @@ def fuse(model: nn.Module, example_inputs: Union[Tensor, Sequence[Any], None] = 
     ...     def __init__(self):
     ...         super().__init__()
     ...         self.conv1, self.conv2 = nn.Conv2d(1, 4, 5), nn.Conv2d(4, 8, 5)
-    ...         self.fc = nn.Linear(8 * 4 * 4, 10)
+    ...         self.fc = nn.Linear(8 * 3 * 3, 10)
     ...     def forward(self, x):
-    ...         x = F.relu(F.max_pool2d(self.conv1(x), 2))
-    ...         x = F.max_pool2d(F.relu(self.conv2(x)), 2, stride=1)
-    ...         return self.fc(x[..., :4, :4].flatten(1))
+    ...         x = F.relu(F.max_pool2d(self.conv1(x), 3, stride=2, padding=1))  # overlapping windows: fused
+    ...         x = F.max_pool2d(F.relu(self.conv2(x)), 2, stride=3)  # gapped windows: refused
+    ...         return self.fc(x.flatten(1))
     >>> net = Net()
     >>> fused = fuse(net)
-    >>> type(fused.conv1).__name__, fused.conv1.pool, fused.conv2.pool
-    ('FusedConvActPool2d', 2, 1)
+    >>> type(fused.conv1).__name__, fused.conv1.pool_window, fused.conv2.pool
+    ('FusedConvActPool2d', {'pool': 3, 'pool_stride': 2, 'pool_padding': 1, 'ceil_mode': False}, 1)
     >>> print(fused.fuse_report)  # doctest: +NORMALIZE_WHITESPACE
     fuse(Net) [torch.fx trace]: 2 fused, 1 refused
-      fused    conv1: conv1 (Conv2d) -> max_pool2d(2) -> relu  ->  FusedConvActPool2d
+      fused    conv1: conv1 (Conv2d) -> max_pool2d(3) -> relu  ->  FusedConvActPool2d
       fused    conv2: conv2 (Conv2d) -> relu  ->  FusedConvActPool2d
-      refused  max_pool2d_1: conv2 (Conv2d) -> relu -> max_pool2d(2)  --  pool stride (1, 1) != kernel (2, 2)
-               (overlapping or gapped windows); the conv -> activation before it is fused with pool=1
+      refused  max_pool2d_1: conv2 (Conv2d) -> relu -> max_pool2d(2)  --  pool stride (3, 3) for kernel (2, 2)
+               (the fused ops take one stride from 1 to the kernel size: no gapped windows); the conv -> activation
+               before it is fused with pool=1
     >>> x = torch.randn(2, 1, 28, 28)
     >>> torch.allclose(fused(x), net(x), atol=1e-5)
     True

@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import MAX_POOL
+from .contract import MAX_POOL, plain_pool
 
 # --------------------------------------------------------------------------- patterns and roles
 
@@ -117,10 +117,10 @@ REASONS: Dict[str, str] = {
     "pool_args_at_run_time": "max_pool2d arguments computed at run time",
     "return_indices": "return_indices=True: the indices would be lost (the fused ops record switches instead)",
     "pool_window": "non-square pool window {window}",
-    "pool_stride": "pool stride {stride} != kernel {window} (overlapping or gapped windows)",
-    "pool_padding": "pool padding {padding} (padded windows)",
+    "pool_stride": "pool stride {stride} for kernel {window} (the fused ops take one stride from 1 to the kernel size: "
+    "no gapped windows)",
+    "pool_padding": "pool padding {padding} (the fused ops take one padding from 0 to kernel // 2)",
     "pool_dilation": "pool dilation {dilation}",
-    "ceil_mode": "ceil_mode=True (partial windows at the border)",
     "pool_size": "pool kernel {size} > {max_pool} (the fused ops pool 1..{max_pool})",
     # the chain's shape
     "not_followed": "no {expected} follows{subject} ({where})",
@@ -158,7 +158,7 @@ class Member:
     role: Optional[str]  # a key of ROLES, or None: no member of any chain
     desc: str  # as chain descriptions show it
     reason: Optional[str] = None  # why the ops cannot compute it (None: they can)
-    value: Any = None  # conv: padding (int); act: negative slope; pool: window
+    value: Any = None  # conv: padding (int); act: negative slope; pool: the ops' pool arguments (dict)
     module: Optional[nn.Module] = None  # the module called, if it is one
     other_activation: Optional[str] = None  # role None: the name of an activation the ops do not compute
 
@@ -271,8 +271,9 @@ def _act_slope(slope) -> Tuple[Optional[str], Optional[float]]:
     return None, slope
 
 
-def _pool_reason(a: Dict[str, Any]) -> Tuple[Optional[str], Optional[int]]:
-    """(why the ops cannot compute this max-pool, or None; its window) from ``max_pool2d``'s arguments."""
+def _pool_reason(a: Dict[str, Any]) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """(why the ops cannot compute this max-pool, or None; the ops' pool arguments) from ``max_pool2d``'s
+    arguments."""
     if a["return_indices"]:
         return reason("return_indices"), None
     kh, kw = _pair(a["kernel_size"])
@@ -281,17 +282,16 @@ def _pool_reason(a: Dict[str, Any]) -> Tuple[Optional[str], Optional[int]]:
     sh, sw = (kh, kw) if empty else _pair(stride)
     if kh != kw:
         return reason("pool_window", window=(kh, kw)), None
-    if (sh, sw) != (kh, kw):
+    if not 1 <= kh <= MAX_POOL:
+        return reason("pool_size", size=kh, max_pool=MAX_POOL), None
+    if sh != sw or not 1 <= sh <= kh:
         return reason("pool_stride", stride=(sh, sw), window=(kh, kw)), None
-    if _pair(a["padding"]) != (0, 0):
+    ph, pw = _pair(a["padding"])
+    if ph != pw or not 0 <= ph <= kh // 2:
         return reason("pool_padding", padding=a["padding"]), None
     if _pair(a["dilation"]) != (1, 1):
         return reason("pool_dilation", dilation=a["dilation"]), None
-    if a["ceil_mode"]:
-        return reason("ceil_mode"), None
-    if not 1 <= kh <= MAX_POOL:
-        return reason("pool_size", size=kh, max_pool=MAX_POOL), None
-    return None, int(kh)
+    return None, dict(pool=int(kh), pool_stride=int(sh), pool_padding=int(ph), ceil_mode=bool(a["ceil_mode"]))
 
 
 def _member_of_call(n: fx.Node) -> Member:
@@ -491,8 +491,13 @@ class Match:
         return self.members[self.roles.index("act")].value
 
     @property
+    def pool_window(self) -> Dict[str, Any]:
+        """The ops' pool arguments (``pool=1``: no pool in the chain)."""
+        return self.members[self.roles.index("pool")].value if "pool" in self.roles else plain_pool(1)
+
+    @property
     def pool_size(self) -> int:
-        return self.members[self.roles.index("pool")].value if "pool" in self.roles else 1
+        return self.pool_window["pool"]
 
     @property
     def order(self) -> str:

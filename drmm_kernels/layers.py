@@ -26,12 +26,39 @@ def _single(name: str, v: _IntPair, where: str) -> int:
     return int(v)
 
 
-class FusedConvReLUPool2d(nn.Module):
-    """``MaxPool2d(pool)(act(Conv2d(x)))`` in one op, optionally returning the switches.
+class _PoolWindow:
+    """The max-pool of a fused block: ``pool`` (kernel size, 1 = no pooling), ``pool_stride`` (default ``pool``),
+    ``pool_padding`` and ``ceil_mode``, as ``nn.MaxPool2d`` takes them (docs/ops.md#pooling)."""
 
-    Args mirror ``nn.Conv2d`` (square kernel/stride/padding, no groups or dilation) plus
-    ``pool`` (window = stride, 1 = no pooling), ``negative_slope`` (0 = ReLU) and
-    ``return_switches`` (default for ``forward``).
+    def _set_window(self, pool: int, pool_stride: Optional[int] = None, pool_padding: int = 0, ceil_mode=False):
+        self.pool, self.pool_padding, self.ceil_mode = pool, pool_padding, bool(ceil_mode)
+        self.pool_stride = pool if pool_stride is None else pool_stride
+
+    @property
+    def pool_window(self) -> dict:
+        """The pool arguments of the ops (blocks saved before they existed pool in non-overlapping windows)."""
+        return dict(
+            pool=self.pool,
+            pool_stride=getattr(self, "pool_stride", self.pool),
+            pool_padding=getattr(self, "pool_padding", 0),
+            ceil_mode=getattr(self, "ceil_mode", False),
+        )
+
+    def _window_repr(self) -> str:
+        w = self.pool_window
+        extra = "" if w["pool_stride"] == w["pool"] else f", pool_stride={w['pool_stride']}"
+        extra += f", pool_padding={w['pool_padding']}" if w["pool_padding"] else ""
+        extra += ", ceil_mode=True" if w["ceil_mode"] else ""
+        return f"pool={w['pool']}{extra}"
+
+
+class FusedConvReLUPool2d(_PoolWindow, nn.Module):
+    """``MaxPool2d(pool, pool_stride, pool_padding, ceil_mode)(act(Conv2d(x)))`` in one op, optionally returning
+    the switches.
+
+    Args mirror ``nn.Conv2d`` (square kernel/stride/padding, no groups or dilation) plus the pool (``pool``:
+    kernel size, 1 = no pooling; ``pool_stride``, default ``pool``; ``pool_padding``; ``ceil_mode``), ``negative_slope``
+    (0 = ReLU) and ``return_switches`` (default for ``forward``).
 
     >>> layer = FusedConvReLUPool2d(3, 8, 3, padding=1)
     >>> y, switches = layer(torch.randn(2, 3, 16, 16), return_switches=True)
@@ -55,13 +82,17 @@ class FusedConvReLUPool2d(nn.Module):
         return_switches: bool = False,
         device=None,
         dtype=None,
+        pool_stride: Optional[int] = None,
+        pool_padding: int = 0,
+        ceil_mode: bool = False,
     ) -> None:
         super().__init__()
         k = _single("kernel_size", kernel_size, type(self).__name__)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
         self.stride = _single("stride", stride, type(self).__name__)
         self.padding = _single("padding", padding, type(self).__name__)
-        self.pool, self.negative_slope, self.return_switches = pool, float(negative_slope), return_switches
+        self._set_window(pool, pool_stride, pool_padding, ceil_mode)
+        self.negative_slope, self.return_switches = float(negative_slope), return_switches
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, k, k, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
@@ -98,7 +129,8 @@ class FusedConvReLUPool2d(nn.Module):
         nn.Module.__init__(layer)
         layer.in_channels, layer.out_channels = conv.in_channels, conv.out_channels
         layer.kernel_size = kh if kh == kw else (kh, kw)
-        layer.stride, layer.padding, layer.pool = conv.stride[0], found.padding, found.pool_size
+        layer.stride, layer.padding = conv.stride[0], found.padding
+        layer._set_window(**found.pool_window)
         layer.negative_slope, layer.return_switches = found.slope, False
         layer.weight = conv.weight
         layer.bias = conv.bias
@@ -112,8 +144,8 @@ class FusedConvReLUPool2d(nn.Module):
             self.bias,
             stride=self.stride,
             padding=self.padding,
-            pool=self.pool,
             negative_slope=self.negative_slope,
+            **self.pool_window,
         )
         want = self.return_switches if return_switches is None else return_switches
         return (y, switches) if want else y
@@ -126,21 +158,22 @@ class FusedConvReLUPool2d(nn.Module):
             self.weight,
             stride=self.stride,
             padding=self.padding,
-            pool=self.pool,
             out_size=out_size,
             negative_slope=self.negative_slope,
+            **self.pool_window,
         )
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, bias={self.bias is not None}, pool={self.pool}, "
+            f"padding={self.padding}, bias={self.bias is not None}, {self._window_repr()}, "
             f"negative_slope={self.negative_slope}"
         )
 
 
-class FusedConvBNReLUPool2d(nn.Module):
-    """``Conv2d(bias=False) → BatchNorm2d → act → MaxPool2d(pool)`` in one op, with switches.
+class FusedConvBNReLUPool2d(_PoolWindow, nn.Module):
+    """``Conv2d(bias=False) → BatchNorm2d → act → MaxPool2d(pool, pool_stride, pool_padding, ceil_mode)`` in one op,
+    with switches.
 
     Parameter and buffer names follow ``conv.weight`` / ``bn.*`` so the two source modules'
     state_dicts map onto it directly.
@@ -170,12 +203,16 @@ class FusedConvBNReLUPool2d(nn.Module):
         return_switches: bool = False,
         device=None,
         dtype=None,
+        pool_stride: Optional[int] = None,
+        pool_padding: int = 0,
+        ceil_mode: bool = False,
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False, **factory)
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **factory)
-        self.pool, self.negative_slope, self.return_switches = pool, float(negative_slope), return_switches
+        self._set_window(pool, pool_stride, pool_padding, ceil_mode)
+        self.negative_slope, self.return_switches = float(negative_slope), return_switches
 
     def forward(self, x: Tensor, return_switches: Optional[bool] = None, shift: Optional[Tensor] = None):
         """``shift`` (per channel, optional) is added after the normalisation, on top of the BN bias: an extra
@@ -204,8 +241,8 @@ class FusedConvBNReLUPool2d(nn.Module):
             eps=bn.eps,
             stride=self.conv.stride[0],
             padding=self.conv.padding[0],
-            pool=self.pool,
             negative_slope=self.negative_slope,
+            **self.pool_window,
         )
         want = self.return_switches if return_switches is None else return_switches
         return (y, switches) if want else y
@@ -218,9 +255,9 @@ class FusedConvBNReLUPool2d(nn.Module):
             self.conv.weight,
             stride=self.conv.stride[0],
             padding=self.conv.padding[0],
-            pool=self.pool,
             out_size=out_size,
             negative_slope=self.negative_slope,
+            **self.pool_window,
         )
 
 

@@ -19,6 +19,10 @@ from torch import Tensor
 
 from .contract import OFFSET_MASK, ON_BIT, conv_size  # noqa: F401  (the switch byte and geometry, one definition)
 
+# A pool is max_pool2d's window (docs/ops.md#pooling): ``pool x pool`` every ``pool_stride`` over the conv map padded by
+# ``pool_padding``, ``ceil_mode`` as in PyTorch. The internal helpers here default to non-overlapping windows; the
+# primitives take every argument.
+
 
 def activation_factor(switches: Tensor, negative_slope: float, dtype: torch.dtype) -> Tensor:
     """Derivative of the activation at each window maximum: 1 where the ``a`` bit is on, else the slope."""
@@ -30,24 +34,52 @@ def activation_factor(switches: Tensor, negative_slope: float, dtype: torch.dtyp
     )
 
 
-def switches_to_indices(switches: Tensor, pool: int, conv_hw: Tuple[int, int]) -> Tensor:
-    """PyTorch's flat ``max_pool2d`` indices (int64, into the ``conv_hw`` plane) from switch bytes."""
-    hp, wp = switches.shape[-2], switches.shape[-1]
+def window_origins(hp: int, wp: int, pool_stride: int, pool_padding: int, device) -> Tuple[Tensor, Tensor]:
+    """The conv-map row (column) of each pooled row (column)'s window's first element: ``i * stride - padding``."""
+    rows = torch.arange(hp, device=device).view(hp, 1) * pool_stride - pool_padding
+    cols = torch.arange(wp, device=device).view(1, wp) * pool_stride - pool_padding
+    return rows, cols
+
+
+def switch_positions(
+    switches: Tensor, pool: int, pool_stride: Optional[int] = None, pool_padding: int = 0
+) -> Tuple[Tensor, Tensor]:
+    """The conv-map row and column (int64) each switch byte points at."""
+    s = pool if pool_stride is None else pool_stride
     off = (switches & OFFSET_MASK).long()
     dy = torch.div(off, pool, rounding_mode="floor")
-    dx = off - dy * pool
-    rows = torch.arange(hp, device=switches.device).view(hp, 1) * pool
-    cols = torch.arange(wp, device=switches.device).view(1, wp) * pool
-    return (rows + dy) * conv_hw[1] + (cols + dx)
+    rows, cols = window_origins(switches.shape[-2], switches.shape[-1], s, pool_padding, switches.device)
+    return rows + dy, cols + (off - dy * pool)
 
 
-def pool_switches(v: Tensor, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
+def switches_to_indices(
+    switches: Tensor,
+    pool: int,
+    conv_hw: Tuple[int, int],
+    pool_stride: Optional[int] = None,
+    pool_padding: int = 0,
+) -> Tensor:
+    """PyTorch's flat ``max_pool2d`` indices (int64, into the ``conv_hw`` plane) from switch bytes."""
+    h, w = switch_positions(switches, pool, pool_stride, pool_padding)
+    return h * conv_hw[1] + w
+
+
+def pool_switches(
+    v: Tensor,
+    pool: int,
+    negative_slope: float,
+    pool_stride: Optional[int] = None,
+    pool_padding: int = 0,
+    ceil_mode: bool = False,
+) -> Tuple[Tensor, Tensor]:
     """Activation + max-pool + switch byte for a pre-activation map ``v`` (N, C, H, W)."""
-    v = v.contiguous()  # NCHW kernel: first maximum on ties, NaN propagates
-    pooled, idx = F.max_pool2d(v, pool, pool, return_indices=True)
+    s = pool if pool_stride is None else pool_stride
+    v = v.contiguous()  # NCHW kernel: first maximum on ties, NaN propagates; padding never wins
+    pooled, idx = F.max_pool2d(v, pool, s, pool_padding, ceil_mode=ceil_mode, return_indices=True)
     wc = v.shape[-1]
     h, w = torch.div(idx, wc, rounding_mode="floor"), idx % wc
-    offset = (h % pool) * pool + (w % pool)
+    rows, cols = window_origins(pooled.shape[-2], pooled.shape[-1], s, pool_padding, v.device)
+    offset = (h - rows) * pool + (w - cols)
     switches = (offset | torch.where(pooled > 0, ON_BIT, 0)).to(torch.uint8)
     if negative_slope > 0:
         y = F.leaky_relu(pooled, negative_slope)
@@ -73,18 +105,36 @@ def conv_relu_pool(
     stride: int,
     padding: int,
     pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
     negative_slope: float,
 ) -> Tuple[Tensor, Tensor]:
     z = F.conv2d(x, weight, None, stride, padding)
-    return pool_switches(scale_shift(z, scale, shift), pool, negative_slope)
+    return pool_switches(scale_shift(z, scale, shift), pool, negative_slope, pool_stride, pool_padding, ceil_mode)
 
 
-def unpool(*, values: Tensor, switches: Tensor, pool: int, out_h: int, out_w: int) -> Tensor:
-    """Place each pooled value at its recorded offset of a zero (out_h, out_w) map."""
+def unpool(
+    *,
+    values: Tensor,
+    switches: Tensor,
+    pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
+    out_h: int,
+    out_w: int,
+) -> Tensor:
+    """Each pooled value added at its recorded offset of a zero (out_h, out_w) map: where overlapping windows share
+    a maximum, the position receives the sum, as in max_pool2d's gradient (max_unpool2d would keep one)."""
     n, c = values.shape[:2]
-    idx = switches_to_indices(switches, pool, (out_h, out_w)).reshape(n, c, -1)
+    idx = switches_to_indices(switches, pool, (out_h, out_w), pool_stride, pool_padding).reshape(n, c, -1)
     flat = values.new_zeros(n, c, out_h * out_w)
-    flat.scatter_(2, idx, values.reshape(n, c, -1))
+    if pool_stride == pool:
+        flat.scatter_(2, idx, values.reshape(n, c, -1))  # disjoint windows: every position gets at most one value
+    else:
+        # CPU: each (n, c) row is reduced in index order, so the sum is the same run to run
+        flat.scatter_add_(2, idx, values.reshape(n, c, -1))
     return flat.view(n, c, out_h, out_w)
 
 
@@ -102,11 +152,11 @@ def masked_values(*, mu: Tensor, switches: Tensor, scale: Optional[Tensor], nega
 
 
 def _unpooled_gradient(
-    mu: Tensor, switches: Tensor, scale: Optional[Tensor], negative_slope: float, pool: int, conv_hw: Tuple[int, int]
+    mu: Tensor, switches: Tensor, scale: Optional[Tensor], negative_slope: float, window: dict, conv_hw: Tuple[int, int]
 ) -> Tensor:
     """The masked, scaled ``mu`` at its recorded offsets of a zero ``conv_hw`` map: what render convolves."""
     masked = masked_values(mu=mu, switches=switches, scale=scale, negative_slope=negative_slope)
-    return unpool(values=masked, switches=switches, pool=pool, out_h=conv_hw[0], out_w=conv_hw[1])
+    return unpool(values=masked, switches=switches, out_h=conv_hw[0], out_w=conv_hw[1], **window)
 
 
 def render(
@@ -118,22 +168,43 @@ def render(
     stride: int,
     padding: int,
     pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
     out_h: int,
     out_w: int,
     negative_slope: float,
 ) -> Tensor:
     kh, kw = weight.shape[-2:]
     chw = conv_size((out_h, out_w), (kh, kw), stride, padding)
-    g = _unpooled_gradient(mu, switches, scale, negative_slope, pool, chw)
-    out_pad = tuple(o - ((c - 1) * stride - 2 * padding + k) for o, c, k in zip((out_h, out_w), chw, (kh, kw)))
+    window = dict(pool=pool, pool_stride=pool_stride, pool_padding=pool_padding, ceil_mode=ceil_mode)
+    g = _unpooled_gradient(mu, switches, scale, negative_slope, window, chw)
+    return transposed_conv(g, weight, stride, padding, (out_h, out_w))
+
+
+def transposed_conv(g: Tensor, weight: Tensor, stride: int, padding: int, out_hw: Tuple[int, int]) -> Tensor:
+    """``conv_transpose2d`` of a conv-output-size map ``g`` with the conv's weight, to the conv input size."""
+    kh, kw = weight.shape[-2:]
+    out_pad = tuple(o - ((c - 1) * stride - 2 * padding + k) for o, c, k in zip(out_hw, g.shape[-2:], (kh, kw)))
     return F.conv_transpose2d(g, weight, None, stride, padding, out_pad)
 
 
-def gather_conv(*, src: Tensor, weight: Tensor, switches: Tensor, stride: int, padding: int, pool: int) -> Tensor:
+def gather_conv(
+    *,
+    src: Tensor,
+    weight: Tensor,
+    switches: Tensor,
+    stride: int,
+    padding: int,
+    pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
+) -> Tensor:
     """``conv2d(src, weight)`` read at each window's recorded offset (pooled shape)."""
     z = F.conv2d(src, weight, None, stride, padding)
     n, c = switches.shape[:2]
-    idx = switches_to_indices(switches, pool, z.shape[-2:]).reshape(n, c, -1)
+    idx = switches_to_indices(switches, pool, z.shape[-2:], pool_stride, pool_padding).reshape(n, c, -1)
     return z.reshape(n, c, -1).gather(2, idx).view(switches.shape)
 
 
@@ -146,15 +217,23 @@ def render_wgrad(
     stride: int,
     padding: int,
     pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
     negative_slope: float,
     kernel_h: int,
     kernel_w: int,
 ) -> Tensor:
     """Weight gradient of ``conv2d(src, W)`` for the unpooled, masked, scaled gradient built from ``mu``."""
     chw = conv_size(src.shape[-2:], (kernel_h, kernel_w), stride, padding)
-    g = _unpooled_gradient(mu, switches, scale, negative_slope, pool, chw)
-    w_shape = (mu.shape[1], src.shape[1], kernel_h, kernel_w)
-    return torch.nn.grad.conv2d_weight(src, w_shape, g, stride, padding)
+    window = dict(pool=pool, pool_stride=pool_stride, pool_padding=pool_padding, ceil_mode=ceil_mode)
+    g = _unpooled_gradient(mu, switches, scale, negative_slope, window, chw)
+    return conv_weight_grad(src, g, stride, padding, (kernel_h, kernel_w))
+
+
+def conv_weight_grad(src: Tensor, g: Tensor, stride: int, padding: int, kernel_hw: Tuple[int, int]) -> Tensor:
+    """The weight gradient of ``conv2d(src, W)`` for the conv-output-size gradient ``g``."""
+    return torch.nn.grad.conv2d_weight(src, (g.shape[1], src.shape[1], *kernel_hw), g, stride, padding)
 
 
 def batch_stats(*, z: Tensor) -> Tuple[Tensor, Tensor]:
@@ -166,9 +245,19 @@ def batch_stats(*, z: Tensor) -> Tuple[Tensor, Tensor]:
     return mean, var
 
 
-def bn_pool(*, z: Tensor, scale: Tensor, shift: Tensor, pool: int, negative_slope: float) -> Tuple[Tensor, Tensor]:
+def bn_pool(
+    *,
+    z: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
+    negative_slope: float,
+) -> Tuple[Tensor, Tensor]:
     """Per-channel affine + activation + pool + switches on a precomputed conv output ``z``."""
-    return pool_switches(scale_shift(z, scale, shift), pool, negative_slope)
+    return pool_switches(scale_shift(z, scale, shift), pool, negative_slope, pool_stride, pool_padding, ceil_mode)
 
 
 def conv_bn_relu_pool(
@@ -184,6 +273,9 @@ def conv_bn_relu_pool(
     stride: int,
     padding: int,
     pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
     negative_slope: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(y, switches, mean, var, z)``: the statistics used (batch or running, biased variance) and,
@@ -198,5 +290,5 @@ def conv_bn_relu_pool(
     else:
         v = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, False, 0.0, eps)
         mean, var = running_mean.clone(), running_var.clone()
-    y, switches = pool_switches(v, pool, negative_slope)
+    y, switches = pool_switches(v, pool, negative_slope, pool_stride, pool_padding, ceil_mode)
     return y, switches, mean.to(x.dtype), var.to(x.dtype), z.contiguous() if training else z.new_empty(0)

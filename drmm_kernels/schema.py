@@ -16,7 +16,7 @@ site that does not follow fails with a ``TypeError`` naming the argument instead
 wrong parameter.
 
 >>> SCHEMAS["unpool"].names
-('values', 'switches', 'pool', 'out_h', 'out_w')
+('values', 'switches', 'pool', 'pool_stride', 'pool_padding', 'ceil_mode', 'out_h', 'out_w')
 """
 
 from __future__ import annotations
@@ -85,23 +85,28 @@ SCHEMAS: Dict[str, Schema] = {
     for s in map(
         parse,
         (
-            # the backend primitives, as in csrc/schema.cpp
+            # the backend primitives, as in csrc/schema.cpp. A pool is PyTorch's max_pool2d window: kernel_size pool,
+            # stride pool_stride, padding pool_padding, ceil_mode (docs/ops.md#pooling).
             "conv_relu_pool(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, int stride, int padding, int pool, "
-            "float negative_slope) -> (Tensor, Tensor)",
-            "bn_pool(Tensor z, Tensor scale, Tensor shift, int pool, float negative_slope) -> (Tensor, Tensor)",
+            "int pool_stride, int pool_padding, bool ceil_mode, float negative_slope) -> (Tensor, Tensor)",
+            "bn_pool(Tensor z, Tensor scale, Tensor shift, int pool, int pool_stride, int pool_padding, "
+            "bool ceil_mode, float negative_slope) -> (Tensor, Tensor)",
             "render(Tensor mu, Tensor switches, Tensor weight, Tensor? scale, int stride, int padding, int pool, "
-            "int out_h, int out_w, float negative_slope) -> Tensor",
-            "gather_conv(Tensor src, Tensor weight, Tensor switches, int stride, int padding, int pool) -> Tensor",
+            "int pool_stride, int pool_padding, bool ceil_mode, int out_h, int out_w, float negative_slope) -> Tensor",
+            "gather_conv(Tensor src, Tensor weight, Tensor switches, int stride, int padding, int pool, "
+            "int pool_stride, int pool_padding, bool ceil_mode) -> Tensor",
             "masked_values(Tensor mu, Tensor switches, Tensor? scale, float negative_slope) -> Tensor",
-            "unpool(Tensor values, Tensor switches, int pool, int out_h, int out_w) -> Tensor",
+            "unpool(Tensor values, Tensor switches, int pool, int pool_stride, int pool_padding, bool ceil_mode, "
+            "int out_h, int out_w) -> Tensor",
             "batch_stats(Tensor z) -> (Tensor, Tensor)",
             "render_wgrad(Tensor src, Tensor mu, Tensor switches, Tensor? scale, int stride, int padding, int pool, "
-            "float negative_slope, int kernel_h, int kernel_w) -> Tensor",
+            "int pool_stride, int pool_padding, bool ceil_mode, float negative_slope, int kernel_h, int kernel_w) "
+            "-> Tensor",
             # a custom op and the reference backend's whole-op function, no C++ op: the fast backends compose it from
             # batch_stats and bn_pool (drmm_kernels/ops/conv_bn_relu_pool.py); returns y, switches, mean, var, z
             "conv_bn_relu_pool(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, "
-            "Tensor? running_var, bool training, float eps, int stride, int padding, int pool, float negative_slope) "
-            "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+            "Tensor? running_var, bool training, float eps, int stride, int padding, int pool, int pool_stride, "
+            "int pool_padding, bool ceil_mode, float negative_slope) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
         ),
     )
 }

@@ -64,20 +64,36 @@ def act(v: torch.Tensor, negative_slope: float) -> torch.Tensor:
     return F.leaky_relu(v, negative_slope) if negative_slope > 0 else F.relu(v)
 
 
-def max_pool(z: torch.Tensor, pool: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``max_pool2d(z, pool, pool, return_indices=True)``; for ``pool=1`` nothing is pooled: ``(z, None)``."""
+def max_pool(
+    z: torch.Tensor, pool: int, pool_stride: Optional[int] = None, pool_padding: int = 0, ceil_mode: bool = False
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``max_pool2d(z, pool, pool_stride, pool_padding, ceil_mode, return_indices=True)`` (``pool_stride`` None:
+    ``pool``); for ``pool=1`` nothing is pooled: ``(z, None)``."""
     if pool == 1:
         return z, None
-    return F.max_pool2d(z, pool, pool, return_indices=True)
+    s = pool if pool_stride is None else pool_stride
+    return F.max_pool2d(z, pool, s, pool_padding, ceil_mode=ceil_mode, return_indices=True)
 
 
 def conv_relu_pool(
-    x, weight, scale=None, shift=None, stride=1, padding=0, pool=2, negative_slope=0.0, *, bias=None
+    x,
+    weight,
+    scale=None,
+    shift=None,
+    stride=1,
+    padding=0,
+    pool=2,
+    negative_slope=0.0,
+    *,
+    bias=None,
+    pool_stride=None,
+    pool_padding=0,
+    ceil_mode=False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(y, int64 indices)`` of ``max_pool2d(act(conv2d(x, weight, bias) * scale + shift), return_indices=True)``
     (indices ``None`` for ``pool=1``). ``bias`` is added inside ``conv2d``, ``shift`` after the scale."""
     v = pre_activation(x, weight, scale, shift, stride, padding, bias=bias)
-    return max_pool(act(v, negative_slope), pool)
+    return max_pool(act(v, negative_slope), pool, pool_stride, pool_padding, ceil_mode)
 
 
 def conv_bn_relu_pool(
@@ -94,12 +110,16 @@ def conv_bn_relu_pool(
     padding=0,
     pool=2,
     negative_slope=0.0,
+    *,
+    pool_stride=None,
+    pool_padding=0,
+    ceil_mode=False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(y, int64 indices)`` of ``max_pool2d(act(batch_norm(conv2d(x, weight))), return_indices=True)``; in
     training mode the batch statistics normalize and the running statistics are updated in place."""
     v = F.conv2d(x, weight, None, stride, padding)
     v = F.batch_norm(v, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
-    return max_pool(act(v, negative_slope), pool)
+    return max_pool(act(v, negative_slope), pool, pool_stride, pool_padding, ceil_mode)
 
 
 def render(
@@ -113,9 +133,14 @@ def render(
     padding=0,
     pool=2,
     conv_size: Optional[Sequence[int]] = None,
+    *,
+    pool_stride=None,
+    pool_padding=0,
+    ceil_mode=False,
 ) -> torch.Tensor:
     """The top-down pass: ``conv_transpose2d(max_unpool2d(mu * a_factor [* scale], indices), weight)`` to
-    ``out_size``.
+    ``out_size``. With overlapping windows (``pool_stride < pool``) the unpool is ``max_pool2d``'s backward,
+    which sums what several windows route to one position (``max_unpool2d`` would keep one).
 
     ``a_factor`` is the activation's slope at each pooled element (the ``y > 0`` mask for ReLU), ``indices`` the
     int64 ``max_pool2d`` indices into the convolution output of size ``conv_size`` (by default the size a
@@ -127,7 +152,16 @@ def render(
     g = mu * a_factor
     if scale is not None:
         g = g * scale.view(1, -1, 1, 1)
-    up = g if pool == 1 else F.max_unpool2d(g, indices, pool, pool, output_size=conv_size)
+    s = pool if pool_stride is None else pool_stride
+    if pool == 1:
+        up = g
+    elif s == pool:
+        up = F.max_unpool2d(g, indices, pool, pool, output_size=conv_size)
+    else:
+        shape = g.new_empty(1).expand(*g.shape[:2], *conv_size)  # max_pool2d's input: only its size is read
+        up = torch.ops.aten.max_pool2d_with_indices_backward(
+            g, shape, [pool] * 2, [s] * 2, [pool_padding] * 2, [1, 1], ceil_mode, indices
+        )
     out_pad = [o - ((c - 1) * stride - 2 * padding + k) for o, c, k in zip(out_size, conv_size, (k_h, k_w))]
     return F.conv_transpose2d(up, weight, None, stride, padding, out_pad)
 

@@ -43,6 +43,26 @@ inline void check_pool(const char* op, int64_t pool) {
   DRMM_CHECK(pool >= 1 && pool <= 4, op, "pool must be in [1, 4], got ", pool);
 }
 
+// The compiled kernels pool in non-overlapping windows (stride = kernel size, no padding, floor mode); the public
+// ops send any other max-pool to the reference backend (drmm_kernels/dispatch.py), so this guards direct calls.
+inline void check_plain_pool(const char* op, int64_t pool, int64_t pool_stride, int64_t pool_padding, bool ceil_mode) {
+  DRMM_CHECK(pool_stride == pool && pool_padding == 0 && !ceil_mode, op,
+             "the compiled kernels pool in non-overlapping windows only (pool_stride == pool, pool_padding 0, "
+             "ceil_mode false), got pool ",
+             pool, ", pool_stride ", pool_stride, ", pool_padding ", pool_padding, ", ceil_mode ", ceil_mode,
+             "; the public ops run such pools on the reference backend");
+}
+
+// A max_pool2d window as the ops take it (docs/ops.md#pooling).
+inline PoolWindow checked_window(const char* op, int64_t pool, int64_t pool_stride, int64_t pool_padding,
+                                 bool ceil_mode) {
+  check_pool(op, pool);
+  DRMM_CHECK(pool_stride >= 1 && pool_stride <= pool, op, "pool_stride must be in [1, ", pool, "], got ", pool_stride);
+  DRMM_CHECK(pool_padding >= 0 && pool_padding <= pool / 2, op, "pool_padding must be in [0, ", pool / 2, "], got ",
+             pool_padding);
+  return PoolWindow{pool, pool_stride, pool_padding, ceil_mode};
+}
+
 // The geometry of a layer with every hyper-parameter checked and a non-empty pooled map.
 inline ConvGeometry<int64_t> checked_geometry(const char* op, int64_t n, int64_t c_in, int64_t h, int64_t w,
                                               int64_t c_out, int64_t kh, int64_t kw, int64_t stride, int64_t padding,
@@ -61,7 +81,8 @@ inline ConvGeometry<int64_t> checked_geometry(const char* op, int64_t n, int64_t
 
 // A bad switch offset found by a kernel (bits 0-3 >= pool * pool).
 inline void check_offsets(const char* op, bool bad, int64_t pool) {
-  DRMM_CHECK(!bad, op, "switches hold a window offset >= pool*pool = ", pool * pool, " (bits 0-3 must be dy*pool+dx)");
+  DRMM_CHECK(!bad, op, "switches hold a window offset >= pool*pool = ", pool * pool,
+             " or one in the pool padding (bits 0-3 must be dy*pool+dx of a position inside the conv output)");
 }
 
 }  // namespace drmm

@@ -34,4 +34,21 @@ inline ConvGeometry<int64_t> conv_geometry(int64_t n, int64_t c_in, int64_t h, i
   return g;
 }
 
+// A max_pool2d window (docs/ops.md#pooling): kernel k, stride s (1 <= s <= k), padding p (<= k / 2), ceil mode.
+// Window (i, j) starts at row i * s - p and column j * s - p of the conv output; its switch offset counts from there.
+struct PoolWindow {
+  int64_t k, s, p;
+  bool ceil;
+  bool plain() const { return s == k && p == 0 && !ceil; }
+};
+
+// max_pool2d's output length along one axis (PyTorch's pooling_output_shape without dilation); < 1 when no window
+// fits.
+constexpr int64_t pooled_len(int64_t in, const PoolWindow& w) {
+  const int64_t num = in + 2 * w.p - w.k + (w.ceil ? w.s - 1 : 0);
+  int64_t out = (num >= 0 ? num / w.s : -((-num + w.s - 1) / w.s)) + 1;  // floor division, as PyTorch's div_rtn
+  if (w.ceil && (out - 1) * w.s >= in + w.p) --out;                      // a last window may not start in the padding
+  return out;
+}
+
 }  // namespace drmm

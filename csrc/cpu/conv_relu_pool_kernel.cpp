@@ -274,6 +274,43 @@ void epilogue_nhwc(const T* z, const T* s, const T* b, int64_t n, int64_t c, int
   });
 }
 
+// Any other max_pool2d window (overlapping, padded, ceil mode), on NCHW planes: each window clipped to the map and
+// scanned row-major from its first valid element, updating on `v > max || isnan(v)` as max_pool2d does; the
+// offset counts from the window's unclipped first row and column, so it never points into the padding.
+template <typename T>
+void epilogue_window(const T* z, const T* s, const T* b, int64_t n, int64_t c, int64_t hc, int64_t wc,
+                     const PoolWindow& pw, int64_t hp, int64_t wp, T slope, bool leaky, T* y, uint8_t* sw) {
+  const int64_t plane = hc * wc, pplane = hp * wp, k = pw.k;
+  WorkQueue queue(n * c, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, plane)));
+  queue.run([&](int64_t, WorkQueue& wq) {
+    for (int64_t begin, end; wq.take(&begin, &end);)
+      for (int64_t i = begin; i < end; ++i) {
+        const T sc = s[i % c], sh = b[i % c];
+        const T* zi = z + i * plane;
+        T* yi = y + i * pplane;
+        uint8_t* si = sw + i * pplane;
+        for (int64_t py = 0; py < hp; ++py) {
+          const int64_t h0 = py * pw.s - pw.p, hs = std::max<int64_t>(h0, 0), he = std::min<int64_t>(h0 + k, hc);
+          for (int64_t px = 0; px < wp; ++px) {
+            const int64_t w0 = px * pw.s - pw.p, ws = std::max<int64_t>(w0, 0), we = std::min<int64_t>(w0 + k, wc);
+            T m = -std::numeric_limits<T>::infinity();
+            int64_t d = (hs - h0) * k + (ws - w0);
+            for (int64_t h = hs; h < he; ++h)
+              for (int64_t w = ws; w < we; ++w) {
+                const T v = zi[h * wc + w] * sc + sh;
+                if (v > m || v != v) {
+                  m = v;
+                  d = (h - h0) * k + (w - w0);
+                }
+              }
+            yi[py * wp + px] = (m > T(0) || m != m) ? m : (leaky ? m * slope : T(0));
+            si[py * wp + px] = static_cast<uint8_t>(d | (m > T(0) ? kOnBit : 0));
+          }
+        }
+      }
+  });
+}
+
 template <typename T>
 void run_epilogue(const at::Tensor& z, const T* s, const T* b, int64_t pool, T slope, bool leaky, at::Tensor& y,
                   at::Tensor& sw) {
@@ -317,19 +354,20 @@ void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t
 
 // z -> (y, switches) with optional per-channel scale/shift (absent = 1 / 0, which is exact).
 std::tuple<at::Tensor, at::Tensor> epilogue(const char* op, const at::Tensor& z, const std::optional<at::Tensor>& scale,
-                                            const std::optional<at::Tensor>& shift, int64_t pool, double negative_slope,
-                                            bool z_is_scratch = false) {
-  check_pool(op, pool);
+                                            const std::optional<at::Tensor>& shift, const PoolWindow& pw,
+                                            double negative_slope, bool z_is_scratch = false) {
+  const int64_t pool = pw.k;
   DRMM_CHECK(negative_slope >= 0.0 && negative_slope < 1.0, op, "negative_slope must be in [0, 1), got ",
              negative_slope);
-  const int64_t n = z.size(0), c = z.size(1), hp = z.size(2) / pool, wp = z.size(3) / pool;
-  DRMM_CHECK(hp >= 1 && wp >= 1, op, "pool ", pool, " is larger than the conv output ", z.sizes());
+  const int64_t n = z.size(0), c = z.size(1), hp = pooled_len(z.size(2), pw), wp = pooled_len(z.size(3), pw);
+  DRMM_CHECK(hp >= 1 && wp >= 1, op, "pool ", pool, " (stride ", pw.s, ", padding ", pw.p,
+             ") is larger than the conv output ", z.sizes());
   if (scale.has_value()) check_vector(op, "scale", *scale, c, z);
   if (shift.has_value()) check_vector(op, "shift", *shift, c, z);
   // Without pooling, y has z's shape: when z is our own temporary (conv_relu_pool), write y over it instead of
   // allocating (first-touch page faults of a fresh full-size buffer cost as much as the pass itself). Each
   // element is read before the same element is written, so the overlap of z and y is harmless.
-  const bool in_place = z_is_scratch && pool == 1 && z.is_contiguous();
+  const bool in_place = z_is_scratch && pool == 1 && pw.plain() && z.is_contiguous();
   at::Tensor y = in_place ? z : at::empty({n, c, hp, wp}, z.options());
   at::Tensor sw = at::empty({n, c, hp, wp}, z.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "drmm_cpu_epilogue", [&] {
@@ -342,8 +380,15 @@ std::tuple<at::Tensor, at::Tensor> epilogue(const char* op, const at::Tensor& z,
       const at::Tensor sh = shift->contiguous();
       std::copy_n(sh.data_ptr<scalar_t>(), c, b.begin());
     }
-    run_epilogue<scalar_t>(z, s.data(), b.data(), pool, static_cast<scalar_t>(negative_slope), negative_slope > 0.0, y,
-                           sw);
+    if (pw.plain()) {
+      run_epilogue<scalar_t>(z, s.data(), b.data(), pool, static_cast<scalar_t>(negative_slope), negative_slope > 0.0,
+                             y, sw);
+    } else {
+      const at::Tensor zc = z.contiguous();
+      epilogue_window<scalar_t>(zc.data_ptr<scalar_t>(), s.data(), b.data(), n, c, z.size(2), z.size(3), pw, hp, wp,
+                                static_cast<scalar_t>(negative_slope), negative_slope > 0.0, y.data_ptr<scalar_t>(),
+                                sw.data_ptr<uint8_t>());
+    }
   });
   return {y, sw};
 }
@@ -353,15 +398,18 @@ std::tuple<at::Tensor, at::Tensor> epilogue(const char* op, const at::Tensor& z,
 std::tuple<at::Tensor, at::Tensor> conv_relu_pool(const at::Tensor& x, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& scale,
                                                   const std::optional<at::Tensor>& shift, int64_t stride,
-                                                  int64_t padding, int64_t pool, double negative_slope) {
+                                                  int64_t padding, int64_t pool, int64_t pool_stride,
+                                                  int64_t pool_padding, bool ceil_mode, double negative_slope) {
   const char* op = "conv_relu_pool";
+  const PoolWindow pw = checked_window(op, pool, pool_stride, pool_padding, ceil_mode);
   check_4d(op, "x", x);
   check_4d(op, "weight", weight);
   DRMM_CHECK(weight.size(1) == x.size(1), op, "weight expects ", weight.size(1), " input channels but x has ",
              x.size(1));
   check_same_dtype(op, "weight", weight, "x", x);
+  // the conv's geometry (pool 1 here: the epilogue checks the pooled size of any window)
   checked_geometry(op, x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
-                   stride, padding, pool);
+                   stride, padding, 1);
   at::Tensor z;
   if (is_pointwise(x, weight, stride, padding)) {
     z = pointwise_conv(x, weight);
@@ -369,13 +417,16 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool(const at::Tensor& x, const at:
     // oneDNN (or ATen's fallback) for the convolution; it may return channels_last, which the epilogue reads.
     z = at::convolution(x, weight, std::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false, {0, 0}, 1);
   }
-  return epilogue(op, z, scale, shift, pool, negative_slope, /*z_is_scratch=*/true);
+  return epilogue(op, z, scale, shift, pw, negative_slope, /*z_is_scratch=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_pool(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
-                                           int64_t pool, double negative_slope) {
-  check_4d("bn_pool", "z", z);
-  return epilogue("bn_pool", z, scale, shift, pool, negative_slope);
+                                           int64_t pool, int64_t pool_stride, int64_t pool_padding, bool ceil_mode,
+                                           double negative_slope) {
+  const char* op = "bn_pool";
+  const PoolWindow pw = checked_window(op, pool, pool_stride, pool_padding, ceil_mode);
+  check_4d(op, "z", z);
+  return epilogue(op, z, scale, shift, pw, negative_slope);
 }
 
 }  // namespace cpu

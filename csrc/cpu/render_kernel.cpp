@@ -69,7 +69,8 @@ void render_sparse(const Geometry& g, const T* mu, const uint8_t* sw, const T* w
           T v;
           if (!mask.value(mun[c * plane + q], s, c, &v)) continue;
           const int o = s & kOffsetMask;
-          if (o >= p2) {
+          int64_t row, col;
+          if (!switch_position(g, q / g.wp, q % g.wp, o, &row, &col)) {
             bad = true;
             continue;
           }
@@ -92,8 +93,9 @@ void render_sparse(const Geometry& g, const T* mu, const uint8_t* sw, const T* w
             for (int o = 0; o < p2; ++o) {
               const int cnt = count[q * p2 + o];
               if (cnt == 0) continue;
-              const int64_t r0 = (py * g.pool + o / g.pool) * g.stride;
-              const int64_t c0 = (px * g.pool + o % g.pool) * g.stride;
+              // (overlapping windows that share a position each add their value: the sum render is defined as)
+              const int64_t r0 = (py * g.ps - g.pp + o / g.pool) * g.stride;
+              const int64_t c0 = (px * g.ps - g.pp + o % g.pool) * g.stride;
               const int st = start[q * p2 + o];
               axpy_list(buf.data() + ((r0 + kh) * wb + c0) * g.c_in + j0, ptr.data() + st, kh * row_len + j0,
                         coef.data() + st, cnt, len);
@@ -129,7 +131,7 @@ template <typename T>
 void gather_sparse(const Geometry& g, const at::Tensor& src, const T* srcp, const uint8_t* sw, const T* wt, T* out,
                    std::atomic<bool>& bad) {
   using V = typename Simd<T>::V;
-  const int64_t p2 = g.pool * g.pool, plane = g.hp * g.wp;
+  const int64_t plane = g.hp * g.wp;
   const int64_t hs = g.h + 2 * g.padding, ws = g.w + 2 * g.padding;
   const int64_t row_len = g.kw * g.c_in;
   WorkQueue queue(g.n, 1);
@@ -144,13 +146,13 @@ void gather_sparse(const Geometry& g, const at::Tensor& src, const T* srcp, cons
         for (int64_t py = 0; py < g.hp; ++py) {
           for (int64_t px = 0; px < g.wp; ++px) {
             const int o = swc[py * g.wp + px] & kOffsetMask;
-            if (o >= p2) {
+            int64_t row, col;
+            if (!switch_position(g, py, px, o, &row, &col)) {
               bad = true;
               oc[py * g.wp + px] = T(0);
               continue;
             }
-            const int64_t r0 = (py * g.pool + o / g.pool) * g.stride;
-            const int64_t c0 = (px * g.pool + o % g.pool) * g.stride;
+            const int64_t r0 = row * g.stride, c0 = col * g.stride;
             V acc = vbroadcast<T>(0);
             for (int64_t kh = 0; kh < g.kh; ++kh)
               dot_accumulate(buf.data() + ((r0 + kh) * ws + c0) * g.c_in, wc + kh * row_len, row_len, &acc);
@@ -165,16 +167,18 @@ void gather_sparse(const Geometry& g, const at::Tensor& src, const T* srcp, cons
 }  // namespace
 
 at::Tensor render(const at::Tensor& mu, const at::Tensor& switches, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& scale, int64_t stride, int64_t padding, int64_t pool, int64_t out_h,
-                  int64_t out_w, double negative_slope) {
+                  const std::optional<at::Tensor>& scale, int64_t stride, int64_t padding, int64_t pool,
+                  int64_t pool_stride, int64_t pool_padding, bool ceil_mode, int64_t out_h, int64_t out_w,
+                  double negative_slope) {
   const char* op = "render";
+  const PoolWindow pw = checked_window(op, pool, pool_stride, pool_padding, ceil_mode);
   check_4d(op, "mu", mu);
   check_4d(op, "weight", weight);
   check_same_dtype(op, "weight", weight, "mu", mu);
   check_switches("render", switches, "mu", mu);
   check_scale("render", scale, weight.size(0), mu);
   const Geometry g = make_geometry("render", mu.size(0), weight.size(0), weight.size(1), weight.size(2), weight.size(3),
-                                   out_h, out_w, stride, padding, pool, mu);
+                                   out_h, out_w, stride, padding, pw, mu);
   if (pool == 1) {
     // The input gradient of conv2d is the transposed conv; ATen's backward kernel beats conv_transpose2d
     // (by far for 1x1 kernels). It reads only the sizes of `input`, so that argument is a view of the
@@ -206,8 +210,9 @@ at::Tensor render(const at::Tensor& mu, const at::Tensor& switches, const at::Te
 }
 
 at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& switches, int64_t stride,
-                       int64_t padding, int64_t pool) {
+                       int64_t padding, int64_t pool, int64_t pool_stride, int64_t pool_padding, bool ceil_mode) {
   const char* op = "gather_conv";
+  const PoolWindow pw = checked_window(op, pool, pool_stride, pool_padding, ceil_mode);
   check_4d(op, "src", src);
   check_4d(op, "weight", weight);
   DRMM_CHECK(weight.size(1) == src.size(1), op, "weight shape ", weight.sizes(), " does not match src channels ",
@@ -216,7 +221,7 @@ at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& weight, const at
   check_4d(op, "switches", switches);
   DRMM_CHECK(switches.scalar_type() == at::kByte, op, "switches must be uint8, got ", switches.scalar_type());
   const Geometry g = make_geometry("gather_conv", src.size(0), weight.size(0), weight.size(1), weight.size(2),
-                                   weight.size(3), src.size(2), src.size(3), stride, padding, pool, switches);
+                                   weight.size(3), src.size(2), src.size(3), stride, padding, pw, switches);
   if (pool == 1) {  // every position is "recorded": this is the dense conv
     if (is_pointwise(src, weight, stride, padding)) return pointwise_conv(src, weight);
     return at::convolution(src, weight, std::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false, {0, 0}, 1)

@@ -31,17 +31,18 @@ namespace {
 template <typename T, typename Emit>
 int collect_entries(const Geometry& g, const Masker<T>& mask, const T* muc, const uint8_t* swc, int64_t c,
                     std::atomic<bool>& bad, const Emit& emit) {
-  const int64_t p2 = g.pool * g.pool, plane = g.hp * g.wp;
+  const int64_t plane = g.hp * g.wp;
   int cnt = 0;
   for (int64_t q = 0; q < plane; ++q) {
     T v;
     if (!mask.value(muc[q], swc[q], c, &v)) continue;
     const int o = swc[q] & kOffsetMask;
-    if (o >= p2) {
+    int64_t row, col;
+    if (!switch_position(g, q / g.wp, q % g.wp, o, &row, &col)) {
       bad = true;
       continue;
     }
-    emit(cnt++, v, ((q / g.wp) * g.pool + o / g.pool) * g.stride, ((q % g.wp) * g.pool + o % g.pool) * g.stride);
+    emit(cnt++, v, row * g.stride, col * g.stride);
   }
   return cnt;
 }
@@ -147,15 +148,17 @@ void wgrad_sparse_chunked(const Geometry& g, const at::Tensor& src, const T* src
 
 at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::Tensor& switches,
                         const std::optional<at::Tensor>& scale, int64_t stride, int64_t padding, int64_t pool,
-                        double negative_slope, int64_t kernel_h, int64_t kernel_w) {
+                        int64_t pool_stride, int64_t pool_padding, bool ceil_mode, double negative_slope,
+                        int64_t kernel_h, int64_t kernel_w) {
   const char* op = "render_wgrad";
+  const PoolWindow pw = checked_window(op, pool, pool_stride, pool_padding, ceil_mode);
   check_4d(op, "src", src);
   check_4d(op, "mu", mu);
   check_same_dtype(op, "mu", mu, "src", src);
   check_switches("render_wgrad", switches, "mu", mu);
   check_scale("render_wgrad", scale, mu.size(1), mu);
   const Geometry g = make_geometry("render_wgrad", src.size(0), mu.size(1), src.size(1), kernel_h, kernel_w,
-                                   src.size(2), src.size(3), stride, padding, pool, mu);
+                                   src.size(2), src.size(3), stride, padding, pw, mu);
   if (pool == 1) {
     at::Tensor gm;
     AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "drmm_cpu_wgrad_dense",

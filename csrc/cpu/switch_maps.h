@@ -19,16 +19,34 @@
 namespace drmm {
 namespace cpu {
 
-using Geometry = ConvGeometry<int64_t>;
+// The layer geometry with any max_pool2d window: ps / pp are the pool's stride and padding (ps == pool, pp == 0 for
+// non-overlapping windows), and hp / wp max_pool2d's output size.
+struct Geometry : ConvGeometry<int64_t> {
+  int64_t ps, pp;
+};
 
 // The checked geometry of a layer whose pooled tensors (mu, switches) must have shape [n, c_out, hp, wp].
 inline Geometry make_geometry(const char* op, int64_t n, int64_t c_out, int64_t c_in, int64_t kh, int64_t kw, int64_t h,
-                              int64_t w, int64_t stride, int64_t padding, int64_t pool, const at::Tensor& mu) {
-  const Geometry g = checked_geometry(op, n, c_in, h, w, c_out, kh, kw, stride, padding, pool);
+                              int64_t w, int64_t stride, int64_t padding, const PoolWindow& pw, const at::Tensor& mu) {
+  Geometry g{checked_geometry(op, n, c_in, h, w, c_out, kh, kw, stride, padding, 1), pw.s, pw.p};
+  g.pool = pw.k;
+  g.hp = pooled_len(g.hc, pw);
+  g.wp = pooled_len(g.wc, pw);
+  DRMM_CHECK(g.hp >= 1 && g.wp >= 1, op, "pool ", pw.k, " (stride ", pw.s, ", padding ", pw.p,
+             ") is larger than the conv output (", g.hc, ", ", g.wc, ")");
   DRMM_CHECK(mu.size(0) == n && mu.size(1) == c_out && mu.size(2) == g.hp && mu.size(3) == g.wp, op,
              "mu/switches must have shape [", n, ", ", c_out, ", ", g.hp, ", ", g.wp, "] (conv output (", g.hc, ", ",
-             g.wc, ") pooled by ", pool, "), got ", mu.sizes());
+             g.wc, ") pooled by ", pw.k, "), got ", mu.sizes());
   return g;
+}
+
+// The conv-output row and column that window (py, px)'s switch offset o points at; false for an offset outside the
+// pool x pool window or a position outside the conv output (in the pool padding, or past a ceil-mode window's end).
+inline bool switch_position(const Geometry& g, int64_t py, int64_t px, int o, int64_t* row, int64_t* col) {
+  if (o >= g.pool * g.pool) return false;
+  *row = py * g.ps - g.pp + o / g.pool;
+  *col = px * g.ps - g.pp + o % g.pool;
+  return *row >= 0 && *row < g.hc && *col >= 0 && *col < g.wc;
 }
 
 inline void check_scale(const char* op, const std::optional<at::Tensor>& scale, int64_t c_out, const at::Tensor& ref) {

@@ -23,14 +23,16 @@ namespace cpu {
 // Each pooled value at its window's recorded offset of a zero (N, C, out_h, out_w) map: the training-mode
 // batch-norm backward's max-pool gradient. One plane at a time, so the zero fill and the scattered writes meet in
 // cache.
-at::Tensor unpool(const at::Tensor& values, const at::Tensor& switches, int64_t pool, int64_t out_h, int64_t out_w) {
+at::Tensor unpool(const at::Tensor& values, const at::Tensor& switches, int64_t pool, int64_t pool_stride,
+                  int64_t pool_padding, bool ceil_mode, int64_t out_h, int64_t out_w) {
   const char* op = "unpool";
+  const PoolWindow pw = checked_window(op, pool, pool_stride, pool_padding, ceil_mode);
   check_4d(op, "values", values);
   check_switches("unpool", switches, "values", values);
-  check_pool(op, pool);
   const int64_t n = values.size(0), c = values.size(1), hp = values.size(2), wp = values.size(3);
-  DRMM_CHECK(out_h / pool == hp && out_w / pool == wp, op, "output size (", out_h, ", ", out_w, ") pooled by ", pool,
-             " is not the values' size (", hp, ", ", wp, ")");
+  DRMM_CHECK(pooled_len(out_h, pw) == hp && pooled_len(out_w, pw) == wp, op, "output size (", out_h, ", ", out_w,
+             ") pooled by ", pool, " (stride ", pool_stride, ", padding ", pool_padding, ") is not the values' size (",
+             hp, ", ", wp, ")");
   const at::Tensor v = values.contiguous(), s = switches.contiguous();
   at::Tensor out = at::empty({n, c, out_h, out_w}, values.options());
   std::atomic<bool> bad{false};
@@ -47,6 +49,21 @@ at::Tensor unpool(const at::Tensor& values, const at::Tensor& switches, int64_t 
           std::fill(o, o + oplane, scalar_t(0));
           const scalar_t* vi = vp + i * plane;
           const uint8_t* si = sp + i * plane;
+          if (!pw.plain()) {
+            // Windows may overlap: a position that is the maximum of several receives their sum, added in window
+            // order within this plane (the same result run to run); an offset in the padding is an error.
+            for (int64_t py = 0; py < hp; ++py)
+              for (int64_t px = 0; px < wp; ++px) {
+                const int off = si[py * wp + px] & kOffsetMask;
+                const int64_t h = py * pw.s - pw.p + off / pool, w = px * pw.s - pw.p + off % pool;
+                if (off >= p2 || h < 0 || h >= out_h || w < 0 || w >= out_w) {
+                  bad.store(true, std::memory_order_relaxed);
+                  continue;
+                }
+                o[h * out_w + w] += vi[py * wp + px];
+              }
+            continue;
+          }
           for (int64_t py = 0; py < hp; ++py)
             for (int64_t px = 0; px < wp; ++px) {
               const int off = si[py * wp + px] & kOffsetMask;
@@ -59,7 +76,8 @@ at::Tensor unpool(const at::Tensor& values, const at::Tensor& switches, int64_t 
         }
     });
   });
-  check_offsets("unpool", bad, pool);
+  if (pw.plain()) check_offsets(op, bad, pool);
+  DRMM_CHECK(!bad, op, "switches hold an offset outside the ", pool, "x", pool, " window or in the pool padding");
   return out;
 }
 

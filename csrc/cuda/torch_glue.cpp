@@ -117,8 +117,10 @@ int num_sms(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor> conv_relu_pool(const at::Tensor& x, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& scale,
                                                   const std::optional<at::Tensor>& shift, int64_t stride,
-                                                  int64_t padding, int64_t pool, double negative_slope) {
+                                                  int64_t padding, int64_t pool, int64_t pool_stride,
+                                                  int64_t pool_padding, bool ceil_mode, double negative_slope) {
   const char* op = "conv_relu_pool";
+  check_plain_pool(op, pool, pool_stride, pool_padding, ceil_mode);
   check_4d(x, x, op, "x");
   check_4d(weight, x, op, "weight");
   check_same_dtype(op, "weight", weight, "x", x);
@@ -142,8 +144,10 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool(const at::Tensor& x, const at:
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_pool(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
-                                           int64_t pool, double negative_slope) {
+                                           int64_t pool, int64_t pool_stride, int64_t pool_padding, bool ceil_mode,
+                                           double negative_slope) {
   const char* op = "bn_pool";
+  check_plain_pool(op, pool, pool_stride, pool_padding, ceil_mode);
   check_4d(z, z, op, "z");
   check_pool(op, pool);
   DRMM_CHECK(z.size(2) / pool >= 1 && z.size(3) / pool >= 1, op, "pool ", pool, " does not fit z of shape ", z.sizes());
@@ -164,9 +168,11 @@ std::tuple<at::Tensor, at::Tensor> bn_pool(const at::Tensor& z, const at::Tensor
 }
 
 at::Tensor render(const at::Tensor& mu, const at::Tensor& switches, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& scale, int64_t stride, int64_t padding, int64_t pool, int64_t out_h,
-                  int64_t out_w, double negative_slope) {
+                  const std::optional<at::Tensor>& scale, int64_t stride, int64_t padding, int64_t pool,
+                  int64_t pool_stride, int64_t pool_padding, bool ceil_mode, int64_t out_h, int64_t out_w,
+                  double negative_slope) {
   const char* op = "render";
+  check_plain_pool(op, pool, pool_stride, pool_padding, ceil_mode);
   check_4d(mu, mu, op, "mu");
   check_switches(switches, mu, op);
   check_4d(weight, mu, op, "weight");
@@ -192,8 +198,9 @@ at::Tensor render(const at::Tensor& mu, const at::Tensor& switches, const at::Te
 }
 
 at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& switches, int64_t stride,
-                       int64_t padding, int64_t pool) {
+                       int64_t padding, int64_t pool, int64_t pool_stride, int64_t pool_padding, bool ceil_mode) {
   const char* op = "gather_conv";
+  check_plain_pool(op, pool, pool_stride, pool_padding, ceil_mode);
   check_4d(src, src, op, "src");
   check_4d(weight, src, op, "weight");
   check_same_dtype(op, "weight", weight, "src", src);
@@ -219,8 +226,10 @@ at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& weight, const at
 
 at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::Tensor& switches,
                         const std::optional<at::Tensor>& scale, int64_t stride, int64_t padding, int64_t pool,
-                        double negative_slope, int64_t kernel_h, int64_t kernel_w) {
+                        int64_t pool_stride, int64_t pool_padding, bool ceil_mode, double negative_slope,
+                        int64_t kernel_h, int64_t kernel_w) {
   const char* op = "render_wgrad";
+  check_plain_pool(op, pool, pool_stride, pool_padding, ceil_mode);
   check_4d(src, src, op, "src");
   check_4d(mu, src, op, "mu");
   check_same_dtype(op, "mu", mu, "src", src);

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import dispatch, reference
 from ..attribution import capture, rewrite
-from ..contract import Checker, conv_size, pooled_size, shape_str
+from ..contract import Checker, conv_size, pooled_size, shape_str, window_of
 from ..schema import SCHEMAS
 from .conv_relu_pool import conv_backward, is_pointwise
 from .render import gather_conv, switch_backward
@@ -56,7 +56,7 @@ def _bn_forward_generic(a, bn_pool, batch_stats):
     if a["bn_bias"] is not None:
         shift = shift + a["bn_bias"]
     y, sw = bn_pool(
-        z=z, scale=scale.to(z.dtype), shift=shift.to(z.dtype), pool=a["pool"], negative_slope=a["negative_slope"]
+        z=z, scale=scale.to(z.dtype), shift=shift.to(z.dtype), negative_slope=a["negative_slope"], **window_of(a)
     )
     return y, sw, mean.to(x.dtype), var.to(x.dtype), z.contiguous() if a["training"] else z.new_empty(0)
 
@@ -71,7 +71,11 @@ def _conv_bn_relu_pool_impl(a) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
 def _conv_bn_relu_pool_fake(a):
     x, weight = a["x"], a["weight"]
     chw = conv_size(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), a["stride"], a["padding"])
-    shape = (x.shape[0], weight.shape[0], *pooled_size(chw, a["pool"]))
+    shape = (
+        x.shape[0],
+        weight.shape[0],
+        *pooled_size(chw, a["pool"], a["pool_stride"], a["pool_padding"], a["ceil_mode"]),
+    )
     c = weight.shape[0]
     z_shape = (x.shape[0], c, *chw) if a["training"] else (0,)
     return (
@@ -84,7 +88,8 @@ def _conv_bn_relu_pool_fake(a):
 
 
 def _bn_setup(ctx, a, output):
-    ctx.conf = (a["training"], a["eps"], a["stride"], a["padding"], a["pool"], a["negative_slope"])
+    ctx.conf = (a["training"], a["eps"], a["stride"], a["padding"], a["negative_slope"])
+    ctx.window = window_of(a)
     ctx.has_bias = a["bn_bias"] is not None
     ctx.save_for_backward(a["x"], a["weight"], a["bn_weight"], output[1], output[2], output[3], output[4])
     ctx.mark_non_differentiable(output[1], output[2], output[3], output[4])
@@ -97,10 +102,11 @@ def _bn_backward(ctx, gy, _gsw, _gmean, _gvar, _gz):
     if gy is None:
         return {}
     x, weight, bn_weight, switches, mean, var, z = ctx.saved_tensors
-    training, eps, stride, padding, pool, slope = ctx.conf
+    training, eps, stride, padding, slope = ctx.conf
+    window = ctx.window
     need = ctx.needs_grad
     need_x, need_w = need["x"], need["weight"]
-    gy, switches = rewrite(gy.contiguous(), switches, ctx.attribution)
+    gy, switches = rewrite(gy.contiguous(), switches, ctx.attribution, ctx.window)
     acc = torch.promote_types(x.dtype, torch.float32)
     invstd = torch.rsqrt(var.to(acc) + eps)
     gamma = bn_weight.to(acc) if bn_weight is not None else torch.ones_like(invstd)
@@ -117,8 +123,8 @@ def _bn_backward(ctx, gy, _gsw, _gmean, _gvar, _gz):
             # reach them (batch norm's own double backward treats the statistics as functions of z).
             z = _bn_conv(x, weight, stride, padding)
         dv = gact.to(z.dtype)
-        if pool > 1:  # (without pooling every position is a window max: nothing to scatter)
-            dv = unpool(values=dv, switches=switches, pool=pool, out_h=z.shape[-2], out_w=z.shape[-1])
+        if window["pool"] > 1:  # (without pooling every position is a window max: nothing to scatter)
+            dv = unpool(values=dv, switches=switches, out_h=z.shape[-2], out_w=z.shape[-1], **window)
         # The weight in the statistics' dtype: ATen's mixed-precision path (half z, float statistics) needs them alike.
         dz, ggamma_, gbeta_ = torch.ops.aten.native_batch_norm_backward(
             dv,
@@ -156,13 +162,13 @@ def _bn_backward(ctx, gy, _gsw, _gmean, _gvar, _gz):
             scale,
             stride=stride,
             padding=padding,
-            pool=pool,
+            window=window,
             negative_slope=slope,
             need_x=need_x,
             need_w=need_w,
         )
         if need["bn_weight"] and bn_weight is not None:
-            z_at = gather_conv(src=x, weight=weight, switches=switches, stride=stride, padding=padding, pool=pool).to(
+            z_at = gather_conv(src=x, weight=weight, switches=switches, stride=stride, padding=padding, **window).to(
                 acc
             )
             s2 = channel_sum(gact * (z_at - mean.to(acc).view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1))
@@ -193,16 +199,21 @@ def conv_bn_relu_pool(
     padding: int = 0,
     pool: int = 2,
     negative_slope: float = 0.0,
+    pool_stride: Optional[int] = None,
+    pool_padding: int = 0,
+    ceil_mode: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """``conv2d`` → ``batch_norm`` (as ``F.batch_norm`` computes it) → activation → max-pool with switches.
 
     In training mode the batch statistics are used, gradients flow through them, and
     ``running_mean``/``running_var`` (when given) are updated in place like ``F.batch_norm``.
-    In eval mode the running statistics are folded into a per-channel scale and shift.
+    In eval mode the running statistics are folded into a per-channel scale and shift. The pool arguments are
+    those of :func:`conv_relu_pool`.
     """
     check = Checker("conv_bn_relu_pool")
     check.conv_input("x", x, weight)
     stride, padding, pool, negative_slope = check.layer(stride, padding, pool, negative_slope)
+    window = check.window(pool, pool_stride, pool_padding, ceil_mode)
     c = weight.shape[0]
     for name, t in (
         ("bn_weight", bn_weight),
@@ -219,7 +230,7 @@ def conv_bn_relu_pool(
         raise check.value_error(f"momentum must be a float in [0, 1], got {momentum!r}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or eps < 0:
         raise check.value_error(f"eps must be a non-negative float, got {eps!r}")
-    chw, phw = check.geometry("x", x.shape[-2:], weight, stride, padding, pool)
+    chw, phw = check.geometry("x", x.shape[-2:], weight, stride, padding, **window)
     if training and x.shape[0] == 0:
         # As F.batch_norm: an empty batch gives an empty output and leaves the running statistics alone. The
         # zero-weighted sum keeps the output in the graph of every input, so backward gives zero gradients.
@@ -242,8 +253,8 @@ def conv_bn_relu_pool(
         eps=float(eps),
         stride=stride,
         padding=padding,
-        pool=pool,
         negative_slope=negative_slope,
+        **window,
     )
     if training and running_mean is not None and running_var is not None:
         m = x.shape[0] * chw[0] * chw[1]

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import dispatch
 from ..attribution import capture, rewrite
-from ..contract import Checker, conv_size, pooled_size
+from ..contract import Checker, conv_size, pooled_size, window_of
 from ..schema import SCHEMAS
 from .render import gather_conv, switch_backward
 from .switches import channel_sum, masked_values
@@ -73,18 +73,20 @@ def conv_backward(gz, x, weight, *, stride, padding, need_x, need_w, need_b, poi
 
 
 def _conv_relu_pool_impl(a) -> Tuple[Tensor, Tensor]:
-    return dispatch.implementation(a["x"].device, "conv_relu_pool")(**a)
+    return dispatch.call("conv_relu_pool", a["x"].device, a)
 
 
 def _conv_relu_pool_fake(a):
     x, weight = a["x"], a["weight"]
-    hp, wp = pooled_size(conv_size(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), a["stride"], a["padding"]), a["pool"])
+    chw = conv_size(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), a["stride"], a["padding"])
+    hp, wp = pooled_size(chw, a["pool"], a["pool_stride"], a["pool_padding"], a["ceil_mode"])
     shape = (x.shape[0], weight.shape[0], hp, wp)
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8)
 
 
 def _crp_setup(ctx, a, output):
-    ctx.conf = (a["stride"], a["padding"], a["pool"], a["negative_slope"])
+    ctx.conf = (a["stride"], a["padding"], a["negative_slope"])
+    ctx.window = window_of(a)
     ctx.has_shift = a["shift"] is not None
     ctx.save_for_backward(a["x"], a["weight"], a["scale"], output[1])
     ctx.mark_non_differentiable(output[1])
@@ -97,13 +99,14 @@ def _crp_backward(ctx, gy, _gsw):
     if gy is None:
         return {}
     x, weight, scale, switches = ctx.saved_tensors
-    stride, padding, pool, slope = ctx.conf
+    stride, padding, slope = ctx.conf
+    window = ctx.window
     need = ctx.needs_grad
     need_shift = need["shift"]
     gx = gw = gscale = gshift = None
-    gy, switches = rewrite(gy.contiguous(), switches, ctx.attribution)
+    gy, switches = rewrite(gy.contiguous(), switches, ctx.attribution, ctx.window)
     gact = None
-    if pool == 1 and (need["x"] or need["weight"]):
+    if window["pool"] == 1 and (need["x"] or need["weight"]):
         # No pooling, no sparsity to exploit: mask once (one pass over the uint8 switches), then one dense
         # convolution backward for dx, dW and -- without a scale -- the shift gradient, which is its bias
         # gradient: the same work eager autograd does after its ReLU backward.
@@ -132,7 +135,7 @@ def _crp_backward(ctx, gy, _gsw):
             scale,
             stride=stride,
             padding=padding,
-            pool=pool,
+            window=window,
             negative_slope=slope,
             need_x=need["x"],
             need_w=need["weight"],
@@ -144,7 +147,7 @@ def _crp_backward(ctx, gy, _gsw):
             gshift = channel_sum(gact)
         if need["scale"] and scale is not None:
             gscale = channel_sum(
-                gact * gather_conv(src=x, weight=weight, switches=switches, stride=stride, padding=padding, pool=pool)
+                gact * gather_conv(src=x, weight=weight, switches=switches, stride=stride, padding=padding, **window)
             )
     return {"x": gx, "weight": gw, "scale": gscale, "shift": gshift}
 
@@ -164,12 +167,18 @@ def conv_relu_pool(
     padding: int = 0,
     pool: int = 2,
     negative_slope: float = 0.0,
+    pool_stride: Optional[int] = None,
+    pool_padding: int = 0,
+    ceil_mode: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Fused ``act(max_pool(conv2d(x, weight) * scale + shift))`` that also records the switches.
 
-    Returns ``(y, switches)``: ``y`` has shape ``(N, C_out, H_conv // pool, W_conv // pool)``;
-    ``switches`` is ``uint8`` of the same shape, bits 0-3 the row-major offset of the window
-    argmax (first maximum on ties, NaN wins) and bit 7 the ``a`` switch (window max > 0).
+    The pool is ``max_pool2d(kernel_size=pool, stride=pool_stride, padding=pool_padding, ceil_mode=ceil_mode)``;
+    ``pool_stride`` defaults to ``pool`` (non-overlapping windows). Returns ``(y, switches)``: ``y`` has
+    max_pool2d's output shape (``(N, C_out, H_conv // pool, W_conv // pool)`` by default); ``switches`` is ``uint8``
+    of the same shape, bits 0-3 the row-major offset ``dy * pool + dx`` of the window argmax from the window's
+    first row and column (first maximum on ties, NaN wins, padding never) and bit 7 the ``a`` switch (window max
+    > 0).
 
     >>> x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
     >>> y, sw = conv_relu_pool(x, w, padding=1)
@@ -179,9 +188,10 @@ def conv_relu_pool(
     check = Checker("conv_relu_pool")
     check.conv_input("x", x, weight)
     stride, padding, pool, negative_slope = check.layer(stride, padding, pool, negative_slope)
+    window = check.window(pool, pool_stride, pool_padding, ceil_mode)
     check.channel_vector("scale", scale, weight.shape[0], "x", x)
     check.channel_vector("shift", shift, weight.shape[0], "x", x)
-    check.geometry("x", x.shape[-2:], weight, stride, padding, pool)
+    check.geometry("x", x.shape[-2:], weight, stride, padding, **window)
     return conv_relu_pool_op(
         x=x,
         weight=weight,
@@ -189,6 +199,6 @@ def conv_relu_pool(
         shift=shift,
         stride=stride,
         padding=padding,
-        pool=pool,
         negative_slope=negative_slope,
+        **window,
     )

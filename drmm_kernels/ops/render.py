@@ -15,7 +15,7 @@ from typing import Optional
 from torch import Tensor
 
 from .. import dispatch
-from ..contract import Checker, shape_str
+from ..contract import Checker, shape_str, window_of
 from ..schema import SCHEMAS
 from .switches import all_on, channel_sum, masked_values
 
@@ -24,7 +24,7 @@ from .switches import all_on, channel_sum, masked_values
 
 
 def _render_impl(a) -> Tensor:
-    return dispatch.implementation(a["mu"].device, "render")(**a)
+    return dispatch.call("render", a["mu"].device, a)
 
 
 def _render_fake(a):
@@ -32,19 +32,21 @@ def _render_fake(a):
 
 
 def _render_setup(ctx, a, output):
-    ctx.conf = (a["stride"], a["padding"], a["pool"], a["negative_slope"])
+    ctx.conf = (a["stride"], a["padding"], a["negative_slope"])
+    ctx.window = window_of(a)
     ctx.save_for_backward(a["mu"], a["switches"], a["weight"], a["scale"])
 
 
 def _render_backward(ctx, gout):
     mu, switches, weight, scale = ctx.saved_tensors
-    stride, padding, pool, slope = ctx.conf
+    stride, padding, slope = ctx.conf
+    window = ctx.window
     need = ctx.needs_grad
     gout = gout.contiguous()
     grads = {}
     if need["mu"] or need["scale"]:
         grads["mu"], grads["scale"] = mu_scale_grads(
-            gout, weight, mu, switches, scale, stride, padding, pool, slope, need["mu"], need["scale"]
+            gout, weight, mu, switches, scale, stride, padding, window, slope, need["mu"], need["scale"]
         )
     if need["weight"]:
         grads["weight"] = render_wgrad(
@@ -54,7 +56,7 @@ def _render_backward(ctx, gout):
             scale=scale,
             stride=stride,
             padding=padding,
-            pool=pool,
+            **window,
             negative_slope=slope,
             kernel_h=weight.shape[-2],
             kernel_w=weight.shape[-1],
@@ -70,7 +72,7 @@ render_op = dispatch.CustomOp(SCHEMAS["render"], _render_impl, _render_fake, _re
 
 
 def _gather_conv_impl(a) -> Tensor:
-    return dispatch.implementation(a["src"].device, "gather_conv")(**a)
+    return dispatch.call("gather_conv", a["src"].device, a)
 
 
 def _gather_conv_fake(a):
@@ -78,14 +80,16 @@ def _gather_conv_fake(a):
 
 
 def _gather_setup(ctx, a, output):
-    ctx.conf = (a["stride"], a["padding"], a["pool"], a["src"].shape[-2], a["src"].shape[-1])
+    ctx.conf = (a["stride"], a["padding"], a["src"].shape[-2], a["src"].shape[-1])
+    ctx.window = window_of(a)
     ctx.save_for_backward(a["src"], a["weight"], a["switches"])
 
 
 def _gather_backward(ctx, g):
     # gather_conv is bilinear in (src, weight): its adjoints are the unmasked render and render_wgrad.
     src, weight, switches = ctx.saved_tensors
-    stride, padding, pool, h, w = ctx.conf
+    stride, padding, h, w = ctx.conf
+    window = ctx.window
     on = all_on(switches)
     g = g.contiguous()
     grads = {}
@@ -97,7 +101,7 @@ def _gather_backward(ctx, g):
             scale=None,
             stride=stride,
             padding=padding,
-            pool=pool,
+            **window,
             out_h=h,
             out_w=w,
             negative_slope=0.0,
@@ -110,7 +114,7 @@ def _gather_backward(ctx, g):
             scale=None,
             stride=stride,
             padding=padding,
-            pool=pool,
+            **window,
             negative_slope=0.0,
             kernel_h=weight.shape[-2],
             kernel_w=weight.shape[-1],
@@ -123,11 +127,11 @@ gather_conv = dispatch.CustomOp(
 )
 
 
-def mu_scale_grads(src, weight, mu, switches, scale, stride, padding, pool, slope, need_mu, need_scale):
+def mu_scale_grads(src, weight, mu, switches, scale, stride, padding, window, slope, need_mu, need_scale):
     """Gradients of <conv2d(src, weight), render-map of mu> in mu and scale: the conv read at the recorded
     offsets (gather_conv), times the activation derivative, times scale for mu / mu for scale."""
     at = masked_values(
-        mu=gather_conv(src=src, weight=weight, switches=switches, stride=stride, padding=padding, pool=pool),
+        mu=gather_conv(src=src, weight=weight, switches=switches, stride=stride, padding=padding, **window),
         switches=switches,
         scale=None,
         negative_slope=slope,
@@ -144,7 +148,7 @@ def mu_scale_grads(src, weight, mu, switches, scale, stride, padding, pool, slop
 
 
 def _render_wgrad_impl(a) -> Tensor:
-    return dispatch.implementation(a["src"].device, "render_wgrad")(**a)
+    return dispatch.call("render_wgrad", a["src"].device, a)
 
 
 def _render_wgrad_fake(a):
@@ -152,14 +156,16 @@ def _render_wgrad_fake(a):
 
 
 def _wgrad_setup(ctx, a, output):
-    ctx.conf = (a["stride"], a["padding"], a["pool"], a["negative_slope"], a["src"].shape[-2], a["src"].shape[-1])
+    ctx.conf = (a["stride"], a["padding"], a["negative_slope"], a["src"].shape[-2], a["src"].shape[-1])
+    ctx.window = window_of(a)
     ctx.save_for_backward(a["src"], a["mu"], a["switches"], a["scale"])
 
 
 def _wgrad_backward(ctx, gw):
     # render_wgrad is linear in src and in mu * a' * scale: d src renders mu through gw, d mu gathers.
     src, mu, switches, scale = ctx.saved_tensors
-    stride, padding, pool, slope, h, w = ctx.conf
+    stride, padding, slope, h, w = ctx.conf
+    window = ctx.window
     need = ctx.needs_grad
     gw = gw.contiguous()
     grads = {}
@@ -171,14 +177,14 @@ def _wgrad_backward(ctx, gw):
             scale=scale,
             stride=stride,
             padding=padding,
-            pool=pool,
+            **window,
             out_h=h,
             out_w=w,
             negative_slope=slope,
         )
     if need["mu"] or need["scale"]:
         grads["mu"], grads["scale"] = mu_scale_grads(
-            src, gw, mu, switches, scale, stride, padding, pool, slope, need["mu"], need["scale"]
+            src, gw, mu, switches, scale, stride, padding, window, slope, need["mu"], need["scale"]
         )
     return grads
 
@@ -202,11 +208,16 @@ def render(
     pool: int = 2,
     out_size,
     negative_slope: float = 0.0,
+    pool_stride: Optional[int] = None,
+    pool_padding: int = 0,
+    ceil_mode: bool = False,
 ) -> Tensor:
     """Top-down pass: unpool ``mu`` at the recorded offsets, mask by ``a``, scale, transposed conv.
 
-    ``out_size`` is the (H, W) of the bottom-up layer's input. With ``scale`` given this is the
-    input gradient of :func:`conv_relu_pool` for upstream gradient ``mu``.
+    ``out_size`` is the (H, W) of the bottom-up layer's input; the pool arguments are those the switches were
+    recorded with. Where overlapping windows recorded the same position, it receives the sum of what they route
+    to it (as max_pool2d's gradient does). With ``scale`` given this is the input gradient of
+    :func:`conv_relu_pool` for upstream gradient ``mu``.
 
     >>> from drmm_kernels import conv_relu_pool
     >>> x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
@@ -226,13 +237,14 @@ def render(
         )
     check.switches(switches, "mu", mu)
     stride, padding, pool, negative_slope = check.layer(stride, padding, pool, negative_slope)
+    window = check.window(pool, pool_stride, pool_padding, ceil_mode)
     check.channel_vector("scale", scale, weight.shape[0], "mu", mu)
     out_hw = check.size_pair("out_size", out_size, "(H, W) of the layer's input")
-    _, phw = check.geometry("out_size", out_hw, weight, stride, padding, pool)
+    _, phw = check.geometry("out_size", out_hw, weight, stride, padding, **window)
     if phw != tuple(mu.shape[-2:]):
         raise check.value_error(
             f"out_size {out_hw} gives pooled size {phw} with kernel "
-            f"{tuple(weight.shape[-2:])}, stride {stride}, padding {padding}, pool {pool}, but "
+            f"{tuple(weight.shape[-2:])}, stride {stride}, padding {padding}, {_window_str(window)}, but "
             f"mu has spatial size {tuple(mu.shape[-2:])} (shape ({shape_str(mu)}))"
         )
     return render_op(
@@ -242,23 +254,30 @@ def render(
         scale=scale,
         stride=stride,
         padding=padding,
-        pool=pool,
         out_h=out_hw[0],
         out_w=out_hw[1],
         negative_slope=negative_slope,
+        **window,
     )
 
 
-def switch_backward(gy, switches, x, weight, scale, *, stride, padding, pool, negative_slope, need_x, need_w):
+def switch_backward(gy, switches, x, weight, scale, *, stride, padding, window, negative_slope, need_x, need_w):
     """``(dx, dW)`` of a conv (times ``scale``) -> activation -> max-pool layer whose pooled output has gradient
     ``gy``, over the recorded offsets only: render for the input, render_wgrad for the weight (None where not
     needed). The one place the fused ops' sparse backward spells out the geometry."""
-    geometry = dict(
-        switches=switches, scale=scale, stride=stride, padding=padding, pool=pool, negative_slope=negative_slope
-    )
+    geometry = dict(switches=switches, scale=scale, stride=stride, padding=padding, negative_slope=negative_slope)
+    geometry.update(window)
     gx = gw = None
     if need_x:
         gx = render_op(mu=gy, weight=weight, out_h=x.shape[-2], out_w=x.shape[-1], **geometry)
     if need_w:
         gw = render_wgrad(src=x, mu=gy, kernel_h=weight.shape[-2], kernel_w=weight.shape[-1], **geometry)
     return gx, gw
+
+
+def _window_str(window: dict) -> str:
+    """``pool 3`` or ``pool 3 (stride 2, padding 1, ceil_mode)`` for messages."""
+    extra = [f"stride {window['pool_stride']}"] if window["pool_stride"] != window["pool"] else []
+    extra += [f"padding {window['pool_padding']}"] if window["pool_padding"] else []
+    extra += ["ceil_mode"] if window["ceil_mode"] else []
+    return f"pool {window['pool']}" + (f" ({', '.join(extra)})" if extra else "")

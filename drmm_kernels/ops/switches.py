@@ -3,11 +3,13 @@ pooled values at the recorded offsets, ``unpool`` and ``masked_values`` (used by
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from .. import dispatch, reference
-from ..contract import ON_BIT, Checker, shape_str
+from ..contract import ON_BIT, Checker, pooled_size, shape_str, window_of
 from ..schema import SCHEMAS
 
 
@@ -24,7 +26,7 @@ def all_on(switches: Tensor) -> Tensor:
 
 
 def _masked_values_impl(a) -> Tensor:
-    return dispatch.implementation(a["mu"].device, "masked_values")(**a)
+    return dispatch.call("masked_values", a["mu"].device, a)
 
 
 def _masked_values_fake(a):
@@ -57,7 +59,7 @@ masked_values = dispatch.CustomOp(
 
 
 def _unpool_impl(a) -> Tensor:
-    return dispatch.implementation(a["values"].device, "unpool")(**a)
+    return dispatch.call("unpool", a["values"].device, a)
 
 
 def _unpool_fake(a):
@@ -65,7 +67,7 @@ def _unpool_fake(a):
 
 
 def _unpool_setup(ctx, a, output):
-    ctx.pool = a["pool"]
+    ctx.window = window_of(a)
     ctx.save_for_backward(a["switches"])
 
 
@@ -73,19 +75,30 @@ def _unpool_backward(ctx, g):
     # The adjoint of placing each value at its recorded offset is reading the map there.
     (switches,) = ctx.saved_tensors
     n, c = switches.shape[:2]
-    idx = reference.switches_to_indices(switches, ctx.pool, tuple(g.shape[-2:])).reshape(n, c, -1)
+    w = ctx.window
+    idx = reference.switches_to_indices(switches, w["pool"], tuple(g.shape[-2:]), w["pool_stride"], w["pool_padding"])
+    idx = idx.reshape(n, c, -1)
     return {"values": g.reshape(n, c, -1).gather(2, idx).view(switches.shape)}
 
 
-#: Each pooled value at its recorded offset of a zero (out_h, out_w) map (internal, validated arguments).
+#: Each pooled value added at its recorded offset of a zero (out_h, out_w) map (internal, validated arguments).
 unpool = dispatch.CustomOp(SCHEMAS["unpool"], _unpool_impl, _unpool_fake, _unpool_setup, _unpool_backward)
 
 
 # --------------------------------------------------------------------------- switches_to_indices
 
 
-def switches_to_indices(switches: Tensor, *, pool: int, conv_size) -> Tensor:
-    """PyTorch ``max_pool2d`` flat indices (int64) into the ``conv_size`` = (H_conv, W_conv) map.
+def switches_to_indices(
+    switches: Tensor,
+    *,
+    pool: int,
+    conv_size,
+    pool_stride: Optional[int] = None,
+    pool_padding: int = 0,
+    ceil_mode: bool = False,
+) -> Tensor:
+    """PyTorch ``max_pool2d`` flat indices (int64) into the ``conv_size`` = (H_conv, W_conv) map, for switches
+    recorded with the given pool (the arguments of :func:`conv_relu_pool`).
 
     >>> sw = torch.tensor([[[[0x83]]]], dtype=torch.uint8)  # offset 3 = (1, 1), on
     >>> switches_to_indices(sw, pool=2, conv_size=(2, 2)).item()
@@ -97,14 +110,18 @@ def switches_to_indices(switches: Tensor, *, pool: int, conv_size) -> Tensor:
     if switches.dim() < 2:
         raise check.value_error(f"switches must have at least 2 dims (..., H, W), got shape ({shape_str(switches)})")
     pool = check.integer("pool", pool, 1, 4)
+    window = check.window(pool, pool_stride, pool_padding, ceil_mode)
     hc, wc = check.size_pair("conv_size", conv_size, "(H_conv, W_conv)")
-    if hc // pool != switches.shape[-2] or wc // pool != switches.shape[-1]:
+    phw = pooled_size((hc, wc), **window)
+    if phw != tuple(switches.shape[-2:]):
         raise check.value_error(
-            f"conv_size {(hc, wc)} with pool {pool} gives pooled size "
-            f"{(hc // pool, wc // pool)}, but switches has shape ({shape_str(switches)})"
+            f"conv_size {(hc, wc)} with pool {pool} gives pooled size {phw}, but switches has shape "
+            f"({shape_str(switches)})"
         )
+    stride, padding = window["pool_stride"], window["pool_padding"]
     # The conversion trusts nothing it cannot check: an offset outside the pool x pool window (or a set bit 4-6)
-    # would index another window's position. Skipped while compiling, where the values are not known.
+    # would index another window's position, and one in the padding no position at all. Skipped while compiling,
+    # where the values are not known.
     if not torch.compiler.is_compiling() and switches.numel():
         bad = (switches & 0x7F) >= pool * pool
         if bool(bad.any()):
@@ -113,4 +130,13 @@ def switches_to_indices(switches: Tensor, *, pool: int, conv_size) -> Tensor:
                 f"switches holds byte {value:#04x}, whose offset bits (0-6) give {value & 0x7F}, outside the "
                 f"{pool}x{pool} window (offsets 0..{pool * pool - 1}); were they recorded with pool={pool}?"
             )
-    return reference.switches_to_indices(switches, pool, (hc, wc))
+        if padding or window["ceil_mode"]:
+            h, w = reference.switch_positions(switches, pool, stride, padding)
+            outside = (h < 0) | (h >= hc) | (w < 0) | (w >= wc)
+            if bool(outside.any()):
+                value = int(switches[outside][0])
+                raise check.value_error(
+                    f"switches holds byte {value:#04x}, whose offset points outside the {hc}x{wc} map (into the "
+                    f"pool padding); were they recorded with pool_stride={stride}, pool_padding={padding}?"
+                )
+    return reference.switches_to_indices(switches, pool, (hc, wc), stride, padding)

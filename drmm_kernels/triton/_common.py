@@ -18,12 +18,17 @@ from ..contract import OFFSET_MASK as _OFFSET_MASK
 from ..contract import ON_BIT as _ON_BIT
 from ._status import is_interpreting
 
+from ..dispatch import native_or_reference
+
 # The switch byte of drmm_kernels/contract.py, as compile-time constants the kernels can read.
 ON_BIT = tl.constexpr(_ON_BIT)
 OFFSET_MASK = tl.constexpr(_OFFSET_MASK)
 
 # Dtypes the kernels handle; anything else (float64) is computed by the reference backend.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: Decorates a primitive: it runs on KERNEL_DTYPES and non-overlapping pools, the reference computes the rest.
+on_kernel_dtypes = native_or_reference(lambda t: t.dtype in KERNEL_DTYPES)
 
 
 def pick_configs(configs: List[triton.Config]) -> List[triton.Config]:

@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
-from ._common import KERNEL_DTYPES, device_guard, pick_configs, store_pooled, window_update
+from ._common import device_guard, pick_configs, store_pooled, window_update, on_kernel_dtypes
 
 _CONFIGS = [
     triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4),
@@ -70,11 +69,18 @@ def _bn_pool_kernel(
     store_pooled(y_ptr, sw_ptr, out, mask, m, arg, slope, LEAKY)
 
 
+@on_kernel_dtypes
 def bn_pool(
-    *, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, pool: int, negative_slope: float
+    *,
+    z: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
+    negative_slope: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    if z.dtype not in KERNEL_DTYPES:
-        return reference.bn_pool(z=z, scale=scale, shift=shift, pool=pool, negative_slope=negative_slope)
     n, c, hc, wc = z.shape
     hp, wp = hc // pool, wc // pool
     y = torch.empty((n, c, hp, wp), dtype=z.dtype, device=z.device)

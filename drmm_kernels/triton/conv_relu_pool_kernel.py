@@ -18,10 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
 from ..contract import conv_size, pooled_size
 from ._common import (
-    KERNEL_DTYPES,
+    on_kernel_dtypes,
     OFFSET_MASK,
     device_guard,
     mma,
@@ -247,6 +246,7 @@ def _pooled_shape(x, weight, stride, padding, pool):
     return (x.shape[0], weight.shape[0], hp, wp)
 
 
+@on_kernel_dtypes
 def conv_relu_pool(
     *,
     x: torch.Tensor,
@@ -256,19 +256,11 @@ def conv_relu_pool(
     stride: int,
     padding: int,
     pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
     negative_slope: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    if x.dtype not in KERNEL_DTYPES:
-        return reference.conv_relu_pool(
-            x=x,
-            weight=weight,
-            scale=scale,
-            shift=shift,
-            stride=stride,
-            padding=padding,
-            pool=pool,
-            negative_slope=negative_slope,
-        )
     shape = _pooled_shape(x, weight, stride, padding, pool)
     y = torch.empty(shape, dtype=x.dtype, device=x.device)
     sw = torch.empty(shape, dtype=torch.uint8, device=x.device)
@@ -276,13 +268,19 @@ def conv_relu_pool(
     return y, sw
 
 
+@on_kernel_dtypes
 def gather_conv(
-    *, src: torch.Tensor, weight: torch.Tensor, switches: torch.Tensor, stride: int, padding: int, pool: int
+    *,
+    src: torch.Tensor,
+    weight: torch.Tensor,
+    switches: torch.Tensor,
+    stride: int,
+    padding: int,
+    pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
 ) -> torch.Tensor:
-    if src.dtype not in KERNEL_DTYPES:
-        return reference.gather_conv(
-            src=src, weight=weight, switches=switches, stride=stride, padding=padding, pool=pool
-        )
     out = torch.empty(switches.shape, dtype=src.dtype, device=src.device)
     _launch(src, weight, None, None, switches.contiguous(), out, stride, padding, pool, 0.0, gather=True)
     return out

@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
-from ._common import KERNEL_DTYPES, OFFSET_MASK, ON_BIT, device_guard, mma, pick_configs, upcast_dot, use_tf32
+from ._common import OFFSET_MASK, ON_BIT, device_guard, mma, pick_configs, upcast_dot, use_tf32, on_kernel_dtypes
 
 _CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_CI": 32, "BLOCK_K": 16}, num_warps=4, num_stages=3),
@@ -144,6 +143,7 @@ def _render_kernel(
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_ci[None, :])
 
 
+@on_kernel_dtypes
 def render(
     *,
     mu: torch.Tensor,
@@ -153,23 +153,13 @@ def render(
     stride: int,
     padding: int,
     pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
     out_h: int,
     out_w: int,
     negative_slope: float,
 ) -> torch.Tensor:
-    if mu.dtype not in KERNEL_DTYPES:
-        return reference.render(
-            mu=mu,
-            switches=switches,
-            weight=weight,
-            scale=scale,
-            stride=stride,
-            padding=padding,
-            pool=pool,
-            out_h=out_h,
-            out_w=out_w,
-            negative_slope=negative_slope,
-        )
     n, c_out, hp, wp = mu.shape
     c_in, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3]
     h, w = out_h, out_w

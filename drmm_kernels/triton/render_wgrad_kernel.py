@@ -19,9 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
 from ._common import (
-    KERNEL_DTYPES,
+    on_kernel_dtypes,
     OFFSET_MASK,
     ON_BIT,
     device_guard,
@@ -152,6 +151,7 @@ def _wgrad_kernel(
     tl.store(part_ptr + out, acc, mask=mask_co[:, None] & mask_ci[None, :])
 
 
+@on_kernel_dtypes
 def render_wgrad(
     *,
     src: torch.Tensor,
@@ -161,23 +161,13 @@ def render_wgrad(
     stride: int,
     padding: int,
     pool: int,
+    pool_stride: int,
+    pool_padding: int,
+    ceil_mode: bool,
     negative_slope: float,
     kernel_h: int,
     kernel_w: int,
 ) -> torch.Tensor:
-    if src.dtype not in KERNEL_DTYPES:
-        return reference.render_wgrad(
-            src=src,
-            mu=mu,
-            switches=switches,
-            scale=scale,
-            stride=stride,
-            padding=padding,
-            pool=pool,
-            negative_slope=negative_slope,
-            kernel_h=kernel_h,
-            kernel_w=kernel_w,
-        )
     n, c_in, h, w = src.shape
     c_out, hp, wp = mu.shape[1], mu.shape[2], mu.shape[3]
     kh, kw = kernel_h, kernel_w

@@ -158,7 +158,7 @@ def test_the_checker_sees_lazy_and_type_checking_imports(tmp_path):
 # ("Internal modules drmm uses") lists the same and says why. Anything else drmm takes from drmm_kernels is public
 # (drmm_kernels.__all__).
 DRMM_KERNELS_INTERNALS = {
-    "drmm_kernels.contract": {"ON_BIT", "OFFSET_MASK"},
+    "drmm_kernels.contract": {"ON_BIT", "OFFSET_MASK", "plain_pool"},
     "drmm_kernels.reference": {"pool_switches", "masked_values", "unpool", "activation_factor"},
 }
 

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from drmm_kernels import dispatch
 from drmm_kernels import testing as eager
+from drmm_kernels.contract import plain_pool  # noqa: E402
 
 
 # The cpu backend module (the C++ kernels' Python side); None when the extension is not built.
@@ -65,7 +66,7 @@ def geometry(draw):
         k=k,
         pad=pad,
         stride=stride,
-        pool=pool,
+        **plain_pool(pool),
         h=h,
         w=w,
         hc=hc,

@@ -16,6 +16,7 @@ import torch
 import drmm_kernels as dk
 from drmm_kernels import reference
 from drmm_kernels import testing as eager
+from drmm_kernels.contract import plain_pool  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ REALISTIC = [
 
 def geometry(case: Case) -> dict:
     """The case's layer geometry as primitive keyword arguments."""
-    return dict(stride=case.stride, padding=case.pad, pool=case.pool)
+    return dict(stride=case.stride, padding=case.pad, **plain_pool(case.pool))
 
 
 def check_forward_primitives(case: Case):
@@ -161,9 +162,11 @@ def check_forward_primitives(case: Case):
     sc = scale if scale is not None else torch.ones(case.cout, dtype=case.dtype, device="cuda")
     sh = shift if shift is not None else torch.zeros(case.cout, dtype=case.dtype, device="cuda")
     with dk.backend("cuda"):
-        yb, swb = cb.bn_pool(z=layout(z, case.layout), scale=sc, shift=sh, pool=case.pool, negative_slope=case.slope)
+        yb, swb = cb.bn_pool(
+            z=layout(z, case.layout), scale=sc, shift=sh, **plain_pool(case.pool), negative_slope=case.slope
+        )
     yb_ref, swb_ref = reference.bn_pool(
-        z=z.double(), scale=sc.double(), shift=sh.double(), pool=case.pool, negative_slope=case.slope
+        z=z.double(), scale=sc.double(), shift=sh.double(), **plain_pool(case.pool), negative_slope=case.slope
     )
     assert rel_err(yb, yb_ref) < TOL[case.dtype]  # no conv inside: TF32 plays no part
     vb = reference.scale_shift(z.double(), sc.double(), sh.double())

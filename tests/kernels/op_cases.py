@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import drmm_kernels as dk
 from drmm_kernels import testing as eager
+from drmm_kernels.contract import plain_pool  # noqa: E402
 
 
 # The backends the public-op tests run on: those that take CPU tensors. (The Triton interpreter is too slow for
@@ -52,7 +53,7 @@ def conv_cases(draw, max_size=33):
         k=k,
         padding=padding,
         stride=stride,
-        pool=pool,
+        **plain_pool(pool),
         h=h,
         w=w,
         slope=draw(st.sampled_from([0.0, 0.1])),
@@ -81,7 +82,9 @@ def make(case, requires_grad=True):
 
 
 def kwargs(case):
-    return dict(stride=case["stride"], padding=case["padding"], pool=case["pool"], negative_slope=case["slope"])
+    return dict(
+        stride=case["stride"], padding=case["padding"], **plain_pool(case["pool"]), negative_slope=case["slope"]
+    )
 
 
 def check_switches(sw, y_e, idx_e, v, case):

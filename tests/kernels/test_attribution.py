@@ -528,12 +528,56 @@ def test_rewrite():
     sw = torch.tensor([[[[0x83, 0x03, 0x00, 0x81]]]], dtype=torch.uint8)
     g = torch.tensor([[[[1.0, 2.0, -3.0, -4.0]]]])
     rewrite = attribution_module.rewrite
-    assert rewrite(g, sw, None) == (g, sw)
-    gg, sg = rewrite(g, sw, ("guided", "act-pool"))
+    window = dict(pool=2, pool_stride=2, pool_padding=0, ceil_mode=False)
+    assert rewrite(g, sw, None, window) == (g, sw)
+    gg, sg = rewrite(g, sw, ("guided", "act-pool"), window)
     assert gg.tolist() == [[[[1.0, 2.0, 0.0, 0.0]]]] and sg is sw
     for order, offsets in (("act-pool", [0x83, 0x80, 0x80, 0x81]), ("pool-act", [0x83, 0x83, 0x80, 0x81])):
-        gd, sd = rewrite(g, sw, ("deconvnet", order))
+        gd, sd = rewrite(g, sw, ("deconvnet", order), window)
         assert gd.tolist() == [[[[1.0, 2.0, 0.0, 0.0]]]] and sd.flatten().tolist() == offsets, order
+
+
+def test_rewrite_routes_off_windows_of_a_padded_pool_to_their_first_element():
+    """pool 2, stride 2, padding 1: window 0 starts at (-1, -1), so its first element inside the map is offset 3
+    (1, 1); window 1 starts at row -1, column 1: offset 2 (1, 0). max_pool2d's backward of an all-zero window
+    picks that element."""
+    sw = torch.zeros(1, 1, 1, 2, dtype=torch.uint8)
+    g = torch.ones(1, 1, 1, 2)
+    window = dict(pool=2, pool_stride=2, pool_padding=1, ceil_mode=False)
+    _, sd = attribution_module.rewrite(g, sw, ("deconvnet", "act-pool"), window)
+    assert sd.flatten().tolist() == [0x83, 0x82]
+
+
+def test_rewrite_refuses_a_relu_before_overlapping_windows():
+    """The rule would act per window where the unfused model applies it to the windows' sum: refused (blocks
+    built by fuse run unfused instead, tested on resnet18 / alexnet below)."""
+    window = dict(pool=3, pool_stride=2, pool_padding=0, ceil_mode=False)
+    sw, g = torch.zeros(1, 1, 1, 1, dtype=torch.uint8), torch.ones(1, 1, 1, 1)
+    with pytest.raises(RuntimeError, match="applies its ReLU before an overlapping pool"):
+        attribution_module.rewrite(g, sw, ("guided", "act-pool"), window)
+    assert attribution_module.rewrite(g, sw, ("guided", "pool-act"), window)[1] is sw  # ReLU after the pool: fine
+
+
+@pytest.mark.parametrize("mode", ["guided", "deconvnet"])
+def test_attribution_matches_captum_on_resnet18_and_alexnet(mode):
+    """The ResNet stem's padded (3, 2, 1) pool and AlexNet's overlapping (3, 2) pools, fused, against Captum on
+    the unfused model (float64: only roundoff could differ)."""
+    import torchvision
+    from captum.attr import Deconvolution, GuidedBackprop
+
+    method = {"guided": GuidedBackprop, "deconvnet": Deconvolution}[mode]
+    for name, size in (("resnet18", 32), ("alexnet", 64)):
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)().double().eval()
+        fused = dk.fuse(copy.deepcopy(model))
+        assert any(fused.get_submodule(b.name).pool_window["pool_stride"] == 2 for b in fused.fuse_report.fused)
+        x = torch.randn(2, 3, size, size, dtype=torch.float64)
+        want = method(model).attribute(x, target=3)
+        xx = x.clone().requires_grad_()
+        with dk.attribution(mode):
+            fused(xx)[:, 3].sum().backward()
+        scale = want.abs().max().item()
+        torch.testing.assert_close(xx.grad, want, atol=1e-9 * scale, rtol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_bench_runs(tmp_path, capsys):

@@ -8,6 +8,7 @@ import torch
 import drmm_kernels as dk
 
 import op_cases as oc
+from drmm_kernels.contract import plain_pool  # noqa: E402
 
 
 def test_backend_selection():
@@ -44,13 +45,13 @@ def _opcheck_samples():
     y, sw = dk.conv_relu_pool(x, w, scale, shift, padding=1)
     mu = torch.randn_like(y).requires_grad_(True)
     ops = torch.ops.drmm
-    geo = dict(stride=1, padding=1, pool=2)
+    geo = dict(stride=1, padding=1, **plain_pool(2))
     bn = dict(x=x, weight=w, bn_weight=scale, bn_bias=shift, eps=1e-5, negative_slope=0.0, **geo)
     return [
         (ops.conv_relu_pool.default, dict(x=x, weight=w, scale=scale, shift=shift, negative_slope=0.0, **geo)),
         (
             ops.conv_relu_pool.default,
-            dict(x=x, weight=w, scale=None, shift=None, stride=2, padding=0, pool=1, negative_slope=0.1),
+            dict(x=x, weight=w, scale=None, shift=None, stride=2, padding=0, **plain_pool(1), negative_slope=0.1),
         ),
         (
             ops.render.default,
@@ -121,7 +122,7 @@ def test_eager_fast_path_matches_the_custom_op(backend):
             ww, bb = torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())  # as in a model: fast path too
             if via_op:
                 y, sw = torch.ops.drmm.conv_relu_pool(
-                    x=xx, weight=ww, scale=None, shift=bb, stride=1, padding=1, pool=2, negative_slope=0.1
+                    x=xx, weight=ww, scale=None, shift=bb, stride=1, padding=1, **plain_pool(2), negative_slope=0.1
                 )
                 assert "function" not in type(y.grad_fn).__name__
             else:
@@ -140,7 +141,7 @@ def test_eager_fast_path_matches_the_custom_op(backend):
                         scale=None,
                         stride=1,
                         padding=1,
-                        pool=2,
+                        **plain_pool(2),
                         out_h=9,
                         out_w=9,
                         negative_slope=0.1,

@@ -14,6 +14,7 @@ import drmm_kernels as dk
 from drmm_kernels import export as dk_export
 from drmm_kernels.ops.conv_bn_relu_pool import conv_bn_relu_pool_op
 from drmm_kernels.ops.conv_relu_pool import conv_relu_pool_op
+from drmm_kernels.contract import plain_pool  # noqa: E402
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -206,7 +207,7 @@ def test_conv_relu_pool_composite_is_the_op(scale, shift, pool, slope):
         shift=torch.randn(4) if shift else None,
         stride=1,
         padding=1,
-        pool=pool,
+        **plain_pool(pool),
         negative_slope=slope,
     )
     with dk.backend("reference"):
@@ -231,7 +232,7 @@ def test_conv_bn_relu_pool_composite_is_the_op(training):
         eps=1e-5,
         stride=2,
         padding=1,
-        pool=2,
+        **plain_pool(2),
         negative_slope=0.1,
     )
     with dk.backend("reference"):

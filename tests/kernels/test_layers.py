@@ -63,14 +63,17 @@ def test_fuse_walks_nested_containers():
     "pool, words",
     [
         (
-            nn.MaxPool2d(3, 2),
+            nn.MaxPool2d(2, 3),
             [
-                "features.0 (Conv2d) -> features.1 (ReLU) -> features.2 (MaxPool2d 3)",
-                "pool stride (2, 2) != kernel (3, 3) (overlapping or gapped windows)",
+                "features.0 (Conv2d) -> features.1 (ReLU) -> features.2 (MaxPool2d 2)",
+                "pool stride (3, 3) for kernel (2, 2) (the fused ops take one stride from 1 to the kernel size: no "
+                "gapped windows)",
             ],
         ),
-        (nn.MaxPool2d(2, ceil_mode=True), ["ceil_mode=True (partial windows at the border)"]),
-        (nn.MaxPool2d(2, padding=1), ["pool padding 1 (padded windows)"]),
+        (
+            nn.MaxPool2d(3, padding=(1, 0)),
+            ["pool padding (1, 0) (the fused ops take one padding from 0 to kernel // 2)"],
+        ),
         (nn.MaxPool2d(5), ["pool kernel 5 > 4"]),
         (nn.MaxPool2d(2, return_indices=True), ["return_indices=True"]),
     ],

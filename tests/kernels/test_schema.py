@@ -14,6 +14,7 @@ from drmm_kernels import dispatch
 from drmm_kernels.schema import PRIMITIVES, SCHEMAS, parse
 
 import op_cases as oc
+from drmm_kernels.contract import plain_pool  # noqa: E402
 
 BACKEND_MODULES = {
     "reference": "drmm_kernels.reference",
@@ -51,7 +52,7 @@ def _functions(name):
 def test_schema_is_parsed_and_printed_alike():
     text = (
         "render(Tensor mu, Tensor switches, Tensor weight, Tensor? scale, int stride, int padding, int pool, "
-        "int out_h, int out_w, float negative_slope) -> Tensor"
+        "int pool_stride, int pool_padding, bool ceil_mode, int out_h, int out_w, float negative_slope) -> Tensor"
     )
     assert str(parse(text)) == text == str(SCHEMAS["render"])
     assert SCHEMAS["render"].tensors == ("mu", "switches", "weight", "scale")
@@ -126,13 +127,13 @@ def _samples():
     x, w, scale, shift = oc.small(torch.float64)
     y, sw = dk.conv_relu_pool(x, w, scale, shift, padding=1)
     mu = torch.randn_like(y)
-    geo = dict(stride=1, padding=1, pool=2)
+    geo = dict(stride=1, padding=1, **plain_pool(2))
     c = w.shape[0]
     bn = dict(x=x, weight=w, bn_weight=scale, bn_bias=shift, eps=1e-5, negative_slope=0.1, **geo)
     return {
         "conv_relu_pool": [
             dict(x=x, weight=w, scale=scale, shift=shift, negative_slope=0.1, **geo),
-            dict(x=x, weight=w, scale=scale, shift=shift, stride=1, padding=0, pool=1, negative_slope=0.0),
+            dict(x=x, weight=w, scale=scale, shift=shift, stride=1, padding=0, **plain_pool(1), negative_slope=0.0),
         ],
         "conv_bn_relu_pool": [
             dict(running_mean=None, running_var=None, training=True, **bn),
@@ -149,7 +150,7 @@ def _samples():
             dict(src=x, mu=mu, switches=sw, scale=scale, negative_slope=0.1, kernel_h=3, kernel_w=3, **geo)
         ],
         "masked_values": [dict(mu=mu, switches=sw, scale=scale, negative_slope=0.1)],
-        "unpool": [dict(values=mu, switches=sw, pool=2, out_h=7, out_w=6)],
+        "unpool": [dict(values=mu, switches=sw, **plain_pool(2), out_h=7, out_w=6)],
     }
 
 

@@ -11,6 +11,7 @@ import drmm_kernels as dk
 from drmm_kernels import reference
 
 import cpu_cases as cpu
+from drmm_kernels.contract import plain_pool  # noqa: E402
 
 
 @pytest.mark.cpu_backend
@@ -19,7 +20,7 @@ def test_cpu_other_dtypes_fall_back_to_reference(dtype):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 8, 8, generator=gen).to(dtype)
     wt = torch.randn(4, 3, 3, 3, generator=gen).to(dtype)
-    geo = dict(stride=1, padding=1, pool=2)
+    geo = dict(stride=1, padding=1, **plain_pool(2))
     fwd = dict(x=x, weight=wt, scale=None, shift=None, negative_slope=0.0, **geo)
     y, sw = cpu.kernels.conv_relu_pool(**fwd)
     yr, swr = reference.conv_relu_pool(**fwd)
@@ -40,10 +41,21 @@ def test_cpu_invalid_switch_offset_is_an_error():
     wt = torch.randn(2, 3, 3, 3)
     with pytest.raises(RuntimeError, match="drmm_kernels.render: switches hold a window offset"):
         cpu.kernels.render(
-            mu=mu, switches=sw, weight=wt, scale=None, stride=1, padding=1, pool=2, out_h=6, out_w=6, negative_slope=0.0
+            mu=mu,
+            switches=sw,
+            weight=wt,
+            scale=None,
+            stride=1,
+            padding=1,
+            **plain_pool(2),
+            out_h=6,
+            out_w=6,
+            negative_slope=0.0,
         )
     with pytest.raises(RuntimeError, match="drmm_kernels.gather_conv: switches hold a window offset"):
-        cpu.kernels.gather_conv(src=torch.randn(1, 3, 6, 6), weight=wt, switches=sw, stride=1, padding=1, pool=2)
+        cpu.kernels.gather_conv(
+            src=torch.randn(1, 3, 6, 6), weight=wt, switches=sw, stride=1, padding=1, **plain_pool(2)
+        )
 
 
 @pytest.mark.cpu_backend
@@ -51,9 +63,9 @@ def test_cpu_shape_errors_name_the_argument():
     x, wt = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
     with pytest.raises(RuntimeError, match="drmm_kernels.conv_relu_pool: scale must have shape"):
         torch.ops.drmm_C.conv_relu_pool(
-            x=x, weight=wt, scale=torch.ones(3), shift=None, stride=1, padding=1, pool=2, negative_slope=0.0
+            x=x, weight=wt, scale=torch.ones(3), shift=None, stride=1, padding=1, **plain_pool(2), negative_slope=0.0
         )
-    render = dict(weight=wt, scale=None, stride=1, padding=1, pool=2, out_h=8, out_w=8, negative_slope=0.0)
+    render = dict(weight=wt, scale=None, stride=1, padding=1, **plain_pool(2), out_h=8, out_w=8, negative_slope=0.0)
     with pytest.raises(RuntimeError, match="drmm_kernels.render: switches must be uint8"):
         torch.ops.drmm_C.render(mu=torch.randn(1, 4, 4, 4), switches=torch.zeros(1, 4, 4, 4), **render)
     with pytest.raises(RuntimeError, match="drmm_kernels.render: mu/switches must have shape"):
@@ -69,13 +81,22 @@ def test_cpu_backend_is_used_by_public_ops():
         y, sw = dk.conv_relu_pool(x, wt, padding=1)
         xh = dk.render(y, sw, wt, padding=1, out_size=(9, 9))
     yr, swr = reference.conv_relu_pool(
-        x=x, weight=wt, scale=None, shift=None, stride=1, padding=1, pool=2, negative_slope=0.0
+        x=x, weight=wt, scale=None, shift=None, stride=1, padding=1, **plain_pool(2), negative_slope=0.0
     )
     torch.testing.assert_close(y, yr)
     torch.testing.assert_close(
         xh,
         reference.render(
-            mu=y, switches=sw, weight=wt, scale=None, stride=1, padding=1, pool=2, out_h=9, out_w=9, negative_slope=0.0
+            mu=y,
+            switches=sw,
+            weight=wt,
+            scale=None,
+            stride=1,
+            padding=1,
+            **plain_pool(2),
+            out_h=9,
+            out_w=9,
+            negative_slope=0.0,
         ),
     )
 
@@ -88,7 +109,7 @@ def test_cpu_results_are_bitwise_independent_of_threads_and_scheduling():
     for dtype, kernel in ((torch.float64, (3, 3)), (torch.float32, (3, 3)), (torch.float32, (2, 3))):
         x = torch.randn(19, 16, 9, 9, generator=gen, dtype=dtype)
         wt = torch.randn(8, 16, *kernel, generator=gen, dtype=dtype)
-        geo = dict(stride=1, padding=1, pool=2, negative_slope=0.0)
+        geo = dict(stride=1, padding=1, **plain_pool(2), negative_slope=0.0)
         y, sw = cpu.kernels.conv_relu_pool(x=x, weight=wt, scale=None, shift=None, **geo)
         mu = torch.randn(y.shape, generator=gen, dtype=dtype)
         before = torch.get_num_threads()
@@ -130,7 +151,8 @@ for it in range(4):
     mu = torch.randn(n, co, h - 2, h - 2)
     sw = (torch.rand(n, co, h - 2, h - 2) < 0.5).to(torch.uint8) * 0x80
     w = torch.randn(co, ci, 3, 3)
-    args = dict(mu=mu, switches=sw, weight=w, scale=None, stride=1, padding=0, pool=1, out_h=h, out_w=h,
+    args = dict(mu=mu, switches=sw, weight=w, scale=None, stride=1, padding=0, pool=1, pool_stride=1,
+                pool_padding=0, ceil_mode=False, out_h=h, out_w=h,
                 negative_slope=0.0)
     got = torch.ops.drmm_C.render(**args)
     want = reference.render(**args)

@@ -10,13 +10,14 @@ from drmm_kernels import reference
 from drmm_kernels import testing as eager
 
 import triton_cases as trt
+from drmm_kernels.contract import plain_pool  # noqa: E402
 
 
 @pytest.mark.triton
 def test_triton_float64_falls_back_to_reference():
     x = torch.randn(1, 2, 5, 5, dtype=torch.float64, device=trt.DEV)
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, device=trt.DEV)
-    args = dict(x=x, weight=w, scale=None, shift=None, stride=1, padding=1, pool=2, negative_slope=0.0)
+    args = dict(x=x, weight=w, scale=None, shift=None, stride=1, padding=1, **plain_pool(2), negative_slope=0.0)
     y, sw = trt.kernels.conv_relu_pool(**args)
     y_ref, sw_ref = reference.conv_relu_pool(**args)
     assert torch.equal(y, y_ref) and torch.equal(sw, sw_ref)
@@ -91,7 +92,7 @@ def test_triton_gpu_realistic(case: trt.Case):
         scale=None,
         stride=case.stride,
         padding=case.pad,
-        pool=case.pool,
+        **plain_pool(case.pool),
         out_h=case.h,
         out_w=case.w,
         negative_slope=case.slope,

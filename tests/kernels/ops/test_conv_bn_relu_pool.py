@@ -14,6 +14,7 @@ from drmm_kernels import testing as eager
 import cpu_cases as cpu
 import op_cases as oc
 import triton_cases as trt
+from drmm_kernels.contract import plain_pool  # noqa: E402
 
 
 # --------------------------------------------------------------------------- public op vs eager, every backend
@@ -141,7 +142,7 @@ def test_cpu_bn_pool_vector_paths(dtype, fmt, pool, slope):
     z = torch.randn(2, 20, 37, 38, generator=gen, dtype=dtype)
     scale = torch.randn(20, generator=gen, dtype=dtype)
     shift = torch.randn(20, generator=gen, dtype=dtype)
-    args = dict(scale=scale, shift=shift, pool=pool, negative_slope=slope)
+    args = dict(scale=scale, shift=shift, **plain_pool(pool), negative_slope=slope)
     y, sw = cpu.kernels.bn_pool(z=cpu.layout(z, fmt), **args)
     yr, swr = reference.bn_pool(z=z, **args)
     torch.testing.assert_close(y, yr, **cpu.TOL[dtype])
@@ -159,7 +160,7 @@ def test_cpu_bn_pool_ties_nan_negative_exact(dtype, fmt, case):
     for pool in (1, 2, 3, 4):
         for slope in (0.0, 0.1):
             for scale in (ones, neg_int):
-                args = dict(scale=scale, shift=zeros, pool=pool, negative_slope=slope)
+                args = dict(scale=scale, shift=zeros, **plain_pool(pool), negative_slope=slope)
                 y, sw = cpu.kernels.bn_pool(z=cpu.layout(z, fmt), **args)
                 yr, swr = reference.bn_pool(z=z, **args)
                 torch.testing.assert_close(y, yr, rtol=0, atol=0, equal_nan=True)
@@ -203,7 +204,7 @@ def test_triton_bn_pool_and_conv_bn_relu_pool(channels_last, slope):
     case = trt.Case(2, 5, 6, 7, 9, 3, 1, slope=slope, channels_last=channels_last)
     x, w, scale, shift = trt.inputs(case)
     z = F.conv2d(x, w, None, 1, 1)
-    y, sw = trt.kernels.bn_pool(z=z, scale=scale, shift=shift, pool=2, negative_slope=slope)
+    y, sw = trt.kernels.bn_pool(z=z, scale=scale, shift=shift, **plain_pool(2), negative_slope=slope)
     v = eager.pre_activation(trt.d(x), trt.d(w), trt.d(scale), trt.d(shift), 1, 1)
     y_ref, sw_ref = reference.pool_switches(v, 2, slope)
     trt.close(y, y_ref, torch.float32, "bn_pool")

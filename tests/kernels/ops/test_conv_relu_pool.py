@@ -17,6 +17,7 @@ import cpu_cases as cpu
 import cuda_cases as cuda
 import op_cases as oc
 import triton_cases as trt
+from drmm_kernels.contract import plain_pool  # noqa: E402
 
 
 # --------------------------------------------------------------------------- public op vs eager, every backend
@@ -174,7 +175,7 @@ def test_cpu_conv_relu_pool_matches_reference(g, use_scale, use_shift):
         shift=shift,
         stride=g["stride"],
         padding=g["pad"],
-        pool=g["pool"],
+        **plain_pool(g["pool"]),
         negative_slope=g["slope"],
     )
     y, sw = cpu.kernels.conv_relu_pool(x=cpu.layout(x, g["layout"]), **args)
@@ -190,7 +191,7 @@ def test_cpu_conv_relu_pool_nan_in_window():
     x = torch.randn(2, 3, 10, 11, dtype=torch.float64)
     x[0, 1, 4, 5] = float("nan")
     wt = torch.randn(4, 3, 3, 3, dtype=torch.float64)
-    args = dict(x=x, weight=wt, scale=None, shift=None, stride=1, padding=1, pool=2, negative_slope=0.0)
+    args = dict(x=x, weight=wt, scale=None, shift=None, stride=1, padding=1, **plain_pool(2), negative_slope=0.0)
     y, sw = cpu.kernels.conv_relu_pool(**args)
     yr, swr = reference.conv_relu_pool(**args)
     torch.testing.assert_close(y, yr, equal_nan=True)
@@ -213,7 +214,7 @@ def test_cpu_pointwise_conv_path(dtype, use_scale, pool):
     wt = torch.randn(co, ci, 1, 1, generator=g, dtype=dtype)
     scale = torch.randn(co, generator=g, dtype=dtype) if use_scale else None
     shift = torch.randn(co, generator=g, dtype=dtype)
-    geo = dict(stride=1, padding=0, pool=pool)
+    geo = dict(stride=1, padding=0, **plain_pool(pool))
     fwd = dict(x=x, weight=wt, scale=scale, shift=shift, negative_slope=0.1, **geo)
     y, sw = cpu.kernels.conv_relu_pool(**fwd)
     y_ref, sw_ref = reference.conv_relu_pool(**fwd)
@@ -234,7 +235,7 @@ def test_cpu_non_square_and_even_kernels(kernel):
     gen = torch.Generator().manual_seed(kernel[0] * 10 + kernel[1])
     x = torch.randn(2, 9, 10, 11, generator=gen, dtype=torch.float64)
     wt = torch.randn(5, 9, *kernel, generator=gen, dtype=torch.float64)
-    geo = dict(stride=1, padding=1, pool=2)
+    geo = dict(stride=1, padding=1, **plain_pool(2))
     fwd = dict(x=x, weight=wt, scale=None, shift=None, negative_slope=0.1, **geo)
     y, sw = cpu.kernels.conv_relu_pool(**fwd)
     yr, swr = reference.conv_relu_pool(**fwd)
@@ -294,7 +295,7 @@ def test_triton_all_negative_windows_and_nan():
     shift = torch.full((4,), -50.0, device=trt.DEV)  # every window max < 0: y = 0, a bit off, argmax still recorded
     x[0, 1, 2, 3] = float("nan")  # NaN wins its windows, as in max_pool2d
     y, sw = trt.kernels.conv_relu_pool(
-        x=x, weight=w, scale=None, shift=shift, stride=1, padding=1, pool=2, negative_slope=0.0
+        x=x, weight=w, scale=None, shift=shift, stride=1, padding=1, **plain_pool(2), negative_slope=0.0
     )
     v = eager.pre_activation(trt.d(x), trt.d(w), None, trt.d(shift), 1, 1)
     y_ref, sw_ref = reference.pool_switches(v, 2, 0.0)
@@ -327,7 +328,7 @@ def test_cuda_nan_propagates_like_max_pool(dtype):
     with cuda.tf32(False), dk.backend("cuda"):
         y, sw = dk.conv_relu_pool(x, w, padding=1)
     y_ref, sw_ref = reference.conv_relu_pool(
-        x=x, weight=w, scale=None, shift=None, stride=1, padding=1, pool=2, negative_slope=0.0
+        x=x, weight=w, scale=None, shift=None, stride=1, padding=1, **plain_pool(2), negative_slope=0.0
     )
     assert torch.equal(torch.isnan(y), torch.isnan(y_ref)) and torch.isnan(y).any()
     nan = torch.isnan(y_ref)

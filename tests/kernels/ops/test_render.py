@@ -15,6 +15,7 @@ import cpu_cases as cpu
 import cuda_cases as cuda
 import op_cases as oc
 import triton_cases as trt
+from drmm_kernels.contract import plain_pool  # noqa: E402
 
 
 # --------------------------------------------------------------------------- public op vs eager, every backend
@@ -158,7 +159,7 @@ def test_cpu_render_matches_reference(g, use_scale):
     args = dict(
         stride=g["stride"],
         padding=g["pad"],
-        pool=g["pool"],
+        **plain_pool(g["pool"]),
         out_h=g["h"],
         out_w=g["w"],
         negative_slope=g["slope"],
@@ -178,7 +179,7 @@ def test_cpu_gather_conv_matches_reference(g):
     gen, x, wt, _, _ = cpu.make_inputs(g)
     hp, wp = g["hc"] // g["pool"], g["wc"] // g["pool"]
     sw = cpu.random_switches((g["n"], g["cout"], hp, wp), g["pool"], gen)
-    args = dict(weight=wt, switches=sw, stride=g["stride"], padding=g["pad"], pool=g["pool"])
+    args = dict(weight=wt, switches=sw, stride=g["stride"], padding=g["pad"], **plain_pool(g["pool"]))
     out = cpu.kernels.gather_conv(src=cpu.layout(x, g["layout"]), **args)
     torch.testing.assert_close(out, reference.gather_conv(src=x, **args), **cpu.TOL[g["dtype"]])
 
@@ -196,7 +197,7 @@ def test_cpu_render_wgrad_matches_reference(g, use_scale):
         scale=scale,
         stride=g["stride"],
         padding=g["pad"],
-        pool=g["pool"],
+        **plain_pool(g["pool"]),
         negative_slope=g["slope"],
         kernel_h=g["k"],
         kernel_w=g["k"],
@@ -223,7 +224,7 @@ def test_cpu_sparse_kernels_vector_paths(dtype, cin, k, pool, stride, pad):
     mu = torch.randn(n, cout, hc // pool, wc // pool, generator=gen, dtype=dtype)
     sw = cpu.random_switches(mu.shape, pool, gen)
     tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else cpu.TOL[dtype]
-    geo = dict(stride=stride, padding=pad, pool=pool)
+    geo = dict(stride=stride, padding=pad, **plain_pool(pool))
     for slope in (0.0, 0.1):
         render = dict(mu=mu, switches=sw, weight=wt, scale=scale, out_h=h, out_w=w, negative_slope=slope, **geo)
         torch.testing.assert_close(cpu.kernels.render(**render), reference.render(**render), **tol)
@@ -241,7 +242,7 @@ def test_cpu_render_of_forward_switches_is_input_gradient():
     wt = torch.randn(6, 5, 3, 3, generator=gen, dtype=torch.float64)
     scale = torch.randn(6, generator=gen, dtype=torch.float64)
     shift = torch.randn(6, generator=gen, dtype=torch.float64)
-    geo = dict(stride=1, padding=1, pool=2, negative_slope=0.1)
+    geo = dict(stride=1, padding=1, **plain_pool(2), negative_slope=0.1)
     y, sw = cpu.kernels.conv_relu_pool(x=x.detach(), weight=wt, scale=scale, shift=shift, **geo)
     gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
     yr, _ = reference.conv_relu_pool(x=x, weight=wt, scale=scale, shift=shift, **geo)
@@ -288,7 +289,7 @@ def test_triton_render_and_gradients(case: trt.Case):
         scale=sd,
         stride=case.stride,
         padding=case.pad,
-        pool=case.pool,
+        **plain_pool(case.pool),
         out_h=case.h,
         out_w=case.w,
         negative_slope=case.slope,
@@ -315,7 +316,7 @@ def test_triton_render_and_gradients(case: trt.Case):
 @pytest.mark.parametrize("case", [trt.CASES[1], trt.CASES[3], trt.CASES[5]], ids=str)
 def test_triton_gather_conv_and_wgrad_primitives(case: trt.Case):
     x, w, scale, shift = trt.inputs(case)
-    geo = dict(stride=case.stride, padding=case.pad, pool=case.pool)
+    geo = dict(stride=case.stride, padding=case.pad, **plain_pool(case.pool))
     y, sw = trt.kernels.conv_relu_pool(x=x, weight=w, scale=scale, shift=shift, negative_slope=case.slope, **geo)
     got = trt.kernels.gather_conv(src=x, weight=w, switches=sw, **geo)
     exp = reference.gather_conv(src=trt.d(x), weight=trt.d(w), switches=sw.cpu(), **geo)
@@ -336,7 +337,7 @@ def test_triton_render_and_wgrad_select_like_relu_backward(slope):
     # 0 would make NaN): render and render_wgrad must stay finite; with a leaky slope the inf passes on.
     case = trt.Case(1, 2, 3, 6, 6, 3, 1)
     x, w, _, _ = trt.inputs(case)
-    geo = dict(stride=1, padding=1, pool=2, negative_slope=slope)
+    geo = dict(stride=1, padding=1, **plain_pool(2), negative_slope=slope)
     y, sw = trt.kernels.conv_relu_pool(x=x, weight=w, scale=None, shift=None, **geo)
     mu = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(y)
     off = (sw & 0x80) == 0
@@ -371,7 +372,7 @@ def test_cuda_render_and_wgrad_select_like_relu_backward(dtype):
 
     case = cuda.Case(dtype=dtype, scale=False, shift=False)
     x, w, _, _ = cuda.inputs(case)
-    geo = dict(stride=1, padding=1, pool=2, negative_slope=0.0)
+    geo = dict(stride=1, padding=1, **plain_pool(2), negative_slope=0.0)
     with cuda.tf32(False):
         y, sw = cb.conv_relu_pool(x=x, weight=w, scale=None, shift=None, **geo)
         mu = torch.randn_like(y)

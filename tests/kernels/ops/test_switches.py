@@ -11,6 +11,7 @@ from drmm_kernels import contract, reference
 from drmm_kernels import testing as eager
 
 import cpu_cases as cpu
+from drmm_kernels.contract import plain_pool  # noqa: E402
 
 
 # --------------------------------------------------------------------------- public op
@@ -87,7 +88,7 @@ def test_cpu_unpool_matches_reference(dtype, pool, conv_hw):
     values = torch.randn(3, 5, hp, wp, dtype=dtype)
     offsets = torch.randint(0, pool * pool, (3, 5, hp, wp), dtype=torch.uint8)
     switches = offsets | ((torch.rand(3, 5, hp, wp) < 0.5).to(torch.uint8) << 7)  # the a bit does not matter
-    args = dict(switches=switches, pool=pool, out_h=conv_hw[0], out_w=conv_hw[1])
+    args = dict(switches=switches, **plain_pool(pool), out_h=conv_hw[0], out_w=conv_hw[1])
     got = cpu.kernels.unpool(values=values, **args)
     want = reference.unpool(values=values, **args)
     assert got.shape == (3, 5, *conv_hw) and got.is_contiguous()
@@ -101,11 +102,17 @@ def test_cpu_unpool_matches_reference(dtype, pool, conv_hw):
 def test_cpu_unpool_errors_name_the_problem():
     v = torch.randn(1, 2, 3, 3)
     with pytest.raises(RuntimeError, match="drmm_kernels.unpool: switches hold a window offset"):
-        cpu.kernels.unpool(values=v, switches=torch.full((1, 2, 3, 3), 4, dtype=torch.uint8), pool=2, out_h=6, out_w=6)
+        cpu.kernels.unpool(
+            values=v, switches=torch.full((1, 2, 3, 3), 4, dtype=torch.uint8), **plain_pool(2), out_h=6, out_w=6
+        )
     with pytest.raises(RuntimeError, match="drmm_kernels.unpool: output size"):
-        cpu.kernels.unpool(values=v, switches=torch.zeros(1, 2, 3, 3, dtype=torch.uint8), pool=2, out_h=8, out_w=6)
+        cpu.kernels.unpool(
+            values=v, switches=torch.zeros(1, 2, 3, 3, dtype=torch.uint8), **plain_pool(2), out_h=8, out_w=6
+        )
     with pytest.raises(RuntimeError, match="drmm_kernels.unpool: switches shape"):
-        cpu.kernels.unpool(values=v, switches=torch.zeros(1, 2, 3, 2, dtype=torch.uint8), pool=2, out_h=6, out_w=6)
+        cpu.kernels.unpool(
+            values=v, switches=torch.zeros(1, 2, 3, 2, dtype=torch.uint8), **plain_pool(2), out_h=6, out_w=6
+        )
 
 
 @pytest.mark.cpu_backend
