@@ -81,6 +81,7 @@ Rule = Tuple[str, str]
 class _State(threading.local):
     def __init__(self) -> None:
         self.modes: List[str] = []  # open contexts of this thread, innermost last
+        self.parameter_grads: List[bool] = []  # their parameter_grads flags, alike
         # One entry per module call in progress that the hooks act on: (module, fused block rule or ReLU slot).
         self.calls: List[tuple] = []
 
@@ -103,6 +104,12 @@ class attribution:  # noqa: N801 -- a context manager used like torch.no_grad
     ``"deconvnet"`` (Zeiler & Fergus's deconvnet); see the module docstring for the rules and their
     scope. Contexts nest (the innermost mode wins); on exit, gradients are plain again.
 
+    An attribution reads the input's gradient only, so by default the fused blocks whose forward runs inside the
+    context compute that alone: their weights', biases' and batch-norm parameters' ``.grad`` are left as they
+    were (as under Captum, which asks ``torch.autograd.grad`` for the input). ``parameter_grads=True`` has them
+    computed too, by the same rule (the gradient of the rewritten signal, as behind ReLU hooks). Modules that
+    are not fused blocks compute their parameter gradients as usual.
+
     >>> import torch, drmm_kernels as dk
     >>> with dk.attribution("guided"):
     ...     dk.attribution.current_mode()
@@ -112,12 +119,16 @@ class attribution:  # noqa: N801 -- a context manager used like torch.no_grad
     MODES = MODES
     current_mode = staticmethod(current_mode)
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, *, parameter_grads: bool = False) -> None:
         if not isinstance(mode, str) or mode not in MODES:
             raise ValueError(
                 f"drmm_kernels.attribution: mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}"
             )
-        self.mode = mode
+        if not isinstance(parameter_grads, bool):
+            raise TypeError(
+                f"drmm_kernels.attribution: parameter_grads must be a bool, got {type(parameter_grads).__name__}"
+            )
+        self.mode, self.parameter_grads = mode, parameter_grads
 
     def __enter__(self) -> "attribution":
         global _open
@@ -126,11 +137,13 @@ class attribution:  # noqa: N801 -- a context manager used like torch.no_grad
                 _install_hooks()
             _open += 1
         _tls.modes.append(self.mode)
+        _tls.parameter_grads.append(self.parameter_grads)
         return self
 
     def __exit__(self, *exc) -> None:
         global _open
         _tls.modes.pop()
+        _tls.parameter_grads.pop()
         if not _tls.modes:
             _tls.calls.clear()  # entries of calls that raised before their forward hook could run
         with _lock:
@@ -166,6 +179,13 @@ def block_rule(module: nn.Module, mode: Optional[str] = None) -> Optional[Rule]:
             f"drmm_kernels.attribution: {type(module).__name__}.order must be 'act-pool' or 'pool-act', got {order!r}"
         )
     return mode, order
+
+
+def input_only() -> bool:
+    """Whether a fused op called now (its forward) runs inside an :class:`attribution` context on this thread
+    without ``parameter_grads``. Its backward then computes the gradient of its input alone: an attribution reads
+    the input's gradient, and the weight and batch-norm gradients would cost as much again."""
+    return _open > 0 and bool(_tls.modes) and not _tls.parameter_grads[-1]
 
 
 def capture() -> Optional[Rule]:

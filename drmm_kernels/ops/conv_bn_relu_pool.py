@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import dispatch, reference
-from ..attribution import capture, rewrite
+from ..attribution import capture, input_only, rewrite
 from ..contract import Checker, conv_size, pooled_size, shape_str, window_of
 from ..schema import SCHEMAS
 from .conv_relu_pool import conv_backward, is_pointwise
@@ -94,6 +94,7 @@ def _bn_setup(ctx, a, output):
     ctx.save_for_backward(a["x"], a["weight"], a["bn_weight"], output[1], output[2], output[3], output[4])
     ctx.mark_non_differentiable(output[1], output[2], output[3], output[4])
     ctx.attribution = capture()  # a drmm_kernels.attribution rule for this call, None for the plain gradient
+    ctx.input_only = input_only()  # inside drmm_kernels.attribution: no parameter gradients
     # Only y's gradient is used; materializing the others would fill a zero z (full conv size) per backward.
     ctx.set_materialize_grads(False)
 
@@ -105,6 +106,8 @@ def _bn_backward(ctx, gy, _gsw, _gmean, _gvar, _gz):
     training, eps, stride, padding, slope = ctx.conf
     window = ctx.window
     need = ctx.needs_grad
+    if ctx.input_only:
+        need = {k: v and k == "x" for k, v in need.items()}
     need_x, need_w = need["x"], need["weight"]
     gy, switches = rewrite(gy.contiguous(), switches, ctx.attribution, ctx.window)
     acc = torch.promote_types(x.dtype, torch.float32)

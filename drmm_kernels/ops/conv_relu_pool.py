@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from ..attribution import capture, rewrite
+from ..attribution import capture, input_only, rewrite
 from ..contract import Checker, conv_size, pooled_size, window_of
 from ..schema import SCHEMAS
 from .render import gather_conv, switch_backward
@@ -91,6 +91,7 @@ def _crp_setup(ctx, a, output):
     ctx.save_for_backward(a["x"], a["weight"], a["scale"], output[1])
     ctx.mark_non_differentiable(output[1])
     ctx.attribution = capture()  # a drmm_kernels.attribution rule for this call, None for the plain gradient
+    ctx.input_only = input_only()  # inside drmm_kernels.attribution: no parameter gradients
     # The switches' gradient is ignored: autograd need not build a zero tensor for it on every backward.
     ctx.set_materialize_grads(False)
 
@@ -102,6 +103,8 @@ def _crp_backward(ctx, gy, _gsw):
     stride, padding, slope = ctx.conf
     window = ctx.window
     need = ctx.needs_grad
+    if ctx.input_only:
+        need = {k: v and k == "x" for k, v in need.items()}
     need_shift = need["shift"]
     gx = gw = gscale = gshift = None
     gy, switches = rewrite(gy.contiguous(), switches, ctx.attribution, ctx.window)

@@ -34,9 +34,9 @@ def _captum(model, x, mode, target):
     return CAPTUM[mode](model).attribute(x.clone().requires_grad_(), target=target, **kwargs)
 
 
-def _ours(model, x, mode, target):
+def _ours(model, x, mode, target, parameter_grads=False):
     x = x.clone().requires_grad_()
-    with dk.attribution(mode):
+    with dk.attribution(mode, parameter_grads=parameter_grads):
         model(x)[:, target].sum().backward()
     return x.grad
 
@@ -139,9 +139,24 @@ def test_parameter_gradients_follow_the_mode(vgg11, mode="deconvnet"):
     model, fused, x = vgg11
     model, fused = copy.deepcopy(model), copy.deepcopy(fused)
     for net in (model, fused):
-        with dk.attribution(mode):
+        with dk.attribution(mode, parameter_grads=True):
             net(x)[:, 3].sum().backward()
     _assert_same_parameter_grads(model, fused)
+
+
+def test_fused_blocks_compute_no_parameter_gradients_by_default(vgg11):
+    """An attribution reads the input's gradient: by default the fused blocks leave their parameters' .grad as it
+    was (the input's gradient is the same), which saves a weight-gradient pass per block."""
+    _, fused, x = vgg11
+    fused = copy.deepcopy(fused)
+    fused.zero_grad(set_to_none=True)
+    blocks = [m for m in fused.modules() if getattr(m, "attribution_block", False)]
+    assert blocks
+    a = _ours(fused, x, "guided", 3)
+    assert all(m.weight.grad is None and (m.bias is None or m.bias.grad is None) for m in blocks)
+    assert torch.equal(a, _ours(copy.deepcopy(fused), x, "guided", 3, parameter_grads=True))
+    with pytest.raises(TypeError, match="parameter_grads must be a bool"):
+        dk.attribution("guided", parameter_grads=1)
 
 
 class _BNNet(nn.Module):
@@ -181,7 +196,7 @@ def test_batch_norm_blocks_match_captum(mode, training):
     _assert_close(_ours(fused, x, mode, 1), _captum(model, x, mode, 1), f"{mode}, training={training}")
     # conv weights and biases, BN gammas and betas: the unfused model's (through the ReLU hooks)
     model.zero_grad(), fused.zero_grad()
-    _ours(model, x, mode, 1), _ours(fused, x, mode, 1)
+    _ours(model, x, mode, 1, True), _ours(fused, x, mode, 1, True)
     _assert_same_parameter_grads(model, fused)
 
 
