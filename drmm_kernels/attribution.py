@@ -28,8 +28,10 @@ Where the mode is applied:
 
 - fused blocks: the ops' backward (``conv_relu_pool``, ``conv_bn_relu_pool``) rewrites the pooled signal
   and the switches (:func:`rewrite`) before the unchanged kernels run, so every backend (reference, cpu,
-  triton, cuda) gets the modes without kernel code of its own; gradients of the weights, bias and BN
-  parameters follow from the same rewritten signal, as they do behind Captum's hooks;
+  triton, cuda) gets the modes without kernel code of its own; they compute the input's gradient only,
+  unless the context has ``parameter_grads=True``, where the gradients of the weights, bias and BN parameters
+  follow from the same rewritten signal, as they do behind Captum's hooks; a block whose ReLU precedes an
+  overlapping pool runs unfused under "guided" / "deconvnet" (the rule acts on the windows' sum);
 - unfused ``nn.ReLU`` modules: module hooks, installed process-wide while a context is open (and removed
   when the last one closes), insert the same rule around each call, as Captum's hooks do per model. (Where
   a ReLU's input also feeds other layers, Captum rewrites that tensor's whole gradient; these hooks rewrite

@@ -23,15 +23,17 @@ namespace cpu {
 // non-overlapping windows), and hp / wp max_pool2d's output size.
 struct Geometry : ConvGeometry<int64_t> {
   int64_t ps, pp;
+  bool all_inside;  // every window lies inside the conv output (non-overlapping pools: always)
 };
 
 // The checked geometry of a layer whose pooled tensors (mu, switches) must have shape [n, c_out, hp, wp].
 inline Geometry make_geometry(const char* op, int64_t n, int64_t c_out, int64_t c_in, int64_t kh, int64_t kw, int64_t h,
                               int64_t w, int64_t stride, int64_t padding, const PoolWindow& pw, const at::Tensor& mu) {
-  Geometry g{checked_geometry(op, n, c_in, h, w, c_out, kh, kw, stride, padding, 1), pw.s, pw.p};
+  Geometry g{checked_geometry(op, n, c_in, h, w, c_out, kh, kw, stride, padding, 1), pw.s, pw.p, false};
   g.pool = pw.k;
   g.hp = pooled_len(g.hc, pw);
   g.wp = pooled_len(g.wc, pw);
+  g.all_inside = pw.p == 0 && (g.hp - 1) * pw.s + pw.k <= g.hc && (g.wp - 1) * pw.s + pw.k <= g.wc;
   DRMM_CHECK(g.hp >= 1 && g.wp >= 1, op, "pool ", pw.k, " (stride ", pw.s, ", padding ", pw.p,
              ") is larger than the conv output (", g.hc, ", ", g.wc, ")");
   DRMM_CHECK(mu.size(0) == n && mu.size(1) == c_out && mu.size(2) == g.hp && mu.size(3) == g.wp, op,
@@ -47,6 +49,15 @@ inline bool switch_position(const Geometry& g, int64_t py, int64_t px, int o, in
   *row = py * g.ps - g.pp + o / g.pool;
   *col = px * g.ps - g.pp + o % g.pool;
   return *row >= 0 && *row < g.hc && *col >= 0 && *col < g.wc;
+}
+
+// Whether window (py, px)'s offset o is a position inside the conv output (switch_position without computing it:
+// the render's per-channel bucketing asks this for every entry, and its windows are usually all inside).
+inline bool valid_offset(const Geometry& g, int64_t py, int64_t px, int o) {
+  if (o >= g.pool * g.pool) return false;
+  if (g.all_inside) return true;
+  int64_t row, col;
+  return switch_position(g, py, px, o, &row, &col);
 }
 
 inline void check_scale(const char* op, const std::optional<at::Tensor>& scale, int64_t c_out, const at::Tensor& ref) {
