@@ -128,14 +128,27 @@ def unpool(
     """Each pooled value added at its recorded offset of a zero (out_h, out_w) map: where overlapping windows share
     a maximum, the position receives the sum, as in max_pool2d's gradient (max_unpool2d would keep one)."""
     n, c = values.shape[:2]
-    idx = switches_to_indices(switches, pool, (out_h, out_w), pool_stride, pool_padding).reshape(n, c, -1)
-    flat = values.new_zeros(n, c, out_h * out_w)
-    if pool_stride == pool:
-        flat.scatter_(2, idx, values.reshape(n, c, -1))  # disjoint windows: every position gets at most one value
-    else:
-        # CPU: each (n, c) row is reduced in index order, so the sum is the same run to run
-        flat.scatter_add_(2, idx, values.reshape(n, c, -1))
-    return flat.view(n, c, out_h, out_w)
+    if pool_stride == pool:  # disjoint windows: every position gets at most one value
+        idx = switches_to_indices(switches, pool, (out_h, out_w), pool_stride, pool_padding).reshape(n, c, -1)
+        flat = values.new_zeros(n, c, out_h * out_w)
+        flat.scatter_(2, idx, values.reshape(n, c, -1))
+        return flat.view(n, c, out_h, out_w)
+    # Overlapping windows: one pass per window offset o. Within a pass every window adds (its value where its switch
+    # holds o, else 0) at its own position (row, col) + o, and those positions are distinct, so no two additions meet
+    # (an atomic scatter on a GPU would add shared maxima in a varying order); the passes run in a fixed order, so
+    # the sums are bitwise the same run to run on every device. Positions in the padding go to a spare slot.
+    hp, wp = switches.shape[-2:]
+    rows, cols = window_origins(hp, wp, pool_stride, pool_padding, switches.device)
+    off = (switches & OFFSET_MASK).reshape(n, c, -1)
+    vals = values.reshape(n, c, -1)
+    spare = out_h * out_w
+    flat = values.new_zeros(n, c, spare + 1)
+    zero = vals.new_zeros(())
+    for o in range(pool * pool):
+        h, w = rows + o // pool, cols + o % pool
+        idx = torch.where((h >= 0) & (h < out_h) & (w >= 0) & (w < out_w), h * out_w + w, spare).reshape(1, 1, -1)
+        flat.scatter_add_(2, idx.expand(n, c, -1), torch.where(off == o, vals, zero))
+    return flat[..., :spare].reshape(n, c, out_h, out_w)
 
 
 def masked_values(*, mu: Tensor, switches: Tensor, scale: Optional[Tensor], negative_slope: float) -> Tensor:
