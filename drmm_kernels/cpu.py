@@ -86,6 +86,17 @@ def render(
     out_w: int,
     negative_slope: float,
 ) -> Tensor:
+    if pool > 1 and mu.shape[0] == 1:
+        # One sample: the switch-sparse kernel splits the batch across threads, so it would run on one; ATen's dense
+        # transposed convolution of the unpooled map uses them all (2x faster on VGG's layers at 224 px, 2 threads).
+        window = dict(pool=pool, pool_stride=pool_stride, pool_padding=pool_padding, ceil_mode=ceil_mode)
+        hc, wc = ((int(o) + 2 * padding - k) // stride + 1 for o, k in zip((out_h, out_w), weight.shape[-2:]))
+        masked = masked_values(mu=mu, switches=switches, scale=scale, negative_slope=negative_slope)
+        try:
+            g = unpool(values=masked, switches=switches, out_h=hc, out_w=wc, **window)
+        except RuntimeError as e:  # bad switches: name the op the caller called
+            raise RuntimeError(str(e).replace("drmm_kernels.unpool:", "drmm_kernels.render:", 1)) from None
+        return reference.transposed_conv(g, weight, stride, padding, (int(out_h), int(out_w)))
     return torch.ops.drmm_C.render(
         mu,
         switches,
