@@ -70,6 +70,7 @@ import torch
 from torch import Tensor, nn
 
 from .contract import ON_BIT
+from .reference import window_origins
 
 __all__ = ["attribution", "current_mode", "MODES", "capture", "rewrite", "block_rule"]
 
@@ -315,7 +316,5 @@ def _remove_hooks() -> None:
 def first_offsets(hp: int, wp: int, window: dict, device) -> Tensor:
     """The offset of each window's first element inside the map (uint8, ``(hp, wp)``): 0 but for the border
     windows of a padded pool, whose first rows / columns lie in the padding."""
-    k, s, p = window["pool"], window["pool_stride"], window["pool_padding"]
-    rows = (torch.arange(hp, device=device) * s - p).clamp_max(0).neg()  # padded rows skipped
-    cols = (torch.arange(wp, device=device) * s - p).clamp_max(0).neg()
-    return (rows.view(hp, 1) * k + cols.view(1, wp)).to(torch.uint8)
+    rows, cols = window_origins(hp, wp, window["pool_stride"], window["pool_padding"], device)
+    return (rows.clamp_max(0).neg() * window["pool"] + cols.clamp_max(0).neg()).to(torch.uint8)  # padding skipped

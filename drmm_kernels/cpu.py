@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the drmm_C ops; drmm_kernels/dispatch.py reports a missing build)
 from . import reference
+from .contract import conv_size
 from .dispatch import native_or_reference
 
 _DTYPES = (torch.float32, torch.float64)
@@ -90,7 +91,7 @@ def render(
         # One sample: the switch-sparse kernel splits the batch across threads, so it would run on one; ATen's dense
         # transposed convolution of the unpooled map uses them all (2x faster on VGG's layers at 224 px, 2 threads).
         window = dict(pool=pool, pool_stride=pool_stride, pool_padding=pool_padding, ceil_mode=ceil_mode)
-        hc, wc = ((int(o) + 2 * padding - k) // stride + 1 for o, k in zip((out_h, out_w), weight.shape[-2:]))
+        hc, wc = conv_size((int(out_h), int(out_w)), weight.shape[-2:], stride, padding)
         masked = masked_values(mu=mu, switches=switches, scale=scale, negative_slope=negative_slope)
         try:
             g = unpool(values=masked, switches=switches, out_h=hc, out_w=wc, **window)

@@ -248,11 +248,6 @@ def implementation(device: torch.device, op: str):
     return primitive(resolve(device), op)
 
 
-def call(op: str, device: torch.device, arguments: dict):
-    """Run primitive ``op`` on ``arguments`` (a dict by name) with the backend selected for ``device``."""
-    return primitive(resolve(device), op)(**arguments)
-
-
 # --------------------------------------------------------------------------- custom ops with an eager fast path
 
 

@@ -241,12 +241,8 @@ def render_wgrad(
     chw = conv_size(src.shape[-2:], (kernel_h, kernel_w), stride, padding)
     window = dict(pool=pool, pool_stride=pool_stride, pool_padding=pool_padding, ceil_mode=ceil_mode)
     g = _unpooled_gradient(mu, switches, scale, negative_slope, window, chw)
-    return conv_weight_grad(src, g, stride, padding, (kernel_h, kernel_w))
-
-
-def conv_weight_grad(src: Tensor, g: Tensor, stride: int, padding: int, kernel_hw: Tuple[int, int]) -> Tensor:
-    """The weight gradient of ``conv2d(src, W)`` for the conv-output-size gradient ``g``."""
-    return torch.nn.grad.conv2d_weight(src, (g.shape[1], src.shape[1], *kernel_hw), g, stride, padding)
+    w_shape = (mu.shape[1], src.shape[1], kernel_h, kernel_w)
+    return torch.nn.grad.conv2d_weight(src, w_shape, g, stride, padding)
 
 
 def batch_stats(*, z: Tensor) -> Tuple[Tensor, Tensor]:

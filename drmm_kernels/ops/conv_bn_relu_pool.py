@@ -74,7 +74,7 @@ def _conv_bn_relu_pool_fake(a):
     shape = (
         x.shape[0],
         weight.shape[0],
-        *pooled_size(chw, a["pool"], a["pool_stride"], a["pool_padding"], a["ceil_mode"]),
+        *pooled_size(chw, **window_of(a)),
     )
     c = weight.shape[0]
     z_shape = (x.shape[0], c, *chw) if a["training"] else (0,)

@@ -73,13 +73,13 @@ def conv_backward(gz, x, weight, *, stride, padding, need_x, need_w, need_b, poi
 
 
 def _conv_relu_pool_impl(a) -> Tuple[Tensor, Tensor]:
-    return dispatch.call("conv_relu_pool", a["x"].device, a)
+    return dispatch.implementation(a["x"].device, "conv_relu_pool")(**a)
 
 
 def _conv_relu_pool_fake(a):
     x, weight = a["x"], a["weight"]
     chw = conv_size(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), a["stride"], a["padding"])
-    hp, wp = pooled_size(chw, a["pool"], a["pool_stride"], a["pool_padding"], a["ceil_mode"])
+    hp, wp = pooled_size(chw, **window_of(a))
     shape = (x.shape[0], weight.shape[0], hp, wp)
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8)
 

@@ -24,7 +24,7 @@ from .switches import all_on, channel_sum, masked_values
 
 
 def _render_impl(a) -> Tensor:
-    return dispatch.call("render", a["mu"].device, a)
+    return dispatch.implementation(a["mu"].device, "render")(**a)
 
 
 def _render_fake(a):
@@ -72,7 +72,7 @@ render_op = dispatch.CustomOp(SCHEMAS["render"], _render_impl, _render_fake, _re
 
 
 def _gather_conv_impl(a) -> Tensor:
-    return dispatch.call("gather_conv", a["src"].device, a)
+    return dispatch.implementation(a["src"].device, "gather_conv")(**a)
 
 
 def _gather_conv_fake(a):
@@ -148,7 +148,7 @@ def mu_scale_grads(src, weight, mu, switches, scale, stride, padding, window, sl
 
 
 def _render_wgrad_impl(a) -> Tensor:
-    return dispatch.call("render_wgrad", a["src"].device, a)
+    return dispatch.implementation(a["src"].device, "render_wgrad")(**a)
 
 
 def _render_wgrad_fake(a):

@@ -26,7 +26,7 @@ def all_on(switches: Tensor) -> Tensor:
 
 
 def _masked_values_impl(a) -> Tensor:
-    return dispatch.call("masked_values", a["mu"].device, a)
+    return dispatch.implementation(a["mu"].device, "masked_values")(**a)
 
 
 def _masked_values_fake(a):
@@ -59,7 +59,7 @@ masked_values = dispatch.CustomOp(
 
 
 def _unpool_impl(a) -> Tensor:
-    return dispatch.call("unpool", a["values"].device, a)
+    return dispatch.implementation(a["values"].device, "unpool")(**a)
 
 
 def _unpool_fake(a):
