@@ -282,7 +282,7 @@ def test_smoke_schedule_spans_its_steps_and_full_keeps_the_protocol():
     headline = E.row_config(E.ROWS["drmm5-nn-kl"], "100", 0, "smoke")
     assert E.epochs_run(headline, 300) == pytest.approx(300 / 309)  # (10000 - 100) // 32 steps per epoch
     plain = E.row_config(E.ROWS["drmm5"], "100", 0, "smoke")
-    assert plain.kl_weight == plain.nn_weight == 0 and plain.rc_weight > 0
+    assert plain.nn_weight == 0 and plain.rc_weight > 0 and plain.kl_weight == 0.5 and plain.kl_marginal_weight == 1.0
     full = E.row_config(E.ROWS["drmm5-nn-kl"], "100", 2, "full")
     assert (full.epochs, full.batch_size, full.lr_init, full.lr_final, full.max_steps) == (500, 200, 1e-3, 1e-6, 0)
     assert full.seed == full.labeled_seed == 2 and full.kl_weight == full.nn_weight == 0.5
@@ -385,15 +385,15 @@ def test_study_trial_logs_its_validation_curve_and_never_looks_at_the_test_set(t
 
 
 def test_curves_name_the_schedule_and_dash_earlier_ones_when_a_row_has_several():
-    current = _fake_record("drmm2", "600", 0, "3.64", schedule="mnist-drmm2-ssl-b09-cpu")
-    earlier = _fake_record("drmm2", "600", 0, "5.20", schedule="mnist-drmm2-ssl-cpu")
-    one = {"mnist-drmm2-ssl-b09-cpu"}
-    both = one | {"mnist-drmm2-ssl-cpu"}
+    current = _fake_record("drmm2", "600", 0, "3.64", schedule="mnist-drmm2-ssl-b09-kl-cpu")
+    earlier = _fake_record("drmm2", "600", 0, "5.20", schedule="mnist-drmm2-ssl-b09-cpu")
+    one = {"mnist-drmm2-ssl-b09-kl-cpu"}
+    both = one | {"mnist-drmm2-ssl-b09-cpu"}
     assert E.curve_style(current, "val", one) == ("N_L=600 s0 (val; test 3.64)", "-")
     label, style = E.curve_style(current, "val", both)
-    assert label.endswith("mnist-drmm2-ssl-b09-cpu") and style == "-"
+    assert label.endswith("mnist-drmm2-ssl-b09-kl-cpu") and style == "-"
     label, style = E.curve_style(earlier, "val", both)
-    assert label.endswith("mnist-drmm2-ssl-cpu") and style == "--"
+    assert label.endswith("mnist-drmm2-ssl-b09-cpu") and style == "--"
 
 
 def test_curves_take_their_colour_from_n_l_and_their_marker_from_the_seed():
@@ -420,20 +420,21 @@ def test_every_row_names_its_objective():
         ).objective_label()
         for name, row in E.ROWS.items()
     }
-    assert labels["drmm5"] == labels["drmm2"] == labels["rfm"] == "CE+RC"
+    assert labels["drmm5"] == labels["drmm2"] == "CE+RC+KLent+KLmarg"  # the paper's KL, in the reading validation chose
+    assert labels["rfm"] == "CE+RC"
     assert labels["drmm5-nn-kl"] == "CE+RC+NN+KLent+KLmarg"
     assert labels["drmm5-unsup-pretr"] == "RC+NN+KLent>CE+RC+NN+KLent"
     assert labels["drmm5-convnet"] == labels["rfm-convnet"] == "CE"
     for name, row in E.ROWS.items():  # the description says the same
         assert labels[name] in row.description, name
-    cfg = E.row_config(E.ROWS["drmm5"], "100", 0, "smoke", extra=["kl_weight=0.1", "kl_sign=1"])
+    cfg = E.row_config(E.ROWS["drmm5"], "100", 0, "smoke", extra=["kl_weight=0.1", "kl_sign=1", "kl_marginal_weight=0"])
     assert cfg.objective_label() == "CE+RC+KLprior"
     cfg = E.row_config(
         E.ROWS["drmm5"],
         "100",
         0,
         "smoke",
-        extra=["kl_marginal_weight=1", "nonneg_term=moment_matching", "nn_weight=0.5"],
+        extra=["kl_weight=0", "nonneg_term=moment_matching", "nn_weight=0.5"],
     )
     assert cfg.objective_label() == "CE+RC+MM+KLmarg"
 
@@ -477,7 +478,7 @@ def test_a_csv_of_the_old_layout_is_upgraded_and_a_run_under_an_old_hash_is_reco
     E.append_csv(tmp_path / "table1.csv", _fake_record("rfm", "600", 0, "5.00", run_dir="runs/new"))
     old, new = E.read_csv(tmp_path / "table1.csv")
     assert list(old) == E.CSV_FIELDS and new["row"] == "rfm"
-    assert (old["best_val_error"], old["final_val_error"], old["objective"]) == ("8.00", "8.25", "CE+RC")
+    assert (old["best_val_error"], old["final_val_error"], old["objective"]) == ("8.00", "8.25", "CE+RC+KLent+KLmarg")
     # the folder name does not match today's hash, but its saved config trains the same thing: not trained again
     records = E.read_csv(tmp_path / "table1.csv")
     assert E.recorded_run(records, tmp_path, "runs/other-name", "drmm2", "100", 0, cfg)["run_dir"] == "runs/old-run"
