@@ -420,8 +420,8 @@ def test_every_row_names_its_objective():
         ).objective_label()
         for name, row in E.ROWS.items()
     }
-    assert labels["drmm5"] == labels["drmm2"] == "CE+RC+KLent+KLmarg"  # the paper's KL, in the reading validation chose
-    assert labels["rfm"] == "CE+RC"
+    # the paper's KL, in the reading validation chose
+    assert labels["drmm5"] == labels["drmm2"] == labels["rfm"] == "CE+RC+KLent+KLmarg"
     assert labels["drmm5-nn-kl"] == "CE+RC+NN+KLent+KLmarg"
     assert labels["drmm5-unsup-pretr"] == "RC+NN+KLent>CE+RC+NN+KLent"
     assert labels["drmm5-convnet"] == labels["rfm-convnet"] == "CE"
