@@ -66,11 +66,6 @@ def window_of(arguments: dict) -> dict:
     return {k: arguments[k] for k in WINDOW}
 
 
-def is_plain_pool(pool: int, pool_stride: int, pool_padding: int, ceil_mode: bool) -> bool:
-    """Whether a pool is the non-overlapping kind the compiled kernels take (stride = size, no padding, floor)."""
-    return pool_stride == pool and pool_padding == 0 and not ceil_mode
-
-
 # --------------------------------------------------------------------------- checks
 
 

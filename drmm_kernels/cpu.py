@@ -27,7 +27,7 @@ def supports(device: torch.device) -> bool:
 # The C++ kernels cover float32/float64 and every max_pool2d window (the switch-sparse render, gather and weight
 # gradient place each window's value at its recorded position, so overlapping windows add up); the reference
 # computes any other dtype.
-_native = native_or_reference(lambda t: t.dtype in _DTYPES, any_window=True)
+_native = native_or_reference(lambda t: t.dtype in _DTYPES)
 
 
 # The drmm_C ops are called positionally, their arguments in schema order

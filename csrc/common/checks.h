@@ -43,16 +43,6 @@ inline void check_pool(const char* op, int64_t pool) {
   DRMM_CHECK(pool >= 1 && pool <= 4, op, "pool must be in [1, 4], got ", pool);
 }
 
-// The compiled kernels pool in non-overlapping windows (stride = kernel size, no padding, floor mode); the public
-// ops send any other max-pool to the reference backend (drmm_kernels/dispatch.py), so this guards direct calls.
-inline void check_plain_pool(const char* op, int64_t pool, int64_t pool_stride, int64_t pool_padding, bool ceil_mode) {
-  DRMM_CHECK(pool_stride == pool && pool_padding == 0 && !ceil_mode, op,
-             "the compiled kernels pool in non-overlapping windows only (pool_stride == pool, pool_padding 0, "
-             "ceil_mode false), got pool ",
-             pool, ", pool_stride ", pool_stride, ", pool_padding ", pool_padding, ", ceil_mode ", ceil_mode,
-             "; the public ops run such pools on the reference backend");
-}
-
 // A max_pool2d window as the ops take it (docs/ops.md#pooling).
 inline PoolWindow checked_window(const char* op, int64_t pool, int64_t pool_stride, int64_t pool_padding,
                                  bool ceil_mode) {

@@ -51,4 +51,11 @@ constexpr int64_t pooled_len(int64_t in, const PoolWindow& w) {
   return out;
 }
 
+// The conv-output rows [0, pooled_cover) that `np` windows of size k every s from -p reach, within a map of n rows:
+// the positions a render or weight gradient can route anything to (np * k for non-overlapping windows).
+template <typename I>
+constexpr I pooled_cover(I np, I k, I s, I p, I n) {
+  return (np - 1) * s - p + k < n ? (np - 1) * s - p + k : n;
+}
+
 }  // namespace drmm

@@ -146,6 +146,34 @@ __device__ __forceinline__ A masked_value(A mu, uint8_t sw, int offset, A slope,
   return activation_grad(mu, sw, slope) * scale_c;
 }
 
+// The unpooled gradient at conv-output position (oh, ow) of one channel: the sum, over the max_pool2d windows that
+// cover it, of mu * a'(switch) for each window whose recorded offset is this position (the scale is the caller's).
+// Window (ph, pw) starts at (ph * g.ps - g.pp, pw * g.ps - g.pp); at most ceil(pool / ps)^2 cover a position, and
+// they are visited in a fixed order, so the sum is the same bit for bit run to run. Non-overlapping windows: one.
+// mu_c / sw_c point at the channel's plane, strides in elements.
+template <typename A, typename T, typename G>
+__device__ __forceinline__ A unpooled_at(const T* mu_c, int msh, int msw, const uint8_t* sw_c, int ssh, int ssw, int oh,
+                                         int ow, const G& g, A slope) {
+  A acc = A(0);
+  const int ph_last = (oh + g.pp) / g.ps, pw_last = (ow + g.pp) / g.ps;
+#pragma unroll 1
+  for (int ph = ph_last; ph >= 0; --ph) {
+    const int dy = oh + g.pp - ph * g.ps;
+    if (dy >= g.pool) break;  // earlier windows end before oh
+    if (ph >= g.hp) continue;
+#pragma unroll 1
+    for (int pw = pw_last; pw >= 0; --pw) {
+      const int dx = ow + g.pp - pw * g.ps;
+      if (dx >= g.pool) break;
+      if (pw >= g.wp) continue;
+      const uint8_t s = sw_c[ph * ssh + pw * ssw];
+      if ((s & kOffsetMask) == dy * g.pool + dx)
+        acc += activation_grad(load_as<T, A>(mu_c + ph * msh + pw * msw), s, slope);
+    }
+  }
+  return acc;
+}
+
 __host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 __host__ __device__ __forceinline__ int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -6,8 +6,11 @@
 // t = dy * pool + dx the whole K loop runs into fresh accumulators for the conv outputs at
 // (ph * pool + dy, pw * pool + dx); the epilogue applies scale/shift to each candidate *before* the
 // running max (so a negative scale is right without tracking minima) and keeps max + argmax in
-// registers. Non-overlapping windows mean no conv output is computed twice, and the pre-pool map
-// never touches memory: only y and one switch byte per pooled element are written.
+// registers. The pre-pool map never touches memory: only y and one switch byte per pooled element are
+// written. Any max_pool2d window: window (ph, pw) starts at conv row ph * ps - pp; its offsets outside the
+// conv output (pool padding, a ceil-mode overhang) never win, and the argmax starts at its first real
+// position, as PyTorch's does. Non-overlapping windows compute no conv output twice; overlapping ones
+// compute a shared output once per window that covers it ((pool / ps)^2 the work).
 // K is not required to be a multiple of the tile depth: the loaders zero-fill k >= K (C_in = 1, 5 x 5
 // gives K = 25, one zero-padded 32-deep tile).
 #include <cuda_bf16.h>
@@ -90,6 +93,9 @@ __global__ void __launch_bounds__(kThreads, 3) crp_tc_kernel(const FwdArgs<T> p)
   // registers for operands and accumulators (no spills). Only the owning thread touches an entry.
   __shared__ float s_best[kBN * kBM];  // (n, m) at n * kBM + m
   __shared__ uint8_t s_arg[kBN * kBM];
+  // the window's first position inside the conv output: the argmax of an all -inf window
+  const int oh_first = ph * g.ps - g.pp, ow_first = pw * g.ps - g.pp;
+  const uint8_t first = static_cast<uint8_t>((oh_first < 0 ? -oh_first : 0) * g.pool + (ow_first < 0 ? -ow_first : 0));
 #pragma unroll 4
   for (int j = 0; j < kEPerThread; ++j) {
     const int e = (ne + 2 * j) * kBM + ml;
@@ -98,7 +104,7 @@ __global__ void __launch_bounds__(kThreads, 3) crp_tc_kernel(const FwdArgs<T> p)
     if (kGather && m_ok && co < g.c_out)
       off = p.sw_in[img * p.sws.n + co * p.sws.c + ph * p.sws.h + pw * p.sws.w] & kOffsetMask;
     s_best[e] = kGather ? 0.0f : -INFINITY;
-    s_arg[e] = kGather ? off : 0;
+    s_arg[e] = kGather ? off : first;
   }
 
   const int ktiles = ceil_div(K, kBK);
@@ -107,8 +113,11 @@ __global__ void __launch_bounds__(kThreads, 3) crp_tc_kernel(const FwdArgs<T> p)
 
   for (int t = 0; t < npool; ++t) {
     const int dy = t / g.pool, dx = t - dy * g.pool;
-    const int ih0 = (ph * g.pool + dy) * g.stride - g.padding;
-    const int iw0 = (pw * g.pool + dx) * g.stride - g.padding;
+    const int oh = oh_first + dy, ow = ow_first + dx;
+    const bool inside = static_cast<unsigned>(oh) < static_cast<unsigned>(g.hc) &&
+                        static_cast<unsigned>(ow) < static_cast<unsigned>(g.wc);
+    const int ih0 = oh * g.stride - g.padding;
+    const int iw0 = ow * g.stride - g.padding;
 
     T ra[kAPerThread], rb[kBPerThread];
     // Global -> registers for k tile kt (prefetched one tile ahead of the MMAs).
@@ -169,7 +178,7 @@ __global__ void __launch_bounds__(kThreads, 3) crp_tc_kernel(const FwdArgs<T> p)
       const float c = sc[nl * Ld::kC + ml];
       if (kGather) {
         if (s_arg[e] == t) s_best[e] = c;
-      } else if (co < g.c_out) {
+      } else if (co < g.c_out && inside) {
         const float v = affine(c, p.scale, p.shift, co);
         if (takes_max(v, s_best[e])) {
           s_best[e] = v;
@@ -217,10 +226,11 @@ __global__ void __launch_bounds__(256)
   const T* xb = x + img * xs.n;
   const T* wb = w + static_cast<int64_t>(co) * g.c_in * khw;
 
+  const int oh_first = ph * g.ps - g.pp, ow_first = pw * g.ps - g.pp;
   auto conv_at = [&](int t) {
     const int dy = t / g.pool, dx = t - dy * g.pool;
-    const int ih0 = (ph * g.pool + dy) * g.stride - g.padding;
-    const int iw0 = (pw * g.pool + dx) * g.stride - g.padding;
+    const int ih0 = (oh_first + dy) * g.stride - g.padding;
+    const int iw0 = (ow_first + dx) * g.stride - g.padding;
     A acc = A(0);
     for (int ci = 0; ci < g.c_in; ++ci) {
       for (int kh = 0; kh < g.kh; ++kh) {
@@ -243,8 +253,12 @@ __global__ void __launch_bounds__(256)
     return;
   }
   A best = -INFINITY;
-  int arg = 0;
+  int arg = (oh_first < 0 ? -oh_first : 0) * g.pool + (ow_first < 0 ? -ow_first : 0);
   for (int t = 0; t < g.pool * g.pool; ++t) {
+    const int oh = oh_first + t / g.pool, ow = ow_first + t % g.pool;
+    if (static_cast<unsigned>(oh) >= static_cast<unsigned>(g.hc) ||
+        static_cast<unsigned>(ow) >= static_cast<unsigned>(g.wc))
+      continue;  // pool padding or a ceil-mode overhang: never the maximum
     const A v = affine(conv_at(t), scale, shift, co);
     if (takes_max(v, best)) {
       best = v;
@@ -258,8 +272,9 @@ __global__ void __launch_bounds__(256)
 // bn_pool: the same epilogue on a precomputed (strided) conv output z; one thread per pooled element.
 template <typename T, typename A>
 __global__ void __launch_bounds__(256)
-    bn_pool_kernel(const T* __restrict__ z, Strides4 zs, int c, int hp, int wp, int pool, const A* __restrict__ scale,
-                   const A* __restrict__ shift, A slope, T* __restrict__ y, uint8_t* __restrict__ sw, int64_t total) {
+    bn_pool_kernel(const T* __restrict__ z, Strides4 zs, int c, int hc, int wc, int hp, int wp, int pool, int ps,
+                   int pp, const A* __restrict__ scale, const A* __restrict__ shift, A slope, T* __restrict__ y,
+                   uint8_t* __restrict__ sw, int64_t total) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= total) return;
   const int pw = static_cast<int>(idx % wp);
@@ -269,11 +284,16 @@ __global__ void __launch_bounds__(256)
   const int ch = static_cast<int>(q % c);
   const int img = static_cast<int>(q / c);
   const T* zb = z + img * zs.n + ch * zs.c;
+  const int oh0 = ph * ps - pp, ow0 = pw * ps - pp;
   A best = -INFINITY;
-  int arg = 0;
+  int arg = (oh0 < 0 ? -oh0 : 0) * pool + (ow0 < 0 ? -ow0 : 0);  // the first position inside z
   for (int dy = 0; dy < pool; ++dy) {
+    const int oh = oh0 + dy;
+    if (static_cast<unsigned>(oh) >= static_cast<unsigned>(hc)) continue;
     for (int dx = 0; dx < pool; ++dx) {
-      const A v = affine(load_as<T, A>(zb + (ph * pool + dy) * zs.h + (pw * pool + dx) * zs.w), scale, shift, ch);
+      const int ow = ow0 + dx;
+      if (static_cast<unsigned>(ow) >= static_cast<unsigned>(wc)) continue;
+      const A v = affine(load_as<T, A>(zb + oh * zs.h + ow * zs.w), scale, shift, ch);
       if (takes_max(v, best)) {
         best = v;
         arg = dy * pool + dx;
@@ -340,12 +360,13 @@ cudaError_t dispatch_fwd(DType dt, const void* x, Strides4 xs, const void* w, co
 }
 
 template <typename T, typename A>
-cudaError_t launch_bn_pool(const void* z, Strides4 zs, int n, int c, int hp, int wp, int pool, const void* scale,
-                           const void* shift, double slope, void* y, uint8_t* sw, cudaStream_t stream) {
+cudaError_t launch_bn_pool(const void* z, Strides4 zs, int n, int c, int hc, int wc, int hp, int wp, int pool, int ps,
+                           int pp, const void* scale, const void* shift, double slope, void* y, uint8_t* sw,
+                           cudaStream_t stream) {
   const int64_t total = static_cast<int64_t>(n) * c * hp * wp;
   bn_pool_kernel<T, A><<<static_cast<unsigned>(ceil_div64(total, 256)), 256, 0, stream>>>(
-      static_cast<const T*>(z), zs, c, hp, wp, pool, static_cast<const A*>(scale), static_cast<const A*>(shift),
-      static_cast<A>(slope), static_cast<T*>(y), sw, total);
+      static_cast<const T*>(z), zs, c, hc, wc, hp, wp, pool, ps, pp, static_cast<const A*>(scale),
+      static_cast<const A*>(shift), static_cast<A>(slope), static_cast<T*>(y), sw, total);
   return cudaGetLastError();
 }
 
@@ -365,22 +386,22 @@ cudaError_t gather_conv(DType dt, const void* src, Strides4 ss, const void* weig
 }
 
 cudaError_t bn_pool(DType dt, const void* z, Strides4 zs, int n, int c, int hc, int wc, const void* scale,
-                    const void* shift, int pool, double negative_slope, void* y, uint8_t* switches,
-                    cudaStream_t stream) {
-  const int hp = hc / pool, wp = wc / pool;
+                    const void* shift, int pool, int ps, int pp, int hp, int wp, double negative_slope, void* y,
+                    uint8_t* switches, cudaStream_t stream) {
   if (static_cast<int64_t>(n) * c * hp * wp == 0) return cudaSuccess;
   switch (dt) {
     case DType::kFloat16:
-      return launch_bn_pool<__half, float>(z, zs, n, c, hp, wp, pool, scale, shift, negative_slope, y, switches,
-                                           stream);
+      return launch_bn_pool<__half, float>(z, zs, n, c, hc, wc, hp, wp, pool, ps, pp, scale, shift, negative_slope, y,
+                                           switches, stream);
     case DType::kBFloat16:
-      return launch_bn_pool<__nv_bfloat16, float>(z, zs, n, c, hp, wp, pool, scale, shift, negative_slope, y, switches,
-                                                  stream);
+      return launch_bn_pool<__nv_bfloat16, float>(z, zs, n, c, hc, wc, hp, wp, pool, ps, pp, scale, shift,
+                                                  negative_slope, y, switches, stream);
     case DType::kFloat32:
-      return launch_bn_pool<float, float>(z, zs, n, c, hp, wp, pool, scale, shift, negative_slope, y, switches, stream);
+      return launch_bn_pool<float, float>(z, zs, n, c, hc, wc, hp, wp, pool, ps, pp, scale, shift, negative_slope, y,
+                                          switches, stream);
     case DType::kFloat64:
-      return launch_bn_pool<double, double>(z, zs, n, c, hp, wp, pool, scale, shift, negative_slope, y, switches,
-                                            stream);
+      return launch_bn_pool<double, double>(z, zs, n, c, hc, wc, hp, wp, pool, ps, pp, scale, shift, negative_slope, y,
+                                            switches, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -27,8 +27,12 @@ struct Strides4 {
   int64_t n, c, h, w;
 };
 
-// The layer geometry of csrc/common/geometry.h in 32 bits (offsets inside one image are 32-bit).
-using ConvGeom = ConvGeometry<int>;
+// The layer geometry of csrc/common/geometry.h in 32 bits (offsets inside one image are 32-bit), with any max_pool2d
+// window: pool x pool windows every ps rows / columns, the first starting at -pp (docs/ops.md#pooling); ps == pool,
+// pp == 0 for non-overlapping windows. hp / wp are max_pool2d's output size.
+struct ConvGeom : ConvGeometry<int> {
+  int ps, pp;
+};
 
 // conv_relu_pool (csrc/cuda/conv_relu_pool_kernel.cu): y[N, C_out, Hp, Wp] and switches (uint8, same shape), both
 // contiguous.
@@ -36,15 +40,16 @@ cudaError_t conv_relu_pool(DType dt, const void* x, Strides4 xs, const void* wei
                            const void* shift, const ConvGeom& g, double negative_slope, bool allow_tf32, void* y,
                            uint8_t* switches, cudaStream_t stream);
 
-// gather_conv: out[n, co, ph, pw] = conv2d(src, weight)[n, co, ph*pool + dy, pw*pool + dx] at the recorded
+// gather_conv: out[n, co, ph, pw] = conv2d(src, weight)[n, co, ph*ps - pp + dy, pw*ps - pp + dx] at the recorded
 // offset (dy, dx) of the switch byte; out is contiguous, dtype of src.
 cudaError_t gather_conv(DType dt, const void* src, Strides4 ss, const void* weight, const uint8_t* switches,
                         Strides4 sws, const ConvGeom& g, bool allow_tf32, void* out, cudaStream_t stream);
 
-// bn_pool: z [N, C, Hc, Wc] (strided) -> y, switches [N, C, Hc/pool, Wc/pool] contiguous.
+// bn_pool: z [N, C, Hc, Wc] (strided) -> y, switches [N, C, hp, wp] contiguous: the max_pool2d windows of pool x pool
+// every ps from -pp, whose output size (hp, wp) the caller computed.
 cudaError_t bn_pool(DType dt, const void* z, Strides4 zs, int n, int c, int hc, int wc, const void* scale,
-                    const void* shift, int pool, double negative_slope, void* y, uint8_t* switches,
-                    cudaStream_t stream);
+                    const void* shift, int pool, int ps, int pp, int hp, int wp, double negative_slope, void* y,
+                    uint8_t* switches, cudaStream_t stream);
 
 // render (csrc/cuda/render_kernel.cu): x_hat[N, C_in, H, W] contiguous = conv_transpose2d(masked unpool of mu, weight).
 // g.h / g.w are the requested output size; g.hc / g.wc the conv size it implies; g.hp / g.wp = mu's size.

@@ -5,7 +5,9 @@
 // (ih, iw) and tap (co, kh, kw) the conv position is (oh, ow) = ((ih + p - kh) / s, (iw + p - kw) / s)
 // when both divide exactly; it carries mu * (bit 7 ? 1 : negative_slope) * scale[co] only if the
 // switch byte of its window records exactly that position, else 0 (also in the dropped trailing
-// rows / columns oh >= Hp * pool). B is the weight read as [(co, kh, kw), ci]: the "same weights"
+// rows / columns oh >= Hp * pool). With overlapping max_pool2d windows (pool stride < pool) it carries
+// the sum over the windows that cover (oh, ow) and record it (unpooled_at, common.cuh), added in a fixed
+// order: deterministic, no atomics. B is the weight read as [(co, kh, kw), ci]: the "same weights"
 // of the forward. The zeros (>= 3/4 of A for pool 2) are kept as dense tensor-core work; a scatter
 // over the recorded positions is the alternative the benchmark should weigh.
 #include <cuda_bf16.h>
@@ -50,7 +52,7 @@ __global__ void __launch_bounds__(kThreads, 2) render_tc_kernel(const RenderArgs
   const int M = g.n * hw;
   const int khw = g.kh * g.kw;
   const int K = g.c_out * khw;
-  const int hcov = g.hp * g.pool, wcov = g.wp * g.pool;
+  const int hcov = pooled_cover(g.hp, g.pool, g.ps, g.pp, g.hc), wcov = pooled_cover(g.wp, g.pool, g.ps, g.pp, g.wc);
   const int m0 = blockIdx.x * kBM;
   const int n0 = blockIdx.y * kBN;
 
@@ -91,13 +93,8 @@ __global__ void __launch_bounds__(kThreads, 2) render_tc_kernel(const RenderArgs
       if (m_ok && k + i < K && ohn >= 0 && own >= 0) {
         const int oh = ohn / g.stride, ow = own / g.stride;
         if (oh * g.stride == ohn && ow * g.stride == own && oh < hcov && ow < wcov) {
-          const int ph = oh / g.pool, pw = ow / g.pool;
-          const int offset = (oh - ph * g.pool) * g.pool + (ow - pw * g.pool);
-          const uint8_t s = swb[co * ssc + ph * ssh + pw * ssw];
-          if ((s & kOffsetMask) == offset) {
-            const float sc = p.scale ? p.scale[co] : 1.0f;
-            v = from_f<T>(activation_grad(to_f<T>(mub[co * msc + ph * msh + pw * msw]), s, p.slope) * sc);
-          }
+          const float u = unpooled_at<float>(mub + co * msc, msh, msw, swb + co * ssc, ssh, ssw, oh, ow, g, p.slope);
+          if (u != 0.0f) v = from_f<T>(u * (p.scale ? p.scale[co] : 1.0f));
         }
       }
       ra[i] = v;
@@ -164,30 +161,42 @@ __global__ void __launch_bounds__(256)
   q /= g.h;
   const int ci = static_cast<int>(q % g.c_in);
   const int img = static_cast<int>(q / g.c_in);
-  const int hcov = g.hp * g.pool, wcov = g.wp * g.pool;
+  const int hcov = pooled_cover(g.hp, g.pool, g.ps, g.pp, g.hc), wcov = pooled_cover(g.wp, g.pool, g.ps, g.pp, g.wc);
   const T* mub = mu + img * ms.n;
   const uint8_t* swb = sw + img * sws.n;
+  const int nwin = (g.pool + g.ps - 1) / g.ps;
   A acc = A(0);
   for (int kh = 0; kh < g.kh; ++kh) {
     const int ohn = ih + g.padding - kh;
     if (ohn < 0 || ohn % g.stride != 0) continue;
     const int oh = ohn / g.stride;
     if (oh >= hcov) continue;
-    const int ph = oh / g.pool, dy = oh - ph * g.pool;
+    const int ph_last = (oh + g.pp) / g.ps, dy_last = oh + g.pp - ph_last * g.ps;
     for (int kw = 0; kw < g.kw; ++kw) {
       const int own = iw + g.padding - kw;
       if (own < 0 || own % g.stride != 0) continue;
       const int ow = own / g.stride;
       if (ow >= wcov) continue;
-      const int pw = ow / g.pool, dx = ow - pw * g.pool;
-      const int offset = dy * g.pool + dx;
+      // the windows that cover (oh, ow), latest first (one for non-overlapping windows), as unpooled_at visits them
+      for (int jh = 0; jh < nwin; ++jh) {
+        const int ph = ph_last - jh, dy = dy_last + jh * g.ps;
+        if (ph < 0 || dy >= g.pool) break;
+        if (ph >= g.hp) continue;
+        const int pw_last = (ow + g.pp) / g.ps, dx_last = ow + g.pp - pw_last * g.ps;
+        for (int jw = 0; jw < nwin; ++jw) {
+          const int pw = pw_last - jw, dx = dx_last + jw * g.ps;
+          if (pw < 0 || dx >= g.pool) break;
+          if (pw >= g.wp) continue;
+          const int offset = dy * g.pool + dx;
 #pragma unroll 1
-      for (int co = 0; co < g.c_out; ++co) {
-        const uint8_t s = swb[co * sws.c + ph * sws.h + pw * sws.w];
-        if ((s & kOffsetMask) != offset) continue;
-        const A gv = masked_value(load_as<T, A>(mub + co * ms.c + ph * ms.h + pw * ms.w), s, offset, slope,
-                                  scale ? scale[co] : A(1));
-        acc += gv * load_as<T, A>(w + ((static_cast<int64_t>(co) * g.c_in + ci) * g.kh + kh) * g.kw + kw);
+          for (int co = 0; co < g.c_out; ++co) {
+            const uint8_t s = swb[co * sws.c + ph * sws.h + pw * sws.w];
+            if ((s & kOffsetMask) != offset) continue;
+            const A gv = masked_value(load_as<T, A>(mub + co * ms.c + ph * ms.h + pw * ms.w), s, offset, slope,
+                                      scale ? scale[co] : A(1));
+            acc += gv * load_as<T, A>(w + ((static_cast<int64_t>(co) * g.c_in + ci) * g.kh + kh) * g.kw + kw);
+          }
+        }
       }
     }
   }

@@ -1,7 +1,8 @@
 // render_wgrad: dW[co, ci, kh, kw] = sum over conv positions (n, oh, ow) of g[n, co, oh, ow] *
 // src[n, ci, oh * s - p + kh, ow * s - p + kw], where g is the unpooled, masked, scaled map built from
-// mu and the switches (nonzero only at each window's recorded offset, and only inside the pooled
-// coverage Hp * pool x Wp * pool).
+// mu and the switches (nonzero only at each window's recorded offset, and only inside the rows / columns
+// the windows cover; with overlapping max_pool2d windows the sum of what each covering window routes
+// to a position, unpooled_at in common.cuh).
 //
 // Tensor-core kernel: GEMM with M = C_out, N = C_in * KH * KW, K = N * Hcov * Wcov (the covered conv
 // positions). M and N are small and K is huge, so K is split over gridDim.z; each split writes its
@@ -48,7 +49,8 @@ struct SplitPlan {
 };
 
 SplitPlan plan_splits(const ConvGeom& g, int num_sms) {
-  const int64_t K = static_cast<int64_t>(g.n) * g.hp * g.pool * g.wp * g.pool;
+  const int64_t K = static_cast<int64_t>(g.n) * pooled_cover(g.hp, g.pool, g.ps, g.pp, g.hc) *
+                    pooled_cover(g.wp, g.pool, g.ps, g.pp, g.wc);
   const int ktiles = static_cast<int>(ceil_div64(K, kBK));
   if (ktiles == 0) return SplitPlan{1, 1};  // empty batch: one split that writes zeros
   const int tiles = ceil_div(g.c_out, kBM) * ceil_div(g.c_in * g.kh * g.kw, kBN);
@@ -72,7 +74,7 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_tc_kernel(const WgradArgs<T
   const int wm = warp % 2, wn = warp / 2;
   const int khw = g.kh * g.kw;
   const int J = g.c_in * khw;
-  const int hcov = g.hp * g.pool, wcov = g.wp * g.pool;
+  const int hcov = pooled_cover(g.hp, g.pool, g.ps, g.pp, g.hc), wcov = pooled_cover(g.wp, g.pool, g.ps, g.pp, g.wc);
   const int plane = hcov * wcov;
   const int K = g.n * plane;  // < 2^31, checked by the binding
   const int ktiles = ceil_div(K, kBK);
@@ -101,20 +103,15 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_tc_kernel(const WgradArgs<T
       oh = rem / wcov;
       ow = rem - oh * wcov;
     }
-    const int ph = oh / g.pool, pw = ow / g.pool;
-    const int offset = (oh - ph * g.pool) * g.pool + (ow - pw * g.pool);
-    const T* mub = p.mu + static_cast<int64_t>(img) * p.ms.n + ph * msh + pw * msw;
-    const uint8_t* swb = p.sw + static_cast<int64_t>(img) * p.sws.n + ph * ssh + pw * ssw;
+    const T* mub = p.mu + static_cast<int64_t>(img) * p.ms.n;
+    const uint8_t* swb = p.sw + static_cast<int64_t>(img) * p.sws.n;
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
       const int co = m0 + r0 + 4 * i;
       T v = zero;
       if (k_ok && co < g.c_out) {
-        const uint8_t s = swb[co * ssc];
-        if ((s & kOffsetMask) == offset) {
-          const float sc = p.scale ? p.scale[co] : 1.0f;
-          v = from_f<T>(activation_grad(to_f<T>(mub[co * msc]), s, p.slope) * sc);
-        }
+        const float u = unpooled_at<float>(mub + co * msc, msh, msw, swb + co * ssc, ssh, ssw, oh, ow, g, p.slope);
+        if (u != 0.0f) v = from_f<T>(u * (p.scale ? p.scale[co] : 1.0f));
       }
       ra[i] = v;
     }
@@ -206,8 +203,12 @@ __global__ void __launch_bounds__(kSimpleThreads)
     const int offset = s & kOffsetMask;
     const int dy = offset / g.pool, dx = offset - dy * g.pool;
     if (dy >= g.pool) continue;  // not a valid offset for this pool size
-    const int ih = (ph * g.pool + dy) * g.stride - g.padding + kh;
-    const int iw = (pw * g.pool + dx) * g.stride - g.padding + kw;
+    const int oh = ph * g.ps - g.pp + dy, ow = pw * g.ps - g.pp + dx;
+    if (static_cast<unsigned>(oh) >= static_cast<unsigned>(g.hc) ||
+        static_cast<unsigned>(ow) >= static_cast<unsigned>(g.wc))
+      continue;  // an offset in the pool padding: no position (the contract refuses such switches)
+    const int ih = oh * g.stride - g.padding + kh;
+    const int iw = ow * g.stride - g.padding + kw;
     if (static_cast<unsigned>(ih) >= static_cast<unsigned>(g.h) ||
         static_cast<unsigned>(iw) >= static_cast<unsigned>(g.w))
       continue;

@@ -66,10 +66,14 @@ int to_int(int64_t v, const char* op, const char* what) {
   return static_cast<int>(v);
 }
 
-// The checked geometry (csrc/common/checks.h) in the kernels' 32-bit form.
+// The checked geometry (csrc/common/checks.h) in the kernels' 32-bit form, pooled by max_pool2d window `pw`.
 dcu::ConvGeom make_geom(int64_t n, int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t kh, int64_t kw,
-                        int64_t stride, int64_t padding, int64_t pool, const char* op) {
-  const ConvGeometry<int64_t> g64 = checked_geometry(op, n, c_in, h, w, c_out, kh, kw, stride, padding, pool);
+                        int64_t stride, int64_t padding, const PoolWindow& pw, const char* op) {
+  // the conv's geometry (pool 1: the pooled size of any window is checked below)
+  const ConvGeometry<int64_t> g64 = checked_geometry(op, n, c_in, h, w, c_out, kh, kw, stride, padding, 1);
+  const int64_t hp = pooled_len(g64.hc, pw), wp = pooled_len(g64.wc, pw);
+  DRMM_CHECK(hp >= 1 && wp >= 1, op, "pool ", pw.k, " (stride ", pw.s, ", padding ", pw.p,
+             ") is larger than the conv output (", g64.hc, ", ", g64.wc, ") of input size (", h, ", ", w, ")");
   dcu::ConvGeom g{};
   g.n = to_int(g64.n, op, "batch");
   g.c_in = to_int(g64.c_in, op, "C_in");
@@ -80,11 +84,13 @@ dcu::ConvGeom make_geom(int64_t n, int64_t c_in, int64_t h, int64_t w, int64_t c
   g.kw = to_int(g64.kw, op, "KW");
   g.stride = to_int(g64.stride, op, "stride");
   g.padding = to_int(g64.padding, op, "padding");
-  g.pool = static_cast<int>(g64.pool);
+  g.pool = static_cast<int>(pw.k);
+  g.ps = static_cast<int>(pw.s);
+  g.pp = static_cast<int>(pw.p);
   g.hc = to_int(g64.hc, op, "H_conv");
   g.wc = to_int(g64.wc, op, "W_conv");
-  g.hp = static_cast<int>(g64.hp);
-  g.wp = static_cast<int>(g64.wp);
+  g.hp = static_cast<int>(hp);
+  g.wp = static_cast<int>(wp);
   to_int(g64.c_in * g64.kh * g64.kw, op, "C_in * KH * KW");
   to_int(g64.c_out * g64.kh * g64.kw, op, "C_out * KH * KW");
   return g;
@@ -120,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool(const at::Tensor& x, const at:
                                                   int64_t padding, int64_t pool, int64_t pool_stride,
                                                   int64_t pool_padding, bool ceil_mode, double negative_slope) {
   const char* op = "conv_relu_pool";
-  check_plain_pool(op, pool, pool_stride, pool_padding, ceil_mode);
+  const PoolWindow pw = checked_window(op, pool, pool_stride, pool_padding, ceil_mode);
   check_4d(x, x, op, "x");
   check_4d(weight, x, op, "weight");
   check_same_dtype(op, "weight", weight, "x", x);
@@ -128,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool(const at::Tensor& x, const at:
   c10::cuda::CUDAGuard guard(x.device());
   const auto dt = to_dtype(x, op, "x");
   const auto g = make_geom(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
-                           stride, padding, pool, op);
+                           stride, padding, pw, op);
   to_int(static_cast<int64_t>(g.n) * g.hp * g.wp, op, "N * H_pool * W_pool");
   const at::Tensor w = weight.contiguous();
   const at::Tensor sc = acc_vector(scale, x, g.c_out, op, "scale");
@@ -147,22 +153,24 @@ std::tuple<at::Tensor, at::Tensor> bn_pool(const at::Tensor& z, const at::Tensor
                                            int64_t pool, int64_t pool_stride, int64_t pool_padding, bool ceil_mode,
                                            double negative_slope) {
   const char* op = "bn_pool";
-  check_plain_pool(op, pool, pool_stride, pool_padding, ceil_mode);
+  const PoolWindow pw = checked_window(op, pool, pool_stride, pool_padding, ceil_mode);
   check_4d(z, z, op, "z");
-  check_pool(op, pool);
-  DRMM_CHECK(z.size(2) / pool >= 1 && z.size(3) / pool >= 1, op, "pool ", pool, " does not fit z of shape ", z.sizes());
+  const int64_t hp64 = pooled_len(z.size(2), pw), wp64 = pooled_len(z.size(3), pw);
+  DRMM_CHECK(hp64 >= 1 && wp64 >= 1, op, "pool ", pool, " (stride ", pool_stride, ", padding ", pool_padding,
+             ") does not fit z of shape ", z.sizes());
   c10::cuda::CUDAGuard guard(z.device());
   const auto dt = to_dtype(z, op, "z");
   const int n = to_int(z.size(0), op, "batch"), c = to_int(z.size(1), op, "C");
   const int hc = to_int(z.size(2), op, "H"), wc = to_int(z.size(3), op, "W");
   const at::Tensor sc = acc_vector(scale, z, c, op, "scale");
   const at::Tensor sh = acc_vector(shift, z, c, op, "shift");
-  const int hp = hc / static_cast<int>(pool), wp = wc / static_cast<int>(pool);
+  const int hp = static_cast<int>(hp64), wp = static_cast<int>(wp64);
   at::Tensor y = at::empty({n, c, hp, wp}, z.options());
   at::Tensor sw = at::empty({n, c, hp, wp}, z.options().dtype(at::kByte));
   const cudaError_t err =
       dcu::bn_pool(dt, z.data_ptr(), strides4(z), n, c, hc, wc, ptr_or_null(sc), ptr_or_null(sh),
-                   static_cast<int>(pool), negative_slope, y.data_ptr(), sw.data_ptr<uint8_t>(), stream_for(z));
+                   static_cast<int>(pool), static_cast<int>(pool_stride), static_cast<int>(pool_padding), hp, wp,
+                   negative_slope, y.data_ptr(), sw.data_ptr<uint8_t>(), stream_for(z));
   DRMM_CUDA_CHECK(err, "bn_pool", "z ", z.sizes(), " ", z.scalar_type(), ", pool ", pool);
   return {y, sw};
 }
@@ -172,7 +180,7 @@ at::Tensor render(const at::Tensor& mu, const at::Tensor& switches, const at::Te
                   int64_t pool_stride, int64_t pool_padding, bool ceil_mode, int64_t out_h, int64_t out_w,
                   double negative_slope) {
   const char* op = "render";
-  check_plain_pool(op, pool, pool_stride, pool_padding, ceil_mode);
+  const PoolWindow pw = checked_window(op, pool, pool_stride, pool_padding, ceil_mode);
   check_4d(mu, mu, op, "mu");
   check_switches(switches, mu, op);
   check_4d(weight, mu, op, "weight");
@@ -182,7 +190,7 @@ at::Tensor render(const at::Tensor& mu, const at::Tensor& switches, const at::Te
   c10::cuda::CUDAGuard guard(mu.device());
   const auto dt = to_dtype(mu, op, "mu");
   const auto g = make_geom(mu.size(0), weight.size(1), out_h, out_w, weight.size(0), weight.size(2), weight.size(3),
-                           stride, padding, pool, op);
+                           stride, padding, pw, op);
   DRMM_CHECK(g.hp == mu.size(2) && g.wp == mu.size(3), op, "out_size (", out_h, ", ", out_w, ") gives pooled size (",
              g.hp, ", ", g.wp, ") but mu has shape ", mu.sizes());
   to_int(static_cast<int64_t>(g.n) * g.h * g.w, op, "N * H * W");
@@ -200,7 +208,7 @@ at::Tensor render(const at::Tensor& mu, const at::Tensor& switches, const at::Te
 at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& switches, int64_t stride,
                        int64_t padding, int64_t pool, int64_t pool_stride, int64_t pool_padding, bool ceil_mode) {
   const char* op = "gather_conv";
-  check_plain_pool(op, pool, pool_stride, pool_padding, ceil_mode);
+  const PoolWindow pw = checked_window(op, pool, pool_stride, pool_padding, ceil_mode);
   check_4d(src, src, op, "src");
   check_4d(weight, src, op, "weight");
   check_same_dtype(op, "weight", weight, "src", src);
@@ -210,7 +218,7 @@ at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& weight, const at
   c10::cuda::CUDAGuard guard(src.device());
   const auto dt = to_dtype(src, op, "src");
   const auto g = make_geom(src.size(0), src.size(1), src.size(2), src.size(3), weight.size(0), weight.size(2),
-                           weight.size(3), stride, padding, pool, op);
+                           weight.size(3), stride, padding, pw, op);
   DRMM_CHECK(g.hp == switches.size(2) && g.wp == switches.size(3), op, "switches has shape ", switches.sizes(),
              " but the conv of src ", src.sizes(), " pools to (", g.hp, ", ", g.wp, ")");
   to_int(static_cast<int64_t>(g.n) * g.hp * g.wp, op, "N * H_pool * W_pool");
@@ -229,7 +237,7 @@ at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::T
                         int64_t pool_stride, int64_t pool_padding, bool ceil_mode, double negative_slope,
                         int64_t kernel_h, int64_t kernel_w) {
   const char* op = "render_wgrad";
-  check_plain_pool(op, pool, pool_stride, pool_padding, ceil_mode);
+  const PoolWindow pw = checked_window(op, pool, pool_stride, pool_padding, ceil_mode);
   check_4d(src, src, op, "src");
   check_4d(mu, src, op, "mu");
   check_same_dtype(op, "mu", mu, "src", src);
@@ -239,10 +247,12 @@ at::Tensor render_wgrad(const at::Tensor& src, const at::Tensor& mu, const at::T
   c10::cuda::CUDAGuard guard(src.device());
   const auto dt = to_dtype(src, op, "src");
   const auto g = make_geom(src.size(0), src.size(1), src.size(2), src.size(3), mu.size(1), kernel_h, kernel_w, stride,
-                           padding, pool, op);
+                           padding, pw, op);
   DRMM_CHECK(g.hp == mu.size(2) && g.wp == mu.size(3), op, "mu has shape ", mu.sizes(), " but the conv of src ",
              src.sizes(), " pools to (", g.hp, ", ", g.wp, ")");
-  to_int(static_cast<int64_t>(g.n) * g.hp * g.pool * g.wp * g.pool, op, "N * H_cov * W_cov");
+  to_int(static_cast<int64_t>(g.n) * pooled_cover(g.hp, g.pool, g.ps, g.pp, g.hc) *
+             pooled_cover(g.wp, g.pool, g.ps, g.pp, g.wc),
+         op, "N * H_cov * W_cov");
   const at::Tensor sc = acc_vector(scale, src, g.c_out, op, "scale");
   const bool tf32 = allow_tf32();
   const int sms = num_sms(src);

@@ -39,6 +39,8 @@ def _variants():
             Win=i,
             Hp=i,
             Wp=i,
+            Ho=i,
+            Wo=i,
             pad=i,
             slope="fp32",
             sxn="i64",
@@ -50,17 +52,19 @@ def _variants():
             swh=i,
             sww=i,
         )
+        # the plain 2x2 pool and ResNet's overlapping, padded 3/2/1 one
+        windows = (dict(POOL=2, PS=2, PP=0), dict(POOL=3, PS=2, PP=1))
         for gather in (False, True):
-            for flat in (False, True):
+            for flat, window in ((False, windows[0]), (True, windows[0]), (False, windows[1])):
                 yield (
-                    f"conv_relu_pool {dt} gather={gather} flat_k={flat}",
+                    f"conv_relu_pool {dt} gather={gather} flat_k={flat} pool={tuple(window.values())}",
                     conv_relu_pool_kernel._conv_pool_kernel,
                     fwd_types,
                     dict(
                         KH=3,
                         KW=3,
                         STRIDE=1,
-                        POOL=2,
+                        **window,
                         HAS_SCALE=True,
                         HAS_SHIFT=True,
                         LEAKY=False,
@@ -98,12 +102,21 @@ def _variants():
             swh=i,
             sww=i,
         )
-        for stride in (1, 2):
+        for stride, window in ((1, windows[0]), (2, windows[0]), (1, windows[1])):
             yield (
-                f"render {dt} stride={stride}",
+                f"render {dt} stride={stride} pool={tuple(window.values())}",
                 render_kernel._render_kernel,
                 dg_types,
-                dict(KH=3, KW=3, STRIDE=stride, POOL=2, HAS_SCALE=True, TF32=tf32, UPCAST=False),
+                dict(
+                    KH=3,
+                    KW=3,
+                    STRIDE=stride,
+                    **window,
+                    NWIN=-(-window["POOL"] // window["PS"]),
+                    HAS_SCALE=True,
+                    TF32=tf32,
+                    UPCAST=False,
+                ),
             )
         wg_types = dict(
             src_ptr=p,
@@ -134,12 +147,13 @@ def _variants():
             ssh=i,
             ssw=i,
         )
-        yield (
-            f"render_wgrad {dt}",
-            render_wgrad_kernel._wgrad_kernel,
-            wg_types,
-            dict(KH=3, KW=3, STRIDE=1, POOL=2, HAS_SCALE=True, TF32=tf32, UPCAST=False),
-        )
+        for window in windows:
+            yield (
+                f"render_wgrad {dt} pool={tuple(window.values())}",
+                render_wgrad_kernel._wgrad_kernel,
+                wg_types,
+                dict(KH=3, KW=3, STRIDE=1, **window, HAS_SCALE=True, TF32=tf32, UPCAST=False),
+            )
         ep_types = dict(
             z_ptr=p,
             scale_ptr=p,
@@ -150,13 +164,17 @@ def _variants():
             C=i,
             Hp=i,
             Wp=i,
+            Hc=i,
+            Wc=i,
             slope="fp32",
             szn=i,
             szc=i,
             szh=i,
             szw=i,
         )
-        yield f"bn_pool {dt}", conv_bn_relu_pool_kernel._bn_pool_kernel, ep_types, dict(POOL=2, LEAKY=True)
+        for window in windows:
+            label = f"bn_pool {dt} pool={tuple(window.values())}"
+            yield label, conv_bn_relu_pool_kernel._bn_pool_kernel, ep_types, dict(**window, LEAKY=True)
 
 
 def compile_all(all_configs: bool, arch: int = 90) -> int:

@@ -27,7 +27,7 @@ OFFSET_MASK = tl.constexpr(_OFFSET_MASK)
 # Dtypes the kernels handle; anything else (float64) is computed by the reference backend.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-#: Decorates a primitive: it runs on KERNEL_DTYPES and non-overlapping pools, the reference computes the rest.
+#: Decorates a primitive: it runs on KERNEL_DTYPES, the reference computes the rest.
 on_kernel_dtypes = native_or_reference(lambda t: t.dtype in KERNEL_DTYPES)
 
 

@@ -3,7 +3,8 @@
 Used by conv_bn_relu_pool (drmm_kernels/ops/conv_bn_relu_pool.py): training-mode BN needs the batch statistics
 before any window max can be decided, so z is materialized once by cuDNN and this pass reads it
 once, writing only the pooled y and the switch bytes. Tiles are (pooled pixels x channels) like the
-fused forward, so NCHW and channels_last z are both read through strides.
+fused forward, so NCHW and channels_last z are both read through strides. Any max_pool2d window, as in
+conv_relu_pool_kernel: positions outside z never win, the argmax starts at the window's first real position.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..contract import pooled_size
 from ._common import device_guard, pick_configs, store_pooled, window_update, on_kernel_dtypes
 
 _CONFIGS = [
@@ -24,7 +26,7 @@ _CONFIGS = [
 ]
 
 
-@triton.autotune(configs=pick_configs(_CONFIGS), key=["P", "C", "POOL"])
+@triton.autotune(configs=pick_configs(_CONFIGS), key=["P", "C", "POOL", "PS", "PP"])
 @triton.jit
 def _bn_pool_kernel(
     z_ptr,
@@ -36,12 +38,16 @@ def _bn_pool_kernel(
     C,
     Hp,
     Wp,
+    Hc,
+    Wc,
     slope,
     szn,
     szc,
     szh,
     szw,
     POOL: tl.constexpr,
+    PS: tl.constexpr,
+    PP: tl.constexpr,
     LEAKY: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -59,12 +65,16 @@ def _bn_pool_kernel(
     shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     base = (n * szn)[:, None] + offs_c.to(tl.int64)[None, :] * szc
     m = tl.full((BLOCK_P, BLOCK_C), float("-inf"), dtype=tl.float32)
-    arg = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.int32)
+    first = tl.maximum(PP - hp * PS, 0) * POOL + tl.maximum(PP - wp * PS, 0)
+    arg = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.int32) + first[:, None]
     for t in range(POOL * POOL):
-        oh = hp * POOL + t // POOL
-        ow = wp * POOL + t % POOL
-        z = tl.load(z_ptr + base + (oh * szh + ow * szw)[:, None], mask=mask, other=0.0).to(tl.float32)
-        m, arg = window_update(z * scale[None, :] + shift[None, :], m, arg, t)
+        oh = hp * PS - PP + t // POOL
+        ow = wp * PS - PP + t % POOL
+        inside = ((oh >= 0) & (oh < Hc) & (ow >= 0) & (ow < Wc))[:, None]
+        z = tl.load(z_ptr + base + (oh * szh + ow * szw)[:, None], mask=mask & inside, other=0.0).to(tl.float32)
+        m_t, arg_t = window_update(z * scale[None, :] + shift[None, :], m, arg, t)
+        m = tl.where(inside, m_t, m)
+        arg = tl.where(inside, arg_t, arg)
     out = (n[:, None] * C + offs_c[None, :]) * (Hp * Wp) + (hp * Wp + wp)[:, None]
     store_pooled(y_ptr, sw_ptr, out, mask, m, arg, slope, LEAKY)
 
@@ -82,7 +92,7 @@ def bn_pool(
     negative_slope: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     n, c, hc, wc = z.shape
-    hp, wp = hc // pool, wc // pool
+    hp, wp = pooled_size((hc, wc), pool, pool_stride, pool_padding, ceil_mode)
     y = torch.empty((n, c, hp, wp), dtype=z.dtype, device=z.device)
     sw = torch.empty((n, c, hp, wp), dtype=torch.uint8, device=z.device)
     p = n * hp * wp
@@ -100,9 +110,13 @@ def bn_pool(
             c,
             hp,
             wp,
+            hc,
+            wc,
             float(negative_slope),
             *z.stride(),
             POOL=pool,
+            PS=pool_stride,
+            PP=pool_padding,
             LEAKY=negative_slope > 0,
         )
     return y, sw

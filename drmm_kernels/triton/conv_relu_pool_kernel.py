@@ -6,6 +6,12 @@ accumulator, applies scale/shift (the contract puts them before the max, so a ne
 no special case), and folds the tile into a running max/argmax. Only y and one switch byte per
 pooled element reach memory; the full-resolution conv output never does.
 
+Any max_pool2d window (docs/ops.md#pooling): window (hp, wp) starts at conv-output row hp*PS - PP; offsets outside
+the conv output (the pool padding, a ceil-mode overhang) never win, and the running argmax starts at the window's
+first real position, as PyTorch's does. With overlapping windows (PS < POOL) a conv output shared by several
+windows is computed once per window: (POOL/PS)^2 times the work of the plain pool, the price of never writing the
+full-resolution map.
+
 The same kernel with GATHER=True is the ``gather_conv`` primitive: instead of the max it keeps,
 per element, the accumulator of the offset recorded in the switch byte.
 """
@@ -51,7 +57,7 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=pick_configs(_CONFIGS),
-    key=["P", "C_in", "C_out", "Hin", "Win", "KH", "KW", "STRIDE", "POOL", "GATHER", "FLAT_K"],
+    key=["P", "C_in", "C_out", "Hin", "Win", "KH", "KW", "STRIDE", "POOL", "PS", "PP", "GATHER", "FLAT_K"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -69,6 +75,8 @@ def _conv_pool_kernel(
     Win,
     Hp,
     Wp,
+    Ho,
+    Wo,
     pad,
     slope,
     sxn,
@@ -83,6 +91,8 @@ def _conv_pool_kernel(
     KW: tl.constexpr,
     STRIDE: tl.constexpr,
     POOL: tl.constexpr,
+    PS: tl.constexpr,
+    PP: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     LEAKY: tl.constexpr,
@@ -121,11 +131,14 @@ def _conv_pool_kernel(
         if HAS_SHIFT:
             shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         m = tl.full((BLOCK_P, BLOCK_CO), float("-inf"), dtype=tl.float32)
-        arg = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.int32)
+        # the window's first position inside the conv output: the argmax of an all -inf window, as in PyTorch
+        first = tl.maximum(PP - hp * PS, 0) * POOL + tl.maximum(PP - wp * PS, 0)
+        arg = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.int32) + first[:, None]
 
     for t in range(POOL * POOL):
-        oh = hp * POOL + t // POOL
-        ow = wp * POOL + t % POOL
+        oh = hp * PS - PP + t // POOL
+        ow = wp * PS - PP + t % POOL
+        inside = (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)  # always true for a plain pool
         ih0 = oh * STRIDE - pad
         iw0 = ow * STRIDE - pad
         acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
@@ -179,7 +192,9 @@ def _conv_pool_kernel(
                 v = v * scale[None, :]
             if HAS_SHIFT:
                 v = v + shift[None, :]
-            m, arg = window_update(v, m, arg, t)
+            m_t, arg_t = window_update(v, m, arg, t)
+            m = tl.where(inside[:, None], m_t, m)
+            arg = tl.where(inside[:, None], arg_t, arg)
 
     if GATHER:
         tl.store(y_ptr + out_offs, res.to(y_ptr.dtype.element_ty), mask=out_mask)
@@ -196,13 +211,14 @@ def _launch(
     out,
     stride: int,
     padding: int,
-    pool: int,
+    window: dict,
     negative_slope: float,
     gather: bool,
 ) -> None:
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     hp, wp = out.shape[-2:]
+    ho, wo = conv_size((h, w), (kh, kw), stride, padding)
     p = n * hp * wp
     if p == 0 or c_out == 0:
         return
@@ -223,6 +239,8 @@ def _launch(
             w,
             hp,
             wp,
+            ho,
+            wo,
             padding,
             float(negative_slope),
             *x.stride(),
@@ -230,7 +248,9 @@ def _launch(
             KH=kh,
             KW=kw,
             STRIDE=stride,
-            POOL=pool,
+            POOL=window["pool"],
+            PS=window["pool_stride"],
+            PP=window["pool_padding"],
             HAS_SCALE=scale is not None,
             HAS_SHIFT=shift is not None,
             LEAKY=negative_slope > 0,
@@ -241,8 +261,8 @@ def _launch(
         )
 
 
-def _pooled_shape(x, weight, stride, padding, pool):
-    hp, wp = pooled_size(conv_size(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), stride, padding), pool)
+def _pooled_shape(x, weight, stride, padding, window):
+    hp, wp = pooled_size(conv_size(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), stride, padding), **window)
     return (x.shape[0], weight.shape[0], hp, wp)
 
 
@@ -261,10 +281,11 @@ def conv_relu_pool(
     ceil_mode: bool,
     negative_slope: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    shape = _pooled_shape(x, weight, stride, padding, pool)
+    window = dict(pool=pool, pool_stride=pool_stride, pool_padding=pool_padding, ceil_mode=ceil_mode)
+    shape = _pooled_shape(x, weight, stride, padding, window)
     y = torch.empty(shape, dtype=x.dtype, device=x.device)
     sw = torch.empty(shape, dtype=torch.uint8, device=x.device)
-    _launch(x, weight, scale, shift, sw, y, stride, padding, pool, negative_slope, gather=False)
+    _launch(x, weight, scale, shift, sw, y, stride, padding, window, negative_slope, gather=False)
     return y, sw
 
 
@@ -282,5 +303,6 @@ def gather_conv(
     ceil_mode: bool,
 ) -> torch.Tensor:
     out = torch.empty(switches.shape, dtype=src.dtype, device=src.device)
-    _launch(src, weight, None, None, switches.contiguous(), out, stride, padding, pool, 0.0, gather=True)
+    window = dict(pool=pool, pool_stride=pool_stride, pool_padding=pool_padding, ceil_mode=ceil_mode)
+    _launch(src, weight, None, None, switches.contiguous(), out, stride, padding, window, 0.0, gather=True)
     return out

@@ -8,6 +8,11 @@ where the switch offset equals this position inside its window, times the activa
 bit 7 else negative_slope) and scale[c]. Positions in dropped trailing rows/columns (oh >= Hp*pool)
 get nothing, as in the contract. B is the weight tap W[c, ci, kh, kw].
 
+Overlapping windows (pool stride PS < POOL): a conv-output position lies in at most ceil(POOL/PS)^2 windows; the
+loader adds, in a fixed order, what each of them routes to it, so the sum the contract asks for is formed without
+atomics and is the same bit for bit run to run. With PS = POOL (and no pool padding) that is one window, the
+plain pool's loader.
+
 On GPU 3/4 of the A tile is zero (pool 2); the dense tensor-core dot is still the cheapest way
 to consume it, which bench/kernels.py checks against eager max_unpool2d + conv_transpose2d.
 """
@@ -39,7 +44,7 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=pick_configs(_CONFIGS),
-    key=["M", "C_in", "C_out", "H", "W", "KH", "KW", "STRIDE", "POOL"],
+    key=["M", "C_in", "C_out", "H", "W", "KH", "KW", "STRIDE", "POOL", "PS", "PP"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -74,6 +79,9 @@ def _render_kernel(
     KW: tl.constexpr,
     STRIDE: tl.constexpr,
     POOL: tl.constexpr,
+    PS: tl.constexpr,
+    PP: tl.constexpr,
+    NWIN: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     TF32: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -115,20 +123,25 @@ def _render_kernel(
             ok = ok & (oh_s % STRIDE == 0) & (ow_s % STRIDE == 0)
         oh = oh_s // STRIDE
         ow = ow_s // STRIDE
-        hp = oh // POOL
-        wp = ow // POOL
-        ok = ok & (hp < Hp) & (wp < Wp)
-        want = (oh - hp * POOL) * POOL + (ow - wp * POOL)  # offset of this position inside its window
         co = c0 + offs_k
         mask_k = co < C_out
-        lmask = ok[:, None] & mask_k[None, :]
-        sw_offs = (sw_n + hp * ssh + wp * ssw)[:, None] + co[None, :] * ssc
-        mu_offs = (mu_n + hp * smh + wp * smw)[:, None] + co[None, :] * smc
-        code = tl.load(sw_ptr + sw_offs, mask=lmask, other=0).to(tl.int32)
-        g = tl.load(mu_ptr + mu_offs, mask=lmask, other=0.0).to(tl.float32)
-        keep = lmask & ((code & OFFSET_MASK) == want[:, None])
-        # a select, like ReLU's backward: 0 where the a bit is off under ReLU even for an inf / NaN g
-        g = tl.where(keep & ((code & ON_BIT) != 0), g, tl.where(keep & (slope != 0.0), g * slope, 0.0))
+        g = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        # the windows that cover (oh, ow): the last one starting at or before it, and up to NWIN - 1 earlier ones
+        for j in tl.static_range(NWIN * NWIN):
+            hp = (oh + PP) // PS - j // NWIN
+            wp = (ow + PP) // PS - j % NWIN
+            dy = oh + PP - hp * PS
+            dx = ow + PP - wp * PS
+            inw = ok & (hp >= 0) & (wp >= 0) & (hp < Hp) & (wp < Wp) & (dy < POOL) & (dx < POOL)
+            want = dy * POOL + dx  # offset of this position inside window (hp, wp)
+            lmask = inw[:, None] & mask_k[None, :]
+            sw_offs = (sw_n + hp * ssh + wp * ssw)[:, None] + co[None, :] * ssc
+            mu_offs = (mu_n + hp * smh + wp * smw)[:, None] + co[None, :] * smc
+            code = tl.load(sw_ptr + sw_offs, mask=lmask, other=0).to(tl.int32)
+            g_w = tl.load(mu_ptr + mu_offs, mask=lmask, other=0.0).to(tl.float32)
+            keep = lmask & ((code & OFFSET_MASK) == want[:, None])
+            # a select, like ReLU's backward: 0 where the a bit is off under ReLU even for an inf / NaN g
+            g += tl.where(keep & ((code & ON_BIT) != 0), g_w, tl.where(keep & (slope != 0.0), g_w * slope, 0.0))
         if HAS_SCALE:
             s = tl.load(scale_ptr + co, mask=mask_k, other=0.0).to(tl.float32)
             g = g * s[None, :]
@@ -191,6 +204,9 @@ def render(
             KW=kw,
             STRIDE=stride,
             POOL=pool,
+            PS=pool_stride,
+            PP=pool_padding,
+            NWIN=triton.cdiv(pool, pool_stride),
             HAS_SCALE=scale is not None,
             TF32=use_tf32(mu.dtype),
             UPCAST=upcast_dot(mu.dtype),

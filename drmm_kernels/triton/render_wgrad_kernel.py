@@ -55,7 +55,7 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=pick_configs(_CONFIGS),
-    key=["P", "C_in", "C_out", "Hin", "Win", "KH", "KW", "STRIDE", "POOL"],
+    key=["P", "C_in", "C_out", "Hin", "Win", "KH", "KW", "STRIDE", "POOL", "PS", "PP"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -91,6 +91,8 @@ def _wgrad_kernel(
     KW: tl.constexpr,
     STRIDE: tl.constexpr,
     POOL: tl.constexpr,
+    PS: tl.constexpr,
+    PP: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     TF32: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -136,8 +138,9 @@ def _wgrad_kernel(
         src_n = n * sxn
         # unrolled, so the p-block loop is the innermost runtime loop and gets software-pipelined
         for t in tl.static_range(POOL * POOL):
-            ih = (hp * POOL + t // POOL) * STRIDE - pad + kh
-            iw = (wp * POOL + t % POOL) * STRIDE - pad + kw
+            # window (hp, wp) starts at conv-output row hp * PS - PP (any max_pool2d window)
+            ih = (hp * PS - PP + t // POOL) * STRIDE - pad + kh
+            iw = (wp * PS - PP + t % POOL) * STRIDE - pad + kw
             ok = mask_p & (ih >= 0) & (ih < Hin) & (iw >= 0) & (iw < Win)
             b = tl.load(
                 src_ptr + (src_n + ih * sxh + iw * sxw)[:, None] + offs_ci[None, :] * sxc,
@@ -213,6 +216,8 @@ def render_wgrad(
             KW=kw,
             STRIDE=stride,
             POOL=pool,
+            PS=pool_stride,
+            PP=pool_padding,
             HAS_SCALE=scale is not None,
             TF32=use_tf32(src.dtype),
             UPCAST=upcast_dot(src.dtype),

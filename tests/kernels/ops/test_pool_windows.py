@@ -5,6 +5,7 @@ gradients, double backward, torch.compile, opcheck) on every backend that takes 
 from __future__ import annotations
 
 import functools
+import os
 import re
 
 import pytest
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 import drmm_kernels as dk
 from drmm_kernels import dispatch
+from drmm_kernels.contract import conv_size
 
 BACKENDS = ["reference", "cpu"]
 
@@ -271,3 +273,104 @@ def test_defaults_are_non_overlapping_windows():
 def test_every_window_of_the_grid_is_distinct():
     assert len(set(WINDOWS)) == len(WINDOWS) and {w[0] for w in WINDOWS} == {2, 3, 4}
     assert any(s < k for k, s, _, _ in WINDOWS) and any(c for *_, c in WINDOWS) and any(p for _, _, p, _ in WINDOWS)
+
+
+# The Triton and CUDA kernels take every window too; under the interpreter the shapes stay tiny. Integer-valued
+# inputs and power-of-two scales keep every sum exact in float32 (and in TF32 on a GPU), so the kernels must equal
+# the reference (float64, CPU) bit for bit: values, switches (ties included: the first maximum) and overlap sums.
+COMPILED_WINDOWS = [(3, 2, 1, False), (3, 2, 0, True), (2, 1, 1, True), (4, 2, 2, False), (3, 3, 1, True)]
+KERNEL_OPS = ("conv_relu_pool", "render", "render_wgrad", "gather_conv", "bn_pool")
+SMALL = dict(x_shape=(2, 3, 7, 9), w_shape=(4, 3, 3, 3), stride=1, padding=1)
+STEM = dict(x_shape=(8, 16, 64, 64), w_shape=(32, 16, 7, 7), stride=2, padding=3)  # a ResNet / GoogLeNet stem
+
+
+def _ints(gen, *shape, low=-3, high=4):
+    return torch.randint(low, high, shape, generator=gen).float()
+
+
+def _cpu64(v):
+    """A tensor on the CPU, floating point in float64; anything else as it is."""
+    if not torch.is_tensor(v):
+        return v
+    return v.cpu().double() if v.is_floating_point() else v.cpu()
+
+
+# Compiled on a GPU every window is a new kernel variant (seconds of compile each): the device check's budget gets
+# the two stem windows, the interpreter (no compile) all five.
+TRITON_WINDOWS = COMPILED_WINDOWS if os.environ.get("TRITON_INTERPRET") == "1" else COMPILED_WINDOWS[:2]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("window", TRITON_WINDOWS, ids=_ids)
+def test_triton_kernels_take_every_window(window, monkeypatch):
+    pytest.importorskip("triton")
+    _check_kernels_take_every_window("triton", window, monkeypatch, **SMALL)
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@pytest.mark.parametrize("window", [(3, 2, 1, False), (3, 2, 0, True)], ids=_ids)
+def test_triton_kernels_take_every_window_at_a_stem(window, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("compiled Triton needs a GPU (the interpreter runs the small case)")
+    _check_kernels_take_every_window("triton", window, monkeypatch, **STEM)
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float64", "float32", "tf32", "float16"])
+@pytest.mark.parametrize("window", COMPILED_WINDOWS, ids=_ids)
+def test_cuda_kernels_take_every_window(window, dtype, monkeypatch):
+    """fp64 and fp32 without TF32 run the CUDA-core kernels, tf32 / fp16 the tensor-core ones."""
+    if not torch.cuda.is_available() or not dk.available_backends()["cuda"]:
+        pytest.skip("needs a GPU and the CUDA extension")
+    dt = torch.float32 if dtype == "tf32" else getattr(torch, dtype)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", dtype == "tf32")
+    for shape in (SMALL, STEM):
+        _check_kernels_take_every_window("cuda", window, monkeypatch, dtype=dt, **shape)
+
+
+def _check_kernels_take_every_window(backend, window, monkeypatch, x_shape, w_shape, stride, padding, dtype=None):
+    from drmm_kernels import reference
+
+    kernels = {op: dispatch.primitive(backend, op) for op in KERNEL_OPS}
+    ref = {op: getattr(reference, op) for op in KERNEL_OPS}
+    for op in KERNEL_OPS:  # a primitive that handed this window to the reference would fail here
+
+        def refuse(*_, op=op, **__):
+            raise AssertionError(f"{backend} {op} fell back to the reference")
+
+        monkeypatch.setattr(reference, op, refuse)
+    run = kernels.__getitem__
+
+    def exact(op, **args):  # the reference in float64 on the CPU: exact for these integer-valued inputs
+        return ref[op](**{k: _cpu64(v) for k, v in args.items()})
+
+    def same(a, b):  # b exact; rounded once to a's dtype (fp16 holds integers exactly only up to 2048)
+        return torch.equal(_cpu64(a), b.to(a.dtype).double() if b.is_floating_point() else b)
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = dtype or torch.float32
+    gen = torch.Generator().manual_seed(sum(window[:3]) + 5 * window[3])
+    x = _ints(gen, *x_shape).to(dev, dtype)
+    w = _ints(gen, *w_shape, low=-1, high=2).to(dev, dtype)
+    c_out, kh = w_shape[0], w_shape[2]
+    scale = torch.tensor([0.5, -1.0, 2.0, 1.0], device=dev, dtype=dtype).repeat(c_out // 4)
+    shift = _ints(gen, c_out).to(dev, dtype)
+    geo = dict(stride=stride, padding=padding, **_pool_args(window))
+    for s, b, slope in ((scale, shift, 0.0), (None, None, 0.25)):
+        args = dict(x=x, weight=w, scale=s, shift=b, negative_slope=slope, **geo)
+        (y, sw), (yr, swr) = run("conv_relu_pool")(**args), exact("conv_relu_pool", **args)
+        assert same(sw, swr) and same(y, yr), "conv_relu_pool"
+        mu = _ints(gen, *y.shape).to(dev, dtype)
+        h, wd = x.shape[-2:]
+        args = dict(mu=mu, switches=sw, weight=w, scale=s, out_h=h, out_w=wd, negative_slope=slope, **geo)
+        assert same(run("render")(**args), exact("render", **args)), "render"
+        args = dict(src=x, mu=mu, switches=sw, scale=s, negative_slope=slope, kernel_h=kh, kernel_w=kh, **geo)
+        assert same(run("render_wgrad")(**args), exact("render_wgrad", **args)), "render_wgrad"
+        args = dict(src=x, weight=w, switches=sw, **geo)
+        assert same(run("gather_conv")(**args), exact("gather_conv", **args)), "gather_conv"
+    z = _ints(gen, x_shape[0], c_out, *conv_size(x_shape[-2:], w_shape[-2:], stride, padding))
+    args = dict(z=z.to(dev, dtype), scale=scale, shift=shift, negative_slope=0.0, **_pool_args(window))
+    (y, sw), (yr, swr) = run("bn_pool")(**args), exact("bn_pool", **args)
+    assert same(sw, swr) and same(y, yr), "bn_pool"
