@@ -1,5 +1,5 @@
 // Geometry of one layer: a convolution (square stride, zero padding, no dilation) followed by a
-// non-overlapping max-pool. The only C++/CUDA definition; the Python one is drmm_kernels/contract.py.
+// max-pool (PoolWindow below: any max_pool2d window). The only C++/CUDA definition; the Python one is drmm_kernels/contract.py.
 // Torch-free, so the CUDA launchers (csrc/cuda/launchers.h) share it.
 #pragma once
 
@@ -8,7 +8,8 @@
 namespace drmm {
 
 // Input [N, C_in, H, W], weight [C_out, C_in, KH, KW], conv output [N, C_out, Hc, Wc], pooled
-// [N, C_out, Hp, Wp] with Hp = Hc / pool (floor: trailing rows / columns of the conv output are dropped).
+// [N, C_out, Hp, Wp]; conv_geometry sets Hp = Hc / pool (non-overlapping windows, floor: trailing rows / columns
+// of the conv output are dropped), pooled_len gives any max_pool2d window's size.
 // I is int64_t on the CPU and int in the CUDA kernels (which index inside one image in 32 bits).
 template <typename I>
 struct ConvGeometry {

@@ -4,7 +4,7 @@
 // Tensor-core kernel (fp16 / bf16 / tf32): implicit GEMM with M = pooled pixels (N * Hp * Wp),
 // N = output channels, K = C_in * KH * KW taken in weight order (ci, kh, kw). For every window offset
 // t = dy * pool + dx the whole K loop runs into fresh accumulators for the conv outputs at
-// (ph * pool + dy, pw * pool + dx); the epilogue applies scale/shift to each candidate *before* the
+// (ph * ps - pp + dy, pw * ps - pp + dx); the epilogue applies scale/shift to each candidate *before* the
 // running max (so a negative scale is right without tracking minima) and keeps max + argmax in
 // registers. The pre-pool map never touches memory: only y and one switch byte per pooled element are
 // written. Any max_pool2d window: window (ph, pw) starts at conv row ph * ps - pp; its offsets outside the

@@ -4,8 +4,8 @@
 // unpooled, masked, scaled map, generated in the loader and never materialized: for output pixel
 // (ih, iw) and tap (co, kh, kw) the conv position is (oh, ow) = ((ih + p - kh) / s, (iw + p - kw) / s)
 // when both divide exactly; it carries mu * (bit 7 ? 1 : negative_slope) * scale[co] only if the
-// switch byte of its window records exactly that position, else 0 (also in the dropped trailing
-// rows / columns oh >= Hp * pool). With overlapping max_pool2d windows (pool stride < pool) it carries
+// switch byte of its window records exactly that position, else 0 (also in the rows / columns no window
+// reaches, oh >= pooled_cover). With overlapping max_pool2d windows (pool stride < pool) it carries
 // the sum over the windows that cover (oh, ow) and record it (unpooled_at, common.cuh), added in a fixed
 // order: deterministic, no atomics. B is the weight read as [(co, kh, kw), ci]: the "same weights"
 // of the forward. The zeros (>= 3/4 of A for pool 2) are kept as dense tensor-core work; a scatter

@@ -5,7 +5,7 @@ x_hat (flattened over N*H*W) x BLOCK_CI input channels. For each tap (kh, kw) a 
 the conv-output position it feeds, oh = (ih + pad - kh) / stride (only when divisible), and for a
 block of output channels the A operand is built while loading: mu at the pooled position, kept only
 where the switch offset equals this position inside its window, times the activation factor (1 if
-bit 7 else negative_slope) and scale[c]. Positions in dropped trailing rows/columns (oh >= Hp*pool)
+bit 7 else negative_slope) and scale[c]. Positions no window reaches (the dropped trailing rows / columns)
 get nothing, as in the contract. B is the weight tap W[c, ci, kh, kw].
 
 Overlapping windows (pool stride PS < POOL): a conv-output position lies in at most ceil(POOL/PS)^2 windows; the

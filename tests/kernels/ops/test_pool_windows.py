@@ -262,6 +262,17 @@ def test_the_compiled_cpu_kernels_take_every_window():
         torch.ops.drmm_C.render(mu, padded | 0x80, w, None, *geo.values(), 9, 8, 0.0)
 
 
+def test_an_empty_map_has_no_window_even_with_pool_padding():
+    """max_pool2d refuses a map with no rows, although its output-size formula gives one window with padding."""
+    if not dispatch.load_extension():
+        pytest.skip(dispatch.extension_error())
+    z, ones = torch.zeros(1, 2, 0, 4), torch.ones(2)
+    with pytest.raises(RuntimeError):
+        F.max_pool2d(z, 2, 2, 1)
+    with pytest.raises(RuntimeError, match="larger than the conv output"):
+        torch.ops.drmm_C.bn_pool(z, ones, ones, 2, 2, 1, False, 0.0)
+
+
 def test_defaults_are_non_overlapping_windows():
     x, w = torch.randn(1, 2, 9, 9), torch.randn(3, 2, 3, 3)
     for pool in (1, 2, 3, 4):
