@@ -361,8 +361,8 @@ std::tuple<at::Tensor, at::Tensor> epilogue(const char* op, const at::Tensor& z,
              negative_slope);
   const int64_t n = z.size(0), c = z.size(1), hp = pooled_len(z.size(2), pw), wp = pooled_len(z.size(3), pw);
   // (an empty map has no window even where the pool padding would give it an output size, as in max_pool2d)
-  DRMM_CHECK(z.size(2) >= 1 && z.size(3) >= 1 && hp >= 1 && wp >= 1, op, "pool ", pool, " (stride ", pw.s,
-             ", padding ", pw.p, ") is larger than the conv output ", z.sizes());
+  DRMM_CHECK(z.size(2) >= 1 && z.size(3) >= 1 && hp >= 1 && wp >= 1, op, "pool ", pool, " (stride ", pw.s, ", padding ",
+             pw.p, ") is larger than the conv output ", z.sizes());
   if (scale.has_value()) check_vector(op, "scale", *scale, c, z);
   if (shift.has_value()) check_vector(op, "shift", *shift, c, z);
   // Without pooling, y has z's shape: when z is our own temporary (conv_relu_pool), write y over it instead of
