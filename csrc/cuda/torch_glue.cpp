@@ -156,8 +156,8 @@ std::tuple<at::Tensor, at::Tensor> bn_pool(const at::Tensor& z, const at::Tensor
   const PoolWindow pw = checked_window(op, pool, pool_stride, pool_padding, ceil_mode);
   check_4d(z, z, op, "z");
   const int64_t hp64 = pooled_len(z.size(2), pw), wp64 = pooled_len(z.size(3), pw);
-  DRMM_CHECK(z.size(2) >= 1 && z.size(3) >= 1 && hp64 >= 1 && wp64 >= 1, op, "pool ", pool, " (stride ", pool_stride, ", padding ", pool_padding,
-             ") does not fit z of shape ", z.sizes());
+  DRMM_CHECK(z.size(2) >= 1 && z.size(3) >= 1 && hp64 >= 1 && wp64 >= 1, op, "pool ", pool, " (stride ", pool_stride,
+             ", padding ", pool_padding, ") does not fit z of shape ", z.sizes());
   c10::cuda::CUDAGuard guard(z.device());
   const auto dt = to_dtype(z, op, "z");
   const int n = to_int(z.size(0), op, "batch"), c = to_int(z.size(1), op, "C");
