@@ -1,6 +1,6 @@
 // Geometry of one layer: a convolution (square stride, zero padding, no dilation) followed by a
-// max-pool (PoolWindow below: any max_pool2d window). The only C++/CUDA definition; the Python one is drmm_kernels/contract.py.
-// Torch-free, so the CUDA launchers (csrc/cuda/launchers.h) share it.
+// max-pool (PoolWindow below: any max_pool2d window). The only C++/CUDA definition; the Python one is
+// drmm_kernels/contract.py. Torch-free, so the CUDA launchers (csrc/cuda/launchers.h) share it.
 #pragma once
 
 #include <cstdint>
