@@ -320,7 +320,7 @@ def test_triton_kernels_take_every_window(window, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.triton
-@pytest.mark.parametrize("window", [(3, 2, 1, False), (3, 2, 0, True)], ids=_ids)
+@pytest.mark.parametrize("window", [(3, 2, 1, False)], ids=_ids)  # one: each is a dozen compiles in the budget
 def test_triton_kernels_take_every_window_at_a_stem(window, monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("compiled Triton needs a GPU (the interpreter runs the small case)")
