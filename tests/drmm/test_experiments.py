@@ -58,7 +58,7 @@ def test_table1_row_appends_a_well_formed_csv_row(tmp_path, capsys):
         assert r["schedule"].startswith("smoke-3steps") and "max_steps=3" in r["schedule"]
         assert r["device"].startswith("cpu") and len(r["config_hash"]) == 12 and r["commit"]
         assert r["checkpoint"] == "last" and r["val_samples"] == "0"
-        assert r["final_val_error"] == r["best_val_error"] == "" and r["objective"] == "CE+RC"
+        assert r["final_val_error"] == r["best_val_error"] == "" and r["objective"] == "CE+RC+KLent+KLmarg"
         assert (out / r["run_dir"] / "metrics.csv").exists()
     assert rows[0]["config_hash"] != rows[1]["config_hash"]  # the seed is part of the config
     # the report was rendered after the row: our number beside the paper's, with its schedule
