@@ -123,6 +123,12 @@ __device__ __forceinline__ double affine(double z, const double* scale, const do
   return z;
 }
 
+// The offset of the first position inside the map of a pool x pool window starting at (oh0, ow0) (negative in the pool
+// padding): the argmax of a window whose values are all -inf, as in PyTorch.
+__host__ __device__ __forceinline__ int first_inside(int oh0, int ow0, int pool) {
+  return (oh0 < 0 ? -oh0 : 0) * pool + (ow0 < 0 ? -ow0 : 0);
+}
+
 // Running window max, PyTorch's max_pool2d rule: update on a strictly larger value (first maximum on
 // ties, in row-major window order) or on NaN (NaN wins).
 template <typename A>

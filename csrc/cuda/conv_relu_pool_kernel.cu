@@ -93,9 +93,8 @@ __global__ void __launch_bounds__(kThreads, 3) crp_tc_kernel(const FwdArgs<T> p)
   // registers for operands and accumulators (no spills). Only the owning thread touches an entry.
   __shared__ float s_best[kBN * kBM];  // (n, m) at n * kBM + m
   __shared__ uint8_t s_arg[kBN * kBM];
-  // the window's first position inside the conv output: the argmax of an all -inf window
   const int oh_first = ph * g.ps - g.pp, ow_first = pw * g.ps - g.pp;
-  const uint8_t first = static_cast<uint8_t>((oh_first < 0 ? -oh_first : 0) * g.pool + (ow_first < 0 ? -ow_first : 0));
+  const uint8_t first = static_cast<uint8_t>(first_inside(oh_first, ow_first, g.pool));
 #pragma unroll 4
   for (int j = 0; j < kEPerThread; ++j) {
     const int e = (ne + 2 * j) * kBM + ml;
@@ -253,7 +252,7 @@ __global__ void __launch_bounds__(256)
     return;
   }
   A best = -INFINITY;
-  int arg = (oh_first < 0 ? -oh_first : 0) * g.pool + (ow_first < 0 ? -ow_first : 0);
+  int arg = first_inside(oh_first, ow_first, g.pool);
   for (int t = 0; t < g.pool * g.pool; ++t) {
     const int oh = oh_first + t / g.pool, ow = ow_first + t % g.pool;
     if (static_cast<unsigned>(oh) >= static_cast<unsigned>(g.hc) ||
@@ -286,7 +285,7 @@ __global__ void __launch_bounds__(256)
   const T* zb = z + img * zs.n + ch * zs.c;
   const int oh0 = ph * ps - pp, ow0 = pw * ps - pp;
   A best = -INFINITY;
-  int arg = (oh0 < 0 ? -oh0 : 0) * pool + (ow0 < 0 ? -ow0 : 0);  // the first position inside z
+  int arg = first_inside(oh0, ow0, pool);
   for (int dy = 0; dy < pool; ++dy) {
     const int oh = oh0 + dy;
     if (static_cast<unsigned>(oh) >= static_cast<unsigned>(hc)) continue;

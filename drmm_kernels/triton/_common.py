@@ -78,11 +78,19 @@ def mma(a, b, acc, TF32: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def window_update(v, m, arg, t):
+def window_update(v, m, arg, t, inside):
     """Running window max with PyTorch pooling semantics: strict '>' keeps the first maximum on ties,
-    and a NaN always takes over (tl.max would skip it)."""
-    upd = (v > m) | (v != v)
+    and a NaN always takes over (tl.max would skip it); offset t counts only where ``inside`` (the pool
+    padding and a ceil-mode overhang never win)."""
+    upd = inside & ((v > m) | (v != v))
     return tl.where(upd, v, m), tl.where(upd, t, arg)
+
+
+@triton.jit
+def first_inside(hp, wp, POOL: tl.constexpr, PS: tl.constexpr, PP: tl.constexpr):
+    """The offset of window (hp, wp)'s first position inside the map (windows start at hp * PS - PP): the
+    argmax of a window whose values are all -inf, as in PyTorch."""
+    return tl.maximum(PP - hp * PS, 0) * POOL + tl.maximum(PP - wp * PS, 0)
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..contract import pooled_size
-from ._common import device_guard, pick_configs, store_pooled, window_update, on_kernel_dtypes
+from ._common import device_guard, first_inside, pick_configs, store_pooled, window_update, on_kernel_dtypes
 
 _CONFIGS = [
     triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4),
@@ -65,16 +65,13 @@ def _bn_pool_kernel(
     shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     base = (n * szn)[:, None] + offs_c.to(tl.int64)[None, :] * szc
     m = tl.full((BLOCK_P, BLOCK_C), float("-inf"), dtype=tl.float32)
-    first = tl.maximum(PP - hp * PS, 0) * POOL + tl.maximum(PP - wp * PS, 0)
-    arg = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.int32) + first[:, None]
+    arg = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.int32) + first_inside(hp, wp, POOL, PS, PP)[:, None]
     for t in range(POOL * POOL):
         oh = hp * PS - PP + t // POOL
         ow = wp * PS - PP + t % POOL
         inside = ((oh >= 0) & (oh < Hc) & (ow >= 0) & (ow < Wc))[:, None]
         z = tl.load(z_ptr + base + (oh * szh + ow * szw)[:, None], mask=mask & inside, other=0.0).to(tl.float32)
-        m_t, arg_t = window_update(z * scale[None, :] + shift[None, :], m, arg, t)
-        m = tl.where(inside, m_t, m)
-        arg = tl.where(inside, arg_t, arg)
+        m, arg = window_update(z * scale[None, :] + shift[None, :], m, arg, t, inside)
     out = (n[:, None] * C + offs_c[None, :]) * (Hp * Wp) + (hp * Wp + wp)[:, None]
     store_pooled(y_ptr, sw_ptr, out, mask, m, arg, slope, LEAKY)
 

@@ -29,6 +29,7 @@ from ._common import (
     on_kernel_dtypes,
     OFFSET_MASK,
     device_guard,
+    first_inside,
     mma,
     pick_configs,
     store_pooled,
@@ -131,9 +132,7 @@ def _conv_pool_kernel(
         if HAS_SHIFT:
             shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         m = tl.full((BLOCK_P, BLOCK_CO), float("-inf"), dtype=tl.float32)
-        # the window's first position inside the conv output: the argmax of an all -inf window, as in PyTorch
-        first = tl.maximum(PP - hp * PS, 0) * POOL + tl.maximum(PP - wp * PS, 0)
-        arg = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.int32) + first[:, None]
+        arg = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.int32) + first_inside(hp, wp, POOL, PS, PP)[:, None]
 
     for t in range(POOL * POOL):
         oh = hp * PS - PP + t // POOL
@@ -192,9 +191,7 @@ def _conv_pool_kernel(
                 v = v * scale[None, :]
             if HAS_SHIFT:
                 v = v + shift[None, :]
-            m_t, arg_t = window_update(v, m, arg, t)
-            m = tl.where(inside[:, None], m_t, m)
-            arg = tl.where(inside[:, None], arg_t, arg)
+            m, arg = window_update(v, m, arg, t, inside[:, None])
 
     if GATHER:
         tl.store(y_ptr + out_offs, res.to(y_ptr.dtype.element_ty), mask=out_mask)
