@@ -274,41 +274,147 @@ void epilogue_nhwc(const T* z, const T* s, const T* b, int64_t n, int64_t c, int
   });
 }
 
-// Any other max_pool2d window (overlapping, padded, ceil mode), on NCHW planes: each window clipped to the map and
-// scanned row-major from its first valid element, updating on `v > max || isnan(v)` as max_pool2d does; the
-// offset counts from the window's unclipped first row and column, so it never points into the padding.
-template <typename T>
+// Any other max_pool2d window (overlapping, padded, ceil mode), on NCHW planes, separably as the plain kernel does:
+// (1) per pooled row, down each map column over the window's rows clipped to the map (contiguous vector loads; the
+// scan rule over dy: first maximum, last NaN), (2) across each window's columns, with the offset dy * k + dx counted
+// from the window's unclipped origin so it never points into the padding. better() on (value, offset) makes the
+// two steps pick what max_pool2d's row-major scan picks (first maximum, last NaN; the first position inside the map
+// when every value is -inf). Windows that lie inside the map take W at a time: lane l's column x + l * s is lane l
+// of the s vectors loaded from x, deinterleaved.
+template <typename T, int S>
+void pool_row_window(const T* __restrict__ cv, const typename Simd<T>::IS* __restrict__ cy, int64_t wc, int64_t k,
+                     int64_t p, int64_t wp, T slope, bool leaky, T* __restrict__ y, uint8_t* __restrict__ sw) {
+  using V = typename Simd<T>::V;
+  using I = typename Simd<T>::I;
+  using IS = typename Simd<T>::IS;
+  constexpr int W = Simd<T>::W;
+  auto scalar = [&](int64_t px) {
+    const int64_t w0 = px * S - p, ws = std::max<int64_t>(w0, 0), we = std::min<int64_t>(w0 + k, wc);
+    T m = cv[ws];
+    IS o = static_cast<IS>(cy[ws] * k + (ws - w0));
+    for (int64_t w = ws + 1; w < we; ++w) {
+      const T v = cv[w];
+      const IS ov = static_cast<IS>(cy[w] * k + (w - w0));
+      if (better(v, ov, m, o)) {
+        m = v;
+        o = ov;
+      }
+    }
+    y[px] = (m > T(0) || m != m) ? m : (leaky ? m * slope : T(0));
+    sw[px] = static_cast<uint8_t>(o | (m > T(0) ? kOnBit : 0));
+  };
+  // interior windows: w0 = px * S - p >= 0 and w0 + k <= wc
+  const int64_t lo = std::min<int64_t>(wp, (p + S - 1) / S);
+  const int64_t hi = std::max<int64_t>(lo, std::min<int64_t>(wp, wc + p - k >= 0 ? (wc + p - k) / S + 1 : 0));
+  int64_t px = 0;
+  for (; px < lo; ++px) scalar(px);
+#ifdef DRMM_HAVE_SHUFFLEVECTOR
+  constexpr auto lanes = std::make_integer_sequence<int, W>{};
+  const V vslope = vbroadcast(slope);
+  for (; px + W <= hi; px += W) {
+    const int64_t w0 = px * S - p;
+    // window column dx of W windows: lane l is column w0 + dx + l * S
+    auto column = [&](int64_t dx, V& v, I& ov) {
+      V cvv[S];
+      I cyv[S];
+      for (int j = 0; j < S; ++j) {
+        cvv[j] = vload(cv + w0 + dx + j * W);
+        cyv[j] = vload_as<I>(cy + w0 + dx + j * W);
+      }
+      v = deinterleave<V, I, S, 0>(cvv, V{}, lanes);
+      ov = deinterleave<I, I, S, 0>(cyv, I{}, lanes) * static_cast<IS>(k) + static_cast<IS>(dx);
+    };
+    V m;
+    I o;
+    column(0, m, o);
+    for (int64_t dx = 1; dx < k; ++dx) {
+      V v;
+      I ov;
+      column(dx, v, ov);
+      const I upd = better_v(v, ov, m, o);
+      m = upd ? v : m;
+      o = upd ? ov : o;
+    }
+    const I pos = m > V{};
+    V neg = m * vslope;
+    neg = (neg == neg) ? neg : V{};
+    vstore(y + px, (pos | (m != m)) ? m : neg);
+    store_bytes<T>(sw + px, o | (pos & kOnBit));
+  }
+#endif
+  for (; px < wp; ++px) scalar(px);
+}
+
+template <typename T, int S>
 void epilogue_window(const T* z, const T* s, const T* b, int64_t n, int64_t c, int64_t hc, int64_t wc,
                      const PoolWindow& pw, int64_t hp, int64_t wp, T slope, bool leaky, T* y, uint8_t* sw) {
+  using V = typename Simd<T>::V;
+  using I = typename Simd<T>::I;
+  using IS = typename Simd<T>::IS;
+  constexpr int W = Simd<T>::W;
   const int64_t plane = hc * wc, pplane = hp * wp, k = pw.k;
   WorkQueue queue(n * c, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, plane)));
   queue.run([&](int64_t, WorkQueue& wq) {
+    // one pooled row's column maxima; the tail pads the deinterleaving loads of the last interior windows
+    std::vector<T> colv(wc + 4 * W);
+    std::vector<IS> coly(wc + 4 * W);
+    T* __restrict__ cv = colv.data();
+    IS* __restrict__ cy = coly.data();
     for (int64_t begin, end; wq.take(&begin, &end);)
       for (int64_t i = begin; i < end; ++i) {
         const T sc = s[i % c], sh = b[i % c];
-        const T* zi = z + i * plane;
-        T* yi = y + i * pplane;
-        uint8_t* si = sw + i * pplane;
+        const V vs = vbroadcast(sc), vb = vbroadcast(sh);
+        const T* __restrict__ zi = z + i * plane;
         for (int64_t py = 0; py < hp; ++py) {
           const int64_t h0 = py * pw.s - pw.p, hs = std::max<int64_t>(h0, 0), he = std::min<int64_t>(h0 + k, hc);
-          for (int64_t px = 0; px < wp; ++px) {
-            const int64_t w0 = px * pw.s - pw.p, ws = std::max<int64_t>(w0, 0), we = std::min<int64_t>(w0 + k, wc);
-            T m = -std::numeric_limits<T>::infinity();
-            int64_t d = (hs - h0) * k + (ws - w0);
-            for (int64_t h = hs; h < he; ++h)
-              for (int64_t w = ws; w < we; ++w) {
-                const T v = zi[h * wc + w] * sc + sh;
-                if (v > m || v != v) {
-                  m = v;
-                  d = (h - h0) * k + (w - w0);
-                }
-              }
-            yi[py * wp + px] = (m > T(0) || m != m) ? m : (leaky ? m * slope : T(0));
-            si[py * wp + px] = static_cast<uint8_t>(d | (m > T(0) ? kOnBit : 0));
+          const T* __restrict__ r0 = zi + hs * wc;
+          const IS d0 = static_cast<IS>(hs - h0);
+          int64_t x = 0;
+          for (; x + W <= wc; x += W) {
+            V m = vload(r0 + x) * vs + vb;
+            I d = I{} + d0;
+            for (int64_t h = hs + 1; h < he; ++h) {
+              const V v = vload(zi + h * wc + x) * vs + vb;
+              const I upd = (v > m) | (v != v);
+              m = upd ? v : m;
+              d = upd ? (I{} + static_cast<IS>(h - h0)) : d;
+            }
+            vstore(cv + x, m);
+            vstore(cy + x, d);
           }
+          for (; x < wc; ++x) {
+            T m = r0[x] * sc + sh;
+            IS d = d0;
+            for (int64_t h = hs + 1; h < he; ++h) {
+              const T v = zi[h * wc + x] * sc + sh;
+              if (v > m || v != v) {
+                m = v;
+                d = static_cast<IS>(h - h0);
+              }
+            }
+            cv[x] = m;
+            cy[x] = d;
+          }
+          pool_row_window<T, S>(cv, cy, wc, k, pw.p, wp, slope, leaky, y + i * pplane + py * wp,
+                                sw + i * pplane + py * wp);
         }
       }
   });
+}
+
+template <typename T>
+void run_epilogue_window(const T* z, const T* s, const T* b, int64_t n, int64_t c, int64_t hc, int64_t wc,
+                         const PoolWindow& pw, int64_t hp, int64_t wp, T slope, bool leaky, T* y, uint8_t* sw) {
+  switch (pw.s) {  // checked_window: 1 <= s <= k <= 4
+    case 1:
+      return epilogue_window<T, 1>(z, s, b, n, c, hc, wc, pw, hp, wp, slope, leaky, y, sw);
+    case 2:
+      return epilogue_window<T, 2>(z, s, b, n, c, hc, wc, pw, hp, wp, slope, leaky, y, sw);
+    case 3:
+      return epilogue_window<T, 3>(z, s, b, n, c, hc, wc, pw, hp, wp, slope, leaky, y, sw);
+    default:
+      return epilogue_window<T, 4>(z, s, b, n, c, hc, wc, pw, hp, wp, slope, leaky, y, sw);
+  }
 }
 
 template <typename T>
@@ -386,9 +492,9 @@ std::tuple<at::Tensor, at::Tensor> epilogue(const char* op, const at::Tensor& z,
                              y, sw);
     } else {
       const at::Tensor zc = z.contiguous();
-      epilogue_window<scalar_t>(zc.data_ptr<scalar_t>(), s.data(), b.data(), n, c, z.size(2), z.size(3), pw, hp, wp,
-                                static_cast<scalar_t>(negative_slope), negative_slope > 0.0, y.data_ptr<scalar_t>(),
-                                sw.data_ptr<uint8_t>());
+      run_epilogue_window<scalar_t>(zc.data_ptr<scalar_t>(), s.data(), b.data(), n, c, z.size(2), z.size(3), pw, hp,
+                                    wp, static_cast<scalar_t>(negative_slope), negative_slope > 0.0,
+                                    y.data_ptr<scalar_t>(), sw.data_ptr<uint8_t>());
     }
   });
   return {y, sw};

@@ -262,6 +262,27 @@ def test_the_compiled_cpu_kernels_take_every_window():
         torch.ops.drmm_C.render(mu, padded | 0x80, w, None, *geo.values(), 9, 8, 0.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("window", WINDOWS, ids=_ids)
+def test_the_cpu_epilogue_equals_max_pool2d_on_wide_maps(window, dtype):
+    """The CPU epilogue pools whole vectors of windows at once where the windows lie inside the map (16 float / 8
+    double lanes): maps wide enough for that path, with exact ties (integers), a NaN, and rows and columns of -inf
+    (where max_pool2d keeps the window's first position inside the map), equal max_pool2d bit for bit."""
+    if not dispatch.load_extension():
+        pytest.skip(dispatch.extension_error())
+    gen = torch.Generator().manual_seed(7)
+    z = torch.randint(-3, 3, (2, 3, 11, 83), generator=gen).to(dtype)
+    z[0, 1, 4, 40] = float("nan")
+    z[1, 0, 2:5, :] = float("-inf")
+    z[1, 2, :, 30:37] = float("-inf")
+    c = z.shape[1]
+    y, sw = torch.ops.drmm_C.bn_pool(z, torch.ones(c, dtype=dtype), torch.zeros(c, dtype=dtype), *window, 0.0)
+    pooled, idx = _eager_pool(z, window)
+    assert torch.equal(dk.switches_to_indices(sw, conv_size=z.shape[-2:], **_pool_args(window)), idx)
+    torch.testing.assert_close(y, F.relu(pooled), equal_nan=True, rtol=0, atol=0)
+    assert torch.equal((sw >= 0x80), pooled > 0)
+
+
 def test_an_empty_map_has_no_window_even_with_pool_padding():
     """max_pool2d refuses a map with no rows, although its output-size formula gives one window with padding."""
     if not dispatch.load_extension():
