@@ -240,13 +240,17 @@ def render(
     window = check.window(pool, pool_stride, pool_padding, ceil_mode)
     check.channel_vector("scale", scale, weight.shape[0], "mu", mu)
     out_hw = check.size_pair("out_size", out_size, "(H, W) of the layer's input")
-    _, phw = check.geometry("out_size", out_hw, weight, stride, padding, **window)
+    chw, phw = check.geometry("out_size", out_hw, weight, stride, padding, **window)
     if phw != tuple(mu.shape[-2:]):
         raise check.value_error(
             f"out_size {out_hw} gives pooled size {phw} with kernel "
             f"{tuple(weight.shape[-2:])}, stride {stride}, padding {padding}, {_window_str(window)}, but "
             f"mu has spatial size {tuple(mu.shape[-2:])} (shape ({shape_str(mu)}))"
         )
+    if dispatch.resolve(mu.device) != "cpu":
+        # The C++ CPU kernels refuse a malformed byte as they read it; the others would drop its value (Triton,
+        # CUDA) or route it to another window's position (the reference): check the bytes first.
+        check.switch_bytes(switches, window, chw)
     return render_op(
         mu=mu,
         switches=switches,

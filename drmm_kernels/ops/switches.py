@@ -118,25 +118,8 @@ def switches_to_indices(
             f"conv_size {(hc, wc)} with pool {pool} gives pooled size {phw}, but switches has shape "
             f"({shape_str(switches)})"
         )
+    # The conversion trusts nothing it cannot check: a byte outside the window would index another window's
+    # position, one in the padding no position at all.
+    check.switch_bytes(switches, window, (hc, wc))
     stride, padding = window["pool_stride"], window["pool_padding"]
-    # The conversion trusts nothing it cannot check: an offset outside the pool x pool window (or a set bit 4-6)
-    # would index another window's position, and one in the padding no position at all. Skipped while compiling,
-    # where the values are not known.
-    if not torch.compiler.is_compiling() and switches.numel():
-        bad = (switches & 0x7F) >= pool * pool
-        if bool(bad.any()):
-            value = int(switches[bad][0])
-            raise check.value_error(
-                f"switches holds byte {value:#04x}, whose offset bits (0-6) give {value & 0x7F}, outside the "
-                f"{pool}x{pool} window (offsets 0..{pool * pool - 1}); were they recorded with pool={pool}?"
-            )
-        if padding or window["ceil_mode"]:
-            h, w = reference.switch_positions(switches, pool, stride, padding)
-            outside = (h < 0) | (h >= hc) | (w < 0) | (w >= wc)
-            if bool(outside.any()):
-                value = int(switches[outside][0])
-                raise check.value_error(
-                    f"switches holds byte {value:#04x}, whose offset points outside the {hc}x{wc} map (into the "
-                    f"pool padding); were they recorded with pool_stride={stride}, pool_padding={padding}?"
-                )
     return reference.switches_to_indices(switches, pool, (hc, wc), stride, padding)

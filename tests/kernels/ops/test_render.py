@@ -144,6 +144,29 @@ def test_render_bad_input():
         assert str(info.value).startswith("drmm_kernels.render: "), str(info.value)
 
 
+_CHECKED = oc.BACKENDS + (["triton"] if dk.available_backends()["triton"] else [])
+
+
+@pytest.mark.parametrize("backend", _CHECKED)
+def test_render_refuses_a_malformed_switch_byte_on_every_backend(backend):
+    """A byte whose offset lies outside its window, or in the pool padding, is an error on every backend, before
+    any kernel runs (the Triton and CUDA kernels would drop its value, the reference route it elsewhere)."""
+    x, w = oc.base()
+    cases = [
+        (dict(), 0x8F, "outside the 2x2 window"),  # offset 15 with pool 2: index 111 of a 64-element map
+        (dict(pool=3, pool_stride=2, pool_padding=1), 0x80, "into the pool padding"),  # window (0, 0), offset 0
+    ]
+    for window, byte, words in cases:
+        with dk.backend(backend):
+            y, sw = dk.conv_relu_pool(x, w, padding=1, **window)
+            sw = sw.clone()
+            sw[0, 0, 0, 0] = byte
+            # (the C++ CPU kernels raise as they read the byte: RuntimeError, their own wording)
+            with pytest.raises((ValueError, RuntimeError), match=r"^drmm_kernels.render: switches hold") as info:
+                dk.render(y, sw, w, padding=1, out_size=(8, 8), **window)
+        assert backend == "cpu" or (info.type is ValueError and words in str(info.value)), str(info.value)
+
+
 # --------------------------------------------------------------------------- cpu kernels
 
 
