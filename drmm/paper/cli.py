@@ -95,6 +95,12 @@ def cmd_throughput(args) -> int:
             f"[experiment] {m['device']} {s['model']} {s['trainer']:8s} batch {s['batch']}: "
             f"{s['images_per_s']:.0f} images/s (median step {1000 * s['median_step_s']:.1f} ms)"
         )
+    r = m["eg_vs_reference"]
+    print(
+        f"[experiment] EG step on the {r['backend']} backend vs the reference backend, {r['pairs']} alternated pairs: "
+        f"{1000 * r['reference_median_step_s']:.1f} / {1000 * r['backend_median_step_s']:.1f} ms, "
+        f"{r['ratio']:.2f}x faster"
+    )
     print(f"[experiment] load average before {m['load_average_before']}, after {m['load_average_after']}")
     return 0
 

@@ -13,6 +13,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+import drmm_kernels as dk
+from drmm_kernels import dispatch
+
 from ..config import config_from_dict, resolve_device
 from ..plan import load_data
 from ..train import model_from_config, train_step
@@ -26,20 +29,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_step(
-    model_name: str,
-    trainer: str,
-    batch: int,
-    device: torch.device,
-    warmup: int,
-    repeats: int,
-    data_dir: Optional[str] = None,
-) -> Dict[str, Any]:
-    """Images/s of one training step (forward, [render,] backward, Adam), median over ``repeats`` timed steps.
-
-    The batch is half labeled, half unlabeled, as in semi-supervised training (backprop uses the labeled half only,
-    as the trainer does). MNIST images when available, else uniform noise (the speed does not depend on them).
-    """
+def _step_fn(model_name: str, trainer: str, batch: int, device: torch.device, data_dir: Optional[str]):
+    """(one training step as a function, images it consumes, data source), fresh model and optimizer (seed 0)."""
     cfg = config_from_dict(
         {"model": model_name, "trainer": trainer, "batch_size": batch, "data_dir": data_dir, "download": False}
     )
@@ -64,6 +55,24 @@ def measure_step(
         loss.backward()
         optimizer.step()
 
+    return step, len(x), source
+
+
+def measure_step(
+    model_name: str,
+    trainer: str,
+    batch: int,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    data_dir: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Images/s of one training step (forward, [render,] backward, Adam), median over ``repeats`` timed steps.
+
+    The batch is half labeled, half unlabeled, as in semi-supervised training (backprop uses the labeled half only,
+    as the trainer does). MNIST images when available, else uniform noise (the speed does not depend on them).
+    """
+    step, images, source = _step_fn(model_name, trainer, batch, device, data_dir)
     for _ in range(warmup):
         step()
     seconds = []
@@ -78,7 +87,7 @@ def measure_step(
         "model": model_name,
         "trainer": trainer,
         "batch": batch,
-        "images_per_step": len(x),
+        "images_per_step": images,
         "median_step_s": median,
         "images_per_s": batch / median,
         "min_step_s": min(seconds),
@@ -86,6 +95,48 @@ def measure_step(
         "warmup": warmup,
         "repeats": repeats,
         "data": source,
+    }
+
+
+def measure_backend_ratio(
+    model_name: str,
+    batch: int,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    data_dir: Optional[str] = None,
+) -> Dict[str, Any]:
+    """The EG step on the default (fastest available) kernel backend against the same step on the reference
+    backend (plain PyTorch ops, the oracle): two identical models, steps alternated so that both see the same
+    machine load; ``ratio`` = median of the per-pair reference / fused step times (above 1: the kernels are
+    faster)."""
+    steps = {}
+    for name in ("reference", "auto"):
+        with dk.backend(name):
+            steps[name] = _step_fn(model_name, "eg", batch, device, data_dir)[0]
+    backend = dispatch.resolve(device)
+
+    def timed(name: str) -> float:
+        with dk.backend(name):
+            _sync(device)
+            t0 = time.perf_counter()
+            steps[name]()
+            _sync(device)
+            return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        timed("reference"), timed("auto")
+    pairs = []
+    for i in range(repeats):
+        order = ("reference", "auto") if i % 2 == 0 else ("auto", "reference")
+        t = {name: timed(name) for name in order}
+        pairs.append((t["reference"], t["auto"]))
+    return {
+        "backend": backend,
+        "reference_median_step_s": statistics.median(r for r, _ in pairs),
+        "backend_median_step_s": statistics.median(f for _, f in pairs),
+        "ratio": statistics.median(r / f for r, f in pairs),
+        "pairs": repeats,
     }
 
 
@@ -104,6 +155,7 @@ def run_throughput(
         measure_step(model_name, trainer, batch, device, warmup, repeats, data_dir) for trainer in ("eg", "backprop")
     ]
     measurement = {
+        "eg_vs_reference": measure_backend_ratio(model_name, batch, device, warmup, repeats, data_dir),
         "device": device_description(device),
         "torch": torch.__version__,
         "host": platform.node(),
@@ -122,6 +174,15 @@ def run_throughput(
     return measurement
 
 
+def _ratio_cell(r: Optional[Dict[str, Any]]) -> str:
+    if not r:
+        return "not measured"
+    return (
+        f"{1000 * r['reference_median_step_s']:.0f} / {1000 * r['backend_median_step_s']:.0f} ms "
+        f"({r['backend']}): **{r['ratio']:.2f}x**"
+    )
+
+
 def throughput_lines(history: Dict[str, Any]) -> List[str]:
     lines = [
         "## Training-step throughput",
@@ -129,11 +190,12 @@ def throughput_lines(history: Dict[str, Any]) -> List[str]:
         "One training step on a semi-supervised batch (half labeled, half unlabeled), median over the timed "
         "repeats (`drmm experiment throughput`). Images/s counts the whole batch for both trainers, as both "
         "consume one batch per step; the EG step runs all of it bottom-up and top-down, the backprop step "
-        "only its labeled half, bottom-up.",
+        "only its labeled half, bottom-up. The ratio column times the same EG step on the reference backend (plain "
+        "PyTorch ops) and on the kernels, alternated pair by pair (median of the per-pair ratios).",
         "",
         "| device | model | batch | EG: images/s (median step) | backprop: images/s (median step) | "
-        "load average before (1, 5, 15 min) | when |",
-        "|---|---|---|---|---|---|---|",
+        "EG step, reference backend / kernels (ratio) | load average before (1, 5, 15 min) | when |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in history["measurements"]:
         by = {s["trainer"]: s for s in m["steps"]}
@@ -141,6 +203,7 @@ def throughput_lines(history: Dict[str, Any]) -> List[str]:
         lines.append(
             f"| {m['device']} | {eg['model']} | {eg['batch']} | {eg['images_per_s']:.0f} "
             f"({1000 * eg['median_step_s']:.0f} ms) | {bp['images_per_s']:.0f} "
-            f"({1000 * bp['median_step_s']:.0f} ms) | {m['load_average_before']} | {m['measured_at']} |"
+            f"({1000 * bp['median_step_s']:.0f} ms) | {_ratio_cell(m.get('eg_vs_reference'))} | "
+            f"{m['load_average_before']} | {m['measured_at']} |"
         )
     return lines
