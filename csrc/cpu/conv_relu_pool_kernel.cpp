@@ -492,9 +492,9 @@ std::tuple<at::Tensor, at::Tensor> epilogue(const char* op, const at::Tensor& z,
                              y, sw);
     } else {
       const at::Tensor zc = z.contiguous();
-      run_epilogue_window<scalar_t>(zc.data_ptr<scalar_t>(), s.data(), b.data(), n, c, z.size(2), z.size(3), pw, hp,
-                                    wp, static_cast<scalar_t>(negative_slope), negative_slope > 0.0,
-                                    y.data_ptr<scalar_t>(), sw.data_ptr<uint8_t>());
+      run_epilogue_window<scalar_t>(zc.data_ptr<scalar_t>(), s.data(), b.data(), n, c, z.size(2), z.size(3), pw, hp, wp,
+                                    static_cast<scalar_t>(negative_slope), negative_slope > 0.0, y.data_ptr<scalar_t>(),
+                                    sw.data_ptr<uint8_t>());
     }
   });
   return {y, sw};
