@@ -208,33 +208,6 @@ class Checker:
         if switches.dtype != torch.uint8:
             raise self.type_error(f"switches must be torch.uint8, got {switches.dtype}")
 
-    def switch_bytes(self, switches: Tensor, window: dict, conv_hw: Tuple[int, int]) -> None:
-        """Every byte's offset inside its ``pool x pool`` window (bits 4-6 clear) and, for a padded or ceil-mode
-        pool, on the ``conv_hw`` map rather than in the padding. One pass over the bytes (a host sync on a GPU);
-        skipped while compiling, where the values are not known."""
-        from .reference import switch_positions  # (reference imports this module)
-
-        if torch.compiler.is_compiling() or not switches.numel():
-            return
-        pool, stride, padding = window["pool"], window["pool_stride"], window["pool_padding"]
-        bad = (switches & 0x7F) >= pool * pool
-        if bool(bad.any()):
-            value = int(switches[bad][0])
-            raise self.value_error(
-                f"switches holds byte {value:#04x}, whose offset bits (0-6) give {value & 0x7F}, outside the "
-                f"{pool}x{pool} window (offsets 0..{pool * pool - 1}); were they recorded with pool={pool}?"
-            )
-        if padding or window["ceil_mode"]:
-            hc, wc = conv_hw
-            h, w = switch_positions(switches, pool, stride, padding)
-            outside = (h < 0) | (h >= hc) | (w < 0) | (w >= wc)
-            if bool(outside.any()):
-                value = int(switches[outside][0])
-                raise self.value_error(
-                    f"switches holds byte {value:#04x}, whose offset points outside the {hc}x{wc} map (into the "
-                    f"pool padding); were they recorded with pool_stride={stride}, pool_padding={padding}?"
-                )
-
     def size_pair(self, name: str, size, what: str) -> Tuple[int, int]:
         """``(H, W)``; a full ``(N, C, H, W)`` shape is accepted too."""
         if isinstance(size, (torch.Size, tuple, list)):

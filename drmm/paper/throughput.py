@@ -14,7 +14,6 @@ from typing import Any, Dict, List, Optional
 import torch
 
 import drmm_kernels as dk
-from drmm_kernels import dispatch
 
 from ..config import config_from_dict, resolve_device
 from ..plan import load_data
@@ -114,7 +113,9 @@ def measure_backend_ratio(
     for name in ("reference", "auto"):
         with dk.backend(name):
             steps[name] = _step_fn(model_name, "eg", batch, device, data_dir)[0]
-    backend = dispatch.resolve(device)
+    # the backend "auto" picks on this device (drmm_kernels' order: cpu; triton, then cuda, on a GPU)
+    order = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
+    backend = next((name for name in order if dk.available_backends()[name]), "reference")
 
     def timed(name: str) -> float:
         with dk.backend(name):

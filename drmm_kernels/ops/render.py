@@ -17,7 +17,7 @@ from torch import Tensor
 from .. import dispatch
 from ..contract import Checker, shape_str, window_of
 from ..schema import SCHEMAS
-from .switches import all_on, channel_sum, masked_values
+from .switches import all_on, channel_sum, check_switch_bytes, masked_values
 
 
 # --------------------------------------------------------------------------- render (internal op)
@@ -250,7 +250,7 @@ def render(
     if dispatch.resolve(mu.device) != "cpu":
         # The C++ CPU kernels refuse a malformed byte as they read it; the others would drop its value (Triton,
         # CUDA) or route it to another window's position (the reference): check the bytes first.
-        check.switch_bytes(switches, window, chw)
+        check_switch_bytes(check, switches, window, chw)
     return render_op(
         mu=mu,
         switches=switches,

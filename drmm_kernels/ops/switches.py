@@ -88,6 +88,32 @@ unpool = dispatch.CustomOp(SCHEMAS["unpool"], _unpool_impl, _unpool_fake, _unpoo
 # --------------------------------------------------------------------------- switches_to_indices
 
 
+def check_switch_bytes(check: Checker, switches: Tensor, window: dict, conv_hw) -> None:
+    """Every byte's offset inside its ``pool x pool`` window (bits 4-6 clear) and, for a padded or ceil-mode
+    pool, on the ``conv_hw`` map rather than in the padding. One pass over the bytes (a host sync on a GPU);
+    skipped while compiling, where the values are not known."""
+    if torch.compiler.is_compiling() or not switches.numel():
+        return
+    pool, stride, padding = window["pool"], window["pool_stride"], window["pool_padding"]
+    bad = (switches & 0x7F) >= pool * pool
+    if bool(bad.any()):
+        value = int(switches[bad][0])
+        raise check.value_error(
+            f"switches holds byte {value:#04x}, whose offset bits (0-6) give {value & 0x7F}, outside the "
+            f"{pool}x{pool} window (offsets 0..{pool * pool - 1}); were they recorded with pool={pool}?"
+        )
+    if padding or window["ceil_mode"]:
+        hc, wc = conv_hw
+        h, w = reference.switch_positions(switches, pool, stride, padding)
+        outside = (h < 0) | (h >= hc) | (w < 0) | (w >= wc)
+        if bool(outside.any()):
+            value = int(switches[outside][0])
+            raise check.value_error(
+                f"switches holds byte {value:#04x}, whose offset points outside the {hc}x{wc} map (into the "
+                f"pool padding); were they recorded with pool_stride={stride}, pool_padding={padding}?"
+            )
+
+
 def switches_to_indices(
     switches: Tensor,
     *,
@@ -120,6 +146,6 @@ def switches_to_indices(
         )
     # The conversion trusts nothing it cannot check: a byte outside the window would index another window's
     # position, one in the padding no position at all.
-    check.switch_bytes(switches, window, (hc, wc))
+    check_switch_bytes(check, switches, window, (hc, wc))
     stride, padding = window["pool_stride"], window["pool_padding"]
     return reference.switches_to_indices(switches, pool, (hc, wc), stride, padding)

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
+import drmm_kernels as dk
+
 from drmm import paper as E
 from drmm.config import TrainConfig
 from drmm.paper import rows, runner
 from drmm.cli import main
 from drmm_cases import DATA_DIR, needs_mnist
-from drmm_kernels import dispatch
 
 TINY = [
     "--set",
@@ -298,7 +299,8 @@ def test_throughput_writes_images_per_second(tmp_path):
     assert {s["trainer"] for s in m["steps"]} == {"eg", "backprop"}
     assert all(s["images_per_s"] > 0 and s["data"] == "noise" for s in m["steps"])
     r = m["eg_vs_reference"]
-    assert r["pairs"] == 2 and r["ratio"] > 0 and r["reference_median_step_s"] > 0 and r["backend"] in dispatch.NAMES
+    assert r["pairs"] == 2 and r["ratio"] > 0 and r["reference_median_step_s"] > 0
+    assert r["backend"] in dk.available_backends()
     E.run_throughput("rfm", 8, tmp_path, warmup=0, repeats=1, data_dir=str(tmp_path / "nodata"))
     history = json.loads((tmp_path / "throughput.json").read_text())
     assert len(history["measurements"]) == 2  # appended, not overwritten
