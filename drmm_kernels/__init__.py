@@ -22,7 +22,7 @@ True
 """
 
 from .attribution import attribution
-from .dispatch import BackendStatus, available_backends, backend, get_backend, set_backend
+from .dispatch import BackendStatus, available_backends, backend, get_backend, resolve_backend, set_backend
 from .layers import FusedConvBNReLUPool2d, FusedConvReLUPool2d, Render2d
 from .ops import conv_bn_relu_pool, conv_relu_pool, render, switches_to_indices
 from .fuse import fuse, fuse_conv_relu_pool
@@ -35,6 +35,7 @@ __all__ = [
     "available_backends",
     "backend",
     "get_backend",
+    "resolve_backend",
     "set_backend",
     "conv_relu_pool",
     "conv_bn_relu_pool",

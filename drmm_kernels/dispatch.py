@@ -203,6 +203,18 @@ def resolve(device: torch.device) -> str:
     return name
 
 
+def resolve_backend(device) -> str:
+    """The backend that runs an op on ``device`` (a ``torch.device`` or a string such as ``"cpu"``) under the
+    current selection, with ``auto`` resolved (``"cpu"`` on CPU tensors where the C++ kernels are built).
+
+    >>> import drmm_kernels as dk
+    >>> with dk.backend("reference"):
+    ...     dk.resolve_backend("cpu")
+    'reference'
+    """
+    return resolve(torch.device(device))
+
+
 def primitive(name: str, op: str):
     """The function implementing primitive ``op`` in backend ``name`` (the reference's when it has none)."""
     mod = reference if name == "reference" else backend_module(name)

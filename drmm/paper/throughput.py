@@ -113,9 +113,8 @@ def measure_backend_ratio(
     for name in ("reference", "auto"):
         with dk.backend(name):
             steps[name] = _step_fn(model_name, "eg", batch, device, data_dir)[0]
-    # the backend "auto" picks on this device (drmm_kernels' order: cpu; triton, then cuda, on a GPU)
-    order = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
-    backend = next((name for name in order if dk.available_backends()[name]), "reference")
+    with dk.backend("auto"):
+        backend = dk.resolve_backend(device)
 
     def timed(name: str) -> float:
         with dk.backend(name):

@@ -211,6 +211,7 @@ def render(
     pool_stride: Optional[int] = None,
     pool_padding: int = 0,
     ceil_mode: bool = False,
+    check_switches: bool = True,
 ) -> Tensor:
     """Top-down pass: unpool ``mu`` at the recorded offsets, mask by ``a``, scale, transposed conv.
 
@@ -218,6 +219,11 @@ def render(
     recorded with. Where overlapping windows recorded the same position, it receives the sum of what they route
     to it (as max_pool2d's gradient does). With ``scale`` given this is the input gradient of
     :func:`conv_relu_pool` for upstream gradient ``mu``.
+
+    A switch byte whose offset lies outside its window (or in the pool padding) is a ``ValueError`` on every
+    backend, found by one pass over the bytes (a host sync on a GPU). ``check_switches=False`` skips that pass
+    for switches this package recorded or drew itself (a malformed byte then gives an unspecified result, or an
+    error on the C++ CPU backend).
 
     >>> from drmm_kernels import conv_relu_pool
     >>> x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
@@ -247,9 +253,9 @@ def render(
             f"{tuple(weight.shape[-2:])}, stride {stride}, padding {padding}, {_window_str(window)}, but "
             f"mu has spatial size {tuple(mu.shape[-2:])} (shape ({shape_str(mu)}))"
         )
-    if dispatch.resolve(mu.device) != "cpu":
-        # The C++ CPU kernels refuse a malformed byte as they read it; the others would drop its value (Triton,
-        # CUDA) or route it to another window's position (the reference): check the bytes first.
+    if check_switches:
+        # Checked on every backend: Triton and CUDA would drop a malformed byte's value and the reference would
+        # route it to another window's position (the C++ CPU kernels also refuse it as they read).
         check_switch_bytes(check, switches, window, chw)
     return render_op(
         mu=mu,

@@ -147,11 +147,14 @@ def test_render_bad_input():
 _CHECKED = oc.BACKENDS + (["triton"] if dk.available_backends()["triton"] else [])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", _CHECKED)
-def test_render_refuses_a_malformed_switch_byte_on_every_backend(backend):
-    """A byte whose offset lies outside its window, or in the pool padding, is an error on every backend, before
-    any kernel runs (the Triton and CUDA kernels would drop its value, the reference route it elsewhere)."""
+def test_render_refuses_a_malformed_switch_byte_on_every_backend(backend, dtype):
+    """A byte whose offset lies outside its window, or in the pool padding, is an error on every backend and
+    dtype (bfloat16 on the cpu backend falls back to the reference), before any kernel runs (the Triton and CUDA
+    kernels would drop its value, the reference route it elsewhere); ``check_switches=False`` skips the pass."""
     x, w = oc.base()
+    x, w = x.to(dtype), w.to(dtype)
     cases = [
         (dict(), 0x8F, "outside the 2x2 window"),  # offset 15 with pool 2: index 111 of a 64-element map
         (dict(pool=3, pool_stride=2, pool_padding=1), 0x80, "into the pool padding"),  # window (0, 0), offset 0
@@ -161,10 +164,25 @@ def test_render_refuses_a_malformed_switch_byte_on_every_backend(backend):
             y, sw = dk.conv_relu_pool(x, w, padding=1, **window)
             sw = sw.clone()
             sw[0, 0, 0, 0] = byte
-            # (the C++ CPU kernels raise as they read the byte: RuntimeError, their own wording)
-            with pytest.raises((ValueError, RuntimeError), match=r"^drmm_kernels.render: switches hold") as info:
+            with pytest.raises(ValueError, match=r"^drmm_kernels.render: switches holds byte") as info:
                 dk.render(y, sw, w, padding=1, out_size=(8, 8), **window)
-        assert backend == "cpu" or (info.type is ValueError and words in str(info.value)), str(info.value)
+            assert words in str(info.value), str(info.value)
+    if backend == "reference":
+        # unchecked, the reference routes the byte to another window's position instead of raising
+        with dk.backend(backend):
+            y, sw = dk.conv_relu_pool(x, w, padding=1)
+            sw = sw.clone()
+            sw[0, 0, 0, 0] = 0x83 + 4  # offset 7: (3, 1) of a 2x2 window, i.e. the next window row's (1, 1)
+            out = dk.render(y, sw, w, padding=1, out_size=(8, 8), check_switches=False)
+        assert out.shape == x.shape
+
+
+def test_resolve_backend_names_the_backend_auto_picks():
+    with dk.backend("reference"):
+        assert dk.resolve_backend("cpu") == "reference"
+    with dk.backend("auto"):
+        expected = "cpu" if dk.available_backends()["cpu"].available else "reference"
+        assert dk.resolve_backend(torch.device("cpu")) == expected
 
 
 # --------------------------------------------------------------------------- cpu kernels
