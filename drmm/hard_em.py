@@ -330,7 +330,7 @@ def layer_objective(
         pool=spec.fused_pool,
         out_size=tuple(x_in.shape[-2:]),
         negative_slope=spec.negative_slope,
-        check_switches=False,  # recorded or drawn here: skip the byte check's pass
+        check_switches=False,  # switches recorded by the model's forward: skip the per-call byte check
     )
     return (x_in - x_hat).pow(2).sum() + lam * weight.pow(2).sum()
 

@@ -537,7 +537,7 @@ class DRMM(nn.Module):
                 pool=spec.fused_pool,
                 out_size=latents.input_sizes[i],
                 negative_slope=spec.negative_slope,
-                check_switches=False,  # recorded or drawn here: skip the byte check's pass
+                check_switches=False,  # latents.switches were recorded by forward: skip the per-call byte check
             )
             mu = normalise(j, mu)
             levels.append(mu)

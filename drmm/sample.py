@@ -85,7 +85,7 @@ def render_with_switches(
             pool=spec.fused_pool,
             out_size=sizes[i],
             negative_slope=spec.negative_slope,
-            check_switches=False,  # recorded or drawn here: skip the byte check's pass
+            check_switches=False,  # switches from a forward pass or draw_switches: skip the per-call byte check
         )
         mu = model.top_down_norm(j, mu, frozen=True)
     return mu
