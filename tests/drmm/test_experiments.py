@@ -390,13 +390,14 @@ def test_study_trial_logs_its_validation_curve_and_never_looks_at_the_test_set(t
 
 
 def test_curves_name_the_schedule_and_dash_earlier_ones_when_a_row_has_several():
-    current = _fake_record("drmm2", "600", 0, "3.64", schedule="mnist-drmm2-ssl-b09-kl-cpu")
+    row_schedule = Path(rows.ROWS["drmm2"].cpu_config_file("600")).stem  # the "-" curve follows the row's choice
+    current = _fake_record("drmm2", "600", 0, "3.64", schedule=row_schedule)
     earlier = _fake_record("drmm2", "600", 0, "5.20", schedule="mnist-drmm2-ssl-b09-cpu")
-    one = {"mnist-drmm2-ssl-b09-kl-cpu"}
+    one = {row_schedule}
     both = one | {"mnist-drmm2-ssl-b09-cpu"}
     assert E.curve_style(current, "val", one) == ("N_L=600 s0 (val; test 3.64)", "-")
     label, style = E.curve_style(current, "val", both)
-    assert label.endswith("mnist-drmm2-ssl-b09-kl-cpu") and style == "-"
+    assert label.endswith(row_schedule) and style == "-"
     label, style = E.curve_style(earlier, "val", both)
     assert label.endswith("mnist-drmm2-ssl-b09-cpu") and style == "--"
 
