@@ -164,6 +164,30 @@ void gather_sparse(const Geometry& g, const at::Tensor& src, const T* srcp, cons
   });
 }
 
+// The conv output read at each window's recorded position: the second half of gather_conv's dense path.
+template <typename T>
+void gather_recorded(const Geometry& g, const T* conv, const uint8_t* sw, T* out, std::atomic<bool>& bad) {
+  const int64_t plane = g.hp * g.wp, conv_plane = g.hc * g.wc;
+  at::parallel_for(0, g.n * g.c_out, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const T* zc = conv + nc * conv_plane;
+      const uint8_t* swc = sw + nc * plane;
+      T* oc = out + nc * plane;
+      for (int64_t py = 0; py < g.hp; ++py) {
+        for (int64_t px = 0; px < g.wp; ++px) {
+          int64_t row, col;
+          if (!switch_position(g, py, px, swc[py * g.wp + px] & kOffsetMask, &row, &col)) {
+            bad = true;
+            oc[py * g.wp + px] = T(0);
+            continue;
+          }
+          oc[py * g.wp + px] = zc[row * g.wc + col];
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 at::Tensor render(const at::Tensor& mu, const at::Tensor& switches, const at::Tensor& weight,
@@ -229,6 +253,20 @@ at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& weight, const at
   }
   at::Tensor out = at::empty({g.n, g.c_out, g.hp, g.wp}, src.options());
   std::atomic<bool> bad{false};
+  if (g.kw * g.c_in < 2 * Simd<float>::W) {
+    // A kernel row shorter than two vectors (an image layer: 1 input channel, 5x5) leaves most lanes of the
+    // sparse dot product idle: oneDNN's dense conv of every position and one read per window is faster there
+    // (docs/results.md#training-step-throughput, L1).
+    const at::Tensor conv =
+        at::convolution(src, weight, std::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false, {0, 0}, 1)
+            .contiguous();
+    AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "drmm_cpu_gather_conv_dense", [&] {
+      gather_recorded<scalar_t>(g, conv.data_ptr<scalar_t>(), switches.contiguous().data_ptr<uint8_t>(),
+                                out.data_ptr<scalar_t>(), bad);
+    });
+    check_offsets("gather_conv", bad, pool);
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "drmm_cpu_gather_conv", [&] {
     const at::Tensor s = switches.contiguous();
     const at::Tensor wt = weight.permute({0, 2, 3, 1}).contiguous();

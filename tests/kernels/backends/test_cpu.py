@@ -35,10 +35,11 @@ def test_cpu_other_dtypes_fall_back_to_reference(dtype):
 
 
 @pytest.mark.cpu_backend
-def test_cpu_invalid_switch_offset_is_an_error():
+@pytest.mark.parametrize("cin", [3, 16])  # gather_conv's dense path (a 9-long kernel row) and its sparse one (48)
+def test_cpu_invalid_switch_offset_is_an_error(cin):
     mu = torch.randn(1, 2, 3, 3)
     sw = torch.full((1, 2, 3, 3), 0x85, dtype=torch.uint8)  # offset 5 >= pool*pool = 4
-    wt = torch.randn(2, 3, 3, 3)
+    wt = torch.randn(2, cin, 3, 3)
     with pytest.raises(RuntimeError, match="drmm_kernels.render: switches hold a window offset"):
         cpu.kernels.render(
             mu=mu,
@@ -54,7 +55,7 @@ def test_cpu_invalid_switch_offset_is_an_error():
         )
     with pytest.raises(RuntimeError, match="drmm_kernels.gather_conv: switches hold a window offset"):
         cpu.kernels.gather_conv(
-            src=torch.randn(1, 3, 6, 6), weight=wt, switches=sw, stride=1, padding=1, **plain_pool(2)
+            src=torch.randn(1, cin, 6, 6), weight=wt, switches=sw, stride=1, padding=1, **plain_pool(2)
         )
 
 

@@ -252,10 +252,20 @@ def test_cpu_render_wgrad_matches_reference(g, use_scale):
 @pytest.mark.cpu_backend
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    "cin,k,pool,stride,pad", [(20, 3, 2, 1, 1), (64, 3, 2, 1, 2), (33, 5, 3, 2, 2), (40, 1, 2, 1, 0), (17, 3, 1, 1, 1)]
+    "cin,k,pool,stride,pad",
+    [
+        (20, 3, 2, 1, 1),
+        (64, 3, 2, 1, 2),
+        (33, 5, 3, 2, 2),
+        (40, 1, 2, 1, 0),
+        (17, 3, 1, 1, 1),
+        (1, 5, 2, 1, 2),
+        (3, 5, 2, 2, 1),
+    ],
 )
 def test_cpu_sparse_kernels_vector_paths(dtype, cin, k, pool, stride, pad):
-    # Rows of k*C_in values long enough for the 16/8/4/2/1-vector blocks and their scalar tails.
+    # Rows of k*C_in values long enough for the 16/8/4/2/1-vector blocks and their scalar tails; the last two are
+    # image layers, whose rows are shorter than two vectors: gather_conv takes its dense path there.
     gen = torch.Generator().manual_seed(cin)
     n, cout, h, w = 3, 12, 11, 10
     hc, wc = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
