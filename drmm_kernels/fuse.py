@@ -144,7 +144,7 @@ class _BuiltByFuse:
         self.fused_path, self.chain = path, chain
         object.__setattr__(self, "_act_module", act_module)  # not children: they keep their own paths
         object.__setattr__(self, "_pool_module", pool_module)
-        if as_children:  # nn.Sequential fallback: their slots hold nn.Identity, so Captum finds them here
+        if as_children:  # nn.Sequential fallback: their slots hold a FusedAwaySlot, so Captum finds them here
             if act_module is not None:
                 self.add_module("unfused_act", act_module)
             if pool_module is not None:
@@ -429,7 +429,40 @@ class FusedAwayBatchNorm2d(nn.BatchNorm2d):
         return f"{super().extra_repr()}, fused into {self.fused_into}"
 
 
-_FUSED_TYPES = (FusedConvReLUPool2d, FusedConvBNReLUPool2d, FusedAwayBatchNorm2d)
+class FusedAwaySlot(nn.Identity):
+    """Placeholder left in an ``nn.Sequential`` slot whose activation or pool module a fused block took over (the
+    module itself lives on as the block's ``unfused_act`` / ``unfused_pool`` child): passes its input, the fused
+    block's output, through. A hook on the slot would see that output where the original module saw its own input
+    and output (a Captum layer method at the ReLU's path, say), so it raises and names the path to hook instead."""
+
+    fused_into: str = ""
+    moved_to: str = ""
+    replaced: str = ""
+    drmm_kernels_fused = True
+
+    @classmethod
+    def _from(cls, module: nn.Module, fused_into: str, moved_to: str) -> "FusedAwaySlot":
+        slot = cls()
+        slot.fused_into, slot.moved_to, slot.replaced = fused_into, moved_to, type(module).__name__
+        slot.training = module.training
+        return slot
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _hooked(self):
+            raise RuntimeError(
+                f"drmm_kernels.fuse: a hook is registered on the slot of the {self.replaced} that fuse folded into "
+                f"{self.fused_into!r}; the slot passes the fused block's output through, so the hook (e.g. a Captum "
+                f"layer method) would see another tensor than on the unfused model. Hook {self.moved_to!r} instead "
+                f"(the {self.replaced} itself: the block then runs unfused through it), or the unfused model; for "
+                f"input attributions use `with drmm_kernels.attribution(mode):`"
+            )
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.replaced} fused into {self.fused_into}, now at {self.moved_to}"
+
+
+_FUSED_TYPES = (FusedConvReLUPool2d, FusedConvBNReLUPool2d, FusedAwayBatchNorm2d, FusedAwaySlot)
 
 
 # --------------------------------------------------------------------------- torch.fx path
@@ -926,7 +959,7 @@ def _trace_modes(model: nn.Module, name: str, report_notes: List[str]) -> Dict[b
 def _fuse_sequential(model: nn.Module, report: FuseReport, strict: Optional[str] = None) -> nn.Module:
     """Fuse, in place, the chains inside the plain ``nn.Sequential`` containers of ``model``; the activation and
     pool modules a block replaced become its ``unfused_act`` / ``unfused_pool`` children (their slots hold
-    ``nn.Identity``), a fused BatchNorm2d's slot a ``FusedAwayBatchNorm2d``. ``strict`` (the caller's name): raise
+    ``FusedAwaySlot``), a fused BatchNorm2d's slot a ``FusedAwayBatchNorm2d``. ``strict`` (the caller's name): raise
     ``ValueError`` listing every chain a rule refuses, before changing anything, instead of reporting it."""
     found, refused = sequential_matches(model)
     if strict:
@@ -961,9 +994,9 @@ def _fuse_sequential(model: nn.Module, report: FuseReport, strict: Optional[str]
                 conv, slot, view.path(ch.bn), ch.padding, ch.slope, ch.pool_window, ch.order, ch.relu_module, **extra
             )
         setattr(seq, view.children[ch.conv][0], fused)
-        for i in (ch.act, ch.pool):
+        for i, child in ((ch.act, "unfused_act"), (ch.pool, "unfused_pool")):
             if i is not None:
-                setattr(seq, view.children[i][0], nn.Identity())
+                setattr(seq, view.children[i][0], FusedAwaySlot._from(view.children[i][1], where, f"{where}.{child}"))
         report.fused.append(FusedBlock(where, ch.desc, type(fused).__name__))
     return model
 
@@ -1066,8 +1099,9 @@ def fuse_conv_relu_pool(model: nn.Module) -> List[str]:
     the rules are ``drmm_kernels.fusion_rules``). Returns the paths of the fused blocks.
 
     Each block takes its conv's slot and parameters, so ``state_dict`` keys are unchanged; the activation and
-    the pool become the block's ``unfused_act`` / ``unfused_pool`` children and their slots ``nn.Identity``. A
-    hook on one of those (Captum's ``GuidedBackprop`` / ``Deconvolution`` hook every ``nn.ReLU``) makes the block
+    the pool become the block's ``unfused_act`` / ``unfused_pool`` children and their slots a ``FusedAwaySlot``
+    (an ``nn.Identity`` that raises ``RuntimeError`` if hooked, naming the child to hook instead). A hook on one of
+    those children (Captum's ``GuidedBackprop`` / ``Deconvolution`` hook every ``nn.ReLU``) makes the block
     run the original chain through them, so attributions match the unfused model's; a forward or backward hook
     on the block itself raises ``RuntimeError`` (``drmm_kernels.attribution`` gives those methods through the
     fused ops). Where a rule refuses a chain (the conv, batch norm, activation or pool is outside what the ops
@@ -1078,7 +1112,7 @@ def fuse_conv_relu_pool(model: nn.Module) -> List[str]:
     >>> fuse_conv_relu_pool(net)
     ['0']
     >>> type(net[0]).__name__, net[0].pool, type(net[1]).__name__
-    ('FusedConvActPool2d', 2, 'Identity')
+    ('FusedConvActPool2d', 2, 'FusedAwaySlot')
     """
     report = FuseReport(type(model).__name__, "modules")
     _fuse_sequential(model, report, strict="fuse_conv_relu_pool")

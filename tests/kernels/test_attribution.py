@@ -472,6 +472,31 @@ def test_captum_on_fused_custom_nets(net, mode):
     _assert_rel(_ours(fused, x, mode, target), _captum(model, x, mode, target), f"{net}, {mode}, fused ops")
 
 
+def test_captum_layer_methods_on_the_slots_the_sequential_fallback_emptied():
+    """After the nn.Sequential fallback the ReLU / pool paths hold pass-through slots: a layer method there raises,
+    naming the module's new path, and at that path it gives the original's attribution."""
+    torch.manual_seed(9)
+    model = _Untraceable().double().eval()
+    fused = dk.fuse(copy.deepcopy(model))
+    assert fused.fuse_report.mode == "modules"
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    for slot, moved in (("features.2", "features.0.unfused_act"), ("features.5", "features.4.unfused_pool")):
+        for method in (
+            lambda m: captum_attr.LayerGradCam(fused, m).attribute(x, target=4),
+            lambda m: captum_attr.LayerActivation(fused, m).attribute(x),
+        ):
+            with pytest.raises(RuntimeError, match=rf"Hook '{moved}' instead.*drmm_kernels\.attribution"):
+                method(fused.get_submodule(slot))
+        assert _no_hooks_left(fused)
+        for method in (captum_attr.LayerGradCam, captum_attr.LayerActivation):
+            kw = dict(target=4) if method is captum_attr.LayerGradCam else {}
+            _assert_rel(
+                method(fused, fused.get_submodule(moved)).attribute(x, **kw),
+                method(model, model.get_submodule(slot)).attribute(x, **kw),
+                f"{method.__name__} at {moved}",
+            )
+
+
 # --------------------------------------------------------------------------- the context
 
 
