@@ -128,6 +128,22 @@ def test_conv_bn_relu_pool_bad_input():
         dk.conv_bn_relu_pool(x, w, None, None, None, None, training=1)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_zero_input_channels_are_refused_in_eager_fake_and_meta_mode(training):
+    # As conv_relu_pool: the op refuses the input rather than declare an output shape its kernels would not produce.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w = torch.randn(2, 0, 8, 8), torch.randn(4, 0, 3, 3)
+    stats = (torch.ones(4), torch.zeros(4), torch.zeros(4), torch.ones(4))
+    msg = r"^drmm_kernels.conv_bn_relu_pool: x has no channels \(shape \(2x0x8x8\)\)"
+    with pytest.raises(ValueError, match=msg):
+        dk.conv_bn_relu_pool(x, w, *stats, training=training, padding=1)
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match=msg):
+        dk.conv_bn_relu_pool(*(mode.from_tensor(t) for t in (x, w, *stats)), training=training, padding=1)
+    with pytest.raises(ValueError, match=msg):
+        dk.conv_bn_relu_pool(*(t.to("meta") for t in (x, w, *stats)), training=training, padding=1)
+
+
 # --------------------------------------------------------------------------- cpu kernels
 
 
