@@ -576,17 +576,19 @@ def test_functional_dropout_follows_the_mode(fused_in):
     assert copy.deepcopy(fused).fuse_report.fused[0].name == "c"
 
 
-def test_efficientnet_stochastic_depth_follows_the_mode():
+@pytest.mark.parametrize("fused_in", ["train", "eval"])
+def test_efficientnet_stochastic_depth_follows_the_mode(fused_in):
     """torchvision's StochasticDepth calls stochastic_depth(x, p, mode, self.training) inside the trace."""
     torch.manual_seed(0)
-    ref, fused = _fused(torchvision.models.efficientnet_b0().eval())
+    ref, fused = _fused(torchvision.models.efficientnet_b0().train(fused_in == "train"))
     code = {mode: g.python_code("self").src for mode, g in fused.mode_graphs.items()}
     assert "'row', True)" in code[True] and "'row', True)" not in code[False]
     _same_in_modes(ref, fused, torch.randn(1, 3, 64, 64), modes=("train", "eval", "train"))
 
 
-def test_vgg16_bn_dropout_and_batch_norm_follow_the_mode():
-    ref, fused = _fused(_vgg11(True, torchvision.models.vgg16_bn).eval())
+@pytest.mark.parametrize("fused_in", ["train", "eval"])
+def test_vgg16_bn_dropout_and_batch_norm_follow_the_mode(fused_in):
+    ref, fused = _fused(_vgg11(True, torchvision.models.vgg16_bn).train(fused_in == "train"))
     assert len(fused.fuse_report.fused) == 13 and not fused.fuse_report.refused
     assert any(isinstance(m, nn.Dropout) for m in fused.modules())
     _same_in_modes(ref, fused, torch.randn(2, 3, 32, 32), modes=("eval", "train", "eval"))
