@@ -253,7 +253,8 @@ at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& weight, const at
   }
   at::Tensor out = at::empty({g.n, g.c_out, g.hp, g.wp}, src.options());
   std::atomic<bool> bad{false};
-  if (g.kw * g.c_in < 2 * Simd<float>::W) {
+  const int64_t vec = src.scalar_type() == at::kDouble ? Simd<double>::W : Simd<float>::W;
+  if (g.c_in > 0 && g.kw * g.c_in < 2 * vec) {
     // A kernel row shorter than two vectors (an image layer: 1 input channel, 5x5) leaves most lanes of the
     // sparse dot product idle: oneDNN's dense conv of every position and one read per window is faster there
     // (docs/results.md#training-step-throughput, L1).

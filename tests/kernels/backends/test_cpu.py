@@ -60,6 +60,21 @@ def test_cpu_invalid_switch_offset_is_an_error(cin):
 
 
 @pytest.mark.cpu_backend
+@pytest.mark.parametrize("cin", [0, 1])  # no input channel: a conv of nothing, zeros (not the dense path's read)
+def test_cpu_gather_conv_of_few_input_channels(cin):
+    gen = torch.Generator().manual_seed(cin)
+    src, wt = torch.randn(2, cin, 6, 6, generator=gen), torch.randn(3, cin, 3, 3, generator=gen)
+    sw = cpu.random_switches((2, 3, 3, 3), 2, gen)
+    gather = dict(src=src, weight=wt, switches=sw, stride=1, padding=1, **plain_pool(2))
+    out = cpu.kernels.gather_conv(**gather)
+    assert out.shape == (2, 3, 3, 3)
+    if cin == 0:
+        assert torch.equal(out, torch.zeros(2, 3, 3, 3))
+    else:
+        torch.testing.assert_close(out, reference.gather_conv(**gather))
+
+
+@pytest.mark.cpu_backend
 def test_cpu_shape_errors_name_the_argument():
     x, wt = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
     with pytest.raises(RuntimeError, match="drmm_kernels.conv_relu_pool: scale must have shape"):
