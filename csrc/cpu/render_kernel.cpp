@@ -246,30 +246,28 @@ at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& weight, const at
   DRMM_CHECK(switches.scalar_type() == at::kByte, op, "switches must be uint8, got ", switches.scalar_type());
   const Geometry g = make_geometry("gather_conv", src.size(0), weight.size(0), weight.size(1), weight.size(2),
                                    weight.size(3), src.size(2), src.size(3), stride, padding, pw, switches);
-  if (pool == 1) {  // every position is "recorded": this is the dense conv
-    if (is_pointwise(src, weight, stride, padding)) return pointwise_conv(src, weight);
+  const auto dense_conv = [&] {
     return at::convolution(src, weight, std::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false, {0, 0}, 1)
         .contiguous();
+  };
+  if (pool == 1) {  // every position is "recorded": this is the dense conv
+    if (is_pointwise(src, weight, stride, padding)) return pointwise_conv(src, weight);
+    return dense_conv();
   }
   at::Tensor out = at::empty({g.n, g.c_out, g.hp, g.wp}, src.options());
   std::atomic<bool> bad{false};
+  // A kernel row shorter than two vectors (an image layer: 1 input channel, 5x5) leaves most lanes of the sparse
+  // dot product idle: oneDNN's dense conv of every position and one read per window is faster there
+  // (docs/results.md#training-step-throughput, L1). Without input channels the sparse path's zeros are right.
   const int64_t vec = src.scalar_type() == at::kDouble ? Simd<double>::W : Simd<float>::W;
-  if (g.c_in > 0 && g.kw * g.c_in < 2 * vec) {
-    // A kernel row shorter than two vectors (an image layer: 1 input channel, 5x5) leaves most lanes of the
-    // sparse dot product idle: oneDNN's dense conv of every position and one read per window is faster there
-    // (docs/results.md#training-step-throughput, L1).
-    const at::Tensor conv =
-        at::convolution(src, weight, std::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false, {0, 0}, 1)
-            .contiguous();
-    AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "drmm_cpu_gather_conv_dense", [&] {
-      gather_recorded<scalar_t>(g, conv.data_ptr<scalar_t>(), switches.contiguous().data_ptr<uint8_t>(),
-                                out.data_ptr<scalar_t>(), bad);
-    });
-    check_offsets("gather_conv", bad, pool);
-    return out;
-  }
+  const bool dense = g.c_in > 0 && g.kw * g.c_in < 2 * vec;
+  const at::Tensor s = switches.contiguous();
+  const at::Tensor conv = dense ? dense_conv() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "drmm_cpu_gather_conv", [&] {
-    const at::Tensor s = switches.contiguous();
+    if (dense) {
+      gather_recorded<scalar_t>(g, conv.data_ptr<scalar_t>(), s.data_ptr<uint8_t>(), out.data_ptr<scalar_t>(), bad);
+      return;
+    }
     const at::Tensor wt = weight.permute({0, 2, 3, 1}).contiguous();
     gather_sparse<scalar_t>(g, src, src.data_ptr<scalar_t>(), s.data_ptr<uint8_t>(), wt.data_ptr<scalar_t>(),
                             out.data_ptr<scalar_t>(), bad);
