@@ -132,10 +132,21 @@ def test_table1_cpu_schedules_exist_for_every_row_and_label():
     for row in E.ROWS.values():
         if row.supervised:
             continue
-        for labels in ("100",) if row.name == "drmm5-nn-kl" else E.SSL_LABELS:
+        for labels in E.SSL_LABELS:
             cfg = E.row_config(row, labels, 1, "cpu")
             assert cfg.num_labeled == int(labels) and cfg.seed == cfg.labeled_seed == 1
             assert cfg.val_samples > 0, row.name  # settings are chosen on validation images, never the test set
+
+
+def test_headline_recipe_is_the_same_at_every_labeled_count():
+    # The headline recipe was chosen at N_L = 100; the cells the paper leaves empty must train it unchanged.
+    row = E.ROWS["drmm5-nn-kl"]
+    at_100 = dataclasses.asdict(E.row_config(row, "100", 0, "cpu"))
+    for labels in ("600", "1000", "3000"):
+        other = dataclasses.asdict(E.row_config(row, labels, 0, "cpu"))
+        assert other.pop("num_labeled") == int(labels)
+        assert other.pop("name") == f"drmm5-nn-kl-{labels}"
+        assert {k: v for k, v in at_100.items() if k not in ("num_labeled", "name")} == other
 
 
 def test_table1_config_replaces_the_rows_cpu_schedule(tmp_path):
