@@ -259,12 +259,10 @@ at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& weight, const at
   // A kernel row shorter than two vectors (an image layer: 1 input channel, 5x5) leaves most lanes of the sparse
   // dot product idle: oneDNN's dense conv of every position and one read per window is faster there
   // (docs/results.md#training-step-throughput, L1). Without input channels the sparse path's zeros are right.
-  const int64_t vec = src.scalar_type() == at::kDouble ? Simd<double>::W : Simd<float>::W;
-  const bool dense = g.c_in > 0 && g.kw * g.c_in < 2 * vec;
   const at::Tensor s = switches.contiguous();
-  const at::Tensor conv = dense ? dense_conv() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "drmm_cpu_gather_conv", [&] {
-    if (dense) {
+    if (g.c_in > 0 && g.kw * g.c_in < 2 * Simd<scalar_t>::W) {
+      const at::Tensor conv = dense_conv();
       gather_recorded<scalar_t>(g, conv.data_ptr<scalar_t>(), s.data_ptr<uint8_t>(), out.data_ptr<scalar_t>(), bad);
       return;
     }
