@@ -86,7 +86,7 @@ ROWS: Dict[str, Row] = {
             # at 3000, 1.30 % against 1.62 % for the 20-labeled-per-step schedule; no trial at 1000); 2 passes at 100
             cpu_config="mnist-drmm2-ssl-6pass-kl-cpu.yaml",
             cpu_config_at=(("100", "mnist-drmm2-ssl-b09-kl-cpu.yaml"),),
-            held_out_from=3,  # the schedules were chosen with seed 0 (trials T42-T57), scored on seeds 0-2
+            held_out_from=3,  # its schedules were chosen on validation with seed 0, then scored on seeds 0-2
         ),
         Row(
             "rfm",

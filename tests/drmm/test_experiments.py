@@ -149,6 +149,15 @@ def test_headline_recipe_is_the_same_at_every_labeled_count():
         assert {k: v for k, v in at_100.items() if k not in ("num_labeled", "name")} == other
 
 
+def test_unsup_pretr_at_3000_only_fine_tunes_longer():
+    # docs/results.md compares the two schedules as "the same pre-training, then 600 or 1200 fine-tuning steps"
+    row = E.ROWS["drmm5-unsup-pretr"]
+    longer = dataclasses.asdict(E.row_config(row, "3000", 0, "cpu"))
+    shorter = dataclasses.asdict(E.row_config(row, "3000", 0, "cpu", config="mnist-unsup-pretr-3000-cpu.yaml"))
+    assert (longer.pop("epochs"), shorter.pop("epochs")) == (43, 23)
+    assert longer == shorter
+
+
 def test_table1_config_replaces_the_rows_cpu_schedule(tmp_path):
     own = E.row_config(E.ROWS["rfm"], "600", 0, "cpu")
     other = E.row_config(E.ROWS["rfm"], "600", 0, "cpu", config="mnist-drmm2-ssl-b09-cpu.yaml")
