@@ -33,6 +33,7 @@ from types import ModuleType
 from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import torch
+import torch.fx
 from torch import Tensor
 from torch.utils import _python_dispatch
 
@@ -259,6 +260,20 @@ def implementation(device: torch.device, op: str):
 # --------------------------------------------------------------------------- custom ops with an eager fast path
 
 
+def fx_proxies(*values) -> bool:
+    """Whether a ``torch.fx`` tracer is recording this call: a tool that traces a model ``fuse`` returned
+    (torchvision's ``create_feature_extractor``, ``fx.symbolic_trace``) passes Proxies, which have no shape to
+    check. The wrapper then records the op as one graph node, and the traced module runs it on real tensors."""
+    return any(isinstance(v, torch.fx.Proxy) for v in values)
+
+
+def y_last(out):
+    """``(y, switches)`` of a traced op's output, indexed so that ``y``'s node comes last: torchvision's feature
+    extractor takes the last node a module's forward records as that module's output."""
+    switches = out[1]
+    return out[0], switches
+
+
 def _plain_eager(tensors: Sequence[Tensor]) -> bool:
     """Whether a call may skip the torch.library dispatcher: not tracing or compiling, no functorch transform
     (``torch.func.grad``, ``vmap``, ...), no torch function or dispatch mode active (fake tensors,
@@ -365,6 +380,8 @@ class CustomOp:
     def __call__(self, **kwargs):
         if kwargs.keys() != self._names:
             raise self._call_error(kwargs)
+        if fx_proxies(*kwargs.values()):
+            return self.op(*self._values(kwargs))
         if self.composite is not None and torch.jit.is_tracing():
             return self.composite(**kwargs)
         tensors = [v for v in kwargs.values() if isinstance(v, Tensor)]

@@ -127,6 +127,11 @@ class _BuiltByFuse:
       module at that path (the conv) gave the conv's output: the block raises instead of computing something
       else silently (forward pre-hooks see the conv's input and are fine). Set
       ``hooks_see_block_output = True`` on a block to hook its output knowingly.
+    - Under another tool's ``torch.fx`` tracer (torchvision's ``create_feature_extractor``, ``fx.symbolic_trace``
+      of the fused model) the block records its unfused chain: the graph then has the original model's nodes at
+      the original paths (the conv's output at the block's path, the ReLU's and pool's at theirs), and
+      BatchNorm2d is one module call that keeps its running statistics at every call. The traced module runs
+      unfused.
     """
 
     hooks_see_block_output = False
@@ -267,8 +272,8 @@ class FusedConvActPool2d(_BuiltByFuse, FusedConvReLUPool2d):
 
     def forward(self, x: Tensor, return_switches: Optional[bool] = None):
         want = self.return_switches if return_switches is None else return_switches
-        if self._route(bool(want)):
-            return self._unfused(x)
+        if self._route(bool(want)) or (not want and _dk.dispatch.fx_proxies(x)):
+            return self._unfused(x)  # under another tool's fx tracer: see _BuiltByFuse
         return FusedConvReLUPool2d.forward(self, x, return_switches)
 
     # render is FusedConvReLUPool2d's: same weight, bias and geometry attributes.
@@ -335,8 +340,8 @@ class FusedConvBNActPool2d(_BuiltByFuse, FusedConvBNReLUPool2d):
 
     def forward(self, x: Tensor, return_switches: Optional[bool] = None):
         want = self.return_switches if return_switches is None else return_switches
-        if self._route(bool(want)):
-            return self._unfused(x)
+        if self._route(bool(want)) or (not want and _dk.dispatch.fx_proxies(x)):
+            return self._unfused(x)  # under another tool's fx tracer: see _BuiltByFuse
         bn, b = self.bn, self.bias
         # BatchNorm2d.forward's bookkeeping, step for step.
         momentum = 0.0 if bn.momentum is None else bn.momentum

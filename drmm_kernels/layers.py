@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import dispatch, ops
 from .fusion_rules import Match, Refusal, SequentialView, match, reason
 
 _IntPair = Union[int, Tuple[int, int]]
@@ -218,6 +218,11 @@ class FusedConvBNReLUPool2d(_PoolWindow, nn.Module):
         """``shift`` (per channel, optional) is added after the normalisation, on top of the BN bias: an extra
         learned bias such as NRM's BiasAdder; gradients reach it like the BN bias."""
         bn = self.bn
+        if bn.training and bn.track_running_stats and dispatch.fx_proxies(x):
+            raise TypeError(  # before num_batches_tracked.add_, which a tracer would run on the real buffer
+                "drmm_kernels.FusedConvBNReLUPool2d cannot be traced by torch.fx in training mode: its running "
+                "statistics would be updated once while tracing instead of at every call; trace it in eval mode"
+            )
         bias = bn.bias
         if shift is not None:
             if shift.dim() != 1 or shift.shape[0] != bn.num_features:

@@ -214,6 +214,8 @@ def conv_bn_relu_pool(
     those of :func:`conv_relu_pool`.
     """
     check = Checker("conv_bn_relu_pool")
+    if dispatch.fx_proxies(x, weight, bn_weight, bn_bias, running_mean, running_var):
+        return _traced(check, locals())
     check.conv_input("x", x, weight)
     stride, padding, pool, negative_slope = check.layer(stride, padding, pool, negative_slope)
     window = check.window(pool, pool_stride, pool_padding, ceil_mode)
@@ -265,3 +267,32 @@ def conv_bn_relu_pool(
             running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
             running_var.mul_(1 - momentum).add_(var.detach() * (m / (m - 1)), alpha=momentum)
     return y, sw
+
+
+def _traced(check: Checker, a: dict) -> Tuple[Tensor, Tensor]:
+    """``conv_bn_relu_pool`` under a ``torch.fx`` tracer (``dispatch.fx_proxies``): one graph node, unchecked. The
+    running-statistics update is Python on the buffers, which a tracer runs once at trace time instead of recording
+    (fx passes buffers as plain tensors), so training mode with running statistics is refused."""
+    if a["training"] and a["running_mean"] is not None:
+        raise check.type_error(
+            "cannot be traced by torch.fx in training mode with running statistics: their in-place update "
+            "would run once while tracing instead of at every call; trace in eval mode (fuse()'s blocks run "
+            "their unfused chain under an fx tracer)"
+        )
+    stride, padding, pool, negative_slope = check.layer(a["stride"], a["padding"], a["pool"], a["negative_slope"])
+    window = check.window(pool, a["pool_stride"], a["pool_padding"], a["ceil_mode"])
+    out = conv_bn_relu_pool_op(
+        x=a["x"],
+        weight=a["weight"],
+        bn_weight=a["bn_weight"],
+        bn_bias=a["bn_bias"],
+        running_mean=a["running_mean"],
+        running_var=a["running_var"],
+        training=bool(a["training"]),
+        eps=float(a["eps"]),
+        stride=stride,
+        padding=padding,
+        negative_slope=negative_slope,
+        **window,
+    )
+    return dispatch.y_last(out)

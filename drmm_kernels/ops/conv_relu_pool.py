@@ -189,13 +189,16 @@ def conv_relu_pool(
     (torch.Size([2, 4, 4, 4]), torch.uint8)
     """
     check = Checker("conv_relu_pool")
-    check.conv_input("x", x, weight)
+    traced = dispatch.fx_proxies(x, weight, scale, shift)
+    if not traced:
+        check.conv_input("x", x, weight)
     stride, padding, pool, negative_slope = check.layer(stride, padding, pool, negative_slope)
     window = check.window(pool, pool_stride, pool_padding, ceil_mode)
-    check.channel_vector("scale", scale, weight.shape[0], "x", x)
-    check.channel_vector("shift", shift, weight.shape[0], "x", x)
-    check.geometry("x", x.shape[-2:], weight, stride, padding, **window)
-    return conv_relu_pool_op(
+    if not traced:
+        check.channel_vector("scale", scale, weight.shape[0], "x", x)
+        check.channel_vector("shift", shift, weight.shape[0], "x", x)
+        check.geometry("x", x.shape[-2:], weight, stride, padding, **window)
+    out = conv_relu_pool_op(
         x=x,
         weight=weight,
         scale=scale,
@@ -205,3 +208,4 @@ def conv_relu_pool(
         negative_slope=negative_slope,
         **window,
     )
+    return dispatch.y_last(out) if traced else out

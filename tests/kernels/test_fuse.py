@@ -904,3 +904,85 @@ def test_resnet50_stem_pool_is_fused():
     ref.double(), fused.double()
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     torch.testing.assert_close(fused(x), ref(x), atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("bn", [False, True])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_torchvision_feature_extractor_sees_the_original_nodes(bn, mode):
+    """Another tool's fx tracer (torchvision's create_feature_extractor) records each block's original chain:
+    every node name of the original model (the conv's output at the block's path) gives the same value on the
+    fused one, and BatchNorm keeps its running statistics."""
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    ref, fused = _fused(getattr(_vgg11(bn), mode)())
+    nodes = [n for n in get_graph_node_names(ref)[mode == "eval"] if n.startswith(("features.", "classifier."))]
+    assert "features.0" in nodes and "features.2" in nodes
+    extract_ref, extract_fused = create_feature_extractor(ref, nodes), create_feature_extractor(fused, nodes)
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)  # same dropout masks
+    out_ref = extract_ref(x)
+    torch.manual_seed(0)
+    out_fused = extract_fused(x)
+    for n in nodes:
+        torch.testing.assert_close(out_fused[n], out_ref[n], atol=1e-5, rtol=1e-4, msg=n)
+    s_ref, s_fused = ref.state_dict(), fused.state_dict()
+    assert sorted(s_fused) == sorted(s_ref)
+    for k in s_ref:
+        torch.testing.assert_close(s_fused[k], s_ref[k], atol=1e-6, rtol=1e-5, msg=k)
+    if bn and mode == "train":
+        assert int(fused.get_submodule("features.1").num_batches_tracked) == 1  # once per call, none while tracing
+
+
+def test_fx_symbolic_trace_records_the_fused_ops():
+    """A model that calls the ops itself traces to one graph node per op, which runs them on real tensors."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y, _ = dk.conv_relu_pool(x, self.conv.weight, None, self.conv.bias, padding=1)
+            z, _ = dk.conv_bn_relu_pool(
+                x,
+                self.conv.weight,
+                self.bn.weight,
+                self.bn.bias,
+                self.bn.running_mean,
+                self.bn.running_var,
+                training=False,
+                padding=1,
+            )
+            return y + z
+
+    net = Net().eval()
+    _randomize_bn(net.bn)
+    traced = torch.fx.symbolic_trace(net)
+    targets = [str(n.target) for n in traced.graph.nodes if n.op == "call_function"]
+    assert "drmm.conv_relu_pool.default" in targets and "drmm.conv_bn_relu_pool.default" in targets
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(traced(x), net(x))
+    with torch.no_grad():
+        net.bn.running_var.mul_(2.0)  # the buffers are graph inputs, not constants taken while tracing
+    torch.testing.assert_close(traced(x), net(x))
+
+    class TrainingBN(Net):
+        def forward(self, x):
+            return dk.conv_bn_relu_pool(
+                x,
+                self.conv.weight,
+                self.bn.weight,
+                self.bn.bias,
+                self.bn.running_mean,
+                self.bn.running_var,
+                training=True,
+            )[0]
+
+    with pytest.raises(TypeError, match="cannot be traced by torch.fx in training mode"):
+        torch.fx.symbolic_trace(TrainingBN())
+    layer = FusedConvBNReLUPool2d(3, 4, 3, padding=1).train()
+    before = layer.bn.num_batches_tracked.clone()
+    with pytest.raises(TypeError, match="cannot be traced by torch.fx in training mode"):
+        torch.fx.symbolic_trace(layer)
+    assert torch.equal(layer.bn.num_batches_tracked, before)
