@@ -158,6 +158,16 @@ def test_unsup_pretr_at_3000_only_fine_tunes_longer():
     assert longer == shorter
 
 
+def test_rfm_at_100_only_ramps_up_the_kl():
+    # docs/results.md compares the two schedules as the same 6 passes with and without the KL ramp-up
+    row = E.ROWS["rfm"]
+    ramped = dataclasses.asdict(E.row_config(row, "100", 0, "cpu"))
+    plain = dataclasses.asdict(E.row_config(row, "100", 0, "cpu", config="mnist-rfm-ssl-6pass-kl-cpu.yaml"))
+    assert (ramped.pop("kl_rampup_steps"), plain.pop("kl_rampup_steps")) == (1000, 0)
+    assert ramped == plain
+    assert E.row_config(row, "600", 0, "cpu").kl_rampup_steps == 0
+
+
 def test_table1_config_replaces_the_rows_cpu_schedule(tmp_path):
     own = E.row_config(E.ROWS["rfm"], "600", 0, "cpu")
     other = E.row_config(E.ROWS["rfm"], "600", 0, "cpu", config="mnist-drmm2-ssl-b09-cpu.yaml")
