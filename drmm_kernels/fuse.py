@@ -164,8 +164,9 @@ class _BuiltByFuse:
             if m is not None and not isinstance(m, FusedAwayBatchNorm2d)
         ]
 
-    def _route(self, want_switches: bool) -> bool:
-        """True where the chain must run unfused (a replaced module is hooked); raises for hooks on the block."""
+    def _route(self, want_switches: bool, x) -> bool:
+        """True where the chain must run unfused (a replaced module is hooked, or ``x`` is another tool's fx
+        Proxy); raises for hooks on the block."""
         if (
             self._forward_hooks or self._backward_hooks or self._backward_pre_hooks
         ) and not self.hooks_see_block_output:
@@ -187,7 +188,9 @@ class _BuiltByFuse:
                 "which work on the fused model). Set hooks_see_block_output = True on the block to hook its "
                 "output knowingly."
             )
-        return not want_switches and (any(_hooked(m) for m in self._replaced()) or self._rule_after_the_sum())
+        return not want_switches and (
+            any(_hooked(m) for m in self._replaced()) or self._rule_after_the_sum() or _dk.dispatch.fx_proxies(x)
+        )
 
     def _rule_after_the_sum(self) -> bool:
         """Under a guided / deconvnet ``drmm_kernels.attribution`` rule, a block whose ReLU came before an
@@ -272,8 +275,8 @@ class FusedConvActPool2d(_BuiltByFuse, FusedConvReLUPool2d):
 
     def forward(self, x: Tensor, return_switches: Optional[bool] = None):
         want = self.return_switches if return_switches is None else return_switches
-        if self._route(bool(want)) or (not want and _dk.dispatch.fx_proxies(x)):
-            return self._unfused(x)  # under another tool's fx tracer: see _BuiltByFuse
+        if self._route(bool(want), x):
+            return self._unfused(x)
         return FusedConvReLUPool2d.forward(self, x, return_switches)
 
     # render is FusedConvReLUPool2d's: same weight, bias and geometry attributes.
@@ -340,8 +343,8 @@ class FusedConvBNActPool2d(_BuiltByFuse, FusedConvBNReLUPool2d):
 
     def forward(self, x: Tensor, return_switches: Optional[bool] = None):
         want = self.return_switches if return_switches is None else return_switches
-        if self._route(bool(want)) or (not want and _dk.dispatch.fx_proxies(x)):
-            return self._unfused(x)  # under another tool's fx tracer: see _BuiltByFuse
+        if self._route(bool(want), x):
+            return self._unfused(x)
         bn, b = self.bn, self.bias
         # BatchNorm2d.forward's bookkeeping, step for step.
         momentum = 0.0 if bn.momentum is None else bn.momentum

@@ -214,19 +214,29 @@ def conv_bn_relu_pool(
     those of :func:`conv_relu_pool`.
     """
     check = Checker("conv_bn_relu_pool")
-    if dispatch.fx_proxies(x, weight, bn_weight, bn_bias, running_mean, running_var):
-        return _traced(check, locals())
-    check.conv_input("x", x, weight)
+    # Under a torch.fx tracer (dispatch.fx_proxies) the op is one graph node, its tensors unchecked. The running
+    # statistics' update below is Python on the buffers, which fx (passing buffers as plain tensors) would run once
+    # while tracing instead of recording it: training mode with running statistics is refused there.
+    traced = dispatch.fx_proxies(x, weight, bn_weight, bn_bias, running_mean, running_var)
+    if traced and training and running_mean is not None:
+        raise check.type_error(
+            "cannot be traced by torch.fx in training mode with running statistics: their in-place update "
+            "would run once while tracing instead of at every call; trace in eval mode (fuse()'s blocks run "
+            "their unfused chain under an fx tracer)"
+        )
+    if not traced:
+        check.conv_input("x", x, weight)
     stride, padding, pool, negative_slope = check.layer(stride, padding, pool, negative_slope)
     window = check.window(pool, pool_stride, pool_padding, ceil_mode)
-    c = weight.shape[0]
-    for name, t in (
-        ("bn_weight", bn_weight),
-        ("bn_bias", bn_bias),
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-    ):
-        check.channel_vector(name, t, c, "x", x)
+    if not traced:
+        c = weight.shape[0]
+        for name, t in (
+            ("bn_weight", bn_weight),
+            ("bn_bias", bn_bias),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+        ):
+            check.channel_vector(name, t, c, "x", x)
     if not isinstance(training, bool):
         raise check.type_error(f"training must be a bool, got {type(training).__name__}")
     if not training and (running_mean is None or running_var is None):
@@ -235,19 +245,20 @@ def conv_bn_relu_pool(
         raise check.value_error(f"momentum must be a float in [0, 1], got {momentum!r}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or eps < 0:
         raise check.value_error(f"eps must be a non-negative float, got {eps!r}")
-    chw, phw = check.geometry("x", x.shape[-2:], weight, stride, padding, **window)
-    if training and x.shape[0] == 0:
-        # As F.batch_norm: an empty batch gives an empty output and leaves the running statistics alone. The
-        # zero-weighted sum keeps the output in the graph of every input, so backward gives zero gradients.
-        anchor = sum(t.sum() * 0 for t in (x, weight, bn_weight, bn_bias) if t is not None)
-        y = x.new_zeros((0, c, *phw)) + anchor
-        return y, torch.zeros(y.shape, dtype=torch.uint8, device=x.device)
-    if training and x.shape[0] * chw[0] * chw[1] < 2:
-        raise check.value_error(
-            f"training-mode batch norm needs more than one value per channel, got x of "
-            f"shape ({shape_str(x)}) with conv output {chw}"
-        )
-    y, sw, mean, var, _ = conv_bn_relu_pool_op(
+    if not traced:
+        chw, phw = check.geometry("x", x.shape[-2:], weight, stride, padding, **window)
+        if training and x.shape[0] == 0:
+            # As F.batch_norm: an empty batch gives an empty output and leaves the running statistics alone. The
+            # zero-weighted sum keeps the output in the graph of every input, so backward gives zero gradients.
+            anchor = sum(t.sum() * 0 for t in (x, weight, bn_weight, bn_bias) if t is not None)
+            y = x.new_zeros((0, c, *phw)) + anchor
+            return y, torch.zeros(y.shape, dtype=torch.uint8, device=x.device)
+        if training and x.shape[0] * chw[0] * chw[1] < 2:
+            raise check.value_error(
+                f"training-mode batch norm needs more than one value per channel, got x of "
+                f"shape ({shape_str(x)}) with conv output {chw}"
+            )
+    out = conv_bn_relu_pool_op(
         x=x,
         weight=weight,
         bn_weight=bn_weight,
@@ -261,38 +272,12 @@ def conv_bn_relu_pool(
         negative_slope=negative_slope,
         **window,
     )
+    if traced:
+        return dispatch.y_last(out)
+    y, sw, mean, var, _ = out
     if training and running_mean is not None and running_var is not None:
         m = x.shape[0] * chw[0] * chw[1]
         with torch.no_grad():
             running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
             running_var.mul_(1 - momentum).add_(var.detach() * (m / (m - 1)), alpha=momentum)
     return y, sw
-
-
-def _traced(check: Checker, a: dict) -> Tuple[Tensor, Tensor]:
-    """``conv_bn_relu_pool`` under a ``torch.fx`` tracer (``dispatch.fx_proxies``): one graph node, unchecked. The
-    running-statistics update is Python on the buffers, which a tracer runs once at trace time instead of recording
-    (fx passes buffers as plain tensors), so training mode with running statistics is refused."""
-    if a["training"] and a["running_mean"] is not None:
-        raise check.type_error(
-            "cannot be traced by torch.fx in training mode with running statistics: their in-place update "
-            "would run once while tracing instead of at every call; trace in eval mode (fuse()'s blocks run "
-            "their unfused chain under an fx tracer)"
-        )
-    stride, padding, pool, negative_slope = check.layer(a["stride"], a["padding"], a["pool"], a["negative_slope"])
-    window = check.window(pool, a["pool_stride"], a["pool_padding"], a["ceil_mode"])
-    out = conv_bn_relu_pool_op(
-        x=a["x"],
-        weight=a["weight"],
-        bn_weight=a["bn_weight"],
-        bn_bias=a["bn_bias"],
-        running_mean=a["running_mean"],
-        running_var=a["running_var"],
-        training=bool(a["training"]),
-        eps=float(a["eps"]),
-        stride=stride,
-        padding=padding,
-        negative_slope=negative_slope,
-        **window,
-    )
-    return dispatch.y_last(out)

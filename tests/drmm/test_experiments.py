@@ -149,23 +149,23 @@ def test_headline_recipe_is_the_same_at_every_labeled_count():
         assert {k: v for k, v in at_100.items() if k not in ("num_labeled", "name")} == other
 
 
+def _differences(row: str, labels: str, config: str) -> dict:
+    """Config fields where the row's CPU schedule at ``labels`` differs from ``config`` run as that row (same N_L
+    and seed): ``{field: (row's, config's)}``."""
+    own = dataclasses.asdict(E.row_config(E.ROWS[row], labels, 0, "cpu"))
+    other = dataclasses.asdict(E.row_config(E.ROWS[row], labels, 0, "cpu", config=config))
+    return {k: (own[k], other[k]) for k in own if own[k] != other[k]}
+
+
 def test_unsup_pretr_at_3000_only_fine_tunes_longer():
     # docs/results.md compares the two schedules as "the same pre-training, then 600 or 1200 fine-tuning steps"
-    row = E.ROWS["drmm5-unsup-pretr"]
-    longer = dataclasses.asdict(E.row_config(row, "3000", 0, "cpu"))
-    shorter = dataclasses.asdict(E.row_config(row, "3000", 0, "cpu", config="mnist-unsup-pretr-3000-cpu.yaml"))
-    assert (longer.pop("epochs"), shorter.pop("epochs")) == (43, 23)
-    assert longer == shorter
+    assert _differences("drmm5-unsup-pretr", "3000", "mnist-unsup-pretr-3000-cpu.yaml") == {"epochs": (43, 23)}
 
 
 def test_rfm_at_100_only_ramps_up_the_kl():
     # docs/results.md compares the two schedules as the same 6 passes with and without the KL ramp-up
-    row = E.ROWS["rfm"]
-    ramped = dataclasses.asdict(E.row_config(row, "100", 0, "cpu"))
-    plain = dataclasses.asdict(E.row_config(row, "100", 0, "cpu", config="mnist-rfm-ssl-6pass-kl-cpu.yaml"))
-    assert (ramped.pop("kl_rampup_steps"), plain.pop("kl_rampup_steps")) == (1000, 0)
-    assert ramped == plain
-    assert E.row_config(row, "600", 0, "cpu").kl_rampup_steps == 0
+    assert _differences("rfm", "100", "mnist-rfm-ssl-6pass-kl-cpu.yaml") == {"kl_rampup_steps": (1000, 0)}
+    assert E.row_config(E.ROWS["rfm"], "600", 0, "cpu").kl_rampup_steps == 0
 
 
 def test_table1_config_replaces_the_rows_cpu_schedule(tmp_path):
