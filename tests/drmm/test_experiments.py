@@ -358,6 +358,8 @@ def test_convergence_runs_eg_and_backprop_on_the_same_schedule(tmp_path):
         ("rfm-convnet", "all", "last"),
     ]
     assert [float(r["test_error"]) for r in rows] == [round(t["final_error"], 2) for t in result["trainers"].values()]
+    # the CSV and the convergence table print the same wall time
+    assert [r["wall_s"] for r in rows] == [f"{t['wall_s']:.0f}" for t in result["trainers"].values()]
 
 
 @needs_mnist
