@@ -145,11 +145,14 @@ class TrainConfig:
         signals (MM: moment matching in its place); KLprior = KL(p(c|I) || p(c)) per image, minimised (kl_sign
         +1, the paper's §4 regulariser); KLent = the same KL with the sign of the authors' code (kl_sign -1: its
         negation is minimised, i.e. the per-image entropy); KLmarg = KL(batch-mean p(c|I) || p(c)); RPN =
-        rendering-path normalisation. ``trainer: backprop`` trains CE alone; ``pretrain_finetune`` reads
+        rendering-path normalisation; L2 = ``weight_decay > 0``: Adam adds weight_decay * theta to every parameter's
+        gradient, the gradient of an L2 penalty (weight_decay / 2) * ||theta||^2 on all parameters, in every phase.
+        ``trainer: backprop`` trains CE alone (plus L2 when set); ``pretrain_finetune`` reads
         "<unsupervised phase> > <fine-tuning phase>"; ``hard_em`` names its closed-form M-step.
         """
+        l2 = ["L2"] if self.weight_decay > 0 else []
         if self.trainer == "backprop":
-            return "CE"
+            return "+".join(["CE"] + l2)
         o = self.objective()
         unsup = [
             name
@@ -161,7 +164,7 @@ class TrainConfig:
                 ("RPN", o.rpn_weight > 0),
             )
             if on
-        ]
+        ] + l2
         labeled = (["CE"] if o.ce_weight > 0 else []) + unsup
         label = {"unsupervised": "+".join(unsup), "pretrain_finetune": "+".join(unsup) + ">" + "+".join(labeled)}.get(
             self.mode, "+".join(labeled)

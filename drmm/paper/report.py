@@ -209,7 +209,8 @@ def render_report(out_dir: Path) -> Path:
         "**Objective** names the loss terms a run trained (docs/model.md#loss-terms): CE cross-entropy on the "
         "labels, RC reconstruction, NN non-negativity, KLprior the per-image KL(p(c|I) ‖ p(c)) that [P16] §4 "
         "says every experiment includes, KLent the same KL with the sign of the authors' code (entropy "
-        "minimisation), KLmarg KL(batch-mean p(c|I) ‖ p(c)) (an addition); `A>B` = unsupervised phase A, then "
+        "minimisation), KLmarg KL(batch-mean p(c|I) ‖ p(c)) (an addition), L2 Adam's weight decay (an addition); "
+        "`A>B` = unsupervised phase A, then "
         "fine-tuning B. **Held-out seeds** were never used while the row's recipe was chosen.",
         "",
         "**Schedules.** A config name (`mnist-…-cpu…`) = the row's CPU schedule, sized for at most 30 minutes of "

@@ -487,6 +487,13 @@ def test_every_row_names_its_objective():
         extra=["kl_weight=0", "nonneg_term=moment_matching", "nn_weight=0.5"],
     )
     assert cfg.objective_label() == "CE+RC+MM+KLmarg"
+    # Adam's weight decay is an L2 penalty in the gradient, so it is named too
+    assert E.row_config(E.ROWS["rfm"], "600", 0, "cpu").objective_label() == "CE+RC+KLent+KLmarg+L2"
+    assert "CE+RC+KLent+KLmarg+L2" in E.ROWS["rfm"].description
+    cfg = E.row_config(E.ROWS["drmm5-unsup-pretr"], "600", 0, "cpu", extra=["weight_decay=0.0001"])
+    assert cfg.objective_label() == "RC+NN+KLent+L2>CE+RC+NN+KLent+L2"
+    cfg = E.row_config(E.ROWS["drmm5-convnet"], E.ALL_LABELS, 0, "cpu", extra=["weight_decay=0.0001"])
+    assert cfg.objective_label() == "CE+L2"
 
 
 def test_config_hash_is_pinned_and_new_fields_at_their_default_keep_it():
