@@ -11,7 +11,7 @@ import pytest
 import drmm_kernels as dk
 
 from drmm import paper as E
-from drmm.config import TrainConfig
+from drmm.config import TrainConfig, config_from_dict, read_yaml_mapping
 from drmm.paper import rows, runner
 from drmm.cli import main
 from drmm_cases import DATA_DIR, needs_mnist
@@ -494,6 +494,18 @@ def test_every_row_names_its_objective():
     assert cfg.objective_label() == "RC+NN+KLent+L2>CE+RC+NN+KLent+L2"
     cfg = E.row_config(E.ROWS["drmm5-convnet"], E.ALL_LABELS, 0, "cpu", extra=["weight_decay=0.0001"])
     assert cfg.objective_label() == "CE+L2"
+
+
+def test_every_committed_run_carries_the_objective_its_config_trains():
+    # table1.csv stores each run's objective when it finishes; a change to objective_label must relabel the
+    # finished runs too (as when L2 was added), or the report would name terms a run did not train
+    results = rows.CONFIG_DIR.parent / "results"
+    with open(results / "table1.csv", newline="") as f:
+        records = list(csv.DictReader(f))
+    assert records
+    for rec in records:
+        cfg = config_from_dict(read_yaml_mapping(results / rec["run_dir"] / "config.yaml"))
+        assert rec["objective"] == cfg.objective_label(), rec["run_dir"]
 
 
 def test_config_hash_is_pinned_and_new_fields_at_their_default_keep_it():
