@@ -168,16 +168,20 @@ def test_rfm_at_100_only_ramps_up_the_kl():
     assert E.row_config(E.ROWS["rfm"], "600", 0, "cpu").kl_rampup_steps == 0
 
 
-@pytest.mark.parametrize("labels", ["600", "1000", "3000"])
-def test_rfm_from_600_on_only_adds_weight_decay_and_halves_the_unsupervised_weights(labels):
+@pytest.mark.parametrize(
+    "row, labels, base",
+    [("rfm", n, "mnist-rfm-ssl-6pass-kl-cpu.yaml") for n in ("600", "1000", "3000")]
+    + [("drmm2", "3000", "mnist-drmm2-ssl-6pass-kl-cpu.yaml")],
+)
+def test_wd_schedules_only_add_weight_decay_and_halve_the_unsupervised_weights(row, labels, base):
     # docs/results.md compares the two schedules as the same 6 passes with and without these changes
-    assert _differences("rfm", labels, "mnist-rfm-ssl-6pass-kl-cpu.yaml") == {
+    assert _differences(row, labels, base) == {
         "weight_decay": (0.0005, 0.0),
         "rc_weight": (0.25, 0.5),
         "kl_weight": (0.25, 0.5),
         "kl_marginal_weight": (0.5, 1.0),
     }
-    assert E.row_config(E.ROWS["rfm"], "100", 0, "cpu").weight_decay == 0.0
+    assert E.row_config(E.ROWS[row], "100", 0, "cpu").weight_decay == 0.0
 
 
 def test_table1_config_replaces_the_rows_cpu_schedule(tmp_path):
