@@ -105,16 +105,30 @@ def git_commit() -> str:
     return (head or "unknown") + ("-dirty" if dirty else "")
 
 
+def cpu_description(cpuinfo: str, fallback: str, cores: Optional[int]) -> str:
+    """``cpu:MODEL (N cores)`` from /proc/cpuinfo's text. A model name without a digit ("AMD EPYC", as some VMs
+    report it) names no generation, and two such machines ran the same schedule three times apart, so the x86
+    family and model numbers are added to it."""
+    fields: Dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    model = fields.get("model name") or fallback
+    if not any(ch.isdigit() for ch in model) and fields.get("cpu family") and fields.get("model"):
+        return f"cpu:{model} (family {fields['cpu family']} model {fields['model']}, {cores} cores)"
+    return f"cpu:{model} ({cores} cores)"
+
+
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+            cpuinfo = f.read()
     except OSError:
-        pass
-    return f"cpu:{model} ({os.cpu_count()} cores)"
+        cpuinfo = ""
+    return cpu_description(cpuinfo, platform.processor() or platform.machine(), os.cpu_count())
 
 
 def load_average() -> str:

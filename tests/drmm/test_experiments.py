@@ -569,3 +569,13 @@ def test_the_report_gives_held_out_seeds_a_line_of_their_own(tmp_path):
     lines = [line for line in E.table1_lines(E.read_csv(tmp_path / "table1.csv")) if "drmm5-nn-kl | 100" in line]
     assert len(lines) == 2
     assert "1.10 ± 0.14 (2 seeds: 0, 1)" in lines[0] and "2.20 ± 0.20 (3 held-out seeds: 3, 4, 5)" in lines[1]
+
+
+def test_a_cpu_whose_name_has_no_generation_is_told_apart_by_family_and_model():
+    zen4 = "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\n"
+    zen1 = zen4.replace(": 25", ": 23").replace(": 17", ": 1")
+    assert runner.cpu_description(zen4, "x86_64", 2) == "cpu:AMD EPYC (family 25 model 17, 2 cores)"
+    assert runner.cpu_description(zen1, "x86_64", 2) == "cpu:AMD EPYC (family 23 model 1, 2 cores)"
+    xeon = "cpu family\t: 6\nmodel\t\t: 106\nmodel name\t: Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz\n"
+    assert runner.cpu_description(xeon, "x86_64", 2) == "cpu:Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz (2 cores)"
+    assert runner.cpu_description("", "aarch64", 4) == "cpu:aarch64 (4 cores)"
