@@ -504,8 +504,7 @@ def test_every_committed_run_carries_the_objective_its_config_trains():
     # table1.csv stores each run's objective when it finishes; a change to objective_label must relabel the
     # finished runs too (as when L2 was added), or the report would name terms a run did not train
     results = rows.CONFIG_DIR.parent / "results"
-    with open(results / "table1.csv", newline="") as f:
-        records = list(csv.DictReader(f))
+    records = runner.read_csv(results / "table1.csv")
     assert records
     for rec in records:
         cfg = config_from_dict(read_yaml_mapping(results / rec["run_dir"] / "config.yaml"))
